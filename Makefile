@@ -1,0 +1,33 @@
+# make demo / make test set themselves up: a .venv with torch==2.13.0 (CPU build) first, then opd.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.opd-installed
+
+.PHONY: setup demo test test-fast teacher clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first and pinned: a looser spec lets pip pull a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: setup
+	HF_HUB_OFFLINE=1 $(BIN)/opd demo
+
+test: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+test-fast: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow"
+
+# Re-creates the shipped built-in teacher (src/opd/assets/arith-teacher).
+teacher: setup
+	HF_HUB_OFFLINE=1 $(BIN)/opd teacher train --out src/opd/assets/arith-teacher
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,363 @@
+"""Run configuration: TOML files validated by pydantic, one section per stage of the loop.
+
+Every field has a default and a description; `opd config` prints the default TOML and
+docs/config.md is generated from these models, so the reference can never drift from the code.
+"""
+
+from __future__ import annotations
+
+import difflib
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(Exception):
+    """A bad config: the message names the key and what is allowed (shown without a traceback)."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ----------------------------------------------------------------------------------------- models
+class StudentConfig(Section):
+    model: str = Field(
+        "builtin:arith-student",
+        description="Student model: `builtin:NAME` (shipped with opd) or a Hugging Face model folder.",
+    )
+    init: Literal["pretrained", "random"] = Field(
+        "random",
+        description="`pretrained` loads the weights; `random` builds the model from its config.json with fresh weights.",
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Parameter dtype of the student.")
+    device: str = Field("auto", description="`auto` (CUDA when present, else CPU), `cpu` or `cuda[:N]`.")
+    warm_start_steps: int = Field(
+        150, ge=0, description="Supervised steps on teacher-generated completions before distillation (0 = none)."
+    )
+    warm_start_samples: int = Field(
+        512, ge=1, description="Number of teacher completions generated for the warm start."
+    )
+    warm_start_lr: float = Field(3e-3, gt=0, description="Learning rate of the warm start.")
+    warm_start_batch_size: int = Field(32, ge=1, description="Batch size of the warm start.")
+
+
+class TeacherConfig(Section):
+    model: str = Field(
+        "builtin:arith-teacher", description="Teacher model: `builtin:NAME` or a Hugging Face model folder."
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Dtype the teacher runs in (its own, independent of the student's)."
+    )
+    device: str = Field("auto", description="`auto`, `cpu` or `cuda[:N]`.")
+    topk: int = Field(
+        0, ge=0, description="Also return the teacher's top-k logprobs per position (needed by `topk_kl`; 0 = off)."
+    )
+    batch_size: int = Field(64, ge=1, description="Sequences per teacher forward pass.")
+    chunk_size: int = Field(
+        1024,
+        ge=1,
+        description="Positions per chunk of the log-softmax, so batch x length x vocab fp32 logits never exist at once.",
+    )
+
+
+class SourceConfig(Section):
+    kind: Literal["builtin", "jsonl", "hf"] = Field(
+        "builtin", description="`builtin` task, `jsonl` file, or `hf` (a local `datasets` folder or data file)."
+    )
+    name: str = Field("", description="Name of the source in metrics; defaults to the task name or file stem.")
+    task: str = Field("arith", description="Built-in task name (kind = builtin).")
+    path: str = Field("", description="File or folder (kind = jsonl / hf).")
+    field: str = Field(
+        "", description="Record field holding the prompt: defaults to `prompt`, or `messages` for chat records."
+    )
+    answer_field: str = Field("answer", description="Record field holding the reference answer (optional).")
+    weight: float = Field(1.0, gt=0, description="Relative sampling weight of this source in the mixture.")
+    split: str = Field("train", description="Split to read from an `hf` dataset dict.")
+
+    @model_validator(mode="after")
+    def _needs_path(self) -> "SourceConfig":
+        if self.kind in ("jsonl", "hf") and not self.path:
+            raise ValueError(f"a `{self.kind}` source needs `path` (the file or folder to read)")
+        return self
+
+
+class PromptsConfig(Section):
+    sources: list[SourceConfig] = Field(
+        default_factory=lambda: [SourceConfig()],
+        description="Prompt sources, mixed by `weight` (TOML: [[prompts.sources]] tables).",
+    )
+    batch_size: int = Field(32, ge=1, description="Prompts per training step.")
+    eval_size: int = Field(128, ge=1, description="Held-out prompts per source, never used for training.")
+    max_prompt_tokens: int = Field(256, ge=1, description="Prompts longer than this are truncated from the left.")
+
+
+class RolloutConfig(Section):
+    temperature: float = Field(
+        1.0,
+        gt=0,
+        description="Sampling temperature. Behaviour, student and teacher logprobs all use logits/temperature.",
+    )
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (1.0 = off).")
+    max_new_tokens: int = Field(64, ge=1, description="Maximum completion length in tokens.")
+    stop: list[str] = Field(default_factory=list, description="Stop strings; the completion ends after one appears.")
+    samples_per_prompt: int = Field(
+        1, ge=1, description="Completions per prompt (a group, for the `hybrid` objective's normalised reward)."
+    )
+
+
+class FeedbackConfig(Section):
+    clip: float = Field(0.0, ge=0, description="Clip A_t to [-clip, clip] (0 = no clipping).")
+    normalize: bool = Field(False, description="Whiten A_t over the batch's completion tokens (mean 0, std 1).")
+    gamma: float = Field(
+        0.0, ge=0, le=1, description="Discount: 0 = per-token signal; > 0 = MiniLLM-style discounted return of A_t."
+    )
+
+
+class ObjectiveConfig(Section):
+    name: Literal["pg", "reverse_kl", "gkd", "topk_kl", "hybrid"] = Field(
+        "pg",
+        description=(
+            "`pg`: importance-weighted policy gradient with A_t; `reverse_kl`: full-vocabulary KL(student||teacher); "
+            "`gkd`: generalised JSD(beta); `topk_kl`: KL over the teacher's top-k plus a tail bin; "
+            "`hybrid`: group-normalised task reward + weighted OPD advantage."
+        ),
+    )
+    clip_eps: float = Field(0.2, gt=0, description="PPO ratio clip range (acts when a batch is used for several steps).")
+    beta: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="GKD beta: 0 = forward KL(teacher||student), 1 = reverse KL(student||teacher), else JSD(beta).",
+    )
+    topk_direction: Literal["forward", "reverse"] = Field(
+        "forward", description="`topk_kl` direction over the K+1 bins: forward = KL(teacher||student)."
+    )
+    kl_ref_coef: float = Field(
+        0.0, ge=0, description="Weight of the KL-to-reference penalty (reference = the student after warm start)."
+    )
+    reward_weight: float = Field(1.0, ge=0, description="`hybrid`: weight of the group-normalised task reward.")
+    opd_weight: float = Field(1.0, ge=0, description="`hybrid`: weight of the OPD advantage A_t.")
+    loss_norm: Literal["token", "sequence"] = Field(
+        "token", description="Average the loss over all completion tokens of the batch, or per sequence first."
+    )
+
+
+class TrainConfig(Section):
+    max_steps: int = Field(100, ge=0, description="Training steps (one rollout batch each).")
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    schedule: Literal["constant", "linear", "cosine"] = Field("constant", description="LR schedule after warmup.")
+    warmup_steps: int = Field(0, ge=0, description="Linear LR warmup, in optimizer steps.")
+    grad_clip: float = Field(1.0, ge=0, description="Clip the gradient's global norm (0 = off).")
+    micro_batch_size: int = Field(0, ge=0, description="Sequences per forward/backward (0 = whole mini-batch).")
+    updates_per_batch: int = Field(
+        1, ge=1, description="Optimizer steps per rollout batch (mini-batches); > 1 makes later steps off-policy."
+    )
+    checkpoint_every: int = Field(50, ge=0, description="Write a checkpoint every N steps (0 = only at the end).")
+    keep_checkpoints: int = Field(2, ge=1, description="Number of most recent checkpoints kept.")
+
+
+class EvalConfig(Section):
+    every: int = Field(25, ge=0, description="Evaluate every N steps (0 = only at step 0 and at the end).")
+    size: int = Field(128, ge=1, description="Held-out prompts per evaluation.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of eval completions.")
+    max_new_tokens: int = Field(0, ge=0, description="Completion length at eval (0 = same as rollout).")
+
+
+class MonitorConfig(Section):
+    tensorboard: bool = Field(True, description="Also write metrics to TensorBoard (RUN/tensorboard).")
+    live: Literal["auto", "on", "off"] = Field(
+        "auto", description="Live terminal display: `auto` shows it on an interactive terminal, lines otherwise."
+    )
+    log_every: int = Field(10, ge=1, description="Print a text line every N steps when the live display is off.")
+    # Health thresholds: (yellow, red). Crossing one colours the signal in the display and the logs.
+    max_policy_lag: tuple[float, float] = Field((1.0, 4.0), description="Freshness: mean policy lag (yellow, red).")
+    ratio_dev: tuple[float, float] = Field(
+        (0.2, 1.0), description="Freshness: max |importance ratio - 1| (yellow, red)."
+    )
+    min_coverage: tuple[float, float] = Field(
+        (0.99, 0.9), description="Teacher access: fraction of tokens scored (yellow below, red below)."
+    )
+    max_failures: tuple[float, float] = Field((1, 10), description="Teacher access: failed requests per step.")
+    max_grad_norm: tuple[float, float] = Field((10.0, 100.0), description="Stability: gradient norm (yellow, red).")
+    max_reverse_kl: tuple[float, float] = Field(
+        (2.0, 5.0), description="Stability: per-token reverse KL to the teacher (yellow, red)."
+    )
+    max_clip_frac: tuple[float, float] = Field((0.2, 0.5), description="Stability: PPO clip fraction (yellow, red).")
+
+
+class Config(Section):
+    seed: int = Field(0, description="Seed for prompts, sampling and initialisation.")
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    prompts: PromptsConfig = Field(default_factory=PromptsConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    feedback: FeedbackConfig = Field(default_factory=FeedbackConfig)
+    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    monitor: MonitorConfig = Field(default_factory=MonitorConfig)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "Config":
+        if self.objective.name == "topk_kl" and self.teacher.topk == 0:
+            raise ValueError("objective.name = 'topk_kl' needs teacher.topk > 0 (e.g. teacher.topk = 20)")
+        if self.objective.name == "hybrid" and self.rollout.samples_per_prompt < 2:
+            raise ValueError(
+                "objective.name = 'hybrid' normalises rewards within a group: set rollout.samples_per_prompt >= 2"
+            )
+        return self
+
+
+# ------------------------------------------------------------------------------------- loading
+def _format_validation_error(err: ValidationError, cls: type[BaseModel]) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed_keys(cls, e["loc"][:-1])
+            hint = difflib.get_close_matches(str(e["loc"][-1]), allowed, n=1)
+            msg = f"unknown key `{loc}`" + (f" (did you mean `{hint[0]}`?)" if hint else "")
+            msg += f"; allowed here: {', '.join(allowed)}"
+        else:
+            got = e.get("input")
+            shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            msg = f"`{loc}`: {e['msg']}{shown}"
+        lines.append(msg)
+    return "invalid config: " + "; ".join(lines)
+
+
+def _allowed_keys(cls: type[BaseModel], loc: tuple) -> list[str]:
+    model: Any = cls
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return []
+        ann = field.annotation
+        args = getattr(ann, "__args__", None)
+        model = args[0] if args and isinstance(args[0], type) and issubclass(args[0], BaseModel) else ann
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return []
+    return sorted(model.model_fields)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`section.key=value` -> (["section", "key"], value); the value is read as TOML, else as a string."""
+    if "=" not in item:
+        raise ConfigError(f"--set expects section.key=value, got {item!r}")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set expects section.key=value, got {item!r}")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for part in path[:-1]:
+            nxt = node.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"--set {item}: `{part}` is not a section")
+            node = nxt
+        node[path[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a TOML config (or the built-in default when `path` is None), apply --set overrides, validate."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p} (give the path of a .toml file, or none for the default)")
+        try:
+            data = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{p} is not valid TOML: {e}") from None
+    data = apply_overrides(data, overrides or [])
+    return validate_config(data)
+
+
+def validate_config(data: dict) -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, Config)) from None
+
+
+def to_toml(cfg: BaseModel) -> str:
+    """Render a config as TOML (the resolved config written into every run folder)."""
+    out: list[str] = []
+    _emit(cfg.model_dump(mode="json"), [], out)
+    return "\n".join(out).strip() + "\n"
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot render {v!r} as TOML")
+
+
+def _emit(d: dict, prefix: list[str], out: list[str]) -> None:
+    scalars = {k: v for k, v in d.items() if not isinstance(v, dict) and not _is_table_list(v)}
+    if prefix and scalars:
+        out.append(f"\n[{'.'.join(prefix)}]")
+    for k, v in scalars.items():
+        out.append(f"{k} = {_toml_value(v)}")
+    for k, v in d.items():
+        if isinstance(v, dict):
+            _emit(v, prefix + [k], out)
+        elif _is_table_list(v):
+            for item in v:
+                out.append(f"\n[[{'.'.join(prefix + [k])}]]")
+                for ik, iv in item.items():
+                    out.append(f"{ik} = {_toml_value(iv)}")
+
+
+def _is_table_list(v: Any) -> bool:
+    return isinstance(v, list) and bool(v) and all(isinstance(x, dict) for x in v)
+
+
+def reference_markdown() -> str:
+    """The config reference (docs/config.md): every section, key, type, default and meaning."""
+    lines = ["# Config reference", "", "Generated from `src/opd/config.py` by `opd config --reference`.", ""]
+    lines += ["| key | type | default | meaning |", "|---|---|---|---|"]
+    lines += ["| `seed` | int | `0` | " + Config.model_fields["seed"].description + " |"]
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, f in model.model_fields.items():
+            ann = f.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                walk(ann, f"{prefix}{name}.")
+                continue
+            if prefix == "" and name == "seed":
+                continue
+            default = f.get_default(call_default_factory=True)
+            if isinstance(default, list) and default and isinstance(default[0], BaseModel):
+                shown = "one built-in `arith` source"
+                walk(type(default[0]), f"{prefix}{name}[].")
+            else:
+                shown = f"`{_toml_value(default) if not isinstance(default, BaseModel) else ''}`"
+            typ = str(ann).replace("typing.", "").replace("<class '", "").replace("'>", "")
+            lines.append(f"| `{prefix}{name}` | {typ.replace('|', '&#124;')} | {shown} | {f.description} |")
+
+    walk(Config, "")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,78 @@
+"""Stage 4: token feedback A_t = log pi_T(a_t | s_t) - log pi_theta(a_t | s_t).
+
+A_t > 0 where the teacher likes the sampled token more than the student did (push it up),
+A_t < 0 where the teacher rates it poorly (push it down). The student logprob is the behaviour
+logprob recorded at sampling time: the update's first forward recomputes it and the two must
+agree while the policy has not changed (reported as freshness/logprob_drift).
+
+Options, applied in this order: clip to [-c, c]; discounted return with gamma (0 keeps the
+per-token signal; > 0 gives MiniLLM-style credit to earlier tokens for later disagreement);
+whitening over the batch. For `hybrid`, a GRPO-style group-normalised task reward is added.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from opd.config import FeedbackConfig
+from opd.types import Feedback, Rollout, TeacherScores
+
+
+def discounted_returns(values: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
+    """G_t = sum_{k >= t} gamma^(k-t) * v_k within each sequence (masked tokens contribute 0)."""
+    out = torch.zeros_like(values)
+    running = torch.zeros(values.shape[0], dtype=values.dtype)
+    for t in range(values.shape[1] - 1, -1, -1):
+        running = values[:, t] * mask[:, t] + gamma * running * mask[:, t]
+        out[:, t] = running
+    return out
+
+
+def whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    m = mask.bool()
+    if m.sum() < 2:
+        return values * mask
+    sel = values[m]
+    return ((values - sel.mean()) / (sel.std() + eps)) * mask
+
+
+def group_normalised_rewards(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
+    """GRPO: (r - mean of its group) / (std of its group + eps); groups are consecutive rows."""
+    g = rewards.view(-1, group_size)
+    return ((g - g.mean(1, keepdim=True)) / (g.std(1, keepdim=True) + eps)).flatten()
+
+
+def compute_feedback(
+    rollout: Rollout,
+    scores: TeacherScores,
+    cfg: FeedbackConfig,
+    *,
+    rewards: torch.Tensor | None = None,
+    reward_weight: float = 1.0,
+    opd_weight: float = 1.0,
+    group_size: int = 1,
+) -> Feedback:
+    # A token enters the loss only if it is a real completion token the teacher scored.
+    mask = (rollout.completion_mask * scores.scored_mask).float()
+    raw = (scores.token_logprobs - rollout.behaviour_logprobs) * mask
+    adv = raw
+    metrics: dict[str, float] = {}
+    if cfg.clip > 0:
+        metrics["feedback/clip_frac"] = _masked_mean(((adv.abs() > cfg.clip).float()), mask)
+        adv = adv.clamp(-cfg.clip, cfg.clip)
+    if cfg.gamma > 0:
+        adv = discounted_returns(adv, mask, cfg.gamma)
+    if cfg.normalize:
+        adv = whiten(adv, mask)
+    if rewards is not None:
+        shaped = group_normalised_rewards(rewards.float(), group_size)
+        adv = opd_weight * adv + reward_weight * shaped[:, None] * mask
+        metrics["reward/mean"] = float(rewards.float().mean())
+    metrics["opd/advantage_mean"] = _masked_mean(raw, mask)
+    metrics["opd/advantage_pos_frac"] = _masked_mean((raw > 0).float(), mask)
+    return Feedback(advantages=adv.detach(), loss_mask=mask, raw_advantages=raw.detach(), rewards=rewards, metrics=metrics)
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
+    n = mask.sum()
+    return float((x * mask).sum() / n) if n > 0 else 0.0

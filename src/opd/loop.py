@@ -1,0 +1,291 @@
+"""The on-policy distillation loop, top to bottom:
+
+    prompts  ->  student rollout  ->  teacher scores the student's prefixes  ->  token feedback  ->  update
+
+`run()` builds the parts from a Config, warm-starts the student (a short supervised phase on
+teacher completions), then loops. Each step writes one metrics row; evaluation, checkpoints and
+the live display hang off the loop without changing it.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from opd.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
+from opd.config import Config, ConfigError, to_toml
+from opd.evaluate import evaluate, generate
+from opd.feedback import compute_feedback
+from opd.models import count_params, load_model, load_tokenizer, resolve_device
+from opd.monitor import MetricsLog, RunDisplay, assess, health_metrics
+from opd.prompts import PromptStream, verify
+from opd.rollout import SamplingParams, sample
+from opd.teacher import LocalTeacher
+from opd.types import Rollout
+from opd.update import make_optimizer, make_scheduler, supervised_train, update_student
+from opd.update.step import PG_FAMILY
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    steps: int
+    first_eval: dict = field(default_factory=dict)
+    last_eval: dict = field(default_factory=dict)
+    interrupted: bool = False
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM finish the current step, write a checkpoint, then stop."""
+
+    def __init__(self):
+        self.raised = False
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. inside a test runner thread)
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.raised = True
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def check_same_tokenizer(student_tok, teacher_tok, cfg: Config) -> None:
+    if student_tok.get_vocab() != teacher_tok.get_vocab():
+        raise ConfigError(
+            f"student ({cfg.student.model}) and teacher ({cfg.teacher.model}) use different tokenizers; "
+            "token-level feedback needs one shared vocabulary. Use a teacher from the student's model family."
+        )
+
+
+def chat_renderer(tokenizer):
+    def render(messages: list[dict]) -> str:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ConfigError(
+                "a chat record ({'messages': [...]}) needs a tokenizer with a chat template, and the student's has none; "
+                "give plain {'prompt': '...'} records instead"
+            )
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    return render
+
+
+def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=print) -> RunResult:
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.toml").write_text(to_toml(cfg))
+    seed_everything(cfg.seed)
+
+    # ---- build the parts
+    tokenizer = load_tokenizer(cfg.student.model)
+    check_same_tokenizer(tokenizer, load_tokenizer(cfg.teacher.model), cfg)
+    student = load_model(cfg.student.model, init=cfg.student.init, dtype=cfg.student.dtype,
+                         device=cfg.student.device, seed=cfg.seed)
+    teacher_model = load_model(cfg.teacher.model, dtype=cfg.teacher.dtype, device=cfg.teacher.device)
+    teacher = LocalTeacher(teacher_model, batch_size=cfg.teacher.batch_size, chunk_size=cfg.teacher.chunk_size,
+                           topk=cfg.teacher.topk)
+    stream = PromptStream(cfg.prompts, cfg.seed, chat_renderer(tokenizer))
+    eval_prompts = stream.eval_prompts(cfg.eval.size)
+    params = SamplingParams(cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.max_new_tokens, cfg.rollout.stop)
+    eval_params = SamplingParams(cfg.eval.temperature, 1.0, cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
+                                 cfg.rollout.stop)
+    device = resolve_device(cfg.student.device)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    total_updates = cfg.train.max_steps * cfg.train.updates_per_batch
+    optimizer = make_optimizer(student, cfg.train)
+    scheduler = make_scheduler(optimizer, cfg.train, total_updates)
+    n_student, n_teacher = count_params(student), count_params(teacher_model)
+    needs_full = cfg.objective.name in ("reverse_kl", "gkd")
+    ref_model = None
+
+    def eval_row(step: int, version: int) -> dict:
+        seed = int(np.random.default_rng([cfg.seed, 0xE7A1, step]).integers(2**31))
+        return evaluate(student, teacher, tokenizer, eval_prompts, eval_params, seed=seed, version=version,
+                        max_prompt_tokens=cfg.prompts.max_prompt_tokens)
+
+    ckpt = latest_checkpoint(run_dir, warn=log) if resume else None
+    if resume and ckpt is None:
+        log(f"no intact checkpoint in {run_dir}; starting from the beginning")
+    first_eval: dict = {}
+    if ckpt is not None:
+        # ---- resume: weights, optimizer, scheduler, RNG, prompt position, counters
+        state = load_trainer_state(ckpt)
+        student.load_state_dict(load_model(str(ckpt), dtype=cfg.student.dtype, device=cfg.student.device).state_dict())
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        gen.set_state(state["rng"]["sampler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        stream.load_state_dict(state["prompts"])
+        start, version, budget, first_eval = state["step"], state["version"], state["budget"], state["first_eval"]
+        if (run_dir / "reference").is_dir():
+            ref_model = load_model(str(run_dir / "reference"), dtype=cfg.student.dtype, device=cfg.student.device)
+        log(f"resumed from {ckpt} (step {start})")
+    else:
+        start, version = 0, 0
+        budget = {"teacher_tokens": 0, "student_tokens": 0, "flops": 0.0}
+        if cfg.student.warm_start_steps > 0:
+            # ---- warm start: the student imitates teacher completions for a few steps
+            t0 = time.time()
+            ws_prompts = stream.extra_prompts(cfg.student.warm_start_samples, key=1)
+            data = concat_rollouts(generate(teacher_model, tokenizer, ws_prompts, params, seed=cfg.seed + 1,
+                                    batch_size=cfg.teacher.batch_size, max_prompt_tokens=cfg.prompts.max_prompt_tokens), tokenizer.pad_token_id)
+            losses = supervised_train(student, data, steps=cfg.student.warm_start_steps,
+                                      batch_size=cfg.student.warm_start_batch_size, lr=cfg.student.warm_start_lr,
+                                      seed=cfg.seed)
+            budget["teacher_tokens"] += data.num_tokens
+            budget["flops"] += 2 * n_teacher * data.num_tokens + 6 * n_student * data.num_tokens * cfg.student.warm_start_steps * cfg.student.warm_start_batch_size / len(ws_prompts)
+            log(f"warm start: {data.num_tokens} teacher tokens, {len(losses)} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f} ({time.time() - t0:.0f}s)")
+    if ckpt is None and cfg.objective.kl_ref_coef > 0:
+        ref_model = copy.deepcopy(student).eval().requires_grad_(False)
+        ref_model.save_pretrained(run_dir / "reference")
+    if ref_model is not None:
+        ref_model.eval().requires_grad_(False)
+
+    metrics = MetricsLog(run_dir, tensorboard=cfg.monitor.tensorboard, resume_after_step=start if ckpt else None)
+
+    def checkpoint(step: int) -> None:
+        state = {
+            "step": step, "version": version, "budget": budget, "first_eval": first_eval,
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "rng": {"sampler": gen.get_state(), "torch": torch.get_rng_state()},
+            "prompts": stream.state_dict(),
+        }
+        save_checkpoint(run_dir, step, student, tokenizer, state, keep=cfg.train.keep_checkpoints)
+
+    t_start = time.time()
+    last_eval = dict(first_eval)
+    step = start
+    interrupted = False
+    with RunDisplay(cfg.monitor, cfg.train.max_steps, start, console=console) as display, _StopFlag() as stop:
+        if ckpt is None:
+            first_eval = eval_row(0, version)
+            last_eval = dict(first_eval)
+            row = {"step": 0, **first_eval, **{f"budget/{k}": v for k, v in budget.items()}}
+            metrics.write(row)
+            display.update(row)
+            checkpoint(0)
+
+        for step in range(start + 1, cfg.train.max_steps + 1):
+            t0 = time.perf_counter()
+            # 1. prompts
+            prompts = [p for p in stream.batch(step) for _ in range(cfg.rollout.samples_per_prompt)]
+            # 2. student rollout with the current weights
+            rollout = sample(student, tokenizer, prompts, params, policy_version=version, generator=gen,
+                             max_prompt_tokens=cfg.prompts.max_prompt_tokens)
+            t1 = time.perf_counter()
+            # 3. teacher scores the student's own prefixes
+            scores = teacher.score(rollout, full=needs_full)
+            t2 = time.perf_counter()
+            # 4. token feedback
+            correct = [verify(p, c) for p, c in zip(rollout.prompts, rollout.texts)]
+            rewards = torch.tensor([float(c or 0) for c in correct]) if cfg.objective.name == "hybrid" else None
+            feedback = compute_feedback(rollout, scores, cfg.feedback, rewards=rewards,
+                                        reward_weight=cfg.objective.reward_weight, opd_weight=cfg.objective.opd_weight,
+                                        group_size=cfg.rollout.samples_per_prompt)
+            # 5. update the student near its own rollout distribution
+            upd, version = update_student(student, optimizer, scheduler, rollout, scores, feedback,
+                                          objective=cfg.objective, train=cfg.train, version=version,
+                                          ref_model=ref_model, chunk_size=cfg.teacher.chunk_size)
+            t3 = time.perf_counter()
+
+            n_tok = rollout.num_tokens
+            budget["student_tokens"] += n_tok
+            budget["teacher_tokens"] += scores.tokens_scored
+            budget["flops"] += 2 * n_student * n_tok + 2 * n_teacher * scores.tokens_scored + 6 * n_student * n_tok * cfg.train.updates_per_batch
+            row = {"step": step, **_step_metrics(rollout, scores, feedback, correct, t0, t1, t2, t3), **upd,
+                   **{f"budget/{k}": v for k, v in budget.items()}, "time/elapsed_s": time.time() - t_start}
+            if (cfg.eval.every and step % cfg.eval.every == 0) or step == cfg.train.max_steps:
+                last_eval = eval_row(step, version)
+                row.update(last_eval)
+            row.update(health_metrics(assess(row, cfg.monitor)))
+            metrics.write(row)
+            display.update(row)
+            if stop.raised or (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0):
+                checkpoint(step)
+            if stop.raised:
+                log(f"interrupted: checkpoint written at step {step}; continue with `opd run --resume {run_dir}`")
+                interrupted = True
+                break
+
+    if not interrupted:
+        if not (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0) and step > start:
+            checkpoint(step)
+        final = run_dir / "final"
+        student.save_pretrained(final, safe_serialization=True)
+        tokenizer.save_pretrained(final)
+    metrics.close()
+    return RunResult(run_dir=run_dir, steps=step, first_eval=first_eval, last_eval=last_eval, interrupted=interrupted)
+
+
+def concat_rollouts(rollouts: list[Rollout], pad_id: int) -> Rollout:
+    """Join rollouts of different widths into one batch (prompts left-padded, completions right-padded)."""
+    P = max(r.prompt_ids.shape[1] for r in rollouts)
+    T = max(r.completion_ids.shape[1] for r in rollouts)
+
+    def pad(t: torch.Tensor, width: int, left: bool, value) -> torch.Tensor:
+        extra = width - t.shape[1]
+        return torch.nn.functional.pad(t, (extra, 0) if left else (0, extra), value=value)
+
+    return Rollout(
+        prompts=[p for r in rollouts for p in r.prompts],
+        prompt_ids=torch.cat([pad(r.prompt_ids, P, True, pad_id) for r in rollouts]),
+        prompt_mask=torch.cat([pad(r.prompt_mask, P, True, 0) for r in rollouts]),
+        completion_ids=torch.cat([pad(r.completion_ids, T, False, pad_id) for r in rollouts]),
+        completion_mask=torch.cat([pad(r.completion_mask, T, False, 0) for r in rollouts]),
+        behaviour_logprobs=torch.cat([pad(r.behaviour_logprobs, T, False, 0.0) for r in rollouts]),
+        policy_version=torch.cat([r.policy_version for r in rollouts]),
+        texts=[t for r in rollouts for t in r.texts],
+        finished=torch.cat([r.finished for r in rollouts]),
+        temperature=rollouts[0].temperature,
+    )
+
+
+def _step_metrics(rollout, scores, feedback, correct, t0, t1, t2, t3) -> dict:
+    mask = rollout.completion_mask.bool()
+    n = int(mask.sum())
+    scored = (rollout.completion_mask * scores.scored_mask).bool()
+    checked = [c for c in correct if c is not None]
+    out = {
+        "rollout/tokens": n,
+        "rollout/length_mean": n / max(1, len(rollout.texts)),
+        "rollout/finished_frac": float(rollout.finished.float().mean()),
+        "rollout/tokens_per_s": n / max(t1 - t0, 1e-9),
+        "teacher/logprob_mean": float(scores.token_logprobs[scored].mean()) if scored.any() else float("nan"),
+        "teacher/coverage": float(scored.sum()) / max(1, n),
+        "teacher/failures": scores.failures,
+        "teacher/tokens_per_s": scores.tokens_scored / max(t2 - t1, 1e-9),
+        "teacher/latency_s": scores.latency_s,
+        "student/logprob_mean": float(rollout.behaviour_logprobs[mask].mean()) if n else float("nan"),
+        "opd/reverse_kl": float((rollout.behaviour_logprobs - scores.token_logprobs)[scored].mean()) if scored.any() else float("nan"),
+        **feedback.metrics,
+        "time/rollout_s": t1 - t0,
+        "time/teacher_s": t2 - t1,
+        "time/update_s": t3 - t2,
+        "time/step_s": t3 - t0,
+    }
+    if scores.entropy is not None and scored.any():
+        out["teacher/entropy"] = float(scores.entropy[scored].mean())
+    if checked:
+        out["rollout/accuracy"] = float(np.mean(checked))
+    return out

@@ -1,0 +1,71 @@
+"""The three health signals of a run, each green / yellow / red against thresholds from [monitor].
+
+Freshness:      are rollouts from the current student? (policy lag, importance ratios)
+Teacher access: does the teacher return logprobs for every token, fast and without failures?
+Stability:      are KL, clipping and gradients under control?
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from opd.config import MonitorConfig
+
+LEVELS = ("green", "yellow", "red")
+
+
+@dataclass
+class Signal:
+    name: str
+    level: int  # 0 green, 1 yellow, 2 red
+    items: list[tuple[str, float | None, int]]  # (label, value, level)
+
+    @property
+    def colour(self) -> str:
+        return LEVELS[self.level]
+
+
+def _above(value: float | None, limits: tuple[float, float]) -> int:
+    if value is None:
+        return 0
+    return 2 if value > limits[1] else 1 if value > limits[0] else 0
+
+
+def _below(value: float | None, limits: tuple[float, float]) -> int:
+    if value is None:
+        return 0
+    return 2 if value < limits[1] else 1 if value < limits[0] else 0
+
+
+def assess(m: dict, cfg: MonitorConfig) -> list[Signal]:
+    g = m.get
+    ratio_dev = None
+    if g("freshness/ratio_max") is not None:
+        ratio_dev = max(abs(g("freshness/ratio_max") - 1), abs(g("freshness/ratio_min", 1.0) - 1))
+    fresh = [
+        ("policy lag", g("freshness/policy_lag"), _above(g("freshness/policy_lag"), cfg.max_policy_lag)),
+        ("max |ratio-1|", ratio_dev, _above(ratio_dev, cfg.ratio_dev)),
+    ]
+    teacher = [
+        ("coverage", g("teacher/coverage"), _below(g("teacher/coverage"), cfg.min_coverage)),
+        ("failures", g("teacher/failures"), _above(g("teacher/failures"), cfg.max_failures)),
+        ("tokens/s", g("teacher/tokens_per_s"), 0),
+    ]
+    stab = [
+        ("reverse KL", g("opd/reverse_kl"), _above(g("opd/reverse_kl"), cfg.max_reverse_kl)),
+        ("grad norm", g("stability/grad_norm"), _above(g("stability/grad_norm"), cfg.max_grad_norm)),
+        ("clip frac", g("stability/clip_frac"), _above(g("stability/clip_frac"), cfg.max_clip_frac)),
+        ("entropy", g("stability/entropy"), 0),
+    ]
+    if g("stability/kl_ref") is not None:
+        stab.append(("KL to ref", g("stability/kl_ref"), 0))
+    return [
+        Signal("Freshness", max(i[2] for i in fresh), fresh),
+        Signal("Teacher access", max(i[2] for i in teacher), teacher),
+        Signal("Stability", max(i[2] for i in stab), stab),
+    ]
+
+
+def health_metrics(signals: list[Signal]) -> dict[str, int]:
+    """Numeric levels for the logs (0 green, 1 yellow, 2 red)."""
+    return {"health/" + s.name.lower().replace(" ", "_"): s.level for s in signals}

@@ -1,0 +1,50 @@
+"""Metrics sinks: one JSON object per step in RUN/metrics.jsonl, and TensorBoard scalars."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+
+class MetricsLog:
+    def __init__(self, run_dir: Path, *, tensorboard: bool = True, resume_after_step: int | None = None):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        if resume_after_step is not None and self.path.exists():
+            # Rows written after the checkpoint we resume from are recomputed, never duplicated.
+            kept = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= resume_after_step]
+            self.path.write_text("".join(ln + "\n" for ln in kept))
+        self._file = self.path.open("a")
+        self._tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"), purge_step=resume_after_step)
+
+    def write(self, row: dict) -> None:
+        clean = {k: _jsonable(v) for k, v in row.items()}
+        self._file.write(json.dumps(clean) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for k, v in clean.items():
+                if k != "step" and isinstance(v, (int, float)) and v is not None:
+                    self._tb.add_scalar(k, v, clean["step"])
+            self._tb.flush()
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _jsonable(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return None  # JSON has no NaN/inf; None reads as "not measurable this step"
+    if hasattr(v, "item"):
+        return _jsonable(v.item())
+    return v
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]

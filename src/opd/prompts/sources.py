@@ -1,0 +1,176 @@
+"""Stage 1: prompt sources and their weighted mixture, deterministic by seed.
+
+A source is either a built-in task (an endless generator with a verifier) or a finite list of
+records (JSONL, or a local Hugging Face `datasets` folder/file). Each source holds out
+`eval_size` prompts that training never sees. The stream's position (draws per source) is
+part of every checkpoint, so a resumed run continues with exactly the prompts it would have seen.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from opd.config import ConfigError, PromptsConfig, SourceConfig
+from opd.prompts.tasks import get_task
+from opd.types import Prompt
+
+ChatRenderer = Callable[[list[dict]], str]
+
+
+def _no_chat(messages: list[dict]) -> str:
+    raise ConfigError("a chat record ({'messages': [...]}) needs a student tokenizer with a chat template")
+
+
+class TaskSource:
+    """Endless prompts from a built-in task; eval prompts are excluded from training draws."""
+
+    def __init__(self, cfg: SourceConfig, seed: int, eval_size: int):
+        try:
+            self.task = get_task(cfg.task)
+        except KeyError as e:
+            raise ConfigError(f"prompts.sources: {e.args[0]}") from None
+        self.name = cfg.name or cfg.task
+        rng = np.random.default_rng([seed, 0xE7A1])
+        self.eval: list[Prompt] = []
+        seen: set[str] = set()
+        while len(self.eval) < eval_size:
+            p = self._named(self.task.sample(rng))
+            if p.text not in seen:
+                seen.add(p.text)
+                self.eval.append(p)
+        self._eval_texts = seen
+
+    def _named(self, p: Prompt) -> Prompt:
+        return Prompt(text=p.text, source=self.name, answer=p.answer, task=p.task)
+
+    def draw(self, rng: np.random.Generator, n_drawn: int) -> Prompt:
+        while True:
+            p = self._named(self.task.sample(rng))
+            if p.text not in self._eval_texts:
+                return p
+
+
+class RecordSource:
+    """A finite list of prompts; training walks a fresh seeded permutation each epoch."""
+
+    def __init__(self, cfg: SourceConfig, seed: int, eval_size: int, render_chat: ChatRenderer):
+        records = _read_records(cfg)
+        self.name = cfg.name or Path(cfg.path).stem
+        prompts = [_to_prompt(r, cfg, self.name, render_chat, i) for i, r in enumerate(records)]
+        prompts = [p for p in prompts if p.text.strip()]
+        if len(prompts) < 2:
+            raise ConfigError(f"prompts source {cfg.path}: needs at least 2 non-empty prompts, found {len(prompts)}")
+        order = np.random.default_rng([seed, 0x5EED]).permutation(len(prompts))
+        n_eval = min(eval_size, len(prompts) // 2)  # never starve training of prompts
+        self.eval = [prompts[i] for i in order[:n_eval]]
+        self.train = [prompts[i] for i in order[n_eval:]]
+        self.seed = seed
+
+    def draw(self, rng: np.random.Generator, n_drawn: int) -> Prompt:
+        epoch, pos = divmod(n_drawn, len(self.train))
+        perm = np.random.default_rng([self.seed, 0xE90C, epoch]).permutation(len(self.train))
+        return self.train[perm[pos]]
+
+
+def _read_records(cfg: SourceConfig) -> list[dict]:
+    path = Path(cfg.path)
+    if not path.exists():
+        raise ConfigError(f"prompts source not found: {path} (check prompts.sources[].path)")
+    if cfg.kind == "jsonl":
+        records = []
+        with path.open() as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ConfigError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+                if not isinstance(rec, dict):
+                    raise ConfigError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+                records.append(rec)
+        return records
+    import datasets  # local folders or files only: nothing is downloaded
+
+    if path.is_dir():
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            if cfg.split not in ds:
+                raise ConfigError(f"{path}: no split {cfg.split!r}; splits: {', '.join(ds)}")
+            ds = ds[cfg.split]
+    else:
+        fmt = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(path.suffix)
+        if fmt is None:
+            raise ConfigError(f"{path}: unsupported data file type; use .jsonl, .json, .parquet or .csv")
+        ds = datasets.load_dataset(fmt, data_files=str(path), split="train")
+    return [dict(r) for r in ds]
+
+
+def _to_prompt(rec: dict, cfg: SourceConfig, name: str, render_chat: ChatRenderer, i: int) -> Prompt:
+    field = cfg.field or ("messages" if "messages" in rec and "prompt" not in rec else "prompt")
+    if field not in rec:
+        raise ConfigError(f"{cfg.path}: record {i + 1} has no `{field}` field (set prompts.sources[].field)")
+    value = rec[field]
+    if isinstance(value, list):
+        text = render_chat(value)
+    elif isinstance(value, str):
+        text = value
+    else:
+        raise ConfigError(f"{cfg.path}: record {i + 1}: `{field}` must be a string or a list of chat messages")
+    answer = rec.get(cfg.answer_field)
+    return Prompt(text=text, source=name, answer=None if answer is None else str(answer))
+
+
+class PromptStream:
+    """The weighted mixture of sources. batch(step) depends only on (seed, step, draws so far)."""
+
+    def __init__(self, cfg: PromptsConfig, seed: int, render_chat: ChatRenderer = _no_chat):
+        self.cfg = cfg
+        self.seed = seed
+        self.sources: list[TaskSource | RecordSource] = []
+        for sc in cfg.sources:
+            if sc.kind == "builtin":
+                self.sources.append(TaskSource(sc, seed, cfg.eval_size))
+            else:
+                self.sources.append(RecordSource(sc, seed, cfg.eval_size, render_chat))
+        names = [s.name for s in self.sources]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"prompts.sources: names must differ, got {names} (set prompts.sources[].name)")
+        w = np.array([sc.weight for sc in cfg.sources], dtype=np.float64)
+        self.weights = w / w.sum()
+        self.draws = {s.name: 0 for s in self.sources}
+
+    def batch(self, step: int, size: int | None = None) -> list[Prompt]:
+        size = size or self.cfg.batch_size
+        rng = np.random.default_rng([self.seed, 0xBA7C, step])
+        choice = rng.choice(len(self.sources), size=size, p=self.weights)
+        out = []
+        for j in choice:
+            src = self.sources[int(j)]
+            out.append(src.draw(rng, self.draws[src.name]))
+            self.draws[src.name] += 1
+        return out
+
+    def extra_prompts(self, n: int, key: int) -> list[Prompt]:
+        """Training-pool prompts for side phases (the warm start) that leave the stream's position alone."""
+        rng = np.random.default_rng([self.seed, 0x3A17, key])
+        choice = rng.choice(len(self.sources), size=n, p=self.weights)
+        return [self.sources[int(j)].draw(rng, i) for i, j in enumerate(choice)]
+
+    def eval_prompts(self, size: int) -> list[Prompt]:
+        """Up to `size` held-out prompts, split across sources by weight (at least one each)."""
+        out: list[Prompt] = []
+        for src, w in zip(self.sources, self.weights):
+            n = max(1, int(round(size * w)))
+            out.extend(src.eval[:n])
+        return out
+
+    def state_dict(self) -> dict:
+        return {"draws": dict(self.draws)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.draws.update(state["draws"])

@@ -1,0 +1,105 @@
+"""Built-in tasks: prompt generators with programmatic verifiers.
+
+`arith`: multi-digit addition written out digit by digit, least significant first, carries
+explicit, then the answer. A wrong step (a dropped carry) propagates into every later step and
+the final answer, so errors compound along the completion, which is what on-policy distillation
+is meant to fix:
+
+    prompt      "4721+3858="
+    completion  "1+8=9,2+5=7,7+8=15,4+3+1=8|8579"
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from opd.types import Prompt
+
+
+@dataclass(frozen=True)
+class ArithTask:
+    name: str = "arith"
+    min_digits: int = 3
+    max_digits: int = 6
+
+    def sample(self, rng: np.random.Generator) -> Prompt:
+        a = self._number(rng)
+        b = self._number(rng)
+        return Prompt(text=f"{a}+{b}=", source=self.name, answer=str(a + b), task=self.name)
+
+    def _number(self, rng: np.random.Generator) -> int:
+        n = int(rng.integers(self.min_digits, self.max_digits + 1))
+        return int(rng.integers(10 ** (n - 1), 10**n))
+
+    @staticmethod
+    def operands(prompt_text: str) -> tuple[int, int]:
+        m = re.fullmatch(r"(\d+)\+(\d+)=", prompt_text.strip())
+        if m is None:
+            raise ValueError(f"not an arith prompt: {prompt_text!r}")
+        return int(m.group(1)), int(m.group(2))
+
+    @classmethod
+    def solution(cls, prompt_text: str) -> str:
+        """The reference completion (without EOS)."""
+        a, b = cls.operands(prompt_text)
+        da, db = str(a)[::-1], str(b)[::-1]
+        steps, carry = [], 0
+        for i in range(max(len(da), len(db))):
+            x = int(da[i]) if i < len(da) else 0
+            y = int(db[i]) if i < len(db) else 0
+            s = x + y + carry
+            steps.append(f"{x}+{y}+1={s}" if carry else f"{x}+{y}={s}")
+            carry = s // 10
+        return ",".join(steps) + f"|{a + b}"
+
+    @staticmethod
+    def final_answer(completion: str) -> str | None:
+        if "|" not in completion:
+            return None
+        return completion.rsplit("|", 1)[1].strip()
+
+    @classmethod
+    def verify(cls, prompt: Prompt, completion: str) -> bool:
+        return cls.final_answer(completion) == prompt.answer
+
+    @classmethod
+    def step_errors(cls, prompt: Prompt, completion: str) -> list[bool]:
+        """Per written step: is it wrong? (for error-by-position analysis)."""
+        ref = cls.solution(prompt.text).split("|")[0].split(",")
+        got = completion.split("|")[0].split(",")
+        return [i >= len(got) or got[i] != r for i, r in enumerate(ref)]
+
+
+TASKS: dict[str, ArithTask] = {
+    "arith": ArithTask(),
+    "arith-short": ArithTask(name="arith-short", min_digits=2, max_digits=4),
+    "arith-long": ArithTask(name="arith-long", min_digits=6, max_digits=9),
+}
+
+
+def get_task(name: str) -> ArithTask:
+    if name not in TASKS:
+        raise KeyError(f"unknown built-in task {name!r}; available: {', '.join(sorted(TASKS))}")
+    return TASKS[name]
+
+
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def verify(prompt: Prompt, completion: str) -> bool | None:
+    """True/False when the prompt can be checked (a built-in task or a reference answer), else None."""
+    if prompt.task is not None and prompt.task in TASKS:
+        return TASKS[prompt.task].verify(prompt, completion)
+    if prompt.answer is None:
+        return None
+    ans = prompt.answer.strip()
+    text = completion.strip()
+    if text == ans:
+        return True
+    if _NUMBER.fullmatch(ans):
+        nums = _NUMBER.findall(text)
+        return bool(nums) and float(nums[-1]) == float(ans)
+    return False

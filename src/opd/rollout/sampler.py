@@ -1,0 +1,145 @@
+"""Stage 2: student rollout a ~ pi_theta(. | s) with the current weights.
+
+Batched sampling with a KV cache over left-padded prompts. For each sampled token we keep its
+id and its log-probability under the distribution it was actually drawn from (logits /
+temperature, then top-p renormalised), and each sequence carries the policy version (optimizer
+step) of the weights that produced it. The token that ends a sequence (EOS, or the last token of a
+stop string) belongs to the completion; everything after it is padding with mask 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import inspect
+
+import torch
+import torch.nn.functional as F
+from transformers import LlamaForCausalLM
+
+from opd.types import Prompt, Rollout
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+    stop: list[str] = field(default_factory=list)
+
+
+def encode_prompts(tokenizer, prompts: list[Prompt], max_prompt_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokenise and left-pad. A prompt that already starts with BOS (chat templates) gets no second one."""
+    rows = []
+    for p in prompts:
+        has_bos = tokenizer.bos_token is not None and p.text.startswith(tokenizer.bos_token)
+        ids = tokenizer(p.text, add_special_tokens=not has_bos)["input_ids"]
+        rows.append(ids[-max_prompt_tokens:])  # keep the end: it is what the completion continues
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r) :] = 1
+    return ids, mask
+
+
+def sampling_logprobs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """Log-probs of the distribution tokens are drawn from: softmax(logits / T), top-p renormalised."""
+    logp = F.log_softmax(logits.float() / temperature, dim=-1)
+    if top_p >= 1.0:
+        return logp
+    sorted_logp, order = logp.sort(dim=-1, descending=True)
+    cum = sorted_logp.exp().cumsum(-1)
+    # Keep the smallest prefix whose mass reaches top_p (the first token is always kept).
+    drop_sorted = (cum - sorted_logp.exp()) >= top_p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    logp = logp.masked_fill(drop, float("-inf"))
+    return logp - torch.logsumexp(logp, dim=-1, keepdim=True)
+
+
+@torch.inference_mode()
+def sample(
+    model,
+    tokenizer,
+    prompts: list[Prompt],
+    params: SamplingParams,
+    *,
+    policy_version: int = 0,
+    generator: torch.Generator | None = None,
+    max_prompt_tokens: int = 256,
+) -> Rollout:
+    dev = next(model.parameters()).device
+    prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, max_prompt_tokens)
+    B = len(prompts)
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id
+    stop_tail = max((len(s) for s in params.stop), default=0) + 8  # tokens to decode when checking stops
+
+    attn = prompt_mask.to(dev)
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    was_training = model.training
+    model.eval()
+    out = model(input_ids=prompt_ids.to(dev), attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
+    cache = _cache_of(out)
+    next_pos = pos[:, -1:] + 1
+
+    tokens = torch.full((B, params.max_new_tokens), pad, dtype=torch.long, device=dev)
+    logprobs = torch.zeros((B, params.max_new_tokens), dtype=torch.float32, device=dev)
+    mask = torch.zeros((B, params.max_new_tokens), dtype=torch.long, device=dev)
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    finished = torch.zeros(B, dtype=torch.bool, device=dev)
+    steps = 0
+    for t in range(params.max_new_tokens):
+        logp = sampling_logprobs(out.logits[:, -1], params.temperature, params.top_p)
+        tok = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)
+        tok = torch.where(done, torch.full_like(tok, pad), tok)
+        tokens[:, t] = tok
+        logprobs[:, t] = torch.where(done, 0.0, logp.gather(1, tok[:, None]).squeeze(1))
+        mask[:, t] = (~done).long()
+        ended = (tok == eos) & ~done
+        if params.stop:
+            ended |= _hits_stop(tokenizer, tokens[:, : t + 1], done, params.stop, stop_tail)
+        finished |= ended
+        done |= ended
+        steps = t + 1
+        if bool(done.all()):
+            break
+        attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype, device=dev)], dim=1)
+        out = model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos, use_cache=True, **{_CACHE_KW: cache})
+        cache = _cache_of(out)
+        next_pos = next_pos + 1
+    if was_training:
+        model.train()
+
+    tokens, logprobs, mask = tokens[:, :steps].cpu(), logprobs[:, :steps].cpu(), mask[:, :steps].cpu()
+    texts = tokenizer.batch_decode(tokens.masked_fill(mask == 0, pad), skip_special_tokens=True)
+    return Rollout(
+        prompts=list(prompts),
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        completion_ids=tokens,
+        completion_mask=mask,
+        behaviour_logprobs=logprobs,
+        policy_version=torch.full((B,), policy_version, dtype=torch.long),
+        texts=texts,
+        finished=finished.cpu(),
+        temperature=params.temperature,
+    )
+
+
+# transformers >= 5.2x renamed `past_key_values` to `cache`; accept both.
+_CACHE_KW = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+
+
+def _cache_of(out):
+    return getattr(out, "cache", None) if hasattr(out, "cache") else out.past_key_values
+
+
+def _hits_stop(tokenizer, tokens: torch.Tensor, done: torch.Tensor, stops: list[str], tail: int) -> torch.Tensor:
+    hit = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
+    for i in torch.nonzero(~done).flatten().tolist():
+        text = tokenizer.decode(tokens[i, -tail:].tolist(), skip_special_tokens=True)
+        hit[i] = any(s in text for s in stops)
+    return hit

@@ -1,0 +1,78 @@
+"""Stage 3: a local teacher scores the student's own prefixes.
+
+One forward pass per sequence over prompt + completion yields log pi_T(a_t | s, a_<t) for every
+completion token, plus optional top-k logprobs and, when an objective needs it, the full
+distribution at each student state. The teacher stays in eval mode, without grad, in its own dtype.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from opd.logprobs import completion_hidden, entropy_of, per_position, scatter_tokens
+from opd.types import Rollout, TeacherScores
+
+
+class LocalTeacher:
+    """Any Hugging Face causal LM sharing the student's tokenizer."""
+
+    def __init__(self, model, *, batch_size: int = 64, chunk_size: int = 1024, topk: int = 0):
+        self.model = model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.batch_size = batch_size
+        self.chunk_size = chunk_size
+        self.topk = topk
+
+    @torch.inference_mode()
+    def score(self, rollout: Rollout, *, full: bool = False) -> TeacherScores:
+        t0 = time.perf_counter()
+        B, T = rollout.completion_ids.shape
+        lp = torch.zeros((B, T), dtype=torch.float32)
+        ent = torch.zeros((B, T), dtype=torch.float32)
+        k = self.topk
+        topk_ids = torch.zeros((B, T, k), dtype=torch.long) if k else None
+        topk_lp = torch.full((B, T, k), float("-inf")) if k else None
+        full_lp = None
+        for start in range(0, B, self.batch_size):
+            rows = slice(start, min(start + self.batch_size, B))
+            cmask = rollout.completion_mask[rows]
+            targets = rollout.completion_ids[rows][cmask.bool()].to(next(self.model.parameters()).device)
+            hidden = completion_hidden(
+                self.model, rollout.prompt_ids[rows], rollout.prompt_mask[rows], rollout.completion_ids[rows], cmask
+            )
+
+            def fn(logp: torch.Tensor, sl: slice):
+                outs = [logp.gather(1, targets[sl, None]).squeeze(1), entropy_of(logp)]
+                if k:
+                    v, i = logp.topk(k, dim=-1)
+                    outs += [v, i]
+                if full:
+                    outs.append(logp)
+                return tuple(outs)
+
+            res = per_position(self.model, hidden, fn, rollout.temperature, self.chunk_size)
+            if not res:
+                continue
+            lp[rows] = scatter_tokens(res[0].cpu(), cmask)
+            ent[rows] = scatter_tokens(res[1].cpu(), cmask)
+            if k:
+                topk_lp[rows] = scatter_tokens(res[2].cpu(), cmask, fill=float("-inf"))
+                topk_ids[rows] = scatter_tokens(res[3].cpu(), cmask)
+            if full:
+                chunk_full = scatter_tokens(res[-1].cpu(), cmask)
+                if full_lp is None:
+                    full_lp = torch.zeros((B, T, chunk_full.shape[-1]), dtype=torch.float32)
+                full_lp[rows] = chunk_full
+        return TeacherScores(
+            token_logprobs=lp,
+            scored_mask=rollout.completion_mask.clone(),
+            topk_ids=topk_ids,
+            topk_logprobs=topk_lp,
+            full_logprobs=full_lp,
+            entropy=ent,
+            latency_s=time.perf_counter() - t0,
+            tokens_scored=rollout.num_tokens,
+        )

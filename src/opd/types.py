@@ -1,0 +1,106 @@
+"""What crosses a stage boundary: prompts -> rollout -> teacher scores -> feedback -> update.
+
+Tensors are laid out [batch, completion position]; `completion_mask` marks real completion
+tokens (1) versus padding after EOS (0). Prompt tokens never appear in these per-token tensors,
+so no prompt or padding token can reach a loss by construction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class Prompt:
+    text: str  # rendered prompt text (chat template already applied for chat records)
+    source: str  # name of the source it came from (metrics are split by it)
+    answer: str | None = None  # reference answer, when the source has one
+    task: str | None = None  # built-in task whose verifier checks completions
+
+
+@dataclass
+class Rollout:
+    """Student samples for a batch of prompts, as the sampler produced them."""
+
+    prompts: list[Prompt]
+    prompt_ids: torch.Tensor  # [B, P] left-padded with pad_token_id
+    prompt_mask: torch.Tensor  # [B, P] 1 = real prompt token
+    completion_ids: torch.Tensor  # [B, T] right-padded after EOS
+    completion_mask: torch.Tensor  # [B, T] 1 = completion token (EOS included)
+    behaviour_logprobs: torch.Tensor  # [B, T] log prob under the sampling distribution, fp32
+    policy_version: torch.Tensor  # [B] optimizer step of the weights that sampled each sequence
+    texts: list[str]  # decoded completions (special tokens removed)
+    finished: torch.Tensor  # [B] bool: ended by EOS or a stop string (False = hit max_new_tokens)
+    temperature: float = 1.0
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.completion_mask.sum())
+
+    def select(self, idx: torch.Tensor | list[int]) -> "Rollout":
+        idx_t = torch.as_tensor(idx, dtype=torch.long)
+        ids = idx_t.tolist()
+        return Rollout(
+            prompts=[self.prompts[i] for i in ids],
+            prompt_ids=self.prompt_ids[idx_t],
+            prompt_mask=self.prompt_mask[idx_t],
+            completion_ids=self.completion_ids[idx_t],
+            completion_mask=self.completion_mask[idx_t],
+            behaviour_logprobs=self.behaviour_logprobs[idx_t],
+            policy_version=self.policy_version[idx_t],
+            texts=[self.texts[i] for i in ids],
+            finished=self.finished[idx_t],
+            temperature=self.temperature,
+        )
+
+
+@dataclass
+class TeacherScores:
+    """The teacher's view of the student's own prefixes, aligned with Rollout.completion_ids."""
+
+    token_logprobs: torch.Tensor  # [B, T] log pi_T(a_t | s, a_<t), fp32, 0 where not scored
+    scored_mask: torch.Tensor  # [B, T] 1 = this completion token has a teacher logprob
+    topk_ids: torch.Tensor | None = None  # [B, T, K]
+    topk_logprobs: torch.Tensor | None = None  # [B, T, K]
+    full_logprobs: torch.Tensor | None = None  # [B, T, V] only when an objective needs the full distribution
+    entropy: torch.Tensor | None = None  # [B, T] teacher entropy at each student state, where known
+    latency_s: float = 0.0
+    failures: int = 0
+    tokens_scored: int = 0
+
+    def select(self, idx: torch.Tensor | list[int]) -> "TeacherScores":
+        idx_t = torch.as_tensor(idx, dtype=torch.long)
+
+        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[idx_t]
+
+        return TeacherScores(
+            token_logprobs=self.token_logprobs[idx_t],
+            scored_mask=self.scored_mask[idx_t],
+            topk_ids=pick(self.topk_ids),
+            topk_logprobs=pick(self.topk_logprobs),
+            full_logprobs=pick(self.full_logprobs),
+            entropy=pick(self.entropy),
+        )
+
+
+@dataclass
+class Feedback:
+    """Token-level learning signal derived from teacher and student logprobs."""
+
+    advantages: torch.Tensor  # [B, T] fp32 (detached)
+    loss_mask: torch.Tensor  # [B, T] 1 = token enters the loss
+    raw_advantages: torch.Tensor  # [B, T] log pi_T - log pi_theta before clipping/normalising/discounting
+    rewards: torch.Tensor | None = None  # [B] task rewards (hybrid objective), when computed
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def select(self, idx: torch.Tensor | list[int]) -> "Feedback":
+        idx_t = torch.as_tensor(idx, dtype=torch.long)
+        return Feedback(
+            advantages=self.advantages[idx_t],
+            loss_mask=self.loss_mask[idx_t],
+            raw_advantages=self.raw_advantages[idx_t],
+            rewards=None if self.rewards is None else self.rewards[idx_t],
+        )

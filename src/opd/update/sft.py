@@ -1,0 +1,38 @@
+"""Supervised imitation of stored completions (the warm start, and the offline baseline's core):
+cross-entropy on the completion tokens of a Rollout, prompt and padding excluded."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from opd.logprobs import completion_hidden, per_position
+from opd.types import Rollout
+
+
+def sft_loss(model, batch: Rollout, chunk_size: int = 1024) -> torch.Tensor:
+    mask = batch.completion_mask.bool()
+    targets = batch.completion_ids[mask].to(next(model.parameters()).device)
+    hidden = completion_hidden(model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask)
+    (lp,) = per_position(model, hidden, lambda logp, sl: (logp.gather(1, targets[sl, None]).squeeze(1),), 1.0, chunk_size)
+    return -lp.mean()
+
+
+def supervised_train(model, data: Rollout, *, steps: int, batch_size: int, lr: float, seed: int) -> list[float]:
+    """AdamW on random mini-batches of `data` for `steps` steps; returns the loss curve."""
+    if steps == 0:
+        return []
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    rng = np.random.default_rng([seed, 0x5F7])
+    n = data.completion_ids.shape[0]
+    losses = []
+    for _ in range(steps):
+        rows = rng.choice(n, size=min(batch_size, n), replace=False)
+        loss = sft_loss(model, data.select(rows.tolist()))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(float(loss.detach()))
+    return losses

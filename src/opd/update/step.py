@@ -1,0 +1,219 @@
+"""Stage 5: update the student near its own rollout distribution.
+
+One rollout batch is split into `updates_per_batch` mini-batches (one optimizer step each) and
+each mini-batch into micro-batches (gradient accumulation). The loss of a mini-batch is
+normalised by its total token (or sequence) count, so accumulation gives the same gradient as
+one big forward. Each micro-batch costs exactly one student forward: sampled-token logprobs,
+entropy and any full-distribution objective come from the same chunked pass.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from opd.config import ObjectiveConfig, TrainConfig
+from opd.logprobs import completion_hidden, entropy_of, per_position
+from opd.objectives import generalized_jsd, kl_to_reference, pg_loss, reverse_kl, topk_kl
+from opd.types import Feedback, Rollout, TeacherScores
+
+PG_FAMILY = ("pg", "hybrid")
+
+
+def make_optimizer(model, cfg: TrainConfig, lr: float | None = None) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=lr or cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+
+
+def make_scheduler(optimizer, cfg: TrainConfig, total_updates: int) -> torch.optim.lr_scheduler.LambdaLR:
+    def factor(step: int) -> float:
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_updates - cfg.warmup_steps))
+        if cfg.schedule == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@dataclass
+class TokenTerms:
+    """Per-token quantities of one micro-batch, over its real completion tokens [N]."""
+
+    new_logprobs: torch.Tensor  # with grad
+    entropy: torch.Tensor  # detached
+    distribution_loss: torch.Tensor | None  # with grad, for reverse_kl / gkd / topk_kl
+
+
+def student_token_terms(model, rollout: Rollout, scores: TeacherScores, obj: ObjectiveConfig, chunk_size: int) -> TokenTerms:
+    mask = rollout.completion_mask.bool()
+    dev = next(model.parameters()).device
+    targets = rollout.completion_ids[mask].to(dev)
+    hidden = completion_hidden(model, rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.completion_mask)
+    teacher_full = scores.full_logprobs[mask].to(dev) if obj.name in ("reverse_kl", "gkd") else None
+    if obj.name == "topk_kl":
+        tk_ids, tk_lp = scores.topk_ids[mask].to(dev), scores.topk_logprobs[mask].to(dev)
+
+    def fn(logp: torch.Tensor, sl: slice):
+        outs = [logp.gather(1, targets[sl, None]).squeeze(1), entropy_of(logp.detach())]
+        if obj.name == "reverse_kl":
+            outs.append(reverse_kl(logp, teacher_full[sl]))
+        elif obj.name == "gkd":
+            outs.append(generalized_jsd(logp, teacher_full[sl], obj.beta))
+        elif obj.name == "topk_kl":
+            outs.append(topk_kl(logp, tk_ids[sl], tk_lp[sl], obj.topk_direction))
+        return tuple(outs)
+
+    res = per_position(model, hidden, fn, rollout.temperature, chunk_size)
+    return TokenTerms(new_logprobs=res[0], entropy=res[1], distribution_loss=res[2] if len(res) > 2 else None)
+
+
+@torch.no_grad()
+def reference_logprobs(ref_model, rollout: Rollout, chunk_size: int) -> torch.Tensor:
+    mask = rollout.completion_mask.bool()
+    dev = next(ref_model.parameters()).device
+    targets = rollout.completion_ids[mask].to(dev)
+    hidden = completion_hidden(ref_model, rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.completion_mask)
+    (lp,) = per_position(ref_model, hidden, lambda logp, sl: (logp.gather(1, targets[sl, None]).squeeze(1),), rollout.temperature, chunk_size)
+    return lp
+
+
+def update_student(
+    model,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    rollout: Rollout,
+    scores: TeacherScores,
+    feedback: Feedback,
+    *,
+    objective: ObjectiveConfig,
+    train: TrainConfig,
+    version: int,
+    ref_model=None,
+    chunk_size: int = 1024,
+) -> tuple[dict[str, float], int]:
+    """Runs the optimizer steps for one rollout batch. Returns (metrics, new policy version)."""
+    model.train()
+    B = rollout.completion_ids.shape[0]
+    acc = _Accumulator()
+    skipped = 0
+    for mb in np.array_split(np.arange(B), min(train.updates_per_batch, B)):
+        mb_mask = feedback.loss_mask[mb]
+        denom = float(mb_mask.sum()) if objective.loss_norm == "token" else float(len(mb))
+        if denom == 0:
+            continue
+        optimizer.zero_grad(set_to_none=True)
+        micro = train.micro_batch_size or len(mb)
+        finite = True
+        for start in range(0, len(mb), micro):
+            rows = mb[start : start + micro].tolist()
+            r, s, f = rollout.select(rows), scores.select(rows), feedback.select(rows)
+            loss, stats = _micro_batch_loss(model, r, s, f, objective, chunk_size, version, ref_model, denom)
+            if not torch.isfinite(loss):
+                finite = False
+                break
+            loss.backward()
+            acc.add(stats)
+        params = [p for p in model.parameters() if p.requires_grad]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, train.grad_clip if train.grad_clip > 0 else float("inf"))
+        if not finite or not torch.isfinite(grad_norm):
+            skipped += 1  # never apply a non-finite step; the batch is counted and dropped
+            optimizer.zero_grad(set_to_none=True)
+            continue
+        acc.grad_norms.append(float(grad_norm))
+        optimizer.step()
+        scheduler.step()
+        version += 1
+    metrics = acc.summary()
+    metrics["stability/skipped_batches"] = float(skipped)
+    metrics["train/lr"] = float(scheduler.get_last_lr()[0])
+    return metrics, version
+
+
+def _micro_batch_loss(model, r, s, f, objective, chunk_size, version, ref_model, denom):
+    mask = r.completion_mask.bool()
+    terms = student_token_terms(model, r, s, objective, chunk_size)
+    dev = terms.new_logprobs.device
+    old_lp = r.behaviour_logprobs[mask].to(dev)
+    adv = f.advantages[mask].to(dev)
+    weight = f.loss_mask[mask].to(dev)
+    ratio = torch.exp(terms.new_logprobs.detach() - old_lp)
+    clipped = torch.zeros_like(ratio, dtype=torch.bool)
+    if objective.name in PG_FAMILY:
+        tok_loss, ratio, clipped = pg_loss(terms.new_logprobs, old_lp, adv, objective.clip_eps)
+    else:
+        tok_loss = terms.distribution_loss
+    kl_ref = None
+    if ref_model is not None and objective.kl_ref_coef > 0:
+        ref_lp = reference_logprobs(ref_model, r, chunk_size).to(dev)
+        kl_ref = kl_to_reference(terms.new_logprobs, ref_lp)
+        tok_loss = tok_loss + objective.kl_ref_coef * kl_ref
+    tok_loss = tok_loss * weight
+    if objective.loss_norm == "token":
+        loss = tok_loss.sum() / denom
+    else:
+        seq_id = torch.nonzero(mask)[:, 0].to(dev)
+        per_seq = torch.zeros(mask.shape[0], device=dev).index_add(0, seq_id, tok_loss)
+        lengths = torch.zeros(mask.shape[0], device=dev).index_add(0, seq_id, weight).clamp(min=1)
+        loss = (per_seq / lengths).sum() / denom
+    lag = (version - r.policy_version).float()[torch.nonzero(mask)[:, 0]].to(dev)
+    fresh = lag == 0
+    stats = {
+        "loss": (float(loss.detach()) * denom, 0),  # summed back; the accumulator re-normalises per token
+        "ratio": ratio.detach(),
+        "clipped": clipped.float(),
+        "entropy": terms.entropy,
+        "new_lp": terms.new_logprobs.detach(),
+        "lag": lag,
+        "drift": (terms.new_logprobs.detach() - old_lp).abs()[fresh],
+        "kl_ref": None if kl_ref is None else kl_ref.detach(),
+        "dist": None if terms.distribution_loss is None else terms.distribution_loss.detach(),
+    }
+    return loss, stats
+
+
+class _Accumulator:
+    def __init__(self):
+        self.parts: dict[str, list[torch.Tensor]] = {}
+        self.loss_sum = 0.0
+        self.tokens = 0
+        self.grad_norms: list[float] = []
+
+    def add(self, stats: dict) -> None:
+        self.loss_sum += stats["loss"][0]
+        for k, v in stats.items():
+            if k != "loss" and v is not None:
+                self.parts.setdefault(k, []).append(v.float().cpu())
+        self.tokens += int(stats["ratio"].numel())
+
+    def summary(self) -> dict[str, float]:
+        cat = {k: torch.cat(v) for k, v in self.parts.items()}
+
+        def mean(k: str) -> float:
+            t = cat.get(k)
+            return float(t.mean()) if t is not None and t.numel() else 0.0
+
+        out = {
+            "update/loss": self.loss_sum / max(1, self.tokens),
+            "freshness/ratio_mean": mean("ratio"),
+            "freshness/ratio_max": float(cat["ratio"].max()) if "ratio" in cat and cat["ratio"].numel() else 1.0,
+            "freshness/ratio_min": float(cat["ratio"].min()) if "ratio" in cat and cat["ratio"].numel() else 1.0,
+            "freshness/policy_lag": mean("lag"),
+            "freshness/policy_lag_max": float(cat["lag"].max()) if "lag" in cat and cat["lag"].numel() else 0.0,
+            "freshness/logprob_drift": mean("drift"),
+            "stability/clip_frac": mean("clipped"),
+            "stability/entropy": mean("entropy"),
+            "stability/grad_norm": float(np.mean(self.grad_norms)) if self.grad_norms else float("nan"),
+            "update/new_logprob_mean": mean("new_lp"),
+        }
+        if "kl_ref" in cat:
+            out["stability/kl_ref"] = mean("kl_ref")
+        if "dist" in cat:
+            out["update/distribution_loss"] = mean("dist")
+        return out
