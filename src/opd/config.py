@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -356,8 +356,15 @@ def reference_markdown() -> str:
                 walk(type(default[0]), f"{prefix}{name}[].")
             else:
                 shown = f"`{_toml_value(default) if not isinstance(default, BaseModel) else ''}`"
-            typ = str(ann).replace("typing.", "").replace("<class '", "").replace("'>", "")
-            lines.append(f"| `{prefix}{name}` | {typ.replace('|', '&#124;')} | {shown} | {f.description} |")
+            lines.append(f"| `{prefix}{name}` | {_type_name(ann)} | {shown} | {f.description} |")
 
     walk(Config, "")
     return "\n".join(lines) + "\n"
+
+
+def _type_name(ann: Any) -> str:
+    if get_origin(ann) is Literal:
+        return " / ".join(f"`{a}`" for a in get_args(ann))
+    if get_origin(ann) in (list, tuple):
+        return f"{get_origin(ann).__name__} of " + ", ".join(_type_name(a) for a in get_args(ann))
+    return getattr(ann, "__name__", str(ann))

@@ -59,7 +59,7 @@ def sampling_logprobs(logits: torch.Tensor, temperature: float, top_p: float) ->
     return logp - torch.logsumexp(logp, dim=-1, keepdim=True)
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def sample(
     model,
     tokenizer,

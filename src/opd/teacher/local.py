@@ -26,7 +26,7 @@ class LocalTeacher:
         self.chunk_size = chunk_size
         self.topk = topk
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def score(self, rollout: Rollout, *, full: bool = False) -> TeacherScores:
         t0 = time.perf_counter()
         B, T = rollout.completion_ids.shape

@@ -1,0 +1,75 @@
+import pytest
+import torch
+
+from opd.config import FeedbackConfig
+from opd.feedback import compute_feedback, discounted_returns, group_normalised_rewards, whiten
+from opd.types import Prompt, Rollout, TeacherScores
+
+
+def make(behaviour, teacher, mask, scored=None):
+    B, T = behaviour.shape
+    roll = Rollout(
+        prompts=[Prompt("p", "t")] * B, prompt_ids=torch.ones(B, 2, dtype=torch.long), prompt_mask=torch.ones(B, 2, dtype=torch.long),
+        completion_ids=torch.ones(B, T, dtype=torch.long), completion_mask=mask, behaviour_logprobs=behaviour,
+        policy_version=torch.zeros(B, dtype=torch.long), texts=[""] * B, finished=torch.ones(B, dtype=torch.bool),
+    )
+    return roll, TeacherScores(token_logprobs=teacher, scored_mask=mask if scored is None else scored)
+
+
+def test_advantage_signs_and_masks():
+    behaviour = torch.tensor([[-1.0, -2.0, -0.5], [-3.0, -1.0, -9.0]])
+    teacher = torch.tensor([[-0.5, -4.0, -0.5], [-1.0, -7.0, -1.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    fb = compute_feedback(*make(behaviour, teacher, mask), FeedbackConfig())
+    # A_t = log pi_T - log pi_theta: positive where the teacher likes the token more.
+    assert fb.advantages.tolist() == [[0.5, -2.0, 0.0], [2.0, -6.0, 0.0]]
+    assert fb.loss_mask.tolist() == [[1, 1, 1], [1, 1, 0]]
+    assert fb.metrics["opd/advantage_mean"] == pytest.approx((0.5 - 2 + 0 + 2 - 6) / 5)
+    assert fb.metrics["opd/advantage_pos_frac"] == pytest.approx(2 / 5)
+
+
+def test_unscored_tokens_never_enter_the_loss():
+    behaviour = torch.full((1, 3), -1.0)
+    teacher = torch.tensor([[-0.5, 0.0, -2.0]])
+    scored = torch.tensor([[1, 0, 1]])
+    fb = compute_feedback(*make(behaviour, teacher, torch.ones(1, 3, dtype=torch.long), scored), FeedbackConfig())
+    assert fb.loss_mask.tolist() == [[1, 0, 1]] and fb.advantages[0, 1] == 0
+
+
+def test_clip_and_discount_and_whiten():
+    behaviour = torch.zeros(1, 3)
+    teacher = torch.tensor([[3.0, -1.0, 0.5]])
+    mask = torch.ones(1, 3, dtype=torch.long)
+    fb = compute_feedback(*make(behaviour, teacher, mask), FeedbackConfig(clip=1.0))
+    assert fb.advantages.tolist() == [[1.0, -1.0, 0.5]] and fb.metrics["feedback/clip_frac"] == pytest.approx(1 / 3)
+    fb = compute_feedback(*make(behaviour, teacher, mask), FeedbackConfig(gamma=0.5))
+    # G_2 = 0.5, G_1 = -1 + 0.25, G_0 = 3 + 0.5 * -0.75
+    torch.testing.assert_close(fb.advantages, torch.tensor([[3.0 - 0.375, -0.75, 0.5]]))
+    fb = compute_feedback(*make(behaviour, teacher, mask), FeedbackConfig(normalize=True))
+    torch.testing.assert_close(fb.advantages.mean(), torch.tensor(0.0), atol=1e-6, rtol=0)
+    torch.testing.assert_close(fb.advantages.std(), torch.tensor(1.0), atol=1e-4, rtol=0)
+    assert fb.raw_advantages.tolist() == [[3.0, -1.0, 0.5]]
+
+
+def test_discount_stops_at_padding():
+    v = torch.tensor([[1.0, 1.0, 5.0]])
+    m = torch.tensor([[1.0, 1.0, 0.0]])
+    assert discounted_returns(v, m, 1.0).tolist() == [[2.0, 1.0, 0.0]]
+
+
+def test_whiten_ignores_masked_values():
+    v = torch.tensor([[1.0, 3.0, 100.0]])
+    m = torch.tensor([[1.0, 1.0, 0.0]])
+    w = whiten(v, m)
+    assert w[0, 2] == 0 and abs(float(w[0, 0] + w[0, 1])) < 1e-6
+
+
+def test_group_normalised_rewards_and_hybrid():
+    r = torch.tensor([1.0, 0.0, 1.0, 1.0])
+    g = group_normalised_rewards(r, 2)
+    assert g[0] > 0 > g[1] and abs(float(g[2])) < 1e-6 and abs(float(g[3])) < 1e-6
+    behaviour = torch.zeros(4, 2)
+    teacher = torch.full((4, 2), -1.0)
+    fb = compute_feedback(*make(behaviour, teacher, torch.ones(4, 2, dtype=torch.long)), FeedbackConfig(),
+                          rewards=r, reward_weight=2.0, opd_weight=0.5, group_size=2)
+    torch.testing.assert_close(fb.advantages[:, 0], 0.5 * -1.0 + 2.0 * g)

@@ -1,0 +1,88 @@
+import torch
+
+from opd.logprobs import completion_hidden, per_position
+from opd.rollout import SamplingParams, encode_prompts, sample, sampling_logprobs
+from opd.types import Prompt
+
+
+def recompute(model, roll):
+    m = roll.completion_mask.bool()
+    targets = roll.completion_ids[m]
+    h = completion_hidden(model, roll.prompt_ids, roll.prompt_mask, roll.completion_ids, roll.completion_mask)
+    (lp,) = per_position(model, h, lambda logp, sl: (logp.gather(1, targets[sl, None]).squeeze(1),), roll.temperature, 7)
+    return lp
+
+
+def test_behaviour_logprobs_match_recomputed_student_logprobs(student, tokenizer, prompts):
+    # The KV-cached sampler and the one-pass scorer must agree while the policy has not changed.
+    for temperature in (1.0, 0.6):
+        roll = sample(student, tokenizer, prompts, SamplingParams(temperature=temperature, max_new_tokens=16),
+                      generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            lp = recompute(student, roll)
+        torch.testing.assert_close(lp, roll.behaviour_logprobs[roll.completion_mask.bool()], rtol=0, atol=5e-5)
+
+
+def test_padding_and_eos_layout(student, tokenizer, prompts):
+    # Make EOS likely so that some sequences end early and others run to max_new_tokens.
+    with torch.no_grad():
+        student.lm_head.weight[tokenizer.eos_token_id] *= 0
+        student.lm_head.weight[tokenizer.eos_token_id] += student.model.norm.weight.sign() * 0.02
+    roll = sample(student, tokenizer, prompts * 4, SamplingParams(max_new_tokens=10), generator=torch.Generator().manual_seed(5))
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    lengths = roll.completion_mask.sum(1)
+    assert roll.finished.any() and (lengths < roll.completion_ids.shape[1]).any()
+    for i in range(len(roll.texts)):
+        n = int(lengths[i])
+        assert roll.completion_mask[i, :n].all() and not roll.completion_mask[i, n:].any()  # a prefix of ones
+        ids = roll.completion_ids[i]
+        assert (ids[n:] == pad).all() and (roll.behaviour_logprobs[i, n:] == 0).all()
+        if roll.finished[i]:
+            assert ids[n - 1] == eos and eos not in ids[: n - 1].tolist()  # EOS ends and belongs to the completion
+        else:
+            assert n == 10 and eos not in ids[:n].tolist()
+        assert roll.texts[i] == tokenizer.decode(ids[:n], skip_special_tokens=True)
+    # Left padding of prompts.
+    for i, p in enumerate(roll.prompts):
+        real = roll.prompt_ids[i][roll.prompt_mask[i].bool()].tolist()
+        assert real == tokenizer(p.text)["input_ids"]
+        assert roll.prompt_mask[i].tolist() == sorted(roll.prompt_mask[i].tolist())
+
+
+def test_stop_strings_end_the_completion(student, tokenizer):
+    prompts = [Prompt(text="1+1=", source="t")] * 8
+    roll = sample(student, tokenizer, prompts, SamplingParams(max_new_tokens=30, stop=["5"]),
+                  generator=torch.Generator().manual_seed(2))
+    for text, fin in zip(roll.texts, roll.finished):
+        if fin and "5" in text:
+            assert text.index("5") == len(text) - 1  # nothing after the first stop string
+        if not fin:
+            assert "5" not in text
+
+
+def test_same_seed_same_rollout_and_version_recorded(student, tokenizer, prompts):
+    a = sample(student, tokenizer, prompts, SamplingParams(max_new_tokens=8), policy_version=7, generator=torch.Generator().manual_seed(9))
+    b = sample(student, tokenizer, prompts, SamplingParams(max_new_tokens=8), policy_version=7, generator=torch.Generator().manual_seed(9))
+    assert torch.equal(a.completion_ids, b.completion_ids) and a.texts == b.texts
+    assert a.policy_version.tolist() == [7] * len(prompts)
+
+
+def test_top_p_distribution():
+    logits = torch.tensor([[3.0, 2.0, 1.0, -5.0]])
+    p = torch.softmax(logits, -1)[0]
+    lp = sampling_logprobs(logits, 1.0, top_p=float(p[0] + p[1] - 1e-4))
+    # The smallest prefix reaching top_p keeps tokens 0 and 1, renormalised.
+    assert torch.isinf(lp[0, 2]) and torch.isinf(lp[0, 3])
+    torch.testing.assert_close(lp[0, :2].exp(), p[:2] / p[:2].sum())
+    assert torch.isfinite(sampling_logprobs(logits, 1.0, top_p=1e-6)[0, 0])  # the top token always survives
+    torch.testing.assert_close(sampling_logprobs(logits, 2.0, 1.0), torch.log_softmax(logits / 2.0, -1))
+
+
+def test_prompt_truncation_keeps_the_end(tokenizer):
+    ids, mask = encode_prompts(tokenizer, [Prompt(text="abcdefgh", source="t")], max_prompt_tokens=3)
+    assert tokenizer.decode(ids[0]) == "fgh" and mask.sum() == 3
+
+
+def test_bos_not_doubled_for_templated_prompts(tokenizer):
+    ids, mask = encode_prompts(tokenizer, [Prompt(text="<s>ab", source="t")], 10)
+    assert ids[0][mask[0].bool()].tolist().count(tokenizer.bos_token_id) == 1

@@ -1,0 +1,54 @@
+import torch
+import torch.nn.functional as F
+
+from opd.rollout import SamplingParams, sample
+from opd.teacher import LocalTeacher
+
+
+def naive_prefix_logprobs(model, prompt_ids, completion, temperature):
+    """log pi_T(a_t | s, a_<t), one forward per prefix, no padding anywhere."""
+    out = []
+    for t in range(len(completion)):
+        ids = torch.tensor([prompt_ids + completion[:t]])
+        logits = model(input_ids=ids).logits[0, -1].float() / temperature
+        out.append(float(F.log_softmax(logits, -1)[completion[t]]))
+    return out
+
+
+def test_batched_scoring_equals_naive_per_prefix(student, teacher_model, tokenizer, prompts):
+    roll = sample(student, tokenizer, prompts, SamplingParams(temperature=0.9, max_new_tokens=12),
+                  generator=torch.Generator().manual_seed(3))
+    scores = LocalTeacher(teacher_model, batch_size=4, chunk_size=5, topk=3).score(roll)
+    with torch.no_grad():
+        for i in range(len(prompts)):
+            p = roll.prompt_ids[i][roll.prompt_mask[i].bool()].tolist()
+            n = int(roll.completion_mask[i].sum())
+            c = roll.completion_ids[i, :n].tolist()
+            want = naive_prefix_logprobs(teacher_model, p, c, 0.9)
+            torch.testing.assert_close(scores.token_logprobs[i, :n], torch.tensor(want), rtol=0, atol=2e-5)
+            assert torch.all(scores.token_logprobs[i, n:] == 0)
+    assert torch.equal(scores.scored_mask, roll.completion_mask)
+    assert scores.tokens_scored == roll.num_tokens
+
+
+def test_topk_and_full_distribution(student, teacher_model, tokenizer, prompts):
+    roll = sample(student, tokenizer, prompts[:3], SamplingParams(max_new_tokens=6), generator=torch.Generator().manual_seed(1))
+    s = LocalTeacher(teacher_model, topk=4, chunk_size=2).score(roll, full=True)
+    m = roll.completion_mask.bool()
+    full = s.full_logprobs[m]
+    torch.testing.assert_close(full.exp().sum(-1), torch.ones(full.shape[0]), rtol=0, atol=1e-5)
+    v, i = full.topk(4, dim=-1)
+    torch.testing.assert_close(s.topk_logprobs[m], v)
+    assert torch.equal(s.topk_ids[m], i)
+    torch.testing.assert_close(full.gather(1, roll.completion_ids[m][:, None]).squeeze(1), s.token_logprobs[m])
+    ent = -(full.exp() * full).sum(-1)
+    torch.testing.assert_close(s.entropy[m], ent, rtol=1e-5, atol=1e-5)
+
+
+def test_teacher_is_frozen_and_scoring_makes_no_graph(student, teacher_model, tokenizer, prompts):
+    teacher = LocalTeacher(teacher_model)
+    assert not any(p.requires_grad for p in teacher.model.parameters())
+    roll = sample(student, tokenizer, prompts[:2], SamplingParams(max_new_tokens=4), generator=torch.Generator().manual_seed(0))
+    s = teacher.score(roll)
+    assert not s.token_logprobs.requires_grad
+    assert not teacher.model.training

@@ -1,0 +1,45 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+OPD = [sys.executable, "-m", "opd.cli"]
+
+
+def opd(*args, cwd=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([*OPD, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
+
+
+def test_opd_run_from_a_toml_file_and_resume(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        "seed = 3\n[prompts]\nbatch_size = 4\neval_size = 8\n[eval]\nsize = 8\n"
+        "[student]\nwarm_start_steps = 2\nwarm_start_samples = 8\n[rollout]\nmax_new_tokens = 32\n"
+    )
+    out = tmp_path / "run"
+    r = opd("run", str(cfg), "--max-steps", "2", "--out", str(out), "--set", "train.checkpoint_every=1")
+    assert r.returncode == 0, r.stderr
+    assert (out / "final" / "model.safetensors").is_file()
+    assert "seed = 3" in (out / "config.toml").read_text()
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 2
+    r = opd("run", "--resume", str(out), "--max-steps", "3")
+    assert r.returncode == 0, r.stderr
+    assert "resumed from" in r.stdout
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in rows] == [0, 1, 2, 3]
+
+
+def test_bad_config_exits_2_with_a_message_and_no_traceback(tmp_path):
+    r = opd("run", "--set", "rollout.temperature=0", "--out", str(tmp_path / "x"))
+    assert r.returncode == 2
+    assert "rollout.temperature" in r.stderr and "Traceback" not in r.stderr + r.stdout
+    r = opd("run", "--set", "teacher.model='nowhere/model'", "--out", str(tmp_path / "y"))
+    assert r.returncode == 2 and "nowhere/model" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_config_prints_default_toml():
+    r = opd("config")
+    assert r.returncode == 0 and "[rollout]" in r.stdout and 'model = "builtin:arith-teacher"' in r.stdout

@@ -1,0 +1,68 @@
+import torch
+import torch.nn.functional as F
+
+from opd.logprobs import completion_hidden, lm_logits, per_position, scatter_tokens
+
+
+def _hidden(model, n=13):
+    torch.manual_seed(0)
+    return torch.randn(n, model.config.hidden_size)
+
+
+def test_chunked_log_softmax_equals_unchunked(student):
+    h = _hidden(student)
+    targets = torch.randint(0, student.config.vocab_size, (h.shape[0],))
+    full = F.log_softmax(lm_logits(student, h, 0.7), dim=-1)
+    want_lp = full.gather(1, targets[:, None]).squeeze(1)
+    want_ent = -(full.exp() * full).sum(-1)
+
+    def fn(logp, sl):
+        return logp.gather(1, targets[sl, None]).squeeze(1), -(logp.exp() * logp).sum(-1)
+
+    for chunk in (1, 3, 5, 13, 1000):
+        lp, ent = per_position(student, h, fn, 0.7, chunk)
+        torch.testing.assert_close(lp, want_lp, rtol=0, atol=1e-6)
+        torch.testing.assert_close(ent, want_ent, rtol=0, atol=1e-6)
+
+
+def test_chunked_gradient_equals_unchunked(student):
+    h = _hidden(student).requires_grad_(True)
+    targets = torch.randint(0, student.config.vocab_size, (h.shape[0],))
+    full = F.log_softmax(lm_logits(student, h, 1.0), dim=-1).gather(1, targets[:, None]).sum()
+    (g_full,) = torch.autograd.grad(full, h)
+    (lp,) = per_position(student, h, lambda logp, sl: (logp.gather(1, targets[sl, None]).squeeze(1),), 1.0, 4)
+    (g_chunk,) = torch.autograd.grad(lp.sum(), h)
+    torch.testing.assert_close(g_chunk, g_full, rtol=1e-5, atol=1e-6)
+
+
+def test_softcapping_is_applied(student):
+    h = _hidden(student, 4) * 50
+    plain = lm_logits(student, h, 1.0)
+    student.config.final_logit_softcapping = 2.0
+    try:
+        capped = lm_logits(student, h, 1.0)
+    finally:
+        student.config.final_logit_softcapping = None
+    assert capped.abs().max() <= 2.0 + 1e-6
+    torch.testing.assert_close(capped, torch.tanh(plain / 2.0) * 2.0)
+
+
+def test_completion_hidden_picks_states_before_each_completion_token(student):
+    # Left-padded prompt of length 3 inside width 5, completion of 2 real tokens + 1 pad.
+    prompt_ids = torch.tensor([[0, 0, 1, 20, 21]])
+    prompt_mask = torch.tensor([[0, 0, 1, 1, 1]])
+    comp = torch.tensor([[22, 2, 0]])
+    cmask = torch.tensor([[1, 1, 0]])
+    h = completion_hidden(student, prompt_ids, prompt_mask, comp, cmask)
+    assert h.shape == (2, student.config.hidden_size)
+    # The same without any padding: states at the last prompt token and the first completion token.
+    ref = student.base_model(input_ids=torch.tensor([[1, 20, 21, 22]])).last_hidden_state[0, 2:4]
+    torch.testing.assert_close(h, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_scatter_tokens_inverts_masked_select():
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    vals = torch.tensor([1.0, 2.0, 3.0])
+    out = scatter_tokens(vals, mask)
+    assert out.tolist() == [[1.0, 2.0, 0.0], [3.0, 0.0, 0.0]]
+    assert torch.equal(out[mask.bool()], vals)

@@ -1,0 +1,83 @@
+"""The loop end to end on the built-in teacher, small settings: metrics, checkpoints, exports, exact resume."""
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from opd.checkpoint import list_checkpoints
+from opd.config import load_config
+from opd.loop import run
+from opd.monitor import read_metrics
+
+REQUIRED = [
+    "step", "rollout/tokens", "teacher/logprob_mean", "student/logprob_mean", "opd/advantage_mean", "opd/reverse_kl",
+    "freshness/policy_lag", "freshness/ratio_mean", "freshness/ratio_max", "teacher/tokens_per_s", "teacher/coverage",
+    "teacher/failures", "stability/grad_norm", "stability/clip_frac", "stability/entropy", "time/step_s",
+    "health/freshness", "health/teacher_access", "health/stability", "budget/teacher_tokens",
+]
+SMALL = [
+    "prompts.batch_size=8", "eval.size=16", "eval.every=2", "student.warm_start_steps=5",
+    "student.warm_start_samples=32", "train.checkpoint_every=2", "rollout.max_new_tokens=48", "monitor.live='off'",
+]
+
+
+def small_config(*extra):
+    return load_config(None, SMALL + list(extra))
+
+
+def quiet(*a, **k):
+    pass
+
+
+def test_loop_writes_metrics_checkpoints_and_a_loadable_student(tmp_path):
+    cfg = small_config("train.max_steps=4", "objective.kl_ref_coef=0.1")
+    result = run(cfg, tmp_path, log=quiet)
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
+    assert "eval/accuracy" in rows[0] and "eval/reverse_kl" in rows[0]
+    for r in rows[1:]:
+        missing = [k for k in REQUIRED if k not in r]
+        assert not missing, missing
+        assert r["teacher/coverage"] == 1.0 and r["freshness/policy_lag"] == 0
+        assert math.isfinite(r["opd/reverse_kl"]) and "stability/kl_ref" in r
+    assert all("eval/reverse_kl" in rows[s] for s in (2, 4)) and "eval/reverse_kl" not in rows[3]
+    # Budget counters only grow.
+    spent = [r["budget/teacher_tokens"] for r in rows]
+    assert spent == sorted(spent) and spent[-1] > spent[0] > 0
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-2", "step-4"]
+    final = AutoModelForCausalLM.from_pretrained(tmp_path / "final")
+    assert (tmp_path / "final" / "model.safetensors").is_file() and (tmp_path / "final" / "tokenizer.json").is_file()
+    assert final.config.architectures == ["LlamaForCausalLM"]
+    assert (tmp_path / "config.toml").read_text().count("[rollout]") == 1
+    assert any((tmp_path / "tensorboard").iterdir())
+    assert result.first_eval["eval/reverse_kl"] == rows[0]["eval/reverse_kl"]
+
+
+def _comparable(rows):
+    drop = ("time/", "tokens_per_s", "latency")
+    return [{k: v for k, v in r.items() if not any(d in k for d in drop)} for r in rows]
+
+
+def test_resume_continues_exactly(tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    run(small_config("train.max_steps=4"), straight, log=quiet)
+    run(small_config("train.max_steps=2"), split, log=quiet)
+    run(small_config("train.max_steps=4"), split, resume=True, log=quiet)
+    a = AutoModelForCausalLM.from_pretrained(straight / "final").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(split / "final").state_dict()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert _comparable(read_metrics(straight)) == _comparable(read_metrics(split))
+
+
+def test_every_objective_runs_in_the_loop(tmp_path):
+    for name, extra in [("reverse_kl", []), ("gkd", []), ("topk_kl", ["teacher.topk=5"]),
+                        ("hybrid", ["rollout.samples_per_prompt=2", "prompts.batch_size=4"])]:
+        cfg = small_config("train.max_steps=1", f"objective.name='{name}'", "eval.size=4", "train.checkpoint_every=0",
+                           "monitor.tensorboard=false", *extra)
+        run(cfg, tmp_path / name, log=quiet)
+        rows = read_metrics(tmp_path / name)
+        assert rows[-1]["step"] == 1 and math.isfinite(rows[-1]["update/loss"]), name

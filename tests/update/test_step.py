@@ -1,0 +1,129 @@
+import copy
+
+import pytest
+import torch
+
+from opd.config import FeedbackConfig, ObjectiveConfig, TrainConfig
+from opd.feedback import compute_feedback
+from opd.rollout import SamplingParams, sample
+from opd.teacher import LocalTeacher
+from opd.update import make_optimizer, make_scheduler, update_student
+
+OBJECTIVES = ["pg", "reverse_kl", "gkd", "topk_kl", "hybrid"]
+
+
+@pytest.fixture
+def batch(student, teacher_model, tokenizer, prompts):
+    prompts = [p for p in prompts for _ in range(2)]  # groups of 2 for hybrid
+    roll = sample(student, tokenizer, prompts, SamplingParams(max_new_tokens=10), generator=torch.Generator().manual_seed(4))
+    scores = LocalTeacher(teacher_model, topk=4).score(roll, full=True)
+    return roll, scores
+
+
+def run_update(model, roll, scores, objective="pg", sgd=False, lr=1e-2, **train_kw):
+    obj = ObjectiveConfig(name=objective, beta=0.5)
+    train = TrainConfig(lr=lr, **train_kw)
+    rewards = torch.arange(len(roll.texts)).remainder(2).float() if objective == "hybrid" else None
+    fb = compute_feedback(roll, scores, FeedbackConfig(), rewards=rewards, group_size=2)
+    # Plain SGD(lr=1) makes the parameter change equal minus the gradient (AdamW would amplify rounding).
+    opt = torch.optim.SGD(model.parameters(), lr=1.0) if sgd else make_optimizer(model, train)
+    sched = make_scheduler(opt, train, 10)
+    return update_student(model, opt, sched, roll, scores, fb, objective=obj, train=train, version=0, chunk_size=7)
+
+
+def params_of(model):
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_no_padding_or_prompt_token_reaches_the_loss(student, batch, objective):
+    roll, scores = batch
+    assert (roll.completion_mask == 0).any() and (roll.prompt_mask == 0).any()
+    a, b = copy.deepcopy(student), copy.deepcopy(student)
+    run_update(a, roll, scores, objective, sgd=True)
+    # Garbage everywhere a mask says "not a token": ids, behaviour logprobs, teacher outputs.
+    r2, s2 = copy.deepcopy(roll), copy.deepcopy(scores)
+    pad_c, pad_p = r2.completion_mask == 0, r2.prompt_mask == 0
+    g = torch.Generator().manual_seed(0)
+    r2.completion_ids[pad_c] = torch.randint(4, 90, (int(pad_c.sum()),), generator=g)
+    r2.prompt_ids[pad_p] = torch.randint(4, 90, (int(pad_p.sum()),), generator=g)
+    r2.behaviour_logprobs[pad_c] = -123.0
+    s2.token_logprobs[pad_c] = 1e6
+    s2.full_logprobs[pad_c] = -1e3
+    s2.topk_logprobs[pad_c] = 5.0
+    s2.topk_ids[pad_c] = 7
+    run_update(b, r2, s2, objective, sgd=True)
+    assert not torch.equal(params_of(a), params_of(student))  # the update did something
+    torch.testing.assert_close(params_of(a), params_of(b), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("objective", ["pg", "reverse_kl"])
+def test_gradient_accumulation_equals_one_big_batch(student, batch, objective):
+    roll, scores = batch
+    a, b = copy.deepcopy(student), copy.deepcopy(student)
+    ma, _ = run_update(a, roll, scores, objective, sgd=True, grad_clip=0)
+    mb, _ = run_update(b, roll, scores, objective, sgd=True, grad_clip=0, micro_batch_size=3)
+    delta = params_of(a) - params_of(student)
+    assert delta.abs().max() > 1e-4
+    torch.testing.assert_close(params_of(a), params_of(b), rtol=0, atol=1e-6)
+    assert ma["update/loss"] == pytest.approx(mb["update/loss"], rel=1e-5)
+
+
+def test_first_step_is_on_policy(student, batch):
+    roll, scores = batch
+    m, version = run_update(student, roll, scores)
+    assert version == 1
+    assert m["freshness/policy_lag"] == 0 and m["freshness/policy_lag_max"] == 0
+    assert m["freshness/ratio_mean"] == pytest.approx(1.0, abs=1e-4) and m["stability/clip_frac"] == 0
+    assert m["freshness/logprob_drift"] < 1e-4
+    assert m["stability/grad_norm"] > 0 and m["stability/entropy"] > 0
+
+
+def test_several_updates_per_batch_count_policy_lag(student, batch):
+    roll, scores = batch
+    m, version = run_update(student, roll, scores, updates_per_batch=2)
+    assert version == 2
+    assert m["freshness/policy_lag_max"] == 1
+    second_half = roll.completion_mask[len(roll.texts) // 2 :].sum() / roll.completion_mask.sum()
+    assert m["freshness/policy_lag"] == pytest.approx(float(second_half), rel=1e-5)
+    assert m["freshness/ratio_max"] != 1.0  # the second mini-batch is evaluated under updated weights
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_objective_reduces_its_divergence_on_a_fixed_batch(student, batch, objective):
+    roll, scores = batch
+    first = None
+    for _ in range(5):
+        m, _ = run_update(student, roll, scores, objective, lr=1e-3)
+        first = first if first is not None else m
+    key = "update/distribution_loss" if objective in ("reverse_kl", "gkd", "topk_kl") else "update/new_logprob_mean"
+    if objective in ("reverse_kl", "gkd", "topk_kl"):
+        assert m[key] < first[key]
+    else:
+        # pg pushes up tokens the teacher prefers: the student's logprob of the batch's
+        # teacher-preferred tokens rises, so the sampled estimate of reverse KL falls.
+        assert m["update/loss"] < first["update/loss"]
+
+
+def test_kl_to_reference_is_zero_at_the_start_and_counted(student, batch):
+    roll, scores = batch
+    ref = copy.deepcopy(student).requires_grad_(False)
+    obj = ObjectiveConfig(kl_ref_coef=0.5)
+    train = TrainConfig(lr=1e-2)
+    fb = compute_feedback(roll, scores, FeedbackConfig())
+    opt = make_optimizer(student, train)
+    m, _ = update_student(student, opt, make_scheduler(opt, train, 5), roll, scores, fb, objective=obj, train=train,
+                          version=0, ref_model=ref)
+    assert m["stability/kl_ref"] == pytest.approx(0.0, abs=1e-6)
+    m, _ = update_student(student, opt, make_scheduler(opt, train, 5), roll, scores, fb, objective=obj, train=train,
+                          version=1, ref_model=ref)
+    assert m["stability/kl_ref"] > 0
+
+
+def test_non_finite_batch_is_skipped_not_applied(student, batch):
+    roll, scores = batch
+    scores.token_logprobs[0, 0] = float("nan")
+    before = params_of(student)
+    m, version = run_update(student, roll, scores)
+    assert m["stability/skipped_batches"] == 1 and version == 0
+    assert torch.equal(params_of(student), before)
