@@ -101,7 +101,7 @@ def config_cmd(
 @teacher_app.command("train")
 def teacher_train(
     out: Path = typer.Option(Path("src/opd/assets/arith-teacher"), "--out", help="Output model folder."),
-    steps: int = typer.Option(3000, "--steps", min=1, help="Training steps (batch 64)."),
+    steps: int = typer.Option(1500, "--steps", min=1, help="Training steps (batch 64)."),
     seed: int = typer.Option(1234, "--seed"),
     task: str = typer.Option("arith", "--task", help="Built-in task to train on."),
 ):

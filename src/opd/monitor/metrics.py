@@ -10,10 +10,11 @@ from pathlib import Path
 class MetricsLog:
     def __init__(self, run_dir: Path, *, tensorboard: bool = True, resume_after_step: int | None = None):
         self.path = Path(run_dir) / "metrics.jsonl"
+        kept: list[str] = []
         if resume_after_step is not None and self.path.exists():
             # Rows written after the checkpoint we resume from are recomputed, never duplicated.
             kept = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= resume_after_step]
-            self.path.write_text("".join(ln + "\n" for ln in kept))
+        self.path.write_text("".join(ln + "\n" for ln in kept))  # a fresh run starts a fresh file
         self._file = self.path.open("a")
         self._tb = None
         if tensorboard:

@@ -1,12 +1,13 @@
 """Built-in tasks: prompt generators with programmatic verifiers.
 
-`arith`: multi-digit addition written out digit by digit, least significant first, carries
-explicit, then the answer. A wrong step (a dropped carry) propagates into every later step and
-the final answer, so errors compound along the completion, which is what on-policy distillation
-is meant to fix:
+`arith`: multi-digit addition written out digit by digit, least significant first, with the
+carry in and a two-digit sum in every step, then the answer zero-padded to one digit more than
+the operands. A wrong step (a dropped carry) propagates into every later step and the final
+answer, so errors compound along the completion, which is what on-policy distillation is meant
+to fix. Every step has the same width, so a small model can learn where to look:
 
-    prompt      "4721+3858="
-    completion  "1+8=9,2+5=7,7+8=15,4+3+1=8|8579"
+    prompt      "47213+38581="
+    completion  "3+1+0=04,1+8+0=09,2+5+0=07,7+8+0=15,4+3+1=08|085794"
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from opd.types import Prompt
 @dataclass(frozen=True)
 class ArithTask:
     name: str = "arith"
-    min_digits: int = 3
-    max_digits: int = 6
+    min_digits: int = 5
+    max_digits: int = 5
 
     def sample(self, rng: np.random.Generator) -> Prompt:
         a = self._number(rng)
@@ -51,9 +52,9 @@ class ArithTask:
             x = int(da[i]) if i < len(da) else 0
             y = int(db[i]) if i < len(db) else 0
             s = x + y + carry
-            steps.append(f"{x}+{y}+1={s}" if carry else f"{x}+{y}={s}")
+            steps.append(f"{x}+{y}+{carry}={s:02d}")
             carry = s // 10
-        return ",".join(steps) + f"|{a + b}"
+        return ",".join(steps) + f"|{a + b:0{len(steps) + 1}d}"
 
     @staticmethod
     def final_answer(completion: str) -> str | None:
@@ -63,7 +64,7 @@ class ArithTask:
 
     @classmethod
     def verify(cls, prompt: Prompt, completion: str) -> bool:
-        return cls.final_answer(completion) == prompt.answer
+        return cls.final_answer(completion) == cls.solution(prompt.text).rsplit("|", 1)[1]
 
     @classmethod
     def step_errors(cls, prompt: Prompt, completion: str) -> list[bool]:
@@ -75,8 +76,9 @@ class ArithTask:
 
 TASKS: dict[str, ArithTask] = {
     "arith": ArithTask(),
-    "arith-short": ArithTask(name="arith-short", min_digits=2, max_digits=4),
-    "arith-long": ArithTask(name="arith-long", min_digits=6, max_digits=9),
+    "arith-short": ArithTask(name="arith-short", min_digits=3, max_digits=3),
+    "arith-long": ArithTask(name="arith-long", min_digits=8, max_digits=8),
+    "arith-mixed": ArithTask(name="arith-mixed", min_digits=3, max_digits=6),
 }
 
 
