@@ -35,10 +35,10 @@ class StudentConfig(Section):
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Parameter dtype of the student.")
     device: str = Field("auto", description="`auto` (CUDA when present, else CPU), `cpu` or `cuda[:N]`.")
     warm_start_steps: int = Field(
-        150, ge=0, description="Supervised steps on teacher-generated completions before distillation (0 = none)."
+        1000, ge=0, description="Supervised steps on teacher-generated completions before distillation (0 = none)."
     )
     warm_start_samples: int = Field(
-        512, ge=1, description="Number of teacher completions generated for the warm start."
+        1024, ge=1, description="Number of teacher completions generated for the warm start."
     )
     warm_start_lr: float = Field(3e-3, gt=0, description="Learning rate of the warm start.")
     warm_start_batch_size: int = Field(32, ge=1, description="Batch size of the warm start.")
@@ -87,6 +87,7 @@ class SourceConfig(Section):
 class PromptsConfig(Section):
     sources: list[SourceConfig] = Field(
         default_factory=lambda: [SourceConfig()],
+        min_length=1,
         description="Prompt sources, mixed by `weight` (TOML: [[prompts.sources]] tables).",
     )
     batch_size: int = Field(32, ge=1, description="Prompts per training step.")
@@ -118,7 +119,7 @@ class FeedbackConfig(Section):
 
 class ObjectiveConfig(Section):
     name: Literal["pg", "reverse_kl", "gkd", "topk_kl", "hybrid"] = Field(
-        "pg",
+        "reverse_kl",
         description=(
             "`pg`: importance-weighted policy gradient with A_t; `reverse_kl`: full-vocabulary KL(student||teacher); "
             "`gkd`: generalised JSD(beta); `topk_kl`: KL over the teacher's top-k plus a tail bin; "
@@ -146,23 +147,23 @@ class ObjectiveConfig(Section):
 
 
 class TrainConfig(Section):
-    max_steps: int = Field(100, ge=0, description="Training steps (one rollout batch each).")
+    max_steps: int = Field(600, ge=0, description="Training steps (one rollout batch each).")
     lr: float = Field(1e-3, gt=0, description="AdamW learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
-    schedule: Literal["constant", "linear", "cosine"] = Field("constant", description="LR schedule after warmup.")
-    warmup_steps: int = Field(0, ge=0, description="Linear LR warmup, in optimizer steps.")
+    schedule: Literal["constant", "linear", "cosine"] = Field("cosine", description="LR schedule after warmup.")
+    warmup_steps: int = Field(20, ge=0, description="Linear LR warmup, in optimizer steps.")
     grad_clip: float = Field(1.0, ge=0, description="Clip the gradient's global norm (0 = off).")
     micro_batch_size: int = Field(0, ge=0, description="Sequences per forward/backward (0 = whole mini-batch).")
     updates_per_batch: int = Field(
         1, ge=1, description="Optimizer steps per rollout batch (mini-batches); > 1 makes later steps off-policy."
     )
-    checkpoint_every: int = Field(50, ge=0, description="Write a checkpoint every N steps (0 = only at the end).")
+    checkpoint_every: int = Field(100, ge=0, description="Write a checkpoint every N steps (0 = only at the end).")
     keep_checkpoints: int = Field(2, ge=1, description="Number of most recent checkpoints kept.")
 
 
 class EvalConfig(Section):
-    every: int = Field(25, ge=0, description="Evaluate every N steps (0 = only at step 0 and at the end).")
+    every: int = Field(100, ge=0, description="Evaluate every N steps (0 = only at step 0 and at the end).")
     size: int = Field(128, ge=1, description="Held-out prompts per evaluation.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature of eval completions.")
     max_new_tokens: int = Field(0, ge=0, description="Completion length at eval (0 = same as rollout).")
@@ -173,7 +174,7 @@ class MonitorConfig(Section):
     live: Literal["auto", "on", "off"] = Field(
         "auto", description="Live terminal display: `auto` shows it on an interactive terminal, lines otherwise."
     )
-    log_every: int = Field(10, ge=1, description="Print a text line every N steps when the live display is off.")
+    log_every: int = Field(50, ge=1, description="Print a text line every N steps when the live display is off.")
     # Health thresholds: (yellow, red). Crossing one colours the signal in the display and the logs.
     max_policy_lag: tuple[float, float] = Field((1.0, 4.0), description="Freshness: mean policy lag (yellow, red).")
     ratio_dev: tuple[float, float] = Field(
@@ -310,10 +311,22 @@ def _toml_value(v: Any) -> str:
     if isinstance(v, (int, float)):
         return repr(v)
     if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return '"' + "".join(_toml_char(c) for c in v) + '"'
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     raise TypeError(f"cannot render {v!r} as TOML")
+
+
+_TOML_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
+
+
+def _toml_char(c: str) -> str:
+    """One character of a TOML basic string: quotes, backslashes and control characters escaped."""
+    if c in _TOML_ESCAPES:
+        return _TOML_ESCAPES[c]
+    if ord(c) < 0x20 or ord(c) == 0x7F:
+        return f"\\u{ord(c):04x}"
+    return c
 
 
 def _emit(d: dict, prefix: list[str], out: list[str]) -> None:

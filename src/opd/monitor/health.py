@@ -7,6 +7,7 @@ Stability:      are KL, clipping and gradients under control?
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from opd.config import MonitorConfig
@@ -28,12 +29,16 @@ class Signal:
 def _above(value: float | None, limits: tuple[float, float]) -> int:
     if value is None:
         return 0
+    if not math.isfinite(value):
+        return 2  # NaN/inf (e.g. every mini-batch skipped) is never healthy
     return 2 if value > limits[1] else 1 if value > limits[0] else 0
 
 
 def _below(value: float | None, limits: tuple[float, float]) -> int:
     if value is None:
         return 0
+    if not math.isfinite(value):
+        return 2
     return 2 if value < limits[1] else 1 if value < limits[0] else 0
 
 

@@ -13,14 +13,18 @@ class MetricsLog:
         kept: list[str] = []
         if resume_after_step is not None and self.path.exists():
             # Rows written after the checkpoint we resume from are recomputed, never duplicated.
-            kept = [ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= resume_after_step]
+            # A torn last line (a crash mid-write) is dropped rather than failing the resume.
+            steps = [(ln, _step_of(ln)) for ln in self.path.read_text().splitlines()]
+            kept = [ln for ln, step in steps if step is not None and step <= resume_after_step]
         self.path.write_text("".join(ln + "\n" for ln in kept))  # a fresh run starts a fresh file
         self._file = self.path.open("a")
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"), purge_step=resume_after_step)
+            # purge_step drops events with step >= it: keep the checkpoint step itself, as metrics.jsonl does.
+            purge = None if resume_after_step is None else resume_after_step + 1
+            self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"), purge_step=purge)
 
     def write(self, row: dict) -> None:
         clean = {k: _jsonable(v) for k, v in row.items()}
@@ -36,6 +40,14 @@ class MetricsLog:
         self._file.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def _step_of(line: str) -> int | None:
+    try:
+        row = json.loads(line)
+        return row["step"] if isinstance(row, dict) else None
+    except (json.JSONDecodeError, KeyError):
+        return None
 
 
 def _jsonable(v):

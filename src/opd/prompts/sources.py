@@ -62,6 +62,11 @@ class RecordSource:
         self.name = cfg.name or Path(cfg.path).stem
         prompts = [_to_prompt(r, cfg, self.name, render_chat, i) for i, r in enumerate(records)]
         prompts = [p for p in prompts if p.text.strip()]
+        # One prompt per distinct text: a duplicated record must not land in both the eval and the train split.
+        unique: dict[str, Prompt] = {}
+        for p in prompts:
+            unique.setdefault(p.text, p)
+        prompts = list(unique.values())
         if len(prompts) < 2:
             raise ConfigError(f"prompts source {cfg.path}: needs at least 2 non-empty prompts, found {len(prompts)}")
         order = np.random.default_rng([seed, 0x5EED]).permutation(len(prompts))
@@ -82,7 +87,7 @@ def _read_records(cfg: SourceConfig) -> list[dict]:
         raise ConfigError(f"prompts source not found: {path} (check prompts.sources[].path)")
     if cfg.kind == "jsonl":
         records = []
-        with path.open() as f:
+        with path.open(encoding="utf-8") as f:  # JSON Lines is UTF-8, whatever the locale
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue

@@ -29,7 +29,8 @@ class ArithTask:
     def sample(self, rng: np.random.Generator) -> Prompt:
         a = self._number(rng)
         b = self._number(rng)
-        return Prompt(text=f"{a}+{b}=", source=self.name, answer=str(a + b), task=self.name)
+        text = f"{a}+{b}="
+        return Prompt(text=text, source=self.name, answer=self.final_answer(self.solution(text)), task=self.name)
 
     def _number(self, rng: np.random.Generator) -> int:
         n = int(rng.integers(self.min_digits, self.max_digits + 1))
@@ -64,7 +65,7 @@ class ArithTask:
 
     @classmethod
     def verify(cls, prompt: Prompt, completion: str) -> bool:
-        return cls.final_answer(completion) == cls.solution(prompt.text).rsplit("|", 1)[1]
+        return cls.final_answer(completion) == cls.final_answer(cls.solution(prompt.text))
 
     @classmethod
     def step_errors(cls, prompt: Prompt, completion: str) -> list[bool]:

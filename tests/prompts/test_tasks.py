@@ -1,0 +1,139 @@
+"""Built-in tasks: reference solutions, verifiers, per-step errors; verify() for records with answers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from opd.prompts import get_task, verify
+from opd.prompts.tasks import TASKS, ArithTask
+from opd.types import Prompt
+
+
+def arith(text: str, task: str = "arith") -> Prompt:
+    return Prompt(text=text, source=task, task=task)
+
+
+# Hand-checked: digits least significant first, "x+y+carry=ss" with a two-digit sum, then the answer
+# zero-padded to one digit more than the number of steps.
+@pytest.mark.parametrize(
+    "prompt, solution",
+    [
+        ("4721+3858=", "1+8+0=09,2+5+0=07,7+8+0=15,4+3+1=08|08579"),
+        ("47213+38581=", "3+1+0=04,1+8+0=09,2+5+0=07,7+8+0=15,4+3+1=08|085794"),
+        ("95+7=", "5+7+0=12,9+0+1=10|102"),
+        ("7+95=", "7+5+0=12,0+9+1=10|102"),
+        ("999+1=", "9+1+0=10,9+0+1=10,9+0+1=10|1000"),
+        ("0+0=", "0+0+0=00|00"),
+        ("10+5=", "0+5+0=05,1+0+0=01|015"),
+        ("55555+55555=", "5+5+0=10,5+5+1=11,5+5+1=11,5+5+1=11,5+5+1=11|111110"),
+    ],
+)
+def test_solution_hand_checked(prompt, solution):
+    assert ArithTask.solution(prompt) == solution
+
+
+@pytest.mark.parametrize("bad", ["12+=", "a+b=", "12-3=", "12+3", "", "1+2+3="])
+def test_operands_rejects_non_arith_prompts(bad):
+    with pytest.raises(ValueError):
+        ArithTask.operands(bad)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 10**9), st.integers(0, 10**9))
+def test_solution_answer_is_the_sum_and_steps_are_consistent(a, b):
+    sol = ArithTask.solution(f"{a}+{b}=")
+    steps, answer = sol.split("|")
+    assert int(answer) == a + b
+    steps = steps.split(",")
+    assert len(steps) == max(len(str(a)), len(str(b)))
+    assert len(answer) == len(steps) + 1
+    carry = 0
+    for i, step in enumerate(steps):
+        lhs, s = step.split("=")
+        x, y, c = map(int, lhs.split("+"))
+        assert c == carry and len(s) == 2 and int(s) == x + y + c
+        assert x == (a // 10**i) % 10 and y == (b // 10**i) % 10
+        carry = int(s) // 10
+
+
+def test_verify_true_and_false():
+    p = arith("4721+3858=")
+    assert ArithTask.verify(p, "1+8+0=09,2+5+0=07,7+8+0=15,4+3+1=08|08579")
+    assert ArithTask.verify(p, "garbage steps|08579")  # only the final answer counts
+    assert ArithTask.verify(p, "...|08579 ")
+    assert not ArithTask.verify(p, "1+8+0=09,2+5+0=07,7+8+0=15,4+3+0=07|07579")  # dropped carry
+    assert not ArithTask.verify(p, "1+8+0=09,2+5+0=07,7+8+0=15,4+3+1=08")  # no answer
+    assert not ArithTask.verify(p, "|08578")
+    assert not ArithTask.verify(p, "")
+
+
+def test_final_answer():
+    assert ArithTask.final_answer("a|b|123 ") == "123"
+    assert ArithTask.final_answer("no bar") is None
+
+
+def test_step_errors():
+    p = arith("95+7=")
+    assert ArithTask.step_errors(p, "5+7+0=12,9+0+1=10|102") == [False, False]
+    assert ArithTask.step_errors(p, "5+7+0=12,9+0+0=09|099") == [False, True]  # dropped carry in step 2
+    assert ArithTask.step_errors(p, "5+7+0=11,9+0+1=10|101") == [True, False]
+    assert ArithTask.step_errors(p, "5+7+0=12") == [False, True]  # missing steps count as wrong
+    assert ArithTask.step_errors(p, "") == [True, True]
+
+
+def test_module_verify_uses_the_task_verifier():
+    p = arith("95+7=")
+    assert verify(p, "5+7+0=12,9+0+1=10|102") is True
+    assert verify(p, "5+7+0=12,9+0+0=09|099") is False
+
+
+def test_verify_with_a_numeric_answer_uses_the_last_number():
+    p = Prompt(text="What is 6*7?", source="r", answer="42")
+    assert verify(p, "42") is True
+    assert verify(p, "The answer is 42.") is True
+    assert verify(p, "6*7 = 42") is True
+    assert verify(p, "42.0") is True
+    assert verify(p, "It is 42, not 41") is False  # the last number counts
+    assert verify(p, "41") is False
+    assert verify(p, "no idea") is False
+    assert verify(p, "") is False
+    assert verify(Prompt(text="q", source="r", answer="-3"), "x = -3") is True
+    assert verify(Prompt(text="q", source="r", answer="-3"), "x = 3") is False
+    assert verify(Prompt(text="q", source="r", answer="2.5"), "so 2.50") is True
+
+
+def test_verify_with_a_text_answer_needs_an_exact_match():
+    p = Prompt(text="Capital of France?", source="r", answer="Paris")
+    assert verify(p, " Paris\n") is True
+    assert verify(p, "paris") is False
+    assert verify(p, "It is Paris") is False
+
+
+def test_verify_without_an_answer_is_none():
+    assert verify(Prompt(text="Write a poem", source="r"), "roses") is None
+    assert verify(Prompt(text="Write a poem", source="r", task="not-a-task"), "roses") is None
+
+
+def test_get_task():
+    assert get_task("arith") is TASKS["arith"]
+    with pytest.raises(KeyError) as e:
+        get_task("calculus")
+    assert "calculus" in str(e.value) and "arith" in str(e.value)
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_samples_are_in_range_and_self_verifying(name):
+    task = TASKS[name]
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        p = task.sample(rng)
+        a, b = ArithTask.operands(p.text)
+        for n in (a, b):
+            assert task.min_digits <= len(str(n)) <= task.max_digits
+        assert p.task == name and int(p.answer) == a + b and len(p.answer) == max(len(str(a)), len(str(b))) + 1
+        assert verify(p, ArithTask.solution(p.text)) is True
+    # deterministic by rng
+    assert task.sample(np.random.default_rng(5)) == task.sample(np.random.default_rng(5))
