@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from opd.faults import crash_point
+
 MANIFEST = "manifest.json"
 STATE = "trainer_state.pt"
 
@@ -36,9 +38,11 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, state: dict, kee
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     torch.save(state, tmp / STATE)
+    crash_point("checkpoint", step)  # weights on disk, no manifest yet
     files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
     (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1))
     _fsync_dir(tmp)
+    crash_point("checkpoint_commit", step)  # complete but not yet renamed into place
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)

@@ -47,7 +47,7 @@ def run(
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this folder from its last checkpoint."),
 ):
     """Run on-policy distillation."""
-    from opd.loop import run as run_loop
+    from opd.loop import RunAborted, run as run_loop
 
     try:
         if resume is not None and not resume.is_dir():
@@ -57,6 +57,9 @@ def run(
         result = run_loop(cfg, run_dir, resume=resume is not None, console=console, log=console.print)
     except ConfigError as e:
         fail(str(e))
+    except RunAborted as e:
+        err_console.print(f"[bold red]stopped:[/bold red] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(3)
     if result.interrupted:
         raise typer.Exit(130)
     _summary(result)

@@ -92,7 +92,14 @@ class PromptsConfig(Section):
     )
     batch_size: int = Field(32, ge=1, description="Prompts per training step.")
     eval_size: int = Field(128, ge=1, description="Held-out prompts per source, never used for training.")
-    max_prompt_tokens: int = Field(256, ge=1, description="Prompts longer than this are truncated from the left.")
+    max_prompt_tokens: int = Field(256, ge=1, description="Longest prompt, in student tokens (see on_long_prompt).")
+    on_long_prompt: Literal["truncate", "skip"] = Field(
+        "truncate", description="A longer prompt keeps its last max_prompt_tokens tokens, or is skipped (counted)."
+    )
+    on_bad_record: Literal["fail", "skip"] = Field(
+        "fail",
+        description="A malformed record (bad JSON, missing field, empty prompt) stops the run with its file:line, or is skipped and counted.",
+    )
 
 
 class RolloutConfig(Section):
@@ -160,6 +167,9 @@ class TrainConfig(Section):
     )
     checkpoint_every: int = Field(100, ge=0, description="Write a checkpoint every N steps (0 = only at the end).")
     keep_checkpoints: int = Field(2, ge=1, description="Number of most recent checkpoints kept.")
+    max_consecutive_skips: int = Field(
+        5, ge=1, description="Stop (with a checkpoint) after this many steps in a row skipped for non-finite numbers."
+    )
 
 
 class EvalConfig(Section):

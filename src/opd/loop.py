@@ -22,6 +22,7 @@ import torch
 from opd.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from opd.config import Config, ConfigError, to_toml
 from opd.evaluate import evaluate, generate
+from opd.faults import crash_point
 from opd.feedback import compute_feedback
 from opd.models import count_params, load_model, load_tokenizer, resolve_device
 from opd.monitor import MetricsLog, RunDisplay, assess, health_metrics
@@ -31,6 +32,10 @@ from opd.teacher import LocalTeacher
 from opd.types import Rollout
 from opd.update import make_optimizer, make_scheduler, supervised_train, update_student
 from opd.update.step import PG_FAMILY
+
+
+class RunAborted(Exception):
+    """The run cannot go on (e.g. numbers stayed non-finite); a checkpoint was written first."""
 
 
 @dataclass
@@ -105,7 +110,11 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
     teacher_model = load_model(cfg.teacher.model, dtype=cfg.teacher.dtype, device=cfg.teacher.device)
     teacher = LocalTeacher(teacher_model, batch_size=cfg.teacher.batch_size, chunk_size=cfg.teacher.chunk_size,
                            topk=cfg.teacher.topk)
-    stream = PromptStream(cfg.prompts, cfg.seed, chat_renderer(tokenizer))
+    stream = PromptStream(cfg.prompts, cfg.seed, chat_renderer(tokenizer),
+                          count_tokens=lambda text: len(tokenizer(text)["input_ids"]))
+    prompt_counts = {f"prompts/{k}": v for k, v in stream.load_counts().items()}
+    if any(prompt_counts.values()):
+        log("prompts: " + ", ".join(f"{k[8:]} {v}" for k, v in prompt_counts.items() if v))
     eval_prompts = stream.eval_prompts(cfg.eval.size)
     params = SamplingParams(cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.max_new_tokens, cfg.rollout.stop)
     eval_params = SamplingParams(cfg.eval.temperature, 1.0, cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
@@ -138,18 +147,21 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
         torch.set_rng_state(state["rng"]["torch"])
         stream.load_state_dict(state["prompts"])
         start, version, budget, first_eval = state["step"], state["version"], state["budget"], state["first_eval"]
+        skips = state["skips"]
         if (run_dir / "reference").is_dir():
             ref_model = load_model(str(run_dir / "reference"), dtype=cfg.student.dtype, device=cfg.student.device)
         log(f"resumed from {ckpt} (step {start})")
     else:
         start, version = 0, 0
         budget = {"teacher_tokens": 0, "student_tokens": 0, "flops": 0.0}
+        skips = {"total": 0, "consecutive": 0}
         if cfg.student.warm_start_steps > 0:
             # ---- warm start: the student imitates teacher completions for a few steps
             t0 = time.time()
             ws_prompts = stream.extra_prompts(cfg.student.warm_start_samples, key=1)
             data = concat_rollouts(generate(teacher_model, tokenizer, ws_prompts, params, seed=cfg.seed + 1,
                                     batch_size=cfg.teacher.batch_size, max_prompt_tokens=cfg.prompts.max_prompt_tokens), tokenizer.pad_token_id)
+            crash_point("warm_start", 0)
             losses = supervised_train(student, data, steps=cfg.student.warm_start_steps,
                                       batch_size=cfg.student.warm_start_batch_size, lr=cfg.student.warm_start_lr,
                                       seed=cfg.seed)
@@ -166,7 +178,7 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
 
     def checkpoint(step: int) -> None:
         state = {
-            "step": step, "version": version, "budget": budget, "first_eval": first_eval,
+            "step": step, "version": version, "budget": budget, "first_eval": first_eval, "skips": skips,
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "rng": {"sampler": gen.get_state(), "torch": torch.get_rng_state()},
             "prompts": stream.state_dict(),
@@ -194,9 +206,11 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
             rollout = sample(student, tokenizer, prompts, params, policy_version=version, generator=gen,
                              max_prompt_tokens=cfg.prompts.max_prompt_tokens)
             t1 = time.perf_counter()
+            crash_point("rollout", step)
             # 3. teacher scores the student's own prefixes
             scores = teacher.score(rollout, full=needs_full)
             t2 = time.perf_counter()
+            crash_point("teacher", step)
             # 4. token feedback
             correct = [verify(p, c) for p, c in zip(rollout.prompts, rollout.texts)]
             rewards = torch.tensor([float(c or 0) for c in correct]) if cfg.objective.name == "hybrid" else None
@@ -204,23 +218,42 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
                                         reward_weight=cfg.objective.reward_weight, opd_weight=cfg.objective.opd_weight,
                                         group_size=cfg.rollout.samples_per_prompt)
             # 5. update the student near its own rollout distribution
-            upd, version = update_student(student, optimizer, scheduler, rollout, scores, feedback,
-                                          objective=cfg.objective, train=cfg.train, version=version,
-                                          ref_model=ref_model, chunk_size=cfg.teacher.chunk_size)
+            if _finite(scores, feedback):
+                upd, new_version = update_student(student, optimizer, scheduler, rollout, scores, feedback,
+                                                  objective=cfg.objective, train=cfg.train, version=version,
+                                                  ref_model=ref_model, chunk_size=cfg.teacher.chunk_size)
+            else:  # a non-finite teacher logprob or advantage: never train on it
+                upd, new_version = {"stability/skipped_batches": float(cfg.train.updates_per_batch)}, version
+            skipped_all = new_version == version
+            version = new_version
+            skips["total"] += int(upd["stability/skipped_batches"])
+            skips["consecutive"] = skips["consecutive"] + 1 if skipped_all else 0
             t3 = time.perf_counter()
+            crash_point("update", step)
 
             n_tok = rollout.num_tokens
             budget["student_tokens"] += n_tok
             budget["teacher_tokens"] += scores.tokens_scored
             budget["flops"] += 2 * n_student * n_tok + 2 * n_teacher * scores.tokens_scored + 6 * n_student * n_tok * cfg.train.updates_per_batch
             row = {"step": step, **_step_metrics(rollout, scores, feedback, correct, t0, t1, t2, t3), **upd,
+                   "stability/skipped_batches_total": skips["total"], **prompt_counts,
                    **{f"budget/{k}": v for k, v in budget.items()}, "time/elapsed_s": time.time() - t_start}
             if (cfg.eval.every and step % cfg.eval.every == 0) or step == cfg.train.max_steps:
                 last_eval = eval_row(step, version)
                 row.update(last_eval)
+                crash_point("eval", step)
             row.update(health_metrics(assess(row, cfg.monitor)))
             metrics.write(row)
             display.update(row)
+            crash_point("metrics", step)
+            if skips["consecutive"] >= cfg.train.max_consecutive_skips:
+                checkpoint(step)
+                metrics.close()
+                raise RunAborted(
+                    f"{skips['consecutive']} steps in a row were skipped for non-finite teacher logprobs, advantages, "
+                    f"losses or gradients (step {step}); a checkpoint is in {run_dir}/checkpoints. Lower train.lr, set "
+                    "feedback.clip, or check the teacher's outputs, then continue with --resume."
+                )
             if stop.raised or (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0):
                 checkpoint(step)
             if stop.raised:
@@ -259,6 +292,11 @@ def concat_rollouts(rollouts: list[Rollout], pad_id: int) -> Rollout:
         finished=torch.cat([r.finished for r in rollouts]),
         temperature=rollouts[0].temperature,
     )
+
+
+def _finite(scores, feedback) -> bool:
+    m = feedback.loss_mask.bool()
+    return bool(torch.isfinite(scores.token_logprobs[m]).all() and torch.isfinite(feedback.advantages[m]).all())
 
 
 def _step_metrics(rollout, scores, feedback, correct, t0, t1, t2, t3) -> dict:

@@ -20,9 +20,9 @@ def write_jsonl(path, records):
     return path
 
 
-def cfg(*sources: dict, batch_size: int = 8, eval_size: int = 4) -> PromptsConfig:
+def cfg(*sources: dict, batch_size: int = 8, eval_size: int = 4, **kw) -> PromptsConfig:
     return PromptsConfig(
-        sources=[SourceConfig(**s) for s in sources] or [SourceConfig()], batch_size=batch_size, eval_size=eval_size
+        sources=[SourceConfig(**s) for s in sources] or [SourceConfig()], batch_size=batch_size, eval_size=eval_size, **kw
     )
 
 
@@ -172,10 +172,13 @@ def test_jsonl_prompt_records_with_answers(tmp_path):
         [{"prompt": "2+2?", "answer": 4}, {"prompt": "capital of France?", "answer": "Paris"}, {"prompt": "poem"},
          {"prompt": "   "}, {"prompt": "héllo ✓"}],
     )
-    stream = PromptStream(cfg({"kind": "jsonl", "path": str(path)}, eval_size=1), seed=0)
+    with pytest.raises(ConfigError, match=r"qa.jsonl:4: empty prompt"):
+        PromptStream(cfg({"kind": "jsonl", "path": str(path)}, eval_size=1), seed=0)
+    stream = PromptStream(cfg({"kind": "jsonl", "path": str(path)}, eval_size=1, on_bad_record="skip"), seed=0)
     src = stream.sources[0]
     by_text = {p.text: p for p in src.eval + src.train}
     assert set(by_text) == {"2+2?", "capital of France?", "poem", "héllo ✓"}  # blank prompt dropped
+    assert stream.load_counts()["skipped_records"] == 1
     assert by_text["2+2?"].answer == "4" and by_text["capital of France?"].answer == "Paris"
     assert by_text["poem"].answer is None
     assert all(p.source == "qa" and p.task is None for p in by_text.values())
@@ -211,19 +214,21 @@ def test_jsonl_record_without_the_field(tmp_path):
     path = write_jsonl(tmp_path / "x.jsonl", [{"prompt": "a"}, {"question": "b"}])
     with pytest.raises(ConfigError) as e:
         PromptStream(cfg({"kind": "jsonl", "path": str(path)}), seed=0)
-    assert "record 2" in str(e.value) and "`prompt`" in str(e.value)
+    assert "x.jsonl:2" in str(e.value) and "`prompt`" in str(e.value)
 
 
 def test_jsonl_field_of_the_wrong_type(tmp_path):
     path = write_jsonl(tmp_path / "x.jsonl", [{"prompt": "a"}, {"prompt": 5}])
-    with pytest.raises(ConfigError, match="record 2"):
+    with pytest.raises(ConfigError, match=r"x.jsonl:2: `prompt` must be a string"):
         PromptStream(cfg({"kind": "jsonl", "path": str(path)}), seed=0)
 
 
 def test_jsonl_needs_two_prompts(tmp_path):
     path = write_jsonl(tmp_path / "one.jsonl", [{"prompt": "only"}, {"prompt": ""}, {"prompt": "only"}])
-    with pytest.raises(ConfigError, match="at least 2"):
+    with pytest.raises(ConfigError, match="one.jsonl:2: empty prompt"):
         PromptStream(cfg({"kind": "jsonl", "path": str(path)}), seed=0)
+    with pytest.raises(ConfigError, match="at least 2"):
+        PromptStream(cfg({"kind": "jsonl", "path": str(path)}, on_bad_record="skip"), seed=0)
 
 
 def test_malformed_jsonl_line_names_file_and_line(tmp_path):
@@ -350,7 +355,7 @@ def test_property_jsonl_split_is_a_partition_and_training_stays_in_train(
 ):
     path = write_jsonl(tmp_path_factory.mktemp("hyp") / "p.jsonl", [{"prompt": p} for p in prompts])
     non_empty = {p for p in prompts if p.strip()}
-    c = cfg({"kind": "jsonl", "path": str(path)}, batch_size=batch_size, eval_size=eval_size)
+    c = cfg({"kind": "jsonl", "path": str(path)}, batch_size=batch_size, eval_size=eval_size, on_bad_record="skip")
     if len(non_empty) < 2:
         with pytest.raises(ConfigError):
             PromptStream(c, seed=seed)

@@ -19,6 +19,7 @@ from opd.prompts.tasks import get_task
 from opd.types import Prompt
 
 ChatRenderer = Callable[[list[dict]], str]
+TokenCounter = Callable[[str], int]
 
 
 def _no_chat(messages: list[dict]) -> str:
@@ -54,23 +55,48 @@ class TaskSource:
                 return p
 
 
-class RecordSource:
-    """A finite list of prompts; training walks a fresh seeded permutation each epoch."""
+class BadRecord(Exception):
+    """One record that cannot become a prompt; `where` is file:line (JSONL) or file:record N."""
 
-    def __init__(self, cfg: SourceConfig, seed: int, eval_size: int, render_chat: ChatRenderer):
-        records = _read_records(cfg)
+
+class RecordSource:
+    """A finite list of prompts; training walks a fresh seeded permutation each epoch.
+
+    Bad records (malformed JSON, a missing or mistyped field, an empty prompt) stop the run with
+    their location, or are skipped and counted with prompts.on_bad_record = "skip". Prompts longer
+    than prompts.max_prompt_tokens are truncated from the left or skipped (prompts.on_long_prompt).
+    """
+
+    def __init__(self, cfg: SourceConfig, prompts_cfg: PromptsConfig, seed: int, render_chat: ChatRenderer,
+                 count_tokens: TokenCounter | None = None):
         self.name = cfg.name or Path(cfg.path).stem
-        prompts = [_to_prompt(r, cfg, self.name, render_chat, i) for i, r in enumerate(records)]
-        prompts = [p for p in prompts if p.text.strip()]
+        self.counts = {"skipped_records": 0, "truncated": 0, "skipped_long": 0}
+        prompts: list[Prompt] = []
+        for where, rec in _read_records(cfg):
+            try:
+                if isinstance(rec, BadRecord):
+                    raise rec
+                p = _to_prompt(rec, cfg, self.name, render_chat)
+            except BadRecord as bad:
+                if prompts_cfg.on_bad_record == "fail":
+                    raise ConfigError(f"{where}: {bad} (fix the record, or set prompts.on_bad_record = 'skip')") from None
+                self.counts["skipped_records"] += 1
+                continue
+            if count_tokens is not None and count_tokens(p.text) > prompts_cfg.max_prompt_tokens:
+                if prompts_cfg.on_long_prompt == "skip":
+                    self.counts["skipped_long"] += 1
+                    continue
+                self.counts["truncated"] += 1  # the sampler keeps the last max_prompt_tokens tokens
+            prompts.append(p)
         # One prompt per distinct text: a duplicated record must not land in both the eval and the train split.
         unique: dict[str, Prompt] = {}
         for p in prompts:
             unique.setdefault(p.text, p)
         prompts = list(unique.values())
         if len(prompts) < 2:
-            raise ConfigError(f"prompts source {cfg.path}: needs at least 2 non-empty prompts, found {len(prompts)}")
+            raise ConfigError(f"prompts source {cfg.path}: needs at least 2 usable prompts, found {len(prompts)}")
         order = np.random.default_rng([seed, 0x5EED]).permutation(len(prompts))
-        n_eval = min(eval_size, len(prompts) // 2)  # never starve training of prompts
+        n_eval = min(prompts_cfg.eval_size, len(prompts) // 2)  # never starve training of prompts
         self.eval = [prompts[i] for i in order[:n_eval]]
         self.train = [prompts[i] for i in order[n_eval:]]
         self.seed = seed
@@ -81,51 +107,63 @@ class RecordSource:
         return self.train[perm[pos]]
 
 
-def _read_records(cfg: SourceConfig) -> list[dict]:
+def _read_records(cfg: SourceConfig):
+    """Yields (location, record dict or BadRecord)."""
     path = Path(cfg.path)
     if not path.exists():
         raise ConfigError(f"prompts source not found: {path} (check prompts.sources[].path)")
     if cfg.kind == "jsonl":
-        records = []
-        with path.open(encoding="utf-8") as f:  # JSON Lines is UTF-8, whatever the locale
+        if path.is_dir():
+            raise ConfigError(f"{path} is a folder; a `jsonl` source needs a .jsonl file (use kind = 'hf' for a datasets folder)")
+        with path.open(encoding="utf-8", errors="replace") as f:  # JSON Lines is UTF-8, whatever the locale
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue
+                where = f"{path}:{lineno}"
                 try:
                     rec = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise ConfigError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-                if not isinstance(rec, dict):
-                    raise ConfigError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
-                records.append(rec)
-        return records
+                    yield where, BadRecord(f"not valid JSON ({e.msg})")
+                    continue
+                yield where, rec if isinstance(rec, dict) else BadRecord(f"expected a JSON object, got {type(rec).__name__}")
+        return
     import datasets  # local folders or files only: nothing is downloaded
 
-    if path.is_dir():
-        ds = datasets.load_from_disk(str(path))
-        if isinstance(ds, datasets.DatasetDict):
-            if cfg.split not in ds:
-                raise ConfigError(f"{path}: no split {cfg.split!r}; splits: {', '.join(ds)}")
-            ds = ds[cfg.split]
-    else:
-        fmt = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(path.suffix)
-        if fmt is None:
-            raise ConfigError(f"{path}: unsupported data file type; use .jsonl, .json, .parquet or .csv")
-        ds = datasets.load_dataset(fmt, data_files=str(path), split="train")
-    return [dict(r) for r in ds]
+    try:
+        if path.is_dir():
+            ds = datasets.load_from_disk(str(path))
+            if isinstance(ds, datasets.DatasetDict):
+                if cfg.split not in ds:
+                    raise ConfigError(f"{path}: no split {cfg.split!r}; splits: {', '.join(ds)}")
+                ds = ds[cfg.split]
+        else:
+            fmt = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(path.suffix)
+            if fmt is None:
+                raise ConfigError(f"{path}: unsupported data file type; use .jsonl, .json, .parquet or .csv")
+            ds = datasets.load_dataset(fmt, data_files=str(path), split="train")
+    except ConfigError:
+        raise
+    except Exception as e:  # datasets raises many types for unreadable input
+        raise ConfigError(f"{path}: cannot be read as a dataset ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    for i, r in enumerate(ds):
+        yield f"{path}: record {i + 1}", dict(r)
 
 
-def _to_prompt(rec: dict, cfg: SourceConfig, name: str, render_chat: ChatRenderer, i: int) -> Prompt:
+def _to_prompt(rec: dict, cfg: SourceConfig, name: str, render_chat: ChatRenderer) -> Prompt:
     field = cfg.field or ("messages" if "messages" in rec and "prompt" not in rec else "prompt")
     if field not in rec:
-        raise ConfigError(f"{cfg.path}: record {i + 1} has no `{field}` field (set prompts.sources[].field)")
+        raise BadRecord(f"no `{field}` field (set prompts.sources[].field to the field that holds the prompt)")
     value = rec[field]
     if isinstance(value, list):
+        if not all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
+            raise BadRecord(f"`{field}` must be a list of {{'role': ..., 'content': ...}} messages")
         text = render_chat(value)
     elif isinstance(value, str):
         text = value
     else:
-        raise ConfigError(f"{cfg.path}: record {i + 1}: `{field}` must be a string or a list of chat messages")
+        raise BadRecord(f"`{field}` must be a string or a list of chat messages, got {type(value).__name__}")
+    if not text.strip():
+        raise BadRecord("empty prompt")
     answer = rec.get(cfg.answer_field)
     return Prompt(text=text, source=name, answer=None if answer is None else str(answer))
 
@@ -133,7 +171,8 @@ def _to_prompt(rec: dict, cfg: SourceConfig, name: str, render_chat: ChatRendere
 class PromptStream:
     """The weighted mixture of sources. batch(step) depends only on (seed, step, draws so far)."""
 
-    def __init__(self, cfg: PromptsConfig, seed: int, render_chat: ChatRenderer = _no_chat):
+    def __init__(self, cfg: PromptsConfig, seed: int, render_chat: ChatRenderer = _no_chat,
+                 count_tokens: TokenCounter | None = None):
         self.cfg = cfg
         self.seed = seed
         self.sources: list[TaskSource | RecordSource] = []
@@ -141,7 +180,7 @@ class PromptStream:
             if sc.kind == "builtin":
                 self.sources.append(TaskSource(sc, seed, cfg.eval_size))
             else:
-                self.sources.append(RecordSource(sc, seed, cfg.eval_size, render_chat))
+                self.sources.append(RecordSource(sc, cfg, seed, render_chat, count_tokens))
         names = [s.name for s in self.sources]
         if len(set(names)) != len(names):
             raise ConfigError(f"prompts.sources: names must differ, got {names} (set prompts.sources[].name)")
@@ -172,6 +211,14 @@ class PromptStream:
         for src, w in zip(self.sources, self.weights):
             n = max(1, int(round(size * w)))
             out.extend(src.eval[:n])
+        return out
+
+    def load_counts(self) -> dict[str, int]:
+        """Records skipped or truncated while loading, summed over sources (prompts/* metrics)."""
+        out = {"skipped_records": 0, "truncated": 0, "skipped_long": 0}
+        for src in self.sources:
+            for k, v in getattr(src, "counts", {}).items():
+                out[k] += v
         return out
 
     def state_dict(self) -> dict:
