@@ -46,15 +46,31 @@ def run(
     out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default runs/run-TIMESTAMP)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this folder from its last checkpoint."),
 ):
-    """Run on-policy distillation."""
+    """Run on-policy distillation: the student writes, the teacher scores, the student updates."""
+    _run(config, set_, max_steps, out, resume, mode="onpolicy")
+
+
+@app.command()
+def offline(
+    config: Optional[Path] = typer.Argument(None, help="TOML config; none = the built-in default."),
+    set_: list[str] = typer.Option([], "--set", help="Override a key: section.key=value (repeatable)."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Shortcut for --set train.max_steps=N."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default runs/offline-TIMESTAMP)."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this folder from its last checkpoint."),
+):
+    """Offline distillation baseline: the teacher writes completions once (stored, reusable), the student imitates."""
+    _run(config, set_, max_steps, out, resume, mode="offline")
+
+
+def _run(config, set_, max_steps, out, resume, mode: str) -> None:
     from opd.loop import RunAborted, run as run_loop
 
     try:
         if resume is not None and not resume.is_dir():
             raise ConfigError(f"--resume {resume}: no such run folder")
         cfg = resolve_run_config(config, set_, max_steps, resume)
-        run_dir = resume or out or default_run_dir()
-        result = run_loop(cfg, run_dir, resume=resume is not None, console=console, log=console.print)
+        run_dir = resume or out or default_run_dir("run" if mode == "onpolicy" else "offline")
+        result = run_loop(cfg, run_dir, resume=resume is not None, console=console, log=console.print, mode=mode)
     except ConfigError as e:
         fail(str(e))
     except RunAborted as e:

@@ -201,6 +201,16 @@ class MonitorConfig(Section):
     max_clip_frac: tuple[float, float] = Field((0.2, 0.5), description="Stability: PPO clip fraction (yellow, red).")
 
 
+class OfflineConfig(Section):
+    data: str = Field("", description="Folder of stored teacher completions (`opd offline`); empty = RUN/offline-data.")
+    num_prompts: int = Field(2048, ge=1, description="Training prompts the teacher writes completions for.")
+    loss: Literal["sequence_kd", "token_kd"] = Field(
+        "sequence_kd",
+        description="`sequence_kd`: cross-entropy on the teacher's text; `token_kd`: forward KL to the teacher's top-k (+ tail bin).",
+    )
+    topk: int = Field(20, ge=0, description="Teacher top-k logprobs stored per token (token_kd needs > 0).")
+
+
 class Config(Section):
     seed: int = Field(0, description="Seed for prompts, sampling and initialisation.")
     student: StudentConfig = Field(default_factory=StudentConfig)
@@ -212,11 +222,14 @@ class Config(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     monitor: MonitorConfig = Field(default_factory=MonitorConfig)
+    offline: OfflineConfig = Field(default_factory=OfflineConfig)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Config":
         if self.objective.name == "topk_kl" and self.teacher.topk == 0:
             raise ValueError("objective.name = 'topk_kl' needs teacher.topk > 0 (e.g. teacher.topk = 20)")
+        if self.offline.loss == "token_kd" and self.offline.topk == 0:
+            raise ValueError("offline.loss = 'token_kd' needs offline.topk > 0 (e.g. offline.topk = 20)")
         if self.objective.name == "hybrid" and self.rollout.samples_per_prompt < 2:
             raise ValueError(
                 "objective.name = 'hybrid' normalises rewards within a group: set rollout.samples_per_prompt >= 2"

@@ -20,9 +20,10 @@ import numpy as np
 import torch
 
 from opd.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
-from opd.config import Config, ConfigError, to_toml
+from opd.config import Config, ConfigError, ObjectiveConfig, to_toml
 from opd.evaluate import evaluate, generate
 from opd.faults import crash_point
+from opd.offline.data import OfflineData, generate_offline_data
 from opd.feedback import compute_feedback
 from opd.models import count_params, load_model, load_tokenizer, resolve_device
 from opd.monitor import MetricsLog, RunDisplay, assess, health_metrics
@@ -96,7 +97,9 @@ def chat_renderer(tokenizer):
     return render
 
 
-def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=print) -> RunResult:
+def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=print, mode: str = "onpolicy") -> RunResult:
+    """mode "onpolicy": the student writes, the teacher scores. mode "offline": the teacher writes once
+    (stored under offline.data), the student imitates; everything else is shared."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.toml").write_text(to_toml(cfg))
@@ -168,7 +171,28 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
             budget["teacher_tokens"] += data.num_tokens
             budget["flops"] += 2 * n_teacher * data.num_tokens + 6 * n_student * data.num_tokens * cfg.student.warm_start_steps * cfg.student.warm_start_batch_size / len(ws_prompts)
             log(f"warm start: {data.num_tokens} teacher tokens, {len(losses)} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f} ({time.time() - t0:.0f}s)")
-    if ckpt is None and cfg.objective.kl_ref_coef > 0:
+    objective = cfg.objective
+    offline_data = None
+    if mode == "offline":
+        folder = Path(cfg.offline.data) if cfg.offline.data else run_dir / "offline-data"
+        meta = {"teacher": cfg.teacher.model, "teacher_dtype": cfg.teacher.dtype, "temperature": params.temperature,
+                "top_p": params.top_p, "max_new_tokens": params.max_new_tokens, "stop": params.stop,
+                "topk": cfg.offline.topk, "seed": cfg.seed, "prompts": cfg.prompts.model_dump(mode="json")}
+        off_teacher = LocalTeacher(teacher_model, batch_size=cfg.teacher.batch_size, chunk_size=cfg.teacher.chunk_size,
+                                   topk=cfg.offline.topk)
+        generate_offline_data(folder, off_teacher, tokenizer, stream.extra_prompts(cfg.offline.num_prompts, key=2),
+                              params, meta=meta, topk=cfg.offline.topk, seed=cfg.seed,
+                              max_prompt_tokens=cfg.prompts.max_prompt_tokens, log=log)
+        offline_data = OfflineData(folder, tokenizer, temperature=params.temperature,
+                                   max_prompt_tokens=cfg.prompts.max_prompt_tokens)
+        name = "sft" if cfg.offline.loss == "sequence_kd" else "topk_kl"
+        objective = ObjectiveConfig.model_construct(**{**cfg.objective.model_dump(), "name": name,
+                                                       "topk_direction": "forward", "kl_ref_coef": 0.0})
+        needs_full = False
+        if ckpt is None:  # the stored data is what the teacher spent, whether made now or earlier
+            budget["teacher_tokens"] += offline_data.num_tokens
+            budget["flops"] += 2 * n_teacher * offline_data.num_tokens
+    if ckpt is None and objective.kl_ref_coef > 0:
         ref_model = copy.deepcopy(student).eval().requires_grad_(False)
         ref_model.save_pretrained(run_dir / "reference")
     if ref_model is not None:
@@ -200,27 +224,31 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
 
         for step in range(start + 1, cfg.train.max_steps + 1):
             t0 = time.perf_counter()
-            # 1. prompts
-            prompts = [p for p in stream.batch(step) for _ in range(cfg.rollout.samples_per_prompt)]
-            # 2. student rollout with the current weights
-            rollout = sample(student, tokenizer, prompts, params, policy_version=version, generator=gen,
-                             max_prompt_tokens=cfg.prompts.max_prompt_tokens)
-            t1 = time.perf_counter()
-            crash_point("rollout", step)
-            # 3. teacher scores the student's own prefixes
-            scores = teacher.score(rollout, full=needs_full)
+            if offline_data is None:
+                # 1. prompts
+                prompts = [p for p in stream.batch(step) for _ in range(cfg.rollout.samples_per_prompt)]
+                # 2. student rollout with the current weights
+                rollout = sample(student, tokenizer, prompts, params, policy_version=version, generator=gen,
+                                 max_prompt_tokens=cfg.prompts.max_prompt_tokens)
+                t1 = time.perf_counter()
+                crash_point("rollout", step)
+                # 3. teacher scores the student's own prefixes
+                scores = teacher.score(rollout, full=needs_full)
+            else:  # offline baseline: stored teacher completions and their teacher logprobs
+                rollout, scores = offline_data.batch(step, cfg.prompts.batch_size, cfg.seed)
+                t1 = time.perf_counter()
             t2 = time.perf_counter()
             crash_point("teacher", step)
             # 4. token feedback
             correct = [verify(p, c) for p, c in zip(rollout.prompts, rollout.texts)]
-            rewards = torch.tensor([float(c or 0) for c in correct]) if cfg.objective.name == "hybrid" else None
+            rewards = torch.tensor([float(c or 0) for c in correct]) if objective.name == "hybrid" else None
             feedback = compute_feedback(rollout, scores, cfg.feedback, rewards=rewards,
                                         reward_weight=cfg.objective.reward_weight, opd_weight=cfg.objective.opd_weight,
                                         group_size=cfg.rollout.samples_per_prompt)
             # 5. update the student near its own rollout distribution
             if _finite(scores, feedback):
                 upd, new_version = update_student(student, optimizer, scheduler, rollout, scores, feedback,
-                                                  objective=cfg.objective, train=cfg.train, version=version,
+                                                  objective=objective, train=cfg.train, version=version,
                                                   ref_model=ref_model, chunk_size=cfg.teacher.chunk_size)
             else:  # a non-finite teacher logprob or advantage: never train on it
                 upd, new_version = {"stability/skipped_batches": float(cfg.train.updates_per_batch)}, version
@@ -232,10 +260,14 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
             crash_point("update", step)
 
             n_tok = rollout.num_tokens
-            budget["student_tokens"] += n_tok
-            budget["teacher_tokens"] += scores.tokens_scored
-            budget["flops"] += 2 * n_student * n_tok + 2 * n_teacher * scores.tokens_scored + 6 * n_student * n_tok * cfg.train.updates_per_batch
-            row = {"step": step, **_step_metrics(rollout, scores, feedback, correct, t0, t1, t2, t3), **upd,
+            if offline_data is None:
+                budget["student_tokens"] += n_tok
+                budget["teacher_tokens"] += scores.tokens_scored
+                budget["flops"] += 2 * n_student * n_tok + 2 * n_teacher * scores.tokens_scored
+            budget["flops"] += 6 * n_student * n_tok * cfg.train.updates_per_batch
+            if offline_data is not None:  # teacher-written data: no student policy to be fresh against, no scoring
+                upd = {k: v for k, v in upd.items() if not k.startswith("freshness/")}
+            row = {"step": step, **_step_metrics(rollout, scores, feedback, correct, t0, t1, t2, t3, offline_data is not None), **upd,
                    "stability/skipped_batches_total": skips["total"], **prompt_counts,
                    **{f"budget/{k}": v for k, v in budget.items()}, "time/elapsed_s": time.time() - t_start}
             if (cfg.eval.every and step % cfg.eval.every == 0) or step == cfg.train.max_steps:
@@ -299,7 +331,7 @@ def _finite(scores, feedback) -> bool:
     return bool(torch.isfinite(scores.token_logprobs[m]).all() and torch.isfinite(feedback.advantages[m]).all())
 
 
-def _step_metrics(rollout, scores, feedback, correct, t0, t1, t2, t3) -> dict:
+def _step_metrics(rollout, scores, feedback, correct, t0, t1, t2, t3, offline: bool = False) -> dict:
     mask = rollout.completion_mask.bool()
     n = int(mask.sum())
     scored = (rollout.completion_mask * scores.scored_mask).bool()
@@ -322,6 +354,9 @@ def _step_metrics(rollout, scores, feedback, correct, t0, t1, t2, t3) -> dict:
         "time/update_s": t3 - t2,
         "time/step_s": t3 - t0,
     }
+    if offline:
+        for k in ("rollout/tokens_per_s", "teacher/tokens_per_s", "teacher/latency_s"):
+            out.pop(k)
     if scores.entropy is not None and scored.any():
         out["teacher/entropy"] = float(scores.entropy[scored].mean())
     if checked:

@@ -147,6 +147,8 @@ def _micro_batch_loss(model, r, s, f, objective, chunk_size, version, ref_model,
     clipped = torch.zeros_like(ratio, dtype=torch.bool)
     if objective.name in PG_FAMILY:
         tok_loss, ratio, clipped = pg_loss(terms.new_logprobs, old_lp, adv, objective.clip_eps)
+    elif objective.name == "sft":  # the offline baseline's sequence-level KD: cross-entropy on teacher text
+        tok_loss = -terms.new_logprobs
     else:
         tok_loss = terms.distribution_loss
     kl_ref = None

@@ -1,0 +1,91 @@
+import json
+import math
+
+import pytest
+import torch
+
+import opd.offline.data as offline_data
+from opd.config import ConfigError, load_config
+from opd.loop import run
+from opd.monitor import read_metrics
+from opd.offline import OfflineData, generate_offline_data
+from opd.rollout import SamplingParams
+from opd.teacher import LocalTeacher
+from opd.types import Prompt
+
+META = {"teacher": "t", "temperature": 1.0}
+
+
+def _gen(folder, teacher_model, tokenizer, prompts, **kw):
+    teacher = LocalTeacher(teacher_model, batch_size=2, topk=3)
+    return generate_offline_data(folder, teacher, tokenizer, prompts, SamplingParams(max_new_tokens=8),
+                                 meta=kw.pop("meta", META), topk=3, seed=1, max_prompt_tokens=64, log=lambda *a: None)
+
+
+def test_stored_rows_hold_teacher_logprobs_and_topk(tmp_path, teacher_model, tokenizer, prompts):
+    info = _gen(tmp_path, teacher_model, tokenizer, prompts)
+    assert info["generated"] == len(prompts) and info["reused"] == 0
+    rows = [json.loads(x) for x in (tmp_path / "data.jsonl").read_text().splitlines()]
+    assert sorted(r["index"] for r in rows) == list(range(len(prompts)))
+    for r in rows:
+        n = len(r["completion_ids"])
+        assert len(r["logprobs"]) == n == len(r["topk_ids"]) == len(r["topk_logprobs"])
+        # The sampled token's teacher logprob is at most the best top-k logprob.
+        assert all(lp <= tk[0] + 1e-5 for lp, tk in zip(r["logprobs"], r["topk_logprobs"]))
+        assert tokenizer.decode(r["completion_ids"], skip_special_tokens=True) == r["completion"]
+    data = OfflineData(tmp_path, tokenizer, temperature=1.0, max_prompt_tokens=64)
+    roll, scores = data.batch(step=1, size=4, seed=0)
+    m = roll.completion_mask.bool()
+    assert torch.equal(scores.token_logprobs[m], roll.behaviour_logprobs[m])
+    assert scores.topk_ids.shape[-1] == 3 and data.num_tokens == sum(len(r["completion_ids"]) for r in rows)
+
+
+def test_interrupted_generation_resumes_without_regenerating(tmp_path, teacher_model, tokenizer, prompts, monkeypatch):
+    whole = tmp_path / "whole"
+    _gen(whole, teacher_model, tokenizer, prompts)
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_after_first_batch(phase, step):
+        if phase == "offline_generate" and step == 0:
+            raise Interrupt
+
+    part = tmp_path / "part"
+    monkeypatch.setattr(offline_data, "crash_point", stop_after_first_batch)
+    with pytest.raises(Interrupt):
+        _gen(part, teacher_model, tokenizer, prompts)
+    monkeypatch.undo()
+    with (part / "data.jsonl").open("a") as f:
+        f.write('{"index": 5, "prompt": "tor')  # a torn line from a kill mid-write
+    info = _gen(part, teacher_model, tokenizer, prompts)
+    assert info["reused"] == 2 and info["generated"] == len(prompts) - 2
+    assert (part / "data.jsonl").read_text() == (whole / "data.jsonl").read_text()
+    info = _gen(part, teacher_model, tokenizer, prompts)
+    assert info == {"generated": 0, "reused": len(prompts), "tokens": 0}
+
+
+def test_other_settings_refuse_the_stored_data(tmp_path, teacher_model, tokenizer, prompts):
+    _gen(tmp_path, teacher_model, tokenizer, prompts[:2])
+    with pytest.raises(ConfigError, match="other settings"):
+        _gen(tmp_path, teacher_model, tokenizer, prompts[:2], meta={**META, "temperature": 0.5})
+
+
+@pytest.mark.parametrize("loss", ["sequence_kd", "token_kd"])
+def test_offline_run_reuses_stored_data_and_counts_its_budget(tmp_path, loss):
+    data = tmp_path / "data"
+    sets = ["student.warm_start_steps=0", "prompts.batch_size=8", "eval.size=8", "eval.every=0",
+            "train.max_steps=3", "rollout.max_new_tokens=56", "offline.num_prompts=16", f"offline.data='{data}'",
+            f"offline.loss='{loss}'", "monitor.tensorboard=false", "train.checkpoint_every=0"]
+    logs = []
+    run(load_config(None, sets), tmp_path / "a", mode="offline", log=logs.append)
+    content = (data / "data.jsonl").read_text()
+    run(load_config(None, sets), tmp_path / "b", mode="offline", log=logs.append)
+    assert (data / "data.jsonl").read_text() == content
+    assert any("generated 16" in str(x) for x in logs) and any("reused all 16" in str(x) for x in logs)
+    rows_a, rows_b = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
+    stored = sum(len(json.loads(x)["completion_ids"]) for x in content.splitlines())
+    assert rows_a[0]["budget/teacher_tokens"] == rows_b[0]["budget/teacher_tokens"] == stored
+    assert rows_a[-1]["budget/teacher_tokens"] == stored and rows_a[-1]["budget/student_tokens"] == 0
+    assert all(math.isfinite(r["update/loss"]) for r in rows_a[1:])
+    assert not any(k.startswith("freshness/") for k in rows_a[-1])
