@@ -100,6 +100,54 @@ def demo(out: Optional[Path] = typer.Option(None, "--out", help="Run folder (def
         fail(str(e))
 
 
+@app.command("eval")
+def eval_cmd(
+    model: Path = typer.Argument(..., help="A student model folder (e.g. RUN/final or RUN/checkpoints/step-N)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="The run's config (teacher, prompts, eval settings)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a key: section.key=value (repeatable)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the full result as JSON here."),
+):
+    """Evaluate a student on held-out prompts: accuracy, reverse KL and NLL under the teacher, length,
+    accuracy by length, error by position (free-running vs teacher-forced)."""
+    import json
+
+    from opd.evaluate import detailed_eval
+    from opd.loop import chat_renderer, check_same_tokenizer
+    from opd.models import load_model, load_tokenizer
+    from opd.prompts import PromptStream
+    from opd.rollout import SamplingParams
+    from opd.teacher import LocalTeacher
+
+    try:
+        if config is None and (model.parent / "config.toml").is_file():
+            config = model.parent / "config.toml"  # RUN/final -> RUN/config.toml
+        if config is None and (model.parent.parent / "config.toml").is_file():
+            config = model.parent.parent / "config.toml"  # RUN/checkpoints/step-N
+        cfg = load_config(config, set_)
+        tokenizer = load_tokenizer(str(model))
+        check_same_tokenizer(tokenizer, load_tokenizer(cfg.teacher.model), cfg)
+        student = load_model(str(model), dtype=cfg.student.dtype, device=cfg.student.device)
+        teacher = LocalTeacher(load_model(cfg.teacher.model, dtype=cfg.teacher.dtype, device=cfg.teacher.device),
+                               batch_size=cfg.teacher.batch_size, chunk_size=cfg.teacher.chunk_size)
+        prompts = PromptStream(cfg.prompts, cfg.seed, chat_renderer(tokenizer)).eval_prompts(cfg.eval.size)
+        params = SamplingParams(cfg.eval.temperature, 1.0, cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
+                                cfg.rollout.stop)
+        result = detailed_eval(student, teacher, tokenizer, prompts, params, seed=cfg.seed,
+                               max_prompt_tokens=cfg.prompts.max_prompt_tokens)
+    except ConfigError as e:
+        fail(str(e))
+    for k, v in result.items():
+        if k.startswith("eval/"):
+            console.print(f"{k}: {v:.4f}")
+    if "error_by_step" in result:
+        e = result["error_by_step"]
+        console.print("error by step (free-running / teacher-forced): " + "  ".join(
+            f"{i + 1}:{a:.2f}/{b:.2f}" for i, (a, b) in enumerate(zip(e["free_running"], e["teacher_forced"]))))
+    if out is not None:
+        out.write_text(json.dumps(result, indent=1))
+        console.print(f"written to {out}")
+
+
 @app.command("config")
 def config_cmd(
     config: Optional[Path] = typer.Argument(None, help="A TOML config to validate and show resolved."),

@@ -52,3 +52,82 @@ def evaluate(student, teacher, tokenizer, prompts: list[Prompt], params: Samplin
     if acc is not None:
         out["eval/accuracy"] = acc
     return out
+
+
+# ------------------------------------------------------------------ detailed evaluation (`opd eval`)
+def _bins(values, width: int) -> dict[int, list]:
+    out: dict[int, list] = {}
+    for key, v in values:
+        out.setdefault(int(key) // width * width, []).append(v)
+    return dict(sorted(out.items()))
+
+
+@torch.no_grad()
+def teacher_forced_step_errors(model, tokenizer, prompts: list[Prompt]) -> list[list[bool]]:
+    """Per segment of the reference answer (each step, then the final answer): does the model's greedy choice miss any token of it when
+    it is fed the *correct* prefix (an oracle prefix, so no error can accumulate)?"""
+    from opd.logprobs import completion_hidden, lm_logits
+    from opd.prompts.tasks import get_task
+    from opd.teacher.builtin import reference_batch
+
+    task = get_task(prompts[0].task)
+    batch = reference_batch(tokenizer, prompts, task.solution)
+    hidden = completion_hidden(model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask)
+    pred = lm_logits(model, hidden, 1.0).argmax(-1).cpu()
+    mask = batch.completion_mask.bool()
+    hit = torch.zeros_like(batch.completion_ids, dtype=torch.bool)
+    hit[mask] = pred == batch.completion_ids[mask]
+    out = []
+    for i, p in enumerate(prompts):
+        errs, pos = [], 0
+        for seg in task.segments(task.solution(p.text)):
+            errs.append(not bool(hit[i, pos : pos + len(seg)].all()))
+            pos += len(seg) + 1  # the separator
+        out.append(errs)
+    return out
+
+
+def detailed_eval(student, teacher, tokenizer, prompts: list[Prompt], params: SamplingParams, *, seed: int,
+                  max_prompt_tokens: int = 256, length_bin: int = 16, position_bin: int = 8) -> dict:
+    """Scalars of `evaluate` plus accuracy by output length, teacher NLL by token position, and for
+    built-in tasks the exposure-bias picture: per-step error rate on the student's own prefixes
+    (free-running) vs on correct prefixes (teacher-forced); their difference is the error that
+    accumulated because the student conditioned on its own earlier mistakes (cf. Arora et al.'s ExAccErr)."""
+    from opd.prompts.tasks import TASKS
+
+    rollouts = generate(student, tokenizer, prompts, params, seed=seed, batch_size=teacher.batch_size,
+                        max_prompt_tokens=max_prompt_tokens)
+    diff, nll_pos, acc_len = [], [], []
+    for r in rollouts:
+        s = teacher.score(r)
+        m = (r.completion_mask * s.scored_mask).bool()
+        diff.append((r.behaviour_logprobs - s.token_logprobs)[m])
+        for i in range(len(r.texts)):
+            n = int(r.completion_mask[i].sum())
+            nll_pos += [(t, -float(s.token_logprobs[i, t])) for t in range(n)]
+            ok = verify(r.prompts[i], r.texts[i])
+            if ok is not None:
+                acc_len.append((n, float(ok)))
+    out: dict = {
+        "eval/reverse_kl": float(torch.cat(diff).mean()),
+        "eval/teacher_nll": float(np.mean([v for _, v in nll_pos])),
+        "eval/length": float(np.mean([int(r.completion_mask.sum(1)[i]) for r in rollouts for i in range(len(r.texts))])),
+        "teacher_nll_by_position": {k: float(np.mean(v)) for k, v in _bins(nll_pos, position_bin).items()},
+    }
+    acc = accuracy(rollouts)
+    if acc is not None:
+        out["eval/accuracy"] = acc
+        out["accuracy_by_length"] = {k: float(np.mean(v)) for k, v in _bins(acc_len, length_bin).items()}
+    arith = [p for p in prompts if p.task in TASKS]
+    if arith and len({p.task for p in arith}) == 1:
+        texts = {p.text: c for r in rollouts for p, c in zip(r.prompts, r.texts)}
+        task = TASKS[arith[0].task]
+        free = [task.step_errors(p, texts[p.text]) for p in arith]
+        forced = teacher_forced_step_errors(student, tokenizer, arith)
+        width = max(len(e) for e in free)
+        free_rate = [float(np.mean([e[i] for e in free if i < len(e)])) for i in range(width)]
+        forced_rate = [float(np.mean([e[i] for e in forced if i < len(e)])) for i in range(width)]
+        out["error_by_step"] = {"free_running": free_rate, "teacher_forced": forced_rate,
+                                "excess": [a - b for a, b in zip(free_rate, forced_rate)]}
+        out["eval/excess_error"] = float(np.mean(out["error_by_step"]["excess"]))
+    return out

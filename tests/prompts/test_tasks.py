@@ -77,11 +77,12 @@ def test_final_answer():
 
 def test_step_errors():
     p = arith("95+7=")
-    assert ArithTask.step_errors(p, "5+7+0=12,9+0+1=10|102") == [False, False]
-    assert ArithTask.step_errors(p, "5+7+0=12,9+0+0=09|099") == [False, True]  # dropped carry in step 2
-    assert ArithTask.step_errors(p, "5+7+0=11,9+0+1=10|101") == [True, False]
-    assert ArithTask.step_errors(p, "5+7+0=12") == [False, True]  # missing steps count as wrong
-    assert ArithTask.step_errors(p, "") == [True, True]
+    assert ArithTask.step_errors(p, "5+7+0=12,9+0+1=10|102") == [False, False, False]
+    assert ArithTask.step_errors(p, "5+7+0=12,9+0+0=09|099") == [False, True, True]  # dropped carry in step 2
+    assert ArithTask.step_errors(p, "5+7+0=11,9+0+1=10|101") == [True, False, True]
+    assert ArithTask.step_errors(p, "5+7+0=12,9+0+1=10|120") == [False, False, True]  # steps right, answer wrong
+    assert ArithTask.step_errors(p, "5+7+0=12") == [False, True, True]  # missing steps count as wrong
+    assert ArithTask.step_errors(p, "") == [True, True, True]
 
 
 def test_module_verify_uses_the_task_verifier():

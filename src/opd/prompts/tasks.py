@@ -67,11 +67,17 @@ class ArithTask:
     def verify(cls, prompt: Prompt, completion: str) -> bool:
         return cls.final_answer(completion) == cls.final_answer(cls.solution(prompt.text))
 
+    @staticmethod
+    def segments(text: str) -> list[str]:
+        """The written steps, then the final answer: the positions of the error-by-position analysis."""
+        steps, _, answer = text.partition("|")
+        return steps.split(",") + [answer]
+
     @classmethod
     def step_errors(cls, prompt: Prompt, completion: str) -> list[bool]:
-        """Per written step: is it wrong? (for error-by-position analysis)."""
-        ref = cls.solution(prompt.text).split("|")[0].split(",")
-        got = completion.split("|")[0].split(",")
+        """Per segment (each step, then the answer): is it wrong?"""
+        ref = cls.segments(cls.solution(prompt.text))
+        got = cls.segments(completion)
         return [i >= len(got) or got[i] != r for i, r in enumerate(ref)]
 
 
