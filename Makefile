@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.opd-installed
 
-.PHONY: setup demo test test-fast teacher clean
+.PHONY: setup demo test test-fast teacher docs clean
 
 setup: $(STAMP)
 
@@ -31,3 +31,7 @@ teacher: setup
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+# Regenerates the config reference in README.md from src/opd/config.py.
+docs: setup
+	$(BIN)/python scripts/update_readme_reference.py

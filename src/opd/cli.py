@@ -100,6 +100,35 @@ def demo(out: Optional[Path] = typer.Option(None, "--out", help="Run folder (def
         fail(str(e))
 
 
+@app.command()
+def compare(
+    config: Optional[Path] = typer.Argument(None, help="TOML config; none = the built-in default."),
+    set_: list[str] = typer.Option([], "--set", help="Override a key: section.key=value (repeatable)."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Steps per method (the budget)."),
+    seeds: str = typer.Option("0,1,2", "--seeds", help="Comma-separated seeds."),
+    control_advantage: float = typer.Option(-0.5, "--control-advantage", help="The control's constant A_t."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default runs/compare-TIMESTAMP)."),
+):
+    """On-policy vs offline distillation vs a teacher-free control, matched teacher-token budgets, several seeds."""
+    from opd.compare import run_compare
+
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError:
+        fail(f"--seeds expects comma-separated integers, got {seeds!r}")
+    overrides = list(set_) + ([f"train.max_steps={max_steps}"] if max_steps is not None else [])
+    run_dir = out or default_run_dir("compare")
+    try:
+        summary = run_compare(config, overrides, run_dir, seeds=seed_list, control_advantage=control_advantage,
+                              log=console.print)
+    except ConfigError as e:
+        fail(str(e))
+    for m in ("teacher", "onpolicy", "offline", "control"):
+        acc = summary[m]["eval/accuracy"]
+        console.print(f"{m:9s} accuracy {acc if isinstance(acc, float) else acc['mean']:.3f}")
+    console.print(f"report: {run_dir}/report/report.md (and report.html, summary.json, *.png)")
+
+
 @app.command("eval")
 def eval_cmd(
     model: Path = typer.Argument(..., help="A student model folder (e.g. RUN/final or RUN/checkpoints/step-N)."),

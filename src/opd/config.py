@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import tomllib
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, Literal, Optional, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -122,6 +122,11 @@ class FeedbackConfig(Section):
     gamma: float = Field(
         0.0, ge=0, le=1, description="Discount: 0 = per-token signal; > 0 = MiniLLM-style discounted return of A_t."
     )
+    constant_advantage: Optional[float] = Field(
+        None,
+        description="Teacher-free control: A_t = this constant on every sampled token and the teacher is never asked "
+        "(use with objective.name = 'pg'); shows what the teacher's signal adds.",
+    )
 
 
 class ObjectiveConfig(Section):
@@ -228,6 +233,8 @@ class Config(Section):
     def _cross_checks(self) -> "Config":
         if self.objective.name == "topk_kl" and self.teacher.topk == 0:
             raise ValueError("objective.name = 'topk_kl' needs teacher.topk > 0 (e.g. teacher.topk = 20)")
+        if self.feedback.constant_advantage is not None and self.objective.name not in ("pg", "hybrid"):
+            raise ValueError("feedback.constant_advantage (the teacher-free control) needs objective.name = 'pg'")
         if self.offline.loss == "token_kd" and self.offline.topk == 0:
             raise ValueError("offline.loss = 'token_kd' needs offline.topk > 0 (e.g. offline.topk = 20)")
         if self.objective.name == "hybrid" and self.rollout.samples_per_prompt < 2:
@@ -353,7 +360,8 @@ def _toml_char(c: str) -> str:
 
 
 def _emit(d: dict, prefix: list[str], out: list[str]) -> None:
-    scalars = {k: v for k, v in d.items() if not isinstance(v, dict) and not _is_table_list(v)}
+    # None means "unset": TOML has no null, and leaving the key out reads back as the same default.
+    scalars = {k: v for k, v in d.items() if v is not None and not isinstance(v, dict) and not _is_table_list(v)}
     if prefix and scalars:
         out.append(f"\n[{'.'.join(prefix)}]")
     for k, v in scalars.items():
@@ -391,7 +399,7 @@ def reference_markdown() -> str:
                 shown = "one built-in `arith` source"
                 walk(type(default[0]), f"{prefix}{name}[].")
             else:
-                shown = f"`{_toml_value(default) if not isinstance(default, BaseModel) else ''}`"
+                shown = "unset" if default is None else f"`{_toml_value(default)}`"
             lines.append(f"| `{prefix}{name}` | {_type_name(ann)} | {shown} | {f.description} |")
 
     walk(Config, "")
@@ -401,6 +409,8 @@ def reference_markdown() -> str:
 def _type_name(ann: Any) -> str:
     if get_origin(ann) is Literal:
         return " / ".join(f"`{a}`" for a in get_args(ann))
+    if type(None) in get_args(ann):  # Optional[X]
+        return _type_name(next(a for a in get_args(ann) if a is not type(None))) + " (optional)"
     if get_origin(ann) in (list, tuple):
         return f"{get_origin(ann).__name__} of " + ", ".join(_type_name(a) for a in get_args(ann))
     return getattr(ann, "__name__", str(ann))

@@ -30,7 +30,7 @@ from opd.monitor import MetricsLog, RunDisplay, assess, health_metrics
 from opd.prompts import PromptStream, verify
 from opd.rollout import SamplingParams, sample
 from opd.teacher import LocalTeacher
-from opd.types import Rollout
+from opd.types import Rollout, TeacherScores
 from opd.update import make_optimizer, make_scheduler, supervised_train, update_student
 from opd.update.step import PG_FAMILY
 
@@ -136,6 +136,7 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
         return evaluate(student, teacher, tokenizer, eval_prompts, eval_params, seed=seed, version=version,
                         max_prompt_tokens=cfg.prompts.max_prompt_tokens)
 
+    t_start = time.time()  # wall time includes the warm start and offline data generation (what a user waits for)
     ckpt = latest_checkpoint(run_dir, warn=log) if resume else None
     if resume and ckpt is None:
         log(f"no intact checkpoint in {run_dir}; starting from the beginning")
@@ -151,6 +152,7 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
         stream.load_state_dict(state["prompts"])
         start, version, budget, first_eval = state["step"], state["version"], state["budget"], state["first_eval"]
         skips = state["skips"]
+        t_start -= state.get("elapsed_s", 0.0)
         if (run_dir / "reference").is_dir():
             ref_model = load_model(str(run_dir / "reference"), dtype=cfg.student.dtype, device=cfg.student.device)
         log(f"resumed from {ckpt} (step {start})")
@@ -202,14 +204,13 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
 
     def checkpoint(step: int) -> None:
         state = {
-            "step": step, "version": version, "budget": budget, "first_eval": first_eval, "skips": skips,
+            "step": step, "version": version, "budget": budget, "first_eval": first_eval, "skips": skips, "elapsed_s": time.time() - t_start,
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "rng": {"sampler": gen.get_state(), "torch": torch.get_rng_state()},
             "prompts": stream.state_dict(),
         }
         save_checkpoint(run_dir, step, student, tokenizer, state, keep=cfg.train.keep_checkpoints)
 
-    t_start = time.time()
     last_eval = dict(first_eval)
     step = start
     interrupted = False
@@ -217,7 +218,8 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
         if ckpt is None:
             first_eval = eval_row(0, version)
             last_eval = dict(first_eval)
-            row = {"step": 0, **first_eval, **{f"budget/{k}": v for k, v in budget.items()}}
+            row = {"step": 0, **first_eval, **{f"budget/{k}": v for k, v in budget.items()},
+                   "time/elapsed_s": time.time() - t_start}
             metrics.write(row)
             display.update(row)
             checkpoint(0)
@@ -233,7 +235,11 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
                 t1 = time.perf_counter()
                 crash_point("rollout", step)
                 # 3. teacher scores the student's own prefixes
-                scores = teacher.score(rollout, full=needs_full)
+                if cfg.feedback.constant_advantage is None:
+                    scores = teacher.score(rollout, full=needs_full)
+                else:  # teacher-free control: A_t = c exactly, no teacher call, no teacher tokens spent
+                    scores = TeacherScores(rollout.behaviour_logprobs + cfg.feedback.constant_advantage,
+                                           rollout.completion_mask.clone())
             else:  # offline baseline: stored teacher completions and their teacher logprobs
                 rollout, scores = offline_data.batch(step, cfg.prompts.batch_size, cfg.seed)
                 t1 = time.perf_counter()
@@ -267,9 +273,14 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
             budget["flops"] += 6 * n_student * n_tok * cfg.train.updates_per_batch
             if offline_data is not None:  # teacher-written data: no student policy to be fresh against, no scoring
                 upd = {k: v for k, v in upd.items() if not k.startswith("freshness/")}
+            if cfg.feedback.constant_advantage is not None:  # the control never asked the teacher
+                row_drop = ("teacher/", "opd/reverse_kl")
+            else:
+                row_drop = ()
             row = {"step": step, **_step_metrics(rollout, scores, feedback, correct, t0, t1, t2, t3, offline_data is not None), **upd,
                    "stability/skipped_batches_total": skips["total"], **prompt_counts,
                    **{f"budget/{k}": v for k, v in budget.items()}, "time/elapsed_s": time.time() - t_start}
+            row = {k: v for k, v in row.items() if not k.startswith(row_drop)} if row_drop else row
             if (cfg.eval.every and step % cfg.eval.every == 0) or step == cfg.train.max_steps:
                 last_eval = eval_row(step, version)
                 row.update(last_eval)
