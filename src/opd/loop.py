@@ -161,35 +161,11 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
         budget = {"teacher_tokens": 0, "student_tokens": 0, "flops": 0.0}
         skips = {"total": 0, "consecutive": 0}
         if cfg.student.warm_start_steps > 0:
-            # ---- warm start: the student imitates teacher completions for a few steps
-            t0 = time.time()
-            ws_prompts = stream.extra_prompts(cfg.student.warm_start_samples, key=1)
-            data = concat_rollouts(generate(teacher_model, tokenizer, ws_prompts, params, seed=cfg.seed + 1,
-                                    batch_size=cfg.teacher.batch_size, max_prompt_tokens=cfg.prompts.max_prompt_tokens), tokenizer.pad_token_id)
-            crash_point("warm_start", 0)
-            losses = supervised_train(student, data, steps=cfg.student.warm_start_steps,
-                                      batch_size=cfg.student.warm_start_batch_size, lr=cfg.student.warm_start_lr,
-                                      seed=cfg.seed)
-            budget["teacher_tokens"] += data.num_tokens
-            budget["flops"] += 2 * n_teacher * data.num_tokens + 6 * n_student * data.num_tokens * cfg.student.warm_start_steps * cfg.student.warm_start_batch_size / len(ws_prompts)
-            log(f"warm start: {data.num_tokens} teacher tokens, {len(losses)} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f} ({time.time() - t0:.0f}s)")
+            warm_start(cfg, student, teacher_model, tokenizer, stream, params, budget, log)
     objective = cfg.objective
     offline_data = None
     if mode == "offline":
-        folder = Path(cfg.offline.data) if cfg.offline.data else run_dir / "offline-data"
-        meta = {"teacher": cfg.teacher.model, "teacher_dtype": cfg.teacher.dtype, "temperature": params.temperature,
-                "top_p": params.top_p, "max_new_tokens": params.max_new_tokens, "stop": params.stop,
-                "topk": cfg.offline.topk, "seed": cfg.seed, "prompts": cfg.prompts.model_dump(mode="json")}
-        off_teacher = LocalTeacher(teacher_model, batch_size=cfg.teacher.batch_size, chunk_size=cfg.teacher.chunk_size,
-                                   topk=cfg.offline.topk)
-        generate_offline_data(folder, off_teacher, tokenizer, stream.extra_prompts(cfg.offline.num_prompts, key=2),
-                              params, meta=meta, topk=cfg.offline.topk, seed=cfg.seed,
-                              max_prompt_tokens=cfg.prompts.max_prompt_tokens, log=log)
-        offline_data = OfflineData(folder, tokenizer, temperature=params.temperature,
-                                   max_prompt_tokens=cfg.prompts.max_prompt_tokens)
-        name = "sft" if cfg.offline.loss == "sequence_kd" else "topk_kl"
-        objective = ObjectiveConfig.model_construct(**{**cfg.objective.model_dump(), "name": name,
-                                                       "topk_direction": "forward", "kl_ref_coef": 0.0})
+        offline_data, objective = prepare_offline(cfg, run_dir, teacher_model, tokenizer, stream, params, log)
         needs_full = False
         if ckpt is None:  # the stored data is what the teacher spent, whether made now or earlier
             budget["teacher_tokens"] += offline_data.num_tokens
@@ -312,6 +288,44 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
         tokenizer.save_pretrained(final)
     metrics.close()
     return RunResult(run_dir=run_dir, steps=step, first_eval=first_eval, last_eval=last_eval, interrupted=interrupted)
+
+
+def warm_start(cfg: Config, student, teacher_model, tokenizer, stream: PromptStream, params: SamplingParams,
+               budget: dict, log) -> None:
+    """A short supervised phase on teacher completions, so on-policy samples start out readable."""
+    t0 = time.time()
+    prompts = stream.extra_prompts(cfg.student.warm_start_samples, key=1)
+    data = concat_rollouts(generate(teacher_model, tokenizer, prompts, params, seed=cfg.seed + 1,
+                                    batch_size=cfg.teacher.batch_size, max_prompt_tokens=cfg.prompts.max_prompt_tokens),
+                           tokenizer.pad_token_id)
+    crash_point("warm_start", 0)
+    losses = supervised_train(student, data, steps=cfg.student.warm_start_steps,
+                              batch_size=cfg.student.warm_start_batch_size, lr=cfg.student.warm_start_lr, seed=cfg.seed)
+    trained_tokens = data.num_tokens * cfg.student.warm_start_steps * cfg.student.warm_start_batch_size / len(prompts)
+    budget["teacher_tokens"] += data.num_tokens
+    budget["flops"] += 2 * count_params(teacher_model) * data.num_tokens + 6 * count_params(student) * trained_tokens
+    log(f"warm start: {data.num_tokens} teacher tokens, {len(losses)} steps, "
+        f"loss {losses[0]:.3f} -> {losses[-1]:.3f} ({time.time() - t0:.0f}s)")
+
+
+def prepare_offline(cfg: Config, run_dir: Path, teacher_model, tokenizer, stream: PromptStream, params: SamplingParams,
+                    log) -> tuple[OfflineData, ObjectiveConfig]:
+    """The offline baseline's data (generated now, or reused from offline.data) and its imitation objective."""
+    folder = Path(cfg.offline.data) if cfg.offline.data else run_dir / "offline-data"
+    meta = {"teacher": cfg.teacher.model, "teacher_dtype": cfg.teacher.dtype, "temperature": params.temperature,
+            "top_p": params.top_p, "max_new_tokens": params.max_new_tokens, "stop": params.stop,
+            "topk": cfg.offline.topk, "seed": cfg.seed, "prompts": cfg.prompts.model_dump(mode="json")}
+    teacher = LocalTeacher(teacher_model, batch_size=cfg.teacher.batch_size, chunk_size=cfg.teacher.chunk_size,
+                           topk=cfg.offline.topk)
+    generate_offline_data(folder, teacher, tokenizer, stream.extra_prompts(cfg.offline.num_prompts, key=2), params,
+                          meta=meta, topk=cfg.offline.topk, seed=cfg.seed,
+                          max_prompt_tokens=cfg.prompts.max_prompt_tokens, log=log)
+    data = OfflineData(folder, tokenizer, temperature=params.temperature, max_prompt_tokens=cfg.prompts.max_prompt_tokens)
+    # sequence_kd = cross-entropy on the teacher's text; token_kd = forward KL to its stored top-k.
+    name = "sft" if cfg.offline.loss == "sequence_kd" else "topk_kl"
+    objective = ObjectiveConfig.model_construct(**{**cfg.objective.model_dump(), "name": name,
+                                                   "topk_direction": "forward", "kl_ref_coef": 0.0})
+    return data, objective
 
 
 def concat_rollouts(rollouts: list[Rollout], pad_id: int) -> Rollout:

@@ -1,0 +1,69 @@
+import json
+
+import pytest
+
+from opd.compare import _markdown_to_html, _targets, run_compare
+from opd.config import load_config
+from opd.loop import run
+from opd.monitor import read_metrics
+from opd.teacher.local import LocalTeacher
+
+TINY = ["student.warm_start_steps=20", "student.warm_start_samples=32", "prompts.batch_size=4", "eval.size=8",
+        "eval.every=2", "train.max_steps=4", "monitor.tensorboard=false", "monitor.live='off'", "train.checkpoint_every=0"]
+
+
+def test_teacher_free_control_never_asks_the_teacher_during_training(tmp_path, monkeypatch):
+    calls = []
+    real = LocalTeacher.score
+    monkeypatch.setattr(LocalTeacher, "score", lambda self, r, full=False: calls.append(len(r.texts)) or real(self, r, full=full))
+    cfg = load_config(None, TINY + ["objective.name='pg'", "feedback.constant_advantage=-0.5", "eval.every=0"])
+    run(cfg, tmp_path, log=lambda *a: None)
+    rows = read_metrics(tmp_path)
+    assert len(calls) == 2  # the two evaluations (step 0 and the end), never a training step
+    assert all(r["budget/teacher_tokens"] == rows[0]["budget/teacher_tokens"] for r in rows)  # only the warm start
+    assert all(r["opd/advantage_mean"] == pytest.approx(-0.5) for r in rows[1:])
+    assert not any(k.startswith("teacher/") for k in rows[-1])
+
+
+def test_control_needs_pg():
+    with pytest.raises(Exception, match="constant_advantage"):
+        load_config(None, ["feedback.constant_advantage=-1.0"])
+
+
+def test_targets_on_a_hand_made_case():
+    curves = {"onpolicy": [[{"step": 0, "eval/accuracy": 0.1, "budget/teacher_tokens": 0},
+                            {"step": 2, "eval/accuracy": 0.5, "budget/teacher_tokens": 200},
+                            {"step": 4, "eval/accuracy": 0.96, "budget/teacher_tokens": 400}]]}
+    summary = {"onpolicy": {"eval/accuracy": {"mean": 0.96}},
+               "offline": {"eval/accuracy": {"mean": 0.5}, "teacher_tokens": {"mean": 1000.0}}}
+    t = _targets(summary, curves, 1.0)
+    assert t["meets_95pct_of_teacher"] and t["onpolicy_tokens_to_reach_offline_final"] == 200
+    assert t["fraction_of_offline_tokens"] == 0.2 and t["meets_quarter_of_offline_tokens"]
+    summary["offline"]["teacher_tokens"]["mean"] = 600.0
+    assert not _targets(summary, curves, 1.0)["meets_quarter_of_offline_tokens"]
+
+
+def test_markdown_to_html():
+    out = _markdown_to_html("# T\n\n| a | b |\n|---|---|\n| 1 | <2> |\n\n![x](p.png)\n- item\n")
+    assert "<h1>T</h1>" in out and "<td>&lt;2&gt;</td>" in out and "<img alt='x' src='p.png'>" in out
+    assert "<li>item</li>" in out and "---" not in out
+
+
+@pytest.mark.slow
+def test_compare_writes_the_report(tmp_path):
+    summary = run_compare(None, TINY, tmp_path, seeds=[0, 1], log=lambda *a: None)
+    report = tmp_path / "report"
+    for f in ("summary.json", "report.md", "report.html", "curves.png", "error_by_position.png"):
+        assert (report / f).is_file() and (report / f).stat().st_size > 0, f
+    data = json.loads((report / "summary.json").read_text())
+    for m in ("onpolicy", "offline", "control"):
+        assert len(data[m]["eval/accuracy"]["values"]) == 2 and "std" in data[m]["eval/reverse_kl"]
+    assert data["control"]["teacher_tokens"]["mean"] == data["control"]["teacher_tokens"]["values"][0]
+    # Matched budgets: offline's stored completions number batch x steps, like on-policy's scored ones.
+    on, off = data["onpolicy"]["teacher_tokens"]["mean"], data["offline"]["teacher_tokens"]["mean"]
+    assert 0.5 < off / on < 2.0
+    assert "teacher" in data and 0 <= data["teacher"]["eval/accuracy"] <= 1
+    assert "<img" in (report / "report.html").read_text()
+    # A second call reuses every finished run instead of training again.
+    again = run_compare(None, TINY, tmp_path, seeds=[0, 1], log=lambda *a: None)
+    assert again["onpolicy"]["eval/accuracy"] == summary["onpolicy"]["eval/accuracy"]
