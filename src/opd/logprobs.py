@@ -85,6 +85,17 @@ def per_position(
     return tuple(torch.cat(parts) for parts in zip(*outs))
 
 
+def sampled_logprobs(model, rollout, temperature: float, chunk_size: int = 1024) -> torch.Tensor:
+    """log p(a_t | s, a_<t) of each real completion token of `rollout` under `model`: [N], in one forward."""
+    mask = rollout.completion_mask.bool()
+    targets = rollout.completion_ids[mask].to(next(model.parameters()).device)
+    hidden = completion_hidden(model, rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids,
+                               rollout.completion_mask)
+    (lp,) = per_position(model, hidden, lambda logp, sl: (logp.gather(1, targets[sl, None]).squeeze(1),),
+                         temperature, chunk_size)
+    return lp
+
+
 def entropy_of(logp: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(-1)
 

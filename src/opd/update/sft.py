@@ -6,16 +6,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from opd.logprobs import completion_hidden, per_position
+from opd.logprobs import sampled_logprobs
 from opd.types import Rollout
 
 
 def sft_loss(model, batch: Rollout, chunk_size: int = 1024) -> torch.Tensor:
-    mask = batch.completion_mask.bool()
-    targets = batch.completion_ids[mask].to(next(model.parameters()).device)
-    hidden = completion_hidden(model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask)
-    (lp,) = per_position(model, hidden, lambda logp, sl: (logp.gather(1, targets[sl, None]).squeeze(1),), 1.0, chunk_size)
-    return -lp.mean()
+    return -sampled_logprobs(model, batch, 1.0, chunk_size).mean()
 
 
 def supervised_train(model, data: Rollout, *, steps: int, batch_size: int, lr: float, seed: int) -> list[float]:

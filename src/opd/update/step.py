@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from opd.config import ObjectiveConfig, TrainConfig
-from opd.logprobs import completion_hidden, entropy_of, per_position
+from opd.logprobs import completion_hidden, entropy_of, per_position, sampled_logprobs
 from opd.objectives import generalized_jsd, kl_to_reference, pg_loss, reverse_kl, topk_kl
 from opd.types import Feedback, Rollout, TeacherScores
 
@@ -76,12 +76,7 @@ def student_token_terms(model, rollout: Rollout, scores: TeacherScores, obj: Obj
 
 @torch.no_grad()
 def reference_logprobs(ref_model, rollout: Rollout, chunk_size: int) -> torch.Tensor:
-    mask = rollout.completion_mask.bool()
-    dev = next(ref_model.parameters()).device
-    targets = rollout.completion_ids[mask].to(dev)
-    hidden = completion_hidden(ref_model, rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.completion_mask)
-    (lp,) = per_position(ref_model, hidden, lambda logp, sl: (logp.gather(1, targets[sl, None]).squeeze(1),), rollout.temperature, chunk_size)
-    return lp
+    return sampled_logprobs(ref_model, rollout, rollout.temperature, chunk_size)
 
 
 def update_student(
