@@ -90,12 +90,16 @@ def _summary(result) -> None:
 
 
 @app.command()
-def demo(out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default runs/demo-TIMESTAMP).")):
-    """The built-in default end to end: a small char-level teacher distilled into a smaller student."""
+def demo(
+    out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default runs/demo-TIMESTAMP)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a key: section.key=value (repeatable)."),
+):
+    """The built-in default end to end: a small char-level teacher distilled into a smaller student,
+    on-policy and offline on the same teacher-token budget."""
     from opd.demo import run_demo
 
     try:
-        run_demo(out or default_run_dir("demo"), console=console)
+        run_demo(out or default_run_dir("demo"), console=console, overrides=list(set_))
     except ConfigError as e:
         fail(str(e))
 
@@ -107,6 +111,8 @@ def compare(
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Steps per method (the budget)."),
     seeds: str = typer.Option("0,1,2", "--seeds", help="Comma-separated seeds."),
     control_advantage: float = typer.Option(-0.5, "--control-advantage", help="The control's constant A_t."),
+    methods: str = typer.Option("onpolicy,offline,control", "--methods",
+                                help="Comma-separated methods to run (onpolicy and offline are required)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default runs/compare-TIMESTAMP)."),
 ):
     """On-policy vs offline distillation vs a teacher-free control, matched teacher-token budgets, several seeds."""
@@ -120,10 +126,12 @@ def compare(
     run_dir = out or default_run_dir("compare")
     try:
         summary = run_compare(config, overrides, run_dir, seeds=seed_list, control_advantage=control_advantage,
-                              log=console.print)
+                              methods=tuple(m.strip() for m in methods.split(",") if m.strip()), log=console.print)
     except ConfigError as e:
         fail(str(e))
     for m in ("teacher", "onpolicy", "offline", "control"):
+        if m not in summary:
+            continue
         acc = summary[m]["eval/accuracy"]
         console.print(f"{m:9s} accuracy {acc if isinstance(acc, float) else acc['mean']:.3f}")
     console.print(f"report: {run_dir}/report/report.md (and report.html, summary.json, *.png)")
@@ -197,9 +205,11 @@ def config_cmd(
 @teacher_app.command("train")
 def teacher_train(
     out: Path = typer.Option(Path("src/opd/assets/arith-teacher"), "--out", help="Output model folder."),
-    steps: int = typer.Option(1500, "--steps", min=1, help="Training steps (batch 64)."),
+    steps: int = typer.Option(2000, "--steps", min=1, help="Training steps (batch 64)."),
     seed: int = typer.Option(1234, "--seed"),
     task: str = typer.Option("arith", "--task", help="Built-in task to train on."),
+    slip_rate: float = typer.Option(0.15, "--slip-rate", min=0.0, max=1.0,
+                                    help="Fraction of steps with a planted slip (masked out of the loss)."),
 ):
     """Train the built-in teacher from scratch on a built-in task and save it (save_pretrained)."""
     from opd.prompts.tasks import TASKS
@@ -207,7 +217,7 @@ def teacher_train(
 
     if task not in TASKS:
         fail(f"unknown task {task!r}; available: {', '.join(sorted(TASKS))}")
-    result = train_builtin_teacher(out, task=task, steps=steps, seed=seed, log=console.print)
+    result = train_builtin_teacher(out, task=task, steps=steps, seed=seed, slip_rate=slip_rate, log=console.print)
     console.print(f"saved to {out} (accuracy {result['accuracy']:.3f})")
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from opd.config import Config, load_config, to_toml
+from opd.config import Config, ConfigError, load_config, to_toml
 from opd.demo import teacher_accuracy
 from opd.evaluate import detailed_eval
 from opd.loop import run
@@ -40,7 +40,7 @@ def method_overrides(method: str, cfg: Config, warm: Path, control_advantage: fl
 
 
 def run_compare(config: Path | None, overrides: list[str], run_dir: Path, *, seeds: list[int],
-                control_advantage: float = -0.5, log=print) -> dict:
+                control_advantage: float = -0.5, methods: tuple[str, ...] = METHODS, log=print) -> dict:
     run_dir = Path(run_dir)
     base = load_config(config, overrides)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -52,10 +52,14 @@ def run_compare(config: Path | None, overrides: list[str], run_dir: Path, *, see
         run(load_config(config, overrides + ["train.max_steps=0"]), warm_run, log=log)
     warm = warm_run / "final"
 
-    curves: dict[str, list[list[dict]]] = {m: [] for m in METHODS}
-    finals: dict[str, list[dict]] = {m: [] for m in METHODS}
+    unknown = set(methods) - set(METHODS)
+    if unknown or not {"onpolicy", "offline"} <= set(methods):
+        raise ConfigError(f"methods must include onpolicy and offline and come from {', '.join(METHODS)}; "
+                          f"got {', '.join(methods)}")
+    curves: dict[str, list[list[dict]]] = {m: [] for m in methods}
+    finals: dict[str, list[dict]] = {m: [] for m in methods}
     for seed in seeds:
-        for method in METHODS:
+        for method in methods:
             cfg = load_config(config, overrides + method_overrides(method, base, warm, control_advantage) + [f"seed={seed}"])
             out = run_dir / method / f"seed-{seed}"
             if not (out / "final" / "model.safetensors").is_file():
@@ -67,14 +71,14 @@ def run_compare(config: Path | None, overrides: list[str], run_dir: Path, *, see
             finals[method].append(rows[-1])
 
     t_acc = teacher_accuracy(base)
-    errors = error_by_position(base, run_dir, seeds)
+    errors = error_by_position(base, run_dir, seeds, methods)
     summary = {
         "teacher": {"eval/accuracy": t_acc},
         "seeds": seeds,
         "budget_steps": base.train.max_steps,
         "seconds": time.time() - t0,
     }
-    for m in METHODS:
+    for m in methods:
         summary[m] = {
             **{k: _mean_std([f[k] for f in finals[m]]) for k in ("eval/accuracy", "eval/reverse_kl")},
             "teacher_tokens": _mean_std([f["budget/teacher_tokens"] for f in finals[m]]),
@@ -114,7 +118,7 @@ def _targets(summary: dict, curves: dict, t_acc: float) -> dict:
     }
 
 
-def error_by_position(cfg: Config, run_dir: Path, seeds: list[int]) -> dict:
+def error_by_position(cfg: Config, run_dir: Path, seeds: list[int], methods=METHODS) -> dict:
     """Free-running error per answer segment for the warm start and each method's final students."""
     tokenizer = load_tokenizer(cfg.teacher.model)
     teacher = LocalTeacher(load_model(cfg.teacher.model, dtype=cfg.teacher.dtype, device=cfg.teacher.device),
@@ -123,7 +127,7 @@ def error_by_position(cfg: Config, run_dir: Path, seeds: list[int]) -> dict:
     params = SamplingParams(cfg.eval.temperature, 1.0, cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens)
     out: dict[str, list[float]] = {}
     folders = {"warm start": [run_dir / "warm-start" / "final"]}
-    folders.update({m: [run_dir / m / f"seed-{s}" / "final" for s in seeds] for m in METHODS})
+    folders.update({m: [run_dir / m / f"seed-{s}" / "final" for s in seeds] for m in methods})
     for name, paths in folders.items():
         rates = []
         for p in paths:
@@ -198,6 +202,8 @@ def _write_report(report: Path, summary: dict, errors: dict) -> None:
         "|---|---|---|---|",
     ]
     for m in METHODS:
+        if m not in summary:
+            continue
         s = summary[m]
         lines.append(f"| {m} | {_fmt(s['eval/accuracy'])} | {_fmt(s['eval/reverse_kl'])} | {s['teacher_tokens']['mean']:,.0f} |")
     frac = t["fraction_of_offline_tokens"]

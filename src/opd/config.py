@@ -178,7 +178,7 @@ class TrainConfig(Section):
 
 
 class EvalConfig(Section):
-    every: int = Field(100, ge=0, description="Evaluate every N steps (0 = only at step 0 and at the end).")
+    every: int = Field(50, ge=0, description="Evaluate every N steps (0 = only at step 0 and at the end).")
     size: int = Field(128, ge=1, description="Held-out prompts per evaluation.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature of eval completions.")
     max_new_tokens: int = Field(0, ge=0, description="Completion length at eval (0 = same as rollout).")

@@ -1,4 +1,5 @@
-"""`opd demo`: the built-in default end to end, then a short summary of what distillation did."""
+"""`opd demo`: the built-in default end to end — one warm start, then on-policy distillation (the main
+job) and the offline baseline on the same teacher-token budget — and a short table of what each did."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ from rich.table import Table
 
 from opd.config import load_config
 from opd.evaluate import accuracy, generate
-from opd.loop import run
 from opd.models import load_model, load_tokenizer
+from opd.monitor import read_metrics
 from opd.prompts import PromptStream
 from opd.rollout import SamplingParams
 
@@ -27,30 +28,49 @@ def teacher_accuracy(cfg, seed: int = 0) -> float | None:
 
 
 def run_demo(run_dir: Path, console: Console | None = None, overrides: list[str] | None = None) -> dict:
+    from opd.compare import run_compare  # compare builds on the demo's teacher_accuracy
+
     console = console or Console()
-    cfg = load_config(None, overrides or [])
+    run_dir = Path(run_dir)
+    overrides = list(overrides or [])
+    cfg = load_config(None, overrides)
     t0 = time.time()
-    console.print(f"[bold]opd demo[/bold]: distilling {cfg.teacher.model} into {cfg.student.model} "
-                  f"for {cfg.train.max_steps} steps ({cfg.prompts.batch_size} prompts each)")
-    result = run(cfg, run_dir, console=console, log=console.print)
-    t_acc = teacher_accuracy(cfg)
-    before, after = result.first_eval, result.last_eval
-    table = Table(title="on-policy distillation, built-in default")
-    table.add_column("")
-    table.add_column("accuracy", justify="right")
-    table.add_column("reverse KL / token", justify="right")
-    table.add_row("teacher", f"{t_acc:.3f}", "0")
-    table.add_row("student after warm start (step 0)", f"{before['eval/accuracy']:.3f}", f"{before['eval/reverse_kl']:.3f}")
-    table.add_row(f"student after OPD (step {result.steps})", f"{after['eval/accuracy']:.3f}", f"{after['eval/reverse_kl']:.3f}")
+    console.print(f"[bold]opd demo[/bold]: distilling {cfg.teacher.model} into {cfg.student.model}, "
+                  f"{cfg.train.max_steps} steps of {cfg.prompts.batch_size} prompts, on-policy and offline "
+                  "on the same teacher-token budget")
+    report = run_compare(None, overrides, run_dir, seeds=[cfg.seed], methods=("onpolicy", "offline"),
+                         log=console.print)
+    runs = {m: read_metrics(run_dir / m / f"seed-{cfg.seed}") for m in ("onpolicy", "offline")}
+    evals = {m: [r for r in rows if "eval/accuracy" in r] for m, rows in runs.items()}
+    before = evals["onpolicy"][0]
+    targets = report["targets"]
+
+    table = Table(title="built-in default: on-policy vs offline distillation")
+    for col in ("", "accuracy", "reverse KL / token", "teacher tokens"):
+        table.add_column(col, justify="left" if not col else "right")
+    table.add_row("teacher", f"{report['teacher']['eval/accuracy']:.3f}", "0", "")
+    table.add_row("student after warm start", f"{before['eval/accuracy']:.3f}", f"{before['eval/reverse_kl']:.3f}",
+                  f"{before['budget/teacher_tokens']:,.0f}")
+    for m in ("onpolicy", "offline"):
+        last = evals[m][-1]
+        table.add_row(f"{m} (step {last['step']})", f"{last['eval/accuracy']:.3f}", f"{last['eval/reverse_kl']:.3f}",
+                      f"{last['budget/teacher_tokens']:,.0f}")
     console.print(table)
+    frac = targets["fraction_of_offline_tokens"]
+    console.print("on-policy reached offline's final accuracy with "
+                  + (f"{frac:.0%} of offline's teacher tokens" if frac is not None else "— not within this budget")
+                  + f"; on-policy / teacher accuracy {targets['onpolicy_over_teacher_accuracy']:.0%}")
     summary = {
-        "teacher_accuracy": t_acc,
+        "teacher_accuracy": report["teacher"]["eval/accuracy"],
         "before": before,
-        "after": after,
-        "steps": result.steps,
+        "after": evals["onpolicy"][-1],
+        "offline": evals["offline"][-1],
+        "targets": targets,
+        "steps": cfg.train.max_steps,
         "seconds": time.time() - t0,
     }
-    (Path(run_dir) / "summary.json").write_text(json.dumps(summary, indent=1))
-    console.print(f"took {summary['seconds']:.0f}s. Outputs in {run_dir}/: metrics.jsonl, tensorboard/ "
-                  f"(tensorboard --logdir {run_dir}/tensorboard), checkpoints/, final/ (the distilled student), summary.json")
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    console.print(f"took {summary['seconds']:.0f}s. Outputs in {run_dir}/: onpolicy/seed-{cfg.seed}/ (the main run: "
+                  "metrics.jsonl, tensorboard/, checkpoints/, final/ = the distilled student), offline/, warm-start/, "
+                  "report/ (report.md, plots), summary.json")
     return summary

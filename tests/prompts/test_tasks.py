@@ -21,14 +21,14 @@ def arith(text: str, task: str = "arith") -> Prompt:
 @pytest.mark.parametrize(
     "prompt, solution",
     [
-        ("4721+3858=", "1+8+0=09,2+5+0=07,7+8+0=15,4+3+1=08|08579"),
-        ("47213+38581=", "3+1+0=04,1+8+0=09,2+5+0=07,7+8+0=15,4+3+1=08|085794"),
-        ("95+7=", "5+7+0=12,9+0+1=10|102"),
-        ("7+95=", "7+5+0=12,0+9+1=10|102"),
-        ("999+1=", "9+1+0=10,9+0+1=10,9+0+1=10|1000"),
+        ("4721+3858=", "1+8+0=09,2+5+0=07,7+8+0=15,4+3+1=08|97580"),
+        ("47213+38581=", "3+1+0=04,1+8+0=09,2+5+0=07,7+8+0=15,4+3+1=08|497580"),
+        ("95+7=", "5+7+0=12,9+0+1=10|201"),
+        ("7+95=", "7+5+0=12,0+9+1=10|201"),
+        ("999+1=", "9+1+0=10,9+0+1=10,9+0+1=10|0001"),
         ("0+0=", "0+0+0=00|00"),
-        ("10+5=", "0+5+0=05,1+0+0=01|015"),
-        ("55555+55555=", "5+5+0=10,5+5+1=11,5+5+1=11,5+5+1=11,5+5+1=11|111110"),
+        ("10+5=", "0+5+0=05,1+0+0=01|510"),
+        ("55555+55555=", "5+5+0=10,5+5+1=11,5+5+1=11,5+5+1=11,5+5+1=11|011111"),
     ],
 )
 def test_solution_hand_checked(prompt, solution):
@@ -46,7 +46,7 @@ def test_operands_rejects_non_arith_prompts(bad):
 def test_solution_answer_is_the_sum_and_steps_are_consistent(a, b):
     sol = ArithTask.solution(f"{a}+{b}=")
     steps, answer = sol.split("|")
-    assert int(answer) == a + b
+    assert int(answer[::-1]) == a + b  # least significant digit first
     steps = steps.split(",")
     assert len(steps) == max(len(str(a)), len(str(b)))
     assert len(answer) == len(steps) + 1
@@ -61,10 +61,10 @@ def test_solution_answer_is_the_sum_and_steps_are_consistent(a, b):
 
 def test_verify_true_and_false():
     p = arith("4721+3858=")
-    assert ArithTask.verify(p, "1+8+0=09,2+5+0=07,7+8+0=15,4+3+1=08|08579")
-    assert ArithTask.verify(p, "garbage steps|08579")  # only the final answer counts
-    assert ArithTask.verify(p, "...|08579 ")
-    assert not ArithTask.verify(p, "1+8+0=09,2+5+0=07,7+8+0=15,4+3+0=07|07579")  # dropped carry
+    assert ArithTask.verify(p, "1+8+0=09,2+5+0=07,7+8+0=15,4+3+1=08|97580")
+    assert ArithTask.verify(p, "garbage steps|97580")  # only the final answer counts
+    assert ArithTask.verify(p, "...|97580 ")
+    assert not ArithTask.verify(p, "1+8+0=09,2+5+0=07,7+8+0=15,4+3+0=07|97570")  # dropped carry
     assert not ArithTask.verify(p, "1+8+0=09,2+5+0=07,7+8+0=15,4+3+1=08")  # no answer
     assert not ArithTask.verify(p, "|08578")
     assert not ArithTask.verify(p, "")
@@ -77,17 +77,17 @@ def test_final_answer():
 
 def test_step_errors():
     p = arith("95+7=")
-    assert ArithTask.step_errors(p, "5+7+0=12,9+0+1=10|102") == [False, False, False]
+    assert ArithTask.step_errors(p, "5+7+0=12,9+0+1=10|201") == [False, False, False]
     assert ArithTask.step_errors(p, "5+7+0=12,9+0+0=09|099") == [False, True, True]  # dropped carry in step 2
     assert ArithTask.step_errors(p, "5+7+0=11,9+0+1=10|101") == [True, False, True]
-    assert ArithTask.step_errors(p, "5+7+0=12,9+0+1=10|120") == [False, False, True]  # steps right, answer wrong
+    assert ArithTask.step_errors(p, "5+7+0=12,9+0+1=10|210") == [False, False, True]  # steps right, answer wrong
     assert ArithTask.step_errors(p, "5+7+0=12") == [False, True, True]  # missing steps count as wrong
     assert ArithTask.step_errors(p, "") == [True, True, True]
 
 
 def test_module_verify_uses_the_task_verifier():
     p = arith("95+7=")
-    assert verify(p, "5+7+0=12,9+0+1=10|102") is True
+    assert verify(p, "5+7+0=12,9+0+1=10|201") is True
     assert verify(p, "5+7+0=12,9+0+0=09|099") is False
 
 
@@ -134,7 +134,31 @@ def test_samples_are_in_range_and_self_verifying(name):
         a, b = ArithTask.operands(p.text)
         for n in (a, b):
             assert task.min_digits <= len(str(n)) <= task.max_digits
-        assert p.task == name and int(p.answer) == a + b and len(p.answer) == max(len(str(a)), len(str(b))) + 1
+        assert p.task == name and int(p.answer[::-1]) == a + b and len(p.answer) == max(len(str(a)), len(str(b))) + 1
         assert verify(p, ArithTask.solution(p.text)) is True
     # deterministic by rng
     assert task.sample(np.random.default_rng(5)) == task.sample(np.random.default_rng(5))
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(0, 10**6), st.integers(0, 10**6), st.integers(0, 2**32 - 1))
+def test_corrupt_plants_single_digit_slips_and_keeps_the_true_continuation(a, b, seed):
+    prompt = f"{a}+{b}="
+    clean = ArithTask.solution(prompt)
+    text, planted = ArithTask.corrupt(prompt, np.random.default_rng(seed), rate=0.5)
+    assert len(text) == len(clean) == len(planted)
+    for ch, ref, bad in zip(text, clean, planted):
+        assert (ch != ref) == bad  # exactly the planted characters differ
+        assert ch.isdigit() or not bad
+    # at most one slip per step, only in the carry-in or the sum
+    pos = 0
+    for step in clean.split("|")[0].split(","):
+        offs = [i - pos for i in range(pos, pos + len(step)) if planted[i]]
+        assert len(offs) <= 1 and set(offs) <= {4, 6, 7}
+        pos += len(step) + 1
+    assert not any(planted[clean.index("|"):])  # the answer is never planted
+
+
+def test_corrupt_rate_zero_is_clean():
+    text, planted = ArithTask.corrupt("47213+38581=", np.random.default_rng(0), rate=0.0)
+    assert text == ArithTask.solution("47213+38581=") and not any(planted)

@@ -1,13 +1,22 @@
 """Built-in tasks: prompt generators with programmatic verifiers.
 
 `arith`: multi-digit addition written out digit by digit, least significant first, with the
-carry in and a two-digit sum in every step, then the answer zero-padded to one digit more than
-the operands. A wrong step (a dropped carry) propagates into every later step and the final
-answer, so errors compound along the completion, which is what on-policy distillation is meant
-to fix. Every step has the same width, so a small model can learn where to look:
+carry in and a two-digit sum in every step, then the answer, also least significant digit first
+(zero-padded to one digit more than the operands; 47213 + 38581 = 85794 is written 497580).
+Every step has the same width, so a small model can learn where to look, and writing the answer
+in step order keeps it a local read-out (Lee et al. 2023, "Teaching arithmetic to small
+transformers": reversed outputs make addition learnable for small models):
 
     prompt      "47213+38581="
-    completion  "3+1+0=04,1+8+0=09,2+5+0=07,7+8+0=15,4+3+1=08|085794"
+    completion  "3+1+0=04,1+8+0=09,2+5+0=07,7+8+0=15,4+3+1=08|497580"
+
+A slip in a step need not be fatal: the carry into the next step and every answer digit can be
+recomputed from the digits the steps show (x + y + c), so a model that has learned to recover
+continues correctly after one; a model that copies a slip forward spoils the later steps and the
+answer, so errors compound. The built-in teacher has learned to recover: `corrupt()` plants slips
+in its training text, masked out of its loss. A student imitating clean teacher text never sees a
+slip, while an on-policy student sees its own slips and the teacher's recovery from them; that is
+where the two loops differ.
 """
 
 from __future__ import annotations
@@ -55,13 +64,31 @@ class ArithTask:
             s = x + y + carry
             steps.append(f"{x}+{y}+{carry}={s:02d}")
             carry = s // 10
-        return ",".join(steps) + f"|{a + b:0{len(steps) + 1}d}"
+        return ",".join(steps) + "|" + f"{a + b:0{len(steps) + 1}d}"[::-1]
 
     @staticmethod
     def final_answer(completion: str) -> str | None:
         if "|" not in completion:
             return None
         return completion.rsplit("|", 1)[1].strip()
+
+    @classmethod
+    def corrupt(cls, prompt_text: str, rng: np.random.Generator, rate: float = 0.15) -> tuple[str, list[bool]]:
+        """The reference completion with slips planted: each step, with probability `rate`, gets one
+        wrong digit in its carry-in or its sum; what follows stays the true computation. Returns the
+        text and which characters are planted (they are masked out of the teacher's loss, so it learns
+        to recover from slips without learning to make them)."""
+        text = list(cls.solution(prompt_text))
+        planted = [False] * len(text)
+        pos = 0
+        for step in cls.segments(cls.solution(prompt_text))[:-1]:
+            if rng.random() < rate:
+                # "x+y+c=ss": the carry-in at offset 4, the two sum digits at 6 and 7
+                j = pos + int(rng.choice([4, 6, 7]))
+                text[j] = str((int(text[j]) + int(rng.integers(1, 10))) % 10)
+                planted[j] = True
+            pos += len(step) + 1
+        return "".join(text), planted
 
     @classmethod
     def verify(cls, prompt: Prompt, completion: str) -> bool:

@@ -19,7 +19,7 @@ from opd.prompts.tasks import get_task
 from opd.rollout import SamplingParams, encode_prompts, sample
 from opd.prompts import verify
 from opd.types import Prompt, Rollout
-from opd.update.sft import sft_loss
+from opd.logprobs import sampled_logprobs
 
 TEACHER_SHAPE = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4)
 STUDENT_SHAPE = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4)
@@ -63,8 +63,20 @@ def reference_batch(tokenizer, prompts: list[Prompt], solve) -> Rollout:
     )
 
 
+def slipped_batch(tokenizer, task, prompts: list[Prompt], rng, rate: float) -> tuple[Rollout, torch.Tensor]:
+    """Reference completions with planted slips (`task.corrupt`) and a [N] weight per completion token
+    that is 0 on planted characters: the teacher learns to continue correctly after a slip (as a strong
+    model would) without learning to make one."""
+    slipped = {p.text: task.corrupt(p.text, rng, rate) for p in prompts}
+    batch = reference_batch(tokenizer, prompts, lambda text: slipped[text][0])
+    weights = torch.zeros(batch.completion_ids.shape)
+    for i, bad in enumerate(slipped[p.text][1] for p in prompts):  # one character = one token (char tokenizer); EOS keeps weight 1
+        weights[i, : len(bad) + 1] = torch.tensor([0.0 if b else 1.0 for b in bad] + [1.0])
+    return batch, weights[batch.completion_mask.bool()]
+
+
 def train_builtin_teacher(out: Path, *, task: str = "arith", steps: int = 3000, batch_size: int = 64,
-                          lr: float = 3e-3, seed: int = 1234, log=print) -> dict:
+                          lr: float = 3e-3, seed: int = 1234, slip_rate: float = 0.15, log=print) -> dict:
     torch.manual_seed(seed)
     tokenizer = build_char_tokenizer()
     model = LlamaForCausalLM(llama_config(tokenizer, TEACHER_SHAPE))
@@ -77,8 +89,8 @@ def train_builtin_teacher(out: Path, *, task: str = "arith", steps: int = 3000, 
     t0 = time.time()
     model.train()
     for step in range(steps):
-        batch = reference_batch(tokenizer, [t.sample(rng) for _ in range(batch_size)], t.solution)
-        loss = sft_loss(model, batch)
+        batch, weights = slipped_batch(tokenizer, t, [t.sample(rng) for _ in range(batch_size)], rng, slip_rate)
+        loss = -(sampled_logprobs(model, batch, 1.0) * weights).sum() / weights.sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -99,10 +111,11 @@ def train_builtin_teacher(out: Path, *, task: str = "arith", steps: int = 3000, 
     tokenizer.save_pretrained(out)
     (out / "MADE_BY.md").write_text(
         "# Built-in teacher\n\n"
-        f"Made by `opd teacher train --out {out.name} --steps {steps} --seed {seed}` "
+        f"Made by `opd teacher train --out {out.name} --steps {steps} --seed {seed} --slip-rate {slip_rate}` "
         f"(or `make teacher`) in {time.time() - t0:.0f} s on {platform.processor() or platform.machine()}.\n\n"
         f"A LlamaForCausalLM ({sum(p.numel() for p in model.parameters()):,} parameters, {TEACHER_SHAPE}) "
-        f"trained from scratch on the `{task}` task's reference solutions.\n"
+        f"trained from scratch on the `{task}` task's reference solutions, with slips planted in "
+        f"{slip_rate:.0%} of the steps and masked out of the loss (it learns to recover, not to slip).\n"
         f"Accuracy (temperature 1.0, 256 fresh prompts): {acc:.3f}.\n"
     )
     return {"accuracy": acc, "seconds": time.time() - t0}
