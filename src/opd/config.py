@@ -91,7 +91,7 @@ class PromptsConfig(Section):
         description="Prompt sources, mixed by `weight` (TOML: [[prompts.sources]] tables).",
     )
     batch_size: int = Field(32, ge=1, description="Prompts per training step.")
-    eval_size: int = Field(128, ge=1, description="Held-out prompts per source, never used for training.")
+    eval_size: int = Field(256, ge=1, description="Held-out prompts per source, never used for training.")
     max_prompt_tokens: int = Field(256, ge=1, description="Longest prompt, in student tokens (see on_long_prompt).")
     on_long_prompt: Literal["truncate", "skip"] = Field(
         "truncate", description="A longer prompt keeps its last max_prompt_tokens tokens, or is skipped (counted)."
@@ -179,7 +179,7 @@ class TrainConfig(Section):
 
 class EvalConfig(Section):
     every: int = Field(50, ge=0, description="Evaluate every N steps (0 = only at step 0 and at the end).")
-    size: int = Field(128, ge=1, description="Held-out prompts per evaluation.")
+    size: int = Field(256, ge=1, description="Held-out prompts per evaluation.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature of eval completions.")
     max_new_tokens: int = Field(0, ge=0, description="Completion length at eval (0 = same as rollout).")
 
