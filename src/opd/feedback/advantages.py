@@ -66,6 +66,12 @@ def compute_feedback(
         adv = whiten(adv, mask)
     if rewards is not None:
         shaped = group_normalised_rewards(rewards.float(), group_size)
+        if scores.rewards is not None:
+            # Rows a score-only teacher rewarded have no token scores; their whole completion takes the
+            # (sparse) sequence-level signal. Both views keep the loss mask consistent with the advantages.
+            by_reward = torch.isfinite(scores.rewards)[:, None]
+            mask = torch.where(by_reward, rollout.completion_mask.float(), mask)
+            metrics["reward/teacher_rows"] = float(by_reward.sum())
         adv = opd_weight * adv + reward_weight * shaped[:, None] * mask
         metrics["reward/mean"] = float(rewards.float().mean())
     metrics["opd/advantage_mean"] = _masked_mean(raw, mask)

@@ -22,6 +22,7 @@ class ScoreJob:
     start: int  # first position whose logprob is returned (>= 1: position 0 has no context)
     topk: int = 0
     temperature: float = 1.0
+    sample_next: bool = False  # also draw one token after the sequence (vLLM's max_tokens = 1) from the same pass
 
     @property
     def cost(self) -> int:
@@ -34,6 +35,7 @@ class ScoreResult:
     ranks: list[int]  # 1 = the most likely token
     topk_ids: list[list[int]]
     topk_logprobs: list[list[float]]
+    next_token: int | None = None
 
 
 @torch.no_grad()
@@ -70,6 +72,7 @@ def score_batch(model, jobs: list[ScoreJob], *, chunk_size: int = 1024, pad_id: 
             v, i = logp.topk(kmax, dim=-1)
             tv_parts.append(v)
             ti_parts.append(i)
+    next_tokens = _sample_next(model, hidden, jobs)
     lp_all = torch.cat(lp_parts).cpu().tolist() if lp_parts else []
     rank_all = torch.cat(rank_parts).cpu().tolist() if rank_parts else []
     tv_all = torch.cat(tv_parts).cpu().tolist() if tv_parts else []
@@ -82,8 +85,23 @@ def score_batch(model, jobs: list[ScoreJob], *, chunk_size: int = 1024, pad_id: 
             logprobs=lp_all[sl], ranks=rank_all[sl],
             topk_ids=[r[: j.topk] for r in ti_all[sl]] if j.topk else [[] for _ in range(n)],
             topk_logprobs=[r[: j.topk] for r in tv_all[sl]] if j.topk else [[] for _ in range(n)],
+            next_token=next_tokens.get(len(out)),
         ))
         at += n
+    return out
+
+
+def _sample_next(model, hidden: torch.Tensor, jobs: list[ScoreJob]) -> dict[int, int]:
+    want = [b for b, j in enumerate(jobs) if j.sample_next]
+    if not want:
+        return {}
+    dev = hidden.device
+    last = torch.tensor([len(jobs[b].ids) - 1 for b in want], device=dev)
+    logits = lm_logits(model, hidden[torch.tensor(want, device=dev), last], 1.0)
+    out = {}
+    for row, b in enumerate(want):
+        t = jobs[b].temperature
+        out[b] = int(logits[row].argmax()) if t == 0 else int(torch.multinomial(F.softmax(logits[row] / t, -1), 1))
     return out
 
 
@@ -95,6 +113,10 @@ class GenerateJob:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+
+    @property
+    def cost(self) -> int:
+        return len(self.ids) + self.max_tokens
 
 
 @dataclass

@@ -27,7 +27,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, Field
 
-from opd.teacher.scorer import GenerateJob, ScoreJob, ScoreResult, generate_one, score_batch
+from opd.teacher.scorer import GenerateJob, GenerateResult, ScoreJob, ScoreResult, generate_one, score_batch
 
 
 class DynamicBatcher:
@@ -55,7 +55,7 @@ class DynamicBatcher:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        while True:
+        while True:  # never dies: a failure fails the batch's requests, not the worker
             batch = [await self.queue.get()]
             tokens = batch[0][0].cost
             deadline = loop.time() + self.max_wait_s
@@ -165,8 +165,10 @@ def build_app(model, tokenizer, *, name: str = "teacher", max_batch_tokens: int 
             out.append(ids)
         return out
 
-    async def score(ids_list: list[list[int]], start: int | None, topk: int, temperature: float) -> list[ScoreResult]:
-        jobs = [ScoreJob(ids, max(1, start if start is not None else 1), topk, temperature or 1.0) for ids in ids_list]
+    async def score(ids_list: list[list[int]], start: int | None, topk: int, temperature: float,
+                    sample_next: bool = False) -> list[ScoreResult]:
+        jobs = [ScoreJob(ids, max(1, start if start is not None else 1), topk, temperature or 1.0, sample_next)
+                for ids in ids_list]
         queued.inc(len(jobs))
         try:
             results = await scorer.submit(jobs)
@@ -198,9 +200,14 @@ def build_app(model, tokenizer, *, name: str = "teacher", max_batch_tokens: int 
         k_prompt = req.prompt_logprobs if req.prompt_logprobs is not None else (req.logprobs if req.echo else None)
         if k_prompt is not None and k_prompt > max_logprobs:
             return error(400, f"requested {k_prompt} logprobs, at most {max_logprobs}", "completions")
-        prompt_scores = await score(ids_list, 1, k_prompt, req.temperature) if k_prompt is not None else None
+        # vLLM needs max_tokens >= 1 next to prompt_logprobs; that one token comes from the scoring pass.
+        one_token = k_prompt is not None and req.max_tokens == 1 and not req.stop
+        prompt_scores = await score(ids_list, 1, k_prompt, req.temperature, one_token) if k_prompt is not None else None
         gens = [None] * len(ids_list)
-        if req.max_tokens > 0:
+        if one_token:
+            gens = [GenerateResult([r.next_token], "stop" if r.next_token == tokenizer.eos_token_id else "length")
+                    for r in prompt_scores]
+        elif req.max_tokens > 0:
             stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
             gens = await generator.submit([GenerateJob(ids, req.max_tokens, req.temperature, req.top_p, stop, req.seed)
                                            for ids in ids_list])
