@@ -1,71 +1,8 @@
-"""Teacher servers for the tests: `opd serve-teacher` started as a real process on 127.0.0.1."""
+"""Fixtures of the teacher tests."""
 
-from __future__ import annotations
-
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
-
-import httpx
 import pytest
 
-SRC = str(Path(__file__).parents[2] / "src")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerProcess:
-    """`opd serve-teacher MODEL` in a subprocess; start() waits for /health, kill() is SIGKILL."""
-
-    def __init__(self, model: str = "builtin:arith-teacher", port: int | None = None, *extra: str):
-        self.model, self.port, self.extra = model, port or free_port(), list(extra)
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self, timeout: float = 120.0) -> "ServerProcess":
-        env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "opd.cli", "serve-teacher", self.model, "--host", "127.0.0.1", "--port",
-             str(self.port), *self.extra], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"serve-teacher exited: {self.proc.stderr.read().decode()[-2000:]}")
-            try:
-                if httpx.get(self.url + "/health", timeout=1.0).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError("serve-teacher did not become healthy in time")
-
-    def kill(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        if self.proc and self.proc.stderr:
-            self.proc.stderr.close()
+from teacher_servers import ServerProcess
 
 
 @pytest.fixture(scope="module")

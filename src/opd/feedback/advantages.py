@@ -55,6 +55,7 @@ def compute_feedback(
     # A token enters the loss only if it is a real completion token the teacher scored.
     mask = (rollout.completion_mask * scores.scored_mask).float()
     raw = (scores.token_logprobs - rollout.behaviour_logprobs) * mask
+    scored = mask
     adv = raw
     metrics: dict[str, float] = {}
     if cfg.clip > 0:
@@ -74,8 +75,8 @@ def compute_feedback(
             metrics["reward/teacher_rows"] = float(by_reward.sum())
         adv = opd_weight * adv + reward_weight * shaped[:, None] * mask
         metrics["reward/mean"] = float(rewards.float().mean())
-    metrics["opd/advantage_mean"] = _masked_mean(raw, mask)
-    metrics["opd/advantage_pos_frac"] = _masked_mean((raw > 0).float(), mask)
+    metrics["opd/advantage_mean"] = _masked_mean(raw, scored)
+    metrics["opd/advantage_pos_frac"] = _masked_mean((raw > 0).float(), scored)
     return Feedback(advantages=adv.detach(), loss_mask=mask, raw_advantages=raw.detach(), rewards=rewards, metrics=metrics)
 
 

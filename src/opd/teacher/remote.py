@@ -4,7 +4,7 @@ Each sequence (prompt + completion token ids, exactly as the student saw them) i
 Requests run concurrently, at most `max_in_flight` at once; each has a timeout and is retried
 with exponential backoff and jitter. A circuit breaker stops hammering a server that keeps
 failing: after `breaker_threshold` consecutive failures it opens for `breaker_cooldown_s`, during
-which requests wait instead of being sent, then lets one probe through.
+which attempts are not sent (they wait, and count as spent), then lets one probe through.
 
 A sequence is never trained on with partial scores: its answer is accepted whole (every
 completion token, ids checked) or, once retries are spent, the sequence is dropped — its
@@ -171,9 +171,11 @@ class RemoteTeacher:
             if attempt:
                 stats["retries"] += 1
                 await asyncio.sleep(self._backoff(attempt))
-            while (wait := self.breaker.wait_s()) > 0:  # open circuit: wait here instead of sending
-                stats["breaker_waits"] += 1
+            if (wait := self.breaker.wait_s()) > 0:
+                # Open circuit: this attempt is not sent; it is spent waiting for the breaker to let a probe through.
+                stats["breaker_rejections"] += 1
                 await asyncio.sleep(wait)
+                continue
             async with gate:
                 t0 = time.perf_counter()
                 kind, detail = await self._attempt(client, path, body, parse)
@@ -251,7 +253,7 @@ def assemble(rollout: Rollout, results: list[SequenceScore | None], topk: int, s
 
 def request_metrics(stats: Counter, latencies: list[float], n_sequences: int) -> dict[str, float]:
     out = {"teacher/requests": float(n_sequences), "teacher/retries": float(stats["retries"]),
-           "teacher/dropped": float(stats["dropped"]), "teacher/breaker_waits": float(stats["breaker_waits"])}
+           "teacher/dropped": float(stats["dropped"]), "teacher/breaker_rejections": float(stats["breaker_rejections"])}
     for k, v in stats.items():
         if k.startswith("failures/"):
             out[f"teacher/{k}"] = float(v)
