@@ -69,7 +69,7 @@ class FaultProxy:
             if self.on_request:
                 await asyncio.get_running_loop().run_in_executor(None, self.on_request, n)
             kind = self.schedule(n, body) if request.method == "POST" else None
-            if kind:
+            if kind in ("http500", "hang", "malformed"):  # these never reach upstream
                 self.counts[kind] += 1
             if kind == "http500":
                 return JSONResponse({"error": "injected"}, 500)
@@ -89,6 +89,7 @@ class FaultProxy:
                 self.counts["upstream"] += 1
                 return Response(resp.content, resp.status_code)
             if kind == "wrong_count":
+                self.counts[kind] += 1
                 return JSONResponse(drop_last_position(resp.json()))
             self.counts["ok"] += 1
             return Response(resp.content, media_type="application/json")
