@@ -47,6 +47,8 @@ class DynamicBatcher:
         self.task = asyncio.get_running_loop().create_task(self._run())
 
     async def submit(self, jobs: list) -> list:
+        if self.task is None:  # started by the first request, inside the server's event loop
+            self.start()
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in jobs]
         for job, fut in zip(jobs, futures):
@@ -144,11 +146,6 @@ def build_app(model, tokenizer, *, name: str = "teacher", max_batch_tokens: int 
     generator = DynamicBatcher(lambda jobs: [generate_one(model, tokenizer, j) for j in jobs],
                                max_batch_tokens=1, max_wait_ms=0)
     app = FastAPI(title=f"opd teacher: {name}")
-
-    @app.on_event("startup")
-    async def _start() -> None:
-        scorer.start()
-        generator.start()
 
     def error(status: int, message: str, endpoint: str) -> JSONResponse:
         requests.labels(endpoint, str(status)).inc()
