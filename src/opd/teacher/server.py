@@ -134,7 +134,9 @@ def build_app(model, tokenizer, *, name: str = "teacher", max_batch_tokens: int 
     batch_seconds = Histogram("opd_teacher_batch_seconds", "Forward time per batch", registry=registry)
     latency = Histogram("opd_teacher_request_seconds", "Request latency", ["endpoint"], registry=registry)
     queued = Gauge("opd_teacher_queue_depth", "Scoring jobs waiting", registry=registry)
+    # Names of token ids for `decoded_token`; a model may have more rows than its tokenizer has tokens.
     vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    vocab += [f"<unused{i}>" for i in range(len(vocab), getattr(model.config, "vocab_size", 0) or 0)]
     pad_id = tokenizer.pad_token_id or 0
 
     def on_batch(n: int, tokens: int, seconds: float) -> None:
