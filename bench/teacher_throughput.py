@@ -19,7 +19,6 @@ import platform
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -42,8 +41,12 @@ CONCURRENCY = [1, 8]
 
 
 def smol_shaped(folder: Path) -> str:
-    """A LlamaForCausalLM with SmolLM2-135M's shape and random weights, with opd's char tokenizer."""
+    """A LlamaForCausalLM with SmolLM2-135M's shape and random weights, with opd's char tokenizer
+    (kept in runs/smol-shaped so a vLLM server can load the same folder)."""
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    if (folder / "config.json").is_file():
+        return str(folder)
 
     from opd.models import build_char_tokenizer
 
@@ -144,11 +147,11 @@ def main() -> None:
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--shapes", default=",".join(f"{n}x{L}" for n, L in SHAPES))
     ap.add_argument("--concurrency", default=",".join(map(str, CONCURRENCY)))
-    ap.add_argument("--out", default=str(ROOT / "bench/results/teacher_throughput.json"))
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", default="", help="default bench/results/teacher_throughput[-MODEL].json")
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-    tmp = tempfile.TemporaryDirectory()
-    spec = smol_shaped(Path(tmp.name) / "smol") if args.model == "smol-shaped" else args.model
+    spec = smol_shaped(ROOT / "runs/smol-shaped") if args.model == "smol-shaped" else args.model
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
     levels = [int(c) for c in args.concurrency.split(",")]
     fp32 = load_model(spec, dtype="float32", device="cpu").eval()
@@ -167,23 +170,23 @@ def main() -> None:
                 seqs = sequences(n, length, vocab, seed=n * 1000 + length)
                 ref = reference_logprobs(fp32, seqs)
                 tokens = n * (length - 1)
-                secs, got = timed(lambda: local_scores(model, seqs))
+                secs, got = timed(lambda: local_scores(model, seqs), args.repeats)
                 record(backend="local", dtype=dtype, sequences=n, length=length, concurrency=None,
                        tokens_per_s=tokens / secs, max_abs_error=max_error(got, ref))
                 for c in levels:
-                    secs, got = timed(lambda: remote_scores(url, seqs, c))
+                    secs, got = timed(lambda: remote_scores(url, seqs, c), args.repeats)
                     record(backend="opd serve-teacher", dtype=dtype, sequences=n, length=length, concurrency=c,
                            tokens_per_s=tokens / secs, max_abs_error=max_error(got, ref))
                 if args.vllm_url and dtype == args.vllm_dtype:
                     for c in levels:
-                        secs, got = timed(lambda: remote_scores(args.vllm_url, seqs, c, args.vllm_model_name))
+                        secs, got = timed(lambda: remote_scores(args.vllm_url, seqs, c, args.vllm_model_name), args.repeats)
                         record(backend="vllm-cpu", dtype=dtype, sequences=n, length=length, concurrency=c,
                                tokens_per_s=tokens / secs, max_abs_error=max_error(got, ref))
         finally:
             proc.terminate()
             proc.wait()
     result = {
-        "what": "teacher prompt-scoring throughput (prompt tokens/s, best of 3) and max |logprob - fp32 transformers|",
+        "what": f"teacher prompt-scoring throughput (prompt tokens/s, best of {args.repeats}) and max |logprob - fp32 transformers|",
         "command": "python " + " ".join(sys.argv),
         "model": args.model,
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
@@ -191,9 +194,11 @@ def main() -> None:
                     "python": platform.python_version(), "load_avg_at_end": os.getloadavg()},
         "rows": rows,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print(f"written {args.out}")
+    suffix = "" if args.model == "builtin:arith-teacher" else "-" + Path(args.model).name.replace(":", "-")
+    out = Path(args.out or ROOT / f"bench/results/teacher_throughput{suffix}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"written {out}")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ MODEL=${1:-src/opd/assets/arith-teacher}
 VENV=${VENV:-.venv-vllm}
 PORT=${PORT:-8011}
 DTYPE=${DTYPE:-float32}
+# On CPU this fraction of the NUMA node's memory is reserved (KV cache); vLLM's default 0.92 fails on a shared machine.
+MEM_FRACTION=${MEM_FRACTION:-0.2}
 PY=${PY:-python3}
 
 if ! "$VENV/bin/python" -c "import vllm" 2>/dev/null; then
@@ -32,4 +34,4 @@ export VLLM_CPU_OMP_THREADS_BIND=${VLLM_CPU_OMP_THREADS_BIND:-0-$(($(nproc) - 1)
 export VLLM_CPU_NUM_OF_RESERVED_CPU=${VLLM_CPU_NUM_OF_RESERVED_CPU:-0}
 export HF_HUB_OFFLINE=1
 exec "$VENV/bin/python" -m vllm.entrypoints.openai.api_server --model "$MODEL" --served-model-name teacher \
-  --host 127.0.0.1 --port "$PORT" --dtype "$DTYPE" --max-logprobs 20
+  --host 127.0.0.1 --port "$PORT" --dtype "$DTYPE" --max-logprobs 20 --gpu-memory-utilization "$MEM_FRACTION"

