@@ -21,6 +21,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _die_with_parent() -> None:
+    """Linux: the server gets SIGKILL when the test process dies, so an interrupted run leaves no server behind."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
 class ServerProcess:
     """`opd serve-teacher MODEL` in a subprocess; start() waits for /health, kill() is SIGKILL."""
 
@@ -37,7 +47,8 @@ class ServerProcess:
                "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "opd.cli", "serve-teacher", self.model, "--host", "127.0.0.1", "--port",
-             str(self.port), *self.extra], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+             str(self.port), *self.extra], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            preexec_fn=_die_with_parent)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

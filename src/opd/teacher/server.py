@@ -309,4 +309,5 @@ def serve(model_spec: str, *, host: str, port: int, dtype: str = "float32", devi
     model = load_model(model_spec, dtype=dtype, device=device).eval()
     app = build_app(model, tokenizer, name=model_spec, max_batch_tokens=max_batch_tokens, max_wait_ms=max_wait_ms)
     announce(f"serving {model_spec} ({dtype}) on http://{host}:{port} (/v1/completions, /generate, /health, /metrics)")
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    # A stuck request must not keep a stopping server alive forever.
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
