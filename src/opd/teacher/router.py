@@ -43,7 +43,8 @@ class TeacherRouter:
             if hasattr(t, "counters"):
                 for k, v in t.counters().items():
                     out[k] = out.get(k, 0.0) + v
-                    out[k.replace("teacher/", f"teacher/{name}/", 1)] = v
+                    if len(self.teachers) > 1:
+                        out[k.replace("teacher/", f"teacher/{name}/", 1)] = v
         return out
 
 
