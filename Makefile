@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.opd-installed
 
-.PHONY: setup demo test test-fast teacher docs clean
+.PHONY: setup demo test test-fast teacher docs clean vllm-teacher
 
 setup: $(STAMP)
 
@@ -35,3 +35,8 @@ clean:
 # Regenerates the config reference in README.md from src/opd/config.py.
 docs: setup
 	$(BIN)/python scripts/update_readme_reference.py
+
+# A real vLLM teacher on CPU in its own .venv-vllm (built on first use): make vllm-teacher MODEL=runs/x/final PORT=8011
+MODEL ?= src/opd/assets/arith-teacher
+vllm-teacher:
+	PY=$(PY) MODEL=$(MODEL) bash scripts/vllm_teacher.sh $(MODEL)

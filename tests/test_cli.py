@@ -43,3 +43,12 @@ def test_bad_config_exits_2_with_a_message_and_no_traceback(tmp_path):
 def test_config_prints_default_toml():
     r = opd("config")
     assert r.returncode == 0 and "[rollout]" in r.stdout and 'model = "builtin:arith-teacher"' in r.stdout
+
+
+def test_serve_teacher_bad_input_exits_2_with_a_message():
+    r = opd("serve-teacher", "builtin:arith-teacher", "--dtype", "float64")
+    assert r.returncode == 2 and "--dtype 'float64'" in r.stderr and "Traceback" not in r.stderr
+    r = opd("serve-teacher", "nowhere/model")
+    assert r.returncode == 2 and "model not found: 'nowhere/model'" in r.stderr and "Traceback" not in r.stderr
+    r = opd("run", "--set", "teacher.url='http://127.0.0.1:9'")  # a server cannot give reverse_kl its distribution
+    assert r.returncode == 2 and "objective.name = 'pg'" in r.stderr.replace("\n", " ")

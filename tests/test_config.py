@@ -382,6 +382,7 @@ def test_reference_rows_show_defaults_and_descriptions():
     for choice in ("`pg`", "`reverse_kl`", "`gkd`", "`topk_kl`", "`hybrid`"):
         assert choice in row
     n_fields = 1 + sum(len(m.model_fields) for m in _sections().values()) + len(SourceConfig.model_fields)
+    n_fields += 1  # `teachers`: one row, its tables take the [teacher] keys
     assert sum(1 for ln in md.splitlines() if ln.startswith("| `")) == n_fields
 
 
@@ -446,3 +447,43 @@ def test_cli_config_reference():
     result, _ = _invoke("config", "--reference")
     assert result.exit_code == 0
     assert result.stdout == reference_markdown()
+
+
+# --------------------------------------------------------------------------- teacher servers, routing
+REMOTE = {"teacher": {"url": "http://127.0.0.1:8000"}, "objective": {"name": "pg"}}
+
+
+def test_remote_teacher_and_named_teachers_roundtrip():
+    cfg = validate_config({**REMOTE, "teachers": {"judge": {"url": "http://127.0.0.1:9000", "api": "pooling"},
+                                                   "math": {"model": "builtin:arith-teacher", "topk": 0}},
+                           "prompts": {"sources": [{"name": "a"}, {"name": "b", "teacher": "math"}]}})
+    assert cfg.teacher.remote and not cfg.teachers["math"].remote
+    assert set(cfg.used_teachers()) == {"default", "math"}  # `judge` is declared but no source picks it
+    assert _roundtrip(cfg) == cfg and "[teachers.judge]" in to_toml(cfg)
+    assert validate_config({}).teachers == {} and "[teachers" not in to_toml(validate_config({}))
+
+
+@pytest.mark.parametrize("data, hint", [
+    ({"teacher": {"url": "http://h"}}, "needs the teacher's full distribution"),
+    ({**REMOTE, "objective": {"name": "gkd"}}, "use objective.name = 'pg', 'topk_kl'"),
+    ({"prompts": {"sources": [{"teacher": "nope"}]}}, "is not declared as [teachers.nope]"),
+    ({"teachers": {"default": {}}}, "reserved"),
+    ({"teacher": {"url": "http://h", "api": "pooling"}, "objective": {"name": "pg"}}, "score-only"),
+    ({**REMOTE, "rollout": {"temperature": 0.7}}, "temperature_in_request = true"),
+    ({**REMOTE, "objective": {"name": "topk_kl"}, "teacher": {"url": "http://h", "topk": 32}}, "at most 20"),
+    ({"objective": {"name": "topk_kl"}, "teacher": {"topk": 5}, "teachers": {"x": {"topk": 3}},
+      "prompts": {"sources": [{"teacher": "x"}]}}, "same top-k"),
+])
+def test_teacher_service_config_errors_say_what_to_do(data, hint):
+    assert hint in _error(data)
+
+
+def test_remote_temperature_is_fine_when_the_server_applies_it():
+    cfg = validate_config({**REMOTE, "teacher": {"url": "http://h", "temperature_in_request": True},
+                           "rollout": {"temperature": 0.7}})
+    assert cfg.rollout.temperature == 0.7
+
+
+def test_unknown_key_in_a_named_teacher_lists_the_teacher_keys():
+    msg = _error({"teachers": {"judge": {"urll": "http://h"}}})
+    assert "unknown key `teachers.judge.urll` (did you mean `url`?)" in msg and "max_in_flight" in msg

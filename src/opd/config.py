@@ -61,6 +61,43 @@ class TeacherConfig(Section):
         ge=1,
         description="Positions per chunk of the log-softmax, so batch x length x vocab fp32 logits never exist at once.",
     )
+    # ---- a teacher behind a server (`opd serve-teacher`, vLLM, SGLang): see README "Teacher as a service"
+    url: str = Field(
+        "",
+        description="Base URL of a teacher server (e.g. `http://127.0.0.1:8000`); empty = run `model` in this process. "
+        "With a URL, `model` is only read for its tokenizer (the shared-vocabulary check) when it exists locally.",
+    )
+    api: Literal["vllm", "vllm-echo", "sglang", "pooling"] = Field(
+        "vllm",
+        description="Server protocol: `vllm` = /v1/completions with prompt_logprobs (vLLM, `opd serve-teacher`); "
+        "`vllm-echo` = echo + logprobs; `sglang` = /generate with return_logprob; `pooling` = a score-only teacher "
+        "(reward model behind /pooling): one reward per sequence, used by the `hybrid` objective.",
+    )
+    served_model: str = Field("", description="`model` field sent to the server (empty = the server's default model).")
+    temperature_in_request: bool = Field(
+        False,
+        description="The server applies the request's `temperature` to prompt logprobs (`opd serve-teacher` does; "
+        "vLLM's prompt_logprobs are at temperature 1). When false, a remote teacher needs rollout and eval temperature 1.",
+    )
+    timeout_s: float = Field(60.0, gt=0, description="Timeout of one teacher request, in seconds.")
+    max_in_flight: int = Field(16, ge=1, description="Teacher requests (one per sequence) in flight at once.")
+    retries: int = Field(
+        4, ge=0, description="Retries of a failed request (backoff with jitter) before its sequence is dropped."
+    )
+    backoff_s: float = Field(0.5, gt=0, description="First retry delay; doubles on each retry, with jitter.")
+    breaker_threshold: int = Field(
+        5, ge=0, description="Consecutive failed requests that open the circuit breaker (0 = no breaker)."
+    )
+    breaker_cooldown_s: float = Field(
+        5.0, gt=0, description="While open, the breaker holds requests back this long, then lets one probe through."
+    )
+    cache_size: int = Field(
+        100_000, ge=0, description="Sequences a teacher server scored that are remembered, so an identical one is not sent twice (0 = no cache)."
+    )
+
+    @property
+    def remote(self) -> bool:
+        return bool(self.url)
 
 
 class SourceConfig(Section):
@@ -76,6 +113,7 @@ class SourceConfig(Section):
     answer_field: str = Field("answer", description="Record field holding the reference answer (optional).")
     weight: float = Field(1.0, gt=0, description="Relative sampling weight of this source in the mixture.")
     split: str = Field("train", description="Split to read from an `hf` dataset dict.")
+    teacher: str = Field("", description="Named teacher ([teachers.NAME]) that scores this source; empty = [teacher].")
 
     @model_validator(mode="after")
     def _needs_path(self) -> "SourceConfig":
@@ -220,6 +258,11 @@ class Config(Section):
     seed: int = Field(0, description="Seed for prompts, sampling and initialisation.")
     student: StudentConfig = Field(default_factory=StudentConfig)
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    teachers: dict[str, TeacherConfig] = Field(
+        default_factory=dict,
+        description="More named teachers ([teachers.NAME] tables, same keys as [teacher]); a prompt source picks "
+        "one with `teacher = \"NAME\"`.",
+    )
     prompts: PromptsConfig = Field(default_factory=PromptsConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     feedback: FeedbackConfig = Field(default_factory=FeedbackConfig)
@@ -241,7 +284,46 @@ class Config(Section):
             raise ValueError(
                 "objective.name = 'hybrid' normalises rewards within a group: set rollout.samples_per_prompt >= 2"
             )
+        self._check_teachers()
         return self
+
+    def used_teachers(self) -> dict[str, TeacherConfig]:
+        """The teachers prompts are routed to: `default` ([teacher]) and every named one a source picks."""
+        used = {"default": self.teacher}
+        for src in self.prompts.sources:
+            if src.teacher:
+                used[src.teacher] = self.teachers[src.teacher]
+        return used
+
+    def _check_teachers(self) -> None:
+        if "default" in self.teachers:
+            raise ValueError("[teachers.default] is reserved for [teacher]; give the named teacher another name")
+        for i, src in enumerate(self.prompts.sources):
+            if src.teacher and src.teacher not in self.teachers:
+                known = ", ".join(sorted(self.teachers)) or "none"
+                raise ValueError(f"prompts.sources[{i}].teacher = {src.teacher!r} is not declared as [teachers.{src.teacher}] "
+                                 f"(declared: {known})")
+        obj = self.objective.name
+        for name, t in self.used_teachers().items():
+            key = "teacher" if name == "default" else f"teachers.{name}"
+            if t.remote and obj in ("reverse_kl", "gkd"):
+                raise ValueError(f"objective.name = {obj!r} needs the teacher's full distribution, which a teacher server "
+                                 f"does not return ({key}.url is set): use objective.name = 'pg', 'topk_kl' (with "
+                                 f"{key}.topk > 0) or 'hybrid'")
+            if t.api == "pooling" and t.remote and obj != "hybrid":
+                raise ValueError(f"{key} is score-only (api = 'pooling': one reward per sequence, no token logprobs): "
+                                 "use objective.name = 'hybrid' (with rollout.samples_per_prompt >= 2)")
+            if obj == "topk_kl" and t.topk != self.teacher.topk:
+                raise ValueError(f"objective.name = 'topk_kl' needs every routed teacher to give the same top-k: "
+                                 f"{key}.topk = {t.topk}, teacher.topk = {self.teacher.topk}")
+            if t.remote and t.api in ("vllm", "vllm-echo") and t.topk > 20:
+                raise ValueError(f"{key}.topk = {t.topk}: vLLM returns at most 20 logprobs per position by default")
+            temps = {self.rollout.temperature, self.eval.temperature}
+            if t.remote and not t.temperature_in_request and temps != {1.0}:
+                raise ValueError(f"{key} is a server whose prompt logprobs are at temperature 1, but rollout/eval "
+                                 f"temperature is {sorted(temps)}: A_t must compare like with like. Use temperature 1, "
+                                 f"or set {key}.temperature_in_request = true if the server applies it "
+                                 "(`opd serve-teacher` does)")
 
 
 # ------------------------------------------------------------------------------------- loading
@@ -264,15 +346,18 @@ def _format_validation_error(err: ValidationError, cls: type[BaseModel]) -> str:
 
 def _allowed_keys(cls: type[BaseModel], loc: tuple) -> list[str]:
     model: Any = cls
+    skip_name = False  # the next part is a dict key ([teachers.NAME]), not a field
     for part in loc:
-        if isinstance(part, int):
+        if isinstance(part, int) or skip_name:
+            skip_name = False
             continue
         field = model.model_fields.get(str(part))
         if field is None:
             return []
         ann = field.annotation
-        args = getattr(ann, "__args__", None)
-        model = args[0] if args and isinstance(args[0], type) and issubclass(args[0], BaseModel) else ann
+        args = [a for a in getattr(ann, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)]
+        skip_name = get_origin(ann) is dict
+        model = args[0] if args else ann
         if not (isinstance(model, type) and issubclass(model, BaseModel)):
             return []
     return sorted(model.model_fields)
@@ -398,6 +483,8 @@ def reference_markdown() -> str:
             if isinstance(default, list) and default and isinstance(default[0], BaseModel):
                 shown = "one built-in `arith` source"
                 walk(type(default[0]), f"{prefix}{name}[].")
+            elif get_origin(ann) is dict:
+                shown = "none"
             else:
                 shown = "unset" if default is None else f"`{_toml_value(default)}`"
             lines.append(f"| `{prefix}{name}` | {_type_name(ann)} | {shown} | {f.description} |")
@@ -411,6 +498,8 @@ def _type_name(ann: Any) -> str:
         return " / ".join(f"`{a}`" for a in get_args(ann))
     if type(None) in get_args(ann):  # Optional[X]
         return _type_name(next(a for a in get_args(ann) if a is not type(None))) + " (optional)"
+    if get_origin(ann) is dict:
+        return "tables of " + _type_name(get_args(ann)[1])
     if get_origin(ann) in (list, tuple):
         return f"{get_origin(ann).__name__} of " + ", ".join(_type_name(a) for a in get_args(ann))
     return getattr(ann, "__name__", str(ann))

@@ -30,6 +30,7 @@ from opd.monitor import MetricsLog, RunDisplay, assess, health_metrics
 from opd.prompts import PromptStream, verify
 from opd.rollout import SamplingParams, sample
 from opd.teacher import LocalTeacher
+from opd.teacher.build import build_teachers, check_tokenizers
 from opd.types import Rollout, TeacherScores
 from opd.update import make_optimizer, make_scheduler, supervised_train, update_student
 from opd.update.step import PG_FAMILY
@@ -107,14 +108,17 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
 
     # ---- build the parts
     tokenizer = load_tokenizer(cfg.student.model)
-    check_same_tokenizer(tokenizer, load_tokenizer(cfg.teacher.model), cfg)
+    check_tokenizers(cfg, tokenizer)
     student = load_model(cfg.student.model, init=cfg.student.init, dtype=cfg.student.dtype,
                          device=cfg.student.device, seed=cfg.seed)
-    teacher_model = load_model(cfg.teacher.model, dtype=cfg.teacher.dtype, device=cfg.teacher.device)
-    teacher = LocalTeacher(teacher_model, batch_size=cfg.teacher.batch_size, chunk_size=cfg.teacher.chunk_size,
-                           topk=cfg.teacher.topk)
+    if cfg.teacher.remote and mode == "offline":
+        raise ConfigError("opd offline writes teacher completions with a local teacher: unset teacher.url")
+    # A teacher server (teacher.url) has no weights here: it scores, and writes the warm-start data.
+    teacher_model = None if cfg.teacher.remote else load_model(cfg.teacher.model, dtype=cfg.teacher.dtype,
+                                                                device=cfg.teacher.device)
     stream = PromptStream(cfg.prompts, cfg.seed, chat_renderer(tokenizer),
                           count_tokens=lambda text: len(tokenizer(text)["input_ids"]))
+    teacher = build_teachers(cfg, [s.name for s in stream.sources], default_model=teacher_model, log=log)
     prompt_counts = {f"prompts/{k}": v for k, v in stream.load_counts().items()}
     if any(prompt_counts.values()):
         log("prompts: " + ", ".join(f"{k[8:]} {v}" for k, v in prompt_counts.items() if v))
@@ -127,7 +131,8 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
     total_updates = cfg.train.max_steps * cfg.train.updates_per_batch
     optimizer = make_optimizer(student, cfg.train)
     scheduler = make_scheduler(optimizer, cfg.train, total_updates)
-    n_student, n_teacher = count_params(student), count_params(teacher_model)
+    n_student = count_params(student)
+    n_teacher = count_params(teacher_model) if teacher_model is not None else 0  # a server's size is unknown here
     needs_full = cfg.objective.name in ("reverse_kl", "gkd")
     ref_model = None
 
@@ -161,7 +166,8 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
         budget = {"teacher_tokens": 0, "student_tokens": 0, "flops": 0.0}
         skips = {"total": 0, "consecutive": 0}
         if cfg.student.warm_start_steps > 0:
-            warm_start(cfg, student, teacher_model, tokenizer, stream, params, budget, log)
+            warm_start(cfg, student, teacher_model or teacher.teachers["default"], tokenizer, stream, params,
+                       budget, log)
     objective = cfg.objective
     offline_data = None
     if mode == "offline":
@@ -224,6 +230,8 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
             # 4. token feedback
             correct = [verify(p, c) for p, c in zip(rollout.prompts, rollout.texts)]
             rewards = torch.tensor([float(c or 0) for c in correct]) if objective.name == "hybrid" else None
+            if rewards is not None and scores.rewards is not None:  # score-only teachers give the reward themselves
+                rewards = torch.where(torch.isfinite(scores.rewards), scores.rewards, rewards)
             feedback = compute_feedback(rollout, scores, cfg.feedback, rewards=rewards,
                                         reward_weight=cfg.objective.reward_weight, opd_weight=cfg.objective.opd_weight,
                                         group_size=cfg.rollout.samples_per_prompt)
@@ -261,6 +269,7 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
                 last_eval = eval_row(step, version)
                 row.update(last_eval)
                 crash_point("eval", step)
+            row.update(teacher.counters())  # cumulative teacher faults, evaluation scoring included
             row.update(health_metrics(assess(row, cfg.monitor)))
             metrics.write(row)
             display.update(row)
@@ -295,15 +304,21 @@ def warm_start(cfg: Config, student, teacher_model, tokenizer, stream: PromptStr
     """A short supervised phase on teacher completions, so on-policy samples start out readable."""
     t0 = time.time()
     prompts = stream.extra_prompts(cfg.student.warm_start_samples, key=1)
-    data = concat_rollouts(generate(teacher_model, tokenizer, prompts, params, seed=cfg.seed + 1,
-                                    batch_size=cfg.teacher.batch_size, max_prompt_tokens=cfg.prompts.max_prompt_tokens),
-                           tokenizer.pad_token_id)
+    local = isinstance(teacher_model, torch.nn.Module)
+    if local:
+        batches = generate(teacher_model, tokenizer, prompts, params, seed=cfg.seed + 1,
+                           batch_size=cfg.teacher.batch_size, max_prompt_tokens=cfg.prompts.max_prompt_tokens)
+    else:  # a teacher server writes them (plain generation through its API)
+        batches = teacher_model.generate(tokenizer, prompts, params, seed=cfg.seed + 1,
+                                         batch_size=cfg.teacher.batch_size, max_prompt_tokens=cfg.prompts.max_prompt_tokens)
+    data = concat_rollouts(batches, tokenizer.pad_token_id)
     crash_point("warm_start", 0)
     losses = supervised_train(student, data, steps=cfg.student.warm_start_steps,
                               batch_size=cfg.student.warm_start_batch_size, lr=cfg.student.warm_start_lr, seed=cfg.seed)
     trained_tokens = data.num_tokens * cfg.student.warm_start_steps * cfg.student.warm_start_batch_size / len(prompts)
     budget["teacher_tokens"] += data.num_tokens
-    budget["flops"] += 2 * count_params(teacher_model) * data.num_tokens + 6 * count_params(student) * trained_tokens
+    n_teacher = count_params(teacher_model) if local else 0
+    budget["flops"] += 2 * n_teacher * data.num_tokens + 6 * count_params(student) * trained_tokens
     log(f"warm start: {data.num_tokens} teacher tokens, {len(losses)} steps, "
         f"loss {losses[0]:.3f} -> {losses[-1]:.3f} ({time.time() - t0:.0f}s)")
 
@@ -374,6 +389,7 @@ def _step_metrics(rollout, scores, feedback, correct, t0, t1, t2, t3, offline: b
         "student/logprob_mean": float(rollout.behaviour_logprobs[mask].mean()) if n else float("nan"),
         "opd/reverse_kl": float((rollout.behaviour_logprobs - scores.token_logprobs)[scored].mean()) if scored.any() else float("nan"),
         **feedback.metrics,
+        **scores.metrics,
         "time/rollout_s": t1 - t0,
         "time/teacher_s": t2 - t1,
         "time/update_s": t3 - t2,

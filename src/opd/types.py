@@ -66,9 +66,11 @@ class TeacherScores:
     topk_logprobs: torch.Tensor | None = None  # [B, T, K]
     full_logprobs: torch.Tensor | None = None  # [B, T, V] only when an objective needs the full distribution
     entropy: torch.Tensor | None = None  # [B, T] teacher entropy at each student state, where known
+    rewards: torch.Tensor | None = None  # [B] sequence-level reward from a score-only teacher, NaN where none
     latency_s: float = 0.0
     failures: int = 0
     tokens_scored: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)  # teacher access: retries, drops, latency, cache
 
     def select(self, idx: torch.Tensor | list[int]) -> "TeacherScores":
         idx_t = torch.as_tensor(idx, dtype=torch.long)
@@ -83,6 +85,7 @@ class TeacherScores:
             topk_logprobs=pick(self.topk_logprobs),
             full_logprobs=pick(self.full_logprobs),
             entropy=pick(self.entropy),
+            rewards=pick(self.rewards),
         )
 
 

@@ -147,3 +147,14 @@ def test_health_metrics_keys_and_levels():
 def test_levels_are_colours():
     assert LEVELS == ("green", "yellow", "red")
     assert [Signal("x", lvl, []).colour for lvl in (0, 1, 2)] == ["green", "yellow", "red"]
+
+
+def test_teacher_server_latency_and_drops_join_the_teacher_access_signal():
+    labels = [i[0] for i in by_name(assess({"teacher/coverage": 1.0}, CFG))["Teacher access"].items]
+    assert "latency p50 s" not in labels  # a local teacher has no request latency
+    row = {"teacher/latency_p50_s": 0.2, "teacher/latency_p99_s": 3.5, "teacher/retries": 4, "teacher/dropped": 1,
+           "teacher/coverage": 0.875}
+    access = by_name(assess(row, CFG))["Teacher access"]
+    assert item(access, "latency p99 s") == ("latency p99 s", 3.5, GREEN)
+    assert item(access, "dropped")[1] == 1 and item(access, "retries")[1] == 4
+    assert access.level == GREEN  # the dropped sequence already counts through coverage

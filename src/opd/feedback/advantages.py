@@ -55,6 +55,7 @@ def compute_feedback(
     # A token enters the loss only if it is a real completion token the teacher scored.
     mask = (rollout.completion_mask * scores.scored_mask).float()
     raw = (scores.token_logprobs - rollout.behaviour_logprobs) * mask
+    scored = mask
     adv = raw
     metrics: dict[str, float] = {}
     if cfg.clip > 0:
@@ -66,10 +67,16 @@ def compute_feedback(
         adv = whiten(adv, mask)
     if rewards is not None:
         shaped = group_normalised_rewards(rewards.float(), group_size)
+        if scores.rewards is not None:
+            # Rows a score-only teacher rewarded have no token scores; their whole completion takes the
+            # (sparse) sequence-level signal. Both views keep the loss mask consistent with the advantages.
+            by_reward = torch.isfinite(scores.rewards)[:, None]
+            mask = torch.where(by_reward, rollout.completion_mask.float(), mask)
+            metrics["reward/teacher_rows"] = float(by_reward.sum())
         adv = opd_weight * adv + reward_weight * shaped[:, None] * mask
         metrics["reward/mean"] = float(rewards.float().mean())
-    metrics["opd/advantage_mean"] = _masked_mean(raw, mask)
-    metrics["opd/advantage_pos_frac"] = _masked_mean((raw > 0).float(), mask)
+    metrics["opd/advantage_mean"] = _masked_mean(raw, scored)
+    metrics["opd/advantage_pos_frac"] = _masked_mean((raw > 0).float(), scored)
     return Feedback(advantages=adv.detach(), loss_mask=mask, raw_advantages=raw.detach(), rewards=rewards, metrics=metrics)
 
 

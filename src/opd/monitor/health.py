@@ -56,6 +56,11 @@ def assess(m: dict, cfg: MonitorConfig) -> list[Signal]:
         ("failures", g("teacher/failures"), _above(g("teacher/failures"), cfg.max_failures)),
         ("tokens/s", g("teacher/tokens_per_s"), 0),
     ]
+    # A teacher server also reports request latency percentiles, retries and dropped sequences.
+    for label, key in (("latency p50 s", "teacher/latency_p50_s"), ("latency p99 s", "teacher/latency_p99_s"),
+                       ("retries", "teacher/retries"), ("dropped", "teacher/dropped")):
+        if g(key) is not None:
+            teacher.append((label, g(key), 0))
     stab = [
         ("reverse KL", g("opd/reverse_kl"), _above(g("opd/reverse_kl"), cfg.max_reverse_kl)),
         ("grad norm", g("stability/grad_norm"), _above(g("stability/grad_norm"), cfg.max_grad_norm)),

@@ -1,0 +1,313 @@
+"""`opd serve-teacher MODEL`: a local model behind the subset of vLLM's and SGLang's HTTP API that
+on-policy distillation needs, so the same client talks to it in tests and to vLLM in production.
+
+- POST /v1/completions  token-id (or text) prompts; `prompt_logprobs: k` (vLLM's shape), `echo` +
+                        `logprobs` (OpenAI-legacy shape, `return_tokens_as_token_ids`), plain
+                        generation with `max_tokens`, `temperature`, `top_p`, `stop`, `seed`.
+                        `temperature` also applies to prompt logprobs (opd's convention; vLLM's
+                        are at temperature 1).
+- POST /generate        SGLang's native scoring: `input_ids`, `return_logprob`, `logprob_start_len`,
+                        `top_logprobs_num`, `sampling_params.max_new_tokens = 0`.
+- GET  /health, /v1/models, /metrics (Prometheus).
+
+Dynamic batching: concurrent scoring requests wait in one queue; a worker takes what is there (up
+to `max_batch_tokens`, waiting at most `max_wait_ms` for more) and scores it in one forward pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Optional, Union
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from pydantic import BaseModel, Field
+
+from opd.teacher.scorer import GenerateJob, GenerateResult, ScoreJob, ScoreResult, generate_one, score_batch
+
+
+class DynamicBatcher:
+    """Collects concurrent jobs into batches and runs them on one worker thread (the model is not re-entrant)."""
+
+    def __init__(self, fn, *, max_batch_tokens: int, max_wait_ms: float, on_batch=None):
+        self.fn = fn
+        self.max_batch_tokens = max_batch_tokens
+        self.max_wait_s = max_wait_ms / 1000
+        self.on_batch = on_batch
+        self.queue: asyncio.Queue | None = None
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="opd-teacher")
+        self.task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self.queue = asyncio.Queue()
+        self.task = asyncio.get_running_loop().create_task(self._run())
+
+    async def submit(self, jobs: list) -> list:
+        if self.task is None:  # started by the first request, inside the server's event loop
+            self.start()
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in jobs]
+        for job, fut in zip(jobs, futures):
+            self.queue.put_nowait((job, fut))
+        return await asyncio.gather(*futures)
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:  # never dies: a failure fails the batch's requests, not the worker
+            batch = [await self.queue.get()]
+            tokens = batch[0][0].cost
+            deadline = loop.time() + self.max_wait_s
+            while tokens < self.max_batch_tokens:
+                try:
+                    item = self.queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    left = deadline - loop.time()
+                    if left <= 0:
+                        break
+                    try:
+                        item = await asyncio.wait_for(self.queue.get(), left)
+                    except asyncio.TimeoutError:
+                        break
+                batch.append(item)
+                tokens += item[0].cost
+            batch = [(j, f) for j, f in batch if not f.done()]  # the client gave up on these
+            if not batch:
+                continue
+            t0 = time.perf_counter()
+            try:
+                results = await loop.run_in_executor(self.executor, self.fn, [j for j, _ in batch])
+            except Exception as e:  # a bad batch fails its requests, not the server
+                for _, f in batch:
+                    if not f.done():
+                        f.set_exception(e)
+                continue
+            if self.on_batch:
+                self.on_batch(len(batch), tokens, time.perf_counter() - t0)
+            for (_, f), r in zip(batch, results):
+                if not f.done():
+                    f.set_result(r)
+
+
+# ---------------------------------------------------------------------------------- request bodies
+TokenIds = list[int]
+
+
+class CompletionRequest(BaseModel):
+    model: Optional[str] = None
+    prompt: Union[TokenIds, list[TokenIds], str, list[str]]
+    max_tokens: int = Field(16, ge=0)
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    logprobs: Optional[int] = Field(None, ge=0)
+    prompt_logprobs: Optional[int] = Field(None, ge=0)
+    echo: bool = False
+    stop: Union[str, list[str], None] = None
+    seed: Optional[int] = None
+    n: int = Field(1, ge=1, le=1)
+    add_special_tokens: bool = True
+    return_token_ids: bool = False
+    return_tokens_as_token_ids: bool = False
+
+
+class SglangRequest(BaseModel):
+    input_ids: Union[TokenIds, list[TokenIds]]
+    sampling_params: dict[str, Any] = Field(default_factory=dict)
+    return_logprob: bool = False
+    logprob_start_len: int = -1
+    top_logprobs_num: int = Field(0, ge=0)
+    model: Optional[str] = None
+
+
+# ----------------------------------------------------------------------------------------- the app
+def build_app(model, tokenizer, *, name: str = "teacher", max_batch_tokens: int = 8192, max_wait_ms: float = 2.0,
+              chunk_size: int = 1024, max_logprobs: int = 20) -> FastAPI:
+    registry = CollectorRegistry()
+    requests = Counter("opd_teacher_requests", "HTTP requests", ["endpoint", "status"], registry=registry)
+    scored = Counter("opd_teacher_tokens_scored", "Positions whose logprob was returned", registry=registry)
+    generated = Counter("opd_teacher_tokens_generated", "Tokens generated", registry=registry)
+    batch_size = Histogram("opd_teacher_batch_sequences", "Sequences per forward pass", registry=registry,
+                           buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+    batch_seconds = Histogram("opd_teacher_batch_seconds", "Forward time per batch", registry=registry)
+    latency = Histogram("opd_teacher_request_seconds", "Request latency", ["endpoint"], registry=registry)
+    queued = Gauge("opd_teacher_queue_depth", "Scoring jobs waiting", registry=registry)
+    # Names of token ids for `decoded_token`; a model may have more rows than its tokenizer has tokens.
+    vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    vocab += [f"<unused{i}>" for i in range(len(vocab), getattr(model.config, "vocab_size", 0) or 0)]
+    pad_id = tokenizer.pad_token_id or 0
+
+    def on_batch(n: int, tokens: int, seconds: float) -> None:
+        batch_size.observe(n)
+        batch_seconds.observe(seconds)
+
+    scorer = DynamicBatcher(lambda jobs: score_batch(model, jobs, chunk_size=chunk_size, pad_id=pad_id),
+                            max_batch_tokens=max_batch_tokens, max_wait_ms=max_wait_ms, on_batch=on_batch)
+    generator = DynamicBatcher(lambda jobs: [generate_one(model, tokenizer, j) for j in jobs],
+                               max_batch_tokens=1, max_wait_ms=0)
+    app = FastAPI(title=f"opd teacher: {name}")
+
+    def error(status: int, message: str, endpoint: str) -> JSONResponse:
+        requests.labels(endpoint, str(status)).inc()
+        return JSONResponse({"error": {"message": message, "type": "BadRequestError", "code": status}}, status)
+
+    def token_ids(prompt, add_special_tokens: bool) -> list[list[int]]:
+        if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], int)):
+            prompt = [prompt]
+        out = []
+        for p in prompt:
+            ids = tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] if isinstance(p, str) else list(p)
+            if not ids or min(ids) < 0 or max(ids) >= len(vocab):
+                raise ValueError(f"prompt token ids must be non-empty and in [0, {len(vocab)})")
+            out.append(ids)
+        return out
+
+    async def score(ids_list: list[list[int]], start: int | None, topk: int, temperature: float,
+                    sample_next: bool = False) -> list[ScoreResult]:
+        jobs = [ScoreJob(ids, max(1, start if start is not None else 1), topk, temperature or 1.0, sample_next)
+                for ids in ids_list]
+        queued.inc(len(jobs))
+        try:
+            results = await scorer.submit(jobs)
+        finally:
+            queued.dec(len(jobs))
+        scored.inc(sum(len(r.logprobs) for r in results))
+        return results
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "model": name}
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [{"id": name, "object": "model", "owned_by": "opd",
+                                            "max_model_len": getattr(model.config, "max_position_embeddings", None)}]}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest):
+        t0 = time.perf_counter()
+        try:
+            ids_list = token_ids(req.prompt, req.add_special_tokens)
+        except ValueError as e:
+            return error(400, str(e), "completions")
+        k_prompt = req.prompt_logprobs if req.prompt_logprobs is not None else (req.logprobs if req.echo else None)
+        if k_prompt is not None and k_prompt > max_logprobs:
+            return error(400, f"requested {k_prompt} logprobs, at most {max_logprobs}", "completions")
+        # vLLM needs max_tokens >= 1 next to prompt_logprobs; that one token comes from the scoring pass.
+        one_token = k_prompt is not None and req.max_tokens == 1 and not req.stop
+        prompt_scores = await score(ids_list, 1, k_prompt, req.temperature, one_token) if k_prompt is not None else None
+        gens = [None] * len(ids_list)
+        if one_token:
+            gens = [GenerateResult([r.next_token], "stop" if r.next_token == tokenizer.eos_token_id else "length")
+                    for r in prompt_scores]
+        elif req.max_tokens > 0:
+            stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
+            gens = await generator.submit([GenerateJob(ids, req.max_tokens, req.temperature, req.top_p, stop, req.seed)
+                                           for ids in ids_list])
+            generated.inc(sum(len(g.token_ids) for g in gens))
+        choices = []
+        for i, ids in enumerate(ids_list):
+            ps = prompt_scores[i] if prompt_scores else None
+            g = gens[i]
+            out_ids = g.token_ids if g else []
+            text = tokenizer.decode(out_ids, skip_special_tokens=True)
+            choice: dict[str, Any] = {"index": i, "text": text, "logprobs": None,
+                                      "finish_reason": g.finish_reason if g else "length", "stop_reason": None}
+            if req.prompt_logprobs is not None:
+                choice["prompt_logprobs"] = [None] + [_vllm_entry(ps, p, ids[p + 1], vocab) for p in range(len(ps.logprobs))]
+            if req.echo and req.logprobs is not None:
+                choice["text"] = tokenizer.decode(ids) + text
+                choice["logprobs"] = _echo_logprobs(ids, ps, vocab, req.return_tokens_as_token_ids)
+            if req.return_token_ids:
+                choice["prompt_token_ids"] = ids
+                choice["token_ids"] = out_ids
+            choices.append(choice)
+        n_prompt = sum(len(ids) for ids in ids_list)
+        n_gen = sum(len(g.token_ids) for g in gens if g)
+        requests.labels("completions", "200").inc()
+        latency.labels("completions").observe(time.perf_counter() - t0)
+        return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": req.model or name, "choices": choices,
+                "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_gen, "total_tokens": n_prompt + n_gen}}
+
+    @app.post("/generate")
+    async def generate(req: SglangRequest):
+        t0 = time.perf_counter()
+        batched = bool(req.input_ids) and isinstance(req.input_ids[0], list)
+        try:
+            ids_list = token_ids(req.input_ids, False)
+        except ValueError as e:
+            return error(400, str(e), "generate")
+        if req.sampling_params.get("max_new_tokens", 128) != 0:
+            return error(400, "this server scores only: set sampling_params.max_new_tokens = 0 "
+                              "(use /v1/completions to generate)", "generate")
+        out = []
+        if req.return_logprob:
+            temperature = float(req.sampling_params.get("temperature", 1.0)) or 1.0
+            starts = [req.logprob_start_len if req.logprob_start_len >= 0 else len(ids) - 1 for ids in ids_list]
+            # One start per sequence; the batcher puts them (and other requests) in one forward pass.
+            answers = await asyncio.gather(*(score([ids], start, req.top_logprobs_num, temperature)
+                                             for ids, start in zip(ids_list, starts)))
+            results = [a[0] for a in answers]
+        for i, ids in enumerate(ids_list):
+            meta: dict[str, Any] = {"id": uuid.uuid4().hex, "prompt_tokens": len(ids), "completion_tokens": 0,
+                                    "finish_reason": {"type": "length", "length": 0}}
+            if req.return_logprob:
+                r, start = results[i], starts[i]
+                first = [[None, ids[0], None]] if start == 0 else []
+                meta["input_token_logprobs"] = first + [[lp, ids[max(start, 1) + j], None]
+                                                        for j, lp in enumerate(r.logprobs)]
+                if req.top_logprobs_num:
+                    meta["input_top_logprobs"] = ([None] if start == 0 else []) + [
+                        [[v, t, None] for v, t in zip(vs, ts)] for vs, ts in zip(r.topk_logprobs, r.topk_ids)]
+                meta["output_token_logprobs"] = []
+            out.append({"text": "", "output_ids": [], "meta_info": meta})
+        requests.labels("generate", "200").inc()
+        latency.labels("generate").observe(time.perf_counter() - t0)
+        return out if batched else out[0]
+
+    return app
+
+
+def _vllm_entry(ps: ScoreResult, p: int, token: int, vocab: list[str]) -> dict:
+    """vLLM's prompt_logprobs entry: the sent token plus the top-k, each {logprob, rank, decoded_token}."""
+    entry = {str(token): {"logprob": ps.logprobs[p], "rank": ps.ranks[p], "decoded_token": vocab[token]}}
+    for rank, (t, v) in enumerate(zip(ps.topk_ids[p], ps.topk_logprobs[p]), start=1):
+        entry.setdefault(str(t), {"logprob": v, "rank": rank, "decoded_token": vocab[t]})
+    return entry
+
+
+def _echo_logprobs(ids: list[int], ps: ScoreResult, vocab: list[str], as_ids: bool) -> dict:
+    name = (lambda t: f"token_id:{t}") if as_ids else (lambda t: vocab[t])  # noqa: E731
+    tops: list[dict | None] = [None]
+    for p in range(len(ps.logprobs)):
+        top = {name(ids[p + 1]): ps.logprobs[p]}
+        for t, v in zip(ps.topk_ids[p], ps.topk_logprobs[p]):
+            top.setdefault(name(t), v)
+        tops.append(top)
+    offsets, at = [], 0
+    for t in ids:
+        offsets.append(at)
+        at += len(vocab[t])
+    return {"tokens": [name(t) for t in ids], "token_logprobs": [None] + list(ps.logprobs),
+            "top_logprobs": tops, "text_offset": offsets}
+
+
+def serve(model_spec: str, *, host: str, port: int, dtype: str = "float32", device: str = "auto",
+          max_batch_tokens: int = 8192, max_wait_ms: float = 2.0, log_level: str = "warning", announce=print) -> None:
+    import uvicorn
+
+    from opd.models import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(model_spec)
+    model = load_model(model_spec, dtype=dtype, device=device).eval()
+    app = build_app(model, tokenizer, name=model_spec, max_batch_tokens=max_batch_tokens, max_wait_ms=max_wait_ms)
+    announce(f"serving {model_spec} ({dtype}) on http://{host}:{port} (/v1/completions, /generate, /health, /metrics)")
+    # A stuck request must not keep a stopping server alive forever.
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)

@@ -1,0 +1,118 @@
+"""A fault-injecting HTTP proxy in front of a teacher server, run in a thread of the test process.
+
+`schedule(n, body) -> kind | None` decides, per request, which fault to inject:
+  "http500"     answer 500 without asking upstream
+  "hang"        answer nothing for `hang_s` (the client times out)
+  "malformed"   200 with a body that is not JSON
+  "wrong_count" 200 with the upstream answer minus its last position (a partial answer)
+Requests that reach a dead upstream are answered 502 ("upstream"). Every outcome is counted, so a
+test can check that the client's metrics show exactly the faults that happened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections import Counter
+
+import httpx
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from teacher_servers import free_port
+
+
+def drop_last_position(answer: dict) -> dict:
+    """Remove the last scored position from any of the three logprob shapes."""
+    for choice in answer.get("choices", []):
+        if choice.get("prompt_logprobs"):
+            choice["prompt_logprobs"].pop()
+        if choice.get("logprobs"):
+            for key in ("tokens", "token_logprobs", "top_logprobs"):
+                choice["logprobs"][key].pop()
+    meta = answer.get("meta_info")
+    if meta:
+        meta["input_token_logprobs"].pop()
+        if meta.get("input_top_logprobs"):
+            meta["input_top_logprobs"].pop()
+    return answer
+
+
+class FaultProxy:
+    def __init__(self, upstream: str, schedule=lambda n, body: None, hang_s: float = 3.0):
+        self.upstream, self.schedule, self.hang_s = upstream, schedule, hang_s
+        self.port = free_port()
+        self.counts: Counter = Counter()
+        self.lock = threading.Lock()
+        self.on_request = None  # optional hook(n) run before each request (e.g. to kill the server)
+        self.app = self._build()
+        self.server: uvicorn.Server | None = None
+        self.thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _build(self) -> FastAPI:
+        app = FastAPI()
+
+        @app.api_route("/{path:path}", methods=["GET", "POST"])
+        async def forward(path: str, request: Request):
+            raw = await request.body()
+            body = json.loads(raw) if raw else None
+            with self.lock:
+                n = self.counts["requests"]
+                self.counts["requests"] += 1
+            if self.on_request:
+                await asyncio.get_running_loop().run_in_executor(None, self.on_request, n)
+            kind = self.schedule(n, body) if request.method == "POST" else None
+            if kind in ("http500", "hang", "malformed"):  # these never reach upstream
+                self.counts[kind] += 1
+            if kind == "http500":
+                return JSONResponse({"error": "injected"}, 500)
+            if kind == "hang":
+                await asyncio.sleep(self.hang_s)
+                return JSONResponse({"error": "too late"}, 504)
+            if kind == "malformed":
+                return Response(b'{"choices": [', media_type="application/json")
+            try:
+                async with httpx.AsyncClient(timeout=60) as client:
+                    resp = await client.request(request.method, f"{self.upstream}/{path}", content=raw,
+                                                headers={"content-type": "application/json"})
+            except httpx.HTTPError:
+                self.counts["upstream"] += 1
+                return JSONResponse({"error": "upstream down"}, 502)
+            if resp.status_code != 200:
+                self.counts["upstream"] += 1
+                return Response(resp.content, resp.status_code)
+            if kind == "wrong_count":
+                self.counts[kind] += 1
+                return JSONResponse(drop_last_position(resp.json()))
+            self.counts["ok"] += 1
+            return Response(resp.content, media_type="application/json")
+
+        return app
+
+    def start(self) -> "FaultProxy":
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="error", lifespan="off")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            if time.monotonic() > deadline:
+                raise RuntimeError("fault proxy did not start")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        if self.server:
+            self.server.should_exit = True
+            self.thread.join(10)
+
+    @property
+    def faults(self) -> Counter:
+        return Counter({k: v for k, v in self.counts.items() if k not in ("requests", "ok")})

@@ -1,0 +1,82 @@
+"""`opd serve-teacher`'s app: the API subset, dynamic batching across concurrent requests, /metrics."""
+
+import asyncio
+import re
+
+import httpx
+import pytest
+import torch
+
+from opd.teacher.protocols import ScoreRequest, vllm_parse
+from opd.teacher.scorer import ScoreJob, score_batch
+from opd.teacher.server import build_app
+from teacher_servers import AppThread
+
+
+def metric(text: str, name: str) -> float:
+    return float(re.search(rf"^{re.escape(name)} (\S+)$", text, re.M).group(1))
+
+
+def test_batched_scoring_matches_one_sequence_at_a_time(teacher_model, tokenizer):
+    jobs = [ScoreJob([1, 20, 21, 16, 22, 5], 3, 4, 0.7), ScoreJob([1, 30, 31], 1, 0, 1.0), ScoreJob([1, 9, 9, 9], 2, 2)]
+    together = score_batch(teacher_model, jobs, chunk_size=3)
+    for job, got in zip(jobs, together):
+        alone = score_batch(teacher_model, [job])[0]
+        assert len(got.logprobs) == len(job.ids) - job.start
+        torch.testing.assert_close(torch.tensor(got.logprobs), torch.tensor(alone.logprobs), rtol=1e-5, atol=1e-5)
+        assert got.topk_ids == alone.topk_ids and all(len(t) == job.topk for t in got.topk_ids)
+        assert all(r >= 1 for r in got.ranks)
+
+
+def test_concurrent_requests_share_forward_passes(teacher_model, tokenizer):
+    app = build_app(teacher_model, tokenizer, name="tiny", max_wait_ms=200)
+    seqs = [[1] + [20 + (i * 7 + j) % 60 for j in range(12)] for i in range(8)]
+
+    async def ask(url):
+        async with httpx.AsyncClient(base_url=url, timeout=30) as c:
+            bodies = [{"prompt": s, "max_tokens": 1, "prompt_logprobs": 3} for s in seqs]
+            answers = await asyncio.gather(*(c.post("/v1/completions", json=b) for b in bodies))
+            return [a.json() for a in answers], (await c.get("/metrics")).text, (await c.get("/health")).json()
+
+    with AppThread(app) as srv:
+        answers, text, health = asyncio.run(ask(srv.url))
+    assert health["status"] == "ok"
+    for s, a in zip(seqs, answers):
+        parsed = vllm_parse(a, ScoreRequest(s, 1, topk=3))  # the client's own checks pass
+        assert len(parsed.logprobs) == len(s) - 1 and a["usage"]["completion_tokens"] == 1
+    batches = metric(text, "opd_teacher_batch_sequences_count")
+    assert metric(text, "opd_teacher_batch_sequences_sum") == 8 and batches < 8  # several sequences per pass
+    assert metric(text, 'opd_teacher_requests_total{endpoint="completions",status="200"}') == 8
+    assert metric(text, "opd_teacher_tokens_scored_total") == 8 * 12
+
+
+@pytest.fixture
+def client(teacher_model, tokenizer):
+    from fastapi.testclient import TestClient
+
+    with TestClient(build_app(teacher_model, tokenizer, name="tiny")) as c:
+        yield c
+
+
+def test_echo_generation_and_sglang_shapes(client):
+    echo = client.post("/v1/completions", json={"prompt": [1, 20, 21], "max_tokens": 0, "echo": True, "logprobs": 2,
+                                                "return_tokens_as_token_ids": True}).json()["choices"][0]
+    assert echo["logprobs"]["tokens"] == ["token_id:1", "token_id:20", "token_id:21"]
+    assert echo["logprobs"]["token_logprobs"][0] is None and len(echo["logprobs"]["top_logprobs"][1]) >= 2
+    gen = client.post("/v1/completions", json={"prompt": [1, 20, 21], "max_tokens": 5, "temperature": 0,
+                                               "return_token_ids": True}).json()["choices"][0]
+    assert len(gen["token_ids"]) <= 5 and gen["prompt_token_ids"] == [1, 20, 21]
+    sg = client.post("/generate", json={"input_ids": [[1, 20, 21, 22]], "return_logprob": True, "logprob_start_len": 0,
+                                        "sampling_params": {"max_new_tokens": 0}}).json()
+    assert isinstance(sg, list) and sg[0]["meta_info"]["input_token_logprobs"][0] == [None, 1, None]
+    assert [e[1] for e in sg[0]["meta_info"]["input_token_logprobs"]] == [1, 20, 21, 22]
+
+
+@pytest.mark.parametrize("path, body, message", [
+    ("/v1/completions", {"prompt": [1, 10_000], "max_tokens": 0, "prompt_logprobs": 1}, "token ids"),
+    ("/v1/completions", {"prompt": [1, 2], "max_tokens": 0, "prompt_logprobs": 21}, "at most 20"),
+    ("/generate", {"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 4}}, "scores only"),
+])
+def test_bad_requests_are_400_with_a_reason(client, path, body, message):
+    r = client.post(path, json=body)
+    assert r.status_code == 400 and message in r.json()["error"]["message"]
