@@ -4,7 +4,7 @@ same-tokenizer teacher, and the config checks that route a run to it."""
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from transformers import PreTrainedTokenizerFast
 
@@ -81,6 +81,7 @@ def test_identical_tokenizer_alignment_is_one_chunk_per_token(bpe, text, end):
 @given(st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=30))
 def test_chunks_of_two_real_tokenizers_spell_the_same_text(tokenizer, bpe, text):
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assume(tokenizer.decode(ids, skip_special_tokens=True) == text)  # e.g. "<s>" is a special token of the student
     t_ids, chunks, covered, n_bytes = CrossTokenizerTeacher(None, tokenizer, bpe).align_sequence(ids)
     assert covered == n_bytes == len(text.encode())
     assert [k for c in chunks for k in c.student] == list(range(len(ids)))
