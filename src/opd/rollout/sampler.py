@@ -67,8 +67,8 @@ def end_token_ids(tokenizer) -> list[int]:
     """EOS, plus the end-of-turn token of the tokenizer's chat template: a chat completion ends with its turn."""
     ids = {tokenizer.eos_token_id} - {None}
     template = str(getattr(tokenizer, "chat_template", None) or "")
-    vocab = tokenizer.get_vocab()
-    ids |= {vocab[m] for m in END_OF_TURN_MARKERS if m in template and m in vocab}
+    markers = [tokenizer.convert_tokens_to_ids(m) for m in END_OF_TURN_MARKERS if m in template]
+    ids |= {i for i in markers if i is not None and i != tokenizer.unk_token_id}
     return sorted(ids)
 
 

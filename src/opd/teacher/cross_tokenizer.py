@@ -47,6 +47,7 @@ class CrossTokenizerTeacher:
         self.teacher_tok = teacher_tokenizer
         self.identical = same_vocabulary(student_tokenizer, teacher_tokenizer)
         self.student_end_ids = set(end_token_ids(student_tokenizer))
+        self.teacher_end_id = self._teacher_end_id()
         self.max_prompt_tokens = max_prompt_tokens
 
     @property
@@ -56,10 +57,10 @@ class CrossTokenizerTeacher:
     def _teacher_end_id(self) -> int:
         """The token that ends a completion for the teacher: its template's end of turn, else EOS."""
         template = str(getattr(self.teacher_tok, "chat_template", None) or "")
-        vocab = self.teacher_tok.get_vocab()
         for marker in END_OF_TURN_MARKERS:
-            if marker in template and marker in vocab:
-                return vocab[marker]
+            token_id = self.teacher_tok.convert_tokens_to_ids(marker) if marker in template else None
+            if token_id is not None and token_id != self.teacher_tok.unk_token_id:
+                return token_id
         return self.teacher_tok.eos_token_id
 
     def _decode_prefixes(self, tokenizer, ids: list[int]) -> list[str]:
@@ -79,7 +80,7 @@ class CrossTokenizerTeacher:
             covered = n_bytes
         else:
             t_body = self.teacher_tok(text, add_special_tokens=False)["input_ids"]
-            t_end = self._teacher_end_id()
+            t_end = self.teacher_end_id
             chunks = align(token_ends(prefixes, text), token_ends(self._decode_prefixes(self.teacher_tok, t_body), text))
             covered = covered_bytes(chunks)
         if ends_with_end and covered == n_bytes:  # both end right after the same text: pair the end tokens
