@@ -141,12 +141,10 @@ def eval_cmd(
     import json
 
     from opd.evaluate import detailed_eval
-    from opd.loop import chat_renderer, check_same_tokenizer
+    from opd.loop import chat_renderer, make_teacher
     from opd.models import load_model, load_tokenizer
     from opd.prompts import PromptStream
     from opd.rollout import SamplingParams
-    from opd.teacher import LocalTeacher
-
     try:
         if config is None and (model.parent / "config.toml").is_file():
             config = model.parent / "config.toml"  # RUN/final -> RUN/config.toml
@@ -154,10 +152,9 @@ def eval_cmd(
             config = model.parent.parent / "config.toml"  # RUN/checkpoints/step-N
         cfg = load_config(config, set_)
         tokenizer = load_tokenizer(str(model))
-        check_same_tokenizer(tokenizer, load_tokenizer(cfg.teacher.model), cfg)
         student = load_model(str(model), dtype=cfg.student.dtype, device=cfg.student.device)
-        teacher = LocalTeacher(load_model(cfg.teacher.model, dtype=cfg.teacher.dtype, device=cfg.teacher.device),
-                               batch_size=cfg.teacher.batch_size, chunk_size=cfg.teacher.chunk_size)
+        teacher = make_teacher(cfg, load_model(cfg.teacher.model, dtype=cfg.teacher.dtype, device=cfg.teacher.device),
+                               tokenizer, load_tokenizer(cfg.teacher.model), mode="eval")
         prompts = PromptStream(cfg.prompts, cfg.seed, chat_renderer(tokenizer)).eval_prompts(cfg.eval.size)
         params = SamplingParams(cfg.eval.temperature, 1.0, cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
                                 cfg.rollout.stop)

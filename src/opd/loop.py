@@ -84,23 +84,29 @@ MAX_FULL_LOGPROBS_BYTES = 4 * 2**30  # the teacher's [B, T, V] fp32 distribution
 
 
 def make_teacher(cfg: Config, teacher_model, student_tok, teacher_tok, mode: str):
-    """LocalTeacher when both share a vocabulary; else the cross-tokenizer teacher (after checking the config fits)."""
+    """LocalTeacher when both share a vocabulary; else the cross-tokenizer teacher (after checking that the
+    config of a training run, mode "onpolicy" or "offline", fits it; mode "eval" only scores)."""
     teacher = LocalTeacher(teacher_model, batch_size=cfg.teacher.batch_size, chunk_size=cfg.teacher.chunk_size,
                            topk=cfg.teacher.topk)
     if same_vocabulary(student_tok, teacher_tok):
         if mode == "onpolicy":
             check_full_distribution_memory(cfg, len(student_tok))
         return teacher
+    if mode != "eval":
+        check_cross_tokenizer_config(cfg, mode)
+    return CrossTokenizerTeacher(teacher, student_tok, teacher_tok, max_prompt_tokens=2 * cfg.prompts.max_prompt_tokens)
+
+
+def check_cross_tokenizer_config(cfg: Config, mode: str) -> None:
     what = f"student ({cfg.student.model}) and teacher ({cfg.teacher.model}) use different tokenizers, so"
+    if mode == "offline":
+        raise ConfigError(f"{what} the offline baseline (which trains on the teacher's tokens) needs one shared tokenizer")
     if cfg.objective.name in FULL_DISTRIBUTION:
         raise ConfigError(f"{what} the teacher's distribution cannot be compared token by token (objective.name = "
                           f"'{cfg.objective.name}'); cross-tokenizer distillation needs objective.name = 'pg'")
     if cfg.student.warm_start_steps > 0:
         raise ConfigError(f"{what} the teacher's completions cannot be imitated token by token; "
                           "set student.warm_start_steps = 0 (start from a pretrained student)")
-    if mode == "offline":
-        raise ConfigError(f"{what} the offline baseline (which trains on the teacher's tokens) needs one shared tokenizer")
-    return CrossTokenizerTeacher(teacher, student_tok, teacher_tok, max_prompt_tokens=2 * cfg.prompts.max_prompt_tokens)
 
 
 def check_full_distribution_memory(cfg: Config, vocab_size: int) -> None:
