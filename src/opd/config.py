@@ -72,7 +72,8 @@ class TeacherConfig(Section):
     chunk_size: int = Field(
         1024,
         ge=1,
-        description="Positions per chunk of the log-softmax, so batch x length x vocab fp32 logits never exist at once.",
+        description="Positions per chunk of the log-softmax, so batch x length x vocab fp32 logits never exist at once "
+        "(lowered automatically so that one chunk's logits stay under 128 MiB, e.g. 128 positions at a 262k vocabulary).",
     )
 
 
