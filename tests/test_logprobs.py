@@ -66,3 +66,22 @@ def test_scatter_tokens_inverts_masked_select():
     out = scatter_tokens(vals, mask)
     assert out.tolist() == [[1.0, 2.0, 0.0], [3.0, 0.0, 0.0]]
     assert torch.equal(out[mask.bool()], vals)
+
+
+def test_chunks_shrink_with_the_vocabulary_so_big_vocabularies_fit():
+    from opd.logprobs import MAX_CHUNK_LOGITS_BYTES, positions_per_chunk
+
+    class Head:
+        def __init__(self, vocab):
+            self.weight = torch.empty(vocab, 1)
+
+    class Model:
+        def __init__(self, vocab):
+            self.head = Head(vocab)
+
+        def get_output_embeddings(self):
+            return self.head
+
+    assert positions_per_chunk(Model(100), 1024) == 1024  # small vocabularies keep the configured chunk
+    assert positions_per_chunk(Model(262144), 1024) == MAX_CHUNK_LOGITS_BYTES // (4 * 262144) == 128
+    assert positions_per_chunk(Model(10**9), 1024) == 1  # never zero

@@ -81,3 +81,17 @@ def test_every_objective_runs_in_the_loop(tmp_path):
         run(cfg, tmp_path / name, log=quiet)
         rows = read_metrics(tmp_path / name)
         assert rows[-1]["step"] == 1 and math.isfinite(rows[-1]["update/loss"]), name
+
+
+def test_lora_student_resumes_exactly_and_exports_merged(tmp_path):
+    lora = ["student.lora_rank=4", "student.lora_target_modules=['q_proj', 'v_proj']", "objective.name='pg'"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    run(small_config("train.max_steps=4", *lora), straight, log=quiet)
+    run(small_config("train.max_steps=2", *lora), split, log=quiet)
+    run(small_config("train.max_steps=4", *lora), split, resume=True, log=quiet)
+    a = AutoModelForCausalLM.from_pretrained(straight / "final").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(split / "final").state_dict()
+    assert set(a) == set(AutoModelForCausalLM.from_pretrained(split / "checkpoints" / "step-2").state_dict())
+    assert not any("lora_" in k for k in a)  # checkpoints and final/ are merged plain models
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

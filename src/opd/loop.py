@@ -25,12 +25,14 @@ from opd.evaluate import evaluate, generate
 from opd.faults import crash_point
 from opd.offline.data import OfflineData, generate_offline_data
 from opd.feedback import compute_feedback
-from opd.models import count_params, load_model, load_tokenizer, resolve_device
+from opd.lora import adapter_state, has_lora, load_adapter_state, merged_copy, save_plain
+from opd.models import count_params, load_model, load_student, load_tokenizer, resolve_device
 from opd.monitor import MetricsLog, RunDisplay, assess, health_metrics
 from opd.prompts import PromptStream, verify
 from opd.rollout import SamplingParams, sample
 from opd.teacher import LocalTeacher
 from opd.teacher.build import build_teachers, check_tokenizers
+from opd.teacher.cross_tokenizer import CrossTokenizerTeacher, same_vocabulary
 from opd.types import Rollout, TeacherScores
 from opd.update import make_optimizer, make_scheduler, supervised_train, update_student
 from opd.update.step import PG_FAMILY
@@ -78,11 +80,46 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def check_same_tokenizer(student_tok, teacher_tok, cfg: Config) -> None:
-    if student_tok.get_vocab() != teacher_tok.get_vocab():
+FULL_DISTRIBUTION = ("reverse_kl", "gkd", "topk_kl")
+MAX_FULL_LOGPROBS_BYTES = 4 * 2**30  # the teacher's [B, T, V] fp32 distributions for reverse_kl / gkd
+
+
+def make_teacher(cfg: Config, teacher_model, student_tok, teacher_tok, mode: str):
+    """LocalTeacher when both share a vocabulary; else the cross-tokenizer teacher (after checking that the
+    config of a training run, mode "onpolicy" or "offline", fits it; mode "eval" only scores)."""
+    teacher = LocalTeacher(teacher_model, batch_size=cfg.teacher.batch_size, chunk_size=cfg.teacher.chunk_size,
+                           topk=cfg.teacher.topk)
+    if same_vocabulary(student_tok, teacher_tok):
+        if mode == "onpolicy":
+            check_full_distribution_memory(cfg, len(student_tok))
+        return teacher
+    if mode != "eval":
+        check_cross_tokenizer_config(cfg, mode)
+    return CrossTokenizerTeacher(teacher, student_tok, teacher_tok, max_prompt_tokens=2 * cfg.prompts.max_prompt_tokens)
+
+
+def check_cross_tokenizer_config(cfg: Config, mode: str) -> None:
+    what = f"student ({cfg.student.model}) and teacher ({cfg.teacher.model}) use different tokenizers, so"
+    if mode == "offline":
+        raise ConfigError(f"{what} the offline baseline (which trains on the teacher's tokens) needs one shared tokenizer")
+    if cfg.objective.name in FULL_DISTRIBUTION:
+        raise ConfigError(f"{what} the teacher's distribution cannot be compared token by token (objective.name = "
+                          f"'{cfg.objective.name}'); cross-tokenizer distillation needs objective.name = 'pg'")
+    if cfg.student.warm_start_steps > 0:
+        raise ConfigError(f"{what} the teacher's completions cannot be imitated token by token; "
+                          "set student.warm_start_steps = 0 (start from a pretrained student)")
+
+
+def check_full_distribution_memory(cfg: Config, vocab_size: int) -> None:
+    if cfg.objective.name not in ("reverse_kl", "gkd"):
+        return
+    rows = cfg.prompts.batch_size * cfg.rollout.samples_per_prompt
+    need = rows * cfg.rollout.max_new_tokens * vocab_size * 4
+    if need > MAX_FULL_LOGPROBS_BYTES:
         raise ConfigError(
-            f"student ({cfg.student.model}) and teacher ({cfg.teacher.model}) use different tokenizers; "
-            "token-level feedback needs one shared vocabulary. Use a teacher from the student's model family."
+            f"objective.name = '{cfg.objective.name}' keeps the teacher's full distribution for every token: "
+            f"{rows} x {cfg.rollout.max_new_tokens} tokens x {vocab_size} vocabulary x 4 bytes = {need / 2**30:.1f} GiB. "
+            "Use objective.name = 'pg' or 'topk_kl' (with teacher.topk), or lower prompts.batch_size / rollout.max_new_tokens"
         )
 
 
@@ -108,17 +145,20 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
 
     # ---- build the parts
     tokenizer = load_tokenizer(cfg.student.model)
-    check_tokenizers(cfg, tokenizer)
-    student = load_model(cfg.student.model, init=cfg.student.init, dtype=cfg.student.dtype,
-                         device=cfg.student.device, seed=cfg.seed)
+    check_tokenizers(cfg, tokenizer)  # servers and [teachers.NAME] share the student's vocabulary
+    student = load_student(cfg.student, cfg.seed)
     if cfg.teacher.remote and mode == "offline":
         raise ConfigError("opd offline writes teacher completions with a local teacher: unset teacher.url")
     # A teacher server (teacher.url) has no weights here: it scores, and writes the warm-start data.
     teacher_model = None if cfg.teacher.remote else load_model(cfg.teacher.model, dtype=cfg.teacher.dtype,
                                                                 device=cfg.teacher.device)
+    # The local [teacher] may use another tokenizer: then it scores through the cross-tokenizer alignment.
+    local_teacher = None if teacher_model is None else make_teacher(cfg, teacher_model, tokenizer,
+                                                                   load_tokenizer(cfg.teacher.model), mode)
     stream = PromptStream(cfg.prompts, cfg.seed, chat_renderer(tokenizer),
                           count_tokens=lambda text: len(tokenizer(text)["input_ids"]))
-    teacher = build_teachers(cfg, [s.name for s in stream.sources], default_model=teacher_model, log=log)
+    teacher = build_teachers(cfg, [s.name for s in stream.sources], default_model=teacher_model,
+                             default_teacher=local_teacher, log=log)
     prompt_counts = {f"prompts/{k}": v for k, v in stream.load_counts().items()}
     if any(prompt_counts.values()):
         log("prompts: " + ", ".join(f"{k[8:]} {v}" for k, v in prompt_counts.items() if v))
@@ -149,7 +189,10 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
     if ckpt is not None:
         # ---- resume: weights, optimizer, scheduler, RNG, prompt position, counters
         state = load_trainer_state(ckpt)
-        student.load_state_dict(load_model(str(ckpt), dtype=cfg.student.dtype, device=cfg.student.device).state_dict())
+        if has_lora(student):  # the checkpoint's weights are merged; the adapters themselves are in its state
+            load_adapter_state(student, state["adapter"])
+        else:
+            student.load_state_dict(load_model(str(ckpt), dtype=cfg.student.dtype, device=cfg.student.device).state_dict())
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         gen.set_state(state["rng"]["sampler"])
@@ -177,8 +220,8 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
             budget["teacher_tokens"] += offline_data.num_tokens
             budget["flops"] += 2 * n_teacher * offline_data.num_tokens
     if ckpt is None and objective.kl_ref_coef > 0:
-        ref_model = copy.deepcopy(student).eval().requires_grad_(False)
-        ref_model.save_pretrained(run_dir / "reference")
+        ref_model = copy.deepcopy(merged_copy(student)).eval().requires_grad_(False)
+        save_plain(ref_model, run_dir / "reference")
     if ref_model is not None:
         ref_model.eval().requires_grad_(False)
 
@@ -191,6 +234,8 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
             "rng": {"sampler": gen.get_state(), "torch": torch.get_rng_state()},
             "prompts": stream.state_dict(),
         }
+        if has_lora(student):
+            state["adapter"] = adapter_state(student)
         save_checkpoint(run_dir, step, student, tokenizer, state, keep=cfg.train.keep_checkpoints)
 
     last_eval = dict(first_eval)
@@ -293,7 +338,7 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
         if not (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0) and step > start:
             checkpoint(step)
         final = run_dir / "final"
-        student.save_pretrained(final, safe_serialization=True)
+        save_plain(student, final)
         tokenizer.save_pretrained(final)
     metrics.close()
     return RunResult(run_dir=run_dir, steps=step, first_eval=first_eval, last_eval=last_eval, interrupted=interrupted)
@@ -382,7 +427,7 @@ def _step_metrics(rollout, scores, feedback, correct, t0, t1, t2, t3, offline: b
         "rollout/finished_frac": float(rollout.finished.float().mean()),
         "rollout/tokens_per_s": n / max(t1 - t0, 1e-9),
         "teacher/logprob_mean": float(scores.token_logprobs[scored].mean()) if scored.any() else float("nan"),
-        "teacher/coverage": float(scored.sum()) / max(1, n),
+        "teacher/coverage": scores.coverage if scores.coverage is not None else float(scored.sum()) / max(1, n),
         "teacher/failures": scores.failures,
         "teacher/tokens_per_s": scores.tokens_scored / max(t2 - t1, 1e-9),
         "teacher/latency_s": scores.latency_s,

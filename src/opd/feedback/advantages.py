@@ -54,7 +54,8 @@ def compute_feedback(
 ) -> Feedback:
     # A token enters the loss only if it is a real completion token the teacher scored.
     mask = (rollout.completion_mask * scores.scored_mask).float()
-    raw = (scores.token_logprobs - rollout.behaviour_logprobs) * mask
+    # A cross-tokenizer teacher hands over A_t itself (one advantage per aligned chunk of text).
+    raw = (scores.advantages if scores.advantages is not None else scores.token_logprobs - rollout.behaviour_logprobs) * mask
     scored = mask
     adv = raw
     metrics: dict[str, float] = {}

@@ -154,10 +154,12 @@ def _to_prompt(rec: dict, cfg: SourceConfig, name: str, render_chat: ChatRendere
     if field not in rec:
         raise BadRecord(f"no `{field}` field (set prompts.sources[].field to the field that holds the prompt)")
     value = rec[field]
+    messages = None
     if isinstance(value, list):
         if not all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
             raise BadRecord(f"`{field}` must be a list of {{'role': ..., 'content': ...}} messages")
         text = render_chat(value)
+        messages = tuple({"role": m["role"], "content": m["content"]} for m in value)
     elif isinstance(value, str):
         text = value
     else:
@@ -165,7 +167,7 @@ def _to_prompt(rec: dict, cfg: SourceConfig, name: str, render_chat: ChatRendere
     if not text.strip():
         raise BadRecord("empty prompt")
     answer = rec.get(cfg.answer_field)
-    return Prompt(text=text, source=name, answer=None if answer is None else str(answer))
+    return Prompt(text=text, source=name, answer=None if answer is None else str(answer), messages=messages)
 
 
 class PromptStream:

@@ -3,8 +3,8 @@
 Batched sampling with a KV cache over left-padded prompts. For each sampled token we keep its
 id and its log-probability under the distribution it was actually drawn from (logits /
 temperature, then top-p renormalised), and each sequence carries the policy version (optimizer
-step) of the weights that produced it. The token that ends a sequence (EOS, or the last token of a
-stop string) belongs to the completion; everything after it is padding with mask 0.
+step) of the weights that produced it. The token that ends a sequence (EOS, the chat template's
+end-of-turn token, or the last token of a stop string) belongs to the completion; everything after it is padding with mask 0.
 """
 
 from __future__ import annotations
@@ -59,6 +59,19 @@ def sampling_logprobs(logits: torch.Tensor, temperature: float, top_p: float) ->
     return logp - torch.logsumexp(logp, dim=-1, keepdim=True)
 
 
+# End-of-turn markers of common chat templates (ChatML/SmolLM/Qwen, Gemma, Llama 3, Phi).
+END_OF_TURN_MARKERS = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>")
+
+
+def end_token_ids(tokenizer) -> list[int]:
+    """EOS, plus the end-of-turn token of the tokenizer's chat template: a chat completion ends with its turn."""
+    ids = {tokenizer.eos_token_id} - {None}
+    template = str(getattr(tokenizer, "chat_template", None) or "")
+    markers = [tokenizer.convert_tokens_to_ids(m) for m in END_OF_TURN_MARKERS if m in template]
+    ids |= {i for i in markers if i is not None and i != tokenizer.unk_token_id}
+    return sorted(ids)
+
+
 @torch.no_grad()
 def sample(
     model,
@@ -73,7 +86,7 @@ def sample(
     dev = next(model.parameters()).device
     prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, max_prompt_tokens)
     B = len(prompts)
-    eos = tokenizer.eos_token_id
+    end_ids = torch.tensor(end_token_ids(tokenizer), device=dev)
     pad = tokenizer.pad_token_id
     stop_tail = max((len(s) for s in params.stop), default=0) + 8  # tokens to decode when checking stops
 
@@ -98,7 +111,7 @@ def sample(
         tokens[:, t] = tok
         logprobs[:, t] = torch.where(done, 0.0, logp.gather(1, tok[:, None]).squeeze(1))
         mask[:, t] = (~done).long()
-        ended = (tok == eos) & ~done
+        ended = torch.isin(tok, end_ids) & ~done
         if params.stop:
             ended |= _hits_stop(tokenizer, tokens[:, : t + 1], done, params.stop, stop_tail)
         finished |= ended

@@ -37,12 +37,17 @@ def build_one(t: TeacherConfig, *, model=None, seed: int = 0):
     return CachingTeacher(teacher, max_entries=t.cache_size) if t.cache_size and t.remote else teacher
 
 
-def build_teachers(cfg: Config, source_names: list[str], *, default_model=None, log=print) -> TeacherRouter:
-    """`source_names` are the prompt sources' names, in the order of cfg.prompts.sources."""
+def build_teachers(cfg: Config, source_names: list[str], *, default_model=None, default_teacher=None,
+                   log=print) -> TeacherRouter:
+    """`source_names` are the prompt sources' names, in the order of cfg.prompts.sources. `default_teacher`,
+    when given, is the already-built local [teacher] (e.g. a cross-tokenizer one)."""
     teachers = {}
     for name, t in cfg.used_teachers().items():
         if t.api == "pooling" and t.remote:
             log(SPARSE_WARNING.format(key="[teacher]" if name == "default" else f"[teachers.{name}]"))
+        if name == "default" and default_teacher is not None:
+            teachers[name] = default_teacher
+            continue
         teachers[name] = build_one(t, model=default_model if name == "default" else None, seed=cfg.seed)
     routes = {src: sc.teacher for src, sc in zip(source_names, cfg.prompts.sources) if sc.teacher}
     return TeacherRouter(teachers, routes, "default")
@@ -50,10 +55,13 @@ def build_teachers(cfg: Config, source_names: list[str], *, default_model=None, 
 
 def check_tokenizers(cfg: Config, student_tokenizer) -> None:
     """Token-level feedback needs one vocabulary. A server's tokenizer is checked when `model` names a
-    local folder (or builtin) with it; otherwise the server's answers are still checked token by token."""
+    local folder (or builtin) with it; otherwise the server's answers are still checked token by token.
+    The local [teacher] is exempt: with another tokenizer it scores through the cross-tokenizer alignment."""
     from opd.models import load_tokenizer
 
     for name, t in cfg.used_teachers().items():
+        if name == "default" and not t.remote:
+            continue
         try:
             teacher_tok = load_tokenizer(t.model)
         except ConfigError:

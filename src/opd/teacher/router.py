@@ -73,6 +73,8 @@ def merge(rollout: Rollout, parts: dict[str, tuple[list[int], TeacherScores]]) -
         full_logprobs=torch.zeros((B, T, full_v)) if full_v else None,
         entropy=torch.zeros((B, T)) if any(s.entropy is not None for s in answers) else None,
         rewards=torch.full((B,), float("nan")) if any(s.rewards is not None for s in answers) else None,
+        # a cross-tokenizer teacher hands over A_t itself; the others' rows get theirs from token logprobs
+        advantages=torch.zeros((B, T)) if any(s.advantages is not None for s in answers) else None,
     )
     metrics: dict[str, float] = {}
     for name, (rows, s) in parts.items():
@@ -82,6 +84,9 @@ def merge(rollout: Rollout, parts: dict[str, tuple[list[int], TeacherScores]]) -
             src, dst = getattr(s, field), getattr(out, field)
             if src is not None and dst is not None:
                 dst[idx] = src.to(dst.dtype)
+        if out.advantages is not None:
+            out.advantages[idx] = (s.advantages if s.advantages is not None
+                                   else s.token_logprobs - rollout.behaviour_logprobs[idx]).to(torch.float32)
         out.latency_s = max(out.latency_s, s.latency_s)
         out.failures += s.failures
         out.tokens_scored += s.tokens_scored

@@ -1,0 +1,29 @@
+"""Facts about the machine a benchmark ran on, stored next to its numbers."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+
+
+def machine_facts() -> dict:
+    import torch
+    import transformers
+
+    mem_gib = None
+    try:
+        with open("/proc/meminfo") as f:
+            mem_gib = round(int(f.readline().split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "memory_gib": mem_gib,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "platform": platform.platform(),
+    }

@@ -1,0 +1,64 @@
+"""LoRA adapters on the student (PEFT), merged whenever the student leaves the process.
+
+The adapters are injected into the Hugging Face model in place (`peft.inject_adapter_in_model`), so the
+loop keeps working with the same model object: only the adapter weights require grad, so the optimizer
+trains only them. Everything written to disk (checkpoints, `final/`, the KL reference) is a merged
+plain copy that transformers and vLLM load; resuming reloads the adapter weights themselves from the
+trainer state (`adapter_state` / `load_adapter_state`).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.tuners_utils import BaseTunerLayer
+
+from opd.config import ConfigError
+
+
+def add_lora(model, *, rank: int, alpha: float, target_modules: list[str]):
+    leaf_names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    unknown = [t for t in target_modules if t not in leaf_names]
+    if unknown:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise ConfigError(f"student.lora_target_modules: {unknown} match no module of {type(model).__name__}; "
+                          f"its linear layers are: {', '.join(linear)}")
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(target_modules), lora_dropout=0.0)
+    return inject_adapter_in_model(config, model)
+
+
+def has_lora(model) -> bool:
+    return any(isinstance(m, BaseTunerLayer) for m in model.modules())
+
+
+def merged_copy(model):
+    """A plain copy of the model with every adapter folded into its base weight (the model itself is unchanged)."""
+    if not has_lora(model):
+        return model
+    plain = copy.deepcopy(model)
+    for name, module in list(plain.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            module.merge()
+            parent, _, attr = name.rpartition(".")
+            setattr(plain.get_submodule(parent), attr, module.get_base_layer())
+    if hasattr(plain, "peft_config"):
+        del plain.peft_config
+    return plain
+
+
+def save_plain(model, folder) -> None:
+    """save_pretrained of the merged model: what transformers and vLLM load, with or without LoRA."""
+    merged_copy(model).save_pretrained(folder, safe_serialization=True)
+
+
+def adapter_state(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if ".lora_" in k}
+
+
+def load_adapter_state(model, state: dict[str, torch.Tensor]) -> None:
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or set(adapter_state(model)) != set(state):
+        raise ConfigError("the checkpoint's LoRA adapters do not fit this student (were student.lora_* changed?); "
+                          "resume with the run's own config")

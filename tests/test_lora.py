@@ -1,0 +1,61 @@
+"""LoRA: only adapters train, exports are merged plain models that transformers loads, adapters resume exactly."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from opd.config import ConfigError
+from opd.lora import adapter_state, add_lora, has_lora, load_adapter_state, merged_copy, save_plain
+from tests.conftest import tiny_model
+
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+def _train_adapters(model, tokenizer, steps=3):
+    ids = torch.tensor([tokenizer("12+345=357")["input_ids"]])
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return ids
+
+
+def test_only_adapters_train_and_the_export_is_the_merged_model(tokenizer, tmp_path):
+    base = tiny_model(tokenizer, 0)
+    frozen = {k: v.clone() for k, v in base.state_dict().items()}
+    model = add_lora(base, rank=4, alpha=8.0, target_modules=TARGETS)
+    assert has_lora(model)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_" in n for n in trainable)
+    ids = _train_adapters(model, tokenizer)
+    model.eval()
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    save_plain(model, tmp_path / "export")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
+    assert not has_lora(loaded) and set(loaded.state_dict()) == set(frozen)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, want, rtol=1e-4, atol=1e-4)
+    # The adapters really changed the exported weights; the live model keeps its adapters.
+    assert not torch.equal(loaded.state_dict()["model.layers.0.self_attn.q_proj.weight"],
+                           frozen["model.layers.0.self_attn.q_proj.weight"])
+    assert has_lora(model) and merged_copy(model) is not model
+
+
+def test_adapter_state_round_trips_onto_a_fresh_student(tokenizer):
+    trained = add_lora(tiny_model(tokenizer, 0), rank=4, alpha=8.0, target_modules=TARGETS)
+    ids = _train_adapters(trained, tokenizer)
+    fresh = add_lora(tiny_model(tokenizer, 0), rank=4, alpha=8.0, target_modules=TARGETS)
+    load_adapter_state(fresh, adapter_state(trained))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval()(input_ids=ids).logits, trained.eval()(input_ids=ids).logits)
+    other = add_lora(tiny_model(tokenizer, 0), rank=4, alpha=8.0, target_modules=["q_proj"])
+    with pytest.raises(ConfigError, match="do not fit"):
+        load_adapter_state(other, adapter_state(trained))
+
+
+def test_unknown_target_module_names_the_real_ones(tokenizer):
+    with pytest.raises(ConfigError, match=r"\['qkv'\] match no module.*q_proj"):
+        add_lora(tiny_model(tokenizer, 0), rank=4, alpha=8.0, target_modules=["q_proj", "qkv"])
