@@ -27,12 +27,15 @@ def teacher_accuracy(cfg, seed: int = 0) -> float | None:
     return accuracy(generate(teacher, tokenizer, prompts, params, seed=seed, batch_size=cfg.teacher.batch_size))
 
 
+DEMO_STEPS = 200  # a small budget: on-policy is near its plateau by then (`opd compare` runs the full default)
+
+
 def run_demo(run_dir: Path, console: Console | None = None, overrides: list[str] | None = None) -> dict:
     from opd.compare import run_compare  # compare builds on the demo's teacher_accuracy
 
     console = console or Console()
     run_dir = Path(run_dir)
-    overrides = list(overrides or [])
+    overrides = [f"train.max_steps={DEMO_STEPS}", *(overrides or [])]
     cfg = load_config(None, overrides)
     t0 = time.time()
     console.print(f"[bold]opd demo[/bold]: distilling {cfg.teacher.model} into {cfg.student.model}, "
