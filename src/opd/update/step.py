@@ -135,7 +135,12 @@ def _micro_batch_loss(model, r, s, f, objective, chunk_size, version, ref_model,
     mask = r.completion_mask.bool()
     terms = student_token_terms(model, r, s, objective, chunk_size)
     dev = terms.new_logprobs.device
+    # Importance ratios are against the distribution the tokens were drawn from (for a teacher-guided
+    # rollout, the mixture / corrected distribution q: pi_theta / q weights every token, replaced or
+    # not, exactly). Full-distribution objectives (reverse_kl, gkd, topk_kl) are exact at each visited
+    # state whoever chose the token, so guided states enter them unweighted, as in GKD / speculative KD.
     old_lp = r.behaviour_logprobs[mask].to(dev)
+    own_lp = r.policy_logprobs[mask].to(dev)  # the student's own sampling-time logprob: what drift checks
     adv = f.advantages[mask].to(dev)
     weight = f.loss_mask[mask].to(dev)
     ratio = torch.exp(terms.new_logprobs.detach() - old_lp)
@@ -168,7 +173,7 @@ def _micro_batch_loss(model, r, s, f, objective, chunk_size, version, ref_model,
         "entropy": terms.entropy,
         "new_lp": terms.new_logprobs.detach(),
         "lag": lag,
-        "drift": (terms.new_logprobs.detach() - old_lp).abs()[fresh],
+        "drift": (terms.new_logprobs.detach() - own_lp).abs()[fresh],
         "kl_ref": None if kl_ref is None else kl_ref.detach(),
         "dist": None if terms.distribution_loss is None else terms.distribution_loss.detach(),
     }
