@@ -60,7 +60,8 @@ def compute_feedback(
 ) -> Feedback:
     # A token enters the loss only if it is a real completion token the teacher scored.
     mask = (rollout.completion_mask * scores.scored_mask).float()
-    raw = (scores.token_logprobs - rollout.policy_logprobs) * mask
+    # where, not a product: a NaN/inf teacher number at a masked-out token must stay out (NaN * 0 = NaN).
+    raw = torch.where(mask > 0, scores.token_logprobs - rollout.policy_logprobs, 0.0)
     metrics: dict[str, float] = {}
     loss_weight = torch.ones_like(mask)
     if cfg.constant_advantage is None:  # the teacher-free control's "scores" are not the teacher's
@@ -68,7 +69,7 @@ def compute_feedback(
         loss_weight = broken.loss_weight
         metrics.update(broken.metrics)
     train_mask = mask * (loss_weight > 0)  # truncated tokens leave every step below, not only the loss
-    adv = raw * train_mask
+    adv = torch.where(train_mask > 0, raw, 0.0)
     if cfg.clip > 0:
         metrics["feedback/clip_frac"] = _masked_mean(((adv.abs() > cfg.clip).float()), train_mask)
         adv = adv.clamp(-cfg.clip, cfg.clip)
