@@ -18,6 +18,7 @@ CFG = MonitorConfig(
     max_grad_norm=(10.0, 100.0),
     max_reverse_kl=(2.0, 5.0),
     max_clip_frac=(0.25, 0.5),
+    max_broken_frac=(0.5, 0.9),
 )
 
 
@@ -75,6 +76,11 @@ CASES = [
     ({"stability/clip_frac": 0.26}, "Stability", "clip frac", YELLOW),
     ({"stability/clip_frac": 0.5}, "Stability", "clip frac", YELLOW),
     ({"stability/clip_frac": 0.51}, "Stability", "clip frac", RED),
+    # Teacher access: fraction of sequences with a broken prefix
+    ({"teacher/broken_frac": 0.5}, "Teacher access", "broken", GREEN),
+    ({"teacher/broken_frac": 0.51}, "Teacher access", "broken", YELLOW),
+    ({"teacher/broken_frac": 0.9}, "Teacher access", "broken", YELLOW),
+    ({"teacher/broken_frac": 0.91}, "Teacher access", "broken", RED),
 ]
 
 
@@ -147,3 +153,11 @@ def test_health_metrics_keys_and_levels():
 def test_levels_are_colours():
     assert LEVELS == ("green", "yellow", "red")
     assert [Signal("x", lvl, []).colour for lvl in (0, 1, 2)] == ["green", "yellow", "red"]
+
+
+def test_teacher_tokens_of_guided_rollouts_show_in_freshness_without_colouring_it():
+    fresh = by_name(assess({"rollout/teacher_token_frac": 0.4}, CFG))["Freshness"]
+    assert item(fresh, "teacher tokens") == ("teacher tokens", 0.4, GREEN) and fresh.level == GREEN
+    assert "teacher tokens" not in [i[0] for i in by_name(assess({}, CFG))["Freshness"].items]
+    access = by_name(assess({"teacher/break_pos_mean": 17.0, "teacher/entropy": 3.0}, CFG))["Teacher access"]
+    assert item(access, "break pos")[1] == 17.0 and item(access, "entropy")[1] == 3.0 and access.level == GREEN
