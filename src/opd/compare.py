@@ -87,10 +87,10 @@ def run_compare(config: Path | None, overrides: list[str], run_dir: Path, *, see
             **{k: _mean_std([f[k] for f in finals[m]]) for k in RECOVERY_KEYS if all(k in f for f in finals[m])},
         }
     summary["targets"] = _targets(summary, curves, t_acc)
+    summary["recovery_by_step"] = recovery
     report = run_dir / "report"
     report.mkdir(exist_ok=True)
     (report / "summary.json").write_text(json.dumps(summary, indent=1))
-    summary["recovery_by_step"] = recovery
     _plots(report, curves, errors, t_acc)
     _recovery_plot(report, summary, recovery)
     _write_report(report, summary, errors)
@@ -229,6 +229,7 @@ def _recovery_plot(report: Path, summary: dict, by_step: dict) -> None:
         steps = sorted(rates, key=int)
         ax.plot([int(s) + 1 for s in steps], [rates[s] for s in steps], marker="o", label=name,
                 color=colours.get(name, "tab:purple"))
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("corrupted step (1 = least significant digit)")
     ax.set_ylabel("recovery rate")
     ax.set_ylim(0, 1.05)
