@@ -28,7 +28,7 @@ from opd.loop import run
 from opd.models import load_model, load_tokenizer
 from opd.monitor import read_metrics
 from opd.prompts import PromptStream
-from opd.recovery import RecoverySettings
+from opd.recovery import planted_error_recovery
 from opd.rollout import SamplingParams
 from opd.teacher import LocalTeacher
 
@@ -73,7 +73,7 @@ def run_compare(config: Path | None, overrides: list[str], run_dir: Path, *, see
             finals[method].append(rows[-1])
 
     t_acc = teacher_accuracy(base)
-    errors, recovery = error_by_position(base, run_dir, seeds)
+    errors = error_by_position(base, run_dir, seeds)
     summary = {
         "teacher": {"eval/accuracy": t_acc},
         "seeds": seeds,
@@ -87,12 +87,12 @@ def run_compare(config: Path | None, overrides: list[str], run_dir: Path, *, see
             **{k: _mean_std([f[k] for f in finals[m]]) for k in RECOVERY_KEYS if all(k in f for f in finals[m])},
         }
     summary["targets"] = _targets(summary, curves, t_acc)
-    summary["recovery_by_step"] = recovery
+    summary["recovery_by_step"] = recovery_by_step(base, run_dir, seeds, list(finals))
     report = run_dir / "report"
     report.mkdir(exist_ok=True)
     (report / "summary.json").write_text(json.dumps(summary, indent=1))
     _plots(report, curves, errors, t_acc)
-    _recovery_plot(report, summary, recovery)
+    _recovery_plot(report, summary, summary["recovery_by_step"])
     _write_report(report, summary, errors)
     return summary
 
@@ -123,34 +123,47 @@ def _targets(summary: dict, curves: dict, t_acc: float) -> dict:
     }
 
 
-def error_by_position(cfg: Config, run_dir: Path, seeds: list[int]) -> tuple[dict, dict]:
-    """Free-running error per answer segment, and recovery rate per corrupted step (when recovery is on),
-    for the warm start and each method's final students, averaged over seeds."""
+def error_by_position(cfg: Config, run_dir: Path, seeds: list[int]) -> dict:
+    """Free-running error per answer segment for the warm start and each method's final students."""
     tokenizer = load_tokenizer(cfg.teacher.model)
     teacher = LocalTeacher(load_model(cfg.teacher.model, dtype=cfg.teacher.dtype, device=cfg.teacher.device),
                            batch_size=cfg.teacher.batch_size)
     prompts = PromptStream(cfg.prompts, cfg.seed).eval_prompts(cfg.eval.size)
     params = SamplingParams(cfg.eval.temperature, 1.0, cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens)
-    settings = RecoverySettings.from_config(cfg)
     out: dict[str, list[float]] = {}
-    recovery: dict[str, dict[str, float]] = {}
     folders = {"warm start": [run_dir / "warm-start" / "final"]}
     folders.update({m: [run_dir / m / f"seed-{s}" / "final" for s in seeds] for m in METHODS})
     for name, paths in folders.items():
-        rates, by_step = [], []
+        rates = []
         for p in paths:
             res = detailed_eval(load_model(str(p), device=cfg.student.device), teacher, tokenizer, prompts, params,
-                                seed=cfg.seed, recovery=settings)
+                                seed=cfg.seed)
             if "error_by_step" in res:
                 rates.append(res["error_by_step"]["free_running"])
-            if "recovery_by_step" in res:
-                by_step.append(res["recovery_by_step"])
         if rates:
             out[name] = [float(x) for x in np.mean(rates, axis=0)]
+    return out
+
+
+def recovery_by_step(cfg: Config, run_dir: Path, seeds: list[int], methods) -> dict[str, dict[str, float]]:
+    """Recovery rate from a planted error, by the step that was corrupted, for the warm start and each method's
+    final students (averaged over seeds); empty when eval.recovery_size = 0 or the task plants no errors."""
+    if cfg.eval.recovery_size == 0:
+        return {}
+    tokenizer = load_tokenizer(cfg.teacher.model)
+    prompts = PromptStream(cfg.prompts, cfg.seed).eval_prompts(cfg.eval.size)[: cfg.eval.recovery_size]
+    params = SamplingParams(cfg.eval.temperature, 1.0, cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens)
+    folders = {"warm start": [run_dir / "warm-start" / "final"]}
+    folders.update({m: [run_dir / m / f"seed-{s}" / "final" for s in seeds] for m in methods})
+    out: dict[str, dict[str, float]] = {}
+    for name, paths in folders.items():
+        runs = [planted_error_recovery(load_model(str(p), device=cfg.student.device), tokenizer, prompts, params,
+                                       seed=cfg.seed, batch_size=cfg.teacher.batch_size) for p in paths]
+        by_step = [r["recovery_by_step"] for r in runs if r is not None]
         if by_step:
             steps = sorted({k for d in by_step for k in d})
-            recovery[name] = {str(k): float(np.mean([d[k] for d in by_step if k in d])) for k in steps}
-    return out, recovery
+            out[name] = {str(k): float(np.mean([d[k] for d in by_step if k in d])) for k in steps}
+    return out
 
 
 def _plots(report: Path, curves: dict, errors: dict, t_acc: float) -> None:
@@ -206,19 +219,20 @@ def _recovery_plot(report: Path, summary: dict, by_step: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    if not any("eval/recovery_rate" in summary[m] for m in METHODS):
+    methods = [m for m in METHODS if m in summary and "eval/recovery_rate" in summary[m]]
+    if not methods:
         return
     colours = {"onpolicy": "tab:blue", "offline": "tab:orange", "control": "tab:gray", "warm start": "tab:green"}
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     ax = axes[0]
-    shown = [k for k in RECOVERY_KEYS if any(k in summary[m] for m in METHODS)]
+    shown = [k for k in RECOVERY_KEYS if any(k in summary[m] for m in methods)]
     width = 0.8 / len(shown)
     for j, key in enumerate(shown):
-        xs = [i + j * width for i, m in enumerate(METHODS) if key in summary[m]]
-        vals = [summary[m][key] for m in METHODS if key in summary[m]]
+        xs = [i + j * width for i, m in enumerate(methods) if key in summary[m]]
+        vals = [summary[m][key] for m in methods if key in summary[m]]
         ax.bar(xs, [v["mean"] for v in vals], width, yerr=[v["std"] for v in vals], capsize=3,
                label=key.removeprefix("eval/"))
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(METHODS))], list(METHODS))
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(methods))], methods)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("rate")
     ax.set_title("recovery from a planted error (mean ± std over seeds)")
@@ -291,7 +305,8 @@ def _write_report(report: Path, summary: dict, errors: dict) -> None:
 
 
 def _recovery_lines(summary: dict) -> list[str]:
-    if not any("eval/recovery_rate" in summary[m] for m in METHODS):
+    methods = [m for m in METHODS if m in summary and "eval/recovery_rate" in summary[m]]
+    if not methods:
         return []
     lines = [
         "",
@@ -306,7 +321,7 @@ def _recovery_lines(summary: dict) -> list[str]:
         "| method | recovery rate | clean-prefix accuracy | likelihood recovery | teacher tokens |",
         "|---|---|---|---|---|",
     ]
-    for m in METHODS:
+    for m in methods:
         s = summary[m]
         cells = [_fmt(s[k]) if k in s else "-" for k in RECOVERY_KEYS]
         lines.append(f"| {m} | " + " | ".join(cells) + f" | {s['teacher_tokens']['mean']:,.0f} |")
