@@ -125,7 +125,7 @@ class RolloutConfig(Section):
         0,
         ge=0,
         description="Teacher-corrected rollouts (speculative KD): the student proposes each token and one outside the "
-        "teacher's top-k is replaced by a teacher sample (marked, counted in rollout/teacher_token_frac; 0 = off).",
+        "teacher's top-k is replaced by a sample from the teacher's top-k (marked, counted in rollout/teacher_token_frac; 0 = off).",
     )
 
 

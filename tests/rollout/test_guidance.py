@@ -71,16 +71,18 @@ def test_topk_correction_replaces_exactly_the_proposals_outside_the_teachers_top
     pick = topk_correction_choice(student, teacher, k, torch.Generator().manual_seed(5))
     g = torch.Generator().manual_seed(5)  # replay the draws: the proposal first, then the teacher's sample
     proposal = torch.multinomial(student.exp(), 1, generator=g).squeeze(1)
-    teacher_draw = torch.multinomial(teacher.exp(), 1, generator=g).squeeze(1)
+    in_k = torch.tensor([0, 1, 0, 1, 0, 0], dtype=torch.bool)
+    pt_k = teacher[0].exp() * in_k / teacher[0].exp()[in_k].sum()  # the teacher restricted to its top-k
+    teacher_draw = torch.multinomial(pt_k.expand(B, V), 1, generator=g).squeeze(1)
     outside = ~torch.isin(proposal, torch.tensor([1, 3]))
     assert torch.equal(pick.teacher_share.bool(), outside)  # replaced <=> proposed outside the top-k
     assert torch.equal(pick.tokens[~outside], proposal[~outside])  # the others are the student's own
     assert torch.equal(pick.tokens[outside], teacher_draw[outside])  # replacements are teacher samples
-    # The recorded behaviour distribution q is the one the tokens follow, and it sums to 1.
-    ps, pt = student[0].exp(), teacher[0].exp()
-    in_k = torch.tensor([0, 1, 0, 1, 0, 0], dtype=torch.bool)
-    q = ps * in_k + ps[~in_k].sum() * pt
-    assert float(q.sum()) == pytest.approx(1.0, abs=1e-6)
+    assert torch.isin(pick.tokens, torch.tensor([1, 3])).all()  # so every token is in the teacher's top-k
+    # The recorded behaviour distribution q is the one the tokens follow, it sums to 1, and q >= pi_theta on K.
+    ps = student[0].exp()
+    q = ps * in_k + ps[~in_k].sum() * pt_k
+    assert float(q.sum()) == pytest.approx(1.0, abs=1e-6) and (q[in_k] >= ps[in_k]).all()
     torch.testing.assert_close(pick.behaviour_logprobs, q.log()[pick.tokens])
     torch.testing.assert_close(pick.student_logprobs, student[0][pick.tokens])
     freq = torch.bincount(pick.tokens, minlength=V).float() / B
@@ -110,12 +112,13 @@ def test_topk_correction_in_the_sampler(student, arith_teacher, tokenizer, arith
     replaced = roll.teacher_share[mask].bool()
     in_topk = (scores.topk_ids[mask] == tokens[:, None]).any(1)
     assert replaced.any() and (~replaced).any()
-    assert in_topk[~replaced].all()  # a kept token is always one of the teacher's top-k
-    # behaviour logprob = log q, q(v) = pi_S(v) [v in K] + pi_S(outside K) pi_T(v), from recomputed distributions
+    assert in_topk.all()  # kept or replaced, every token is one of the teacher's top-k
+    # behaviour logprob = log q, q(v) = pi_S(v) [v in K] + pi_S(outside K) pi_T(v | K), from recomputed distributions
     ps = full_student_logprobs(student, roll).exp()
-    pt = scores.full_logprobs[mask].exp()
     in_k = torch.zeros_like(ps, dtype=torch.bool).scatter(1, scores.topk_ids[mask], True)
-    q = ps * in_k + (ps * ~in_k).sum(1, keepdim=True) * pt
+    pt_k = scores.full_logprobs[mask].exp() * in_k
+    pt_k = pt_k / pt_k.sum(1, keepdim=True)
+    q = ps * in_k + (ps * ~in_k).sum(1, keepdim=True) * pt_k
     torch.testing.assert_close(roll.behaviour_logprobs[mask], q.gather(1, tokens[:, None]).squeeze(1).log(),
                                rtol=0, atol=1e-4)
 

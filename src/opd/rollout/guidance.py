@@ -7,8 +7,11 @@ was actually drawn as its behaviour logprob, so the importance ratio pi_theta / 
 - mixture (MiniLLM's teacher-mixed sampling): a_t ~ q = p * pi_T + (1 - p) * pi_theta.
   Drawn in one multinomial over q, so p = 0 gives exactly the plain student draw.
 - top-k correction (speculative-KD style): the student proposes x ~ pi_theta; if x is outside the
-  teacher's top-k K it is replaced by y ~ pi_T. The token's distribution is then
-  q(v) = pi_theta(v) * [v in K] + (1 - pi_theta(K)) * pi_T(v).
+  teacher's top-k K it is replaced by y ~ pi_T restricted to K (renormalised), so every token of
+  the rollout is one of the teacher's top-k. The token's distribution is then
+  q(v) = pi_theta(v) + (1 - pi_theta(K)) * pi_T(v) / pi_T(K) for v in K, 0 outside; q >= pi_theta
+  on its support, so pi_theta / q <= 1. (A replacement from the teacher's full distribution could
+  land outside K again, where q is tiny and pi_theta / q explodes.)
 
 Each token also gets a teacher share: 1 for a replaced token (0 for a kept one); under the mixture,
 the probability that it came from the teacher's component, p * pi_T(a) / q(a) (the draw itself
@@ -55,17 +58,18 @@ def mixture_choice(student_logp: torch.Tensor, teacher_logp: torch.Tensor, p: fl
 
 def topk_correction_choice(student_logp: torch.Tensor, teacher_logp: torch.Tensor, k: int,
                            generator: torch.Generator | None) -> GuidedChoice:
-    """The student proposes; a proposal outside the teacher's top-k is replaced by a teacher sample."""
-    proposal = torch.multinomial(student_logp.exp(), 1, generator=generator).squeeze(1)
-    teacher_draw = torch.multinomial(teacher_logp.exp(), 1, generator=generator).squeeze(1)
+    """The student proposes; a proposal outside the teacher's top-k is replaced by a sample from the teacher's top-k."""
     in_topk = torch.zeros_like(student_logp, dtype=torch.bool)
     in_topk.scatter_(1, teacher_logp.topk(min(k, teacher_logp.shape[1]), dim=1).indices, True)
+    teacher_topk = torch.softmax(teacher_logp.masked_fill(~in_topk, float("-inf")), dim=1)  # pi_T(. | K)
+    proposal = torch.multinomial(student_logp.exp(), 1, generator=generator).squeeze(1)
+    teacher_draw = torch.multinomial(teacher_topk, 1, generator=generator).squeeze(1)
     replace = ~in_topk.gather(1, proposal[:, None]).squeeze(1)
     tok = torch.where(replace, teacher_draw, proposal)
-    # q(v) = pi_theta(v) [v in K] + (1 - pi_theta(K)) pi_T(v): both routes to v, summed.
+    # q(v) = pi_theta(v) [v in K] + (1 - pi_theta(K)) pi_T(v | K): both routes to v, summed.
     p_student = student_logp.exp()
     mass_out = (p_student * ~in_topk).sum(1).clamp(min=0.0)
-    q = p_student * in_topk + mass_out[:, None] * teacher_logp.exp()
+    q = p_student * in_topk + mass_out[:, None] * teacher_topk
     return GuidedChoice(tok, _pick(q, tok).log(), _pick(student_logp, tok), replace.float())
 
 
