@@ -73,3 +73,18 @@ def test_recovery_eval_keys_and_the_training_rng_is_untouched(arith, student):
     plain = [Prompt(text=p.text, source="t") for p in prompts]
     out = recovery_eval(teacher, LocalTeacher(teacher), tok, plain, SamplingParams(max_new_tokens=64), settings, seed=3)
     assert out["eval/recovery_rate"] == out["eval/recovery_rate_likelihood"] and "recovery_by_step" not in out
+
+
+def test_a_teacher_without_weights_here_skips_only_the_likelihood_recovery(arith):
+    tok, teacher, prompts = arith
+    local = LocalTeacher(teacher)
+
+    class ScoreOnly:  # what a teacher server offers: scores, no weights in this process
+        batch_size = 64
+        score = staticmethod(local.score)
+
+    params, settings = SamplingParams(max_new_tokens=64), RecoverySettings(size=4)
+    out = recovery_eval(teacher, ScoreOnly(), tok, prompts, params, settings, seed=3)
+    assert "eval/recovery_rate" in out and "eval/recovery_rate_likelihood" not in out
+    given = recovery_eval(teacher, ScoreOnly(), tok, prompts, params, settings, seed=3, teacher_model=teacher)
+    assert given == recovery_eval(teacher, local, tok, prompts, params, settings, seed=3)

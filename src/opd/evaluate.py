@@ -37,7 +37,8 @@ def accuracy(rollouts) -> float | None:
 
 
 def evaluate(student, teacher, tokenizer, prompts: list[Prompt], params: SamplingParams, *, seed: int,
-             version: int = 0, max_prompt_tokens: int = 256, recovery: RecoverySettings | None = None) -> dict[str, float]:
+             version: int = 0, max_prompt_tokens: int = 256, recovery: RecoverySettings | None = None,
+             teacher_model=None) -> dict[str, float]:
     rollouts = generate(student, tokenizer, prompts, params, seed=seed, batch_size=teacher.batch_size,
                         version=version, max_prompt_tokens=max_prompt_tokens)
     diff, t_lp, lengths = [], [], []
@@ -57,7 +58,7 @@ def evaluate(student, teacher, tokenizer, prompts: list[Prompt], params: Samplin
         out["eval/accuracy"] = acc
     if recovery is not None and recovery.size > 0:
         rec = recovery_eval(student, teacher, tokenizer, prompts, params, recovery, seed=seed,
-                            max_prompt_tokens=max_prompt_tokens)
+                            max_prompt_tokens=max_prompt_tokens, teacher_model=teacher_model)
         out.update({k: v for k, v in rec.items() if k.startswith("eval/")})  # scalars only in a metrics row
     return out
 

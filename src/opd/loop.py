@@ -138,7 +138,8 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
     def eval_row(step: int, version: int) -> dict:
         seed = int(np.random.default_rng([cfg.seed, 0xE7A1, step]).integers(2**31))
         return evaluate(student, teacher, tokenizer, eval_prompts, eval_params, seed=seed, version=version,
-                        max_prompt_tokens=cfg.prompts.max_prompt_tokens, recovery=RecoverySettings.from_config(cfg))
+                        max_prompt_tokens=cfg.prompts.max_prompt_tokens, recovery=RecoverySettings.from_config(cfg),
+                        teacher_model=teacher_model)
 
     t_start = time.time()  # wall time includes the warm start and offline data generation (what a user waits for)
     ckpt = latest_checkpoint(run_dir, warn=log) if resume else None

@@ -21,7 +21,9 @@ window of w = feedback.break_window consecutive continuation tokens (all of them
 continuation ended sooner) has mean teacher logprob >= feedback.break_logprob - that is, within H
 tokens the text is no longer broken by the detector's own rule. `eval/recovery_tokens_mean`: the
 continuation tokens it took (to the end of that first good window), over the recovered ones.
-Where no task verifies recovery, `eval/recovery_rate` is this likelihood rate.
+Where no task verifies recovery, `eval/recovery_rate` is this likelihood rate. It needs the teacher's
+weights in this process (to write completions and find unlikely tokens); a teacher that only scores
+(a server) skips it.
 """
 
 from __future__ import annotations
@@ -112,12 +114,16 @@ def recovered_within(token_logprobs: torch.Tensor, mask: torch.Tensor, window: i
 
 
 def likelihood_recovery(student, teacher, tokenizer, prompts: list[Prompt], params: SamplingParams,
-                        settings: RecoverySettings, *, seed: int, max_prompt_tokens: int = 256) -> dict:
-    """Return to high teacher likelihood after a forced unlikely token (any task)."""
+                        settings: RecoverySettings, *, seed: int, max_prompt_tokens: int = 256,
+                        teacher_model=None) -> dict:
+    """Return to high teacher likelihood after a forced unlikely token (any task). `teacher` scores the
+    continuations; `teacher_model` (default: teacher.model) writes the completions and finds unlikely tokens."""
     from opd.evaluate import generate
 
+    teacher_model = teacher.model if teacher_model is None else teacher_model
+    batch_size = getattr(teacher, "batch_size", 64)
     rng = np.random.default_rng([seed, 0x11CE])
-    refs = generate(teacher.model, tokenizer, prompts, params, seed=seed + 1, batch_size=teacher.batch_size,
+    refs = generate(teacher_model, tokenizer, prompts, params, seed=seed + 1, batch_size=batch_size,
                     max_prompt_tokens=max_prompt_tokens)
     special = set(tokenizer.all_special_ids)
     bases, prefix_ids = [], []
@@ -129,7 +135,7 @@ def likelihood_recovery(student, teacher, tokenizer, prompts: list[Prompt], para
             bases.append(p)
             prefix_ids.append(ids[:j])
     texts = [p.text + tokenizer.decode(ids) for p, ids in zip(bases, prefix_ids)]
-    teacher_lp = _next_token_logprobs(teacher.model, tokenizer, texts, params.temperature, max_prompt_tokens)
+    teacher_lp = _next_token_logprobs(teacher_model, tokenizer, texts, params.temperature, max_prompt_tokens)
     allowed = torch.ones(teacher_lp.shape[1], dtype=torch.bool)
     allowed[len(tokenizer):] = False  # ids past the tokenizer are padding of the LM head
     allowed[list(special)] = False
@@ -146,7 +152,7 @@ def likelihood_recovery(student, teacher, tokenizer, prompts: list[Prompt], para
         return out
     cont_params = SamplingParams(params.temperature, params.top_p, settings.horizon, params.stop)
     took = []
-    for r in _continue(student, tokenizer, conts, cont_params, seed=seed + 2, batch_size=teacher.batch_size,
+    for r in _continue(student, tokenizer, conts, cont_params, seed=seed + 2, batch_size=batch_size,
                        max_prompt_tokens=max_prompt_tokens + settings.horizon + 1):
         s = teacher.score(r)
         took.append(recovered_within(s.token_logprobs, r.completion_mask * s.scored_mask, settings.window,
@@ -159,16 +165,20 @@ def likelihood_recovery(student, teacher, tokenizer, prompts: list[Prompt], para
 
 
 def recovery_eval(student, teacher, tokenizer, prompts: list[Prompt], params: SamplingParams,
-                  settings: RecoverySettings, *, seed: int, max_prompt_tokens: int = 256) -> dict:
-    """Both measurements on the first settings.size prompts; eval/recovery_rate is the verified one where it exists."""
+                  settings: RecoverySettings, *, seed: int, max_prompt_tokens: int = 256, teacher_model=None) -> dict:
+    """Both measurements on the first settings.size prompts; eval/recovery_rate is the verified one where it exists.
+    The likelihood one runs where the teacher's weights are at hand (`teacher_model`, else `teacher.model`)."""
     prompts = prompts[: settings.size]
     if not prompts:
         return {}
     seed = int(np.random.default_rng([seed, 0x2EC0]).integers(2**31))  # streams apart from the plain eval's
-    out = likelihood_recovery(student, teacher, tokenizer, prompts, params, settings, seed=seed,
-                              max_prompt_tokens=max_prompt_tokens)
-    verified = planted_error_recovery(student, tokenizer, prompts, params, seed=seed, batch_size=teacher.batch_size,
-                                      max_prompt_tokens=max_prompt_tokens)
+    teacher_model = getattr(teacher, "model", None) if teacher_model is None else teacher_model
+    out: dict = {}
+    if teacher_model is not None:
+        out = likelihood_recovery(student, teacher, tokenizer, prompts, params, settings, seed=seed,
+                                  max_prompt_tokens=max_prompt_tokens, teacher_model=teacher_model)
+    verified = planted_error_recovery(student, tokenizer, prompts, params, seed=seed,
+                                      batch_size=getattr(teacher, "batch_size", 64), max_prompt_tokens=max_prompt_tokens)
     if verified is not None:
         out.update(verified)
     elif "eval/recovery_rate_likelihood" in out:
