@@ -7,4 +7,5 @@ from opd.config import reference_markdown
 readme = Path(__file__).parents[1] / "README.md"
 text = readme.read_text()
 start = text.index("| key | type | default | meaning |")
-readme.write_text(text[:start] + reference_markdown().split("\n", 3)[3])
+# lstrip: the table's own leading newline would otherwise add one more blank line on every run
+readme.write_text(text[:start] + reference_markdown().split("\n", 3)[3].lstrip("\n"))

@@ -19,7 +19,8 @@ def test_teacher_free_control_never_asks_the_teacher_during_training(tmp_path, m
     cfg = load_config(None, TINY + ["objective.name='pg'", "feedback.constant_advantage=-0.5", "eval.every=0"])
     run(cfg, tmp_path, log=lambda *a: None)
     rows = read_metrics(tmp_path)
-    assert len(calls) == 2  # the two evaluations (step 0 and the end), never a training step
+    # the two evaluations (step 0 and the end: their samples, then the recovery continuations), never a training step
+    assert len(calls) == 4
     assert all(r["budget/teacher_tokens"] == rows[0]["budget/teacher_tokens"] for r in rows)  # only the warm start
     assert all(r["opd/advantage_mean"] == pytest.approx(-0.5) for r in rows[1:])
     assert not any(k.startswith("teacher/") for k in rows[-1])
@@ -64,6 +65,14 @@ def test_compare_writes_the_report(tmp_path):
     assert 0.5 < off / on < 2.0
     assert "teacher" in data and 0 <= data["teacher"]["eval/accuracy"] <= 1
     assert "<img" in (report / "report.html").read_text()
+    # Recovery from a planted error: per method over seeds, by corrupted step for every student, a plot and a section.
+    for m in ("onpolicy", "offline", "control"):
+        for k in ("eval/recovery_rate", "eval/recovery_clean_accuracy", "eval/recovery_rate_likelihood"):
+            assert len(data[m][k]["values"]) == 2 and 0 <= data[m][k]["mean"] <= 1
+    assert set(data["recovery_by_step"]) == {"warm start", "onpolicy", "offline", "control"}
+    assert (report / "recovery.png").stat().st_size > 0
+    md = (report / "report.md").read_text()
+    assert "## Broken prefixes and recovery" in md and "![recovery](recovery.png)" in md
     # A second call reuses every finished run instead of training again.
     again = run_compare(None, TINY, tmp_path, seeds=[0, 1], log=lambda *a: None)
     assert again["onpolicy"]["eval/accuracy"] == summary["onpolicy"]["eval/accuracy"]

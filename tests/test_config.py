@@ -235,6 +235,32 @@ def test_hybrid_needs_a_group():
     assert ok.rollout.samples_per_prompt == 2
 
 
+@pytest.mark.parametrize(
+    "data, hints",
+    [
+        ({"rollout": {"teacher_mix": 0.5, "teacher_correct_topk": 4}}, ["teacher_mix", "teacher_correct_topk", "only one"]),
+        ({"rollout": {"teacher_mix": 0.5, "top_p": 0.9}}, ["teacher_mix", "top_p = 1.0"]),
+        ({"rollout": {"teacher_correct_topk": 3},
+          "feedback": {"constant_advantage": -0.5}, "objective": {"name": "pg"}}, ["guided", "constant_advantage"]),
+        ({"feedback": {"broken_prefix": "truncate", "constant_advantage": -0.5}, "objective": {"name": "pg"}},
+         ["broken_prefix", "truncate", "constant_advantage", "'keep'"]),
+        ({"rollout": {"teacher_mix": 1.5}}, ["rollout.teacher_mix", "less than or equal to 1"]),
+        ({"feedback": {"broken_prefix": "cut"}}, ["feedback.broken_prefix", "'keep', 'truncate' or 'downweight'"]),
+        ({"feedback": {"break_logprob": 1.0}}, ["feedback.break_logprob", "less than or equal to 0"]),
+        ({"feedback": {"break_window": 0}}, ["feedback.break_window", "greater than or equal to 1"]),
+    ],
+)
+def test_broken_prefix_and_guided_rollout_settings_are_checked(data, hints):
+    msg = _error(data)
+    for h in hints:
+        assert h in msg, (h, msg)
+
+
+def test_guided_rollouts_and_handling_validate():
+    cfg = validate_config({"rollout": {"teacher_mix": 0.3}, "feedback": {"broken_prefix": "truncate", "keep_after_break": 2}})
+    assert cfg.rollout.teacher_mix == 0.3 and cfg.feedback.keep_after_break == 2
+
+
 @pytest.mark.parametrize("kind", ["jsonl", "hf"])
 def test_file_sources_need_a_path(kind):
     msg = _error({"prompts": {"sources": [{"kind": kind}]}})

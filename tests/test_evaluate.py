@@ -70,5 +70,22 @@ def test_opd_eval_command_writes_json(tmp_path):
     data = json.loads(out.read_text())
     assert {"eval/accuracy", "eval/reverse_kl", "eval/teacher_nll", "eval/length", "error_by_step"} <= set(data)
     assert "error by step" in res.output
+    # recovery from a planted error, on eval.size (8) held-out prompts
+    assert {"eval/recovery_rate", "eval/recovery_clean_accuracy", "eval/recovery_rate_likelihood"} <= set(data)
+    assert data["eval/recovery_clean_accuracy"] >= 0.75 and "recovery by corrupted step" in res.output
     res = CliRunner().invoke(app, ["eval", str(tmp_path / "missing")])
     assert res.exit_code == 2 and "model not found" in res.output
+
+
+def test_evaluate_adds_recovery_scalars_only(arith_setup):
+    from opd.evaluate import evaluate
+    from opd.recovery import RecoverySettings
+
+    tok, teacher, task, prompts = arith_setup
+    params = SamplingParams(max_new_tokens=64)
+    plain = evaluate(teacher, LocalTeacher(teacher), tok, prompts[:4], params, seed=0)
+    assert not any("recovery" in k for k in plain)
+    row = evaluate(teacher, LocalTeacher(teacher), tok, prompts[:4], params, seed=0, recovery=RecoverySettings(size=4))
+    assert {"eval/recovery_rate", "eval/recovery_clean_accuracy", "eval/recovery_rate_likelihood"} <= set(row)
+    assert all(isinstance(v, float) for v in row.values())  # a metrics row: no per-step dicts
+    assert {k: v for k, v in row.items() if "recovery" not in k} == plain  # the plain eval is unchanged

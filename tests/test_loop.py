@@ -95,3 +95,25 @@ def test_lora_student_resumes_exactly_and_exports_merged(tmp_path):
     assert not any("lora_" in k for k in a)  # checkpoints and final/ are merged plain models
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("extra, guided", [
+    (["feedback.broken_prefix='truncate'", "feedback.break_window=1"], False),
+    (["feedback.broken_prefix='downweight'"], False),
+    (["rollout.teacher_mix=0.5"], True),
+    (["rollout.teacher_correct_topk=2", "objective.name='pg'"], True),
+])
+def test_broken_prefix_handling_and_guided_rollouts_in_the_loop(tmp_path, extra, guided):
+    cfg = small_config("train.max_steps=2", "eval.size=4", "train.checkpoint_every=0", "monitor.tensorboard=false",
+                       "eval.recovery_size=4", *extra)
+    run(cfg, tmp_path, log=quiet)
+    rows = read_metrics(tmp_path)
+    for r in rows[1:]:
+        assert 0 <= r["teacher/broken_frac"] <= 1 and r["teacher/entropy"] >= 0 and "feedback/tokens_dropped" in r
+        assert ("rollout/teacher_token_frac" in r) == guided
+        if guided:
+            assert 0 < r["rollout/teacher_token_frac"] <= 1
+            # the teacher ran a forward for every sampled token and scored every one: twice the tokens
+            spent = r["budget/teacher_tokens"] - rows[rows.index(r) - 1]["budget/teacher_tokens"]
+            assert spent == 2 * r["rollout/tokens"]
+    assert {"eval/recovery_rate", "eval/recovery_clean_accuracy", "eval/recovery_rate_likelihood"} <= set(rows[-1])

@@ -145,13 +145,14 @@ def eval_cmd(
     out: Optional[Path] = typer.Option(None, "--out", help="Write the full result as JSON here."),
 ):
     """Evaluate a student on held-out prompts: accuracy, reverse KL and NLL under the teacher, length,
-    accuracy by length, error by position (free-running vs teacher-forced)."""
+    accuracy by length, error by position (free-running vs teacher-forced), recovery from a planted error."""
     import json
 
     from opd.evaluate import detailed_eval
     from opd.loop import chat_renderer, make_teacher
     from opd.models import load_model, load_tokenizer
     from opd.prompts import PromptStream
+    from opd.recovery import RecoverySettings
     from opd.rollout import SamplingParams
     from opd.teacher.build import build_one, check_tokenizers
 
@@ -173,7 +174,8 @@ def eval_cmd(
         params = SamplingParams(cfg.eval.temperature, 1.0, cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
                                 cfg.rollout.stop)
         result = detailed_eval(student, teacher, tokenizer, prompts, params, seed=cfg.seed,
-                               max_prompt_tokens=cfg.prompts.max_prompt_tokens)
+                               max_prompt_tokens=cfg.prompts.max_prompt_tokens,
+                               recovery=RecoverySettings.from_config(cfg))
     except ConfigError as e:
         fail(str(e))
     for k, v in result.items():
@@ -183,6 +185,9 @@ def eval_cmd(
         e = result["error_by_step"]
         console.print("error by step (free-running / teacher-forced): " + "  ".join(
             f"{i + 1}:{a:.2f}/{b:.2f}" for i, (a, b) in enumerate(zip(e["free_running"], e["teacher_forced"]))))
+    if "recovery_by_step" in result:
+        console.print("recovery by corrupted step: " + "  ".join(
+            f"{int(k) + 1}:{v:.2f}" for k, v in result["recovery_by_step"].items()))
     if out is not None:
         out.write_text(json.dumps(result, indent=1))
         console.print(f"written to {out}")

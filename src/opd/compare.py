@@ -6,6 +6,10 @@ Matched budgets: on-policy spends batch_size x steps completions of teacher scor
 the teacher to write the same number of completions (offline.num_prompts = batch_size x steps) and
 trains the same number of steps on them. The control runs the on-policy loop with a constant
 negative advantage on every sampled token and never asks the teacher (0 teacher tokens).
+
+Recovery (opd.recovery): each method's final eval row carries eval/recovery_rate (a planted wrong
+digit; the student must still reach the verified answer), reported as mean and spread over seeds,
+and the final students are also measured by the step that was corrupted (recovery.png).
 """
 
 from __future__ import annotations
@@ -24,10 +28,12 @@ from opd.loop import run
 from opd.models import load_model, load_tokenizer
 from opd.monitor import read_metrics
 from opd.prompts import PromptStream
+from opd.recovery import planted_error_recovery
 from opd.rollout import SamplingParams
 from opd.teacher import LocalTeacher
 
 METHODS = ("onpolicy", "offline", "control")
+RECOVERY_KEYS = ("eval/recovery_rate", "eval/recovery_clean_accuracy", "eval/recovery_rate_likelihood")
 
 
 def method_overrides(method: str, cfg: Config, warm: Path, control_advantage: float) -> list[str]:
@@ -82,12 +88,15 @@ def run_compare(config: Path | None, overrides: list[str], run_dir: Path, *, see
         summary[m] = {
             **{k: _mean_std([f[k] for f in finals[m]]) for k in ("eval/accuracy", "eval/reverse_kl")},
             "teacher_tokens": _mean_std([f["budget/teacher_tokens"] for f in finals[m]]),
+            **{k: _mean_std([f[k] for f in finals[m]]) for k in RECOVERY_KEYS if all(k in f for f in finals[m])},
         }
     summary["targets"] = _targets(summary, curves, t_acc)
+    summary["recovery_by_step"] = recovery_by_step(base, run_dir, seeds, list(finals))
     report = run_dir / "report"
     report.mkdir(exist_ok=True)
     (report / "summary.json").write_text(json.dumps(summary, indent=1))
     _plots(report, curves, errors, t_acc)
+    _recovery_plot(report, summary, summary["recovery_by_step"])
     _write_report(report, summary, errors)
     return summary
 
@@ -140,6 +149,27 @@ def error_by_position(cfg: Config, run_dir: Path, seeds: list[int], methods=METH
     return out
 
 
+def recovery_by_step(cfg: Config, run_dir: Path, seeds: list[int], methods) -> dict[str, dict[str, float]]:
+    """Recovery rate from a planted error, by the step that was corrupted, for the warm start and each method's
+    final students (averaged over seeds); empty when eval.recovery_size = 0 or the task plants no errors."""
+    if cfg.eval.recovery_size == 0:
+        return {}
+    tokenizer = load_tokenizer(cfg.teacher.model)
+    prompts = PromptStream(cfg.prompts, cfg.seed).eval_prompts(cfg.eval.size)[: cfg.eval.recovery_size]
+    params = SamplingParams(cfg.eval.temperature, 1.0, cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens)
+    folders = {"warm start": [run_dir / "warm-start" / "final"]}
+    folders.update({m: [run_dir / m / f"seed-{s}" / "final" for s in seeds] for m in methods})
+    out: dict[str, dict[str, float]] = {}
+    for name, paths in folders.items():
+        runs = [planted_error_recovery(load_model(str(p), device=cfg.student.device), tokenizer, prompts, params,
+                                       seed=cfg.seed, batch_size=cfg.teacher.batch_size) for p in paths]
+        by_step = [r["recovery_by_step"] for r in runs if r is not None]
+        if by_step:
+            steps = sorted({k for d in by_step for k in d})
+            out[name] = {str(k): float(np.mean([d[k] for d in by_step if k in d])) for k in steps}
+    return out
+
+
 def _plots(report: Path, curves: dict, errors: dict, t_acc: float) -> None:
     import matplotlib
 
@@ -183,6 +213,49 @@ def _plots(report: Path, curves: dict, errors: dict, t_acc: float) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(report / "error_by_position.png", dpi=110)
+    plt.close(fig)
+
+
+def _recovery_plot(report: Path, summary: dict, by_step: dict) -> None:
+    """Recovery rate per method (mean ± std over seeds) next to clean-prefix accuracy, and by corrupted step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = [m for m in METHODS if m in summary and "eval/recovery_rate" in summary[m]]
+    if not methods:
+        return
+    colours = {"onpolicy": "tab:blue", "offline": "tab:orange", "control": "tab:gray", "warm start": "tab:green"}
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    ax = axes[0]
+    shown = [k for k in RECOVERY_KEYS if any(k in summary[m] for m in methods)]
+    width = 0.8 / len(shown)
+    for j, key in enumerate(shown):
+        xs = [i + j * width for i, m in enumerate(methods) if key in summary[m]]
+        vals = [summary[m][key] for m in methods if key in summary[m]]
+        ax.bar(xs, [v["mean"] for v in vals], width, yerr=[v["std"] for v in vals], capsize=3,
+               label=key.removeprefix("eval/"))
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(methods))], methods)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("rate")
+    ax.set_title("recovery from a planted error (mean ± std over seeds)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    ax = axes[1]
+    for name, rates in by_step.items():
+        steps = sorted(rates, key=int)
+        ax.plot([int(s) + 1 for s in steps], [rates[s] for s in steps], marker="o", label=name,
+                color=colours.get(name, "tab:purple"))
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_xlabel("corrupted step (1 = least significant digit)")
+    ax.set_ylabel("recovery rate")
+    ax.set_ylim(0, 1.05)
+    ax.set_title("recovery by the step that was corrupted")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(report / "recovery.png", dpi=110)
     plt.close(fig)
 
 
@@ -231,9 +304,34 @@ def _write_report(report: Path, summary: dict, errors: dict) -> None:
     ]
     for name, rates in errors.items():
         lines.append(f"| {name} | " + " | ".join(f"{r:.2f}" for r in rates) + " |")
+    lines += _recovery_lines(summary)
     md = "\n".join(lines) + "\n"
     (report / "report.md").write_text(md)
     (report / "report.html").write_text(_markdown_to_html(md))
+
+
+def _recovery_lines(summary: dict) -> list[str]:
+    methods = [m for m in METHODS if m in summary and "eval/recovery_rate" in summary[m]]
+    if not methods:
+        return []
+    lines = [
+        "",
+        "## Broken prefixes and recovery",
+        "",
+        "One digit of a written step's result is made wrong in the reference answer, which is cut right after that "
+        "step; the student continues. `recovery rate`: the final answer still verifies. `clean-prefix accuracy`: the "
+        "same cut with the right digit. `likelihood recovery`: after a forced token the teacher finds unlikely, the "
+        "teacher's windowed mean logprob of the continuation returns above the break threshold within the horizon. "
+        "Final students, mean ± std over seeds.",
+        "",
+        "| method | recovery rate | clean-prefix accuracy | likelihood recovery | teacher tokens |",
+        "|---|---|---|---|---|",
+    ]
+    for m in methods:
+        s = summary[m]
+        cells = [_fmt(s[k]) if k in s else "-" for k in RECOVERY_KEYS]
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {s['teacher_tokens']['mean']:,.0f} |")
+    return lines + ["", "![recovery](recovery.png)"]
 
 
 def _markdown_to_html(md: str) -> str:

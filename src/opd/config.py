@@ -166,6 +166,19 @@ class RolloutConfig(Section):
     samples_per_prompt: int = Field(
         1, ge=1, description="Completions per prompt (a group, for the `hybrid` objective's normalised reward)."
     )
+    teacher_mix: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Teacher-guided rollouts (MiniLLM): sample each token from p*pi_T + (1-p)*pi_theta with p = this; "
+        "the mixture's logprob is the behaviour logprob, so importance ratios stay exact (0 = the student alone).",
+    )
+    teacher_correct_topk: int = Field(
+        0,
+        ge=0,
+        description="Teacher-corrected rollouts (speculative KD): the student proposes each token and one outside the "
+        "teacher's top-k is replaced by a sample from the teacher's top-k (marked, counted in rollout/teacher_token_frac; 0 = off).",
+    )
 
 
 class FeedbackConfig(Section):
@@ -178,6 +191,28 @@ class FeedbackConfig(Section):
         None,
         description="Teacher-free control: A_t = this constant on every sampled token and the teacher is never asked "
         "(use with objective.name = 'pg'); shows what the teacher's signal adds.",
+    )
+    break_window: int = Field(
+        4, ge=1, description="Broken-prefix detection: tokens in the trailing window of teacher logprobs that is averaged."
+    )
+    break_logprob: float = Field(
+        -3.0,
+        le=0,
+        description="A sequence's prefix breaks at the first token where the windowed mean teacher logprob falls "
+        "below this (teacher/broken_frac, teacher/break_pos_mean).",
+    )
+    break_entropy: Optional[float] = Field(
+        None,
+        ge=0,
+        description="Also a break: the teacher's entropy (nats) at the student's state rises above this (unset = off).",
+    )
+    broken_prefix: Literal["keep", "truncate", "downweight"] = Field(
+        "keep",
+        description="`keep` every token; `truncate`: no token more than keep_after_break after the break enters the "
+        "loss; `downweight`: each token's loss weighted by the teacher's confidence exp(-entropy) at that state.",
+    )
+    keep_after_break: int = Field(
+        0, ge=0, description="`truncate`: tokens after the break position that still enter the loss (0 = up to the break)."
     )
 
 
@@ -234,6 +269,18 @@ class EvalConfig(Section):
     size: int = Field(256, ge=1, description="Held-out prompts per evaluation.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature of eval completions.")
     max_new_tokens: int = Field(0, ge=0, description="Completion length at eval (0 = same as rollout).")
+    recovery_size: int = Field(
+        32,
+        ge=0,
+        description="Held-out prompts for the recovery evaluation (eval/recovery_rate): an error is planted in the "
+        "prefix and the student continues (0 = off).",
+    )
+    recovery_horizon: int = Field(
+        16,
+        ge=1,
+        description="Likelihood recovery: tokens after a forced unlikely token within which the teacher's windowed "
+        "mean logprob must return above feedback.break_logprob.",
+    )
 
 
 class MonitorConfig(Section):
@@ -256,6 +303,9 @@ class MonitorConfig(Section):
         (2.0, 5.0), description="Stability: per-token reverse KL to the teacher (yellow, red)."
     )
     max_clip_frac: tuple[float, float] = Field((0.2, 0.5), description="Stability: PPO clip fraction (yellow, red).")
+    max_broken_frac: tuple[float, float] = Field(
+        (0.5, 0.9), description="Teacher access: fraction of sequences with a broken prefix (yellow, red)."
+    )
 
 
 class OfflineConfig(Section):
@@ -294,6 +344,23 @@ class Config(Section):
             raise ValueError("feedback.constant_advantage (the teacher-free control) needs objective.name = 'pg'")
         if self.offline.loss == "token_kd" and self.offline.topk == 0:
             raise ValueError("offline.loss = 'token_kd' needs offline.topk > 0 (e.g. offline.topk = 20)")
+        if self.feedback.broken_prefix != "keep" and self.feedback.constant_advantage is not None:
+            raise ValueError(
+                "feedback.broken_prefix = '" + self.feedback.broken_prefix + "' needs the teacher's scores, but "
+                "feedback.constant_advantage (the teacher-free control) never asks the teacher; use broken_prefix = 'keep'"
+            )
+        if self.rollout.teacher_mix > 0 and self.rollout.teacher_correct_topk > 0:
+            raise ValueError(
+                "rollout.teacher_mix and rollout.teacher_correct_topk are two ways to guide rollouts; set only one"
+            )
+        guided = self.rollout.teacher_mix > 0 or self.rollout.teacher_correct_topk > 0
+        if guided and self.rollout.top_p < 1:
+            raise ValueError(
+                "teacher-guided rollouts (rollout.teacher_mix / teacher_correct_topk) need rollout.top_p = 1.0, so the "
+                "student's logprob of a teacher token is finite"
+            )
+        if guided and self.feedback.constant_advantage is not None:
+            raise ValueError("teacher-guided rollouts ask the teacher; they cannot run with feedback.constant_advantage")
         if self.objective.name == "hybrid" and self.rollout.samples_per_prompt < 2:
             raise ValueError(
                 "objective.name = 'hybrid' normalises rewards within a group: set rollout.samples_per_prompt >= 2"

@@ -3,6 +3,9 @@
 eval/reverse_kl is the per-token Monte-Carlo estimate of KL(pi_theta || pi_T) on the student's
 own samples: mean over sampled tokens of log pi_theta(a_t|s_t) - log pi_T(a_t|s_t), both at the
 eval temperature. Its expectation is the sequence-level reverse KL divided by the mean length.
+
+With RecoverySettings, both also measure recovery from a broken prefix (opd.recovery):
+eval/recovery_rate and friends.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import numpy as np
 import torch
 
 from opd.prompts import verify
+from opd.recovery import RecoverySettings, recovery_eval
 from opd.rollout import SamplingParams, sample
 from opd.types import Prompt
 
@@ -33,7 +37,8 @@ def accuracy(rollouts) -> float | None:
 
 
 def evaluate(student, teacher, tokenizer, prompts: list[Prompt], params: SamplingParams, *, seed: int,
-             version: int = 0, max_prompt_tokens: int = 256) -> dict[str, float]:
+             version: int = 0, max_prompt_tokens: int = 256, recovery: RecoverySettings | None = None,
+             teacher_model=None) -> dict[str, float]:
     rollouts = generate(student, tokenizer, prompts, params, seed=seed, batch_size=teacher.batch_size,
                         version=version, max_prompt_tokens=max_prompt_tokens)
     diff, t_lp, lengths = [], [], []
@@ -51,6 +56,10 @@ def evaluate(student, teacher, tokenizer, prompts: list[Prompt], params: Samplin
     acc = accuracy(rollouts)
     if acc is not None:
         out["eval/accuracy"] = acc
+    if recovery is not None and recovery.size > 0:
+        rec = recovery_eval(student, teacher, tokenizer, prompts, params, recovery, seed=seed,
+                            max_prompt_tokens=max_prompt_tokens, teacher_model=teacher_model)
+        out.update({k: v for k, v in rec.items() if k.startswith("eval/")})  # scalars only in a metrics row
     return out
 
 
@@ -88,7 +97,8 @@ def teacher_forced_step_errors(model, tokenizer, prompts: list[Prompt]) -> list[
 
 
 def detailed_eval(student, teacher, tokenizer, prompts: list[Prompt], params: SamplingParams, *, seed: int,
-                  max_prompt_tokens: int = 256, length_bin: int = 16, position_bin: int = 8) -> dict:
+                  max_prompt_tokens: int = 256, length_bin: int = 16, position_bin: int = 8,
+                  recovery: RecoverySettings | None = None) -> dict:
     """Scalars of `evaluate` plus accuracy by output length, teacher NLL by token position, and for
     built-in tasks the exposure-bias picture: per-step error rate on the student's own prefixes
     (free-running) vs on correct prefixes (teacher-forced); their difference is the error that
@@ -130,4 +140,7 @@ def detailed_eval(student, teacher, tokenizer, prompts: list[Prompt], params: Sa
         out["error_by_step"] = {"free_running": free_rate, "teacher_forced": forced_rate,
                                 "excess": [a - b for a, b in zip(free_rate, forced_rate)]}
         out["eval/excess_error"] = float(np.mean(out["error_by_step"]["excess"]))
+    if recovery is not None and recovery.size > 0:
+        out.update(recovery_eval(student, teacher, tokenizer, prompts, params, recovery, seed=seed,
+                                 max_prompt_tokens=max_prompt_tokens))
     return out

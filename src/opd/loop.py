@@ -29,7 +29,8 @@ from opd.lora import adapter_state, has_lora, load_adapter_state, merged_copy, s
 from opd.models import count_params, load_model, load_student, load_tokenizer, resolve_device
 from opd.monitor import MetricsLog, RunDisplay, assess, health_metrics
 from opd.prompts import PromptStream, verify
-from opd.rollout import SamplingParams, sample
+from opd.recovery import RecoverySettings
+from opd.rollout import SamplingParams, TeacherGuide, sample
 from opd.teacher import LocalTeacher
 from opd.teacher.build import build_teachers, check_tokenizers
 from opd.teacher.cross_tokenizer import CrossTokenizerTeacher, same_vocabulary
@@ -174,12 +175,16 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
     n_student = count_params(student)
     n_teacher = count_params(teacher_model) if teacher_model is not None else 0  # a server's size is unknown here
     needs_full = cfg.objective.name in ("reverse_kl", "gkd")
+    guide = None  # teacher-guided rollouts: the teacher helps choose the student's tokens
+    if cfg.rollout.teacher_mix > 0 or cfg.rollout.teacher_correct_topk > 0:
+        guide = TeacherGuide(teacher_model, mix=cfg.rollout.teacher_mix, topk=cfg.rollout.teacher_correct_topk)
     ref_model = None
 
     def eval_row(step: int, version: int) -> dict:
         seed = int(np.random.default_rng([cfg.seed, 0xE7A1, step]).integers(2**31))
         return evaluate(student, teacher, tokenizer, eval_prompts, eval_params, seed=seed, version=version,
-                        max_prompt_tokens=cfg.prompts.max_prompt_tokens)
+                        max_prompt_tokens=cfg.prompts.max_prompt_tokens, recovery=RecoverySettings.from_config(cfg),
+                        teacher_model=teacher_model)
 
     t_start = time.time()  # wall time includes the warm start and offline data generation (what a user waits for)
     ckpt = latest_checkpoint(run_dir, warn=log) if resume else None
@@ -258,7 +263,7 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
                 prompts = [p for p in stream.batch(step) for _ in range(cfg.rollout.samples_per_prompt)]
                 # 2. student rollout with the current weights
                 rollout = sample(student, tokenizer, prompts, params, policy_version=version, generator=gen,
-                                 max_prompt_tokens=cfg.prompts.max_prompt_tokens)
+                                 max_prompt_tokens=cfg.prompts.max_prompt_tokens, guide=guide)
                 t1 = time.perf_counter()
                 crash_point("rollout", step)
                 # 3. teacher scores the student's own prefixes
@@ -299,6 +304,9 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
                 budget["student_tokens"] += n_tok
                 budget["teacher_tokens"] += scores.tokens_scored
                 budget["flops"] += 2 * n_student * n_tok + 2 * n_teacher * scores.tokens_scored
+                if guide is not None:  # the teacher also ran a forward for every token it helped choose
+                    budget["teacher_tokens"] += n_tok
+                    budget["flops"] += 2 * n_teacher * n_tok
             budget["flops"] += 6 * n_student * n_tok * cfg.train.updates_per_batch
             if offline_data is not None:  # teacher-written data: no student policy to be fresh against, no scoring
                 upd = {k: v for k, v in upd.items() if not k.startswith("freshness/")}
@@ -431,8 +439,8 @@ def _step_metrics(rollout, scores, feedback, correct, t0, t1, t2, t3, offline: b
         "teacher/failures": scores.failures,
         "teacher/tokens_per_s": scores.tokens_scored / max(t2 - t1, 1e-9),
         "teacher/latency_s": scores.latency_s,
-        "student/logprob_mean": float(rollout.behaviour_logprobs[mask].mean()) if n else float("nan"),
-        "opd/reverse_kl": float((rollout.behaviour_logprobs - scores.token_logprobs)[scored].mean()) if scored.any() else float("nan"),
+        "student/logprob_mean": float(rollout.policy_logprobs[mask].mean()) if n else float("nan"),
+        "opd/reverse_kl": float((rollout.policy_logprobs - scores.token_logprobs)[scored].mean()) if scored.any() else float("nan"),
         **feedback.metrics,
         **scores.metrics,
         "time/rollout_s": t1 - t0,
@@ -443,8 +451,8 @@ def _step_metrics(rollout, scores, feedback, correct, t0, t1, t2, t3, offline: b
     if offline:
         for k in ("rollout/tokens_per_s", "teacher/tokens_per_s", "teacher/latency_s"):
             out.pop(k)
-    if scores.entropy is not None and scored.any():
-        out["teacher/entropy"] = float(scores.entropy[scored].mean())
+    if rollout.teacher_share is not None and n:  # guided rollouts: tokens that are not the student's own
+        out["rollout/teacher_token_frac"] = float(rollout.teacher_share[mask].mean())
     if checked:
         out["rollout/accuracy"] = float(np.mean(checked))
     return out

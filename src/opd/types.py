@@ -35,10 +35,18 @@ class Rollout:
     texts: list[str]  # decoded completions (special tokens removed)
     finished: torch.Tensor  # [B] bool: ended by EOS or a stop string (False = hit max_new_tokens)
     temperature: float = 1.0
+    # Teacher-guided rollouts only (rollout.teacher_mix / teacher_correct_topk); None for plain student sampling.
+    student_logprobs: torch.Tensor | None = None  # [B, T] log pi_theta(a_t) at sampling time (behaviour = the guided distribution)
+    teacher_share: torch.Tensor | None = None  # [B, T] 1 = a token the teacher replaced; mixture: P(teacher component | a_t)
 
     @property
     def num_tokens(self) -> int:
         return int(self.completion_mask.sum())
+
+    @property
+    def policy_logprobs(self) -> torch.Tensor:
+        """log pi_theta(a_t | s_t) of the student that sampled: what A_t compares the teacher with."""
+        return self.behaviour_logprobs if self.student_logprobs is None else self.student_logprobs
 
     def select(self, idx: torch.Tensor | list[int]) -> "Rollout":
         idx_t = torch.as_tensor(idx, dtype=torch.long)
@@ -54,6 +62,8 @@ class Rollout:
             texts=[self.texts[i] for i in ids],
             finished=self.finished[idx_t],
             temperature=self.temperature,
+            student_logprobs=None if self.student_logprobs is None else self.student_logprobs[idx_t],
+            teacher_share=None if self.teacher_share is None else self.teacher_share[idx_t],
         )
 
 

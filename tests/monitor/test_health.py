@@ -18,6 +18,7 @@ CFG = MonitorConfig(
     max_grad_norm=(10.0, 100.0),
     max_reverse_kl=(2.0, 5.0),
     max_clip_frac=(0.25, 0.5),
+    max_broken_frac=(0.5, 0.9),
 )
 
 
@@ -75,6 +76,11 @@ CASES = [
     ({"stability/clip_frac": 0.26}, "Stability", "clip frac", YELLOW),
     ({"stability/clip_frac": 0.5}, "Stability", "clip frac", YELLOW),
     ({"stability/clip_frac": 0.51}, "Stability", "clip frac", RED),
+    # Teacher access: fraction of sequences with a broken prefix
+    ({"teacher/broken_frac": 0.5}, "Teacher access", "broken", GREEN),
+    ({"teacher/broken_frac": 0.51}, "Teacher access", "broken", YELLOW),
+    ({"teacher/broken_frac": 0.9}, "Teacher access", "broken", YELLOW),
+    ({"teacher/broken_frac": 0.91}, "Teacher access", "broken", RED),
 ]
 
 
@@ -158,3 +164,11 @@ def test_teacher_server_latency_and_drops_join_the_teacher_access_signal():
     assert item(access, "latency p99 s") == ("latency p99 s", 3.5, GREEN)
     assert item(access, "dropped")[1] == 1 and item(access, "retries")[1] == 4
     assert access.level == GREEN  # the dropped sequence already counts through coverage
+
+
+def test_teacher_tokens_of_guided_rollouts_show_in_freshness_without_colouring_it():
+    fresh = by_name(assess({"rollout/teacher_token_frac": 0.4}, CFG))["Freshness"]
+    assert item(fresh, "teacher tokens") == ("teacher tokens", 0.4, GREEN) and fresh.level == GREEN
+    assert "teacher tokens" not in [i[0] for i in by_name(assess({}, CFG))["Freshness"].items]
+    access = by_name(assess({"teacher/break_pos_mean": 17.0, "teacher/entropy": 3.0}, CFG))["Teacher access"]
+    assert item(access, "break pos")[1] == 17.0 and item(access, "entropy")[1] == 3.0 and access.level == GREEN

@@ -126,6 +126,28 @@ def test_get_task():
 
 
 @pytest.mark.parametrize("name", sorted(TASKS))
+def test_plant_error_corrupts_one_result_digit_of_one_step_and_cuts_after_it(name):
+    task = TASKS[name]
+    rng = np.random.default_rng(1)
+    corrupted_steps = set()
+    for _ in range(60):
+        p = task.sample(rng)
+        solution = task.solution(p.text)
+        prefix, step = task.plant_error(p.text, rng)
+        clean = solution[: len(prefix)]
+        diff = [i for i, (x, y) in enumerate(zip(prefix, clean)) if x != y]
+        assert len(diff) == 1 and prefix[diff[0]].isdigit() and clean[diff[0]].isdigit()  # one wrong digit
+        got, ref = task.segments(prefix)[:-1], task.segments(solution)[:-1]
+        assert len(got) == step + 1 and got[:step] == ref[:step]  # cut right after the corrupted step
+        assert got[step] != ref[step] and diff[0] > len(prefix) - len(got[step]) + got[step].rfind("=")  # in its result
+        assert task.step_errors(p, prefix)[step]
+        corrupted_steps.add(step)
+    if task.min_digits == task.max_digits:  # every step of a fixed-width answer is corrupted some of the time
+        assert corrupted_steps == set(range(len(task.segments(task.solution(p.text))) - 1))
+    assert task.plant_error("47213+38581=", np.random.default_rng(3)) == task.plant_error("47213+38581=", np.random.default_rng(3))
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
 def test_samples_are_in_range_and_self_verifying(name):
     task = TASKS[name]
     rng = np.random.default_rng(0)

@@ -20,11 +20,11 @@ def batch(student, teacher_model, tokenizer, prompts):
     return roll, scores
 
 
-def run_update(model, roll, scores, objective="pg", sgd=False, lr=1e-2, **train_kw):
+def run_update(model, roll, scores, objective="pg", sgd=False, lr=1e-2, feedback=None, **train_kw):
     obj = ObjectiveConfig(name=objective, beta=0.5)
     train = TrainConfig(lr=lr, **train_kw)
     rewards = torch.arange(len(roll.texts)).remainder(2).float() if objective == "hybrid" else None
-    fb = compute_feedback(roll, scores, FeedbackConfig(), rewards=rewards, group_size=2)
+    fb = compute_feedback(roll, scores, feedback or FeedbackConfig(), rewards=rewards, group_size=2)
     # Plain SGD(lr=1) makes the parameter change equal minus the gradient (AdamW would amplify rounding).
     opt = torch.optim.SGD(model.parameters(), lr=1.0) if sgd else make_optimizer(model, train)
     sched = make_scheduler(opt, train, 10)
@@ -127,3 +127,49 @@ def test_non_finite_batch_is_skipped_not_applied(student, batch):
     m, version = run_update(student, roll, scores)
     assert m["stability/skipped_batches"] == 1 and version == 0
     assert torch.equal(params_of(student), before)
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_truncation_never_lets_a_token_past_the_cut_reach_the_loss(student, batch, objective):
+    roll, scores = copy.deepcopy(batch[0]), copy.deepcopy(batch[1])
+    # A known break in every sequence: the teacher likes tokens 0-1 and rules out everything from token 2.
+    real = roll.completion_mask.bool()
+    scores.token_logprobs[:, :2] = -0.1
+    scores.token_logprobs[:, 2:] = -20.0
+    truncate = FeedbackConfig(break_window=1, broken_prefix="truncate", keep_after_break=1)  # cut after token 3
+    past = (torch.arange(real.shape[1])[None, :] > 3) & real
+    assert past.any()
+    a, b, c, d = (copy.deepcopy(student) for _ in range(4))
+    run_update(a, roll, scores, objective, sgd=True, feedback=truncate)
+    # NaN, inf and junk in every teacher number past the cut: the update must not change at all.
+    s2 = copy.deepcopy(scores)
+    s2.token_logprobs[past] = float("nan")
+    s2.full_logprobs[past] = float("nan")
+    s2.topk_logprobs[past] = float("inf")
+    s2.topk_ids[past] = 7
+    m, version = run_update(b, roll, s2, objective, sgd=True, feedback=truncate)
+    assert version == 1 and m["stability/skipped_batches"] == 0
+    assert not torch.equal(params_of(a), params_of(student))
+    torch.testing.assert_close(params_of(a), params_of(b), rtol=0, atol=1e-6)
+    # The same tokens do matter when they are kept: the check above can fail.
+    run_update(c, roll, scores, objective, sgd=True, feedback=FeedbackConfig(break_window=1))
+    assert (params_of(c) - params_of(a)).abs().max() > 1e-6
+    run_update(d, roll, s2, objective, sgd=True, feedback=FeedbackConfig(break_window=1))
+    assert torch.equal(params_of(d), params_of(student))  # kept garbage: the step is skipped, never applied
+
+
+def test_guided_rollout_ratios_are_against_the_guided_distribution(student, teacher_model, tokenizer, prompts):
+    from opd.rollout import TeacherGuide
+
+    roll = sample(student, tokenizer, prompts, SamplingParams(max_new_tokens=10),
+                  generator=torch.Generator().manual_seed(4), guide=TeacherGuide(teacher_model, mix=0.5))
+    scores = LocalTeacher(teacher_model).score(roll)
+    m, _ = run_update(student, roll, scores, "pg")
+    # The student's own sampling-time logprob agrees with the recomputed one (drift ~ 0) ...
+    assert m["freshness/logprob_drift"] < 1e-4
+    # ... while the importance ratio pi_theta / q is not 1: q mixes in the teacher.
+    mask = roll.completion_mask.bool()
+    expected = torch.exp(roll.student_logprobs - roll.behaviour_logprobs)[mask]
+    assert m["freshness/ratio_min"] == pytest.approx(float(expected.min()), abs=1e-4)
+    assert m["freshness/ratio_max"] == pytest.approx(float(expected.max()), abs=1e-4)
+    assert m["freshness/ratio_max"] - m["freshness/ratio_min"] > 0.05  # (its mean under q is 1 by construction)

@@ -8,6 +8,11 @@ agree while the policy has not changed (reported as freshness/logprob_drift).
 Options, applied in this order: clip to [-c, c]; discounted return with gamma (0 keeps the
 per-token signal; > 0 gives MiniLLM-style credit to earlier tokens for later disagreement);
 whitening over the batch. For `hybrid`, a GRPO-style group-normalised task reward is added.
+Broken prefixes are found first (opd.feedback.broken); with broken_prefix = "truncate" the tokens
+past the cut are out of every one of these steps, with "downweight" only their loss weight changes.
+
+With teacher-guided rollouts the behaviour logprob is the guided distribution's; A_t still
+compares the teacher with the *student's* logprob of the token (Rollout.policy_logprobs).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from opd.config import FeedbackConfig
+from opd.feedback.broken import handle_broken_prefixes
 from opd.types import Feedback, Rollout, TeacherScores
 
 
@@ -54,31 +60,42 @@ def compute_feedback(
 ) -> Feedback:
     # A token enters the loss only if it is a real completion token the teacher scored.
     mask = (rollout.completion_mask * scores.scored_mask).float()
-    # A cross-tokenizer teacher hands over A_t itself (one advantage per aligned chunk of text).
-    raw = (scores.advantages if scores.advantages is not None else scores.token_logprobs - rollout.behaviour_logprobs) * mask
     scored = mask
-    adv = raw
+    # A cross-tokenizer teacher hands over A_t itself (one advantage per aligned chunk of text).
+    teacher_adv = (scores.advantages if scores.advantages is not None
+                   else scores.token_logprobs - rollout.policy_logprobs)
+    # where, not a product: a NaN/inf teacher number at a masked-out token must stay out (NaN * 0 = NaN).
+    raw = torch.where(mask > 0, teacher_adv, 0.0)
     metrics: dict[str, float] = {}
+    loss_weight = torch.ones_like(mask)
+    if cfg.constant_advantage is None:  # the teacher-free control's "scores" are not the teacher's
+        broken = handle_broken_prefixes(scores, mask, cfg)
+        loss_weight = broken.loss_weight
+        metrics.update(broken.metrics)
+    train_mask = mask * (loss_weight > 0)  # truncated tokens leave every step below, not only the loss
+    adv = torch.where(train_mask > 0, raw, 0.0)
     if cfg.clip > 0:
-        metrics["feedback/clip_frac"] = _masked_mean(((adv.abs() > cfg.clip).float()), mask)
+        metrics["feedback/clip_frac"] = _masked_mean(((adv.abs() > cfg.clip).float()), train_mask)
         adv = adv.clamp(-cfg.clip, cfg.clip)
     if cfg.gamma > 0:
-        adv = discounted_returns(adv, mask, cfg.gamma)
+        adv = discounted_returns(adv, train_mask, cfg.gamma)
     if cfg.normalize:
-        adv = whiten(adv, mask)
+        adv = whiten(adv, train_mask)
     if rewards is not None:
         shaped = group_normalised_rewards(rewards.float(), group_size)
         if scores.rewards is not None:
             # Rows a score-only teacher rewarded have no token scores; their whole completion takes the
             # (sparse) sequence-level signal. Both views keep the loss mask consistent with the advantages.
             by_reward = torch.isfinite(scores.rewards)[:, None]
-            mask = torch.where(by_reward, rollout.completion_mask.float(), mask)
+            train_mask = torch.where(by_reward, rollout.completion_mask.float(), train_mask)
+            loss_weight = torch.where(by_reward, torch.ones_like(loss_weight), loss_weight)
             metrics["reward/teacher_rows"] = float(by_reward.sum())
-        adv = opd_weight * adv + reward_weight * shaped[:, None] * mask
+        adv = opd_weight * adv + reward_weight * shaped[:, None] * train_mask
         metrics["reward/mean"] = float(rewards.float().mean())
     metrics["opd/advantage_mean"] = _masked_mean(raw, scored)
     metrics["opd/advantage_pos_frac"] = _masked_mean((raw > 0).float(), scored)
-    return Feedback(advantages=adv.detach(), loss_mask=mask, raw_advantages=raw.detach(), rewards=rewards, metrics=metrics)
+    return Feedback(advantages=adv.detach(), loss_mask=train_mask * loss_weight, raw_advantages=raw.detach(),
+                    rewards=rewards, metrics=metrics)
 
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:

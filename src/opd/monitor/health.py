@@ -1,7 +1,9 @@
 """The three health signals of a run, each green / yellow / red against thresholds from [monitor].
 
-Freshness:      are rollouts from the current student? (policy lag, importance ratios)
-Teacher access: does the teacher return logprobs for every token, fast and without failures?
+Freshness:      are rollouts from the current student? (policy lag, importance ratios, and the
+                share of tokens a teacher-guided rollout took from the teacher)
+Teacher access: does the teacher return logprobs for every token, fast and without failures, and
+                is its feedback still meaningful (how many sequences have a broken prefix)?
 Stability:      are KL, clipping and gradients under control?
 """
 
@@ -51,10 +53,15 @@ def assess(m: dict, cfg: MonitorConfig) -> list[Signal]:
         ("policy lag", g("freshness/policy_lag"), _above(g("freshness/policy_lag"), cfg.max_policy_lag)),
         ("max |ratio-1|", ratio_dev, _above(ratio_dev, cfg.ratio_dev)),
     ]
+    if g("rollout/teacher_token_frac") is not None:
+        fresh.append(("teacher tokens", g("rollout/teacher_token_frac"), 0))
     teacher = [
         ("coverage", g("teacher/coverage"), _below(g("teacher/coverage"), cfg.min_coverage)),
         ("failures", g("teacher/failures"), _above(g("teacher/failures"), cfg.max_failures)),
         ("tokens/s", g("teacher/tokens_per_s"), 0),
+        ("broken", g("teacher/broken_frac"), _above(g("teacher/broken_frac"), cfg.max_broken_frac)),
+        ("break pos", g("teacher/break_pos_mean"), 0),
+        ("entropy", g("teacher/entropy"), 0),
     ]
     # A teacher server also reports request latency percentiles, retries and dropped sequences.
     for label, key in (("latency p50 s", "teacher/latency_p50_s"), ("latency p99 s", "teacher/latency_p99_s"),

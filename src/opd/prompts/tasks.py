@@ -107,6 +107,26 @@ class ArithTask:
         got = cls.segments(completion)
         return [i >= len(got) or got[i] != r for i, r in enumerate(ref)]
 
+    @classmethod
+    def plant_error(cls, prompt_text: str, rng: np.random.Generator) -> tuple[str, int]:
+        """A prefix of the reference solution with one wrong digit in the result of a written step, cut right
+        after that step: (prefix text, index of the corrupted step). Written against solution() and segments()
+        only: the result is what follows the step's last "=" (the whole step if it has none)."""
+        solution = cls.solution(prompt_text)
+        steps = cls.segments(solution)[:-1]  # the last segment is the final answer, not a step
+        if not steps:
+            raise ValueError(f"{prompt_text!r}: the solution has no intermediate step to corrupt")
+        i = int(rng.integers(len(steps)))
+        pos = 0
+        for seg in steps[:i]:  # walk past the earlier steps to find where step i sits in the text
+            pos = solution.index(seg, pos) + len(seg)
+        start, step = solution.index(steps[i], pos), steps[i]
+        result_from = step.rfind("=") + 1
+        digits = [j for j in range(result_from, len(step)) if step[j].isdigit()]
+        j = digits[int(rng.integers(len(digits)))]
+        wrong = str((int(step[j]) + int(rng.integers(1, 10))) % 10)  # any digit but the right one
+        return solution[:start] + step[:j] + wrong + step[j + 1 :], i
+
 
 TASKS: dict[str, ArithTask] = {
     "arith": ArithTask(),

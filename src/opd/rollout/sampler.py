@@ -5,6 +5,9 @@ id and its log-probability under the distribution it was actually drawn from (lo
 temperature, then top-p renormalised), and each sequence carries the policy version (optimizer
 step) of the weights that produced it. The token that ends a sequence (EOS, the chat template's
 end-of-turn token, or the last token of a stop string) belongs to the completion; everything after it is padding with mask 0.
+
+With a TeacherGuide (rollout.teacher_mix / teacher_correct_topk) the teacher runs in lockstep
+with its own KV cache over the same tokens and takes part in choosing each one (opd.rollout.guidance).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaForCausalLM
 
+from opd.rollout.guidance import TeacherGuide, align_vocab, choose
 from opd.types import Prompt, Rollout
 
 
@@ -82,6 +86,7 @@ def sample(
     policy_version: int = 0,
     generator: torch.Generator | None = None,
     max_prompt_tokens: int = 256,
+    guide: TeacherGuide | None = None,
 ) -> Rollout:
     dev = next(model.parameters()).device
     prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, max_prompt_tokens)
@@ -97,19 +102,32 @@ def sample(
     out = model(input_ids=prompt_ids.to(dev), attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
     cache = _cache_of(out)
     next_pos = pos[:, -1:] + 1
+    teacher = _TeacherStepper(guide.model, prompt_ids, attn, pos) if guide is not None else None
 
     tokens = torch.full((B, params.max_new_tokens), pad, dtype=torch.long, device=dev)
     logprobs = torch.zeros((B, params.max_new_tokens), dtype=torch.float32, device=dev)
     mask = torch.zeros((B, params.max_new_tokens), dtype=torch.long, device=dev)
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     finished = torch.zeros(B, dtype=torch.bool, device=dev)
+    if guide is not None:
+        own_logprobs = torch.zeros_like(logprobs)
+        teacher_share = torch.zeros_like(logprobs)
     steps = 0
     for t in range(params.max_new_tokens):
         logp = sampling_logprobs(out.logits[:, -1], params.temperature, params.top_p)
-        tok = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)
+        if guide is None:
+            tok = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)
+            tok_lp = logp.gather(1, tok[:, None]).squeeze(1)
+        else:
+            teacher_logp = sampling_logprobs(align_vocab(teacher.logits().to(dev), logp.shape[-1]),
+                                             params.temperature, params.top_p)
+            pick = choose(guide, logp, teacher_logp, generator)
+            tok, tok_lp = pick.tokens, pick.behaviour_logprobs
+            own_logprobs[:, t] = torch.where(done, 0.0, pick.student_logprobs)
+            teacher_share[:, t] = torch.where(done, 0.0, pick.teacher_share)
         tok = torch.where(done, torch.full_like(tok, pad), tok)
         tokens[:, t] = tok
-        logprobs[:, t] = torch.where(done, 0.0, logp.gather(1, tok[:, None]).squeeze(1))
+        logprobs[:, t] = torch.where(done, 0.0, tok_lp)
         mask[:, t] = (~done).long()
         ended = torch.isin(tok, end_ids) & ~done
         if params.stop:
@@ -122,12 +140,17 @@ def sample(
         attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype, device=dev)], dim=1)
         out = model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos, use_cache=True, **{_CACHE_KW: cache})
         cache = _cache_of(out)
+        if teacher is not None:
+            teacher.step(tok, attn, next_pos)
         next_pos = next_pos + 1
     if was_training:
         model.train()
 
     tokens, logprobs, mask = tokens[:, :steps].cpu(), logprobs[:, :steps].cpu(), mask[:, :steps].cpu()
     texts = tokenizer.batch_decode(tokens.masked_fill(mask == 0, pad), skip_special_tokens=True)
+    guided = {}
+    if guide is not None:
+        guided = {"student_logprobs": own_logprobs[:, :steps].cpu(), "teacher_share": teacher_share[:, :steps].cpu()}
     return Rollout(
         prompts=list(prompts),
         prompt_ids=prompt_ids,
@@ -139,7 +162,25 @@ def sample(
         texts=texts,
         finished=finished.cpu(),
         temperature=params.temperature,
+        **guided,
     )
+
+
+class _TeacherStepper:
+    """The teacher's side of a guided rollout: the same tokens, masks and positions, its own KV cache and device."""
+
+    def __init__(self, model, prompt_ids: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor):
+        self.model = model
+        self.dev = next(model.parameters()).device
+        self.out = model(input_ids=prompt_ids.to(self.dev), attention_mask=attn.to(self.dev),
+                         position_ids=pos.to(self.dev), use_cache=True, logits_to_keep=1)
+
+    def logits(self) -> torch.Tensor:
+        return self.out.logits[:, -1].float()
+
+    def step(self, tok: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor) -> None:
+        self.out = self.model(input_ids=tok[:, None].to(self.dev), attention_mask=attn.to(self.dev),
+                              position_ids=pos.to(self.dev), use_cache=True, **{_CACHE_KW: _cache_of(self.out)})
 
 
 # transformers >= 5.2x renamed `past_key_values` to `cache`; accept both.

@@ -9,6 +9,7 @@ entropy and any full-distribution objective come from the same chunked pass.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -131,11 +132,30 @@ def update_student(
     return metrics, version
 
 
+def teacher_outside_loss_zeroed(scores: TeacherScores, loss_mask: torch.Tensor) -> TeacherScores:
+    """The teacher's distributions at tokens outside the loss (truncated after a broken prefix, unscored) set to
+    finite zeros: a token with weight 0 then contributes exactly 0 to the loss and its gradient, where a NaN
+    there would still poison both (NaN * 0 = NaN, also in the backward pass)."""
+    out = copy.copy(scores)
+    keep = loss_mask > 0
+    if scores.full_logprobs is not None:
+        out.full_logprobs = torch.where(keep[..., None], scores.full_logprobs, 0.0)
+    if scores.topk_logprobs is not None:
+        out.topk_logprobs = torch.where(keep[..., None], scores.topk_logprobs, 0.0)
+    return out
+
+
 def _micro_batch_loss(model, r, s, f, objective, chunk_size, version, ref_model, denom):
     mask = r.completion_mask.bool()
+    s = teacher_outside_loss_zeroed(s, f.loss_mask)
     terms = student_token_terms(model, r, s, objective, chunk_size)
     dev = terms.new_logprobs.device
+    # Importance ratios are against the distribution the tokens were drawn from (for a teacher-guided
+    # rollout, the mixture / corrected distribution q: pi_theta / q weights every token, replaced or
+    # not, exactly). Full-distribution objectives (reverse_kl, gkd, topk_kl) are exact at each visited
+    # state whoever chose the token, so guided states enter them unweighted, as in GKD / speculative KD.
     old_lp = r.behaviour_logprobs[mask].to(dev)
+    own_lp = r.policy_logprobs[mask].to(dev)  # the student's own sampling-time logprob: what drift checks
     adv = f.advantages[mask].to(dev)
     weight = f.loss_mask[mask].to(dev)
     ratio = torch.exp(terms.new_logprobs.detach() - old_lp)
@@ -168,7 +188,7 @@ def _micro_batch_loss(model, r, s, f, objective, chunk_size, version, ref_model,
         "entropy": terms.entropy,
         "new_lp": terms.new_logprobs.detach(),
         "lag": lag,
-        "drift": (terms.new_logprobs.detach() - old_lp).abs()[fresh],
+        "drift": (terms.new_logprobs.detach() - own_lp).abs()[fresh],
         "kl_ref": None if kl_ref is None else kl_ref.detach(),
         "dist": None if terms.distribution_loss is None else terms.distribution_loss.detach(),
     }

@@ -1,0 +1,119 @@
+"""Broken prefixes: where the student has walked into a state the teacher no longer understands.
+
+On-policy distillation asks the teacher for a next-token distribution at every prefix the student
+writes. Once the student has gone badly wrong, that distribution stops being meaningful (the
+teacher never saw such text), and so does A_t. We locate the break per sequence and let the
+config decide what the loss does with the tokens after it.
+
+Detection. With w = break_window, the windowed mean at completion position t is the mean teacher
+logprob of the (up to) w scored tokens ending at t. A sequence breaks at the first t where it falls
+below break_logprob, or - when break_entropy is set - where the teacher's entropy at the state
+before a_t rises above break_entropy. The window smooths single unlikely tokens (which sampling
+at temperature 1 produces all the time) into "the teacher has stopped liking this text".
+
+Handling (feedback.broken_prefix):
+  keep        every token enters the loss (default);
+  truncate    tokens more than keep_after_break after the break are dropped from the loss, and from
+              everything computed before it (clipping stats, discounted returns, whitening), so no
+              token past the cut can reach the loss by any route;
+  downweight  each token's loss is weighted by the teacher's confidence at its state, exp(-H_T(s_t))
+              (1 for a certain teacher, 1/k for a uniform choice among k tokens).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from opd.types import TeacherScores
+
+NO_BREAK = -1
+
+
+def windowed_mean(values: torch.Tensor, mask: torch.Tensor, window: int) -> torch.Tensor:
+    """[B, T] mean of the masked values in the trailing window of `window` positions ending at each t
+    (fewer at the start of a sequence); 0 where the window holds no masked value."""
+    m = mask.to(values.dtype)
+    v = torch.where(m > 0, values, torch.zeros_like(values))  # a -inf at a masked position must not leak in
+    csum = torch.nn.functional.pad(v.cumsum(1), (1, 0))
+    ccnt = torch.nn.functional.pad(m.cumsum(1), (1, 0))
+    T = values.shape[1]
+    end = torch.arange(1, T + 1)
+    start = (end - window).clamp(min=0)
+    total = csum[:, end] - csum[:, start]
+    count = ccnt[:, end] - ccnt[:, start]
+    return torch.where(count > 0, total / count.clamp(min=1), torch.zeros_like(total))
+
+
+def find_breaks(
+    token_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    window: int,
+    threshold: float,
+    entropy: torch.Tensor | None = None,
+    entropy_threshold: float | None = None,
+) -> torch.Tensor:
+    """[B] completion position of each sequence's break, NO_BREAK (-1) where it has none."""
+    m = mask.bool()
+    broken = (windowed_mean(token_logprobs, mask, window) < threshold) & m
+    if entropy_threshold is not None:
+        if entropy is None:
+            raise ValueError("feedback.break_entropy is set but the teacher returned no entropy")
+        broken |= (entropy > entropy_threshold) & m
+    first = torch.argmax(broken.int(), dim=1)  # the first True (argmax returns the first maximum)
+    return torch.where(broken.any(1), first, torch.full_like(first, NO_BREAK))
+
+
+def teacher_entropy(scores: TeacherScores) -> torch.Tensor | None:
+    """[B, T] teacher entropy at each student state: as returned, else from the full distribution, else from
+    the top-k (plus one bin for the remaining mass: a lower bound on the true entropy)."""
+    if scores.entropy is not None:
+        return scores.entropy
+    if scores.full_logprobs is not None:
+        lp = scores.full_logprobs
+        return -(lp.exp() * lp).nan_to_num().sum(-1)
+    if scores.topk_logprobs is not None:
+        lp = scores.topk_logprobs
+        head = -(lp.exp() * lp).nan_to_num().sum(-1)
+        tail_p = (1 - lp.exp().sum(-1)).clamp(min=1e-12)
+        return head - tail_p * tail_p.log()
+    return None
+
+
+@dataclass
+class BrokenPrefixes:
+    """What detection found in one batch, and the loss weight of every token under the chosen handling."""
+
+    break_pos: torch.Tensor  # [B] completion position of the break, -1 = none
+    loss_weight: torch.Tensor  # [B, T] multiplies the loss mask: 0 = dropped, 1 = kept, in (0, 1) = downweighted
+    metrics: dict[str, float]
+
+
+def handle_broken_prefixes(scores: TeacherScores, mask: torch.Tensor, cfg) -> BrokenPrefixes:
+    """Detect breaks in the scored tokens (`mask`) and turn feedback.broken_prefix into per-token loss weights."""
+    entropy = teacher_entropy(scores)
+    pos = find_breaks(scores.token_logprobs, mask, window=cfg.break_window, threshold=cfg.break_logprob,
+                      entropy=entropy, entropy_threshold=cfg.break_entropy)
+    has_tokens = mask.sum(1) > 0
+    broken = pos != NO_BREAK
+    metrics = {"teacher/broken_frac": float(broken[has_tokens].float().mean()) if has_tokens.any() else 0.0}
+    if broken.any():
+        metrics["teacher/break_pos_mean"] = float(pos[broken].float().mean())
+    if entropy is not None and mask.bool().any():
+        metrics["teacher/entropy"] = float(entropy[mask.bool()].mean())
+
+    weight = torch.ones_like(mask, dtype=torch.float32)
+    if cfg.broken_prefix == "truncate":
+        cut = torch.where(broken, pos + cfg.keep_after_break, torch.full_like(pos, mask.shape[1]))
+        weight = (torch.arange(mask.shape[1])[None, :] <= cut[:, None]).float()
+    elif cfg.broken_prefix == "downweight":
+        if entropy is None:
+            raise ValueError("feedback.broken_prefix = 'downweight' needs the teacher's entropy (or top-k) at each state")
+        weight = torch.exp(-entropy.float()).clamp(max=1.0)
+    dropped = mask.bool() & (weight == 0)
+    metrics["feedback/tokens_dropped"] = float(dropped.sum())
+    if cfg.broken_prefix == "downweight" and mask.bool().any():
+        metrics["feedback/loss_weight_mean"] = float(weight[mask.bool()].mean())
+    return BrokenPrefixes(break_pos=pos, loss_weight=weight, metrics=metrics)
