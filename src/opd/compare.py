@@ -191,6 +191,8 @@ def _plots(report: Path, curves: dict, errors: dict, t_acc: float) -> None:
             ax.fill_between(xs, mean - std, mean + std, color=colours[m], alpha=0.2)
         if key == "eval/accuracy":
             ax.axhline(t_acc, color="black", linestyle="--", label="teacher")
+        else:  # the control's KL is orders of magnitude above the distilled students': a log axis shows both
+            ax.set_yscale("log")
         ax.set_xlabel(xlabel)
         ax.set_ylabel(key)
         ax.grid(alpha=0.3)
