@@ -29,7 +29,7 @@ from opd.models import count_params, load_model, load_tokenizer, resolve_device
 from opd.monitor import MetricsLog, RunDisplay, assess, health_metrics
 from opd.prompts import PromptStream, verify
 from opd.recovery import RecoverySettings
-from opd.rollout import SamplingParams, TeacherGuide, sample
+from opd.rollout import SamplingParams, make_guide, sample
 from opd.teacher import LocalTeacher
 from opd.types import Rollout, TeacherScores
 from opd.update import make_optimizer, make_scheduler, supervised_train, update_student
@@ -130,9 +130,9 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
     scheduler = make_scheduler(optimizer, cfg.train, total_updates)
     n_student, n_teacher = count_params(student), count_params(teacher_model)
     needs_full = cfg.objective.name in ("reverse_kl", "gkd")
-    guide = None  # teacher-guided rollouts: the teacher helps choose the student's tokens
-    if cfg.rollout.teacher_mix > 0 or cfg.rollout.teacher_correct_topk > 0:
-        guide = TeacherGuide(teacher_model, mix=cfg.rollout.teacher_mix, topk=cfg.rollout.teacher_correct_topk)
+    # teacher-guided rollouts: the teacher helps choose the student's tokens (None when off)
+    guide = make_guide(cfg.rollout.teacher_mix, cfg.rollout.teacher_correct_topk, teacher_model, tokenizer,
+                       cfg.teacher.model)
     ref_model = None
 
     def eval_row(step: int, version: int) -> dict:
