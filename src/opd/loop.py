@@ -30,7 +30,7 @@ from opd.models import count_params, load_model, load_student, load_tokenizer, r
 from opd.monitor import MetricsLog, RunDisplay, assess, health_metrics
 from opd.prompts import PromptStream, verify
 from opd.recovery import RecoverySettings
-from opd.rollout import SamplingParams, TeacherGuide, sample
+from opd.rollout import SamplingParams, make_guide, sample
 from opd.teacher import LocalTeacher
 from opd.teacher.build import build_teachers, check_tokenizers
 from opd.teacher.cross_tokenizer import CrossTokenizerTeacher, same_vocabulary
@@ -175,9 +175,9 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
     n_student = count_params(student)
     n_teacher = count_params(teacher_model) if teacher_model is not None else 0  # a server's size is unknown here
     needs_full = cfg.objective.name in ("reverse_kl", "gkd")
-    guide = None  # teacher-guided rollouts: the teacher helps choose the student's tokens
-    if cfg.rollout.teacher_mix > 0 or cfg.rollout.teacher_correct_topk > 0:
-        guide = TeacherGuide(teacher_model, mix=cfg.rollout.teacher_mix, topk=cfg.rollout.teacher_correct_topk)
+    # teacher-guided rollouts: the teacher helps choose the student's tokens (None when off)
+    guide = make_guide(cfg.rollout.teacher_mix, cfg.rollout.teacher_correct_topk, teacher_model, tokenizer,
+                       cfg.teacher.model)
     ref_model = None
 
     def eval_row(step: int, version: int) -> dict:

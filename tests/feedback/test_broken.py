@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from opd.config import FeedbackConfig
+from opd.config import ConfigError, FeedbackConfig
 from opd.feedback import compute_feedback
 from opd.feedback.broken import NO_BREAK, find_breaks, handle_broken_prefixes, teacher_entropy, windowed_mean
 from opd.types import Prompt, Rollout, TeacherScores
@@ -76,7 +76,7 @@ def test_entropy_spike_is_a_break_only_when_asked():
     assert find_breaks(teacher, torch.ones(1, 6), window=2, threshold=-3.0, entropy=entropy).tolist() == [NO_BREAK]
     assert find_breaks(teacher, torch.ones(1, 6), window=2, threshold=-3.0, entropy=entropy,
                        entropy_threshold=2.0).tolist() == [3]
-    with pytest.raises(ValueError, match="entropy"):
+    with pytest.raises(ConfigError, match="break_entropy"):
         find_breaks(teacher, torch.ones(1, 6), window=2, threshold=-3.0, entropy_threshold=2.0)
 
 
@@ -150,5 +150,5 @@ def test_feedback_compares_the_teacher_with_the_students_own_logprob_on_guided_r
 
 def test_handle_broken_prefixes_needs_entropy_to_downweight():
     scores = TeacherScores(token_logprobs=seq(GOOD, GOOD), scored_mask=torch.ones(1, 2))
-    with pytest.raises(ValueError, match="downweight"):
+    with pytest.raises(ConfigError, match="teacher.topk > 0"):
         handle_broken_prefixes(scores, torch.ones(1, 2), FeedbackConfig(broken_prefix="downweight"))

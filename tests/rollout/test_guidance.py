@@ -8,7 +8,8 @@ import torch
 from opd.logprobs import completion_hidden, per_position
 from opd.models import load_model
 from opd.rollout import SamplingParams, TeacherGuide, sample
-from opd.rollout.guidance import align_vocab, mixture_choice, topk_correction_choice
+from opd.config import ConfigError
+from opd.rollout.guidance import align_vocab, make_guide, mixture_choice, topk_correction_choice
 from opd.teacher import LocalTeacher
 from opd.types import Prompt
 
@@ -127,3 +128,21 @@ def test_align_vocab_pads_or_cuts_the_teachers_head():
     logits = torch.tensor([[1.0, 2.0, 3.0]])
     assert align_vocab(logits, 5)[0, 3:].tolist() == [-math.inf, -math.inf]
     assert align_vocab(logits, 2).tolist() == [[1.0, 2.0]]
+
+
+def test_make_guide_needs_local_weights_and_the_students_vocabulary(teacher_model, tokenizer, monkeypatch):
+    import opd.models
+
+    assert make_guide(0.0, 0, None, tokenizer, "not-even-a-model") is None  # off: nothing is checked or loaded
+    guide = make_guide(0.3, 0, teacher_model, tokenizer, "builtin:arith-teacher")
+    assert guide.model is teacher_model and guide.mix == 0.3 and guide.topk == 0
+    with pytest.raises(ConfigError, match="server"):
+        make_guide(0.3, 0, None, tokenizer, "builtin:arith-teacher")
+
+    class OtherVocab:
+        def get_vocab(self):
+            return {"a": 0}
+
+    monkeypatch.setattr(opd.models, "load_tokenizer", lambda spec: OtherVocab())
+    with pytest.raises(ConfigError, match="shared tokenizer"):
+        make_guide(0.0, 4, teacher_model, tokenizer, "other-family")

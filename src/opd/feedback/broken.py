@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from opd.config import ConfigError
 from opd.types import TeacherScores
 
 NO_BREAK = -1
@@ -60,7 +61,8 @@ def find_breaks(
     broken = (windowed_mean(token_logprobs, mask, window) < threshold) & m
     if entropy_threshold is not None:
         if entropy is None:
-            raise ValueError("feedback.break_entropy is set but the teacher returned no entropy")
+            raise ConfigError("feedback.break_entropy is set, but this teacher returns no entropy (a server): give it "
+                              "teacher.topk > 0 (entropy from the top-k plus a tail bin) or unset break_entropy")
         broken |= (entropy > entropy_threshold) & m
     first = torch.argmax(broken.int(), dim=1)  # the first True (argmax returns the first maximum)
     return torch.where(broken.any(1), first, torch.full_like(first, NO_BREAK))
@@ -93,7 +95,7 @@ class BrokenPrefixes:
 
 def handle_broken_prefixes(scores: TeacherScores, mask: torch.Tensor, cfg) -> BrokenPrefixes:
     """Detect breaks in the scored tokens (`mask`) and turn feedback.broken_prefix into per-token loss weights."""
-    entropy = teacher_entropy(scores)
+    entropy = teacher_entropy(scores)  # None only for a teacher without entropy, top-k or full distribution
     pos = find_breaks(scores.token_logprobs, mask, window=cfg.break_window, threshold=cfg.break_logprob,
                       entropy=entropy, entropy_threshold=cfg.break_entropy)
     has_tokens = mask.sum(1) > 0
@@ -110,7 +112,9 @@ def handle_broken_prefixes(scores: TeacherScores, mask: torch.Tensor, cfg) -> Br
         weight = (torch.arange(mask.shape[1])[None, :] <= cut[:, None]).float()
     elif cfg.broken_prefix == "downweight":
         if entropy is None:
-            raise ValueError("feedback.broken_prefix = 'downweight' needs the teacher's entropy (or top-k) at each state")
+            raise ConfigError("feedback.broken_prefix = 'downweight' weights tokens by the teacher's entropy, which this "
+                              "teacher does not return (a server): give it teacher.topk > 0 (entropy from the top-k plus "
+                              "a tail bin) or use 'keep' / 'truncate'")
         weight = torch.exp(-entropy.float()).clamp(max=1.0)
     dropped = mask.bool() & (weight == 0)
     metrics["feedback/tokens_dropped"] = float(dropped.sum())

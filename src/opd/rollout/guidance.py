@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
+from opd.config import ConfigError
+
 
 @dataclass
 class TeacherGuide:
@@ -78,6 +80,24 @@ def choose(guide: TeacherGuide, student_logp: torch.Tensor, teacher_logp: torch.
     if guide.topk > 0:
         return topk_correction_choice(student_logp, teacher_logp, guide.topk, generator)
     return mixture_choice(student_logp, teacher_logp, guide.mix, generator)
+
+
+def make_guide(mix: float, topk: int, teacher_model, student_tokenizer, teacher_spec: str) -> TeacherGuide | None:
+    """The guide for rollout.teacher_mix / teacher_correct_topk, or None when both are off. The teacher is stepped
+    token by token over the student's own ids, so it must run here and share the student's vocabulary."""
+    from opd.models import load_tokenizer
+
+    if mix == 0 and topk == 0:
+        return None
+    if teacher_model is None:
+        raise ConfigError("teacher-guided rollouts (rollout.teacher_mix / teacher_correct_topk) step the teacher's "
+                          "weights alongside the student, and this teacher is a server: unset teacher.url, or turn "
+                          "guidance off")
+    if student_tokenizer.get_vocab() != load_tokenizer(teacher_spec).get_vocab():
+        raise ConfigError("teacher-guided rollouts (rollout.teacher_mix / teacher_correct_topk) mix the teacher's and "
+                          "the student's next-token distributions, so they need one shared tokenizer; this teacher's "
+                          "differs: turn guidance off, or use a teacher from the student's model family")
+    return TeacherGuide(teacher_model, mix=mix, topk=topk)
 
 
 def align_vocab(teacher_logits: torch.Tensor, width: int) -> torch.Tensor:

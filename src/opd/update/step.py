@@ -132,12 +132,14 @@ def update_student(
     return metrics, version
 
 
-def teacher_outside_loss_zeroed(scores: TeacherScores, loss_mask: torch.Tensor) -> TeacherScores:
+def teacher_outside_loss_zeroed(scores: TeacherScores, loss_mask: torch.Tensor, completion_mask: torch.Tensor) -> TeacherScores:
     """The teacher's distributions at tokens outside the loss (truncated after a broken prefix, unscored) set to
     finite zeros: a token with weight 0 then contributes exactly 0 to the loss and its gradient, where a NaN
     there would still poison both (NaN * 0 = NaN, also in the backward pass)."""
-    out = copy.copy(scores)
     keep = loss_mask > 0
+    if not bool((completion_mask.bool() & ~keep).any()):
+        return scores  # the common case: every completion token trains, no copy of a [B, T, V] tensor
+    out = copy.copy(scores)
     if scores.full_logprobs is not None:
         out.full_logprobs = torch.where(keep[..., None], scores.full_logprobs, 0.0)
     if scores.topk_logprobs is not None:
@@ -147,7 +149,7 @@ def teacher_outside_loss_zeroed(scores: TeacherScores, loss_mask: torch.Tensor) 
 
 def _micro_batch_loss(model, r, s, f, objective, chunk_size, version, ref_model, denom):
     mask = r.completion_mask.bool()
-    s = teacher_outside_loss_zeroed(s, f.loss_mask)
+    s = teacher_outside_loss_zeroed(s, f.loss_mask, r.completion_mask)
     terms = student_token_terms(model, r, s, objective, chunk_size)
     dev = terms.new_logprobs.device
     # Importance ratios are against the distribution the tokens were drawn from (for a teacher-guided
