@@ -3,15 +3,21 @@ bench/results/long_run_<config name>.json with the command, the machine, the wal
 evaluation curve (eval/reverse_kl, eval/teacher_nll, eval/length by step) and whether reverse KL fell.
 
     python bench/long_run.py configs/gemma-to-smollm2.toml --out runs/long-gemma [--set KEY=VALUE] [--max-steps N]
+        [--minutes M]
 
-An interrupted run continues from its last checkpoint when the same command is given again.
+--minutes stops the run gracefully (checkpoint, as on SIGTERM) once it has trained that long, so a run can be
+sized by time on an unknown machine. An interrupted run continues from its last checkpoint when the same
+command is given again.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -25,7 +31,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--set", action="append", default=[], help="override a key, as for `opd run`")
     parser.add_argument("--max-steps", type=int, default=None)
+    parser.add_argument("--minutes", type=float, default=None, help="stop gracefully after this many minutes")
     args = parser.parse_args()
+    if args.minutes:
+        # The loop turns SIGTERM into "finish this step, checkpoint, stop".
+        timer = threading.Timer(args.minutes * 60, os.kill, (os.getpid(), signal.SIGTERM))
+        timer.daemon = True
+        timer.start()
     sets = args.set + ([f"train.max_steps={args.max_steps}"] if args.max_steps is not None else [])
 
     from opd.config import load_config
@@ -45,7 +57,9 @@ def main() -> None:
         "machine": machine_facts(),
         "wall_s_this_invocation": round(time.time() - t0, 1),
         "elapsed_s_total": evals[-1].get("time/elapsed_s"),
-        "steps": cfg.train.max_steps,
+        "steps_planned": cfg.train.max_steps,
+        "steps_done": max(r["step"] for r in read_metrics(args.out)),
+        "stopped_after_minutes": args.minutes,
         "eval": evals,
         "reverse_kl_first": first,
         "reverse_kl_last": last,

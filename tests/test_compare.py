@@ -3,6 +3,7 @@ import json
 import pytest
 
 from opd.compare import _markdown_to_html, _targets, run_compare
+from opd.handling_study import OPTIONS, study_lines, verdict
 from opd.config import load_config
 from opd.loop import run
 from opd.monitor import read_metrics
@@ -42,6 +43,34 @@ def test_targets_on_a_hand_made_case():
     assert t["fraction_of_offline_tokens"] == 0.2 and t["meets_quarter_of_offline_tokens"]
     summary["offline"]["teacher_tokens"]["mean"] = 600.0
     assert not _targets(summary, curves, 1.0)["meets_quarter_of_offline_tokens"]
+    # A lucky eval that falls back below offline's final does not count as reaching it.
+    curves["onpolicy"][0][1]["eval/accuracy"] = 0.45
+    curves["onpolicy"][0][1:1] = [{"step": 1, "eval/accuracy": 0.55, "budget/teacher_tokens": 100}]
+    curves["onpolicy"][0][3:3] = [{"step": 3, "eval/accuracy": 0.6, "budget/teacher_tokens": 300}]
+    assert _targets(summary, curves, 1.0)["onpolicy_tokens_to_reach_offline_final"] == 300
+    curves["onpolicy"][0][-1]["eval/accuracy"] = 0.45
+    assert _targets(summary, curves, 1.0)["onpolicy_tokens_to_reach_offline_final"] is None
+
+
+def test_study_verdict_needs_a_difference_beyond_the_spread():
+    keep = {"mean": 0.50, "std": 0.02}
+    assert verdict({"mean": 0.60, "std": 0.03}, keep) == "helps"
+    assert verdict({"mean": 0.53, "std": 0.03}, keep) == "no clear effect"  # 0.03 < 0.02 + 0.03
+    assert verdict({"mean": 0.40, "std": 0.0}, {"mean": 0.5, "std": 0.0}) == "hurts"
+    assert verdict({"mean": 0.51, "std": 0.0}, {"mean": 0.5, "std": 0.0}) == "no clear effect"  # below the 0.02 floor
+
+
+def test_study_lines_name_what_did_not_help():
+    def res(acc, verdict_):
+        return {"overrides": ["x=1"], "eval/accuracy": {"mean": acc, "std": 0.0},
+                "eval/reverse_kl": {"mean": 0.1, "std": 0.0}, "budget/teacher_tokens": {"mean": 1000.0},
+                "first_step/teacher/broken_frac": {"mean": 0.6, "std": 0.0}, "verdict": verdict_}
+    study = {"seeds": [0], "steps": 10, "weak_warm_start_steps": 5,
+             "weak_start": {"eval/accuracy": 0.1, "eval/reverse_kl": 1.0},
+             "options": {"keep": res(0.5, "reference"), "truncate": res(0.4, "hurts"), "downweight": res(0.7, "helps")}}
+    md = "\n".join(study_lines(study))
+    assert "| truncate (`x=1`) | 0.400 ± 0.000 |" in md and "| 0.60 | hurts |" in md
+    assert "Did not help here (numbers above): truncate." in md
 
 
 def test_markdown_to_html():
@@ -52,7 +81,8 @@ def test_markdown_to_html():
 
 @pytest.mark.slow
 def test_compare_writes_the_report(tmp_path):
-    summary = run_compare(None, TINY, tmp_path, seeds=[0, 1], log=lambda *a: None)
+    summary = run_compare(None, TINY, tmp_path, seeds=[0, 1], study_steps=2, weak_warm_start_steps=5,
+                          log=lambda *a: None)
     report = tmp_path / "report"
     for f in ("summary.json", "report.md", "report.html", "curves.png", "error_by_position.png"):
         assert (report / f).is_file() and (report / f).stat().st_size > 0, f
@@ -73,6 +103,13 @@ def test_compare_writes_the_report(tmp_path):
     assert (report / "recovery.png").stat().st_size > 0
     md = (report / "report.md").read_text()
     assert "## Broken prefixes and recovery" in md and "![recovery](recovery.png)" in md
+    # The handling study: every option ran from the weak start, guidance costs teacher tokens, a plot and a table.
+    study = data["broken_prefix_study"]
+    assert set(study["options"]) == set(OPTIONS) and study["options"]["keep"]["verdict"] == "reference"
+    opts = study["options"]
+    assert opts["teacher_mix"]["budget/teacher_tokens"]["mean"] > opts["keep"]["budget/teacher_tokens"]["mean"]
+    assert "### Handling broken prefixes, from a weak student" in md and (report / "broken_prefix_study.png").is_file()
+    assert all(f"| {name} (" in md for name in OPTIONS)
     # A second call reuses every finished run instead of training again.
     again = run_compare(None, TINY, tmp_path, seeds=[0, 1], log=lambda *a: None)
     assert again["onpolicy"]["eval/accuracy"] == summary["onpolicy"]["eval/accuracy"]

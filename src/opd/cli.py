@@ -113,6 +113,11 @@ def compare(
     control_advantage: float = typer.Option(-0.5, "--control-advantage", help="The control's constant A_t."),
     methods: str = typer.Option("onpolicy,offline,control", "--methods",
                                 help="Comma-separated methods to run (onpolicy and offline are required)."),
+    study_steps: int = typer.Option(150, "--study-steps",
+                                    help="Steps per option of the broken-prefix handling study (0 = skip it)."),
+    study_seeds: str = typer.Option("", "--study-seeds", help="Seeds of the study (default: the first of --seeds)."),
+    weak_warm_start: int = typer.Option(600, "--weak-warm-start",
+                                        help="Warm-start steps of the study's deliberately weak student."),
     out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default runs/compare-TIMESTAMP)."),
 ):
     """On-policy vs offline distillation vs a teacher-free control, matched teacher-token budgets, several seeds."""
@@ -120,13 +125,16 @@ def compare(
 
     try:
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+        study_seed_list = [int(s) for s in study_seeds.split(",") if s.strip()] or None
     except ValueError:
-        fail(f"--seeds expects comma-separated integers, got {seeds!r}")
+        fail(f"--seeds and --study-seeds expect comma-separated integers, got {seeds!r} / {study_seeds!r}")
     overrides = list(set_) + ([f"train.max_steps={max_steps}"] if max_steps is not None else [])
     run_dir = out or default_run_dir("compare")
     try:
         summary = run_compare(config, overrides, run_dir, seeds=seed_list, control_advantage=control_advantage,
-                              methods=tuple(m.strip() for m in methods.split(",") if m.strip()), log=console.print)
+                              methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
+                              study_steps=study_steps, study_seeds=study_seed_list,
+                              weak_warm_start_steps=weak_warm_start, log=console.print)
     except ConfigError as e:
         fail(str(e))
     for m in ("teacher", "onpolicy", "offline", "control"):

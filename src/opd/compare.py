@@ -24,6 +24,7 @@ import numpy as np
 from opd.config import Config, ConfigError, load_config, to_toml
 from opd.demo import teacher_accuracy
 from opd.evaluate import detailed_eval
+from opd.handling_study import run_handling_study, study_lines, study_plot
 from opd.loop import run
 from opd.models import load_model, load_tokenizer
 from opd.monitor import read_metrics
@@ -39,14 +40,18 @@ RECOVERY_KEYS = ("eval/recovery_rate", "eval/recovery_clean_accuracy", "eval/rec
 def method_overrides(method: str, cfg: Config, warm: Path, control_advantage: float) -> list[str]:
     common = [f"student.model='{warm}'", "student.init='pretrained'", "student.warm_start_steps=0"]
     if method == "offline":
-        return common + [f"offline.num_prompts={cfg.train.max_steps * cfg.prompts.batch_size}"]
+        # sequence_kd imitates the teacher's text only: storing top-k would cost a second teacher pass.
+        topk = ["offline.topk=0"] if cfg.offline.loss == "sequence_kd" else []
+        return common + [f"offline.num_prompts={cfg.train.max_steps * cfg.prompts.batch_size}"] + topk
     if method == "control":
         return common + ["objective.name='pg'", f"feedback.constant_advantage={control_advantage}"]
-    return common
+    # On-policy is evaluated twice as often: the step where it reaches offline's final accuracy is read off it.
+    return common + [f"eval.every={max(cfg.eval.every // 2, 1)}"] if cfg.eval.every else common
 
 
 def run_compare(config: Path | None, overrides: list[str], run_dir: Path, *, seeds: list[int],
-                control_advantage: float = -0.5, methods: tuple[str, ...] = METHODS, log=print) -> dict:
+                control_advantage: float = -0.5, methods: tuple[str, ...] = METHODS, study_steps: int = 0,
+                study_seeds: list[int] | None = None, weak_warm_start_steps: int = 600, log=print) -> dict:
     run_dir = Path(run_dir)
     base = load_config(config, overrides)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -92,11 +97,18 @@ def run_compare(config: Path | None, overrides: list[str], run_dir: Path, *, see
         }
     summary["targets"] = _targets(summary, curves, t_acc)
     summary["recovery_by_step"] = recovery_by_step(base, run_dir, seeds, list(finals))
+    if study_steps:
+        summary["broken_prefix_study"] = run_handling_study(
+            config, overrides, run_dir / "broken-prefix-study", seeds=study_seeds or seeds[:1], steps=study_steps,
+            weak_warm_start_steps=weak_warm_start_steps, log=log)
+    summary["seconds"] = time.time() - t0
     report = run_dir / "report"
     report.mkdir(exist_ok=True)
     (report / "summary.json").write_text(json.dumps(summary, indent=1))
     _plots(report, curves, errors, t_acc)
     _recovery_plot(report, summary, summary["recovery_by_step"])
+    if "broken_prefix_study" in summary:
+        study_plot(report, summary["broken_prefix_study"])
     _write_report(report, summary, errors)
     return summary
 
@@ -107,15 +119,19 @@ def _mean_std(xs: list[float]) -> dict:
 
 def _targets(summary: dict, curves: dict, t_acc: float) -> dict:
     """The issue's two claims, measured: on-policy >= 95% of the teacher's accuracy, and on-policy reaching
-    offline's final accuracy with <= 1/4 of offline's teacher tokens."""
+    offline's final accuracy with <= 1/4 of offline's teacher tokens.
+
+    "Reaching" is the first eval step from which the seed-mean accuracy stays at or above offline's final mean
+    for every later eval: one lucky eval on a still-noisy curve does not count."""
     on_final = summary["onpolicy"]["eval/accuracy"]["mean"]
     off_final = summary["offline"]["eval/accuracy"]["mean"]
     off_tokens = summary["offline"]["teacher_tokens"]["mean"]
     steps = sorted({r["step"] for rows in curves["onpolicy"] for r in rows})
+    mean_acc = {s: np.mean([r["eval/accuracy"] for rows in curves["onpolicy"] for r in rows if r["step"] == s])
+                for s in steps}
     reach = None
-    for s in steps:
-        accs = [r["eval/accuracy"] for rows in curves["onpolicy"] for r in rows if r["step"] == s]
-        if np.mean(accs) >= off_final:
+    for i, s in enumerate(steps):
+        if all(mean_acc[later] >= off_final for later in steps[i:]):
             reach = float(np.mean([r["budget/teacher_tokens"] for rows in curves["onpolicy"] for r in rows if r["step"] == s]))
             break
     return {
@@ -288,7 +304,7 @@ def _write_report(report: Path, summary: dict, errors: dict) -> None:
         "",
         f"- On-policy reaches {t['onpolicy_over_teacher_accuracy']:.1%} of the teacher's accuracy "
         f"(target ≥ 95%: {'met' if t['meets_95pct_of_teacher'] else 'not met'}).",
-        "- On-policy reaches offline's final accuracy with "
+        "- On-policy reaches (and stays at or above) offline's final accuracy with "
         + (f"{frac:.1%} of offline's teacher tokens" if frac is not None else "— (not reached within the budget)")
         + f" (target ≤ 25%: {'met' if t['meets_quarter_of_offline_tokens'] else 'not met'}).",
         "",
@@ -333,7 +349,10 @@ def _recovery_lines(summary: dict) -> list[str]:
         s = summary[m]
         cells = [_fmt(s[k]) if k in s else "-" for k in RECOVERY_KEYS]
         lines.append(f"| {m} | " + " | ".join(cells) + f" | {s['teacher_tokens']['mean']:,.0f} |")
-    return lines + ["", "![recovery](recovery.png)"]
+    lines += ["", "![recovery](recovery.png)"]
+    if "broken_prefix_study" in summary:
+        lines += study_lines(summary["broken_prefix_study"])
+    return lines
 
 
 def _markdown_to_html(md: str) -> str:

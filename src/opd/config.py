@@ -316,6 +316,9 @@ class OfflineConfig(Section):
         description="`sequence_kd`: cross-entropy on the teacher's text; `token_kd`: forward KL to the teacher's top-k (+ tail bin).",
     )
     topk: int = Field(20, ge=0, description="Teacher top-k logprobs stored per token (token_kd needs > 0).")
+    generate_batch_size: int = Field(
+        256, ge=1, description="Prompts per teacher generation batch (scoring for top-k uses teacher.batch_size)."
+    )
 
 
 class Config(Section):

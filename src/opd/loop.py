@@ -387,7 +387,8 @@ def prepare_offline(cfg: Config, run_dir: Path, teacher_model, tokenizer, stream
                            topk=cfg.offline.topk)
     generate_offline_data(folder, teacher, tokenizer, stream.extra_prompts(cfg.offline.num_prompts, key=2), params,
                           meta=meta, topk=cfg.offline.topk, seed=cfg.seed,
-                          max_prompt_tokens=cfg.prompts.max_prompt_tokens, log=log)
+                          max_prompt_tokens=cfg.prompts.max_prompt_tokens,
+                          batch_size=cfg.offline.generate_batch_size, log=log)
     data = OfflineData(folder, tokenizer, temperature=params.temperature, max_prompt_tokens=cfg.prompts.max_prompt_tokens)
     # sequence_kd = cross-entropy on the teacher's text; token_kd = forward KL to its stored top-k.
     name = "sft" if cfg.offline.loss == "sequence_kd" else "topk_kl"

@@ -37,7 +37,8 @@ def _read_rows(path: Path) -> list[dict]:
 
 
 def generate_offline_data(folder: Path, teacher, tokenizer, prompts: list[Prompt], params: SamplingParams, *,
-                          meta: dict, topk: int, seed: int, max_prompt_tokens: int, log=print) -> dict:
+                          meta: dict, topk: int, seed: int, max_prompt_tokens: int, batch_size: int = 0,
+                          log=print) -> dict:
     """Make sure `folder` holds teacher completions for all `prompts`; returns {"generated", "reused", "tokens"}."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -57,9 +58,12 @@ def generate_offline_data(folder: Path, teacher, tokenizer, prompts: list[Prompt
     todo = [i for i in range(len(prompts)) if i not in done]
     reused = len(prompts) - len(todo)
     tokens = 0
+    # Generation batches may be larger than scoring batches: a small model's decode step costs about the
+    # same at 64 or 256 rows (per-step overhead dominates), so bigger batches write data faster.
+    batch_size = batch_size or teacher.batch_size
     with (folder / DATA).open("a", encoding="utf-8") as f:
-        for b, start in enumerate(range(0, len(todo), teacher.batch_size)):
-            idx = todo[start : start + teacher.batch_size]
+        for b, start in enumerate(range(0, len(todo), batch_size)):
+            idx = todo[start : start + batch_size]
             gen = torch.Generator(device=next(teacher.model.parameters()).device).manual_seed(seed * 100003 + idx[0])
             roll = sample(teacher.model, tokenizer, [prompts[i] for i in idx], params, generator=gen,
                           max_prompt_tokens=max_prompt_tokens)
