@@ -118,6 +118,8 @@ def compare(
     study_seeds: str = typer.Option("", "--study-seeds", help="Seeds of the study (default: the first of --seeds)."),
     weak_warm_start: int = typer.Option(600, "--weak-warm-start",
                                         help="Warm-start steps of the study's deliberately weak student."),
+    jobs: int = typer.Option(2, "--jobs", help="Runs at once, each on cores/jobs threads (1 = one after the other; "
+                             "small models finish sooner side by side, large ones need the memory of one)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default runs/compare-TIMESTAMP)."),
 ):
     """On-policy vs offline distillation vs a teacher-free control, matched teacher-token budgets, several seeds."""
@@ -134,7 +136,7 @@ def compare(
         summary = run_compare(config, overrides, run_dir, seeds=seed_list, control_advantage=control_advantage,
                               methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
                               study_steps=study_steps, study_seeds=study_seed_list,
-                              weak_warm_start_steps=weak_warm_start, log=console.print)
+                              weak_warm_start_steps=weak_warm_start, jobs=jobs, log=console.print)
     except ConfigError as e:
         fail(str(e))
     for m in ("teacher", "onpolicy", "offline", "control"):

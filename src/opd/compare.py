@@ -25,6 +25,7 @@ from opd.config import Config, ConfigError, load_config, to_toml
 from opd.demo import teacher_accuracy
 from opd.evaluate import detailed_eval
 from opd.handling_study import run_handling_study, study_lines, study_plot
+from opd.jobs import RunJob, run_jobs
 from opd.loop import run
 from opd.models import load_model, load_tokenizer
 from opd.monitor import read_metrics
@@ -51,7 +52,8 @@ def method_overrides(method: str, cfg: Config, warm: Path, control_advantage: fl
 
 def run_compare(config: Path | None, overrides: list[str], run_dir: Path, *, seeds: list[int],
                 control_advantage: float = -0.5, methods: tuple[str, ...] = METHODS, study_steps: int = 0,
-                study_seeds: list[int] | None = None, weak_warm_start_steps: int = 600, log=print) -> dict:
+                study_seeds: list[int] | None = None, weak_warm_start_steps: int = 600, jobs: int = 1,
+                log=print) -> dict:
     run_dir = Path(run_dir)
     base = load_config(config, overrides)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -67,17 +69,18 @@ def run_compare(config: Path | None, overrides: list[str], run_dir: Path, *, see
     if unknown or not {"onpolicy", "offline"} <= set(methods):
         raise ConfigError(f"methods must include onpolicy and offline and come from {', '.join(METHODS)}; "
                           f"got {', '.join(methods)}")
+    todo = []
+    for seed in seeds:
+        for method in methods:
+            cfg = load_config(config, overrides + method_overrides(method, base, warm, control_advantage) + [f"seed={seed}"])
+            todo.append(RunJob(f"{method}, seed {seed}", cfg, run_dir / method / f"seed-{seed}",
+                               "offline" if method == "offline" else "onpolicy"))
+    run_jobs(todo, jobs, log)
     curves: dict[str, list[list[dict]]] = {m: [] for m in methods}
     finals: dict[str, list[dict]] = {m: [] for m in methods}
     for seed in seeds:
         for method in methods:
-            cfg = load_config(config, overrides + method_overrides(method, base, warm, control_advantage) + [f"seed={seed}"])
-            out = run_dir / method / f"seed-{seed}"
-            if not (out / "final" / "model.safetensors").is_file():
-                log(f"--- {method}, seed {seed}")
-                run(cfg, out, log=log, mode="offline" if method == "offline" else "onpolicy",
-                    resume=(out / "checkpoints").is_dir())
-            rows = [r for r in read_metrics(out) if "eval/accuracy" in r]
+            rows = [r for r in read_metrics(run_dir / method / f"seed-{seed}") if "eval/accuracy" in r]
             curves[method].append(rows)
             finals[method].append(rows[-1])
 
@@ -100,7 +103,7 @@ def run_compare(config: Path | None, overrides: list[str], run_dir: Path, *, see
     if study_steps:
         summary["broken_prefix_study"] = run_handling_study(
             config, overrides, run_dir / "broken-prefix-study", seeds=study_seeds or seeds[:1], steps=study_steps,
-            weak_warm_start_steps=weak_warm_start_steps, log=log)
+            weak_warm_start_steps=weak_warm_start_steps, jobs=jobs, log=log)
     summary["seconds"] = time.time() - t0
     report = run_dir / "report"
     report.mkdir(exist_ok=True)

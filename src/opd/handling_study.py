@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from opd.config import load_config
+from opd.jobs import RunJob, run_jobs
 from opd.loop import run
 from opd.monitor import read_metrics
 
@@ -30,7 +31,7 @@ START_KEYS = ("teacher/broken_frac", "feedback/tokens_dropped", "rollout/teacher
 
 
 def run_handling_study(config: Path | None, overrides: list[str], run_dir: Path, *, seeds: list[int], steps: int,
-                       weak_warm_start_steps: int, log=print) -> dict:
+                       weak_warm_start_steps: int, jobs: int = 1, log=print) -> dict:
     """Runs every option from one weak warm start; returns {"weak_start": ..., "options": {name: ...}}."""
     run_dir = Path(run_dir)
     weak = run_dir / "weak-start"
@@ -40,16 +41,14 @@ def run_handling_study(config: Path | None, overrides: list[str], run_dir: Path,
     start = next(r for r in read_metrics(weak) if "eval/accuracy" in r)
     common = [f"student.model='{weak / 'final'}'", "student.init='pretrained'", "student.warm_start_steps=0",
               f"train.max_steps={steps}", f"eval.every={max(steps // 4, 1)}"]
+    run_jobs([RunJob(f"broken-prefix study: {name}, seed {seed}",
+                     load_config(config, overrides + common + option + [f"seed={seed}"]), run_dir / name / f"seed-{seed}")
+              for name, option in OPTIONS.items() for seed in seeds], jobs, log)
     results: dict[str, dict] = {}
     for name, option in OPTIONS.items():
         finals, curves, first = [], [], []
         for seed in seeds:
-            out = run_dir / name / f"seed-{seed}"
-            if not (out / "final" / "model.safetensors").is_file():
-                log(f"--- broken-prefix study: {name}, seed {seed}")
-                run(load_config(config, overrides + common + option + [f"seed={seed}"]), out, log=log,
-                    resume=(out / "checkpoints").is_dir())
-            rows = read_metrics(out)
+            rows = read_metrics(run_dir / name / f"seed-{seed}")
             evals = [r for r in rows if "eval/accuracy" in r]
             finals.append(evals[-1])
             curves.append([{k: r.get(k) for k in ("step", *KEYS)} for r in evals])
