@@ -116,7 +116,7 @@ def compare(
     study_steps: int = typer.Option(150, "--study-steps",
                                     help="Steps per option of the broken-prefix handling study (0 = skip it)."),
     study_seeds: str = typer.Option("", "--study-seeds", help="Seeds of the study (default: the first of --seeds)."),
-    weak_warm_start: int = typer.Option(600, "--weak-warm-start",
+    weak_warm_start: int = typer.Option(800, "--weak-warm-start",
                                         help="Warm-start steps of the study's deliberately weak student."),
     jobs: int = typer.Option(2, "--jobs", help="Runs at once, each on cores/jobs threads (1 = one after the other; "
                              "small models finish sooner side by side, large ones need the memory of one)."),

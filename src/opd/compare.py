@@ -52,7 +52,7 @@ def method_overrides(method: str, cfg: Config, warm: Path, control_advantage: fl
 
 def run_compare(config: Path | None, overrides: list[str], run_dir: Path, *, seeds: list[int],
                 control_advantage: float = -0.5, methods: tuple[str, ...] = METHODS, study_steps: int = 0,
-                study_seeds: list[int] | None = None, weak_warm_start_steps: int = 600, jobs: int = 1,
+                study_seeds: list[int] | None = None, weak_warm_start_steps: int = 800, jobs: int = 1,
                 log=print) -> dict:
     run_dir = Path(run_dir)
     base = load_config(config, overrides)
@@ -99,7 +99,12 @@ def run_compare(config: Path | None, overrides: list[str], run_dir: Path, *, see
             **{k: _mean_std([f[k] for f in finals[m]]) for k in RECOVERY_KEYS if all(k in f for f in finals[m])},
         }
     summary["targets"] = _targets(summary, curves, t_acc)
-    summary["recovery_by_step"] = recovery_by_step(base, run_dir, seeds, list(finals))
+    recovery = final_recovery(base, run_dir, seeds, list(finals))
+    if recovery:  # the final students on eval.size prompts replace the eval rows' smaller-sample figures
+        summary["recovery_prompts"] = recovery["prompts"]
+        for m in finals:
+            summary[m].update({k: _mean_std(v) for k, v in recovery["rates"][m].items()})
+    summary["recovery_by_step"] = recovery.get("by_step", {})
     if study_steps:
         summary["broken_prefix_study"] = run_handling_study(
             config, overrides, run_dir / "broken-prefix-study", seeds=study_seeds or seeds[:1], steps=study_steps,
@@ -168,24 +173,30 @@ def error_by_position(cfg: Config, run_dir: Path, seeds: list[int], methods=METH
     return out
 
 
-def recovery_by_step(cfg: Config, run_dir: Path, seeds: list[int], methods) -> dict[str, dict[str, float]]:
-    """Recovery rate from a planted error, by the step that was corrupted, for the warm start and each method's
-    final students (averaged over seeds); empty when eval.recovery_size = 0 or the task plants no errors."""
+def final_recovery(cfg: Config, run_dir: Path, seeds: list[int], methods) -> dict:
+    """Recovery from a planted error for the warm start and each method's final students, on eval.size held-out
+    prompts (more than the eval rows' eval.recovery_size: the per-method difference is small and 32 prompts cannot
+    resolve it). Returns {"prompts": n, "by_step": {student: {step: rate}}, "rates": {student: {key: [per seed]}}};
+    empty when eval.recovery_size = 0 or the task plants no errors."""
     if cfg.eval.recovery_size == 0:
         return {}
     tokenizer = load_tokenizer(cfg.teacher.model)
-    prompts = PromptStream(cfg.prompts, cfg.seed).eval_prompts(cfg.eval.size)[: cfg.eval.recovery_size]
+    n = max(cfg.eval.size, cfg.eval.recovery_size)
+    prompts = PromptStream(cfg.prompts, cfg.seed).eval_prompts(n)
     params = SamplingParams(cfg.eval.temperature, 1.0, cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens)
     folders = {"warm start": [run_dir / "warm-start" / "final"]}
     folders.update({m: [run_dir / m / f"seed-{s}" / "final" for s in seeds] for m in methods})
-    out: dict[str, dict[str, float]] = {}
+    out: dict = {"prompts": n, "by_step": {}, "rates": {}}
     for name, paths in folders.items():
         runs = [planted_error_recovery(load_model(str(p), device=cfg.student.device), tokenizer, prompts, params,
                                        seed=cfg.seed, batch_size=cfg.teacher.batch_size) for p in paths]
-        by_step = [r["recovery_by_step"] for r in runs if r is not None]
-        if by_step:
-            steps = sorted({k for d in by_step for k in d})
-            out[name] = {str(k): float(np.mean([d[k] for d in by_step if k in d])) for k in steps}
+        runs = [r for r in runs if r is not None]
+        if not runs:
+            return {}
+        steps = sorted({k for r in runs for k in r["recovery_by_step"]})
+        out["by_step"][name] = {str(k): float(np.mean([r["recovery_by_step"][k] for r in runs
+                                                       if k in r["recovery_by_step"]])) for k in steps}
+        out["rates"][name] = {k: [r[k] for r in runs] for k in RECOVERY_KEYS[:2]}
     return out
 
 
@@ -343,7 +354,8 @@ def _recovery_lines(summary: dict) -> list[str]:
         "step; the student continues. `recovery rate`: the final answer still verifies. `clean-prefix accuracy`: the "
         "same cut with the right digit. `likelihood recovery`: after a forced token the teacher finds unlikely, the "
         "teacher's windowed mean logprob of the continuation returns above the break threshold within the horizon. "
-        "Final students, mean ± std over seeds.",
+        f"Final students on {summary.get('recovery_prompts', '?')} held-out prompts (likelihood recovery: the last "
+        "eval row's), mean ± std over seeds.",
         "",
         "| method | recovery rate | clean-prefix accuracy | likelihood recovery | teacher tokens |",
         "|---|---|---|---|---|",
