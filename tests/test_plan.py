@@ -25,6 +25,16 @@ def test_flops_by_hand():
     assert TOY.kv_bytes(7) == 2 * 1 * 1 * 4 * 7
 
 
+def test_packed_stages_count_real_tokens_only():
+    padded = Workload(batch=4, prompt_tokens=10, completion_tokens=6, decode_steps=8)
+    packed = Workload(batch=4, prompt_tokens=10, completion_tokens=6, decode_steps=8, padded=False)
+    wa, wb = stage_work(TOY, TOY, padded, Devices()), stage_work(TOY, TOY, packed, Devices())
+    assert wa["teacher"]["flops"] == 2 * 1000 * 4 * 18 + 4 * 9 * 4 * 18
+    assert wb["teacher"]["flops"] == 2 * 1000 * 4 * 16 + 4 * 8 * 4 * 16
+    # decode: 3 live rows per step on average (4 rows x 6 tokens over 8 steps) instead of 4
+    assert wb["rollout"]["flops"] == (2 * 1000 * 40 + 4 * 5 * 40) + 8 * (2 * 1000 * 3 + 4 * 14 * 3)
+
+
 def test_stage_work_and_seconds_by_hand():
     work = Workload(batch=4, prompt_tokens=10, completion_tokens=6, decode_steps=8, updates_per_batch=2,
                     teacher_batch_size=3)

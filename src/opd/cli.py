@@ -236,6 +236,8 @@ def plan(
     teacher_devices: float = typer.Option(1, "--teacher-devices", min=1e-9, help="Devices scoring."),
     train_devices: float = typer.Option(1, "--train-devices", min=1e-9, help="Devices training (data parallel)."),
     max_policy_lag: Optional[int] = typer.Option(None, "--max-policy-lag", min=0, help="Cap on the pipeline's policy lag."),
+    packed: bool = typer.Option(False, "--packed", help="Stages compute real tokens only (an inference engine, packed "
+                                "training), not every row to the longest completion as opd's own stages do."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
 ):
     """Predict step time, the bottleneck stage, the teacher:student device ratio that balances the pipeline
@@ -264,7 +266,7 @@ def plan(
         s_shape = planning.ModelShape.from_spec(student or cfg.student.model, cfg.student.dtype)
         t_shape = planning.ModelShape.from_spec(teacher or cfg.teacher.model, cfg.teacher.dtype)
         work = planning.workload_from_config(cfg, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                                             decode_steps=decode_steps)
+                                             decode_steps=decode_steps, padded=not packed)
         result = planning.predict(s_shape, t_shape, work, rates,
                                   planning.Devices(rollout_devices, teacher_devices, train_devices), max_policy_lag)
     except ConfigError as e:

@@ -118,6 +118,9 @@ class Workload:
     decode_steps: int  # sequential decode steps of the rollout (the longest completion; <= max_new_tokens)
     updates_per_batch: int = 1
     teacher_batch_size: int = 64  # sequences per teacher forward
+    # True: opd's own stages, which compute every row to the batch's longest completion (finished rows
+    # included); False: an engine that packs sequences (vLLM, packed training) computes the real tokens only.
+    padded: bool = True
 
     @property
     def tokens(self) -> float:
@@ -180,15 +183,15 @@ def gpu_rates(name: str) -> Rates:
 def stage_work(student: ModelShape, teacher: ModelShape, work: Workload, devices: Devices) -> dict[str, dict]:
     """Per stage and per device: sequential calls, FLOPs and (decode) bytes moved. Each stage's batch is
     split evenly over its devices (data parallel; a replica holds the whole model)."""
-    P = work.prompt_tokens
+    P, D = work.prompt_tokens, work.decode_steps
     b_roll = work.batch / devices.rollout
-    # prefill once, then one token per sequence per decode step, attending to the prompt and what came before
-    # (every row of the batch is computed at every decode step, finished or not, as opd's sampler does)
-    roll_flops = student.forward_flops(b_roll * P, P / 2) + work.decode_steps * student.forward_flops(
-        b_roll, P + work.decode_steps / 2)
-    roll_bytes = work.decode_steps * (student.weight_bytes + student.kv_bytes(b_roll * (P + work.decode_steps / 2)))
+    # prefill once, then one token per live sequence per decode step, attending to the prompt and what came
+    # before. Live rows: all of them when padded (opd's sampler), else the real tokens spread over D steps.
+    live = b_roll if work.padded else b_roll * work.completion_tokens / max(D, 1)
+    roll_flops = student.forward_flops(b_roll * P, P / 2) + D * student.forward_flops(live, P + D / 2)
+    roll_bytes = D * (student.weight_bytes + student.kv_bytes(live * (P + D / 2)))
     b_teacher = work.batch / devices.teacher
-    seq = P + work.decode_steps  # opd pads a batch to its longest completion, and scores and trains on that width
+    seq = P + (D if work.padded else work.completion_tokens)  # padded: scored and trained to the longest completion
     return {
         "rollout": {"calls": work.decode_steps + 1, "flops": roll_flops, "bytes": roll_bytes},
         "teacher": {"calls": math.ceil(b_teacher / work.teacher_batch_size),
@@ -362,7 +365,7 @@ def load_rates(path: Path) -> Rates:
 
 
 def workload_from_config(cfg, *, prompt_tokens: float | None = None, completion_tokens: float | None = None,
-                         decode_steps: int | None = None) -> Workload:
+                         decode_steps: int | None = None, padded: bool = True) -> Workload:
     """The config's step: batch_size x samples_per_prompt sequences; prompt length measured on its prompts
     (left-padded width of a batch) unless given; completion length max_new_tokens unless given."""
     if prompt_tokens is None:
@@ -380,7 +383,8 @@ def workload_from_config(cfg, *, prompt_tokens: float | None = None, completion_
     return Workload(batch=cfg.prompts.batch_size * cfg.rollout.samples_per_prompt, prompt_tokens=prompt_tokens,
                     completion_tokens=completion_tokens if completion_tokens is not None else max_new,
                     decode_steps=decode_steps if decode_steps is not None else max_new,
-                    updates_per_batch=cfg.train.updates_per_batch, teacher_batch_size=cfg.teacher.batch_size)
+                    updates_per_batch=cfg.train.updates_per_batch, teacher_batch_size=cfg.teacher.batch_size,
+                    padded=padded)
 
 
 def format_plan(plan: Plan, rates: Rates) -> str:
