@@ -103,8 +103,16 @@ def test_fit_rate_recovers_overhead_and_throughput():
     points = [(c, f, c * truth.overhead_s + f / truth.flops_per_s) for c, f in [(10, 1e8), (50, 1e8), (10, 5e9), (3, 2e9)]]
     fitted = fit_rate(points)
     assert fitted.overhead_s == pytest.approx(0.01, rel=1e-6) and fitted.flops_per_s == pytest.approx(1e9, rel=1e-6)
+    assert fitted.bytes_per_s is None and not fitted.overlap  # fitted costs add up
     only_overhead = fit_rate([(10, 1e8, 0.1), (20, 3e8, 0.2)])  # seconds follow calls alone
-    assert only_overhead.overhead_s == pytest.approx(0.01) and only_overhead.flops_per_s > 1e20
+    assert only_overhead.overhead_s == pytest.approx(0.01) and only_overhead.flops_per_s == math.inf
+    # three terms: 2 ms per call, 1 GFLOP/s, 100 MB/s
+    pts = [(c, f, b, c * 2e-3 + f / 1e9 + b / 1e8) for c, f, b in
+           [(10, 1e8, 1e6), (40, 1e8, 5e6), (10, 8e8, 2e6), (25, 3e8, 9e6), (5, 5e8, 1e5)]]
+    three = fit_rate(pts)
+    assert three.overhead_s == pytest.approx(2e-3) and three.flops_per_s == pytest.approx(1e9)
+    assert three.bytes_per_s == pytest.approx(1e8)
+    assert stage_seconds(three, 10, 1e8, 1e6) == pytest.approx(10 * 2e-3 + 0.1 + 0.01)
 
 
 def test_gpu_decode_is_memory_bound_for_a_small_batch():
@@ -153,9 +161,10 @@ def test_calibration_times_the_real_stages():
     from opd.plan import calibrate
 
     cfg = load_config(None, ["objective.name='pg'"])
-    data = calibrate(cfg, sizes=((2, 4), (4, 8), (2, 8)), repeats=1, log=lambda *a: None)
+    data = calibrate(cfg, sizes=((2, 4), (4, 8), (2, 8)), steps=3, log=lambda *a: None)
     r = Rates.from_json(data["rates"])
     for stage in ("rollout", "teacher", "train"):
-        assert len(data["points"][stage]) == 3 and all(p[2] > 0 for p in data["points"][stage])
+        assert len(data["points"][stage]) == 3 and all(p[-1] > 0 for p in data["points"][stage])
         rate = getattr(r, stage)
-        assert rate.overhead_s >= 0 and rate.flops_per_s > 0 and (rate.overhead_s > 0 or rate.flops_per_s < math.inf)
+        assert rate.overhead_s >= 0 and rate.flops_per_s > 0 and not rate.overlap
+        assert rate.overhead_s > 0 or rate.flops_per_s < math.inf or rate.bytes_per_s  # something costs time

@@ -41,6 +41,7 @@ class ModelShape:
     kv_dim: int = 0  # kv heads x head_dim (0 = attn_dim): KV-cache width per layer, for K and for V
     tied_embeddings: bool = True
     bytes_per_param: int = 4
+    heads: int = 0  # attention heads (0 = attn_dim / 64)
 
     @property
     def matmul_params(self) -> float:
@@ -55,6 +56,12 @@ class ModelShape:
 
     def kv_bytes(self, tokens: float) -> float:
         return 2 * self.layers * (self.kv_dim or self.attn_dim or self.hidden) * self.bytes_per_param * tokens
+
+    def score_bytes(self, sequences: float, length: float) -> float:
+        """Attention score matrices of a full forward (eager attention writes and reads them; fused attention,
+        as on GPUs, does not): sequences x heads x layers x length^2 fp32 values."""
+        heads = self.heads or max(1, (self.attn_dim or self.hidden) // 64)
+        return 4 * sequences * heads * self.layers * length**2
 
     @property
     def weight_bytes(self) -> float:
@@ -80,7 +87,7 @@ class ModelShape:
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
         kv_heads = getattr(text, "num_key_value_heads", None) or heads
         return cls(params=float(params), layers=text.num_hidden_layers, hidden=text.hidden_size, vocab=text.vocab_size,
-                   attn_dim=heads * head_dim, kv_dim=kv_heads * head_dim,
+                   attn_dim=heads * head_dim, kv_dim=kv_heads * head_dim, heads=heads,
                    tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
                    bytes_per_param={"float32": 4, "bfloat16": 2, "float16": 2}[dtype])
 
@@ -89,7 +96,7 @@ class ModelShape:
         from opd.config import ConfigError
 
         names = {"params": "params", "layers": "layers", "hidden": "hidden", "vocab": "vocab", "attn_dim": "attn_dim",
-                 "kv_dim": "kv_dim", "tied": "tied_embeddings", "bytes": "bytes_per_param"}
+                 "kv_dim": "kv_dim", "tied": "tied_embeddings", "bytes": "bytes_per_param", "heads": "heads"}
         values = {}
         for item in spec.split(","):
             key, _, raw = item.partition("=")
@@ -129,11 +136,15 @@ class Workload:
 
 @dataclass(frozen=True)
 class StageRate:
-    """One device's speed at a stage: fixed time per sequential call, and effective FLOP/s (and bytes/s)."""
+    """One device's speed at a stage: fixed time per sequential call, effective FLOP/s and bytes/s.
+
+    `overlap` = True (a GPU roofline): arithmetic and memory traffic overlap, the stage takes the longer of
+    the two. False (fitted on a CPU): they add up, each with its own fitted rate."""
 
     overhead_s: float
     flops_per_s: float
-    bytes_per_s: float | None = None  # memory bandwidth, where a stage can be bound by it (GPU decode)
+    bytes_per_s: float | None = None  # memory traffic rate (None = the stage is not bound by it)
+    overlap: bool = True
 
 
 @dataclass(frozen=True)
@@ -195,17 +206,19 @@ def stage_work(student: ModelShape, teacher: ModelShape, work: Workload, devices
     return {
         "rollout": {"calls": work.decode_steps + 1, "flops": roll_flops, "bytes": roll_bytes},
         "teacher": {"calls": math.ceil(b_teacher / work.teacher_batch_size),
-                    "flops": teacher.forward_flops(b_teacher * seq, seq / 2), "bytes": 0.0},
+                    "flops": teacher.forward_flops(b_teacher * seq, seq / 2),
+                    "bytes": teacher.score_bytes(b_teacher, seq)},
         # forward + backward = 3 forwards
         "train": {"calls": work.updates_per_batch,
-                  "flops": 3 * student.forward_flops(work.batch * seq / devices.train, seq / 2), "bytes": 0.0},
+                  "flops": 3 * student.forward_flops(work.batch * seq / devices.train, seq / 2),
+                  "bytes": 3 * student.score_bytes(work.batch / devices.train, seq)},
     }
 
 
 def stage_seconds(rate: StageRate, calls: float, flops: float, bytes_: float = 0.0) -> float:
     compute = flops / rate.flops_per_s
     memory = bytes_ / rate.bytes_per_s if rate.bytes_per_s else 0.0
-    return calls * rate.overhead_s + max(compute, memory)
+    return calls * rate.overhead_s + (max(compute, memory) if rate.overlap else compute + memory)
 
 
 @dataclass
@@ -262,96 +275,80 @@ def rescale(seconds: dict[str, float], devices: dict[str, float], new_devices: d
 
 
 # --------------------------------------------------------------------------------- calibration
-def fit_rate(points: list[tuple[float, float, float]]) -> StageRate:
-    """Least-squares fit of seconds = calls * overhead_s + flops / flops_per_s over (calls, flops, seconds)
-    points, both constants kept positive (a negative one is dropped and the other refitted)."""
+def fit_rate(points: list[tuple[float, ...]]) -> StageRate:
+    """Non-negative least squares fit of  seconds = calls * overhead_s + flops / flops_per_s + bytes / bytes_per_s
+    over (calls, flops, [bytes,] seconds) points. Additive (overlap = False): on a CPU these costs do not hide
+    behind each other. A coefficient that would be negative is dropped (its rate is infinite)."""
+    import itertools
+
     import numpy as np
 
-    A = np.array([[c, f] for c, f, _ in points], dtype=float)
-    y = np.array([s for _, _, s in points], dtype=float)
-    scale = A.max(axis=0)
-    coef, *_ = np.linalg.lstsq(A / scale, y, rcond=None)
-    coef = coef / scale
-    if coef[0] <= 0:
-        coef = np.array([0.0, float(y @ A[:, 1] / (A[:, 1] @ A[:, 1]))])
-    elif coef[1] <= 0:
-        coef = np.array([float(y @ A[:, 0] / (A[:, 0] @ A[:, 0])), 0.0])
-    return StageRate(overhead_s=float(coef[0]), flops_per_s=float(1 / coef[1]) if coef[1] > 0 else float("inf"))
+    rows = [p if len(p) == 4 else (p[0], p[1], 0.0, p[2]) for p in points]
+    A = np.array([r[:3] for r in rows], dtype=float)
+    y = np.array([r[3] for r in rows], dtype=float)
+    scale = np.where(A.max(axis=0) > 0, A.max(axis=0), 1.0)
+    best, best_err = np.zeros(3), float("inf")
+    for k in (1, 2, 3):  # every subset of the columns; keep the best fit whose coefficients are all >= 0
+        for cols in itertools.combinations(range(3), k):
+            if not A[:, cols].any():
+                continue
+            c, *_ = np.linalg.lstsq(A[:, cols] / scale[list(cols)], y, rcond=None)
+            if (c < 0).any():
+                continue
+            coef = np.zeros(3)
+            coef[list(cols)] = c / scale[list(cols)]
+            err = float(((A @ coef - y) ** 2).sum())
+            if err < best_err - 1e-15:
+                best, best_err = coef, err
+    inv = lambda v: float(1 / v) if v > 0 else float("inf")  # noqa: E731
+    return StageRate(overhead_s=float(best[0]), flops_per_s=inv(best[1]),
+                     bytes_per_s=inv(best[2]) if best[2] > 0 else None, overlap=False)
 
 
-CALIBRATION_SIZES = ((8, 16), (8, 48), (32, 16), (32, 48))  # (sequences, max_new_tokens)
+# (prompts.batch_size, rollout.max_new_tokens) of the calibration runs; bench/plan.py checks other sizes
+CALIBRATION_SIZES = ((8, 16), (8, 80), (24, 48), (48, 16), (48, 80))
+CALIBRATION_SETTINGS = [
+    "student.init='random'",  # weights do not change the time; a random student runs to max_new_tokens,
+    "student.warm_start_steps=0",  # so the number of decode steps is known
+    "eval.size=8", "eval.every=0", "eval.recovery_size=0", "train.checkpoint_every=0",
+    "monitor.live='off'", "monitor.tensorboard=false",
+]
 
 
-def calibrate(cfg, *, sizes=CALIBRATION_SIZES, repeats: int = 2, log=print) -> dict:
-    """Time the real stage functions (sampler, teacher scoring, feedback + update) with the config's models
-    at a few sizes on this machine and fit each stage's rate. Returns the JSON written by `opd plan --calibrate`."""
+def calibrate(cfg, *, sizes=CALIBRATION_SIZES, steps: int = 5, work_dir: Path | None = None, log=print) -> dict:
+    """Run the config's loop for a few steps at each of a few sizes on this machine, read its own stage timers
+    (median of steps 2..N of time/rollout_s, time/teacher_s, time/update_s) and fit each stage's rate.
+    Returns the JSON that `opd plan --calibrate` writes."""
     import statistics
+    import tempfile
 
     import torch
 
-    from opd.feedback import compute_feedback
-    from opd.loop import chat_renderer, make_teacher
-    from opd.models import load_model, load_student, load_tokenizer
-    from opd.prompts import PromptStream
-    from opd.rollout import SamplingParams, sample
-    from opd.update import make_optimizer, make_scheduler, update_student
+    from opd.config import apply_overrides, validate_config
+    from opd.loop import run
+    from opd.monitor import read_metrics
 
-    torch.manual_seed(cfg.seed)
-    tokenizer = load_tokenizer(cfg.student.model)
-    student = load_student(cfg.student, cfg.seed)
-    teacher_model = load_model(cfg.teacher.model, dtype=cfg.teacher.dtype, device=cfg.teacher.device)
-    teacher = make_teacher(cfg, teacher_model, tokenizer, load_tokenizer(cfg.teacher.model), "onpolicy")
     s_shape = ModelShape.from_spec(cfg.student.model, cfg.student.dtype)
     t_shape = ModelShape.from_spec(cfg.teacher.model, cfg.teacher.dtype)
-    stream = PromptStream(cfg.prompts, cfg.seed, chat_renderer(tokenizer))
-    optimizer = make_optimizer(student, cfg.train)
-    scheduler = make_scheduler(optimizer, cfg.train, 10**6)
-    full = cfg.objective.name in ("reverse_kl", "gkd")
-    gen = torch.Generator().manual_seed(cfg.seed)
     points = {s: [] for s in STAGES}
-
-    def timed(fn):
-        t0 = time.perf_counter()
-        out = fn()
-        return out, time.perf_counter() - t0
-
-    step = 0
-    for batch, max_new in ((8, 8),) + tuple(sizes):  # the first size only warms up
-        warmup = step == 0
-        params = SamplingParams(cfg.rollout.temperature, cfg.rollout.top_p, max_new, cfg.rollout.stop)
-        secs = {s: [] for s in STAGES}
-        for _ in range(1 if warmup else repeats):
-            step += 1
-            prompts = stream.batch(step)[:batch]
-            prompts = (prompts * math.ceil(batch / len(prompts)))[:batch]
-            roll, secs_r = timed(lambda: sample(student, tokenizer, prompts, params, generator=gen,
-                                                max_prompt_tokens=cfg.prompts.max_prompt_tokens))
-            scores, secs_t = timed(lambda: teacher.score(roll, full=full))
-
-            def update():
-                fb = compute_feedback(roll, scores, cfg.feedback, group_size=1)
-                return update_student(student, optimizer, scheduler, roll, scores, fb, objective=cfg.objective,
-                                      train=cfg.train, version=0, chunk_size=cfg.teacher.chunk_size)
-
-            _, secs_u = timed(update)
-            secs["rollout"].append(secs_r)
-            secs["teacher"].append(secs_t)
-            secs["train"].append(secs_u)
-        if warmup:
-            continue
-        P, width = roll.prompt_ids.shape[1], roll.completion_ids.shape[1]
-        work = Workload(batch=batch, prompt_tokens=P, completion_tokens=roll.num_tokens / batch, decode_steps=width,
-                        updates_per_batch=cfg.train.updates_per_batch, teacher_batch_size=cfg.teacher.batch_size)
-        w = stage_work(s_shape, t_shape, work, Devices())
-        for s in STAGES:
-            points[s].append((w[s]["calls"], w[s]["flops"], statistics.median(secs[s])))
-        log(f"calibration: {batch} x {max_new} tokens: rollout {statistics.median(secs['rollout']):.3f}s, teacher "
-            f"{statistics.median(secs['teacher']):.3f}s, train {statistics.median(secs['train']):.3f}s")
+    keys = {"rollout": "time/rollout_s", "teacher": "time/teacher_s", "train": "time/update_s"}
+    with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
+        for batch, max_new in sizes:
+            sized = validate_config(apply_overrides(cfg.model_dump(mode="json", exclude_none=True), CALIBRATION_SETTINGS + [
+                f"prompts.batch_size={batch}", f"rollout.max_new_tokens={max_new}", f"train.max_steps={steps}"]))
+            out = Path(tmp) / f"b{batch}-t{max_new}"
+            run(sized, out, log=lambda *a, **k: None)
+            rows = [r for r in read_metrics(out) if r["step"] >= 2]
+            w = stage_work(s_shape, t_shape, workload_from_config(sized), Devices())
+            secs = {s: statistics.median(r[keys[s]] for r in rows) for s in STAGES}
+            for s in STAGES:
+                points[s].append((w[s]["calls"], w[s]["flops"], w[s]["bytes"], secs[s]))
+            log(f"calibration: {batch} x {max_new} tokens: " + ", ".join(f"{s} {secs[s]:.3f}s" for s in STAGES))
     rates = Rates(**{s: fit_rate(points[s]) for s in STAGES},
                   source=f"calibrated on this machine: {cfg.student.model} / {cfg.teacher.model}")
     return {"rates": rates.to_json(), "points": {s: [list(p) for p in points[s]] for s in STAGES},
-            "student": asdict(s_shape), "teacher": asdict(t_shape), "objective": cfg.objective.name,
-            "torch_threads": torch.get_num_threads()}
+            "sizes": [list(x) for x in sizes], "steps": steps, "student": asdict(s_shape), "teacher": asdict(t_shape),
+            "objective": cfg.objective.name, "torch_threads": torch.get_num_threads()}
 
 
 def load_rates(path: Path) -> Rates:
