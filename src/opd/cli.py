@@ -228,6 +228,65 @@ def serve_teacher(
         fail(str(e))
 
 
+@app.command()
+def plan(
+    config: Optional[Path] = typer.Argument(None, help="TOML config (models, batch, lengths); none = the built-in default."),
+    set_: list[str] = typer.Option([], "--set", help="Override a key: section.key=value (repeatable)."),
+    calibrate: bool = typer.Option(False, "--calibrate", help="Time rollout, teacher scoring and update on this "
+                                   "machine with the config's models and write the rates to --calibration."),
+    calibration: Optional[Path] = typer.Option(None, "--calibration", help="Rates measured by --calibrate (JSON)."),
+    gpu: Optional[str] = typer.Option(None, "--gpu", help="Use a GPU preset's assumed rates: a100, h100, h200."),
+    student: Optional[str] = typer.Option(None, "--student", help="Student shape: a model spec, or "
+                                          "params=..,layers=..,hidden=..,vocab=.. (default: student.model)."),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="Teacher shape, as --student (default: teacher.model)."),
+    prompt_tokens: Optional[float] = typer.Option(None, "--prompt-tokens", help="Prompt length (default: measured on the config's prompts)."),
+    completion_tokens: Optional[float] = typer.Option(None, "--completion-tokens", help="Mean completion length (default: max_new_tokens)."),
+    decode_steps: Optional[int] = typer.Option(None, "--decode-steps", help="Longest completion in a batch (default: max_new_tokens)."),
+    rollout_devices: float = typer.Option(1, "--rollout-devices", min=1e-9, help="Devices sampling (replicas)."),
+    teacher_devices: float = typer.Option(1, "--teacher-devices", min=1e-9, help="Devices scoring."),
+    train_devices: float = typer.Option(1, "--train-devices", min=1e-9, help="Devices training (data parallel)."),
+    max_policy_lag: Optional[int] = typer.Option(None, "--max-policy-lag", min=0, help="Cap on the pipeline's policy lag."),
+    packed: bool = typer.Option(False, "--packed", help="Stages compute real tokens only (an inference engine, packed "
+                                "training), not every row to the longest completion as opd's own stages do."),
+    as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+):
+    """Predict step time, the bottleneck stage, the teacher:student device ratio that balances the pipeline
+    and the policy lag pipelining implies (docs/scaling.md)."""
+    import json
+
+    from opd import plan as planning
+
+    try:
+        cfg = load_config(config, set_)
+        if calibrate:
+            out = calibration or Path("plan-calibration.json")
+            data = planning.calibrate(cfg, log=console.print)
+            out.write_text(json.dumps(data, indent=1))
+            console.print(f"calibration written to {out}")
+            rates = planning.Rates.from_json(data["rates"])
+        elif calibration is not None:
+            rates = planning.load_rates(calibration)
+        elif gpu is not None:
+            if gpu not in planning.GPU_PRESETS:
+                raise ConfigError(f"--gpu {gpu!r}: known presets are {', '.join(planning.GPU_PRESETS)}")
+            rates = planning.gpu_rates(gpu)
+        else:
+            raise ConfigError("opd plan needs rates: --calibrate (measure this machine), --calibration FILE "
+                              "(a file --calibrate wrote) or --gpu a100|h100|h200 (assumed efficiencies)")
+        s_shape = planning.ModelShape.from_spec(student or cfg.student.model, cfg.student.dtype)
+        t_shape = planning.ModelShape.from_spec(teacher or cfg.teacher.model, cfg.teacher.dtype)
+        work = planning.workload_from_config(cfg, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                                             decode_steps=decode_steps, padded=not packed)
+        result = planning.predict(s_shape, t_shape, work, rates,
+                                  planning.Devices(rollout_devices, teacher_devices, train_devices), max_policy_lag)
+    except ConfigError as e:
+        fail(str(e))
+    if as_json:
+        sys.stdout.write(json.dumps({"plan": result.to_json(), "rates": rates.to_json()}, indent=1) + "\n")
+    else:
+        console.print(planning.format_plan(result, rates), highlight=False)
+
+
 @app.command("config")
 def config_cmd(
     config: Optional[Path] = typer.Argument(None, help="A TOML config to validate and show resolved."),

@@ -179,6 +179,23 @@ class RolloutConfig(Section):
         description="Teacher-corrected rollouts (speculative KD): the student proposes each token and one outside the "
         "teacher's top-k is replaced by a sample from the teacher's top-k (marked, counted in rollout/teacher_token_frac; 0 = off).",
     )
+    # ---- rollouts on an inference engine: see README "Rollouts on an inference server"
+    backend: Literal["local", "server"] = Field(
+        "local",
+        description="`local`: the student samples in this process; `server`: an OpenAI-compatible server at "
+        "rollout.url samples (vLLM, `opd serve-teacher`), and the student's weights are synced to it after every update.",
+    )
+    url: str = Field("", description="`server` backend: base URL of the inference server (e.g. `http://127.0.0.1:8001`).")
+    served_model: str = Field("", description="`server` backend: `model` field sent with each request (empty = the server's default).")
+    weights_dir: str = Field(
+        "",
+        description="`server` backend: folder the student is saved to (save_pretrained, one `vN` folder per version) for "
+        "the server to load; it must be readable by the server. Empty = RUN/rollout-weights.",
+    )
+    timeout_s: float = Field(120.0, gt=0, description="`server` backend: timeout of one generation request, in seconds.")
+    max_in_flight: int = Field(64, ge=1, description="`server` backend: generation requests (one per sequence) in flight at once.")
+    retries: int = Field(4, ge=0, description="`server` backend: retries of a failed request (backoff with jitter); "
+                         "a sequence still failing stops the run.")
 
 
 class FeedbackConfig(Section):
@@ -364,12 +381,25 @@ class Config(Section):
             )
         if guided and self.feedback.constant_advantage is not None:
             raise ValueError("teacher-guided rollouts ask the teacher; they cannot run with feedback.constant_advantage")
+        self._check_rollout_backend()
         if self.objective.name == "hybrid" and self.rollout.samples_per_prompt < 2:
             raise ValueError(
                 "objective.name = 'hybrid' normalises rewards within a group: set rollout.samples_per_prompt >= 2"
             )
         self._check_teachers()
         return self
+
+    def _check_rollout_backend(self) -> None:
+        r = self.rollout
+        if r.backend == "server" and not r.url:
+            raise ValueError("rollout.backend = 'server' needs rollout.url, the inference server's base URL "
+                             "(e.g. rollout.url = 'http://127.0.0.1:8001')")
+        if r.backend == "local" and r.url:
+            raise ValueError(f"rollout.url = {r.url!r} is set but rollout.backend = 'local' samples in this process; "
+                             "set rollout.backend = 'server' to sample through it, or unset rollout.url")
+        if r.backend == "server" and (r.teacher_mix > 0 or r.teacher_correct_topk > 0):
+            raise ValueError("teacher-guided rollouts (rollout.teacher_mix / teacher_correct_topk) run the teacher in "
+                             "lockstep with the local sampler; they need rollout.backend = 'local'")
 
     def used_teachers(self) -> dict[str, TeacherConfig]:
         """The teachers prompts are routed to: `default` ([teacher]) and every named one a source picks."""

@@ -30,7 +30,8 @@ from opd.models import count_params, load_model, load_student, load_tokenizer, r
 from opd.monitor import MetricsLog, RunDisplay, assess, health_metrics
 from opd.prompts import PromptStream, verify
 from opd.recovery import RecoverySettings
-from opd.rollout import SamplingParams, make_guide, sample
+from opd.rollout import SamplingParams, make_guide
+from opd.rollout.backend import make_rollout_backend
 from opd.teacher import LocalTeacher
 from opd.teacher.build import build_teachers, check_tokenizers
 from opd.teacher.cross_tokenizer import CrossTokenizerTeacher, same_vocabulary
@@ -178,6 +179,8 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
     # teacher-guided rollouts: the teacher helps choose the student's tokens (None when off)
     guide = make_guide(cfg.rollout.teacher_mix, cfg.rollout.teacher_correct_topk, teacher_model, tokenizer,
                        cfg.teacher.model)
+    # where stage 2 runs: this process, or an inference server that gets the weights after every update
+    rollouts = make_rollout_backend(cfg, student, tokenizer, generator=gen, guide=guide, run_dir=run_dir)
     ref_model = None
 
     def eval_row(step: int, version: int) -> dict:
@@ -256,14 +259,15 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
             display.update(row)
             checkpoint(0)
 
+        if offline_data is None:
+            rollouts.publish(student, version)  # the warm-started (or resumed) student
         for step in range(start + 1, cfg.train.max_steps + 1):
             t0 = time.perf_counter()
             if offline_data is None:
                 # 1. prompts
                 prompts = [p for p in stream.batch(step) for _ in range(cfg.rollout.samples_per_prompt)]
                 # 2. student rollout with the current weights
-                rollout = sample(student, tokenizer, prompts, params, policy_version=version, generator=gen,
-                                 max_prompt_tokens=cfg.prompts.max_prompt_tokens, guide=guide)
+                rollout = rollouts.sample(prompts, params, version)
                 t1 = time.perf_counter()
                 crash_point("rollout", step)
                 # 3. teacher scores the student's own prefixes
@@ -294,6 +298,8 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
                 upd, new_version = {"stability/skipped_batches": float(cfg.train.updates_per_batch)}, version
             skipped_all = new_version == version
             version = new_version
+            if offline_data is None:
+                rollouts.publish(student, version)
             skips["total"] += int(upd["stability/skipped_batches"])
             skips["consecutive"] = skips["consecutive"] + 1 if skipped_all else 0
             t3 = time.perf_counter()
@@ -322,6 +328,7 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
                 last_eval = eval_row(step, version)
                 row.update(last_eval)
                 crash_point("eval", step)
+            row.update(rollouts.metrics())
             row.update(teacher.counters())  # cumulative teacher faults, evaluation scoring included
             row.update(health_metrics(assess(row, cfg.monitor)))
             metrics.write(row)

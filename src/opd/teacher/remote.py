@@ -82,78 +82,23 @@ class RemoteSettings:
     breaker_cooldown_s: float = 5.0
 
 
-class RemoteTeacher:
-    """A teacher behind an HTTP server. Scores are aligned with `Rollout.completion_ids` like LocalTeacher's."""
+class ResilientRequests:
+    """Concurrent POSTs to one server, each with a timeout, retries with backoff and jitter, behind a circuit
+    breaker (RemoteSettings). Shared by the remote teacher and the remote rollout backend (opd.rollout.remote).
 
-    def __init__(self, settings: RemoteSettings, *, batch_size: int = 64, seed: int = 0):
-        if settings.api not in PROTOCOLS:
-            raise ValueError(f"unknown teacher api {settings.api!r}; known: {', '.join(PROTOCOLS)}")
+    A call is (path, body, parse): `parse(json)` returns the answer or raises BadResponse (counted as a
+    failure and retried). An answer is the parsed value, or None once retries are spent (counted as dropped).
+    """
+
+    def __init__(self, settings: RemoteSettings, *, seed: int = 0):
         self.settings = settings
-        self.build_request, parse = PROTOCOLS[settings.api]
-
-        def checked(body, req):
-            out = parse(body, req)
-            check_finite(out)
-            return out
-
-        self.parse = checked
-        self.score_only = settings.api == "pooling"
-        self.topk = settings.topk
-        self.batch_size = batch_size  # used by evaluation to size its sampling batches
         self.breaker = CircuitBreaker(settings.breaker_threshold, settings.breaker_cooldown_s)
         self.rng = random.Random(seed)
-        self.totals: Counter = Counter()  # cumulative over the run (eval scoring included)
 
-    # ------------------------------------------------------------------------------------ scoring
-    def score(self, rollout: Rollout, *, full: bool = False) -> TeacherScores:
-        if full:
-            raise ValueError("a teacher server returns top-k logprobs, not the full distribution; use objective "
-                             "'pg' or 'topk_kl' with a remote teacher")
-        t0 = time.perf_counter()
-        calls = []
-        for ids, p_len in sequence_ids(rollout):
-            req = ScoreRequest(ids, p_len, self.topk, rollout.temperature, self.settings.served_model)
-            calls.append(None if req.completion_len == 0 else (*self.build_request(req), partial(self.parse, req=req)))
-        stats, latencies = Counter(), []
-        results = asyncio.run(self._run_all(calls, stats, latencies))
-        results = [_empty(self.topk) if c is None else r for c, r in zip(calls, results)]
-        scores = assemble(rollout, results, self.topk, self.score_only)
-        scores.latency_s = time.perf_counter() - t0
-        scores.tokens_scored = int(scores.scored_mask.sum())
-        scores.failures = stats["failures"]
-        self.totals.update(stats)
-        scores.metrics = request_metrics(stats, latencies, len(calls))
-        return scores
+    def run(self, calls: list, stats: Counter, latencies: list[float]) -> list:
+        """The answers in call order (a None call is answered None); `stats` and `latencies` are filled in."""
+        return asyncio.run(self._run_all(calls, stats, latencies))
 
-    # --------------------------------------------------------------------------------- generation
-    def generate(self, tokenizer, prompts: list[Prompt], params: SamplingParams, *, seed: int, batch_size: int = 64,
-                 max_prompt_tokens: int = 256) -> list[Rollout]:
-        """Plain generation through /v1/completions (the warm start's teacher data). A prompt whose
-        request fails after every retry is left out (and counted)."""
-        out = []
-        for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start : start + batch_size]
-            prompt_ids, prompt_mask = encode_prompts(tokenizer, chunk, max_prompt_tokens)
-            calls = []
-            for i in range(len(chunk)):
-                body = {"prompt": prompt_ids[i][prompt_mask[i].bool()].tolist(), "max_tokens": params.max_new_tokens,
-                        "temperature": params.temperature, "top_p": params.top_p, "stop": list(params.stop),
-                        "seed": seed + start + i, "return_token_ids": True, "add_special_tokens": False}
-                if self.settings.served_model:
-                    body["model"] = self.settings.served_model
-                calls.append(("/v1/completions", body, parse_generation))
-            stats = Counter()
-            results = asyncio.run(self._run_all(calls, stats, []))
-            self.totals.update(stats)
-            keep = [i for i, r in enumerate(results) if r is not None]
-            if keep:
-                out.append(generated_rollout([chunk[i] for i in keep], prompt_ids[keep], prompt_mask[keep],
-                                             [results[i] for i in keep], tokenizer, params))
-        if not out:
-            raise RuntimeError(f"the teacher server at {self.settings.url} wrote no completion (all requests failed)")
-        return out
-
-    # ------------------------------------------------------------------------ requests, resilient
     async def _run_all(self, calls: list, stats: Counter, latencies: list[float]) -> list:
         """Run the calls concurrently (None = nothing to ask: answered None); answers in call order."""
         s = self.settings
@@ -210,6 +155,78 @@ class RemoteTeacher:
         # Exponential with full jitter, so clients retrying together do not arrive together.
         cap = self.settings.backoff_s * 2 ** min(attempt - 1, 6)
         return cap * (0.5 + 0.5 * self.rng.random())
+
+
+class RemoteTeacher:
+    """A teacher behind an HTTP server. Scores are aligned with `Rollout.completion_ids` like LocalTeacher's."""
+
+    def __init__(self, settings: RemoteSettings, *, batch_size: int = 64, seed: int = 0):
+        if settings.api not in PROTOCOLS:
+            raise ValueError(f"unknown teacher api {settings.api!r}; known: {', '.join(PROTOCOLS)}")
+        self.settings = settings
+        self.build_request, parse = PROTOCOLS[settings.api]
+
+        def checked(body, req):
+            out = parse(body, req)
+            check_finite(out)
+            return out
+
+        self.parse = checked
+        self.score_only = settings.api == "pooling"
+        self.topk = settings.topk
+        self.batch_size = batch_size  # used by evaluation to size its sampling batches
+        self.requests = ResilientRequests(settings, seed=seed)
+        self.breaker = self.requests.breaker
+        self.totals: Counter = Counter()  # cumulative over the run (eval scoring included)
+
+    # ------------------------------------------------------------------------------------ scoring
+    def score(self, rollout: Rollout, *, full: bool = False) -> TeacherScores:
+        if full:
+            raise ValueError("a teacher server returns top-k logprobs, not the full distribution; use objective "
+                             "'pg' or 'topk_kl' with a remote teacher")
+        t0 = time.perf_counter()
+        calls = []
+        for ids, p_len in sequence_ids(rollout):
+            req = ScoreRequest(ids, p_len, self.topk, rollout.temperature, self.settings.served_model)
+            calls.append(None if req.completion_len == 0 else (*self.build_request(req), partial(self.parse, req=req)))
+        stats, latencies = Counter(), []
+        results = self.requests.run(calls, stats, latencies)
+        results = [_empty(self.topk) if c is None else r for c, r in zip(calls, results)]
+        scores = assemble(rollout, results, self.topk, self.score_only)
+        scores.latency_s = time.perf_counter() - t0
+        scores.tokens_scored = int(scores.scored_mask.sum())
+        scores.failures = stats["failures"]
+        self.totals.update(stats)
+        scores.metrics = request_metrics(stats, latencies, len(calls))
+        return scores
+
+    # --------------------------------------------------------------------------------- generation
+    def generate(self, tokenizer, prompts: list[Prompt], params: SamplingParams, *, seed: int, batch_size: int = 64,
+                 max_prompt_tokens: int = 256) -> list[Rollout]:
+        """Plain generation through /v1/completions (the warm start's teacher data). A prompt whose
+        request fails after every retry is left out (and counted)."""
+        out = []
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start : start + batch_size]
+            prompt_ids, prompt_mask = encode_prompts(tokenizer, chunk, max_prompt_tokens)
+            calls = []
+            for i in range(len(chunk)):
+                body = {"prompt": prompt_ids[i][prompt_mask[i].bool()].tolist(), "max_tokens": params.max_new_tokens,
+                        "temperature": params.temperature, "top_p": params.top_p, "stop": list(params.stop),
+                        "seed": seed + start + i, "return_token_ids": True, "add_special_tokens": False}
+                if self.settings.served_model:
+                    body["model"] = self.settings.served_model
+                calls.append(("/v1/completions", body, parse_generation))
+            stats = Counter()
+            results = self.requests.run(calls, stats, [])
+            self.totals.update(stats)
+            keep = [i for i, r in enumerate(results) if r is not None]
+            if keep:
+                out.append(generated_rollout([chunk[i] for i in keep], prompt_ids[keep], prompt_mask[keep],
+                                             [results[i] for i in keep], tokenizer, params))
+        if not out:
+            raise RuntimeError(f"the teacher server at {self.settings.url} wrote no completion (all requests failed)")
+        return out
 
     def counters(self) -> dict[str, float]:
         """Cumulative counts of the run so far (training and evaluation scoring)."""

@@ -113,6 +113,8 @@ class GenerateJob:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    logprobs: int | None = None  # None = no logprobs; k >= 0 = sampled token's logprob and the top-k
+    stop_token_ids: tuple[int, ...] = ()  # more tokens that end a completion besides EOS (e.g. end of turn)
 
     @property
     def cost(self) -> int:
@@ -123,28 +125,46 @@ class GenerateJob:
 class GenerateResult:
     token_ids: list[int]
     finish_reason: str  # "stop" (EOS or a stop string) or "length"
+    # With logprobs: each sampled token's logprob under the distribution it was drawn from (logits / T, top-p
+    # renormalised: the processed scores generate() sampled from), and that distribution's top-k.
+    logprobs: list[float] | None = None
+    topk_ids: list[list[int]] | None = None
+    topk_logprobs: list[list[float]] | None = None
+    policy_version: int | None = None  # the weights' version that wrote it (servers that load new weights)
 
 
 @torch.no_grad()
 def generate_one(model, tokenizer, job: GenerateJob) -> GenerateResult:
     """Sampling (greedy at temperature 0) with the model's own generate(); EOS is kept in token_ids."""
     dev = next(model.parameters()).device
-    gen_kwargs = dict(max_new_tokens=job.max_tokens, pad_token_id=tokenizer.pad_token_id,
-                      eos_token_id=tokenizer.eos_token_id)
+    end_ids = [tokenizer.eos_token_id, *(t for t in job.stop_token_ids if t != tokenizer.eos_token_id)]
+    gen_kwargs = dict(max_new_tokens=job.max_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=end_ids)
     if job.temperature > 0:
         gen_kwargs.update(do_sample=True, temperature=job.temperature, top_p=job.top_p, top_k=0)
     else:
         gen_kwargs.update(do_sample=False)
     if job.stop:
         gen_kwargs.update(stop_strings=list(job.stop), tokenizer=tokenizer)
+    want_logprobs = job.logprobs is not None
     with torch.random.fork_rng(devices=[]):
         if job.seed is not None:
             torch.manual_seed(job.seed)
         out = model.generate(torch.tensor([job.ids], device=dev), attention_mask=torch.ones((1, len(job.ids)),
-                             dtype=torch.long, device=dev), **gen_kwargs)
-    new = out[0, len(job.ids):].tolist()
-    stopped = bool(new) and (new[-1] == tokenizer.eos_token_id or len(new) < job.max_tokens)
+                             dtype=torch.long, device=dev), output_scores=want_logprobs,
+                             return_dict_in_generate=True, **gen_kwargs)
+    new = out.sequences[0, len(job.ids):].tolist()
+    stopped = bool(new) and (new[-1] in end_ids or len(new) < job.max_tokens)
     if job.stop and not stopped:
         text = tokenizer.decode(new)
         stopped = any(s in text for s in job.stop)
-    return GenerateResult(new, "stop" if stopped else "length")
+    result = GenerateResult(new, "stop" if stopped else "length")
+    if want_logprobs and new:
+        # generate() pads a finished sequence's later steps; its scores stop with its tokens.
+        logp = F.log_softmax(torch.cat(out.scores[: len(new)]).float(), dim=-1)  # [len(new), V]
+        result.logprobs = logp.gather(1, torch.tensor(new, device=logp.device)[:, None]).squeeze(1).tolist()
+        if job.logprobs:
+            v, i = logp.topk(job.logprobs, dim=-1)
+            result.topk_ids, result.topk_logprobs = i.tolist(), v.tolist()
+    elif want_logprobs:
+        result.logprobs = []
+    return result

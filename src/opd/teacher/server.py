@@ -6,6 +6,14 @@ on-policy distillation needs, so the same client talks to it in tests and to vLL
                         generation with `max_tokens`, `temperature`, `top_p`, `stop`, `seed`.
                         `temperature` also applies to prompt logprobs (opd's convention; vLLM's
                         are at temperature 1).
+                        With `logprobs: k` and no `echo`: each sampled token's id
+                        (`return_token_ids`) and logprob under the distribution it was drawn from
+                        (logits / T, top-p renormalised), plus that distribution's top-k.
+                        Every answer carries `policy_version`: the version of the weights that wrote it.
+- POST /v1/load_weights `{"path": FOLDER, "version": N}`: load a `save_pretrained` folder of the same
+                        architecture into the served model and tag what it writes with version N
+                        (opd's rollout backend syncs the student this way; docs/scaling.md says what a
+                        vLLM deployment uses instead). Requests in flight finish on the old weights.
 - POST /generate        SGLang's native scoring: `input_ids`, `return_logprob`, `logprob_start_len`,
                         `top_logprobs_num`, `sampling_params.max_new_tokens = 0`.
 - GET  /health, /v1/models, /metrics (Prometheus).
@@ -17,6 +25,7 @@ to `max_batch_tokens`, waiting at most `max_wait_ms` for more) and scores it in 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -92,6 +101,61 @@ class DynamicBatcher:
                     f.set_result(r)
 
 
+class WeightsLock:
+    """Many readers (scoring, generation) or one writer (loading new weights): no forward pass ever sees
+    half-loaded weights, and the version a reader reads is the version of the weights it ran on."""
+
+    def __init__(self, version: int = 0):
+        self.version = version
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writing = False
+
+    def read(self):
+        lock = self
+
+        class _Read:
+            def __enter__(self):
+                with lock._cond:
+                    lock._cond.wait_for(lambda: not lock._writing)
+                    lock._readers += 1
+                return lock.version
+
+            def __exit__(self, *exc):
+                with lock._cond:
+                    lock._readers -= 1
+                    lock._cond.notify_all()
+
+        return _Read()
+
+    def write(self, load, version: int) -> None:
+        with self._cond:
+            self._writing = True  # new readers wait; the ones running finish first
+            self._cond.wait_for(lambda: self._readers == 0)
+        try:
+            load()
+            self.version = version
+        finally:
+            with self._cond:
+                self._writing = False
+                self._cond.notify_all()
+
+
+def load_weights_from(model, folder: str) -> None:
+    """Copy the weights of a save_pretrained folder into `model` in place (same architecture and shapes)."""
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    if not (Path(folder) / "config.json").is_file():
+        raise ValueError(f"{folder}: not a save_pretrained model folder (no config.json)")
+    new = AutoModelForCausalLM.from_pretrained(folder, dtype=next(model.parameters()).dtype)
+    try:
+        model.load_state_dict(new.state_dict(), strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"{folder} does not fit the served model: {str(e)[:300]}") from None
+
+
 # ---------------------------------------------------------------------------------- request bodies
 TokenIds = list[int]
 
@@ -106,11 +170,17 @@ class CompletionRequest(BaseModel):
     prompt_logprobs: Optional[int] = Field(None, ge=0)
     echo: bool = False
     stop: Union[str, list[str], None] = None
+    stop_token_ids: Optional[list[int]] = None
     seed: Optional[int] = None
     n: int = Field(1, ge=1, le=1)
     add_special_tokens: bool = True
     return_token_ids: bool = False
     return_tokens_as_token_ids: bool = False
+
+
+class LoadWeightsRequest(BaseModel):
+    path: str
+    version: int = Field(..., ge=0)
 
 
 class SglangRequest(BaseModel):
@@ -143,10 +213,21 @@ def build_app(model, tokenizer, *, name: str = "teacher", max_batch_tokens: int 
         batch_size.observe(n)
         batch_seconds.observe(seconds)
 
-    scorer = DynamicBatcher(lambda jobs: score_batch(model, jobs, chunk_size=chunk_size, pad_id=pad_id),
-                            max_batch_tokens=max_batch_tokens, max_wait_ms=max_wait_ms, on_batch=on_batch)
-    generator = DynamicBatcher(lambda jobs: [generate_one(model, tokenizer, j) for j in jobs],
-                               max_batch_tokens=1, max_wait_ms=0)
+    weights = WeightsLock()
+
+    def score_jobs(jobs: list[ScoreJob]) -> list[ScoreResult]:
+        with weights.read():
+            return score_batch(model, jobs, chunk_size=chunk_size, pad_id=pad_id)
+
+    def generate_jobs(jobs: list[GenerateJob]) -> list[GenerateResult]:
+        with weights.read() as version:
+            results = [generate_one(model, tokenizer, j) for j in jobs]
+        for r in results:
+            r.policy_version = version
+        return results
+
+    scorer = DynamicBatcher(score_jobs, max_batch_tokens=max_batch_tokens, max_wait_ms=max_wait_ms, on_batch=on_batch)
+    generator = DynamicBatcher(generate_jobs, max_batch_tokens=1, max_wait_ms=0)
     app = FastAPI(title=f"opd teacher: {name}")
 
     def error(status: int, message: str, endpoint: str) -> JSONResponse:
@@ -178,7 +259,7 @@ def build_app(model, tokenizer, *, name: str = "teacher", max_batch_tokens: int 
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "model": name}
+        return {"status": "ok", "model": name, "policy_version": weights.version}
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -188,6 +269,16 @@ def build_app(model, tokenizer, *, name: str = "teacher", max_batch_tokens: int 
     @app.get("/metrics")
     async def metrics() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/v1/load_weights")
+    async def load_weights(req: LoadWeightsRequest):
+        t0 = time.perf_counter()
+        try:
+            await asyncio.to_thread(weights.write, lambda: load_weights_from(model, req.path), req.version)
+        except (ValueError, OSError) as e:
+            return error(400, str(e), "load_weights")
+        requests.labels("load_weights", "200").inc()
+        return {"policy_version": weights.version, "path": req.path, "load_s": time.perf_counter() - t0}
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest):
@@ -207,8 +298,12 @@ def build_app(model, tokenizer, *, name: str = "teacher", max_batch_tokens: int 
             gens = [GenerateResult([r.next_token], "stop" if r.next_token == tokenizer.eos_token_id else "length")
                     for r in prompt_scores]
         elif req.max_tokens > 0:
+            if req.logprobs is not None and not req.echo and req.logprobs > max_logprobs:
+                return error(400, f"requested {req.logprobs} logprobs, at most {max_logprobs}", "completions")
             stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
-            gens = await generator.submit([GenerateJob(ids, req.max_tokens, req.temperature, req.top_p, stop, req.seed)
+            sampled_logprobs = req.logprobs if not req.echo else None
+            gens = await generator.submit([GenerateJob(ids, req.max_tokens, req.temperature, req.top_p, stop, req.seed,
+                                                       sampled_logprobs, tuple(req.stop_token_ids or ()))
                                            for ids in ids_list])
             generated.inc(sum(len(g.token_ids) for g in gens))
         choices = []
@@ -224,6 +319,9 @@ def build_app(model, tokenizer, *, name: str = "teacher", max_batch_tokens: int 
             if req.echo and req.logprobs is not None:
                 choice["text"] = tokenizer.decode(ids) + text
                 choice["logprobs"] = _echo_logprobs(ids, ps, vocab, req.return_tokens_as_token_ids)
+            elif g is not None and g.logprobs is not None:
+                choice["logprobs"] = _sampled_logprobs(g, vocab, req.return_tokens_as_token_ids)
+            choice["policy_version"] = g.policy_version if g and g.policy_version is not None else weights.version
             if req.return_token_ids:
                 choice["prompt_token_ids"] = ids
                 choice["token_ids"] = out_ids
@@ -233,7 +331,7 @@ def build_app(model, tokenizer, *, name: str = "teacher", max_batch_tokens: int 
         requests.labels("completions", "200").inc()
         latency.labels("completions").observe(time.perf_counter() - t0)
         return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                "model": req.model or name, "choices": choices,
+                "model": req.model or name, "choices": choices, "policy_version": weights.version,
                 "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_gen, "total_tokens": n_prompt + n_gen}}
 
     @app.post("/generate")
@@ -281,6 +379,20 @@ def _vllm_entry(ps: ScoreResult, p: int, token: int, vocab: list[str]) -> dict:
     for rank, (t, v) in enumerate(zip(ps.topk_ids[p], ps.topk_logprobs[p]), start=1):
         entry.setdefault(str(t), {"logprob": v, "rank": rank, "decoded_token": vocab[t]})
     return entry
+
+
+def _sampled_logprobs(g: GenerateResult, vocab: list[str], as_ids: bool) -> dict:
+    """OpenAI-legacy logprobs of generated tokens: tokens, token_logprobs, top_logprobs, text_offset."""
+    name = (lambda t: f"token_id:{t}") if as_ids else (lambda t: vocab[t])  # noqa: E731
+    tops = None
+    if g.topk_ids is not None:
+        tops = [{name(t): v for t, v in zip(ts, vs)} for ts, vs in zip(g.topk_ids, g.topk_logprobs)]
+    offsets, at = [], 0
+    for t in g.token_ids:
+        offsets.append(at)
+        at += len(vocab[t])
+    return {"tokens": [name(t) for t in g.token_ids], "token_logprobs": list(g.logprobs), "top_logprobs": tops,
+            "text_offset": offsets}
 
 
 def _echo_logprobs(ids: list[int], ps: ScoreResult, vocab: list[str], as_ids: bool) -> dict:
