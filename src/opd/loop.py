@@ -244,6 +244,8 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
         torch.set_rng_state(state["rng"]["torch"])
         stream.load_state_dict(state["prompts"])
         pending = state.get("pending", [])  # batches a pipelined run had made ahead of its checkpoint
+        if not main:  # they are rank 0's share: another rank makes its own again
+            pending = []
         start, version, budget, first_eval = state["step"], state["version"], state["budget"], state["first_eval"]
         skips = state["skips"]
         t_start -= state.get("elapsed_s", 0.0)
@@ -280,7 +282,7 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
     ahead = 0 if offline_data is not None else cfg.max_policy_lag // cfg.train.updates_per_batch
     workers = None
     if cfg.engine == "ray" and offline_data is None:
-        from opd.engine.ray import RayWorkers  # Ray is an optional extra
+        from opd.engine.ray_workers import RayWorkers  # Ray is an optional extra
 
         workers = RayWorkers(cfg, version=version, weights=weights_of(student), log=log)
         backend, score = workers, workers.score
@@ -413,6 +415,8 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
                 row.update(last_eval)
                 crash_point("eval", step)
             row.update(teacher.counters())  # cumulative teacher faults, evaluation scoring included
+            if workers is not None:
+                row.update(workers.counters())  # calls re-issued after a Ray worker died
             row.update(health_metrics(assess(row, cfg.monitor)))
             metrics.write(row)
             display.update(row)
@@ -440,6 +444,8 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
         save_plain(student, final)
         tokenizer.save_pretrained(final)
     metrics.close()
+    if dp is not None:
+        dp.close()
     return RunResult(run_dir=run_dir, steps=step, first_eval=first_eval, last_eval=last_eval, interrupted=interrupted)
 
 

@@ -84,3 +84,23 @@ def test_two_gloo_ranks_equal_one_process_on_the_combined_batch(tmp_path, studen
         torch.testing.assert_close(dp_params[k], v, rtol=1e-5, atol=1e-6)
         moved += int(not torch.equal(v, before[k]))
     assert moved > 0
+
+
+@pytest.mark.slow
+def test_a_torchrun_run_with_two_gloo_ranks(tmp_path):
+    """`torchrun --nproc-per-node 2 -m opd.cli run`: rank 0 writes one metrics row per step; the budget counts both."""
+    from opd.monitor import read_metrics
+
+    sets = ["prompts.batch_size=4", "eval.size=4", "eval.every=0", "eval.recovery_size=0", "student.warm_start_steps=2",
+            "student.warm_start_samples=8", "rollout.max_new_tokens=12", "monitor.tensorboard=false",
+            "train.max_steps=2", "max_policy_lag=1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "opd.cli", "run",
+           "--out", str(tmp_path / "run"), *[a for s in sets for a in ("--set", s)]]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert rows[-1]["budget/student_tokens"] > sum(r["rollout/tokens"] for r in rows[1:])  # rank 1's tokens too
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
