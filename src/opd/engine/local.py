@@ -29,7 +29,3 @@ class LocalRollout:
 
     def rng_state(self) -> torch.Tensor:
         return self.generator.get_state()
-
-    def set_rng_state(self, state: torch.Tensor | None) -> None:
-        if state is not None:
-            self.generator.set_state(state)

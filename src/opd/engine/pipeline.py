@@ -51,9 +51,7 @@ class RolloutBackend(Protocol):
     def rollout(self, prompts: list[Prompt], step: int) -> Rollout: ...
 
     def rng_state(self) -> torch.Tensor | None:
-        """Sampler state to checkpoint (None when sampling is seeded per step)."""
-
-    def set_rng_state(self, state: torch.Tensor | None) -> None: ...
+        """Sampler state to checkpoint (None when sampling is seeded per step); the loop restores its generator."""
 
 
 # produce(step, backend) -> ScoredBatch: prompts for the step, the backend's rollout, the teacher's scores.

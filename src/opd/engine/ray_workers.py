@@ -66,10 +66,14 @@ class RolloutWorker:
         self.version = version
         return version
 
-    def rollout(self, prompts: list[Prompt], step: int, seed: int) -> Rollout:
+    def rollout(self, prompts: list[Prompt], step: int, seed: int, state: dict | None = None,
+                version: int | None = None) -> Rollout:
+        """`state`/`version`: weights to load first (a re-issued call to a restarted, blank worker)."""
         from opd.faults import worker_crash_point
         from opd.rollout import sample
 
+        if state is not None:
+            self.load_weights(state, version)
         assert self.version >= 0, "a rollout worker sampled before it was sent weights"
         worker_crash_point("rollout", step)
         generator = torch.Generator(device=self.device).manual_seed(seed)
@@ -172,9 +176,6 @@ class RayWorkers:
     def rng_state(self) -> None:
         return None  # sampling is seeded per (step, share): nothing to checkpoint
 
-    def set_rng_state(self, state) -> None:
-        pass
-
     # ---- scoring
     def score(self, rollout: Rollout, *, full: bool = False) -> TeacherScores:
         shares = [s for s in np.array_split(np.arange(len(rollout.texts)), len(self.teacher_workers)) if len(s)]
@@ -218,8 +219,8 @@ class RayWorkers:
                 if time.monotonic() > deadline:
                     raise
             time.sleep(0.5)
-            if worker in self.rollout_workers and method != "load_weights":
-                worker.load_weights.remote(self._weights, self.version)  # a restarted worker starts blank
+            if method == "rollout":  # a restarted worker starts blank: the call brings the current weights along
+                args = (*args[:3], self._weights, self.version)
             ref = getattr(worker, method).remote(*args)
 
 
