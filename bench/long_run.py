@@ -25,6 +25,16 @@ sys.path.insert(0, str(Path(__file__).parent))
 from machine import machine_facts  # noqa: E402
 
 
+def _stop_after(seconds: float, out: Path) -> None:
+    """SIGTERM this process after `seconds` — but not before the training loop has begun (its step-0 checkpoint
+    exists): the loop turns SIGTERM into "finish this step, checkpoint, stop", while a SIGTERM during the warm
+    start would just kill it."""
+    t0 = time.time()
+    while time.time() - t0 < seconds or not (out / "checkpoints").is_dir():
+        time.sleep(5)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("config", type=Path)
@@ -34,10 +44,7 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=None, help="stop gracefully after this many minutes")
     args = parser.parse_args()
     if args.minutes:
-        # The loop turns SIGTERM into "finish this step, checkpoint, stop".
-        timer = threading.Timer(args.minutes * 60, os.kill, (os.getpid(), signal.SIGTERM))
-        timer.daemon = True
-        timer.start()
+        threading.Thread(target=_stop_after, args=(args.minutes * 60, args.out), daemon=True).start()
     sets = args.set + ([f"train.max_steps={args.max_steps}"] if args.max_steps is not None else [])
 
     from opd.config import load_config

@@ -260,6 +260,12 @@ class ObjectiveConfig(Section):
     loss_norm: Literal["token", "sequence"] = Field(
         "token", description="Average the loss over all completion tokens of the batch, or per sequence first."
     )
+    max_stale_weight: float = Field(
+        2.0,
+        gt=0,
+        description="Tokens sampled by an older policy (the pipelined loop, max_policy_lag > 0) are weighted by the "
+        "truncated importance ratio min(pi_theta / pi_behaviour, this); tokens of the current policy are not.",
+    )
 
 
 class TrainConfig(Section):
@@ -338,8 +344,35 @@ class OfflineConfig(Section):
     )
 
 
+class RayConfig(Section):
+    address: str = Field(
+        "", description="Address of a running Ray cluster (`auto`, `ray://...`); empty = start a local one on 127.0.0.1."
+    )
+    num_cpus: int = Field(2, ge=1, description="CPUs of the local Ray cluster opd starts (unused with `address`).")
+    rollout_workers: int = Field(1, ge=1, description="Rollout actors; each samples its share of every batch.")
+    teacher_workers: int = Field(1, ge=1, description="Teacher actors; each scores its share of every batch.")
+    cpus_per_worker: float = Field(1.0, ge=0, description="CPUs Ray reserves for each actor.")
+    gpus_per_worker: float = Field(0.0, ge=0, description="GPUs Ray reserves for each actor (0 on a CPU machine).")
+    max_restarts: int = Field(
+        3, ge=0, description="A worker that dies is restarted this many times; its call in flight is re-issued."
+    )
+    object_store_mb: int = Field(256, ge=80, description="Object store of the local Ray cluster, in MiB.")
+
+
 class Config(Section):
     seed: int = Field(0, description="Seed for prompts, sampling and initialisation.")
+    engine: Literal["local", "ray"] = Field(
+        "local",
+        description="`local`: rollouts and teacher scoring in this process; `ray`: in Ray actors ([ray]), with "
+        "version-tagged weights pushed to the rollout workers after every update.",
+    )
+    max_policy_lag: int = Field(
+        0,
+        ge=0,
+        description="Pipelining: rollouts (and their teacher scores) for later steps are made while a step trains, "
+        "from weights at most this many policy versions old (0 = strictly on-policy, no overlap). The producer runs "
+        "max_policy_lag // train.updates_per_batch steps ahead.",
+    )
     student: StudentConfig = Field(default_factory=StudentConfig)
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     teachers: dict[str, TeacherConfig] = Field(
@@ -355,6 +388,7 @@ class Config(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     monitor: MonitorConfig = Field(default_factory=MonitorConfig)
     offline: OfflineConfig = Field(default_factory=OfflineConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Config":
@@ -386,6 +420,11 @@ class Config(Section):
             raise ValueError(
                 "objective.name = 'hybrid' normalises rewards within a group: set rollout.samples_per_prompt >= 2"
             )
+        if self.engine == "ray" and (self.teacher.remote or self.teachers):
+            raise ValueError(
+                "engine = 'ray' runs [teacher] in Ray actors; a teacher server (teacher.url) or named [teachers.NAME] "
+                "are not supported there yet: use engine = 'local' (a teacher server already scales on its own)"
+            )
         self._check_teachers()
         return self
 
@@ -400,6 +439,9 @@ class Config(Section):
         if r.backend == "server" and (r.teacher_mix > 0 or r.teacher_correct_topk > 0):
             raise ValueError("teacher-guided rollouts (rollout.teacher_mix / teacher_correct_topk) run the teacher in "
                              "lockstep with the local sampler; they need rollout.backend = 'local'")
+        if r.backend == "server" and self.engine == "ray":
+            raise ValueError("engine = 'ray' samples in its own rollout actors; rollout.backend = 'server' samples on an "
+                             "inference server instead: pick one (an inference server already scales on its own)")
 
     def used_teachers(self) -> dict[str, TeacherConfig]:
         """The teachers prompts are routed to: `default` ([teacher]) and every named one a source picks."""

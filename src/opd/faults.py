@@ -14,3 +14,18 @@ _CRASH_AT = os.environ.get("OPD_CRASH_AT", "")
 def crash_point(phase: str, step: int) -> None:
     if _CRASH_AT and _CRASH_AT == f"{phase}:{step}":
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def worker_crash_point(phase: str, step: int) -> None:
+    """For the Ray failure tests: OPD_WORKER_CRASH_AT="rollout:2,teacher:3" makes the worker that reaches that point
+    SIGKILL itself, once per point (the marker file OPD_WORKER_CRASH_ONCE.<phase>-<step> records that it happened,
+    so the restarted worker that retries the call goes through)."""
+    points = os.environ.get("OPD_WORKER_CRASH_AT", "")
+    if not points or f"{phase}:{step}" not in points.split(","):
+        return
+    marker = os.environ.get("OPD_WORKER_CRASH_ONCE", "") + f".{phase}-{step}"
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return
+    os.kill(os.getpid(), signal.SIGKILL)

@@ -12,7 +12,9 @@ from __future__ import annotations
 import copy
 import random
 import signal
+import threading
 import time
+from contextlib import closing, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +23,8 @@ import torch
 
 from opd.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from opd.config import Config, ConfigError, ObjectiveConfig, to_toml
+from opd.engine import LocalRollout, ScoredBatch, make_batches
+from opd.engine.distributed import DataParallel
 from opd.evaluate import evaluate, generate
 from opd.faults import crash_point
 from opd.offline.data import OfflineData, generate_offline_data
@@ -31,7 +35,7 @@ from opd.monitor import MetricsLog, RunDisplay, assess, health_metrics
 from opd.prompts import PromptStream, verify
 from opd.recovery import RecoverySettings
 from opd.rollout import SamplingParams, make_guide
-from opd.rollout.backend import make_rollout_backend
+from opd.rollout.backend import make_server_backend
 from opd.teacher import LocalTeacher
 from opd.teacher.build import build_teachers, check_tokenizers
 from opd.teacher.cross_tokenizer import CrossTokenizerTeacher, same_vocabulary
@@ -125,6 +129,35 @@ def check_full_distribution_memory(cfg: Config, vocab_size: int) -> None:
         )
 
 
+def check_engine(cfg: Config, mode: str, dp: DataParallel | None) -> None:
+    if cfg.engine == "ray" and dp is not None:
+        raise ConfigError("engine = 'ray' with several torchrun processes is not supported: use engine = 'local' "
+                          "under torchrun, or one trainer process with engine = 'ray'")
+    if dp is not None:
+        rows = cfg.prompts.batch_size * cfg.rollout.samples_per_prompt
+        if rows % dp.world or mode == "offline":
+            raise ConfigError(f"data-parallel training over {dp.world} processes needs an on-policy run whose batch "
+                              f"(prompts.batch_size x rollout.samples_per_prompt = {rows}) splits evenly over them")
+        if cfg.objective.name == "hybrid" and (rows // dp.world) % cfg.rollout.samples_per_prompt:
+            raise ConfigError("objective.name = 'hybrid' normalises rewards within a group: each rank's share must "
+                              "hold whole groups (prompts.batch_size divisible by the number of processes)")
+
+
+def weights_of(model) -> dict[str, torch.Tensor]:
+    """A snapshot of the student's weights (what a rollout worker loads), detached from training."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+class _NoMetrics:
+    """Ranks other than 0 write no metrics (rank 0's rows describe its share; the update is global)."""
+
+    def write(self, row: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def chat_renderer(tokenizer):
     def render(messages: list[dict]) -> str:
         if not getattr(tokenizer, "chat_template", None):
@@ -141,8 +174,13 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
     """mode "onpolicy": the student writes, the teacher scores. mode "offline": the teacher writes once
     (stored under offline.data), the student imitates; everything else is shared."""
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.toml").write_text(to_toml(cfg))
+    # Data-parallel training under torchrun: every rank trains on its share; rank 0 writes files and evaluates.
+    dp = DataParallel.from_env(resolve_device(cfg.student.device))
+    main = dp is None or dp.is_main
+    check_engine(cfg, mode, dp)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.toml").write_text(to_toml(cfg))
     seed_everything(cfg.seed)
 
     # ---- build the parts
@@ -169,7 +207,7 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
     eval_params = SamplingParams(cfg.eval.temperature, 1.0, cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
                                  cfg.rollout.stop)
     device = resolve_device(cfg.student.device)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed + (0 if dp is None else 7919 * dp.rank))
     total_updates = cfg.train.max_steps * cfg.train.updates_per_batch
     optimizer = make_optimizer(student, cfg.train)
     scheduler = make_scheduler(optimizer, cfg.train, total_updates)
@@ -179,15 +217,14 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
     # teacher-guided rollouts: the teacher helps choose the student's tokens (None when off)
     guide = make_guide(cfg.rollout.teacher_mix, cfg.rollout.teacher_correct_topk, teacher_model, tokenizer,
                        cfg.teacher.model)
-    # where stage 2 runs: this process, or an inference server that gets the weights after every update
-    rollouts = make_rollout_backend(cfg, student, tokenizer, generator=gen, guide=guide, run_dir=run_dir)
     ref_model = None
 
     def eval_row(step: int, version: int) -> dict:
         seed = int(np.random.default_rng([cfg.seed, 0xE7A1, step]).integers(2**31))
-        return evaluate(student, teacher, tokenizer, eval_prompts, eval_params, seed=seed, version=version,
-                        max_prompt_tokens=cfg.prompts.max_prompt_tokens, recovery=RecoverySettings.from_config(cfg),
-                        teacher_model=teacher_model)
+        with teacher_lock:
+            return evaluate(student, teacher, tokenizer, eval_prompts, eval_params, seed=seed, version=version,
+                            max_prompt_tokens=cfg.prompts.max_prompt_tokens, recovery=RecoverySettings.from_config(cfg),
+                            teacher_model=teacher_model)
 
     t_start = time.time()  # wall time includes the warm start and offline data generation (what a user waits for)
     ckpt = latest_checkpoint(run_dir, warn=log) if resume else None
@@ -203,9 +240,13 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
             student.load_state_dict(load_model(str(ckpt), dtype=cfg.student.dtype, device=cfg.student.device).state_dict())
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        gen.set_state(state["rng"]["sampler"])
+        if state["rng"]["sampler"] is not None:  # None: the run sampled on Ray workers, seeded per step
+            gen.set_state(state["rng"]["sampler"])
         torch.set_rng_state(state["rng"]["torch"])
         stream.load_state_dict(state["prompts"])
+        pending = state.get("pending", [])  # batches a pipelined run had made ahead of its checkpoint
+        if not main:  # they are rank 0's share: another rank makes its own again
+            pending = []
         start, version, budget, first_eval = state["step"], state["version"], state["budget"], state["first_eval"]
         skips = state["skips"]
         t_start -= state.get("elapsed_s", 0.0)
@@ -213,7 +254,7 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
             ref_model = load_model(str(run_dir / "reference"), dtype=cfg.student.dtype, device=cfg.student.device)
         log(f"resumed from {ckpt} (step {start})")
     else:
-        start, version = 0, 0
+        start, version, pending = 0, 0, []
         budget = {"teacher_tokens": 0, "student_tokens": 0, "flops": 0.0}
         skips = {"total": 0, "consecutive": 0}
         if cfg.student.warm_start_steps > 0:
@@ -232,15 +273,72 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
         save_plain(ref_model, run_dir / "reference")
     if ref_model is not None:
         ref_model.eval().requires_grad_(False)
+    if dp is not None:  # every rank starts from rank 0's weights
+        dp.broadcast_params(student)
 
-    metrics = MetricsLog(run_dir, tensorboard=cfg.monitor.tensorboard, resume_after_step=start if ckpt else None)
+    # ---- steps 1-3 (prompts, rollout, teacher scores) make one batch. With max_policy_lag > 0 a producer makes
+    #      them ahead of the trainer (opd.engine.pipeline); with engine = "ray" the rollouts and scores come from
+    #      Ray actors (opd.engine.ray). Either way every rollout row carries the version of the weights that sampled it.
+    teacher_lock = threading.Lock()  # a producer thread may score while the trainer evaluates
+    ahead = 0 if offline_data is not None else cfg.max_policy_lag // cfg.train.updates_per_batch
+    workers = None
+    if cfg.engine == "ray" and offline_data is None:
+        from opd.engine.ray_workers import RayWorkers  # Ray is an optional extra
+
+        workers = RayWorkers(cfg, version=version, weights=weights_of(student), log=log)
+        backend, score = workers, workers.score
+    elif cfg.rollout.backend == "server" and offline_data is None:  # an inference server samples for the student
+        backend = make_server_backend(cfg, student, tokenizer, params, version=version, run_dir=run_dir,
+                                      private_copy=ahead > 0)
+        score = teacher.score
+    else:
+        backend = LocalRollout(student if ahead == 0 else copy.deepcopy(student), tokenizer, params, version=version,
+                               generator=gen, max_prompt_tokens=cfg.prompts.max_prompt_tokens, guide=guide)
+        score = teacher.score
+    # what publish() hands the backend after an update: nothing when it samples with the trainer's own student
+    publish_weights = (lambda: None) if backend is not workers and ahead == 0 else (lambda: weights_of(student))
+    backend_metrics = getattr(backend, "metrics", dict)  # e.g. the server backend's weight-sync time
+
+    def produce(step: int, backend) -> ScoredBatch:
+        if offline_data is not None:  # offline baseline: stored teacher completions and their teacher logprobs
+            rollout, scores = offline_data.batch(step, cfg.prompts.batch_size, cfg.seed)
+            return ScoredBatch(step, rollout, scores)
+        # 1. prompts (a data-parallel rank takes its share)
+        prompts = [p for p in stream.batch(step) for _ in range(cfg.rollout.samples_per_prompt)]
+        if dp is not None:
+            prompts = prompts[dp.shard(len(prompts))]
+        # 2. student rollout with the backend's weights
+        t0 = time.perf_counter()
+        with teacher_lock if guide is not None else nullcontext():  # guided sampling runs the teacher too
+            rollout = backend.rollout(prompts, step)
+        t1 = time.perf_counter()
+        # 3. teacher scores the student's own prefixes
+        if cfg.feedback.constant_advantage is None:
+            with teacher_lock:
+                scores = score(rollout, full=needs_full)
+        else:  # teacher-free control: A_t = c exactly, no teacher call, no teacher tokens spent
+            scores = TeacherScores(rollout.behaviour_logprobs + cfg.feedback.constant_advantage,
+                                   rollout.completion_mask.clone())
+        return ScoredBatch(step, rollout, scores, rollout_s=t1 - t0, teacher_s=time.perf_counter() - t1)
+
+    if pending and ahead == 0:
+        log(f"dropping {len(pending)} batches made ahead of the checkpoint (max_policy_lag is now 0)")
+        pending = []
+    batches = make_batches(produce, backend, stream.state_dict, start=start, max_steps=cfg.train.max_steps,
+                           ahead=ahead, pending=pending)
+
+    metrics = MetricsLog(run_dir, tensorboard=cfg.monitor.tensorboard, resume_after_step=start if ckpt else None) \
+        if main else _NoMetrics()
 
     def checkpoint(step: int) -> None:
+        made = batches.state_dict(step)  # sampler and prompt position after the batches made ahead, and those batches
+        if not main:
+            return
         state = {
             "step": step, "version": version, "budget": budget, "first_eval": first_eval, "skips": skips, "elapsed_s": time.time() - t_start,
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "rng": {"sampler": gen.get_state(), "torch": torch.get_rng_state()},
-            "prompts": stream.state_dict(),
+            "rng": {"sampler": made["sampler"], "torch": torch.get_rng_state()},
+            "prompts": made["prompts"], "pending": made["pending"],
         }
         if has_lora(student):
             state["adapter"] = adapter_state(student)
@@ -249,9 +347,11 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
     last_eval = dict(first_eval)
     step = start
     interrupted = False
-    with RunDisplay(cfg.monitor, cfg.train.max_steps, start, console=console) as display, _StopFlag() as stop:
+    display_cfg = cfg.monitor if main else cfg.monitor.model_copy(update={"live": "off", "log_every": 10**9})
+    with RunDisplay(display_cfg, cfg.train.max_steps, start, console=console) as display, _StopFlag() as stop, \
+            closing(batches), closing(workers) if workers is not None else nullcontext():
         if ckpt is None:
-            first_eval = eval_row(0, version)
+            first_eval = eval_row(0, version) if main else {}
             last_eval = dict(first_eval)
             row = {"step": 0, **first_eval, **{f"budget/{k}": v for k, v in budget.items()},
                    "time/elapsed_s": time.time() - t_start}
@@ -259,26 +359,12 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
             display.update(row)
             checkpoint(0)
 
-        if offline_data is None:
-            rollouts.publish(student, version)  # the warm-started (or resumed) student
         for step in range(start + 1, cfg.train.max_steps + 1):
             t0 = time.perf_counter()
-            if offline_data is None:
-                # 1. prompts
-                prompts = [p for p in stream.batch(step) for _ in range(cfg.rollout.samples_per_prompt)]
-                # 2. student rollout with the current weights
-                rollout = rollouts.sample(prompts, params, version)
-                t1 = time.perf_counter()
-                crash_point("rollout", step)
-                # 3. teacher scores the student's own prefixes
-                if cfg.feedback.constant_advantage is None:
-                    scores = teacher.score(rollout, full=needs_full)
-                else:  # teacher-free control: A_t = c exactly, no teacher call, no teacher tokens spent
-                    scores = TeacherScores(rollout.behaviour_logprobs + cfg.feedback.constant_advantage,
-                                           rollout.completion_mask.clone())
-            else:  # offline baseline: stored teacher completions and their teacher logprobs
-                rollout, scores = offline_data.batch(step, cfg.prompts.batch_size, cfg.seed)
-                t1 = time.perf_counter()
+            # 1-3. prompts, rollout, teacher scores: this step's batch (made now, or ahead while earlier steps trained)
+            batch = batches.get(step)
+            rollout, scores = batch.rollout, batch.scores
+            crash_point("rollout", step)
             t2 = time.perf_counter()
             crash_point("teacher", step)
             # 4. token feedback
@@ -290,26 +376,30 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
                                         reward_weight=cfg.objective.reward_weight, opd_weight=cfg.objective.opd_weight,
                                         group_size=cfg.rollout.samples_per_prompt)
             # 5. update the student near its own rollout distribution
-            if _finite(scores, feedback):
+            finite = _finite(scores, feedback)
+            if dp is not None:  # every rank updates, or none does
+                finite = dp.all_true(finite)
+            if finite:
                 upd, new_version = update_student(student, optimizer, scheduler, rollout, scores, feedback,
                                                   objective=objective, train=cfg.train, version=version,
-                                                  ref_model=ref_model, chunk_size=cfg.teacher.chunk_size)
+                                                  ref_model=ref_model, chunk_size=cfg.teacher.chunk_size, dp=dp)
             else:  # a non-finite teacher logprob or advantage: never train on it
                 upd, new_version = {"stability/skipped_batches": float(cfg.train.updates_per_batch)}, version
             skipped_all = new_version == version
             version = new_version
-            if offline_data is None:
-                rollouts.publish(student, version)
+            batches.publish(step, version, publish_weights)  # the weights later batches are sampled with
             skips["total"] += int(upd["stability/skipped_batches"])
             skips["consecutive"] = skips["consecutive"] + 1 if skipped_all else 0
             t3 = time.perf_counter()
             crash_point("update", step)
 
-            n_tok = rollout.num_tokens
+            n_tok, n_scored = rollout.num_tokens, scores.tokens_scored
+            if dp is not None:  # the budget counts every rank's tokens
+                n_tok, n_scored = int(dp.sum(n_tok)), int(dp.sum(n_scored))
             if offline_data is None:
                 budget["student_tokens"] += n_tok
-                budget["teacher_tokens"] += scores.tokens_scored
-                budget["flops"] += 2 * n_student * n_tok + 2 * n_teacher * scores.tokens_scored
+                budget["teacher_tokens"] += n_scored
+                budget["flops"] += 2 * n_student * n_tok + 2 * n_teacher * n_scored
                 if guide is not None:  # the teacher also ran a forward for every token it helped choose
                     budget["teacher_tokens"] += n_tok
                     budget["flops"] += 2 * n_teacher * n_tok
@@ -320,16 +410,20 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
                 row_drop = ("teacher/", "opd/reverse_kl")
             else:
                 row_drop = ()
-            row = {"step": step, **_step_metrics(rollout, scores, feedback, correct, t0, t1, t2, t3, offline_data is not None), **upd,
+            times = {"rollout_s": batch.rollout_s, "teacher_s": batch.teacher_s, "wait_s": t2 - t0, "update_s": t3 - t2,
+                     "step_s": t3 - t0}
+            row = {"step": step, **_step_metrics(rollout, scores, feedback, correct, times, offline_data is not None), **upd,
                    "stability/skipped_batches_total": skips["total"], **prompt_counts,
                    **{f"budget/{k}": v for k, v in budget.items()}, "time/elapsed_s": time.time() - t_start}
             row = {k: v for k, v in row.items() if not k.startswith(row_drop)} if row_drop else row
-            if (cfg.eval.every and step % cfg.eval.every == 0) or step == cfg.train.max_steps:
+            if main and ((cfg.eval.every and step % cfg.eval.every == 0) or step == cfg.train.max_steps):
                 last_eval = eval_row(step, version)
                 row.update(last_eval)
                 crash_point("eval", step)
-            row.update(rollouts.metrics())
             row.update(teacher.counters())  # cumulative teacher faults, evaluation scoring included
+            if workers is not None:
+                row.update(workers.counters())  # calls re-issued after a Ray worker died
+            row.update(backend_metrics())
             row.update(health_metrics(assess(row, cfg.monitor)))
             metrics.write(row)
             display.update(row)
@@ -349,13 +443,16 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
                 interrupted = True
                 break
 
-    if not interrupted:
-        if not (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0) and step > start:
+        if not interrupted and not (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0) \
+                and step > start:
             checkpoint(step)
+    if not interrupted and main:
         final = run_dir / "final"
         save_plain(student, final)
         tokenizer.save_pretrained(final)
     metrics.close()
+    if dp is not None:
+        dp.close()
     return RunResult(run_dir=run_dir, steps=step, first_eval=first_eval, last_eval=last_eval, interrupted=interrupted)
 
 
@@ -394,8 +491,7 @@ def prepare_offline(cfg: Config, run_dir: Path, teacher_model, tokenizer, stream
                            topk=cfg.offline.topk)
     generate_offline_data(folder, teacher, tokenizer, stream.extra_prompts(cfg.offline.num_prompts, key=2), params,
                           meta=meta, topk=cfg.offline.topk, seed=cfg.seed,
-                          max_prompt_tokens=cfg.prompts.max_prompt_tokens,
-                          batch_size=cfg.offline.generate_batch_size, log=log)
+                          max_prompt_tokens=cfg.prompts.max_prompt_tokens, log=log)
     data = OfflineData(folder, tokenizer, temperature=params.temperature, max_prompt_tokens=cfg.prompts.max_prompt_tokens)
     # sequence_kd = cross-entropy on the teacher's text; token_kd = forward KL to its stored top-k.
     name = "sft" if cfg.offline.loss == "sequence_kd" else "topk_kl"
@@ -432,7 +528,7 @@ def _finite(scores, feedback) -> bool:
     return bool(torch.isfinite(scores.token_logprobs[m]).all() and torch.isfinite(feedback.advantages[m]).all())
 
 
-def _step_metrics(rollout, scores, feedback, correct, t0, t1, t2, t3, offline: bool = False) -> dict:
+def _step_metrics(rollout, scores, feedback, correct, times: dict, offline: bool = False) -> dict:
     mask = rollout.completion_mask.bool()
     n = int(mask.sum())
     scored = (rollout.completion_mask * scores.scored_mask).bool()
@@ -441,20 +537,17 @@ def _step_metrics(rollout, scores, feedback, correct, t0, t1, t2, t3, offline: b
         "rollout/tokens": n,
         "rollout/length_mean": n / max(1, len(rollout.texts)),
         "rollout/finished_frac": float(rollout.finished.float().mean()),
-        "rollout/tokens_per_s": n / max(t1 - t0, 1e-9),
+        "rollout/tokens_per_s": n / max(times["rollout_s"], 1e-9),
         "teacher/logprob_mean": float(scores.token_logprobs[scored].mean()) if scored.any() else float("nan"),
         "teacher/coverage": scores.coverage if scores.coverage is not None else float(scored.sum()) / max(1, n),
         "teacher/failures": scores.failures,
-        "teacher/tokens_per_s": scores.tokens_scored / max(t2 - t1, 1e-9),
+        "teacher/tokens_per_s": scores.tokens_scored / max(times["teacher_s"], 1e-9),
         "teacher/latency_s": scores.latency_s,
         "student/logprob_mean": float(rollout.policy_logprobs[mask].mean()) if n else float("nan"),
         "opd/reverse_kl": float((rollout.policy_logprobs - scores.token_logprobs)[scored].mean()) if scored.any() else float("nan"),
         **feedback.metrics,
         **scores.metrics,
-        "time/rollout_s": t1 - t0,
-        "time/teacher_s": t2 - t1,
-        "time/update_s": t3 - t2,
-        "time/step_s": t3 - t0,
+        **{f"time/{k}": v for k, v in times.items()},
     }
     if offline:
         for k in ("rollout/tokens_per_s", "teacher/tokens_per_s", "teacher/latency_s"):

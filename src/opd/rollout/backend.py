@@ -1,58 +1,58 @@
-"""Where stage 2 runs: the student samples in this process (`rollout.backend = "local"`), or an inference
-server samples for it (`"server"`, opd.rollout.remote). The loop sees one interface either way:
+"""Stage 2 on an inference server, in the loop's backend interface (opd.engine.pipeline.RolloutBackend):
 
-    rollouts.sample(prompts, params, version) -> Rollout   # behaviour logprobs + the version that sampled
-    rollouts.publish(student, version)                    # after an update: the sampler gets the new weights
-    rollouts.metrics()                                    # per-step numbers for the metrics row
+    backend.rollout(prompts, step) -> Rollout        # behaviour logprobs + the version that sampled each row
+    backend.load_weights(state, version)             # after an update: the server loads the new weights
+    backend.rng_state()                              # None: the server's sampling state is not ours to save
+    backend.metrics()                                # per-step numbers for the metrics row
+
+`rollout.backend = "local"` uses opd.engine.LocalRollout; `"server"` wraps opd.rollout.remote.ServerRollout here.
 """
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
-from typing import Protocol
 
 import torch
 
 from opd.config import Config
-from opd.rollout.guidance import TeacherGuide
-from opd.rollout.sampler import SamplingParams, sample
+from opd.rollout.sampler import SamplingParams
 from opd.types import Prompt, Rollout
 
 
-class RolloutBackend(Protocol):
-    def sample(self, prompts: list[Prompt], params: SamplingParams, version: int) -> Rollout: ...
+class ServerBackend:
+    """The student sampled by an OpenAI-compatible server; weights are saved and loaded there after each update.
 
-    def publish(self, model, version: int) -> None: ...
+    A synchronous loop hands it the trainer's own student (load_weights(None, v) publishes it as it is); a
+    pipelined producer gets a private copy that each published state is loaded into first, so saving never
+    races the trainer."""
 
-    def metrics(self) -> dict[str, float]: ...
+    def __init__(self, server, student, params: SamplingParams, *, version: int, private_copy: bool):
+        self.server, self.params, self.version = server, params, version
+        self.model = copy.deepcopy(student) if private_copy else student
+        self.server.publish(self.model, version)  # the warm-started (or resumed) student
 
+    def rollout(self, prompts: list[Prompt], step: int) -> Rollout:
+        return self.server.sample(prompts, self.params, self.version)
 
-class LocalRollout:
-    """The student's own weights, sampled in this process: always current, so publish has nothing to do."""
+    def load_weights(self, state: dict[str, torch.Tensor] | None, version: int) -> None:
+        if state is not None:
+            self.model.load_state_dict(state)
+        self.server.publish(self.model, version)
+        self.version = version
 
-    def __init__(self, model, tokenizer, *, generator: torch.Generator, max_prompt_tokens: int,
-                 guide: TeacherGuide | None = None):
-        self.model, self.tokenizer, self.generator = model, tokenizer, generator
-        self.max_prompt_tokens, self.guide = max_prompt_tokens, guide
-
-    def sample(self, prompts: list[Prompt], params: SamplingParams, version: int) -> Rollout:
-        return sample(self.model, self.tokenizer, prompts, params, policy_version=version, generator=self.generator,
-                      max_prompt_tokens=self.max_prompt_tokens, guide=self.guide)
-
-    def publish(self, model, version: int) -> None:
-        pass
+    def rng_state(self) -> None:
+        return None
 
     def metrics(self) -> dict[str, float]:
-        return {}
+        return self.server.metrics()
 
 
-def make_rollout_backend(cfg: Config, student, tokenizer, *, generator: torch.Generator, guide: TeacherGuide | None,
-                         run_dir: Path) -> RolloutBackend:
-    if cfg.rollout.backend == "local":
-        return LocalRollout(student, tokenizer, generator=generator, max_prompt_tokens=cfg.prompts.max_prompt_tokens,
-                            guide=guide)
+def make_server_backend(cfg: Config, student, tokenizer, params: SamplingParams, *, version: int, run_dir: Path,
+                        private_copy: bool) -> ServerBackend:
     from opd.rollout.remote import ServerRollout, server_settings
 
     weights_dir = Path(cfg.rollout.weights_dir) if cfg.rollout.weights_dir else Path(run_dir) / "rollout-weights"
-    return ServerRollout(server_settings(cfg.rollout), tokenizer, weights_dir=weights_dir, seed=cfg.seed,
-                         max_prompt_tokens=cfg.prompts.max_prompt_tokens)
+    server = ServerRollout(server_settings(cfg.rollout), tokenizer, weights_dir=weights_dir, seed=cfg.seed,
+                           max_prompt_tokens=cfg.prompts.max_prompt_tokens)
+    return ServerBackend(server, student, params, version=version, private_copy=private_copy)

@@ -93,15 +93,23 @@ def update_student(
     version: int,
     ref_model=None,
     chunk_size: int = 1024,
+    dp=None,
 ) -> tuple[dict[str, float], int]:
-    """Runs the optimizer steps for one rollout batch. Returns (metrics, new policy version)."""
+    """Runs the optimizer steps for one rollout batch. Returns (metrics, new policy version).
+
+    `version` is the policy version of `model` now; rows sampled by an older one (a pipelined loop) are stale and
+    get a truncated importance weight. `dp` (opd.engine.distributed.DataParallel): this process holds one rank's
+    share of the batch; the loss is normalised by the global token count and gradients are summed over ranks."""
     model.train()
+    batch_version = version
     B = rollout.completion_ids.shape[0]
     acc = _Accumulator()
     skipped = 0
     for mb in np.array_split(np.arange(B), min(train.updates_per_batch, B)):
         mb_mask = feedback.loss_mask[mb]
         denom = float(mb_mask.sum()) if objective.loss_norm == "token" else float(len(mb))
+        if dp is not None:  # token-mean over the global mini-batch, not a mean of per-rank means
+            denom = dp.sum(denom)
         if denom == 0:
             continue
         optimizer.zero_grad(set_to_none=True)
@@ -110,13 +118,18 @@ def update_student(
         for start in range(0, len(mb), micro):
             rows = mb[start : start + micro].tolist()
             r, s, f = rollout.select(rows), scores.select(rows), feedback.select(rows)
-            loss, stats = _micro_batch_loss(model, r, s, f, objective, chunk_size, version, ref_model, denom)
+            loss, stats = _micro_batch_loss(model, r, s, f, objective, chunk_size, version, ref_model, denom,
+                                            batch_version)
             if not torch.isfinite(loss):
                 finite = False
                 break
             loss.backward()
             acc.add(stats)
         params = [p for p in model.parameters() if p.requires_grad]
+        if dp is not None:  # every rank steps, or none does
+            finite = dp.all_true(finite)
+            if finite:
+                dp.all_reduce_grads(params)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, train.grad_clip if train.grad_clip > 0 else float("inf"))
         if not finite or not torch.isfinite(grad_norm):
             skipped += 1  # never apply a non-finite step; the batch is counted and dropped
@@ -147,7 +160,7 @@ def teacher_outside_loss_zeroed(scores: TeacherScores, loss_mask: torch.Tensor, 
     return out
 
 
-def _micro_batch_loss(model, r, s, f, objective, chunk_size, version, ref_model, denom):
+def _micro_batch_loss(model, r, s, f, objective, chunk_size, version, ref_model, denom, batch_version=None):
     mask = r.completion_mask.bool()
     s = teacher_outside_loss_zeroed(s, f.loss_mask, r.completion_mask)
     terms = student_token_terms(model, r, s, objective, chunk_size)
@@ -168,6 +181,11 @@ def _micro_batch_loss(model, r, s, f, objective, chunk_size, version, ref_model,
         tok_loss = -terms.new_logprobs
     else:
         tok_loss = terms.distribution_loss
+    token_rows = torch.nonzero(mask)[:, 0]
+    if batch_version is not None:
+        stale = ((batch_version - r.policy_version)[token_rows] > 0).to(dev)
+        if bool(stale.any()):
+            tok_loss, clipped = _stale_weighted(tok_loss, clipped, stale, ratio, terms.new_logprobs, adv, objective)
     kl_ref = None
     if ref_model is not None and objective.kl_ref_coef > 0:
         ref_lp = reference_logprobs(ref_model, r, chunk_size).to(dev)
@@ -181,7 +199,7 @@ def _micro_batch_loss(model, r, s, f, objective, chunk_size, version, ref_model,
         per_seq = torch.zeros(mask.shape[0], device=dev).index_add(0, seq_id, tok_loss)
         lengths = torch.zeros(mask.shape[0], device=dev).index_add(0, seq_id, weight).clamp(min=1)
         loss = (per_seq / lengths).sum() / denom
-    lag = (version - r.policy_version).float()[torch.nonzero(mask)[:, 0]].to(dev)
+    lag = (version - r.policy_version).float()[token_rows].to(dev)
     fresh = lag == 0
     stats = {
         "loss": (float(loss.detach()) * denom, 0),  # summed back; the accumulator re-normalises per token
@@ -195,6 +213,19 @@ def _micro_batch_loss(model, r, s, f, objective, chunk_size, version, ref_model,
         "dist": None if terms.distribution_loss is None else terms.distribution_loss.detach(),
     }
     return loss, stats
+
+
+def _stale_weighted(tok_loss, clipped, stale, ratio, new_lp, adv, objective):
+    """Tokens an older policy sampled (pipelined loop): weight w = min(pi_theta / pi_behaviour, cap), detached.
+    pg / hybrid: the truncated-importance-sampling policy gradient -w A grad log pi_theta (the PPO clip around the
+    behaviour policy would freeze a stale token's gradient outright); distribution objectives: w times the loss
+    at that state. Tokens of the current policy keep their loss unchanged."""
+    w = ratio.clamp(max=objective.max_stale_weight)
+    if objective.name in PG_FAMILY:
+        stale_loss = -w * adv * new_lp
+    else:
+        stale_loss = w * tok_loss
+    return torch.where(stale, stale_loss, tok_loss), torch.where(stale, ratio > objective.max_stale_weight, clipped)
 
 
 class _Accumulator:

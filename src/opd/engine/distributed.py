@@ -1,0 +1,78 @@
+"""Data-parallel training through torch.distributed (gloo on CPU, NCCL on GPU).
+
+Every rank holds the same weights and one share of each batch. The update normalises the loss by the
+global token count (an all-reduced sum) and sums gradients over ranks, so one step equals a step of a
+single process on the combined batch. Launch with `torchrun --nproc-per-node N -m opd.cli run ...`
+(or any launcher that sets RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT, e.g. Ray Train).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DataParallel:
+    rank: int
+    world: int
+    device: torch.device = torch.device("cpu")  # where collectives run (NCCL needs CUDA tensors)
+
+    @classmethod
+    def from_env(cls, device: torch.device | str = "cpu") -> "DataParallel | None":
+        """The process group torchrun describes in the environment; None for a single process."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return None
+        device = torch.device(device)
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return cls(rank=dist.get_rank(), world=dist.get_world_size(), device=device)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, n: int) -> slice:
+        """This rank's rows of a global batch of n (equal shares, so every rank runs the same mini-batches)."""
+        if n % self.world:
+            raise ValueError(f"a batch of {n} rows does not split evenly over {self.world} ranks")
+        size = n // self.world
+        return slice(self.rank * size, (self.rank + 1) * size)
+
+    def sum(self, x: float) -> float:
+        t = torch.tensor([x], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return float(t.item())
+
+    def all_true(self, flag: bool) -> bool:
+        t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return bool(t.item())
+
+    def all_reduce_grads(self, params: list[torch.Tensor]) -> None:
+        """Sum gradients over ranks in one flat bucket (a parameter without a gradient counts as zeros)."""
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1).float() for g in grads]).to(self.device)
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        offset = 0
+        for p, g in zip(params, grads):
+            n = g.numel()
+            p.grad = flat[offset : offset + n].view_as(g).to(device=p.device, dtype=p.dtype)
+            offset += n
+
+    def broadcast_params(self, model: torch.nn.Module) -> None:
+        """Start every rank from rank 0's weights."""
+        for t in list(model.parameters()) + list(model.buffers()):
+            buf = t.data.to(self.device)
+            dist.broadcast(buf, src=0)
+            t.data.copy_(buf)
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,106 @@
+"""Data-parallel update: 2 gloo processes on 127.0.0.1, each with half of a batch, end a step with the same
+parameters as one process given the whole batch (token-mean over the global batch, summed gradients)."""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from opd.config import FeedbackConfig, ObjectiveConfig, TrainConfig
+from opd.feedback import compute_feedback
+from opd.rollout import SamplingParams, sample
+from opd.teacher import LocalTeacher
+from opd.update import make_scheduler, update_student
+
+WORKER = textwrap.dedent("""
+    import sys, torch
+    from opd.engine.distributed import DataParallel
+    from opd.update import make_scheduler, update_student
+    data = torch.load(sys.argv[1], weights_only=False)
+    dp = DataParallel.from_env()
+    rows = list(range(len(data["roll"].texts)))[dp.shard(len(data["roll"].texts))]
+    model, train = data["model"], data["train"]
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)  # the change is minus the gradient (AdamW's ~sign(g) would hide a scale error)
+    sched = make_scheduler(opt, train, 10)
+    metrics, _ = update_student(model, opt, sched, data["roll"].select(rows), data["scores"].select(rows),
+                                data["fb"].select(rows), objective=data["objective"], train=train, version=0,
+                                chunk_size=7, dp=dp)
+    if dp.rank == 0:
+        torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, sys.argv[2])
+    dp.close()
+""")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("loss_norm,updates_per_batch", [("token", 1), ("sequence", 2)])
+def test_two_gloo_ranks_equal_one_process_on_the_combined_batch(tmp_path, student, teacher_model, tokenizer, prompts,
+                                                               loss_norm, updates_per_batch):
+    prompts = (prompts * 4)[:8]
+    roll = sample(student, tokenizer, prompts, SamplingParams(max_new_tokens=12), generator=torch.Generator().manual_seed(3))
+    assert len(set(roll.completion_mask.sum(1).tolist())) > 1  # uneven lengths: a per-rank mean of means would differ
+    scores = LocalTeacher(teacher_model).score(roll)
+    fb = compute_feedback(roll, scores, FeedbackConfig())
+    objective = ObjectiveConfig(name="pg", loss_norm=loss_norm)
+    train = TrainConfig(grad_clip=0.0, updates_per_batch=updates_per_batch, micro_batch_size=1, warmup_steps=0)
+    torch.save({"model": copy.deepcopy(student), "roll": roll, "scores": scores, "fb": fb, "objective": objective,
+                "train": train}, tmp_path / "data.pt")
+    (tmp_path / "worker.py").write_text(WORKER)
+
+    port = free_port()
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, str(tmp_path / "worker.py"), str(tmp_path / "data.pt"),
+                                       str(tmp_path / "dp.pt")], env=env, stderr=subprocess.PIPE, text=True))
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    dp_params = torch.load(tmp_path / "dp.pt")
+
+    # One process, the combined batch: global mini-batch j = every rank's local mini-batch j.
+    half = len(prompts) // 2
+    local_mbs = [torch.tensor_split(torch.arange(half), updates_per_batch)] * 2
+    order = [int(i) + r * half for j in range(updates_per_batch) for r in range(2) for i in local_mbs[r][j]]
+    single = copy.deepcopy(student)
+    opt = torch.optim.SGD(single.parameters(), lr=1.0)
+    update_student(single, opt, make_scheduler(opt, train, 10), roll.select(order), scores.select(order),
+                   fb.select(order), objective=objective, train=train, version=0, chunk_size=7)
+    before = student.state_dict()
+    moved = 0
+    for k, v in single.state_dict().items():
+        torch.testing.assert_close(dp_params[k], v, rtol=1e-5, atol=1e-6)
+        moved += int(not torch.equal(v, before[k]))
+    assert moved > 0
+
+
+@pytest.mark.slow
+def test_a_torchrun_run_with_two_gloo_ranks(tmp_path):
+    """`torchrun --nproc-per-node 2 -m opd.cli run`: rank 0 writes one metrics row per step; the budget counts both."""
+    from opd.monitor import read_metrics
+
+    sets = ["prompts.batch_size=4", "eval.size=4", "eval.every=0", "eval.recovery_size=0", "student.warm_start_steps=2",
+            "student.warm_start_samples=8", "rollout.max_new_tokens=12", "monitor.tensorboard=false",
+            "train.max_steps=2", "max_policy_lag=1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "opd.cli", "run",
+           "--out", str(tmp_path / "run"), *[a for s in sets for a in ("--set", s)]]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert rows[-1]["budget/student_tokens"] > sum(r["rollout/tokens"] for r in rows[1:])  # rank 1's tokens too
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()

@@ -1,0 +1,60 @@
+"""engine = "ray": rollout and teacher workers as Ray actors on a local 127.0.0.1 cluster (2 CPUs, 2 workers)."""
+
+from __future__ import annotations
+
+import glob
+
+import pytest
+
+pytest.importorskip("ray")
+
+from opd.config import load_config  # noqa: E402
+from opd.loop import run  # noqa: E402
+from opd.monitor import read_metrics  # noqa: E402
+
+TINY = [
+    "prompts.batch_size=4", "eval.size=4", "eval.every=0", "eval.recovery_size=0", "student.warm_start_steps=0",
+    "rollout.max_new_tokens=12", "monitor.live='off'", "monitor.tensorboard=false", "train.checkpoint_every=0",
+    "objective.name='pg'",
+]
+RAY = ["engine='ray'", "ray.rollout_workers=1", "ray.teacher_workers=1", "ray.num_cpus=2"]
+
+
+def quiet(*a, **k):
+    pass
+
+
+def opd_ray_folders() -> set[str]:
+    return set(glob.glob("/tmp/opd-ray-*"))
+
+
+def test_a_ray_run_writes_the_metrics_of_a_local_run_and_cleans_up(tmp_path):
+    import ray
+
+    before = opd_ray_folders()
+    run(load_config(None, TINY + ["train.max_steps=2"]), tmp_path / "local", log=quiet)
+    run(load_config(None, TINY + RAY + ["train.max_steps=2"]), tmp_path / "ray", log=quiet)
+    local, remote = read_metrics(tmp_path / "local"), read_metrics(tmp_path / "ray")
+    assert [r["step"] for r in remote] == [0, 1, 2]
+    for a, b in zip(local, remote):
+        assert set(a) == {k for k in b if not k.startswith("engine/")}
+    assert remote[-1]["engine/worker_retries"] == 0 and remote[1]["freshness/policy_lag"] == 0
+    assert remote[-1]["budget/student_tokens"] == sum(r["rollout/tokens"] for r in remote[1:])
+    assert not ray.is_initialized() and opd_ray_folders() == before  # Ray stopped, its session folder removed
+
+
+@pytest.mark.slow
+def test_killed_workers_are_replaced_and_their_calls_reissued(tmp_path, monkeypatch):
+    """A rollout worker and a teacher worker SIGKILL themselves in the middle of a call (pipelined run, lag 1)."""
+    monkeypatch.setenv("OPD_WORKER_CRASH_AT", "rollout:2,teacher:3")
+    monkeypatch.setenv("OPD_WORKER_CRASH_ONCE", str(tmp_path / "killed"))
+    cfg = load_config(None, TINY + RAY + ["train.max_steps=4", "max_policy_lag=1", "ray.rollout_workers=2",
+                                          "ray.num_cpus=3"])
+    run(cfg, tmp_path / "run", log=quiet)
+    assert (tmp_path / "killed.rollout-2").exists() and (tmp_path / "killed.teacher-3").exists()  # the kills happened
+    rows = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
+    assert rows[-1]["engine/worker_retries"] >= 2  # the two killed calls (and any that met a worker restarting)
+    # Nothing counted twice: the budget is exactly the tokens of the batches trained on.
+    assert rows[-1]["budget/student_tokens"] == sum(r["rollout/tokens"] for r in rows[1:])
+    assert max(r["freshness/policy_lag_max"] for r in rows[1:]) == 1
