@@ -107,7 +107,8 @@ def run_compare(config: Path | None, overrides: list[str], run_dir: Path, *, see
     summary["recovery_by_step"] = recovery.get("by_step", {})
     if study_steps:
         summary["broken_prefix_study"] = run_handling_study(
-            config, overrides, run_dir / "broken-prefix-study", seeds=study_seeds or seeds[:1], steps=study_steps,
+            config, overrides, run_dir / f"broken-prefix-study-w{weak_warm_start_steps}-s{study_steps}",
+            seeds=study_seeds or seeds[:1], steps=study_steps,
             weak_warm_start_steps=weak_warm_start_steps, jobs=jobs, log=log)
     summary["seconds"] = time.time() - t0
     report = run_dir / "report"
