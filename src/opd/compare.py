@@ -75,6 +75,7 @@ def run_compare(config: Path | None, overrides: list[str], run_dir: Path, *, see
             cfg = load_config(config, overrides + method_overrides(method, base, warm, control_advantage) + [f"seed={seed}"])
             todo.append(RunJob(f"{method}, seed {seed}", cfg, run_dir / method / f"seed-{seed}",
                                "offline" if method == "offline" else "onpolicy"))
+    reused = sum(j.done for j in todo)
     run_jobs(todo, jobs, log)
     curves: dict[str, list[list[dict]]] = {m: [] for m in methods}
     finals: dict[str, list[dict]] = {m: [] for m in methods}
@@ -91,6 +92,7 @@ def run_compare(config: Path | None, overrides: list[str], run_dir: Path, *, see
         "seeds": seeds,
         "budget_steps": base.train.max_steps,
         "seconds": time.time() - t0,
+        "reused_runs": reused,  # finished runs found on disk: their time is not in `seconds`
     }
     for m in methods:
         summary[m] = {
@@ -302,7 +304,10 @@ def _write_report(report: Path, summary: dict, errors: dict) -> None:
         "# On-policy vs offline distillation",
         "",
         f"Seeds {summary['seeds']}, {summary['budget_steps']} steps per method from one warm start, "
-        f"{summary['seconds']:.0f} s in all. Teacher accuracy: {summary['teacher']['eval/accuracy']:.3f}.",
+        f"{summary['seconds']:.0f} s in all"
+        + (f" ({summary['reused_runs']} finished runs reused from an earlier invocation, their time not included)"
+           if summary.get("reused_runs") else "")
+        + f". Teacher accuracy: {summary['teacher']['eval/accuracy']:.3f}.",
         "",
         "| method | eval accuracy | eval reverse KL / token | teacher tokens |",
         "|---|---|---|---|",
