@@ -6,11 +6,13 @@ A step has three stages, each timed by the loop (time/rollout_s, time/teacher_s,
     teacher  one forward over prompt + completion of every sequence
     train    forward + backward over the same tokens, `updates_per_batch` optimizer steps
 
-Each stage costs   calls x overhead_s  +  max(FLOPs / flops_per_s, bytes / bytes_per_s)   on one device,
-where `calls` are its sequential forward passes (decode steps; teacher micro-batches; optimizer steps).
-The rates come either from a calibration measured on this machine (`opd plan --calibrate`: the real
-stage functions timed at a few sizes, the two constants fitted per stage) or from a GPU preset whose
-peak numbers and efficiencies are stated assumptions (GPU_PRESETS; docs/scaling.md).
+Each stage on one device costs  calls x overhead_s  +  FLOPs / flops_per_s  and  bytes / bytes_per_s
+(the larger of the two on a GPU roofline; their sum for rates fitted on a CPU), where `calls` are its
+sequential passes (decode steps; teacher micro-batches; optimizer steps) and bytes the memory traffic
+that grows faster than FLOPs (KV cache and weights per decode step, attention score matrices). The rates
+come from a calibration on this machine (`opd plan --calibrate`: short runs of the loop itself at a few
+sizes, its stage timers fitted per stage) or from a GPU preset whose peak numbers and efficiencies are
+stated assumptions (GPU_PRESETS; docs/scaling.md).
 
 From the stage times: the synchronous step is their sum (policy lag 0); a pipelined loop that samples
 and scores step k+1 while step k trains takes max(rollout + teacher, train) with lag 1; with rollout and
@@ -23,7 +25,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 

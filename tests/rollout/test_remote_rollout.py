@@ -105,6 +105,19 @@ def test_a_rollout_from_older_weights_reports_its_own_version(served, prompts, t
     roll = rollouts.sample(prompts, SamplingParams(max_new_tokens=8), version=6)  # the trainer moved on, no sync yet
     assert roll.policy_version.tolist() == [4] * len(prompts)
     assert rollouts.metrics()["rollout/server_version_lag_max"] == 2
+    # ... and training on it reports that lag in the freshness metrics, not 0
+    from opd.config import FeedbackConfig, ObjectiveConfig, TrainConfig
+    from opd.feedback import compute_feedback
+    from opd.types import TeacherScores
+    from opd.update import make_optimizer, make_scheduler, update_student
+
+    model, train = student_model(0), TrainConfig()
+    optimizer = make_optimizer(model, train)
+    scores = TeacherScores(roll.behaviour_logprobs - 0.1, roll.completion_mask.clone())
+    feedback = compute_feedback(roll, scores, FeedbackConfig())
+    metrics, _ = update_student(model, optimizer, make_scheduler(optimizer, train, 10), roll, scores, feedback,
+                                objective=ObjectiveConfig(name="pg"), train=train, version=6)
+    assert metrics["freshness/policy_lag"] == 2 and metrics["freshness/policy_lag_max"] == 2
 
 
 def test_loading_weights_that_do_not_fit_is_refused(served, tmp_path):
