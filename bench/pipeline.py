@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from machine import machine_facts  # noqa: E402
 
-BASE = ["student.warm_start_steps=50", "eval.every=0", "eval.size=16", "eval.recovery_size=0",
+BASE = ["student.warm_start_steps=50", "student.warm_start_samples=256", "eval.every=0", "eval.size=16", "eval.recovery_size=0",
         "monitor.live='off'", "monitor.tensorboard=false", "train.checkpoint_every=0"]
 
 

@@ -4,7 +4,9 @@
 
 `run()` builds the parts from a Config, warm-starts the student (a short supervised phase on
 teacher completions), then loops. Each step writes one metrics row; evaluation, checkpoints and
-the live display hang off the loop without changing it.
+the live display hang off the loop without changing it. The first three stages make a batch; with
+max_policy_lag > 0 a producer makes batches ahead of the trainer, with engine = "ray" Ray actors do
+(opd.engine), and under torchrun each process trains on its share of the batch.
 """
 
 from __future__ import annotations
