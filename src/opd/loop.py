@@ -43,7 +43,6 @@ from opd.teacher.build import build_teachers, check_tokenizers
 from opd.teacher.cross_tokenizer import CrossTokenizerTeacher, same_vocabulary
 from opd.types import Rollout, TeacherScores
 from opd.update import make_optimizer, make_scheduler, supervised_train, update_student
-from opd.update.step import PG_FAMILY
 
 
 class RunAborted(Exception):
