@@ -52,11 +52,23 @@ def test_stage_work_and_seconds_by_hand():
     assert stage_seconds(StageRate(0.0, 100.0, bytes_per_s=10.0), calls=1, flops=1000, bytes_=500) == pytest.approx(50)
 
 
-def plan_with_seconds(r, t, u, devices=Devices(), max_policy_lag=None):
-    """Rates chosen so that the stages take r, t and u seconds (overhead only: one call per stage)."""
+def plan_with_seconds(r, t, u, devices=Devices(), max_policy_lag=None, overhead=False):
+    """Rates chosen so that the stages take r, t and u seconds: arithmetic only, or (overhead=True) per-call
+    Python overhead only (one call per stage)."""
     work = Workload(batch=1, prompt_tokens=1, completion_tokens=1, decode_steps=0, teacher_batch_size=1)
-    return predict(TOY, TOY, work, Rates(StageRate(r, math.inf), StageRate(t, math.inf), StageRate(u, math.inf)),
-                   devices, max_policy_lag)
+    if overhead:
+        rates_ = Rates(StageRate(r, math.inf), StageRate(t, math.inf), StageRate(u, math.inf))
+    else:
+        w = stage_work(TOY, TOY, work, devices)
+        rates_ = Rates(*(StageRate(0.0, w[s]["flops"] / sec) for s, sec in zip(("rollout", "teacher", "train"), (r, t, u))))
+    return predict(TOY, TOY, work, rates_, devices, max_policy_lag)
+
+
+def test_python_overhead_does_not_overlap_in_the_pipelined_loop():
+    # the producer thread and the trainer share one interpreter: per-call overhead holds the GIL
+    p = plan_with_seconds(1.0, 3.0, 2.0, overhead=True)
+    assert p.sync_step_s == pytest.approx(6.0)
+    assert p.overlap_step_s == pytest.approx(6.0) and p.pipelined_step_s == pytest.approx(6.0)
 
 
 def test_bottleneck_is_the_slowest_stage_and_step_times_are_sum_and_max():

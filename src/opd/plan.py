@@ -249,9 +249,12 @@ def predict(student: ModelShape, teacher: ModelShape, work: Workload, rates: Rat
     t = {s: stage_seconds(getattr(rates, s), w[s]["calls"], w[s]["flops"], w[s]["bytes"]) for s in STAGES}
     counts = {s: getattr(devices, s) for s in STAGES}
     lag_cap = max_policy_lag if max_policy_lag is not None else 2
-    overlap = max(t["rollout"] + t["teacher"], t["train"]) if lag_cap >= 1 else sum(t.values())
+    # The pipelined loop overlaps stages on threads of one process: their per-call Python overhead holds the GIL
+    # and cannot overlap, so a step takes at least the sum of every stage's overhead.
+    serial = sum(w[s]["calls"] * getattr(rates, s).overhead_s for s in STAGES)
+    overlap = max(t["rollout"] + t["teacher"], t["train"], serial) if lag_cap >= 1 else sum(t.values())
     if lag_cap >= 2:
-        pipelined = max(t.values())
+        pipelined = max(*t.values(), serial)
     else:  # at most one step ahead: rollout and teacher of the next step still run back to back
         pipelined = overlap
     balanced = balanced_devices(t, counts)
