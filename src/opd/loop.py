@@ -26,11 +26,11 @@ from opd.faults import crash_point
 from opd.offline.data import OfflineData, generate_offline_data
 from opd.feedback import compute_feedback
 from opd.lora import adapter_state, has_lora, load_adapter_state, merged_copy, save_plain
-from opd.models import count_params, load_model, load_student, load_tokenizer, resolve_device
+from opd.models import DTYPES, count_params, load_model, load_student, load_tokenizer, resolve_device
 from opd.monitor import MetricsLog, RunDisplay, assess, health_metrics
 from opd.prompts import PromptStream, verify
 from opd.recovery import RecoverySettings
-from opd.rollout import SamplingParams, make_guide, sample
+from opd.rollout import SamplingCopy, SamplingParams, make_guide, sample
 from opd.teacher import LocalTeacher
 from opd.teacher.build import build_teachers, check_tokenizers
 from opd.teacher.cross_tokenizer import CrossTokenizerTeacher, same_vocabulary
@@ -178,6 +178,8 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
     # teacher-guided rollouts: the teacher helps choose the student's tokens (None when off)
     guide = make_guide(cfg.rollout.teacher_mix, cfg.rollout.teacher_correct_topk, teacher_model, tokenizer,
                        cfg.teacher.model)
+    # rollout.dtype = "bfloat16": a low-precision copy of the student samples (None: the student itself)
+    sampling_copy = None if cfg.rollout.dtype == "same" else SamplingCopy(student, DTYPES[cfg.rollout.dtype])
     ref_model = None
 
     def eval_row(step: int, version: int) -> dict:
@@ -262,7 +264,8 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
                 # 1. prompts
                 prompts = [p for p in stream.batch(step) for _ in range(cfg.rollout.samples_per_prompt)]
                 # 2. student rollout with the current weights
-                rollout = sample(student, tokenizer, prompts, params, policy_version=version, generator=gen,
+                policy = student if sampling_copy is None else sampling_copy.refresh(student)
+                rollout = sample(policy, tokenizer, prompts, params, policy_version=version, generator=gen,
                                  max_prompt_tokens=cfg.prompts.max_prompt_tokens, guide=guide)
                 t1 = time.perf_counter()
                 crash_point("rollout", step)
