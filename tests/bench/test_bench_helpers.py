@@ -65,3 +65,19 @@ def test_results_table_lists_headlines_and_other_files(tmp_path):
     assert "- [b.json](b.json): an older result — `python bench/b.py`" in text
     assert "broken" not in text
     assert "- a.json: `python bench/a.py`" in text
+
+
+def test_peer_benchmark_splits_prompts_and_configures_opd_like_the_peers(tmp_path):
+    import peer_trl
+
+    train, held_out = peer_trl.prompt_records()
+    assert len(held_out) == peer_trl.EVAL_PROMPTS and len(train) > len(held_out)
+    assert not {json.dumps(r) for r in train} & {json.dumps(r) for r in held_out}
+    for name, variant in peer_trl.OPD_VARIANTS.items():
+        cfg = peer_trl.opd_config(tmp_path / "student", tmp_path / "train.jsonl", variant)
+        assert cfg.prompts.batch_size == peer_trl.BATCH == 4 and cfg.rollout.max_new_tokens == peer_trl.NEW_TOKENS == 64
+        assert cfg.rollout.temperature == 1.0 and cfg.objective.name == "reverse_kl"
+        assert cfg.train.lr == peer_trl.LR and cfg.train.schedule == "constant" and cfg.train.warmup_steps == 0
+        assert cfg.student.init == "pretrained" and cfg.student.warm_start_steps == 0  # the shared warm start is given
+        assert cfg.prompts.sources[0].path == str(tmp_path / "train.jsonl")
+    assert peer_trl.opd_config(tmp_path, tmp_path / "t.jsonl", peer_trl.OPD_VARIANTS["opd-bf16"]).rollout.dtype == "bfloat16"
