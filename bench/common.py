@@ -112,16 +112,20 @@ def cpu_flags(wanted=("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"))
     return [f for f in wanted if f in flags]
 
 
+BENCH_ENV = ("BENCH_QUICK", "BENCH_THREADS", "BUDGET_S", "VLLM_VENV")  # settings a re-run needs, kept in "command"
+
+
 def write_result(name: str, payload: dict, *, headline: list[dict] | None = None) -> Path:
     """bench/results/<name>.json with the figures, the command that made them and the machine facts.
     `headline`: [{"figure": ..., "value": ..., "unit": ...}] rows for the generated table in results/README.md."""
     sys.path.insert(0, str(BENCH))
     from machine import machine_facts
 
+    env = " ".join(f"{k}={os.environ[k]}" for k in BENCH_ENV if os.environ.get(k))
+    script = os.path.relpath(sys.argv[0], ROOT) if Path(sys.argv[0]).exists() else sys.argv[0]
     out = {
         "benchmark": name,
-        "command": " ".join(["python"] + [os.path.relpath(sys.argv[0], ROOT) if Path(sys.argv[0]).exists() else sys.argv[0]]
-                            + sys.argv[1:]) + ("  (BENCH_QUICK=1)" if quick() else ""),
+        "command": " ".join(([env] if env else []) + ["python", script] + sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "quick": quick(),
         "machine": machine_facts(),

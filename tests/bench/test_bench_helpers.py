@@ -42,10 +42,12 @@ def test_quick_mode_reads_the_environment(monkeypatch):
 
 def test_write_result_records_command_machine_and_headline(tmp_path, monkeypatch):
     monkeypatch.setattr(common, "RESULTS", tmp_path)
+    monkeypatch.delenv("BENCH_QUICK", raising=False)
+    monkeypatch.setenv("BUDGET_S", "60")
     path = common.write_result("demo", {"figures": [1, 2]}, headline=[{"figure": "x", "value": 1.5, "unit": "tok/s"}])
     data = json.loads(path.read_text())
     assert data["benchmark"] == "demo" and data["figures"] == [1, 2]
-    assert data["command"].startswith("python ")
+    assert data["command"].startswith("BUDGET_S=60 python ")  # the settings a re-run needs
     for key in ("cpu_model", "cpu_count", "torch", "torch_threads"):
         assert key in data["machine"]
     assert data["headline"][0]["value"] == 1.5
