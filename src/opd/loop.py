@@ -32,11 +32,11 @@ from opd.faults import crash_point
 from opd.offline.data import OfflineData, generate_offline_data
 from opd.feedback import compute_feedback
 from opd.lora import adapter_state, has_lora, load_adapter_state, merged_copy, save_plain
-from opd.models import count_params, load_model, load_student, load_tokenizer, resolve_device
+from opd.models import DTYPES, count_params, load_model, load_student, load_tokenizer, resolve_device
 from opd.monitor import MetricsLog, RunDisplay, assess, health_metrics
 from opd.prompts import PromptStream, verify
 from opd.recovery import RecoverySettings
-from opd.rollout import SamplingParams, make_guide
+from opd.rollout import SamplingCopy, SamplingParams, make_guide
 from opd.rollout.backend import make_server_backend
 from opd.teacher import LocalTeacher
 from opd.teacher.build import build_teachers, check_tokenizers
@@ -218,6 +218,8 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
     # teacher-guided rollouts: the teacher helps choose the student's tokens (None when off)
     guide = make_guide(cfg.rollout.teacher_mix, cfg.rollout.teacher_correct_topk, teacher_model, tokenizer,
                        cfg.teacher.model)
+    # rollout.dtype = "bfloat16": a low-precision copy of the student samples (None: the student itself)
+    sampling_copy = None if cfg.rollout.dtype == "same" else SamplingCopy(student, DTYPES[cfg.rollout.dtype])
     ref_model = None
 
     def eval_row(step: int, version: int) -> dict:
@@ -294,7 +296,8 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
         score = teacher.score
     else:
         backend = LocalRollout(student if ahead == 0 else copy.deepcopy(student), tokenizer, params, version=version,
-                               generator=gen, max_prompt_tokens=cfg.prompts.max_prompt_tokens, guide=guide)
+                               generator=gen, max_prompt_tokens=cfg.prompts.max_prompt_tokens, guide=guide,
+                               sampling_copy=sampling_copy)
         score = teacher.score
     # what publish() hands the backend after an update: nothing when it samples with the trainer's own student
     publish_weights = (lambda: None) if backend is not workers and ahead == 0 else (lambda: weights_of(student))

@@ -122,3 +122,22 @@ def test_a_chat_completion_ends_at_the_end_of_turn_token():
         n = int(roll.completion_mask[i].sum())
         assert roll.completion_ids[i, n - 1] == end and end not in roll.completion_ids[i, : n - 1].tolist()
         assert "<|im_end|>" not in roll.texts[i]
+
+
+def test_sampling_copy_is_low_precision_and_refreshed_from_the_trained_weights(student, tokenizer, prompts):
+    from opd.rollout import SamplingCopy
+
+    copy = SamplingCopy(student, torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in copy.model.parameters())
+    assert all(b.dtype == ob.dtype for b, ob in zip(copy.model.buffers(), student.buffers()))  # buffers untouched
+    assert all(p.dtype == torch.float32 for p in student.parameters())  # the student itself is not converted
+    with torch.no_grad():
+        student.lm_head.weight[5] += 1.0  # a training step changed the student
+    model = copy.refresh(student)
+    torch.testing.assert_close(model.lm_head.weight[5].float(), student.lm_head.weight[5], rtol=1e-2, atol=1e-2)
+    # The copy samples; the fp32 student recomputes: close (bf16 rounding), not bit-equal.
+    roll = sample(model, tokenizer, prompts, SamplingParams(max_new_tokens=16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        lp = recompute(student, roll)
+    diff = (lp - roll.behaviour_logprobs[roll.completion_mask.bool()]).abs()
+    assert diff.max() < 0.2 and diff.mean() < 0.05

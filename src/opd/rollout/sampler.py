@@ -95,7 +95,12 @@ def sample(
     pad = tokenizer.pad_token_id
     stop_tail = max((len(s) for s in params.stop), default=0) + 8  # tokens to decode when checking stops
 
-    attn = prompt_mask.to(dev)
+    P = prompt_ids.shape[1]
+    # The mask of prompt + every position the completion may reach, written once; each step passes a view of
+    # its first P + t columns instead of concatenating a new [B, P + t] tensor per token.
+    full_attn = torch.ones((B, P + params.max_new_tokens), dtype=prompt_mask.dtype, device=dev)
+    full_attn[:, :P] = prompt_mask.to(dev)
+    attn = full_attn[:, :P]
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
     was_training = model.training
     model.eval()
@@ -137,7 +142,7 @@ def sample(
         steps = t + 1
         if bool(done.all()):
             break
-        attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype, device=dev)], dim=1)
+        attn = full_attn[:, : P + t + 1]
         out = model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos, use_cache=True, **{_CACHE_KW: cache})
         cache = _cache_of(out)
         if teacher is not None:
@@ -164,6 +169,33 @@ def sample(
         temperature=params.temperature,
         **guided,
     )
+
+
+class SamplingCopy:
+    """A lower-precision copy of the student that writes the rollouts (rollout.dtype = "bfloat16").
+
+    Decoding a small batch is bound by reading the weights once per token, so bf16 weights (half the bytes,
+    and avx512_bf16 / tensor-core matmuls) sample faster; training keeps the student's own dtype. `refresh`
+    copies the current weights in before every rollout, so the copy is never a step behind. Its logprobs are
+    the behaviour logprobs: the update's importance ratio pi_theta / pi_behaviour accounts for the rounding
+    (as with bf16 inference-engine rollouts), and freshness/logprob_drift shows its size. Only parameters change
+    dtype; buffers (e.g. rotary inverse frequencies) stay as they are.
+    """
+
+    def __init__(self, model, dtype: torch.dtype):
+        import copy
+
+        self.dtype = dtype
+        self.model = copy.deepcopy(model).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+            p.data = p.data.to(dtype)
+
+    @torch.no_grad()
+    def refresh(self, model):
+        for dst, src in zip(self.model.parameters(), model.parameters(), strict=True):
+            dst.copy_(src)
+        return self.model
 
 
 class _TeacherStepper:

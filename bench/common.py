@@ -1,0 +1,139 @@
+"""Shared by the `make bench` suite: the machine's matmul limit, FLOP counts of each stage, peak-memory
+reading and one writer for bench/results/<name>.json.
+
+FLOP conventions (the usual dense-transformer estimates, attention's T^2 term left out):
+- a forward over N tokens costs 2 x params x N (one multiply-add per weight per token); the LM head is a
+  weight like any other, the embedding lookup is not (with tied embeddings it is counted once: as the head);
+- a training step (forward + backward) costs 6 x params x N.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+RESULTS = BENCH / "results"
+
+
+def quick() -> bool:
+    """BENCH_QUICK=1: fewer shapes, shorter runs (the same code paths)."""
+    return os.environ.get("BENCH_QUICK", "") not in ("", "0")
+
+
+def threads() -> int:
+    """Torch threads for the suite: BENCH_THREADS, else every core (the machine's limit is what they can do)."""
+    return int(os.environ.get("BENCH_THREADS") or os.cpu_count() or 1)
+
+
+def forward_flops(params: int, tokens: int) -> float:
+    return 2.0 * params * tokens
+
+
+def train_flops(params: int, tokens: int) -> float:
+    return 6.0 * params * tokens
+
+
+def matmul_flop(n: int, m: int, k: int) -> float:
+    """[n, k] @ [k, m]: n*m dot products of length k, one multiply and one add each."""
+    return 2.0 * n * m * k
+
+
+def fraction_of_limit(tokens_per_s: float, flops_per_token: float, limit_flops_per_s: float) -> float:
+    return tokens_per_s * flops_per_token / limit_flops_per_s
+
+
+def measure_matmul_limit(dtype: str, *, size: int = 2048, min_seconds: float = 2.0) -> dict:
+    """Best sustained FLOP/s of one square matmul (size x size) in `dtype` with the current torch threads:
+    the ceiling every stage is measured against. Best of repeated timed calls after a warm-up."""
+    import torch
+
+    dt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(size, size, generator=g).to(dt)
+    b = torch.randn(size, size, generator=g).to(dt)
+    out = torch.empty(size, size, dtype=dt)
+    torch.matmul(a, b, out=out)  # warm-up (allocations, kernel selection)
+    best, spent, calls = float("inf"), 0.0, 0
+    while spent < min_seconds or calls < 3:
+        t0 = time.perf_counter()
+        torch.matmul(a, b, out=out)
+        dt_s = time.perf_counter() - t0
+        best, spent, calls = min(best, dt_s), spent + dt_s, calls + 1
+    return {"dtype": dtype, "size": size, "flops_per_s": matmul_flop(size, size, size) / best, "calls": calls}
+
+
+def reset_peak_rss() -> int:
+    """Resets Linux's peak-RSS counter (VmHWM) to the current RSS; returns the current RSS in KiB."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+    return proc_status_kib("VmRSS")
+
+
+def proc_status_kib(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def peak_rss_gib() -> float:
+    return round(proc_status_kib("VmHWM") / 2**20, 3)
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags(wanted=("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")) -> list[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    return [f for f in wanted if f in flags]
+
+
+BENCH_ENV = ("BENCH_QUICK", "BENCH_THREADS", "BUDGET_S", "VLLM_VENV")  # settings a re-run needs, kept in "command"
+
+
+def write_result(name: str, payload: dict, *, headline: list[dict] | None = None) -> Path:
+    """bench/results/<name>.json with the figures, the command that made them and the machine facts.
+    `headline`: [{"figure": ..., "value": ..., "unit": ...}] rows for the generated table in results/README.md."""
+    sys.path.insert(0, str(BENCH))
+    from machine import machine_facts
+
+    env = " ".join(f"{k}={os.environ[k]}" for k in BENCH_ENV if os.environ.get(k))
+    script = os.path.relpath(sys.argv[0], ROOT) if Path(sys.argv[0]).exists() else sys.argv[0]
+    out = {
+        "benchmark": name,
+        "command": " ".join(([env] if env else []) + ["python", script] + sys.argv[1:]),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "quick": quick(),
+        "machine": machine_facts(),
+        **({"headline": headline} if headline else {}),
+        **payload,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(out, indent=1) + "\n")
+    print(f"written {path}")
+    return path

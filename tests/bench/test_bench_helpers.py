@@ -1,0 +1,85 @@
+"""The benchmark suite's helpers: FLOP counting, the matmul-limit measurement, the results table."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+
+import common  # noqa: E402
+import results_table  # noqa: E402
+
+
+def test_flop_counts_follow_the_dense_transformer_rules():
+    assert common.forward_flops(params=1_000, tokens=10) == 20_000
+    assert common.train_flops(params=1_000, tokens=10) == 60_000
+    assert common.train_flops(7, 3) == 3 * common.forward_flops(7, 3)
+    assert common.matmul_flop(2, 3, 4) == 2 * 2 * 3 * 4
+
+
+def test_fraction_of_limit_is_achieved_flops_over_the_limit():
+    # 100 tokens/s x 2e9 FLOP/token = 2e11 FLOP/s, against a 4e11 limit
+    assert common.fraction_of_limit(100, 2e9, 4e11) == pytest.approx(0.5)
+
+
+def test_matmul_limit_measures_a_positive_rate_for_both_dtypes():
+    for dtype in ("float32", "bfloat16"):
+        row = common.measure_matmul_limit(dtype, size=64, min_seconds=0.0)
+        assert row["dtype"] == dtype and row["size"] == 64 and row["calls"] >= 3
+        assert row["flops_per_s"] > 0
+
+
+def test_quick_mode_reads_the_environment(monkeypatch):
+    monkeypatch.setenv("BENCH_QUICK", "1")
+    assert common.quick()
+    monkeypatch.setenv("BENCH_QUICK", "0")
+    assert not common.quick()
+    monkeypatch.delenv("BENCH_QUICK")
+    assert not common.quick()
+
+
+def test_write_result_records_command_machine_and_headline(tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    monkeypatch.delenv("BENCH_QUICK", raising=False)
+    monkeypatch.setenv("BUDGET_S", "60")
+    path = common.write_result("demo", {"figures": [1, 2]}, headline=[{"figure": "x", "value": 1.5, "unit": "tok/s"}])
+    data = json.loads(path.read_text())
+    assert data["benchmark"] == "demo" and data["figures"] == [1, 2]
+    assert data["command"].startswith("BUDGET_S=60 python ")  # the settings a re-run needs
+    for key in ("cpu_model", "cpu_count", "torch", "torch_threads"):
+        assert key in data["machine"]
+    assert data["headline"][0]["value"] == 1.5
+
+
+def test_results_table_lists_headlines_and_other_files(tmp_path):
+    (tmp_path / "a.json").write_text(json.dumps({
+        "command": "python bench/a.py", "date": "2026-01-01 00:00", "quick": True,
+        "machine": {"cpu_model": "Test CPU", "cpu_count": 2, "torch_threads": 2, "torch": "2.x"},
+        "headline": [{"figure": "speed", "value": 1234.5, "unit": "tok/s"}, {"figure": "ratio", "value": 5.25, "unit": "x"}],
+    }))
+    (tmp_path / "b.json").write_text(json.dumps({"what": "an older result", "command": "python bench/b.py"}))
+    (tmp_path / "broken.json").write_text("{not json")
+    text = results_table.render(tmp_path)
+    assert "| [a.json](a.json) | speed | 1,234 | tok/s | 2026-01-01 00:00 quick | Test CPU, 2 cores, 2 threads, torch 2.x |" in text
+    assert "| ratio | 5.25 | x |" in text
+    assert "- [b.json](b.json): an older result — `python bench/b.py`" in text
+    assert "broken" not in text
+    assert "- a.json: `python bench/a.py`" in text
+
+
+def test_peer_benchmark_splits_prompts_and_configures_opd_like_the_peers(tmp_path):
+    import peer_trl
+
+    train, held_out = peer_trl.prompt_records()
+    assert len(held_out) == peer_trl.EVAL_PROMPTS and len(train) > len(held_out)
+    assert not {json.dumps(r) for r in train} & {json.dumps(r) for r in held_out}
+    for name, variant in peer_trl.OPD_VARIANTS.items():
+        cfg = peer_trl.opd_config(tmp_path / "student", tmp_path / "train.jsonl", variant)
+        assert cfg.prompts.batch_size == peer_trl.BATCH == 4 and cfg.rollout.max_new_tokens == peer_trl.NEW_TOKENS == 64
+        assert cfg.rollout.temperature == 1.0 and cfg.objective.name == "reverse_kl"
+        assert cfg.train.lr == peer_trl.LR and cfg.train.schedule == "constant" and cfg.train.warmup_steps == 0
+        assert cfg.student.init == "pretrained" and cfg.student.warm_start_steps == 0  # the shared warm start is given
+        assert cfg.prompts.sources[0].path == str(tmp_path / "train.jsonl")
+    assert peer_trl.opd_config(tmp_path, tmp_path / "t.jsonl", peer_trl.OPD_VARIANTS["opd-bf16"]).rollout.dtype == "bfloat16"
