@@ -24,7 +24,7 @@ import numpy as np
 from opd.config import Config, ConfigError, load_config, to_toml
 from opd.demo import teacher_accuracy
 from opd.evaluate import detailed_eval
-from opd.handling_study import run_handling_study, study_lines, study_plot
+from opd.handling_study import fmt_mean_std, mean_std, run_handling_study, study_lines, study_plot
 from opd.jobs import RunJob, run_jobs
 from opd.loop import run
 from opd.models import load_model, load_tokenizer
@@ -96,16 +96,16 @@ def run_compare(config: Path | None, overrides: list[str], run_dir: Path, *, see
     }
     for m in methods:
         summary[m] = {
-            **{k: _mean_std([f[k] for f in finals[m]]) for k in ("eval/accuracy", "eval/reverse_kl")},
-            "teacher_tokens": _mean_std([f["budget/teacher_tokens"] for f in finals[m]]),
-            **{k: _mean_std([f[k] for f in finals[m]]) for k in RECOVERY_KEYS if all(k in f for f in finals[m])},
+            **{k: mean_std([f[k] for f in finals[m]]) for k in ("eval/accuracy", "eval/reverse_kl")},
+            "teacher_tokens": mean_std([f["budget/teacher_tokens"] for f in finals[m]]),
+            **{k: mean_std([f[k] for f in finals[m]]) for k in RECOVERY_KEYS if all(k in f for f in finals[m])},
         }
     summary["targets"] = _targets(summary, curves, t_acc)
     recovery = final_recovery(base, run_dir, seeds, list(finals))
     if recovery:  # the final students on eval.size prompts replace the eval rows' smaller-sample figures
         summary["recovery_prompts"] = recovery["prompts"]
         for m in finals:
-            summary[m].update({k: _mean_std(v) for k, v in recovery["rates"][m].items()})
+            summary[m].update({k: mean_std(v) for k, v in recovery["rates"][m].items()})
     summary["recovery_by_step"] = recovery.get("by_step", {})
     if study_steps:
         summary["broken_prefix_study"] = run_handling_study(
@@ -122,10 +122,6 @@ def run_compare(config: Path | None, overrides: list[str], run_dir: Path, *, see
         study_plot(report, summary["broken_prefix_study"])
     _write_report(report, summary, errors)
     return summary
-
-
-def _mean_std(xs: list[float]) -> dict:
-    return {"mean": float(np.mean(xs)), "std": float(np.std(xs)), "values": [float(x) for x in xs]}
 
 
 def _targets(summary: dict, curves: dict, t_acc: float) -> dict:
@@ -294,10 +290,6 @@ def _recovery_plot(report: Path, summary: dict, by_step: dict) -> None:
     plt.close(fig)
 
 
-def _fmt(d: dict) -> str:
-    return f"{d['mean']:.3f} ± {d['std']:.3f}"
-
-
 def _write_report(report: Path, summary: dict, errors: dict) -> None:
     t = summary["targets"]
     lines = [
@@ -316,7 +308,7 @@ def _write_report(report: Path, summary: dict, errors: dict) -> None:
         if m not in summary:
             continue
         s = summary[m]
-        lines.append(f"| {m} | {_fmt(s['eval/accuracy'])} | {_fmt(s['eval/reverse_kl'])} | {s['teacher_tokens']['mean']:,.0f} |")
+        lines.append(f"| {m} | {fmt_mean_std(s['eval/accuracy'])} | {fmt_mean_std(s['eval/reverse_kl'])} | {s['teacher_tokens']['mean']:,.0f} |")
     frac = t["fraction_of_offline_tokens"]
     lines += [
         "",
@@ -368,7 +360,7 @@ def _recovery_lines(summary: dict) -> list[str]:
     ]
     for m in methods:
         s = summary[m]
-        cells = [_fmt(s[k]) if k in s else "-" for k in RECOVERY_KEYS]
+        cells = [fmt_mean_std(s[k]) if k in s else "-" for k in RECOVERY_KEYS]
         lines.append(f"| {m} | " + " | ".join(cells) + f" | {s['teacher_tokens']['mean']:,.0f} |")
     lines += ["", "![recovery](recovery.png)"]
     if "broken_prefix_study" in summary:

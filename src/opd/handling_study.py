@@ -56,9 +56,9 @@ def run_handling_study(config: Path | None, overrides: list[str], run_dir: Path,
             first.append(train[0] if train else {})
         results[name] = {
             "overrides": option,
-            **{k: _mean_std([f[k] for f in finals]) for k in KEYS},
+            **{k: mean_std([f[k] for f in finals]) for k in KEYS},
             # the weak student's first training step: how broken its own samples were when the option kicked in
-            **{f"first_step/{k}": _mean_std([f[k] for f in first]) for k in START_KEYS if all(k in f for f in first)},
+            **{f"first_step/{k}": mean_std([f[k] for f in first]) for k in START_KEYS if all(k in f for f in first)},
             "curves": curves,
         }
     keep = results["keep"]["eval/accuracy"]
@@ -80,7 +80,8 @@ def verdict(option: dict, keep: dict) -> str:
     return "no clear effect"
 
 
-def _mean_std(xs: list[float]) -> dict:
+def mean_std(xs: list[float]) -> dict:
+    """A figure over seeds, as summary.json holds it."""
     return {"mean": float(np.mean(xs)), "std": float(np.std(xs)), "values": [float(x) for x in xs]}
 
 
@@ -130,12 +131,11 @@ def study_lines(study: dict) -> list[str]:
     ]
     for name, r in study["options"].items():
         broken = r.get("first_step/teacher/broken_frac")
+        broken_cell = f"{broken['mean']:.2f}" if broken else "-"
         lines.append(
-            f"| {name} (`{' '.join(r['overrides'])}`) | {_fmt(r['eval/accuracy'])} | {_fmt(r['eval/reverse_kl'], 4)} | "
-            f"{r['budget/teacher_tokens']['mean']:,.0f} | {broken['mean']:.2f} | {r['verdict']} |"
-            if broken else
-            f"| {name} (`{' '.join(r['overrides'])}`) | {_fmt(r['eval/accuracy'])} | {_fmt(r['eval/reverse_kl'], 4)} | "
-            f"{r['budget/teacher_tokens']['mean']:,.0f} | - | {r['verdict']} |"
+            f"| {name} (`{' '.join(r['overrides'])}`) | {fmt_mean_std(r['eval/accuracy'])} | "
+            f"{fmt_mean_std(r['eval/reverse_kl'], 4)} | {r['budget/teacher_tokens']['mean']:,.0f} | "
+            f"{broken_cell} | {r['verdict']} |"
         )
     unhelpful = [n for n, r in study["options"].items() if r["verdict"] in ("no clear effect", "hurts")]
     if unhelpful:
@@ -143,5 +143,5 @@ def study_lines(study: dict) -> list[str]:
     return lines + ["", "![broken-prefix study](broken_prefix_study.png)"]
 
 
-def _fmt(d: dict, digits: int = 3) -> str:
+def fmt_mean_std(d: dict, digits: int = 3) -> str:
     return f"{d['mean']:.{digits}f} ± {d['std']:.{digits}f}"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import sys
+from contextlib import redirect_stderr, redirect_stdout
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +64,5 @@ def _run_one(cfg: Config, out: Path, mode: str, threads: int) -> None:
 
     torch.set_num_threads(threads)
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "console.log", "a", buffering=1) as f:
-        sys.stdout = sys.stderr = f
+    with open(out / "console.log", "a", buffering=1) as f, redirect_stdout(f), redirect_stderr(f):
         run(cfg, out, log=print, mode=mode, resume=(out / "checkpoints").is_dir())
