@@ -86,7 +86,8 @@ def run_compare(config: Path | None, overrides: list[str], run_dir: Path, *, see
             finals[method].append(rows[-1])
 
     t_acc = teacher_accuracy(base)
-    errors = error_by_position(base, run_dir, seeds, methods)
+    students = final_students(base, run_dir, seeds, methods)
+    errors, recovery = students["errors"], students["recovery"]
     summary = {
         "teacher": {"eval/accuracy": t_acc},
         "seeds": seeds,
@@ -101,7 +102,6 @@ def run_compare(config: Path | None, overrides: list[str], run_dir: Path, *, see
             **{k: mean_std([f[k] for f in finals[m]]) for k in RECOVERY_KEYS if all(k in f for f in finals[m])},
         }
     summary["targets"] = _targets(summary, curves, t_acc)
-    recovery = final_recovery(base, run_dir, seeds, list(finals))
     if recovery:  # the final students on eval.size prompts replace the eval rows' smaller-sample figures
         summary["recovery_prompts"] = recovery["prompts"]
         for m in finals:
@@ -150,53 +150,46 @@ def _targets(summary: dict, curves: dict, t_acc: float) -> dict:
     }
 
 
-def error_by_position(cfg: Config, run_dir: Path, seeds: list[int], methods=METHODS) -> dict:
-    """Free-running error per answer segment for the warm start and each method's final students."""
+def final_students(cfg: Config, run_dir: Path, seeds: list[int], methods) -> dict:
+    """The warm start and each method's final students, each loaded once, on held-out prompts:
+    - "errors": free-running error per answer segment (mean over seeds), on eval.size prompts;
+    - recovery from a planted error on max(eval.size, eval.recovery_size) prompts (more than the eval rows'
+      eval.recovery_size: the per-method difference is small and 32 prompts cannot resolve it):
+      "recovery" = {"prompts": n, "by_step": {student: {step: rate}}, "rates": {student: {key: [per seed]}}},
+      empty when eval.recovery_size = 0 or the task plants no errors."""
     tokenizer = load_tokenizer(cfg.teacher.model)
     teacher = LocalTeacher(load_model(cfg.teacher.model, dtype=cfg.teacher.dtype, device=cfg.teacher.device),
                            batch_size=cfg.teacher.batch_size)
-    prompts = PromptStream(cfg.prompts, cfg.seed).eval_prompts(cfg.eval.size)
     params = SamplingParams(cfg.eval.temperature, 1.0, cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens)
-    out: dict[str, list[float]] = {}
+    n_recovery = max(cfg.eval.size, cfg.eval.recovery_size) if cfg.eval.recovery_size else 0
+    stream = PromptStream(cfg.prompts, cfg.seed)
+    eval_prompts, recovery_prompts = stream.eval_prompts(cfg.eval.size), stream.eval_prompts(n_recovery)
     folders = {"warm start": [run_dir / "warm-start" / "final"]}
     folders.update({m: [run_dir / m / f"seed-{s}" / "final" for s in seeds] for m in methods})
+    errors: dict[str, list[float]] = {}
+    recovery: dict = {"prompts": n_recovery, "by_step": {}, "rates": {}}
     for name, paths in folders.items():
-        rates = []
+        rates, runs = [], []
         for p in paths:
-            res = detailed_eval(load_model(str(p), device=cfg.student.device), teacher, tokenizer, prompts, params,
-                                seed=cfg.seed)
+            student = load_model(str(p), device=cfg.student.device)
+            res = detailed_eval(student, teacher, tokenizer, eval_prompts, params, seed=cfg.seed)
             if "error_by_step" in res:
                 rates.append(res["error_by_step"]["free_running"])
+            if n_recovery:
+                runs.append(planted_error_recovery(student, tokenizer, recovery_prompts, params, seed=cfg.seed,
+                                                   batch_size=cfg.teacher.batch_size))
         if rates:
-            out[name] = [float(x) for x in np.mean(rates, axis=0)]
-    return out
-
-
-def final_recovery(cfg: Config, run_dir: Path, seeds: list[int], methods) -> dict:
-    """Recovery from a planted error for the warm start and each method's final students, on eval.size held-out
-    prompts (more than the eval rows' eval.recovery_size: the per-method difference is small and 32 prompts cannot
-    resolve it). Returns {"prompts": n, "by_step": {student: {step: rate}}, "rates": {student: {key: [per seed]}}};
-    empty when eval.recovery_size = 0 or the task plants no errors."""
-    if cfg.eval.recovery_size == 0:
-        return {}
-    tokenizer = load_tokenizer(cfg.teacher.model)
-    n = max(cfg.eval.size, cfg.eval.recovery_size)
-    prompts = PromptStream(cfg.prompts, cfg.seed).eval_prompts(n)
-    params = SamplingParams(cfg.eval.temperature, 1.0, cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens)
-    folders = {"warm start": [run_dir / "warm-start" / "final"]}
-    folders.update({m: [run_dir / m / f"seed-{s}" / "final" for s in seeds] for m in methods})
-    out: dict = {"prompts": n, "by_step": {}, "rates": {}}
-    for name, paths in folders.items():
-        runs = [planted_error_recovery(load_model(str(p), device=cfg.student.device), tokenizer, prompts, params,
-                                       seed=cfg.seed, batch_size=cfg.teacher.batch_size) for p in paths]
+            errors[name] = [float(x) for x in np.mean(rates, axis=0)]
         runs = [r for r in runs if r is not None]
         if not runs:
-            return {}
+            recovery = {}
+            n_recovery = 0
+            continue
         steps = sorted({k for r in runs for k in r["recovery_by_step"]})
-        out["by_step"][name] = {str(k): float(np.mean([r["recovery_by_step"][k] for r in runs
-                                                       if k in r["recovery_by_step"]])) for k in steps}
-        out["rates"][name] = {k: [r[k] for r in runs] for k in RECOVERY_KEYS[:2]}
-    return out
+        recovery["by_step"][name] = {str(k): float(np.mean([r["recovery_by_step"][k] for r in runs
+                                                            if k in r["recovery_by_step"]])) for k in steps}
+        recovery["rates"][name] = {k: [r[k] for r in runs] for k in RECOVERY_KEYS[:2]}
+    return {"errors": errors, "recovery": recovery}
 
 
 def _plots(report: Path, curves: dict, errors: dict, t_acc: float) -> None:
