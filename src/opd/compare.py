@@ -156,7 +156,8 @@ def error_by_position(cfg: Config, run_dir: Path, seeds: list[int], methods=METH
     teacher = LocalTeacher(load_model(cfg.teacher.model, dtype=cfg.teacher.dtype, device=cfg.teacher.device),
                            batch_size=cfg.teacher.batch_size)
     prompts = PromptStream(cfg.prompts, cfg.seed).eval_prompts(cfg.eval.size)
-    params = SamplingParams(cfg.eval.temperature, 1.0, cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens)
+    params = SamplingParams(cfg.eval.temperature, 1.0, cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
+                            decoder=cfg.rollout.decoder)
     out: dict[str, list[float]] = {}
     folders = {"warm start": [run_dir / "warm-start" / "final"]}
     folders.update({m: [run_dir / m / f"seed-{s}" / "final" for s in seeds] for m in methods})
@@ -182,7 +183,8 @@ def final_recovery(cfg: Config, run_dir: Path, seeds: list[int], methods) -> dic
     tokenizer = load_tokenizer(cfg.teacher.model)
     n = max(cfg.eval.size, cfg.eval.recovery_size)
     prompts = PromptStream(cfg.prompts, cfg.seed).eval_prompts(n)
-    params = SamplingParams(cfg.eval.temperature, 1.0, cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens)
+    params = SamplingParams(cfg.eval.temperature, 1.0, cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
+                            decoder=cfg.rollout.decoder)
     folders = {"warm start": [run_dir / "warm-start" / "final"]}
     folders.update({m: [run_dir / m / f"seed-{s}" / "final" for s in seeds] for m in methods})
     out: dict = {"prompts": n, "by_step": {}, "rates": {}}

@@ -172,6 +172,12 @@ class RolloutConfig(Section):
         "that dtype, refreshed before every rollout (faster decoding; the behaviour logprobs are the copy's, and the "
         "update's importance ratio accounts for the rounding).",
     )
+    decoder: Literal["auto", "hf"] = Field(
+        "auto",
+        description="How the local sampler decodes: `auto` = opd's lean decoder for Llama-architecture models "
+        "(static KV cache, fused QKV and gate/up matmuls; same logits as Hugging Face) where it supports the model, "
+        "else the Hugging Face forward; `hf` = always the Hugging Face forward with its dynamic KV cache.",
+    )
     teacher_mix: float = Field(
         0.0,
         ge=0,

@@ -1,0 +1,170 @@
+"""A lean decoder for Llama-architecture students: the hot path of the rollout.
+
+Decoding a small batch reads every weight once per token, and for tiny models the Hugging Face forward's
+per-step Python (mask building, dynamic cache bookkeeping, output dataclasses, hooks) costs more than the
+matmuls. This decoder does the same arithmetic as `LlamaForCausalLM` (RMSNorm in fp32, RoPE, GQA attention,
+SiLU-gated MLP, last position through the LM head) with less around it:
+
+- a static KV cache [layers, 2, B, kv_heads, P + max_new, head_dim], allocated once per rollout;
+- fused QKV and gate/up weights (one matmul instead of three / two), concatenated from the model's current
+  weights when the decoder is built, i.e. at the start of every rollout, so training updates are always seen;
+- a cos/sin table for every position the rollout can reach, computed once with the model's own inverse
+  frequencies, gathered by the position ids (which respect left padding);
+- only the last position's hidden state goes through the LM head.
+
+`build_decoder` returns None for anything it does not reproduce exactly (LoRA-injected layers, biases,
+rope types whose frequencies depend on the length, other architectures ...); the sampler then uses the HF
+model. tests/rollout/test_fast_llama.py checks the logits against HF's at prefill and at every decode step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import LlamaForCausalLM
+
+# RoPE variants whose inverse frequencies are fixed (not re-computed from the sequence length at run time):
+# for these, positions x model.rotary_emb.inv_freq (x attention_scaling) is exactly what HF computes.
+STATIC_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def unsupported_reason(model) -> str | None:
+    """Why the fast decoder cannot reproduce `model` exactly, or None if it can."""
+    if type(model) is not LlamaForCausalLM:
+        return f"{type(model).__name__} is not LlamaForCausalLM"
+    cfg = model.config
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    if rope.get("rope_type", rope.get("type", "default")) not in STATIC_ROPE_TYPES:
+        return f"rope_type {rope.get('rope_type')!r}"
+    if getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False):
+        return "attention or MLP bias"
+    if cfg.hidden_act != "silu":
+        return f"hidden_act {cfg.hidden_act!r}"
+    if model.training and getattr(cfg, "attention_dropout", 0.0) > 0:
+        return "attention dropout in training mode"
+    if getattr(cfg, "pretraining_tp", 1) > 1:
+        return "pretraining_tp > 1"
+    # LoRA/PEFT injects its own layer types in place of nn.Linear; quantised layers likewise.
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and type(module) is not nn.Linear:
+            return f"{name} is {type(module).__name__}"
+        if any(hasattr(module, a) for a in ("lora_A", "base_layer")):
+            return f"{name} is an adapter layer"
+    if type(model.model.embed_tokens) is not nn.Embedding:
+        return "embedding is not nn.Embedding"
+    if len({p.dtype for p in model.parameters()}) != 1:
+        return "parameters of mixed dtypes"
+    return None
+
+
+@dataclass
+class LayerWeights:
+    input_norm: torch.Tensor  # [hidden]
+    qkv: torch.Tensor  # [(heads + 2 kv_heads) * head_dim, hidden]
+    o: torch.Tensor  # [hidden, heads * head_dim]
+    post_norm: torch.Tensor  # [hidden]
+    gate_up: torch.Tensor  # [2 * intermediate, hidden]
+    down: torch.Tensor  # [hidden, intermediate]
+
+
+def layer_weights(layer) -> LayerWeights:
+    att, mlp = layer.self_attn, layer.mlp
+    return LayerWeights(
+        input_norm=layer.input_layernorm.weight.detach(),
+        qkv=torch.cat([att.q_proj.weight, att.k_proj.weight, att.v_proj.weight]).detach(),
+        o=att.o_proj.weight.detach(),
+        post_norm=layer.post_attention_layernorm.weight.detach(),
+        gate_up=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach(),
+        down=mlp.down_proj.weight.detach(),
+    )
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # As LlamaRMSNorm: statistics in fp32, the product in the model's dtype.
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class FastLlamaDecoder:
+    """Prefill a left-padded batch of prompts, then decode one token per row per step; returns last-position logits.
+
+    Usage (what opd.rollout.sampler does):
+        dec = build_decoder(model, batch=B, max_len=P + max_new)   # None -> use the HF model
+        logits = dec.prefill(prompt_ids, prompt_mask, position_ids) # [B, vocab]
+        logits = dec.step(tokens, attention_mask[:, :P + t + 1], next_positions)
+    """
+
+    def __init__(self, model: LlamaForCausalLM, batch: int, max_len: int):
+        cfg = model.config
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.eps = cfg.rms_norm_eps
+        self.scale = self.head_dim**-0.5
+        self.embed = model.model.embed_tokens.weight.detach()
+        self.final_norm = model.model.norm.weight.detach()
+        self.lm_head = model.lm_head.weight.detach()  # the embedding itself when tied
+        self.layers = [layer_weights(layer) for layer in model.model.layers[: cfg.num_hidden_layers]]
+        self.cache = torch.empty((len(self.layers), 2, batch, self.kv_heads, max_len, self.head_dim),
+                                 dtype=self.dtype, device=self.device)
+        # cos/sin of every position the rollout can reach (a left-padded row's positions stay below max_len).
+        rotary = model.model.rotary_emb
+        freqs = torch.arange(max_len, device=self.device, dtype=torch.float)[:, None] * rotary.inv_freq.float()
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.cos = (emb.cos() * rotary.attention_scaling).to(self.dtype)
+        self.sin = (emb.sin() * rotary.attention_scaling).to(self.dtype)
+        self.filled = 0  # cache positions written so far
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        P = input_ids.shape[1]
+        real = attention_mask.bool()
+        causal = torch.ones((P, P), dtype=torch.bool, device=self.device).tril()
+        # A padding query sees only itself: it never reaches a real row, but a row with no key at all would turn
+        # its keys/values into NaN in the next layer, and 0 x NaN is still NaN in the attention's product.
+        eye = torch.eye(P, dtype=torch.bool, device=self.device)
+        mask = ((causal & real[:, None, :]) | eye)[:, None]  # [B, 1, P, P]
+        self.filled = 0
+        return self._forward(input_ids, position_ids, mask)
+
+    def step(self, tokens: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """One new token per row; `attention_mask` covers every cached position plus this one."""
+        mask = attention_mask.bool()[:, None, None, :]  # [B, 1, 1, filled + 1]
+        return self._forward(tokens[:, None], position_ids, mask)
+
+    def _forward(self, ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        B, T = ids.shape
+        start, end = self.filled, self.filled + T
+        H, KV, D = self.heads, self.kv_heads, self.head_dim
+        cos, sin = self.cos[position_ids][:, None], self.sin[position_ids][:, None]  # [B, 1, T, D]
+        x = F.embedding(ids, self.embed)
+        for i, w in enumerate(self.layers):
+            h = rms_norm(x, w.input_norm, self.eps)
+            q, k, v = F.linear(h, w.qkv).view(B, T, H + 2 * KV, D).transpose(1, 2).split((H, KV, KV), dim=1)
+            keys, values = self.cache[i, 0, :B], self.cache[i, 1, :B]
+            keys[:, :, start:end] = apply_rope(k, cos, sin)
+            values[:, :, start:end] = v
+            att = F.scaled_dot_product_attention(apply_rope(q, cos, sin), keys[:, :, :end], values[:, :, :end],
+                                                 attn_mask=mask, scale=self.scale, enable_gqa=H != KV)
+            x = x + F.linear(att.transpose(1, 2).reshape(B, T, H * D), w.o)
+            gate, up = F.linear(rms_norm(x, w.post_norm, self.eps), w.gate_up).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, w.down)
+        self.filled = end
+        return F.linear(rms_norm(x[:, -1], self.final_norm, self.eps), self.lm_head)
+
+
+def build_decoder(model, batch: int, max_len: int) -> FastLlamaDecoder | None:
+    """The fast decoder for `model`, or None when it does not support it (use the HF model then)."""
+    if unsupported_reason(model) is not None:
+        return None
+    return FastLlamaDecoder(model, batch, max_len)
