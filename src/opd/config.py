@@ -297,6 +297,12 @@ class TrainConfig(Section):
     max_consecutive_skips: int = Field(
         5, ge=1, description="Stop (with a checkpoint) after this many steps in a row skipped for non-finite numbers."
     )
+    autocast: Literal["none", "bfloat16"] = Field(
+        "none",
+        description="Mixed precision for the update: `bfloat16` runs the student's forward (and so its backward) "
+        "under torch.autocast in bf16; parameters, gradients and the optimizer stay in their dtype, and the "
+        "log-softmax and the loss are computed in fp32 from the upcast logits. `none` = the student's own dtype.",
+    )
 
 
 class EvalConfig(Section):
