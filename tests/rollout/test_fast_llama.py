@@ -115,3 +115,15 @@ def test_bf16_sampling_copy_uses_the_fast_decoder(student, tokenizer, prompts):
         lp = recompute(student, roll)  # the fp32 student recomputes: bf16 rounding apart, the same distribution
     diff = (lp - roll.behaviour_logprobs[roll.completion_mask.bool()]).abs()
     assert diff.max() < 0.2 and diff.mean() < 0.05
+
+
+def test_guided_rollout_is_the_same_with_both_decoders(student, teacher_model, tokenizer, prompts):
+    # The teacher of a guided rollout goes through the same decoder choice (it is a Llama here: the fast one).
+    from opd.rollout.guidance import TeacherGuide
+
+    rolls = [sample(student, tokenizer, prompts, SamplingParams(max_new_tokens=12, decoder=kind),
+                    generator=torch.Generator().manual_seed(3), guide=TeacherGuide(teacher_model, mix=0.5))
+             for kind in ("auto", "hf")]
+    assert torch.equal(rolls[0].completion_ids, rolls[1].completion_ids)
+    for key in ("behaviour_logprobs", "student_logprobs", "teacher_share"):
+        torch.testing.assert_close(getattr(rolls[0], key), getattr(rolls[1], key), rtol=0, atol=1e-5)
