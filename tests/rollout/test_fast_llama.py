@@ -127,3 +127,11 @@ def test_guided_rollout_is_the_same_with_both_decoders(student, teacher_model, t
     assert torch.equal(rolls[0].completion_ids, rolls[1].completion_ids)
     for key in ("behaviour_logprobs", "student_logprobs", "teacher_share"):
         torch.testing.assert_close(getattr(rolls[0], key), getattr(rolls[1], key), rtol=0, atol=1e-5)
+
+
+def test_a_model_training_with_attention_dropout_is_refused(tokenizer):
+    model = gqa_model(tokenizer, attention_dropout=0.1)
+    assert unsupported_reason(model) is None  # in eval mode dropout is off: supported
+    model.train()
+    assert "dropout" in unsupported_reason(model)
+    assert isinstance(make_decoder(model, "auto", 2, 8), HFDecoder)

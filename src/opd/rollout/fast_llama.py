@@ -5,8 +5,8 @@ per-step Python (mask building, dynamic cache bookkeeping, output dataclasses, h
 matmuls. This decoder does the same arithmetic as `LlamaForCausalLM` (RMSNorm in fp32, RoPE, GQA attention,
 SiLU-gated MLP, last position through the LM head) with less around it:
 
-- a static KV cache [layers, 2, B, kv_heads, P + max_new, head_dim], allocated once per rollout, in fp32
-  (bf16 keys/values are stored exactly; CPU attention is much faster in fp32 than in bf16);
+- a static KV cache [layers, 2, B, kv_heads, P + max_new, head_dim], allocated once per rollout, in fp32 on
+  CPU (bf16 keys/values are stored exactly; CPU attention is much faster in fp32 than in bf16);
 - fused QKV and gate/up weights (one matmul instead of three / two), concatenated from the model's current
   weights when the decoder is built, i.e. at the start of every rollout, so training updates are always seen;
 - a cos/sin table for every position the rollout can reach, computed once with the model's own inverse
@@ -119,10 +119,11 @@ class FastLlamaDecoder:
         self.final_norm = model.model.norm.weight.detach()
         self.lm_head = model.lm_head.weight.detach()  # the embedding itself when tied
         self.layers = [layer_weights(layer) for layer in model.model.layers[: cfg.num_hidden_layers]]
-        # Keys and values are kept (exactly) in fp32 and attention runs in fp32 whatever the weights' dtype: on CPU
-        # the bf16 attention kernel is ~5x slower than the fp32 one at decode shapes, and the cache is small.
+        # On CPU keys and values are kept (exactly) in fp32 and attention runs in fp32 whatever the weights' dtype:
+        # the CPU bf16 attention kernel is ~5x slower than the fp32 one at decode shapes, and the cache is small.
+        att_dtype = torch.float32 if self.device.type == "cpu" else self.dtype
         self.cache = torch.empty((len(self.layers), 2, batch, self.kv_heads, max_len, self.head_dim),
-                                 dtype=torch.float32, device=self.device)
+                                 dtype=att_dtype, device=self.device)
         # cos/sin of every position the rollout can reach (a left-padded row's positions stay below max_len).
         rotary = model.model.rotary_emb
         freqs = torch.arange(max_len, device=self.device, dtype=torch.float)[:, None] * rotary.inv_freq.float()
@@ -160,7 +161,7 @@ class FastLlamaDecoder:
             keys, values = self.cache[i, 0, :B], self.cache[i, 1, :B]
             keys[:, :, start:end] = qk[:, H:]
             values[:, :, start:end] = qkv[:, H + KV :]
-            att = F.scaled_dot_product_attention(qk[:, :H].float(), keys[:, :, :end], values[:, :, :end],
+            att = F.scaled_dot_product_attention(qk[:, :H].to(keys.dtype), keys[:, :, :end], values[:, :, :end],
                                                  attn_mask=mask, scale=self.scale, enable_gqa=H != KV)
             x = x + F.linear(att.transpose(1, 2).reshape(B, T, H * D).to(x.dtype), w.o)
             gate, up = F.linear(rms_norm(x, w.post_norm, self.eps), w.gate_up).chunk(2, dim=-1)
