@@ -48,6 +48,8 @@ def unsupported_reason(model) -> str | None:
         return "attention dropout in training mode"
     if getattr(cfg, "pretraining_tp", 1) > 1:
         return "pretraining_tp > 1"
+    if cfg.num_key_value_heads != cfg.num_attention_heads and torch.torch_version.TorchVersion(torch.__version__) < "2.5":
+        return "grouped-query attention needs torch >= 2.5 (scaled_dot_product_attention's enable_gqa)"
     # LoRA/PEFT injects its own layer types in place of nn.Linear; quantised layers likewise.
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and type(module) is not nn.Linear:
