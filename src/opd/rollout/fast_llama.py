@@ -117,6 +117,7 @@ class FastLlamaDecoder:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.eps = cfg.rms_norm_eps
         self.scale = self.head_dim**-0.5
+        self.gqa = {"enable_gqa": True} if self.heads != self.kv_heads else {}  # the keyword exists from torch 2.5
         self.embed = model.model.embed_tokens.weight.detach()
         self.final_norm = model.model.norm.weight.detach()
         self.lm_head = model.lm_head.weight.detach()  # the embedding itself when tied
@@ -164,7 +165,7 @@ class FastLlamaDecoder:
             keys[:, :, start:end] = qk[:, H:]
             values[:, :, start:end] = qkv[:, H + KV :]
             att = F.scaled_dot_product_attention(qk[:, :H].to(keys.dtype), keys[:, :, :end], values[:, :, :end],
-                                                 attn_mask=mask, scale=self.scale, enable_gqa=H != KV)
+                                                 attn_mask=mask, scale=self.scale, **self.gqa)
             x = x + F.linear(att.transpose(1, 2).reshape(B, T, H * D).to(x.dtype), w.o)
             gate, up = F.linear(rms_norm(x, w.post_norm, self.eps), w.gate_up).chunk(2, dim=-1)
             x = x + F.linear(F.silu(gate) * up, w.down)
