@@ -135,3 +135,17 @@ def test_a_model_training_with_attention_dropout_is_refused(tokenizer):
     model.train()
     assert "dropout" in unsupported_reason(model)
     assert isinstance(make_decoder(model, "auto", 2, 8), HFDecoder)
+
+
+def test_fused_weights_are_reused_until_a_weight_changes(student):
+    a = build_decoder(student, 2, 8).layers[0]
+    b = build_decoder(student, 2, 8).layers[0]
+    assert a.qkv is b.qkv  # nothing changed: no copy
+    with torch.no_grad():
+        student.model.layers[0].mlp.gate_proj.weight.add_(1.0)  # what an optimizer step does (in place)
+    c = build_decoder(student, 2, 8).layers[0]
+    assert c.gate_up.data_ptr() == a.gate_up.data_ptr()  # refilled in place
+    torch.testing.assert_close(c.gate_up[: c.gate_up.shape[0] // 2], student.model.layers[0].mlp.gate_proj.weight, rtol=0, atol=0)
+    copy = SamplingCopy(student, torch.bfloat16)
+    d = build_decoder(copy.refresh(student), 2, 8).layers[0]
+    assert d.qkv.dtype == torch.bfloat16 and d.qkv.data_ptr() != a.qkv.data_ptr()  # per model

@@ -8,7 +8,8 @@ SiLU-gated MLP, last position through the LM head) with less around it:
 - a static KV cache [layers, 2, B, kv_heads, P + max_new, head_dim], allocated once per rollout, in fp32 on
   CPU (bf16 keys/values are stored exactly; CPU attention is much faster in fp32 than in bf16);
 - fused QKV and gate/up weights (one matmul instead of three / two), concatenated from the model's current
-  weights when the decoder is built, i.e. at the start of every rollout, so training updates are always seen;
+  weights when the decoder is built, i.e. at the start of every rollout, so training updates are always seen
+  (the fused buffers are kept per model and refilled in place; skipped when no weight changed);
 - a cos/sin table for every position the rollout can reach, computed once with the model's own inverse
   frequencies, gathered by the position ids (which respect left padding);
 - only the last position's hidden state goes through the LM head.
@@ -20,6 +21,7 @@ model. tests/rollout/test_fast_llama.py checks the logits against HF's at prefil
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -73,16 +75,39 @@ class LayerWeights:
     down: torch.Tensor  # [hidden, intermediate]
 
 
-def layer_weights(layer) -> LayerWeights:
-    att, mlp = layer.self_attn, layer.mlp
-    return LayerWeights(
-        input_norm=layer.input_layernorm.weight.detach(),
-        qkv=torch.cat([att.q_proj.weight, att.k_proj.weight, att.v_proj.weight]).detach(),
-        o=att.o_proj.weight.detach(),
-        post_norm=layer.post_attention_layernorm.weight.detach(),
-        gate_up=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach(),
-        down=mlp.down_proj.weight.detach(),
-    )
+# The fused QKV and gate/up weights of each model, kept between rollouts: refilled in place (a fresh 100-200 MB
+# allocation costs more in page faults than the copy itself) and only when a source weight changed since (its
+# storage or its in-place version counter, which optimizer steps and SamplingCopy.refresh move).
+_FUSED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def fused(model, groups: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+    """torch.cat of each group of weights, reusing the model's previous result when nothing changed."""
+    key = [(w.data_ptr(), w._version, w.shape, w.dtype) for g in groups for w in g]
+    cached = _FUSED.get(model)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    outs = cached[1] if cached is not None and len(cached[1]) == len(groups) else [None] * len(groups)
+    result = []
+    for g, out in zip(groups, outs):
+        shape = (sum(w.shape[0] for w in g), *g[0].shape[1:])
+        if out is None or out.shape != shape or out.dtype != g[0].dtype or out.device != g[0].device:
+            out = torch.empty(shape, dtype=g[0].dtype, device=g[0].device)
+        result.append(torch.cat([w.detach() for w in g], out=out))
+    _FUSED[model] = (key, result)
+    return result
+
+
+def layer_weights(model, layers) -> list[LayerWeights]:
+    groups = []
+    for layer in layers:
+        att, mlp = layer.self_attn, layer.mlp
+        groups += [[att.q_proj.weight, att.k_proj.weight, att.v_proj.weight], [mlp.gate_proj.weight, mlp.up_proj.weight]]
+    cat = fused(model, groups)
+    return [LayerWeights(input_norm=layer.input_layernorm.weight.detach(), qkv=cat[2 * i],
+                         o=layer.self_attn.o_proj.weight.detach(), post_norm=layer.post_attention_layernorm.weight.detach(),
+                         gate_up=cat[2 * i + 1], down=layer.mlp.down_proj.weight.detach())
+            for i, layer in enumerate(layers)]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -121,7 +146,7 @@ class FastLlamaDecoder:
         self.embed = model.model.embed_tokens.weight.detach()
         self.final_norm = model.model.norm.weight.detach()
         self.lm_head = model.lm_head.weight.detach()  # the embedding itself when tied
-        self.layers = [layer_weights(layer) for layer in model.model.layers[: cfg.num_hidden_layers]]
+        self.layers = layer_weights(model, model.model.layers[: cfg.num_hidden_layers])
         # On CPU keys and values are kept (exactly) in fp32 and attention runs in fp32 whatever the weights' dtype:
         # the CPU bf16 attention kernel is ~5x slower than the fp32 one at decode shapes, and the cache is small.
         att_dtype = torch.float32 if self.device.type == "cpu" else self.dtype
