@@ -6,7 +6,7 @@
   temperature 1, prompts from configs/prompts/chat_instructions.jsonl; FLOPs = 2 x student params x
   (prompt + generated tokens).
 - Loop: `opd.loop.run` on configs/smollm2-halfdepth.toml (no warm start, no evaluation beyond the required
-  step-0 one, batch 4 and 8, 64 new tokens) for a few steps; student tokens/s = sampled completion tokens /
+  step-0 one, batch 4 and 8, 64 new tokens; the config's rollout.decoder, by default the fast one) for a few steps; student tokens/s = sampled completion tokens /
   summed step time (steps after the first), with each stage's share; FLOPs per student token = 2 x student
   (rollout) + 2 x teacher (scoring) + 6 x student (update) params.
 Peak memory of each: the process's peak RSS (VmHWM, reset before each measurement), weights included.
