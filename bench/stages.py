@@ -1,11 +1,12 @@
 """Rollout and whole-loop speed on the SmolLM2 half-depth config, against the machine's limit.
 
 - Rollout: student tokens/s of opd.rollout.sample (batched KV-cache sampling) vs batch size, with the fp32
-  student and with its bf16 sampling copy (rollout.dtype = "bfloat16"), 64 new tokens,
+  student and with its bf16 sampling copy (rollout.dtype = "bfloat16"), each through the Hugging Face forward
+  (rollout.decoder = "hf") and opd's lean Llama decoder (rollout.decoder = "auto", opd.rollout.fast_llama), 64 new tokens,
   temperature 1, prompts from configs/prompts/chat_instructions.jsonl; FLOPs = 2 x student params x
   (prompt + generated tokens).
 - Loop: `opd.loop.run` on configs/smollm2-halfdepth.toml (no warm start, no evaluation beyond the required
-  step-0 one, batch 4 and 8, 64 new tokens) for a few steps; student tokens/s = sampled completion tokens /
+  step-0 one, batch 4 and 8, 64 new tokens; the config's rollout.decoder, by default the fast one) for a few steps; student tokens/s = sampled completion tokens /
   summed step time (steps after the first), with each stage's share; FLOPs per student token = 2 x student
   (rollout) + 2 x teacher (scoring) + 6 x student (update) params.
 Peak memory of each: the process's peak RSS (VmHWM, reset before each measurement), weights included.
@@ -16,6 +17,7 @@ Peak memory of each: the process's peak RSS (VmHWM, reset before each measuremen
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sys
@@ -40,6 +42,7 @@ from opd.rollout import SamplingCopy, SamplingParams, sample  # noqa: E402
 
 CONFIG = ROOT / "configs/smollm2-halfdepth.toml"
 NEW_TOKENS = 64
+DECODER_NAMES = {"hf": "hf", "auto": "fast"}  # rollout.decoder -> what decodes the (Llama) student
 
 
 def bench_overrides(batch: int, steps: int) -> list[str]:
@@ -54,13 +57,13 @@ def rollout_rows(limit: dict[str, float]) -> list[dict]:
     student = load_student(cfg.student, cfg.seed)
     n_params = count_params(student)
     stream = PromptStream(cfg.prompts, 0, chat_renderer(tok), count_tokens=lambda t: len(tok(t)["input_ids"]))
-    params = SamplingParams(1.0, 1.0, NEW_TOKENS)
     bf16_copy = SamplingCopy(student, torch.bfloat16).refresh(student)  # rollout.dtype = "bfloat16"
     rows = []
     for batch in ((1, 4, 8) if quick() else (1, 4, 16)):
         prompts = stream.extra_prompts(batch, key=batch)
-        for dtype, model in (("float32", student), ("bfloat16 copy", bf16_copy)):
-            sample(model, tok, prompts[:1], SamplingParams(1.0, 1.0, 4))  # warm-up
+        for (dtype, model), decoder in itertools.product((("float32", student), ("bfloat16 copy", bf16_copy)), ("hf", "auto")):
+            params = SamplingParams(1.0, 1.0, NEW_TOKENS, decoder=decoder)
+            sample(model, tok, prompts[:1], SamplingParams(1.0, 1.0, 4, decoder=decoder))  # warm-up
             base = reset_peak_rss()
             best = None
             for rep in range(1 if batch > 4 else 2):
@@ -72,7 +75,7 @@ def rollout_rows(limit: dict[str, float]) -> list[dict]:
             tps, roll, secs = best
             forwarded = int(roll.prompt_mask.sum()) + roll.num_tokens
             lim = limit["float32" if dtype == "float32" else "bfloat16"]
-            rows.append({"batch": batch, "dtype": dtype, "new_tokens": roll.num_tokens,
+            rows.append({"batch": batch, "dtype": dtype, "decoder": DECODER_NAMES[decoder], "new_tokens": roll.num_tokens,
                          "prompt_tokens": int(roll.prompt_mask.sum()), "tokens_per_s": round(tps, 1),
                          "fraction_of_matmul_limit": round(forward_flops(n_params, forwarded) / secs / lim, 4),
                          "peak_rss_gib": peak_rss_gib(), "peak_above_start_gib": round(peak_rss_gib() - base / 2**20, 3)})
@@ -116,7 +119,7 @@ def main() -> None:
     limit = limits["float32"]
     rollout = rollout_rows(limits)
     loop = loop_rows(limit)
-    headline = [{"figure": f"rollout batch {r['batch']} (half-depth SmolLM2, {r['dtype']})", "value": r["tokens_per_s"],
+    headline = [{"figure": f"rollout batch {r['batch']} (half-depth SmolLM2, {r['dtype']}, {r['decoder']} decoder)", "value": r["tokens_per_s"],
                  "unit": f"tok/s ({r['fraction_of_matmul_limit']:.1%} of limit)"} for r in rollout if r["batch"] in (4, 8)]
     headline += [{"figure": f"whole loop batch {r['batch']} (reverse_kl, fp32)", "value": r["student_tokens_per_s"],
                   "unit": f"student tok/s ({r['fraction_of_matmul_limit']:.1%} of limit; update {r['update_fraction_of_matmul_limit']:.0%})"}

@@ -180,6 +180,8 @@ def test_unknown_key_inside_a_prompt_source():
         ({"objective": {"name": "ppo"}}, "objective.name", "'reverse_kl'"),
         ({"student": {"dtype": "int8"}}, "student.dtype", "'bfloat16'"),
         ({"monitor": {"live": "sometimes"}}, "monitor.live", "'off'"),
+        ({"rollout": {"decoder": "fast"}}, "rollout.decoder", "'auto'"),
+        ({"train": {"autocast": "fp16"}}, "train.autocast", "'bfloat16'"),
     ],
 )
 def test_wrong_type_names_the_key_and_what_is_allowed(data, key, hint):

@@ -182,7 +182,7 @@ def eval_cmd(
                                    tokenizer, load_tokenizer(cfg.teacher.model), mode="eval")
         prompts = PromptStream(cfg.prompts, cfg.seed, chat_renderer(tokenizer)).eval_prompts(cfg.eval.size)
         params = SamplingParams(cfg.eval.temperature, 1.0, cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
-                                cfg.rollout.stop)
+                                cfg.rollout.stop, cfg.rollout.decoder)
         result = detailed_eval(student, teacher, tokenizer, prompts, params, seed=cfg.seed,
                                max_prompt_tokens=cfg.prompts.max_prompt_tokens,
                                recovery=RecoverySettings.from_config(cfg))

@@ -160,7 +160,8 @@ def final_students(cfg: Config, run_dir: Path, seeds: list[int], methods) -> dic
     tokenizer = load_tokenizer(cfg.teacher.model)
     teacher = LocalTeacher(load_model(cfg.teacher.model, dtype=cfg.teacher.dtype, device=cfg.teacher.device),
                            batch_size=cfg.teacher.batch_size)
-    params = SamplingParams(cfg.eval.temperature, 1.0, cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens)
+    params = SamplingParams(cfg.eval.temperature, 1.0, cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
+                            decoder=cfg.rollout.decoder)
     n_recovery = max(cfg.eval.size, cfg.eval.recovery_size) if cfg.eval.recovery_size else 0
     stream = PromptStream(cfg.prompts, cfg.seed)
     eval_prompts, recovery_prompts = stream.eval_prompts(cfg.eval.size), stream.eval_prompts(n_recovery)

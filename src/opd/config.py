@@ -172,6 +172,12 @@ class RolloutConfig(Section):
         "that dtype, refreshed before every rollout (faster decoding; the behaviour logprobs are the copy's, and the "
         "update's importance ratio accounts for the rounding).",
     )
+    decoder: Literal["auto", "hf"] = Field(
+        "auto",
+        description="How the local sampler decodes: `auto` = opd's lean decoder for Llama-architecture models "
+        "(static KV cache, fused QKV and gate/up matmuls; same logits as Hugging Face) where it supports the model, "
+        "else the Hugging Face forward; `hf` = always the Hugging Face forward with its dynamic KV cache.",
+    )
     teacher_mix: float = Field(
         0.0,
         ge=0,
@@ -290,6 +296,12 @@ class TrainConfig(Section):
     keep_checkpoints: int = Field(2, ge=1, description="Number of most recent checkpoints kept.")
     max_consecutive_skips: int = Field(
         5, ge=1, description="Stop (with a checkpoint) after this many steps in a row skipped for non-finite numbers."
+    )
+    autocast: Literal["none", "bfloat16"] = Field(
+        "none",
+        description="Mixed precision for the update: `bfloat16` runs the student's forward (and so its backward) "
+        "under torch.autocast in bf16; parameters, gradients and the optimizer stay in their dtype, and the "
+        "log-softmax and the loss are computed in fp32 from the upcast logits. `none` = the student's own dtype.",
     )
 
 

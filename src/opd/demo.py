@@ -23,7 +23,8 @@ def teacher_accuracy(cfg, seed: int = 0) -> float | None:
     tokenizer = load_tokenizer(cfg.teacher.model)
     teacher = load_model(cfg.teacher.model, dtype=cfg.teacher.dtype, device=cfg.teacher.device)
     prompts = PromptStream(cfg.prompts, cfg.seed).eval_prompts(cfg.eval.size)
-    params = SamplingParams(cfg.eval.temperature, 1.0, cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens)
+    params = SamplingParams(cfg.eval.temperature, 1.0, cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
+                            decoder=cfg.rollout.decoder)
     return accuracy(generate(teacher, tokenizer, prompts, params, seed=seed, batch_size=cfg.teacher.batch_size))
 
 

@@ -204,9 +204,10 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
     if any(prompt_counts.values()):
         log("prompts: " + ", ".join(f"{k[8:]} {v}" for k, v in prompt_counts.items() if v))
     eval_prompts = stream.eval_prompts(cfg.eval.size)
-    params = SamplingParams(cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.max_new_tokens, cfg.rollout.stop)
+    params = SamplingParams(cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.max_new_tokens, cfg.rollout.stop,
+                            cfg.rollout.decoder)
     eval_params = SamplingParams(cfg.eval.temperature, 1.0, cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
-                                 cfg.rollout.stop)
+                                 cfg.rollout.stop, cfg.rollout.decoder)
     device = resolve_device(cfg.student.device)
     gen = torch.Generator(device=device).manual_seed(cfg.seed + (0 if dp is None else 7919 * dp.rank))
     total_updates = cfg.train.max_steps * cfg.train.updates_per_batch

@@ -150,7 +150,7 @@ def likelihood_recovery(student, teacher, tokenizer, prompts: list[Prompt], para
     out: dict = {"eval/recovery_skipped": float(skipped)} if skipped else {}
     if not conts:
         return out
-    cont_params = SamplingParams(params.temperature, params.top_p, settings.horizon, params.stop)
+    cont_params = SamplingParams(params.temperature, params.top_p, settings.horizon, params.stop, params.decoder)
     took = []
     for r in _continue(student, tokenizer, conts, cont_params, seed=seed + 2, batch_size=batch_size,
                        max_prompt_tokens=max_prompt_tokens + settings.horizon + 1):

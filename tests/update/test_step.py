@@ -173,3 +173,29 @@ def test_guided_rollout_ratios_are_against_the_guided_distribution(student, teac
     assert m["freshness/ratio_min"] == pytest.approx(float(expected.min()), abs=1e-4)
     assert m["freshness/ratio_max"] == pytest.approx(float(expected.max()), abs=1e-4)
     assert m["freshness/ratio_max"] - m["freshness/ratio_min"] > 0.05  # (its mean under q is 1 by construction)
+
+
+@pytest.mark.parametrize("objective", ["reverse_kl", "pg"])
+def test_bf16_autocast_update_is_close_to_fp32(student, batch, objective):
+    # train.autocast = "bfloat16": the student's forward in bf16, parameters / gradients / loss in fp32.
+    roll, scores = batch
+    a, b = copy.deepcopy(student), copy.deepcopy(student)
+    ma, _ = run_update(a, roll, scores, objective, sgd=True, grad_clip=0)
+    mb, _ = run_update(b, roll, scores, objective, sgd=True, grad_clip=0, autocast="bfloat16")
+    assert all(p.dtype == torch.float32 for p in b.parameters())
+    step_a, step_b = params_of(a) - params_of(student), params_of(b) - params_of(student)  # = -gradient (SGD, lr 1)
+    assert not torch.equal(step_a, step_b)  # autocast did change the arithmetic
+    cos = torch.nn.functional.cosine_similarity(step_a, step_b, dim=0)
+    assert cos > 0.99 and (step_b.norm() / step_a.norm() - 1).abs() < 0.05
+    assert mb["update/loss"] == pytest.approx(ma["update/loss"], rel=0.02, abs=1e-3)
+    assert mb["update/new_logprob_mean"] == pytest.approx(ma["update/new_logprob_mean"], rel=0.02)
+
+
+def test_autocast_keeps_the_log_softmax_in_fp32(student, batch):
+    from opd.update.step import student_token_terms, update_autocast
+
+    roll, scores = batch
+    with update_autocast(student, "bfloat16"):
+        terms = student_token_terms(student, roll, scores, ObjectiveConfig(name="reverse_kl"), 7)
+    assert terms.new_logprobs.dtype == torch.float32 and terms.distribution_loss.dtype == torch.float32
+    assert (terms.new_logprobs <= 0).all()

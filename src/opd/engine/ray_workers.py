@@ -58,7 +58,7 @@ class RolloutWorker:
         self.guide = make_guide(cfg.rollout.teacher_mix, cfg.rollout.teacher_correct_topk, teacher_model,
                                 self.tokenizer, cfg.teacher.model)
         self.params = SamplingParams(cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.max_new_tokens,
-                                     cfg.rollout.stop)
+                                     cfg.rollout.stop, cfg.rollout.decoder)
         self.version = -1  # no weights yet
 
     def load_weights(self, state: dict, version: int) -> int:

@@ -6,6 +6,10 @@ temperature, then top-p renormalised), and each sequence carries the policy vers
 step) of the weights that produced it. The token that ends a sequence (EOS, the chat template's
 end-of-turn token, or the last token of a stop string) belongs to the completion; everything after it is padding with mask 0.
 
+The forward passes go through a decoder (prefill the prompts, then one token per step): opd's lean
+Llama decoder (opd.rollout.fast_llama) where it supports the model and rollout.decoder = "auto", else the
+Hugging Face model with its dynamic KV cache (HFDecoder). Both give the same logits.
+
 With a TeacherGuide (rollout.teacher_mix / teacher_correct_topk) the teacher runs in lockstep
 with its own KV cache over the same tokens and takes part in choosing each one (opd.rollout.guidance).
 """
@@ -20,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaForCausalLM
 
+from opd.rollout.fast_llama import build_decoder
 from opd.rollout.guidance import TeacherGuide, align_vocab, choose
 from opd.types import Prompt, Rollout
 
@@ -30,6 +35,7 @@ class SamplingParams:
     top_p: float = 1.0
     max_new_tokens: int = 64
     stop: list[str] = field(default_factory=list)
+    decoder: str = "auto"  # rollout.decoder: "auto" = opd.rollout.fast_llama where it supports the model, "hf" = always HF
 
 
 def encode_prompts(tokenizer, prompts: list[Prompt], max_prompt_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,10 +110,11 @@ def sample(
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
     was_training = model.training
     model.eval()
-    out = model(input_ids=prompt_ids.to(dev), attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
-    cache = _cache_of(out)
+    decoder = make_decoder(model, params.decoder, B, P + params.max_new_tokens)
+    logits = decoder.prefill(prompt_ids.to(dev), attn, pos)
     next_pos = pos[:, -1:] + 1
-    teacher = _TeacherStepper(guide.model, prompt_ids, attn, pos) if guide is not None else None
+    teacher = _TeacherStepper(guide.model, params.decoder, prompt_ids, attn, pos, P + params.max_new_tokens) \
+        if guide is not None else None
 
     tokens = torch.full((B, params.max_new_tokens), pad, dtype=torch.long, device=dev)
     logprobs = torch.zeros((B, params.max_new_tokens), dtype=torch.float32, device=dev)
@@ -119,7 +126,7 @@ def sample(
         teacher_share = torch.zeros_like(logprobs)
     steps = 0
     for t in range(params.max_new_tokens):
-        logp = sampling_logprobs(out.logits[:, -1], params.temperature, params.top_p)
+        logp = sampling_logprobs(logits, params.temperature, params.top_p)
         if guide is None:
             tok = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)
             tok_lp = logp.gather(1, tok[:, None]).squeeze(1)
@@ -143,8 +150,7 @@ def sample(
         if bool(done.all()):
             break
         attn = full_attn[:, : P + t + 1]
-        out = model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos, use_cache=True, **{_CACHE_KW: cache})
-        cache = _cache_of(out)
+        logits = decoder.step(tok, attn, next_pos)
         if teacher is not None:
             teacher.step(tok, attn, next_pos)
         next_pos = next_pos + 1
@@ -198,21 +204,46 @@ class SamplingCopy:
         return self.model
 
 
+class HFDecoder:
+    """The Hugging Face model with its own KV cache, behind the decoder interface: prefill, then one token a step."""
+
+    def __init__(self, model):
+        self.model, self.cache = model, None
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
+                         logits_to_keep=1)
+        self.cache = _cache_of(out)
+        return out.logits[:, -1]
+
+    def step(self, tokens: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=tokens[:, None], attention_mask=attention_mask, position_ids=position_ids,
+                         use_cache=True, **{_CACHE_KW: self.cache})
+        self.cache = _cache_of(out)
+        return out.logits[:, -1]
+
+
+def make_decoder(model, kind: str, batch: int, max_len: int):
+    """rollout.decoder: "auto" = the fast Llama decoder when it supports the model (else HF), "hf" = HF always."""
+    if kind not in ("auto", "hf"):
+        raise ValueError(f"unknown decoder {kind!r}: use 'auto' or 'hf'")
+    fast = build_decoder(model, batch, max_len) if kind == "auto" else None
+    return fast if fast is not None else HFDecoder(model)
+
+
 class _TeacherStepper:
     """The teacher's side of a guided rollout: the same tokens, masks and positions, its own KV cache and device."""
 
-    def __init__(self, model, prompt_ids: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor):
-        self.model = model
+    def __init__(self, model, kind: str, prompt_ids: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor, max_len: int):
         self.dev = next(model.parameters()).device
-        self.out = model(input_ids=prompt_ids.to(self.dev), attention_mask=attn.to(self.dev),
-                         position_ids=pos.to(self.dev), use_cache=True, logits_to_keep=1)
+        self.decoder = make_decoder(model, kind, prompt_ids.shape[0], max_len)
+        self.out = self.decoder.prefill(prompt_ids.to(self.dev), attn.to(self.dev), pos.to(self.dev))
 
     def logits(self) -> torch.Tensor:
-        return self.out.logits[:, -1].float()
+        return self.out.float()
 
     def step(self, tok: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor) -> None:
-        self.out = self.model(input_ids=tok[:, None].to(self.dev), attention_mask=attn.to(self.dev),
-                              position_ids=pos.to(self.dev), use_cache=True, **{_CACHE_KW: _cache_of(self.out)})
+        self.out = self.decoder.step(tok.to(self.dev), attn.to(self.dev), pos.to(self.dev))
 
 
 # transformers >= 5.2x renamed `past_key_values` to `cache`; accept both.

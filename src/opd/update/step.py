@@ -9,6 +9,7 @@ entropy and any full-distribution objective come from the same chunked pass.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from dataclasses import dataclass
@@ -41,6 +42,16 @@ def make_scheduler(optimizer, cfg: TrainConfig, total_updates: int) -> torch.opt
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def update_autocast(model, mode: str):
+    """train.autocast: the student's forward in bf16 (matmuls and their backward) while the parameters, the
+    optimizer and the loss stay fp32. lm_logits upcasts the logits to fp32 before the log-softmax; autocast also
+    runs log_softmax and the reductions in fp32 by itself. With checkpointed LM-head chunks, the recomputation in
+    the backward pass runs under the same autocast state (torch.utils.checkpoint records it)."""
+    if mode == "none":
+        return contextlib.nullcontext()
+    return torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16)
 
 
 @dataclass
@@ -119,7 +130,7 @@ def update_student(
             rows = mb[start : start + micro].tolist()
             r, s, f = rollout.select(rows), scores.select(rows), feedback.select(rows)
             loss, stats = _micro_batch_loss(model, r, s, f, objective, chunk_size, version, ref_model, denom,
-                                            batch_version)
+                                            batch_version, train.autocast)
             if not torch.isfinite(loss):
                 finite = False
                 break
@@ -160,10 +171,12 @@ def teacher_outside_loss_zeroed(scores: TeacherScores, loss_mask: torch.Tensor, 
     return out
 
 
-def _micro_batch_loss(model, r, s, f, objective, chunk_size, version, ref_model, denom, batch_version=None):
+def _micro_batch_loss(model, r, s, f, objective, chunk_size, version, ref_model, denom, batch_version=None,
+                      autocast: str = "none"):
     mask = r.completion_mask.bool()
     s = teacher_outside_loss_zeroed(s, f.loss_mask, r.completion_mask)
-    terms = student_token_terms(model, r, s, objective, chunk_size)
+    with update_autocast(model, autocast):  # the student's forward only; the reference model stays as it is
+        terms = student_token_terms(model, r, s, objective, chunk_size)
     dev = terms.new_logprobs.device
     # Importance ratios are against the distribution the tokens were drawn from (for a teacher-guided
     # rollout, the mixture / corrected distribution q: pi_theta / q weights every token, replaced or

@@ -1,0 +1,151 @@
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from opd.rollout import SamplingCopy, SamplingParams, encode_prompts, sample
+from opd.rollout.fast_llama import FastLlamaDecoder, build_decoder, unsupported_reason
+from opd.rollout.sampler import HFDecoder, make_decoder
+
+from tests.rollout.test_sampler import recompute
+
+
+def gqa_model(tokenizer, seed: int = 3, **extra) -> LlamaForCausalLM:
+    """A small random Llama unlike the built-in one: grouped-query attention, untied LM head, explicit head_dim."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=48, intermediate_size=96, num_hidden_layers=3,
+                         num_attention_heads=6, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
+                         rms_norm_eps=1e-6, tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **extra)
+    return LlamaForCausalLM(config).eval()
+
+
+def decode_both(model, tokenizer, prompts, steps: int, atol: float):
+    """Run HF and the fast decoder side by side over the same left-padded batch, feeding both the same tokens."""
+    ids, prompt_mask = encode_prompts(tokenizer, prompts, 256)
+    B, P = ids.shape
+    full = torch.ones((B, P + steps), dtype=torch.long)
+    full[:, :P] = prompt_mask
+    pos = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+    hf, fast = HFDecoder(model), build_decoder(model, B, P + steps)
+    assert isinstance(fast, FastLlamaDecoder)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        want, got = hf.prefill(ids, prompt_mask, pos), fast.prefill(ids, prompt_mask, pos)
+        torch.testing.assert_close(got, want, rtol=0, atol=atol)
+        pos = pos[:, -1:] + 1
+        for t in range(steps):
+            tok = torch.multinomial(want.float().softmax(-1), 1, generator=gen).squeeze(1)  # sampled, not greedy
+            attn = full[:, : P + t + 1]
+            want, got = hf.step(tok, attn, pos), fast.step(tok, attn, pos)
+            torch.testing.assert_close(got, want, rtol=0, atol=atol, msg=lambda m: f"decode step {t}: {m}")
+            pos = pos + 1
+
+
+def test_fast_decoder_logits_equal_hf_on_the_builtin_student(student, tokenizer, prompts):
+    # Prompts of 3 to 10 characters: every row but the longest is left-padded.
+    decode_both(student, tokenizer, prompts, steps=12, atol=1e-5)
+
+
+def test_fast_decoder_logits_equal_hf_with_gqa_and_an_untied_head(tokenizer, prompts):
+    model = gqa_model(tokenizer)
+    assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
+    decode_both(model, tokenizer, prompts, steps=12, atol=1e-5)
+
+
+def test_fast_decoder_handles_llama3_rope_scaling(tokenizer, prompts):
+    rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+    model = gqa_model(tokenizer, rope_parameters=rope)
+    assert unsupported_reason(model) is None
+    decode_both(model, tokenizer, prompts, steps=8, atol=1e-5)
+
+
+def test_fast_decoder_sees_the_current_weights(student, tokenizer, prompts):
+    # Built at the start of every rollout: a training step in between must show up in its logits.
+    decode_both(student, tokenizer, prompts[:2], steps=2, atol=1e-5)
+    with torch.no_grad():
+        student.model.layers[0].self_attn.k_proj.weight.mul_(1.5)
+        student.model.layers[1].mlp.up_proj.weight.add_(0.1)
+    decode_both(student, tokenizer, prompts[:2], steps=2, atol=1e-5)
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9)])
+def test_sample_auto_and_hf_decoders_agree(student, tokenizer, prompts, temperature, top_p):
+    rolls = {kind: sample(student, tokenizer, prompts, SamplingParams(temperature, top_p, 16, decoder=kind),
+                          generator=torch.Generator().manual_seed(4)) for kind in ("auto", "hf")}
+    fast, hf = rolls["auto"], rolls["hf"]
+    assert torch.equal(fast.completion_ids, hf.completion_ids) and torch.equal(fast.completion_mask, hf.completion_mask)
+    torch.testing.assert_close(fast.behaviour_logprobs, hf.behaviour_logprobs, rtol=0, atol=1e-5)
+    with torch.no_grad():
+        lp = recompute(student, fast) if temperature == 1.0 and top_p == 1.0 else None
+    if lp is not None:  # and both equal a full forward over prompt + completion
+        torch.testing.assert_close(lp, fast.behaviour_logprobs[fast.completion_mask.bool()], rtol=0, atol=5e-5)
+
+
+def test_unsupported_models_fall_back_to_hf_and_still_sample(student, tokenizer, prompts):
+    from opd.lora import add_lora
+
+    dynamic = gqa_model(tokenizer, rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0})
+    biased = gqa_model(tokenizer, attention_bias=True)
+    lora = add_lora(student, rank=2, alpha=4, target_modules=["q_proj", "v_proj"])
+    for model, why in ((dynamic, "rope_type"), (biased, "bias"), (lora, "adapter")):
+        assert why in unsupported_reason(model).lower()
+        assert isinstance(make_decoder(model, "auto", 2, 8), HFDecoder)
+        roll = sample(model, tokenizer, prompts, SamplingParams(max_new_tokens=6), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            lp = recompute(model, roll)
+        torch.testing.assert_close(lp, roll.behaviour_logprobs[roll.completion_mask.bool()], rtol=0, atol=5e-5)
+
+
+def test_decoder_choice(student):
+    assert isinstance(make_decoder(student, "auto", 2, 8), FastLlamaDecoder)
+    assert isinstance(make_decoder(student, "hf", 2, 8), HFDecoder)
+    with pytest.raises(ValueError, match="auto"):
+        make_decoder(student, "fast", 2, 8)
+
+
+def test_bf16_sampling_copy_uses_the_fast_decoder(student, tokenizer, prompts):
+    model = SamplingCopy(student, torch.bfloat16).refresh(student)
+    dec = make_decoder(model, "auto", len(prompts), 32)
+    assert isinstance(dec, FastLlamaDecoder) and dec.layers[0].qkv.dtype == torch.bfloat16
+    # Same bf16 arithmetic as HF up to the order of a few bf16 operations.
+    decode_both(model, tokenizer, prompts, steps=8, atol=5e-2)
+    roll = sample(model, tokenizer, prompts, SamplingParams(max_new_tokens=16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        lp = recompute(student, roll)  # the fp32 student recomputes: bf16 rounding apart, the same distribution
+    diff = (lp - roll.behaviour_logprobs[roll.completion_mask.bool()]).abs()
+    assert diff.max() < 0.2 and diff.mean() < 0.05
+
+
+def test_guided_rollout_is_the_same_with_both_decoders(student, teacher_model, tokenizer, prompts):
+    # The teacher of a guided rollout goes through the same decoder choice (it is a Llama here: the fast one).
+    from opd.rollout.guidance import TeacherGuide
+
+    rolls = [sample(student, tokenizer, prompts, SamplingParams(max_new_tokens=12, decoder=kind),
+                    generator=torch.Generator().manual_seed(3), guide=TeacherGuide(teacher_model, mix=0.5))
+             for kind in ("auto", "hf")]
+    assert torch.equal(rolls[0].completion_ids, rolls[1].completion_ids)
+    for key in ("behaviour_logprobs", "student_logprobs", "teacher_share"):
+        torch.testing.assert_close(getattr(rolls[0], key), getattr(rolls[1], key), rtol=0, atol=1e-5)
+
+
+def test_a_model_training_with_attention_dropout_is_refused(tokenizer):
+    model = gqa_model(tokenizer, attention_dropout=0.1)
+    assert unsupported_reason(model) is None  # in eval mode dropout is off: supported
+    model.train()
+    assert "dropout" in unsupported_reason(model)
+    assert isinstance(make_decoder(model, "auto", 2, 8), HFDecoder)
+
+
+def test_fused_weights_are_reused_until_a_weight_changes(student):
+    a = build_decoder(student, 2, 8).layers[0]
+    b = build_decoder(student, 2, 8).layers[0]
+    assert a.qkv is b.qkv  # nothing changed: no copy
+    with torch.no_grad():
+        student.model.layers[0].mlp.gate_proj.weight.add_(1.0)  # what an optimizer step does (in place)
+    c = build_decoder(student, 2, 8).layers[0]
+    assert c.gate_up.data_ptr() == a.gate_up.data_ptr()  # refilled in place
+    torch.testing.assert_close(c.gate_up[: c.gate_up.shape[0] // 2], student.model.layers[0].mlp.gate_proj.weight, rtol=0, atol=0)
+    copy = SamplingCopy(student, torch.bfloat16)
+    d = build_decoder(copy.refresh(student), 2, 8).layers[0]
+    assert d.qkv.dtype == torch.bfloat16 and d.qkv.data_ptr() != a.qkv.data_ptr()  # per model
