@@ -12,6 +12,10 @@ from dataclasses import dataclass, field
 import torch
 
 
+# policy_version of a row the student did not sample (offline teacher data): never stale, never importance-weighted.
+TEACHER_WRITTEN = -1
+
+
 @dataclass(frozen=True)
 class Prompt:
     text: str  # rendered prompt text (chat template already applied for chat records)
@@ -31,7 +35,8 @@ class Rollout:
     completion_ids: torch.Tensor  # [B, T] right-padded after EOS
     completion_mask: torch.Tensor  # [B, T] 1 = completion token (EOS included)
     behaviour_logprobs: torch.Tensor  # [B, T] log prob under the sampling distribution, fp32
-    policy_version: torch.Tensor  # [B] optimizer step of the weights that sampled each sequence
+    policy_version: torch.Tensor  # [B] optimizer step of the weights that sampled each sequence; TEACHER_WRITTEN
+                                  # for the offline baseline's stored teacher completions (no student sampled them)
     texts: list[str]  # decoded completions (special tokens removed)
     finished: torch.Tensor  # [B] bool: ended by EOS or a stop string (False = hit max_new_tokens)
     temperature: float = 1.0

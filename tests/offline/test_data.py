@@ -89,3 +89,17 @@ def test_offline_run_reuses_stored_data_and_counts_its_budget(tmp_path, loss):
     assert rows_a[-1]["budget/teacher_tokens"] == stored and rows_a[-1]["budget/student_tokens"] == 0
     assert all(math.isfinite(r["update/loss"]) for r in rows_a[1:])
     assert not any(k.startswith("freshness/") for k in rows_a[-1])
+
+
+def test_sequence_kd_is_plain_cross_entropy_at_every_step(tmp_path):
+    """Stored teacher rows are not student samples: a later step must not treat them as stale and reweight
+    the imitation loss by pi_student / pi_teacher (it did once the pipelined loop's staleness weights came in)."""
+    sets = ["student.warm_start_steps=0", "prompts.batch_size=8", "eval.size=8", "eval.every=0",
+            "train.max_steps=4", "rollout.max_new_tokens=56", "offline.num_prompts=32", "offline.topk=0",
+            "monitor.tensorboard=false", "train.checkpoint_every=0"]
+    run(load_config(None, sets), tmp_path / "run", mode="offline", log=lambda *a: None)
+    rows = [r for r in read_metrics(tmp_path / "run") if "update/loss" in r]
+    assert len(rows) == 4
+    for r in rows:  # token-mean cross-entropy = minus the mean logprob of the teacher's tokens
+        assert r["update/loss"] == pytest.approx(-r["update/new_logprob_mean"], rel=1e-5)
+        assert r.get("freshness/policy_lag", 0) == 0

@@ -19,7 +19,7 @@ import torch
 from opd.config import ConfigError
 from opd.faults import crash_point
 from opd.rollout import SamplingParams, encode_prompts, sample
-from opd.types import Prompt, Rollout, TeacherScores
+from opd.types import TEACHER_WRITTEN, Prompt, Rollout, TeacherScores
 
 DATA, META = "data.jsonl", "meta.json"
 
@@ -123,7 +123,8 @@ class OfflineData:
                 tk_ids[i, :n] = torch.tensor(r["topk_ids"])
                 tk_lp[i, :n] = torch.tensor(r["topk_logprobs"])
         rollout = Rollout(prompts=prompts, prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=ids,
-                          completion_mask=mask, behaviour_logprobs=lp, policy_version=torch.zeros(B, dtype=torch.long),
+                          completion_mask=mask, behaviour_logprobs=lp,
+                          policy_version=torch.full((B,), TEACHER_WRITTEN, dtype=torch.long),
                           texts=[r["completion"] for r in rows], finished=torch.ones(B, dtype=torch.bool),
                           temperature=self.temperature)
         # The teacher's logprob of its own token is its behaviour logprob: nothing to score again.

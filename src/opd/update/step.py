@@ -20,7 +20,7 @@ import torch
 from opd.config import ObjectiveConfig, TrainConfig
 from opd.logprobs import completion_hidden, entropy_of, per_position, sampled_logprobs
 from opd.objectives import generalized_jsd, kl_to_reference, pg_loss, reverse_kl, topk_kl
-from opd.types import Feedback, Rollout, TeacherScores
+from opd.types import TEACHER_WRITTEN, Feedback, Rollout, TeacherScores
 
 PG_FAMILY = ("pg", "hybrid")
 
@@ -195,8 +195,11 @@ def _micro_batch_loss(model, r, s, f, objective, chunk_size, version, ref_model,
     else:
         tok_loss = terms.distribution_loss
     token_rows = torch.nonzero(mask)[:, 0]
+    # Imitating stored teacher text is not a policy gradient: its rows are never stale (their behaviour logprobs
+    # are the teacher's, and pi_theta / pi_teacher would reweight the imitation loss).
+    sampled = (r.policy_version != TEACHER_WRITTEN)[token_rows].to(dev)
     if batch_version is not None:
-        stale = ((batch_version - r.policy_version)[token_rows] > 0).to(dev)
+        stale = ((batch_version - r.policy_version)[token_rows] > 0).to(dev) & sampled
         if bool(stale.any()):
             tok_loss, clipped = _stale_weighted(tok_loss, clipped, stale, ratio, terms.new_logprobs, adv, objective)
     kl_ref = None
@@ -212,7 +215,7 @@ def _micro_batch_loss(model, r, s, f, objective, chunk_size, version, ref_model,
         per_seq = torch.zeros(mask.shape[0], device=dev).index_add(0, seq_id, tok_loss)
         lengths = torch.zeros(mask.shape[0], device=dev).index_add(0, seq_id, weight).clamp(min=1)
         loss = (per_seq / lengths).sum() / denom
-    lag = (version - r.policy_version).float()[token_rows].to(dev)
+    lag = torch.where(sampled, (version - r.policy_version).float()[token_rows].to(dev), 0.0)
     fresh = lag == 0
     stats = {
         "loss": (float(loss.detach()) * denom, 0),  # summed back; the accumulator re-normalises per token
