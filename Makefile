@@ -59,4 +59,5 @@ bench: $(BENCH_STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/teacher_scoring.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/stages.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/peer_trl.py
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/step_floor.py
 	$(BIN)/python bench/results_table.py

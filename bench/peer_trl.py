@@ -13,7 +13,7 @@ torch threads. Peers:
   gradient_checkpointing = False (its default turns it on, which also turns off the KV cache when sampling);
 - TRL DistillationTrainer (trl.DistillationTrainer, when the installed TRL has it): beta = 1, same settings;
 - opd-bf16: opd at the same batch and length with its own precision choices (rollout.dtype and teacher.dtype
-  = bfloat16; the update stays fp32).
+  = bfloat16, train.autocast = bfloat16: the update's forward in bf16, parameters and optimizer fp32).
 Each side trains for the same wall-clock budget (counted from its first training step); then each final
 student is evaluated by one shared evaluator: completions sampled at temperature 1 on the held-out prompts
 (fixed seed), and the exact full-vocabulary reverse KL(student || teacher) averaged over their tokens.
@@ -132,8 +132,10 @@ def exact_reverse_kl(student, teacher: LocalTeacher, tok, eval_records: list[dic
 
 
 # ------------------------------------------------------------------------------------ opd
-# opd's own choices at the same batch size and length: bf16 sampling copy and bf16 teacher (training stays fp32)
-OPD_VARIANTS = {"opd": {}, "opd-bf16": {"rollout": {"dtype": "bfloat16"}, "teacher": {"dtype": "bfloat16"}}}
+# opd's own choices at the same batch size and length: bf16 sampling copy, bf16 teacher, bf16 autocast update
+# (parameters and optimizer stay fp32)
+OPD_VARIANTS = {"opd": {}, "opd-bf16": {"rollout": {"dtype": "bfloat16"}, "teacher": {"dtype": "bfloat16"},
+                                        "train": {"autocast": "bfloat16"}}}
 
 
 def opd_config(student_dir: Path, train_file: Path, variant: dict):
@@ -343,7 +345,7 @@ def main() -> None:
         if opd:
             summary["ratio_vs_distillation"] = round(opd["student_tokens_per_s"] / d["student_tokens_per_s"], 2)
     headline = []
-    for name, key in (("opd", "opd"), ("opd (bf16 sampling copy + bf16 teacher)", "opd-bf16"), ("TRL GKDTrainer", "gkd"),
+    for name, key in (("opd", "opd"), ("opd (bf16 sampling copy, teacher and update)", "opd-bf16"), ("TRL GKDTrainer", "gkd"),
                       ("TRL DistillationTrainer", "distillation")):
         if key in results:
             r = results[key]

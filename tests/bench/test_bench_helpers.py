@@ -83,3 +83,16 @@ def test_peer_benchmark_splits_prompts_and_configures_opd_like_the_peers(tmp_pat
         assert cfg.student.init == "pretrained" and cfg.student.warm_start_steps == 0  # the shared warm start is given
         assert cfg.prompts.sources[0].path == str(tmp_path / "train.jsonl")
     assert peer_trl.opd_config(tmp_path, tmp_path / "t.jsonl", peer_trl.OPD_VARIANTS["opd-bf16"]).rollout.dtype == "bfloat16"
+
+
+def test_step_floor_covers_every_linear_weight_of_a_decode_step():
+    import step_floor
+    import torch
+
+    from opd.models import load_model
+
+    model = load_model("builtin:arith-student", init="random")
+    n_linear = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+    assert n_linear == 2 * 7 + 1  # q, k, v, o, gate, up, down per layer + the LM head
+    assert step_floor.decode_floor_s(model, torch.float32, reps=3) > 0
+    assert step_floor.read_bandwidth_gb_s(gib=0.05, reps=2) > 0
