@@ -14,15 +14,13 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-import time
 from collections import Counter
 
 import httpx
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from teacher_servers import free_port
+from teacher_servers import AppThread
 
 
 def drop_last_position(answer: dict) -> dict:
@@ -44,17 +42,14 @@ def drop_last_position(answer: dict) -> dict:
 class FaultProxy:
     def __init__(self, upstream: str, schedule=lambda n, body: None, hang_s: float = 3.0):
         self.upstream, self.schedule, self.hang_s = upstream, schedule, hang_s
-        self.port = free_port()
         self.counts: Counter = Counter()
         self.lock = threading.Lock()
         self.on_request = None  # optional hook(n) run before each request (e.g. to kill the server)
-        self.app = self._build()
-        self.server: uvicorn.Server | None = None
-        self.thread: threading.Thread | None = None
+        self.served = AppThread(self._build())
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return self.served.url
 
     def _build(self) -> FastAPI:
         app = FastAPI()
@@ -97,21 +92,11 @@ class FaultProxy:
         return app
 
     def start(self) -> "FaultProxy":
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="error", lifespan="off")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            if time.monotonic() > deadline:
-                raise RuntimeError("fault proxy did not start")
-            time.sleep(0.02)
+        self.served.start()
         return self
 
     def stop(self) -> None:
-        if self.server:
-            self.server.should_exit = True
-            self.thread.join(10)
+        self.served.stop()
 
     @property
     def faults(self) -> Counter:

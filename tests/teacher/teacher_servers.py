@@ -93,7 +93,7 @@ class AppThread:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def __enter__(self) -> "AppThread":
+    def start(self) -> "AppThread":
         import threading
 
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -105,6 +105,13 @@ class AppThread:
             time.sleep(0.02)
         return self
 
+    def stop(self) -> None:
+        if self.thread is not None:
+            self.server.should_exit = True
+            self.thread.join(10)
+
+    def __enter__(self) -> "AppThread":
+        return self.start()
+
     def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
+        self.stop()
