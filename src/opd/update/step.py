@@ -171,8 +171,8 @@ def teacher_outside_loss_zeroed(scores: TeacherScores, loss_mask: torch.Tensor, 
     return out
 
 
-def _micro_batch_loss(model, r, s, f, objective, chunk_size, version, ref_model, denom, batch_version=None,
-                      autocast: str = "none"):
+def _micro_batch_loss(model, r, s, f, objective, chunk_size, version, ref_model, denom, batch_version: int,
+                      autocast: str):
     mask = r.completion_mask.bool()
     s = teacher_outside_loss_zeroed(s, f.loss_mask, r.completion_mask)
     with update_autocast(model, autocast):  # the student's forward only; the reference model stays as it is
@@ -198,10 +198,9 @@ def _micro_batch_loss(model, r, s, f, objective, chunk_size, version, ref_model,
     # Imitating stored teacher text is not a policy gradient: its rows are never stale (their behaviour logprobs
     # are the teacher's, and pi_theta / pi_teacher would reweight the imitation loss).
     sampled = (r.policy_version != TEACHER_WRITTEN)[token_rows].to(dev)
-    if batch_version is not None:
-        stale = ((batch_version - r.policy_version)[token_rows] > 0).to(dev) & sampled
-        if bool(stale.any()):
-            tok_loss, clipped = _stale_weighted(tok_loss, clipped, stale, ratio, terms.new_logprobs, adv, objective)
+    stale = ((batch_version - r.policy_version)[token_rows] > 0).to(dev) & sampled
+    if bool(stale.any()):
+        tok_loss, clipped = _stale_weighted(tok_loss, clipped, stale, ratio, terms.new_logprobs, adv, objective)
     kl_ref = None
     if ref_model is not None and objective.kl_ref_coef > 0:
         ref_lp = reference_logprobs(ref_model, r, chunk_size).to(dev)
@@ -211,7 +210,7 @@ def _micro_batch_loss(model, r, s, f, objective, chunk_size, version, ref_model,
     if objective.loss_norm == "token":
         loss = tok_loss.sum() / denom
     else:
-        seq_id = torch.nonzero(mask)[:, 0].to(dev)
+        seq_id = token_rows.to(dev)
         per_seq = torch.zeros(mask.shape[0], device=dev).index_add(0, seq_id, tok_loss)
         lengths = torch.zeros(mask.shape[0], device=dev).index_add(0, seq_id, weight).clamp(min=1)
         loss = (per_seq / lengths).sum() / denom
