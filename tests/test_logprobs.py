@@ -85,3 +85,79 @@ def test_chunks_shrink_with_the_vocabulary_so_big_vocabularies_fit():
     assert positions_per_chunk(Model(100), 1024) == 1024  # small vocabularies keep the configured chunk
     assert positions_per_chunk(Model(262144), 1024) == MAX_CHUNK_LOGITS_BYTES // (4 * 262144) == 128
     assert positions_per_chunk(Model(10**9), 1024) == 1  # never zero
+
+
+def _ragged_batch(tokenizer, prompts, lengths):
+    """Left-padded prompts and right-padded completions of the given real lengths (what the sampler writes)."""
+    from opd.rollout import encode_prompts
+
+    ids, mask = encode_prompts(tokenizer, prompts, 256)
+    g = torch.Generator().manual_seed(5)
+    comp = torch.randint(3, len(tokenizer), (len(prompts), max(lengths)), generator=g)
+    cmask = (torch.arange(max(lengths))[None] < torch.tensor(lengths)[:, None]).long()
+    return ids, mask, comp.masked_fill(cmask == 0, tokenizer.pad_token_id), cmask
+
+
+def _hf_completion_hidden(model, prompt_ids, prompt_mask, comp, cmask):
+    """Reference: HF over the padded batch with the full attention mask and cumsum positions."""
+    from opd.logprobs import sequence_inputs
+
+    ids, attn, pos = sequence_inputs(prompt_ids, prompt_mask, comp, cmask)
+    h = model.base_model(input_ids=ids, attention_mask=attn, position_ids=pos).last_hidden_state
+    P, T = prompt_ids.shape[1], comp.shape[1]
+    return h[:, P - 1 : P - 1 + T][cmask.bool()]
+
+
+def test_left_aligned_rows_hold_each_sequence_from_position_zero(tokenizer, prompts):
+    from opd.logprobs import left_aligned
+
+    p_ids, p_mask, comp, cmask = _ragged_batch(tokenizer, prompts[:3], [4, 1, 6])
+    ids, rows, at = left_aligned(p_ids, p_mask, comp, cmask)
+    for b in range(3):
+        seq = p_ids[b][p_mask[b].bool()].tolist() + comp[b][cmask[b].bool()].tolist()
+        assert ids[b, : len(seq)].tolist() == seq
+    # ids[rows, at + 1] is the completion token each state predicts.
+    assert torch.equal(ids[rows, at + 1], comp[cmask.bool()])
+    # A mask with a hole (or an empty prompt) is not a left/right padded batch.
+    holed = cmask.clone()
+    holed[2, 1] = 0
+    assert left_aligned(p_ids, p_mask, comp, holed) is None
+    empty = p_mask.clone()
+    empty[0] = 0
+    assert left_aligned(p_ids, empty, comp, cmask) is None
+
+
+def test_completion_hidden_fast_and_hf_paths_equal_the_masked_forward(student, tokenizer, prompts):
+    from tests.rollout.test_fast_llama import gqa_model
+
+    for model in (student, gqa_model(tokenizer)):
+        batch = _ragged_batch(tokenizer, prompts, [5, 1, 7, 3, 7, 2, 6, 4][: len(prompts)])
+        with torch.no_grad():
+            want = _hf_completion_hidden(model, *batch)
+            fast = completion_hidden(model, *batch)  # opd.llama under no_grad
+            hf = completion_hidden(model, *batch, fast=False)  # HF over the left-aligned rows, no mask
+        torch.testing.assert_close(fast, want, rtol=0, atol=2e-5)
+        torch.testing.assert_close(hf, want, rtol=0, atol=2e-5)
+    # With grad (the update) the HF model runs, so the gradient reaches every weight.
+    student.zero_grad()
+    completion_hidden(student, *batch).sum().backward()
+    assert all(p.grad is not None for p in student.parameters())
+
+
+def test_completion_hidden_falls_back_to_the_masked_forward_for_a_mask_with_holes(student, tokenizer, prompts):
+    p_ids, p_mask, comp, cmask = _ragged_batch(tokenizer, prompts[:3], [4, 2, 6])
+    cmask[2, 1] = 0
+    with torch.no_grad():
+        torch.testing.assert_close(completion_hidden(student, p_ids, p_mask, comp, cmask),
+                                   _hf_completion_hidden(student, p_ids, p_mask, comp, cmask), rtol=0, atol=0)
+
+
+def test_fast_path_in_bf16_stays_close_to_hf_in_bf16(tokenizer, prompts):
+    from tests.rollout.test_fast_llama import gqa_model
+
+    model = gqa_model(tokenizer).to(torch.bfloat16).float()  # fp32 holding bf16-rounded weights: the reference
+    batch = _ragged_batch(tokenizer, prompts, [5, 1, 7, 3, 7, 2, 6, 4][: len(prompts)])
+    with torch.no_grad():
+        want = _hf_completion_hidden(model, *batch)
+        fast = completion_hidden(model.to(torch.bfloat16), *batch).float()
+    assert (fast - want).abs().max() < 0.05 * want.abs().max()

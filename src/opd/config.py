@@ -75,6 +75,12 @@ class TeacherConfig(Section):
         description="Positions per chunk of the log-softmax, so batch x length x vocab fp32 logits never exist at once "
         "(lowered automatically so that one chunk's logits stay under 128 MiB, e.g. 128 positions at a 262k vocabulary).",
     )
+    forward: Literal["auto", "hf"] = Field(
+        "auto",
+        description="How a local teacher runs its scoring forward: `auto` = opd's own forward for Llama-architecture "
+        "models (fused QKV and gate/up matmuls, causal attention over left-aligned rows, no mask) where it supports "
+        "the model, else the Hugging Face forward; `hf` = always the Hugging Face forward.",
+    )
     # ---- a teacher behind a server (`opd serve-teacher`, vLLM, SGLang): see README "Teacher as a service"
     url: str = Field(
         "",

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from opd import llama
+
 
 def sequence_inputs(prompt_ids, prompt_mask, completion_ids, completion_mask):
     """Concatenate left-padded prompts and right-padded completions; positions skip the padding."""
@@ -28,10 +30,24 @@ def sequence_inputs(prompt_ids, prompt_mask, completion_ids, completion_mask):
     return input_ids, attention_mask, position_ids
 
 
-def completion_hidden(model, prompt_ids, prompt_mask, completion_ids, completion_mask) -> torch.Tensor:
-    """Final hidden states at the positions that predict each real completion token: [N, H]."""
-    input_ids, attention_mask, position_ids = sequence_inputs(prompt_ids, prompt_mask, completion_ids, completion_mask)
+def completion_hidden(model, prompt_ids, prompt_mask, completion_ids, completion_mask, *, fast: bool = True) -> torch.Tensor:
+    """Final hidden states at the positions that predict each real completion token: [N, H], in the order of
+    completion_ids[completion_mask.bool()].
+
+    Rows as the sampler writes them (prompt padded on the left, completion on the right) are left-aligned first
+    (see `left_aligned`), so the forward needs no attention mask: causal attention is exact and the padding
+    costs nothing but its own positions. Without grad and with `fast`, a Llama model runs opd's own forward
+    (opd.llama.causal_hidden: fused weights, no HF overhead); otherwise the HF model. Other layouts (a mask with
+    holes) go through HF with the full attention mask."""
     dev = next(model.parameters()).device
+    packed = left_aligned(prompt_ids, prompt_mask, completion_ids, completion_mask)
+    if packed is not None:
+        ids, rows, at = (t.to(dev) for t in packed)
+        if fast and not torch.is_grad_enabled() and llama.unsupported_reason(model) is None:
+            x = llama.causal_hidden(model, ids)[rows, at]
+            return llama.rms_norm(x, model.model.norm.weight.detach(), model.config.rms_norm_eps)
+        return model.base_model(input_ids=ids, use_cache=False).last_hidden_state[rows, at]
+    input_ids, attention_mask, position_ids = sequence_inputs(prompt_ids, prompt_mask, completion_ids, completion_mask)
     out = model.base_model(
         input_ids=input_ids.to(dev),
         attention_mask=attention_mask.to(dev),
@@ -45,6 +61,27 @@ def completion_hidden(model, prompt_ids, prompt_mask, completion_ids, completion
     return hidden[completion_mask.to(dev).bool()]
 
 
+def left_aligned(prompt_ids, prompt_mask, completion_ids, completion_mask):
+    """Each row's real tokens moved to the start of the row: (ids [B, L], rows [N], at [N]) where
+    ids[rows[i], at[i]] is the state that predicts the i-th real completion token; None unless every prompt is
+    padded on the left only (and not empty) and every completion on the right only.
+
+    With every row starting at position 0, position ids are 0, 1, 2, ... (what cumsum of the mask gives for the
+    real tokens) and the padding sits after each row's last real token, where no real token attends to it."""
+    if not (bool((prompt_mask[:, 1:] >= prompt_mask[:, :-1]).all()) and bool((completion_mask[:, 1:] <= completion_mask[:, :-1]).all())):
+        return None
+    prompt_len, completion_len = prompt_mask.sum(1), completion_mask.sum(1)
+    if bool((prompt_len == 0).any()):
+        return None
+    B, P = prompt_ids.shape
+    L = int((prompt_len + completion_len).max())
+    # In cat(prompt, completion) row b's real tokens are one contiguous run starting at column P - prompt_len[b].
+    whole = torch.cat([prompt_ids, completion_ids, torch.zeros((B, L), dtype=prompt_ids.dtype)], dim=1)
+    ids = whole.gather(1, (P - prompt_len)[:, None] + torch.arange(L))
+    rows, t = completion_mask.bool().nonzero(as_tuple=True)
+    return ids, rows, prompt_len[rows] - 1 + t
+
+
 def lm_logits(model, hidden: torch.Tensor, temperature: float) -> torch.Tensor:
     """LM head in fp32, with the model's final-logit soft-capping if it has one (Gemma)."""
     head = model.get_output_embeddings()
@@ -52,7 +89,7 @@ def lm_logits(model, hidden: torch.Tensor, temperature: float) -> torch.Tensor:
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
-    return logits / temperature
+    return logits if temperature == 1.0 else logits / temperature  # a division by 1 is a pass over [n, V] for nothing
 
 
 # Largest fp32 [positions, vocab] block one chunk may create: fn typically makes a few of them (log-softmax,

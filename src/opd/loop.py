@@ -95,7 +95,7 @@ def make_teacher(cfg: Config, teacher_model, student_tok, teacher_tok, mode: str
     """LocalTeacher when both share a vocabulary; else the cross-tokenizer teacher (after checking that the
     config of a training run, mode "onpolicy" or "offline", fits it; mode "eval" only scores)."""
     teacher = LocalTeacher(teacher_model, batch_size=cfg.teacher.batch_size, chunk_size=cfg.teacher.chunk_size,
-                           topk=cfg.teacher.topk)
+                           topk=cfg.teacher.topk, fast=cfg.teacher.forward == "auto")
     if same_vocabulary(student_tok, teacher_tok):
         if mode == "onpolicy":
             check_full_distribution_memory(cfg, len(student_tok))
@@ -493,7 +493,7 @@ def prepare_offline(cfg: Config, run_dir: Path, teacher_model, tokenizer, stream
             "top_p": params.top_p, "max_new_tokens": params.max_new_tokens, "stop": params.stop,
             "topk": cfg.offline.topk, "seed": cfg.seed, "prompts": cfg.prompts.model_dump(mode="json")}
     teacher = LocalTeacher(teacher_model, batch_size=cfg.teacher.batch_size, chunk_size=cfg.teacher.chunk_size,
-                           topk=cfg.offline.topk)
+                           topk=cfg.offline.topk, fast=cfg.teacher.forward == "auto")
     generate_offline_data(folder, teacher, tokenizer, stream.extra_prompts(cfg.offline.num_prompts, key=2), params,
                           meta=meta, topk=cfg.offline.topk, seed=cfg.seed,
                           max_prompt_tokens=cfg.prompts.max_prompt_tokens, log=log)

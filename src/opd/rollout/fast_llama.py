@@ -14,6 +14,7 @@ SiLU-gated MLP, last position through the LM head) with less around it:
   frequencies, gathered by the position ids (which respect left padding);
 - only the last position's hidden state goes through the LM head.
 
+The layer arithmetic (fused weights, RMSNorm, RoPE) is shared with the teacher's scoring forward (opd.llama).
 `build_decoder` returns None for anything it does not reproduce exactly (LoRA-injected layers, biases,
 rope types whose frequencies depend on the length, other architectures ...); the sampler then uses the HF
 model. tests/rollout/test_fast_llama.py checks the logits against HF's at prefill and at every decode step.
@@ -21,108 +22,11 @@ model. tests/rollout/test_fast_llama.py checks the logits against HF's at prefil
 
 from __future__ import annotations
 
-import weakref
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
-from torch import nn
 from transformers import LlamaForCausalLM
 
-# RoPE variants whose inverse frequencies are fixed (not re-computed from the sequence length at run time):
-# for these, positions x model.rotary_emb.inv_freq (x attention_scaling) is exactly what HF computes.
-STATIC_ROPE_TYPES = ("default", "linear", "llama3")
-
-
-def unsupported_reason(model) -> str | None:
-    """Why the fast decoder cannot reproduce `model` exactly, or None if it can."""
-    if type(model) is not LlamaForCausalLM:
-        return f"{type(model).__name__} is not LlamaForCausalLM"
-    cfg = model.config
-    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
-    if rope.get("rope_type", rope.get("type", "default")) not in STATIC_ROPE_TYPES:
-        return f"rope_type {rope.get('rope_type')!r}"
-    if getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False):
-        return "attention or MLP bias"
-    if cfg.hidden_act != "silu":
-        return f"hidden_act {cfg.hidden_act!r}"
-    if model.training and getattr(cfg, "attention_dropout", 0.0) > 0:
-        return "attention dropout in training mode"
-    if getattr(cfg, "pretraining_tp", 1) > 1:
-        return "pretraining_tp > 1"
-    if cfg.num_key_value_heads != cfg.num_attention_heads and torch.torch_version.TorchVersion(torch.__version__) < "2.5":
-        return "grouped-query attention needs torch >= 2.5 (scaled_dot_product_attention's enable_gqa)"
-    # LoRA/PEFT injects its own layer types in place of nn.Linear; quantised layers likewise.
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and type(module) is not nn.Linear:
-            return f"{name} is {type(module).__name__}"
-        if any(hasattr(module, a) for a in ("lora_A", "base_layer")):
-            return f"{name} is an adapter layer"
-    if type(model.model.embed_tokens) is not nn.Embedding:
-        return "embedding is not nn.Embedding"
-    if len({p.dtype for p in model.parameters()}) != 1:
-        return "parameters of mixed dtypes"
-    return None
-
-
-@dataclass
-class LayerWeights:
-    input_norm: torch.Tensor  # [hidden]
-    qkv: torch.Tensor  # [(heads + 2 kv_heads) * head_dim, hidden]
-    o: torch.Tensor  # [hidden, heads * head_dim]
-    post_norm: torch.Tensor  # [hidden]
-    gate_up: torch.Tensor  # [2 * intermediate, hidden]
-    down: torch.Tensor  # [hidden, intermediate]
-
-
-# The fused QKV and gate/up weights of each model, kept between rollouts: refilled in place (a fresh 100-200 MB
-# allocation costs more in page faults than the copy itself) and only when a source weight changed since (its
-# storage or its in-place version counter, which optimizer steps and SamplingCopy.refresh move).
-_FUSED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def fused(model, groups: list[list[torch.Tensor]]) -> list[torch.Tensor]:
-    """torch.cat of each group of weights, reusing the model's previous result when nothing changed."""
-    key = [(w.data_ptr(), w._version, w.shape, w.dtype) for g in groups for w in g]
-    cached = _FUSED.get(model)
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    outs = cached[1] if cached is not None and len(cached[1]) == len(groups) else [None] * len(groups)
-    result = []
-    for g, out in zip(groups, outs):
-        shape = (sum(w.shape[0] for w in g), *g[0].shape[1:])
-        if out is None or out.shape != shape or out.dtype != g[0].dtype or out.device != g[0].device:
-            out = torch.empty(shape, dtype=g[0].dtype, device=g[0].device)
-        result.append(torch.cat([w.detach() for w in g], out=out))
-    _FUSED[model] = (key, result)
-    return result
-
-
-def layer_weights(model, layers) -> list[LayerWeights]:
-    groups = []
-    for layer in layers:
-        att, mlp = layer.self_attn, layer.mlp
-        groups += [[att.q_proj.weight, att.k_proj.weight, att.v_proj.weight], [mlp.gate_proj.weight, mlp.up_proj.weight]]
-    cat = fused(model, groups)
-    return [LayerWeights(input_norm=layer.input_layernorm.weight.detach(), qkv=cat[2 * i],
-                         o=layer.self_attn.o_proj.weight.detach(), post_norm=layer.post_attention_layernorm.weight.detach(),
-                         gate_up=cat[2 * i + 1], down=layer.mlp.down_proj.weight.detach())
-            for i, layer in enumerate(layers)]
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    if x.dtype == torch.float32:  # one op, the same numbers as LlamaRMSNorm's five
-        return F.rms_norm(x, weight.shape, weight, eps)
-    # As LlamaRMSNorm: statistics in fp32, the product in the model's dtype.
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(x.dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+from opd.llama import apply_rope, head_dim, layer_weights, rms_norm, rope_table, unsupported_reason
 
 
 class FastLlamaDecoder:
@@ -139,7 +43,7 @@ class FastLlamaDecoder:
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.head_dim = head_dim(cfg)
         self.eps = cfg.rms_norm_eps
         self.scale = self.head_dim**-0.5
         self.gqa = {"enable_gqa": True} if self.heads != self.kv_heads else {}  # the keyword exists from torch 2.5
@@ -153,11 +57,7 @@ class FastLlamaDecoder:
         self.cache = torch.empty((len(self.layers), 2, batch, self.kv_heads, max_len, self.head_dim),
                                  dtype=att_dtype, device=self.device)
         # cos/sin of every position the rollout can reach (a left-padded row's positions stay below max_len).
-        rotary = model.model.rotary_emb
-        freqs = torch.arange(max_len, device=self.device, dtype=torch.float)[:, None] * rotary.inv_freq.float()
-        emb = torch.cat((freqs, freqs), dim=-1)
-        self.cos = (emb.cos() * rotary.attention_scaling).to(self.dtype)
-        self.sin = (emb.sin() * rotary.attention_scaling).to(self.dtype)
+        self.cos, self.sin = rope_table(model, max_len, self.dtype, self.device)
         self.filled = 0  # cache positions written so far
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,7 @@ near text the teacher understands, both recording the exact probability q(a_t) w
 was actually drawn as its behaviour logprob, so the importance ratio pi_theta / q stays exact:
 
 - mixture (MiniLLM's teacher-mixed sampling): a_t ~ q = p * pi_T + (1 - p) * pi_theta.
-  Drawn in one multinomial over q, so p = 0 gives exactly the plain student draw.
+  Drawn in one draw over q, so p = 0 gives exactly the plain student draw.
 - top-k correction (speculative-KD style): the student proposes x ~ pi_theta; if x is outside the
   teacher's top-k K it is replaced by y ~ pi_T restricted to K (renormalised), so every token of
   the rollout is one of the teacher's top-k. The token's distribution is then
@@ -42,6 +42,16 @@ class GuidedChoice:
     teacher_share: torch.Tensor  # [B] in [0, 1]
 
 
+def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row of (unnormalised) probabilities [B, V], by inverse CDF: one uniform per row, searched
+    in the float64 running sum (so a token of mass 1e-12 keeps its chance, and one of mass 0 is never drawn).
+    torch.multinomial draws an exponential for every vocabulary entry instead: ~3 ms a step at a 49k vocabulary
+    on 2 CPU cores, 15-20% of a small-batch decode step. Every sampler of the rollout draws through this."""
+    cdf = probs.double().cumsum(-1)
+    u = 1.0 - torch.rand((probs.shape[0], 1), generator=generator, dtype=torch.float64, device=probs.device)  # (0, 1]
+    return torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(1).clamp_(max=probs.shape[-1] - 1)
+
+
 def _pick(logp: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
     return logp.gather(1, tok[:, None]).squeeze(1)
 
@@ -52,7 +62,7 @@ def mixture_choice(student_logp: torch.Tensor, teacher_logp: torch.Tensor, p: fl
     parts = [student_logp + torch.log1p(torch.tensor(-p)) if p < 1 else torch.full_like(student_logp, float("-inf"))]
     parts.append(teacher_logp + torch.log(torch.tensor(p)) if p > 0 else torch.full_like(teacher_logp, float("-inf")))
     mix = torch.logsumexp(torch.stack(parts), dim=0)  # p = 0: exactly student_logp (log(e^x + 0) = x)
-    tok = torch.multinomial(mix.exp(), 1, generator=generator).squeeze(1)
+    tok = draw(mix.exp(), generator)
     behaviour = _pick(mix, tok)
     share = torch.exp(_pick(parts[1], tok) - behaviour)
     return GuidedChoice(tok, behaviour, _pick(student_logp, tok), share.nan_to_num(0.0))
@@ -64,8 +74,8 @@ def topk_correction_choice(student_logp: torch.Tensor, teacher_logp: torch.Tenso
     in_topk = torch.zeros_like(student_logp, dtype=torch.bool)
     in_topk.scatter_(1, teacher_logp.topk(min(k, teacher_logp.shape[1]), dim=1).indices, True)
     teacher_topk = torch.softmax(teacher_logp.masked_fill(~in_topk, float("-inf")), dim=1)  # pi_T(. | K)
-    proposal = torch.multinomial(student_logp.exp(), 1, generator=generator).squeeze(1)
-    teacher_draw = torch.multinomial(teacher_topk, 1, generator=generator).squeeze(1)
+    proposal = draw(student_logp.exp(), generator)
+    teacher_draw = draw(teacher_topk, generator)
     replace = ~in_topk.gather(1, proposal[:, None]).squeeze(1)
     tok = torch.where(replace, teacher_draw, proposal)
     # q(v) = pi_theta(v) [v in K] + (1 - pi_theta(K)) pi_T(v | K): both routes to v, summed.

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from transformers import LlamaForCausalLM
 
 from opd.rollout.fast_llama import build_decoder
-from opd.rollout.guidance import TeacherGuide, align_vocab, choose
+from opd.rollout.guidance import TeacherGuide, align_vocab, choose, draw
 from opd.types import Prompt, Rollout
 
 
@@ -128,7 +128,7 @@ def sample(
     for t in range(params.max_new_tokens):
         logp = sampling_logprobs(logits, params.temperature, params.top_p)
         if guide is None:
-            tok = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)
+            tok = draw(logp.exp(), generator)
             tok_lp = logp.gather(1, tok[:, None]).squeeze(1)
         else:
             teacher_logp = sampling_logprobs(align_vocab(teacher.logits().to(dev), logp.shape[-1]),

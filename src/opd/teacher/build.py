@@ -32,7 +32,8 @@ def build_one(t: TeacherConfig, *, model=None, seed: int = 0):
             from opd.models import load_model
 
             model = load_model(t.model, dtype=t.dtype, device=t.device)
-        teacher = LocalTeacher(model, batch_size=t.batch_size, chunk_size=t.chunk_size, topk=t.topk)
+        teacher = LocalTeacher(model, batch_size=t.batch_size, chunk_size=t.chunk_size, topk=t.topk,
+                               fast=t.forward == "auto")
     # The cache saves network round trips; a local teacher recomputes (bit-exact resume stays bit-exact).
     return CachingTeacher(teacher, max_entries=t.cache_size) if t.cache_size and t.remote else teacher
 

@@ -18,13 +18,14 @@ from opd.types import Rollout, TeacherScores
 class LocalTeacher:
     """Any Hugging Face causal LM sharing the student's tokenizer."""
 
-    def __init__(self, model, *, batch_size: int = 64, chunk_size: int = 1024, topk: int = 0):
+    def __init__(self, model, *, batch_size: int = 64, chunk_size: int = 1024, topk: int = 0, fast: bool = True):
         self.model = model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.batch_size = batch_size
         self.chunk_size = chunk_size
         self.topk = topk
+        self.fast = fast  # teacher.forward = "auto": opd.llama's forward where it supports the model
 
     @torch.no_grad()
     def score(self, rollout: Rollout, *, full: bool = False) -> TeacherScores:
@@ -41,7 +42,8 @@ class LocalTeacher:
             cmask = rollout.completion_mask[rows]
             targets = rollout.completion_ids[rows][cmask.bool()].to(next(self.model.parameters()).device)
             hidden = completion_hidden(
-                self.model, rollout.prompt_ids[rows], rollout.prompt_mask[rows], rollout.completion_ids[rows], cmask
+                self.model, rollout.prompt_ids[rows], rollout.prompt_mask[rows], rollout.completion_ids[rows], cmask,
+                fast=self.fast,
             )
 
             def fn(logp: torch.Tensor, sl: slice):

@@ -1,7 +1,8 @@
 """The model side of `opd serve-teacher`: prompt logprobs (with top-k and rank) for many token-id
 sequences in one forward pass, and plain generation.
 
-Sequences are right-padded into one batch; only the positions whose logprobs were asked for go
+Sequences are right-padded into one batch (a Llama model runs opd.llama's forward over it: rows that start at
+position 0 need no attention mask); only the positions whose logprobs were asked for go
 through the LM head, chunk by chunk, so batch x length x vocab logits never exist at once. Each
 sequence may have its own temperature (log softmax(logits / T), the opd convention).
 """
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from opd import llama
 from opd.logprobs import lm_logits
 
 
@@ -47,8 +49,13 @@ def score_batch(model, jobs: list[ScoreJob], *, chunk_size: int = 1024, pad_id: 
     for b, j in enumerate(jobs):
         input_ids[b, : len(j.ids)] = torch.tensor(j.ids)
         attention[b, : len(j.ids)] = 1
-    hidden = model.base_model(input_ids=input_ids.to(dev), attention_mask=attention.to(dev), use_cache=False)
-    hidden = hidden.last_hidden_state
+    if llama.unsupported_reason(model) is None:
+        # Right-padded rows that start at position 0: opd's causal forward needs no mask for them.
+        hidden = llama.causal_hidden(model, input_ids.to(dev))
+        hidden = llama.rms_norm(hidden, model.model.norm.weight.detach(), model.config.rms_norm_eps)
+    else:
+        hidden = model.base_model(input_ids=input_ids.to(dev), attention_mask=attention.to(dev), use_cache=False)
+        hidden = hidden.last_hidden_state
     # The state at position p - 1 predicts token p.
     rows, cols, targets, temps = [], [], [], []
     for b, j in enumerate(jobs):

@@ -8,6 +8,7 @@ import torch
 
 from opd.logprobs import sampled_logprobs
 from opd.types import Rollout
+from opd.update.step import adamw
 
 
 def sft_loss(model, batch: Rollout, chunk_size: int = 1024) -> torch.Tensor:
@@ -19,7 +20,7 @@ def supervised_train(model, data: Rollout, *, steps: int, batch_size: int, lr: f
     if steps == 0:
         return []
     model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    opt = adamw(model, lr=lr)
     rng = np.random.default_rng([seed, 0x5F7])
     n = data.completion_ids.shape[0]
     losses = []

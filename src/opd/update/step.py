@@ -26,8 +26,17 @@ PG_FAMILY = ("pg", "hybrid")
 
 
 def make_optimizer(model, cfg: TrainConfig, lr: float | None = None) -> torch.optim.Optimizer:
+    return adamw(model, lr=lr or cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+
+
+def adamw(model, **kwargs) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters, with the fused kernel where torch has one for them."""
     params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(params, lr=lr or cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    # The fused kernel updates each parameter in one pass over its weights, moments and gradient; the default
+    # per-tensor loop makes ~10 passes (0.9 s a step for an 80M-parameter student on 2 CPU cores, as much as
+    # the rest of the update). Same update rule, same state_dict layout.
+    fused = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float16, torch.bfloat16) for p in params)
+    return torch.optim.AdamW(params, fused=fused or None, **kwargs)
 
 
 def make_scheduler(optimizer, cfg: TrainConfig, total_updates: int) -> torch.optim.lr_scheduler.LambdaLR:

@@ -1,0 +1,157 @@
+"""The Llama arithmetic opd runs itself, shared by the rollout's decoder and the teacher's scoring forward.
+
+Hugging Face's `LlamaForCausalLM` forward spends much of a small model's time around its matmuls (mask
+building, RMSNorm as five ops, dtype round trips, output dataclasses). The hot paths of the loop run the same
+arithmetic here instead:
+
+- `opd.rollout.fast_llama` decodes with a static KV cache (prefill, then one token a step);
+- `causal_hidden` runs whole sequences without grad (teacher scoring, evaluation, the reference model) over
+  rows that opd.logprobs has left-aligned, so plain causal attention is exact and no [B, L, L] mask exists.
+
+`unsupported_reason` says when a model is outside what these reproduce; callers then use the HF model.
+tests/test_logprobs.py and tests/rollout/test_fast_llama.py compare both against HF.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import LlamaForCausalLM
+
+# RoPE variants whose inverse frequencies are fixed (not re-computed from the sequence length at run time):
+# for these, positions x model.rotary_emb.inv_freq (x attention_scaling) is exactly what HF computes.
+STATIC_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def unsupported_reason(model) -> str | None:
+    """Why opd's Llama forward cannot reproduce `model` exactly, or None if it can."""
+    if type(model) is not LlamaForCausalLM:
+        return f"{type(model).__name__} is not LlamaForCausalLM"
+    cfg = model.config
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    if rope.get("rope_type", rope.get("type", "default")) not in STATIC_ROPE_TYPES:
+        return f"rope_type {rope.get('rope_type')!r}"
+    if getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False):
+        return "attention or MLP bias"
+    if cfg.hidden_act != "silu":
+        return f"hidden_act {cfg.hidden_act!r}"
+    if model.training and getattr(cfg, "attention_dropout", 0.0) > 0:
+        return "attention dropout in training mode"
+    if getattr(cfg, "pretraining_tp", 1) > 1:
+        return "pretraining_tp > 1"
+    if cfg.num_key_value_heads != cfg.num_attention_heads and torch.torch_version.TorchVersion(torch.__version__) < "2.5":
+        return "grouped-query attention needs torch >= 2.5 (scaled_dot_product_attention's enable_gqa)"
+    # LoRA/PEFT injects its own layer types in place of nn.Linear; quantised layers likewise.
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and type(module) is not nn.Linear:
+            return f"{name} is {type(module).__name__}"
+        if any(hasattr(module, a) for a in ("lora_A", "base_layer")):
+            return f"{name} is an adapter layer"
+    if type(model.model.embed_tokens) is not nn.Embedding:
+        return "embedding is not nn.Embedding"
+    if len({p.dtype for p in model.parameters()}) != 1:
+        return "parameters of mixed dtypes"
+    return None
+
+
+@dataclass
+class LayerWeights:
+    input_norm: torch.Tensor  # [hidden]
+    qkv: torch.Tensor  # [(heads + 2 kv_heads) * head_dim, hidden]
+    o: torch.Tensor  # [hidden, heads * head_dim]
+    post_norm: torch.Tensor  # [hidden]
+    gate_up: torch.Tensor  # [2 * intermediate, hidden]
+    down: torch.Tensor  # [hidden, intermediate]
+
+
+# The fused QKV and gate/up weights of each model, kept between calls: refilled in place (a fresh 100-200 MB
+# allocation costs more in page faults than the copy itself) and only when a source weight changed since (its
+# storage or its in-place version counter, which optimizer steps and SamplingCopy.refresh move).
+_FUSED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def fused(model, groups: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+    """torch.cat of each group of weights, reusing the model's previous result when nothing changed."""
+    key = [(w.data_ptr(), w._version, w.shape, w.dtype) for g in groups for w in g]
+    cached = _FUSED.get(model)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    outs = cached[1] if cached is not None and len(cached[1]) == len(groups) else [None] * len(groups)
+    result = []
+    for g, out in zip(groups, outs):
+        shape = (sum(w.shape[0] for w in g), *g[0].shape[1:])
+        if out is None or out.shape != shape or out.dtype != g[0].dtype or out.device != g[0].device:
+            out = torch.empty(shape, dtype=g[0].dtype, device=g[0].device)
+        result.append(torch.cat([w.detach() for w in g], out=out))
+    _FUSED[model] = (key, result)
+    return result
+
+
+def layer_weights(model, layers) -> list[LayerWeights]:
+    groups = []
+    for layer in layers:
+        att, mlp = layer.self_attn, layer.mlp
+        groups += [[att.q_proj.weight, att.k_proj.weight, att.v_proj.weight], [mlp.gate_proj.weight, mlp.up_proj.weight]]
+    cat = fused(model, groups)
+    return [LayerWeights(input_norm=layer.input_layernorm.weight.detach(), qkv=cat[2 * i],
+                         o=layer.self_attn.o_proj.weight.detach(), post_norm=layer.post_attention_layernorm.weight.detach(),
+                         gate_up=cat[2 * i + 1], down=layer.mlp.down_proj.weight.detach())
+            for i, layer in enumerate(layers)]
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if x.dtype == torch.float32:  # one op, the same numbers as LlamaRMSNorm's five
+        return F.rms_norm(x, weight.shape, weight, eps)
+    # As LlamaRMSNorm: statistics in fp32, the product in the model's dtype.
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def rope_table(model, length: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [length, head_dim] of positions 0 .. length - 1, from the model's own inverse frequencies."""
+    rotary = model.model.rotary_emb
+    freqs = torch.arange(length, device=device, dtype=torch.float)[:, None] * rotary.inv_freq.float().to(device)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return (emb.cos() * rotary.attention_scaling).to(dtype), (emb.sin() * rotary.attention_scaling).to(dtype)
+
+
+def head_dim(cfg) -> int:
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
+# ------------------------------------------------------------------------------------- whole sequences
+@torch.no_grad()
+def causal_hidden(model, ids: torch.Tensor) -> torch.Tensor:
+    """Hidden states [B, L, hidden] after the last decoder layer (before the final norm) of rows that start at
+    position 0, under plain causal attention. No grad: the fused weights are detached copies."""
+    cfg = model.config
+    B, L = ids.shape
+    H, KV, D = cfg.num_attention_heads, cfg.num_key_value_heads, head_dim(cfg)
+    p = next(model.parameters())
+    gqa = {"enable_gqa": True} if H != KV else {}
+    cos, sin = rope_table(model, L, p.dtype, p.device)
+    layers = layer_weights(model, model.model.layers[: cfg.num_hidden_layers])
+    x = F.embedding(ids, model.model.embed_tokens.weight.detach())
+    cos, sin = cos[:, None], sin[:, None]  # [L, 1, D]: broadcast over the heads of a [B, L, heads, D] tensor
+    for w in layers:
+        h = rms_norm(x, w.input_norm, cfg.rms_norm_eps)
+        qkv = F.linear(h, w.qkv).view(B, L, H + 2 * KV, D)
+        # RoPE in the [B, L, heads, D] layout the matmul wrote (contiguous); SDPA takes the transposed views.
+        qk = apply_rope(qkv[:, :, : H + KV], cos, sin).transpose(1, 2)
+        att = F.scaled_dot_product_attention(qk[:, :H], qk[:, H:], qkv[:, :, H + KV :].transpose(1, 2), is_causal=True,
+                                             scale=D**-0.5, **gqa)
+        x = x + F.linear(att.transpose(1, 2).reshape(B, L, H * D), w.o)
+        gate, up = F.linear(rms_norm(x, w.post_norm, cfg.rms_norm_eps), w.gate_up).chunk(2, dim=-1)
+        x = x + F.linear(F.silu(gate) * up, w.down)
+    return x
