@@ -172,11 +172,13 @@ class RolloutConfig(Section):
     samples_per_prompt: int = Field(
         1, ge=1, description="Completions per prompt (a group, for the `hybrid` objective's normalised reward)."
     )
-    dtype: Literal["same", "bfloat16", "float16"] = Field(
+    dtype: Literal["same", "bfloat16", "float16", "int8"] = Field(
         "same",
         description="Weights the rollout samples with: `same` = the student itself; `bfloat16`/`float16` = a copy in "
         "that dtype, refreshed before every rollout (faster decoding; the behaviour logprobs are the copy's, and the "
-        "update's importance ratio accounts for the rounding).",
+        "update's importance ratio accounts for the rounding); `int8` = a bfloat16 copy whose decode steps read "
+        "weight-only int8 copies of its matmul weights (per-channel scales; ~3x fewer bytes per token than bf16 on CPU; "
+        "opd's decoder only, else bfloat16 decoding with a warning).",
     )
     decoder: Literal["auto", "hf"] = Field(
         "auto",

@@ -36,7 +36,7 @@ from opd.models import DTYPES, count_params, load_model, load_student, load_toke
 from opd.monitor import MetricsLog, RunDisplay, assess, health_metrics
 from opd.prompts import PromptStream, verify
 from opd.recovery import RecoverySettings
-from opd.rollout import SamplingCopy, SamplingParams, make_guide
+from opd.rollout import SamplingCopy, SamplingParams, int8_decode_unsupported, make_guide
 from opd.rollout.backend import make_server_backend
 from opd.teacher import LocalTeacher
 from opd.teacher.build import build_teachers, check_tokenizers
@@ -205,7 +205,7 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
         log("prompts: " + ", ".join(f"{k[8:]} {v}" for k, v in prompt_counts.items() if v))
     eval_prompts = stream.eval_prompts(cfg.eval.size)
     params = SamplingParams(cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.max_new_tokens, cfg.rollout.stop,
-                            cfg.rollout.decoder)
+                            cfg.rollout.decoder, int8=cfg.rollout.dtype == "int8")
     eval_params = SamplingParams(cfg.eval.temperature, 1.0, cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
                                  cfg.rollout.stop, cfg.rollout.decoder)
     device = resolve_device(cfg.student.device)
@@ -219,8 +219,12 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
     # teacher-guided rollouts: the teacher helps choose the student's tokens (None when off)
     guide = make_guide(cfg.rollout.teacher_mix, cfg.rollout.teacher_correct_topk, teacher_model, tokenizer,
                        cfg.teacher.model)
-    # rollout.dtype = "bfloat16": a low-precision copy of the student samples (None: the student itself)
-    sampling_copy = None if cfg.rollout.dtype == "same" else SamplingCopy(student, DTYPES[cfg.rollout.dtype])
+    # rollout.dtype = "bfloat16": a low-precision copy of the student samples (None: the student itself); "int8" is
+    # a bf16 copy whose decode steps read int8 weights (params.int8)
+    sampling_copy = None if cfg.rollout.dtype == "same" else SamplingCopy(
+        student, torch.bfloat16 if cfg.rollout.dtype == "int8" else DTYPES[cfg.rollout.dtype])
+    if cfg.rollout.dtype == "int8" and (reason := int8_decode_unsupported(sampling_copy.model, cfg.rollout.decoder)):
+        log(f"warning: rollout.dtype = 'int8' falls back to bfloat16 decoding: {reason}")
     ref_model = None
 
     def eval_row(step: int, version: int) -> dict:

@@ -149,3 +149,76 @@ def test_fused_weights_are_reused_until_a_weight_changes(student):
     copy = SamplingCopy(student, torch.bfloat16)
     d = build_decoder(copy.refresh(student), 2, 8).layers[0]
     assert d.qkv.dtype == torch.bfloat16 and d.qkv.data_ptr() != a.qkv.data_ptr()  # per model
+
+
+def test_int8_weights_round_to_the_nearest_step_of_each_channel():
+    from opd.llama import quantize_int8
+
+    torch.manual_seed(0)
+    w = (torch.randn(2500, 24) * torch.logspace(-3, 1, 2500)[:, None]).to(torch.bfloat16)  # rows of very different scale
+    q = quantize_int8(w, rows=1000)  # blocks of rows, the last one partial
+    deq = q.q.float() * q.scale.float()[:, None]
+    assert q.q.dtype == torch.int8 and q.q.abs().max() == 127
+    step = q.scale.float()[:, None]
+    # Within half a step (the largest entry may clamp at 127 by the bf16 rounding of its scale: 127 x 2^-8 of a step).
+    assert ((deq - w.float()).abs() <= step * (0.5 + 127 * 2**-8) + 1e-7).all()
+    assert ((deq - w.float()).abs() <= 0.5 * step * (1 + 1e-3)).float().mean() > 0.99
+    again = quantize_int8(w * 2, out=q)  # refilled in place
+    assert again.q.data_ptr() == q.q.data_ptr()
+
+
+def test_int8_decode_steps_equal_the_dequantised_model(tokenizer, prompts):
+    from opd.llama import int8_linear, quantize_int8
+
+    model = gqa_model(tokenizer).to(torch.bfloat16)
+    ids, prompt_mask = encode_prompts(tokenizer, prompts, 256)
+    B, P = ids.shape
+    pos = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+    full = torch.ones((B, P + 6), dtype=torch.long)
+    full[:, :P] = prompt_mask
+    int8 = build_decoder(model, B, P + 6, int8=True)
+    assert int8.int8 is not None
+    # The reference: the same bf16 model with every matmul weight replaced by its dequantised int8 copy, through HF.
+    ref_model = gqa_model(tokenizer).to(torch.bfloat16)
+    with torch.no_grad():
+        for name, p in ref_model.named_parameters():
+            if p.dim() == 2 and "embed_tokens" not in name:
+                q = quantize_int8(p)
+                p.copy_((q.q.float() * q.scale.float()[:, None]).to(p.dtype))
+        # The prefill keeps the model's own bf16 weights; so does the reference's cache of the prompt.
+        plain = HFDecoder(model)
+        want = plain.prefill(ids, prompt_mask, pos)
+        got = int8.prefill(ids, prompt_mask, pos)
+        torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=0.05)
+        ref = HFDecoder(ref_model)
+        ref.cache = plain.cache
+        pos = pos[:, -1:] + 1
+        gen = torch.Generator().manual_seed(0)
+        for t in range(6):
+            tok = torch.multinomial(want.float().softmax(-1), 1, generator=gen).squeeze(1)
+            attn = full[:, : P + t + 1]
+            want, got = ref.step(tok, attn, pos), int8.step(tok, attn, pos)
+            torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=0.06, msg=lambda m: f"step {t}: {m}")
+            pos = pos + 1
+    # The kernel itself: x @ (q * scale).T.
+    x = torch.randn(3, 48).to(torch.bfloat16)
+    q = quantize_int8(model.model.layers[0].mlp.up_proj.weight)
+    torch.testing.assert_close(int8_linear(x, q).float(), x.float() @ (q.q.float() * q.scale.float()[:, None]).T,
+                               rtol=2e-2, atol=2e-2)
+
+
+def test_int8_sampling_falls_back_where_it_cannot_run(student, tokenizer, prompts):
+    from opd.rollout import int8_decode_unsupported
+
+    bf16 = SamplingCopy(student, torch.bfloat16).refresh(student)
+    assert int8_decode_unsupported(bf16, "auto") is None
+    assert "hf" in int8_decode_unsupported(bf16, "hf")
+    assert "kernel" in int8_decode_unsupported(student, "auto")  # fp32 activations: no fast int8 kernel
+    # An fp32 model asked for int8 decodes as before (the decoder keeps its own weights).
+    plain = sample(student, tokenizer, prompts, SamplingParams(max_new_tokens=6), generator=torch.Generator().manual_seed(1))
+    asked = sample(student, tokenizer, prompts, SamplingParams(max_new_tokens=6, int8=True),
+                   generator=torch.Generator().manual_seed(1))
+    assert torch.equal(plain.completion_ids, asked.completion_ids)
+    # A bf16 copy samples through the int8 weights: close to, not equal to, its bf16 logprobs.
+    r8 = sample(bf16, tokenizer, prompts, SamplingParams(max_new_tokens=6, int8=True), generator=torch.Generator().manual_seed(1))
+    assert r8.num_tokens > 0 and torch.isfinite(r8.behaviour_logprobs).all()

@@ -1,6 +1,8 @@
 """Stage 2: student rollout with the current weights (optionally teacher-guided)."""
 
 from opd.rollout.guidance import TeacherGuide, make_guide
-from opd.rollout.sampler import SamplingCopy, SamplingParams, encode_prompts, sample, sampling_logprobs
+from opd.rollout.sampler import (SamplingCopy, SamplingParams, encode_prompts, int8_decode_unsupported, sample,
+                                 sampling_logprobs)
 
-__all__ = ["SamplingCopy", "SamplingParams", "TeacherGuide", "encode_prompts", "make_guide", "sample", "sampling_logprobs"]
+__all__ = ["SamplingCopy", "SamplingParams", "TeacherGuide", "encode_prompts", "int8_decode_unsupported", "make_guide",
+           "sample", "sampling_logprobs"]

@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaForCausalLM
 
-from opd.llama import apply_rope, head_dim, layer_weights, rms_norm, rope_table, unsupported_reason
+from opd.llama import (apply_rope, head_dim, int8_linear, int8_supported, int8_weights, layer_weights, rms_norm,
+                       rope_table, unsupported_reason)
 
 
 class FastLlamaDecoder:
@@ -38,7 +39,7 @@ class FastLlamaDecoder:
         logits = dec.step(tokens, attention_mask[:, :P + t + 1], next_positions)
     """
 
-    def __init__(self, model: LlamaForCausalLM, batch: int, max_len: int):
+    def __init__(self, model: LlamaForCausalLM, batch: int, max_len: int, int8: bool = False):
         cfg = model.config
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
@@ -51,6 +52,12 @@ class FastLlamaDecoder:
         self.final_norm = model.model.norm.weight.detach()
         self.lm_head = model.lm_head.weight.detach()  # the embedding itself when tied
         self.layers = layer_weights(model, model.model.layers[: cfg.num_hidden_layers])
+        # rollout.dtype = "int8": decode steps (one token a row) read int8 copies of the matmul weights, a quarter of
+        # fp32's bytes; the prefill (many rows at once, where the int8 kernel is slow) keeps the model's own weights.
+        self.int8 = None
+        if int8 and int8_supported(self.device, self.dtype):
+            flat = int8_weights(model, [t for w in self.layers for t in (w.qkv, w.o, w.gate_up, w.down)] + [self.lm_head])
+            self.int8 = [flat[4 * i : 4 * i + 4] for i in range(len(self.layers))] + [flat[-1:]]
         # On CPU keys and values are kept (exactly) in fp32 and attention runs in fp32 whatever the weights' dtype:
         # the CPU bf16 attention kernel is ~5x slower than the fp32 one at decode shapes, and the cache is small.
         att_dtype = torch.float32 if self.device.type == "cpu" else self.dtype
@@ -81,25 +88,30 @@ class FastLlamaDecoder:
         start, end = self.filled, self.filled + T
         H, KV, D = self.heads, self.kv_heads, self.head_dim
         cos, sin = self.cos[position_ids][:, None], self.sin[position_ids][:, None]  # [B, 1, T, D]
+        q8 = self.int8 if T == 1 else None
+
+        def linear(x: torch.Tensor, w: torch.Tensor, layer: int, which: int) -> torch.Tensor:
+            return F.linear(x, w) if q8 is None else int8_linear(x, q8[layer][which])
+
         x = F.embedding(ids, self.embed)
         for i, w in enumerate(self.layers):
             h = rms_norm(x, w.input_norm, self.eps)
-            qkv = F.linear(h, w.qkv).view(B, T, H + 2 * KV, D).transpose(1, 2)
+            qkv = linear(h, w.qkv, i, 0).view(B, T, H + 2 * KV, D).transpose(1, 2)
             qk = apply_rope(qkv[:, : H + KV], cos, sin)  # queries and keys rotated in one go
             keys, values = self.cache[i, 0, :B], self.cache[i, 1, :B]
             keys[:, :, start:end] = qk[:, H:]
             values[:, :, start:end] = qkv[:, H + KV :]
             att = F.scaled_dot_product_attention(qk[:, :H].to(keys.dtype), keys[:, :, :end], values[:, :, :end],
                                                  attn_mask=mask, scale=self.scale, **self.gqa)
-            x = x + F.linear(att.transpose(1, 2).reshape(B, T, H * D).to(x.dtype), w.o)
-            gate, up = F.linear(rms_norm(x, w.post_norm, self.eps), w.gate_up).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, w.down)
+            x = x + linear(att.transpose(1, 2).reshape(B, T, H * D).to(x.dtype), w.o, i, 1)
+            gate, up = linear(rms_norm(x, w.post_norm, self.eps), w.gate_up, i, 2).chunk(2, dim=-1)
+            x = x + linear(F.silu(gate) * up, w.down, i, 3)
         self.filled = end
-        return F.linear(rms_norm(x[:, -1], self.final_norm, self.eps), self.lm_head)
+        return linear(rms_norm(x[:, -1], self.final_norm, self.eps), self.lm_head, -1, 0)
 
 
-def build_decoder(model, batch: int, max_len: int) -> FastLlamaDecoder | None:
+def build_decoder(model, batch: int, max_len: int, int8: bool = False) -> FastLlamaDecoder | None:
     """The fast decoder for `model`, or None when it does not support it (use the HF model then)."""
     if unsupported_reason(model) is not None:
         return None
-    return FastLlamaDecoder(model, batch, max_len)
+    return FastLlamaDecoder(model, batch, max_len, int8=int8)

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaForCausalLM
 
+from opd.llama import int8_supported, unsupported_reason
 from opd.rollout.fast_llama import build_decoder
 from opd.rollout.guidance import TeacherGuide, align_vocab, choose, draw
 from opd.types import Prompt, Rollout
@@ -36,6 +37,7 @@ class SamplingParams:
     max_new_tokens: int = 64
     stop: list[str] = field(default_factory=list)
     decoder: str = "auto"  # rollout.decoder: "auto" = opd.rollout.fast_llama where it supports the model, "hf" = always HF
+    int8: bool = False  # rollout.dtype = "int8": the fast decoder's decode steps read int8 weights (bf16 models on CPU)
 
 
 def encode_prompts(tokenizer, prompts: list[Prompt], max_prompt_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,7 +112,7 @@ def sample(
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
     was_training = model.training
     model.eval()
-    decoder = make_decoder(model, params.decoder, B, P + params.max_new_tokens)
+    decoder = make_decoder(model, params.decoder, B, P + params.max_new_tokens, int8=params.int8)
     logits = decoder.prefill(prompt_ids.to(dev), attn, pos)
     next_pos = pos[:, -1:] + 1
     teacher = _TeacherStepper(guide.model, params.decoder, prompt_ids, attn, pos, P + params.max_new_tokens) \
@@ -223,12 +225,24 @@ class HFDecoder:
         return out.logits[:, -1]
 
 
-def make_decoder(model, kind: str, batch: int, max_len: int):
+def make_decoder(model, kind: str, batch: int, max_len: int, int8: bool = False):
     """rollout.decoder: "auto" = the fast Llama decoder when it supports the model (else HF), "hf" = HF always."""
     if kind not in ("auto", "hf"):
         raise ValueError(f"unknown decoder {kind!r}: use 'auto' or 'hf'")
-    fast = build_decoder(model, batch, max_len) if kind == "auto" else None
+    fast = build_decoder(model, batch, max_len, int8=int8) if kind == "auto" else None
     return fast if fast is not None else HFDecoder(model)
+
+
+def int8_decode_unsupported(model, kind: str) -> str | None:
+    """Why int8 decode steps (rollout.dtype = "int8") cannot run for `model` (a bf16 sampling copy), or None."""
+    p = next(model.parameters())
+    if kind != "auto":
+        return "rollout.decoder = 'hf' (int8 decoding is part of opd's own decoder)"
+    if (reason := unsupported_reason(model)) is not None:
+        return f"opd's decoder does not support this model ({reason})"
+    if not int8_supported(p.device, p.dtype):
+        return f"torch has no weight-only int8 kernel for {p.dtype} on {p.device.type} (CPU only)"
+    return None
 
 
 class _TeacherStepper:
