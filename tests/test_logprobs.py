@@ -1,3 +1,4 @@
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -161,3 +162,22 @@ def test_fast_path_in_bf16_stays_close_to_hf_in_bf16(tokenizer, prompts):
         want = _hf_completion_hidden(model, *batch)
         fast = completion_hidden(model.to(torch.bfloat16), *batch).float()
     assert (fast - want).abs().max() < 0.05 * want.abs().max()
+
+
+@pytest.mark.parametrize("checkpoint_above", [0, 2**40])
+def test_chunk_gradients_are_the_same_recomputed_or_kept(student, monkeypatch, checkpoint_above):
+    import opd.logprobs as lp_mod
+
+    monkeypatch.setattr(lp_mod, "CHECKPOINT_ABOVE_BYTES", checkpoint_above)
+    h = _hidden(student).requires_grad_(True)
+    targets = torch.randint(0, student.config.vocab_size, (h.shape[0],))
+    full = F.log_softmax(lm_logits(student, h, 1.0), dim=-1).gather(1, targets[:, None]).sum()
+    (g_full,) = torch.autograd.grad(full, h)
+    calls = []
+    real_head = lp_mod.lm_logits
+    monkeypatch.setattr(lp_mod, "lm_logits", lambda *a: calls.append(1) or real_head(*a))
+    (lp,) = per_position(student, h, lambda logp, sl: (logp.gather(1, targets[sl, None]).squeeze(1),), 1.0, 4)
+    (g_chunk,) = torch.autograd.grad(lp.sum(), h)
+    torch.testing.assert_close(g_chunk, g_full, rtol=1e-5, atol=1e-6)
+    chunks = -(-h.shape[0] // 4)
+    assert len(calls) == (2 * chunks if checkpoint_above == 0 else chunks)  # recomputed in the backward, or kept

@@ -4,7 +4,8 @@ teacher (stage 3) and the student update (stage 5).
 The log-softmax over the vocabulary runs in chunks of positions, and only over real completion
 tokens (padding and prompt positions are dropped before the LM head), so batch x length x vocab
 fp32 logits never exist at once: a 262k vocabulary fits. With autograd on, each chunk is
-recomputed in the backward pass (activation checkpointing) instead of keeping its logits.
+recomputed in the backward pass (activation checkpointing) instead of keeping its logits, unless
+all of them are small (CHECKPOINT_ABOVE_BYTES).
 
 Temperature convention: every logprob here is log softmax(logits / temperature), the same
 distribution the sampler draws from (before top-p), so behaviour, student and teacher logprobs
@@ -92,6 +93,11 @@ def lm_logits(model, hidden: torch.Tensor, temperature: float) -> torch.Tensor:
     return logits if temperature == 1.0 else logits / temperature  # a division by 1 is a pass over [n, V] for nothing
 
 
+# Below this many bytes of fp32 logits over all chunks, the chunks keep their activations for the backward pass
+# instead of recomputing the LM head and the log-softmax there (at batch 4 x 64 tokens and a 49k vocabulary,
+# 50 MB of logits: recomputing costs a tenth of the update; keeping them ~5x that in saved tensors).
+CHECKPOINT_ABOVE_BYTES = 64 * 2**20
+
 # Largest fp32 [positions, vocab] block one chunk may create: fn typically makes a few of them (log-softmax,
 # its exp, a product), so at a 262k vocabulary this keeps scoring within a few hundred MiB of the weights.
 MAX_CHUNK_LOGITS_BYTES = 128 * 2**20
@@ -113,11 +119,13 @@ def per_position(
     """Apply fn(log_softmax(logits[chunk]), chunk_slice) -> per-position tensors, chunk by chunk.
 
     fn sees one chunk's full-vocabulary log-probs [n, V] and returns tensors of shape [n];
-    results are concatenated over chunks. With grad enabled each chunk is checkpointed.
+    results are concatenated over chunks. With grad enabled each chunk is checkpointed (unless all chunks' logits
+    together stay under CHECKPOINT_ABOVE_BYTES).
     """
     outs: list[tuple[torch.Tensor, ...]] = []
     n = hidden.shape[0]
     chunk_size = positions_per_chunk(model, chunk_size)
+    recompute = n * model.get_output_embeddings().weight.shape[0] * 4 > CHECKPOINT_ABOVE_BYTES
     for start in range(0, n, chunk_size):
         sl = slice(start, min(start + chunk_size, n))
 
@@ -125,7 +133,7 @@ def per_position(
             return fn(F.log_softmax(lm_logits(model, h, temperature), dim=-1), sl)
 
         h = hidden[sl]
-        if torch.is_grad_enabled() and h.requires_grad:
+        if recompute and torch.is_grad_enabled() and h.requires_grad:
             outs.append(checkpoint(chunk_fn, h, use_reentrant=False))
         else:
             outs.append(chunk_fn(h))

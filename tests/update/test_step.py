@@ -199,3 +199,19 @@ def test_autocast_keeps_the_log_softmax_in_fp32(student, batch):
         terms = student_token_terms(student, roll, scores, ObjectiveConfig(name="reverse_kl"), 7)
     assert terms.new_logprobs.dtype == torch.float32 and terms.distribution_loss.dtype == torch.float32
     assert (terms.new_logprobs <= 0).all()
+
+
+def test_the_next_rollout_samples_with_the_updated_weights(student, batch, tokenizer, prompts):
+    # The fast decoder caches fused weights until a weight's version moves; the fused AdamW step writes the
+    # weights without moving it, so update_student has to mark them (a stale cache samples with old weights).
+    roll, scores = batch
+    params = SamplingParams(max_new_tokens=8)
+    sample(student, tokenizer, prompts, params, generator=torch.Generator().manual_seed(1))  # fills the cache
+    opt = make_optimizer(student, TrainConfig(lr=1e-2))
+    assert opt.defaults["fused"]  # the CPU fused kernel is in use
+    run_update(student, roll, scores, "pg", lr=1e-2)
+    fast = sample(student, tokenizer, prompts, params, generator=torch.Generator().manual_seed(1))
+    hf = sample(student, tokenizer, prompts, SamplingParams(max_new_tokens=8, decoder="hf"),
+                generator=torch.Generator().manual_seed(1))
+    assert torch.equal(fast.completion_ids, hf.completion_ids)
+    torch.testing.assert_close(fast.behaviour_logprobs, hf.behaviour_logprobs, rtol=0, atol=1e-5)

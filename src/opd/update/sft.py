@@ -8,7 +8,7 @@ import torch
 
 from opd.logprobs import sampled_logprobs
 from opd.types import Rollout
-from opd.update.step import adamw
+from opd.update.step import adamw, step_optimizer
 
 
 def sft_loss(model, batch: Rollout, chunk_size: int = 1024) -> torch.Tensor:
@@ -30,6 +30,6 @@ def supervised_train(model, data: Rollout, *, steps: int, batch_size: int, lr: f
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        step_optimizer(opt, [p for p in model.parameters() if p.requires_grad])
         losses.append(float(loss.detach()))
     return losses
