@@ -24,11 +24,14 @@ $(STAMP): pyproject.toml
 demo: setup
 	HF_HUB_OFFLINE=1 $(BIN)/opd demo
 
+# The tests run under the allocator settings the `opd` command gives itself (src/opd/allocator.py).
+HEAP_TUNABLES := glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736
+
 test: setup
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+	GLIBC_TUNABLES=$(HEAP_TUNABLES) HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
 test-fast: setup
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow"
+	GLIBC_TUNABLES=$(HEAP_TUNABLES) HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow"
 
 # Re-creates the shipped built-in teacher (src/opd/assets/arith-teacher).
 teacher: setup

@@ -19,6 +19,13 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 RESULTS = BENCH / "results"
 
+# Every benchmark runs as `opd` does: with the heap tunables of opd.allocator (the process re-executes itself
+# once, before anything is measured; every peer of a benchmark shares the process and so the allocator).
+sys.path.insert(0, str(ROOT / "src"))
+from opd.allocator import reexec_with_heap_tunables  # noqa: E402
+
+reexec_with_heap_tunables()
+
 
 def quick() -> bool:
     """BENCH_QUICK=1: fewer shapes, shorter runs (the same code paths)."""
@@ -129,6 +136,7 @@ def write_result(name: str, payload: dict, *, headline: list[dict] | None = None
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "quick": quick(),
         "machine": machine_facts(),
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),  # the allocator setting every row ran under
         **({"headline": headline} if headline else {}),
         **payload,
     }

@@ -13,7 +13,9 @@ torch threads. Peers:
   gradient_checkpointing = False (its default turns it on, which also turns off the KV cache when sampling);
 - TRL DistillationTrainer (trl.DistillationTrainer, when the installed TRL has it): beta = 1, same settings;
 - opd-bf16: opd at the same batch and length with its own precision choices (rollout.dtype and teacher.dtype
-  = bfloat16, train.autocast = bfloat16: the update's forward in bf16, parameters and optimizer fp32).
+  = bfloat16, train.autocast = bfloat16: the update's forward in bf16, parameters and optimizer fp32);
+- opd-int8: as opd-bf16 with rollout.dtype = "int8" (the sampling copy's decode steps read int8 weights).
+Every side runs in this one process, so all share the allocator settings of bench/common.py (opd.allocator).
 Each side trains for the same wall-clock budget (counted from its first training step); then each final
 student is evaluated by one shared evaluator: completions sampled at temperature 1 on the held-out prompts
 (fixed seed), and the exact full-vocabulary reverse KL(student || teacher) averaged over their tokens.
@@ -134,8 +136,10 @@ def exact_reverse_kl(student, teacher: LocalTeacher, tok, eval_records: list[dic
 # ------------------------------------------------------------------------------------ opd
 # opd's own choices at the same batch size and length: bf16 sampling copy, bf16 teacher, bf16 autocast update
 # (parameters and optimizer stay fp32)
+# opd-int8: the same with int8 weights in the sampling copy's decode steps (rollout.dtype = "int8")
 OPD_VARIANTS = {"opd": {}, "opd-bf16": {"rollout": {"dtype": "bfloat16"}, "teacher": {"dtype": "bfloat16"},
-                                        "train": {"autocast": "bfloat16"}}}
+                                        "train": {"autocast": "bfloat16"}},
+                "opd-int8": {"rollout": {"dtype": "int8"}, "teacher": {"dtype": "bfloat16"}, "train": {"autocast": "bfloat16"}}}
 
 
 def opd_config(student_dir: Path, train_file: Path, variant: dict):
@@ -289,7 +293,7 @@ def trl_version() -> str | None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--budget-s", type=float, default=float(os.environ.get("BUDGET_S", 30 if quick() else 90)))
-    ap.add_argument("--peers", default="opd,opd-bf16,gkd,distillation")
+    ap.add_argument("--peers", default="opd,opd-bf16,opd-int8,gkd,distillation")
     ap.add_argument("--work", default=str(ROOT / "runs/bench"))
     args = ap.parse_args()
     torch.set_num_threads(threads())
@@ -338,6 +342,11 @@ def main() -> None:
         summary["opd_bf16_reverse_kl"] = results["opd-bf16"]["eval"]["reverse_kl"]
         if gkd:
             summary["ratio_opd_bf16"] = round(results["opd-bf16"]["student_tokens_per_s"] / gkd["student_tokens_per_s"], 2)
+    if "opd-int8" in results:
+        summary["opd_int8_student_tokens_per_s"] = results["opd-int8"]["student_tokens_per_s"]
+        summary["opd_int8_reverse_kl"] = results["opd-int8"]["eval"]["reverse_kl"]
+        if gkd:
+            summary["ratio_opd_int8"] = round(results["opd-int8"]["student_tokens_per_s"] / gkd["student_tokens_per_s"], 2)
     if "distillation" in results:
         d = results["distillation"]
         summary["trl_distillation_student_tokens_per_s"] = d["student_tokens_per_s"]
@@ -345,7 +354,8 @@ def main() -> None:
         if opd:
             summary["ratio_vs_distillation"] = round(opd["student_tokens_per_s"] / d["student_tokens_per_s"], 2)
     headline = []
-    for name, key in (("opd", "opd"), ("opd (bf16 sampling copy, teacher and update)", "opd-bf16"), ("TRL GKDTrainer", "gkd"),
+    for name, key in (("opd", "opd"), ("opd (bf16 sampling copy, teacher and update)", "opd-bf16"),
+                      ("opd (int8 decode, bf16 teacher and update)", "opd-int8"), ("TRL GKDTrainer", "gkd"),
                       ("TRL DistillationTrainer", "distillation")):
         if key in results:
             r = results[key]
@@ -356,6 +366,9 @@ def main() -> None:
         headline.append({"figure": "peer: opd / TRL GKDTrainer student tokens/s", "value": summary["ratio"], "unit": "x"})
     if "ratio_opd_bf16" in summary:
         headline.append({"figure": "peer: opd-bf16 / TRL GKDTrainer student tokens/s", "value": summary["ratio_opd_bf16"],
+                         "unit": "x"})
+    if "ratio_opd_int8" in summary:
+        headline.append({"figure": "peer: opd-int8 / TRL GKDTrainer student tokens/s", "value": summary["ratio_opd_int8"],
                          "unit": "x"})
     write_result("peer_trl", {
         "what": "opd vs TRL on-policy distillation, same teacher/student/prompts/batch/length/temperature/optimizer, "
