@@ -55,18 +55,28 @@ def read_bandwidth_gb_s(gib: float = 1.0, reps: int = 5) -> float:
     return x.numel() * 4 / best / 1e9
 
 
-def decode_floor_s(model, dtype: torch.dtype, reps: int = 20) -> float:
-    """Best time of one decode step's weight matmuls at batch BATCH: [B, in] @ W^T for every linear layer."""
-    weights = [m.weight.detach().to(dtype) for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    inputs = [torch.randn(BATCH, w.shape[1], dtype=dtype) for w in weights]
+def decode_floor_s(model, dtype: torch.dtype | str, reps: int = 20) -> float:
+    """Best time of one decode step's weight matmuls at batch BATCH: [B, in] @ W^T for every linear layer.
+    dtype "int8": torch's weight-only int8 kernel on bf16 activations (what rollout.dtype = "int8" decodes with)."""
+    from opd.llama import int8_linear, quantize_int8
+
+    linears = [m.weight.detach() for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    if dtype == "int8":
+        weights = [quantize_int8(w.to(torch.bfloat16)) for w in linears]
+        inputs = [torch.randn(BATCH, w.shape[1], dtype=torch.bfloat16) for w in linears]
+        matmul = int8_linear
+    else:
+        weights = [w.to(dtype) for w in linears]
+        inputs = [torch.randn(BATCH, w.shape[1], dtype=dtype) for w in weights]
+        matmul = lambda x, w: x @ w.T  # noqa: E731
     with torch.inference_mode():
         for x, w in zip(inputs, weights):  # warm-up
-            x @ w.T
+            matmul(x, w)
         best = float("inf")
         for _ in range(reps):
             t0 = time.perf_counter()
             for x, w in zip(inputs, weights):
-                x @ w.T
+                matmul(x, w)
             best = min(best, time.perf_counter() - t0)
     return best
 
@@ -88,7 +98,8 @@ def main() -> None:
 
     rows = {}
     for name, dt_decode, dt_rest in (("float32", torch.float32, "float32"),
-                                     ("bfloat16 (decode, teacher and update)", torch.bfloat16, "bfloat16")):
+                                     ("bfloat16 (decode, teacher and update)", torch.bfloat16, "bfloat16"),
+                                     ("int8 decode, bfloat16 teacher and update", "int8", "bfloat16")):
         decode = NEW_TOKENS * decode_floor_s(student, dt_decode)
         prefill = forward_flops(student_params, BATCH * prompt_len) / limit[dt_rest]
         teacher = forward_flops(teacher_params, tokens) / limit[dt_rest]
@@ -104,7 +115,7 @@ def main() -> None:
     peer = json.loads(peer_file.read_text()) if peer_file.is_file() else {}
     trl = peer.get("trl_student_tokens_per_s")
     bounds = {k: round(r["student_tokens_per_s"] / trl, 2) for k, r in rows.items()} if trl else {}
-    bytes_per_step = {"float32": linear_params * 4, "bfloat16": linear_params * 2}
+    bytes_per_step = {"float32": linear_params * 4, "bfloat16": linear_params * 2, "int8": linear_params}
     write_result("step_floor", {
         "what": "the fastest a loop step (batch 4, 64 new tokens, SmolLM2-135M teacher, half-depth student) can be "
                 "here with torch's kernels: decode = the student's linear-weight matmuls at batch 4 per token "
