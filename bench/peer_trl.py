@@ -14,7 +14,8 @@ torch threads. Peers:
 - TRL DistillationTrainer (trl.DistillationTrainer, when the installed TRL has it): beta = 1, same settings;
 - opd-bf16: opd at the same batch and length with its own precision choices (rollout.dtype and teacher.dtype
   = bfloat16, train.autocast = bfloat16: the update's forward in bf16, parameters and optimizer fp32);
-- opd-int8: as opd-bf16 with rollout.dtype = "int8" (the sampling copy's decode steps read int8 weights).
+- opd-int8: as opd-bf16 with rollout.dtype = "int8" (the sampling copy's decode steps read int8 weights);
+- opd-int8-batch16: opd-int8 at batch 16, opd's own best settings here (not an equal-settings row).
 Every side runs in this one process, so all share the allocator settings of bench/common.py (opd.allocator).
 Each side trains for the same wall-clock budget (counted from its first training step); then each final
 student is evaluated by one shared evaluator: completions sampled at temperature 1 on the held-out prompts
@@ -139,7 +140,11 @@ def exact_reverse_kl(student, teacher: LocalTeacher, tok, eval_records: list[dic
 # opd-int8: the same with int8 weights in the sampling copy's decode steps (rollout.dtype = "int8")
 OPD_VARIANTS = {"opd": {}, "opd-bf16": {"rollout": {"dtype": "bfloat16"}, "teacher": {"dtype": "bfloat16"},
                                         "train": {"autocast": "bfloat16"}},
-                "opd-int8": {"rollout": {"dtype": "int8"}, "teacher": {"dtype": "bfloat16"}, "train": {"autocast": "bfloat16"}}}
+                "opd-int8": {"rollout": {"dtype": "int8"}, "teacher": {"dtype": "bfloat16"}, "train": {"autocast": "bfloat16"}},
+                # opd's own best settings: the same at batch 16 (decoding is bound by reading the weights, so 4x the
+                # rows cost little more per step); not an equal-settings comparison, and reported apart
+                "opd-int8-batch16": {"prompts": {"batch_size": 16}, "rollout": {"dtype": "int8"},
+                                     "teacher": {"dtype": "bfloat16"}, "train": {"autocast": "bfloat16", "micro_batch_size": 16}}}
 
 
 def opd_config(student_dir: Path, train_file: Path, variant: dict):
@@ -293,7 +298,7 @@ def trl_version() -> str | None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--budget-s", type=float, default=float(os.environ.get("BUDGET_S", 30 if quick() else 90)))
-    ap.add_argument("--peers", default="opd,opd-bf16,opd-int8,gkd,distillation")
+    ap.add_argument("--peers", default="opd,opd-bf16,opd-int8,opd-int8-batch16,gkd,distillation")
     ap.add_argument("--work", default=str(ROOT / "runs/bench"))
     args = ap.parse_args()
     torch.set_num_threads(threads())
@@ -347,6 +352,12 @@ def main() -> None:
         summary["opd_int8_reverse_kl"] = results["opd-int8"]["eval"]["reverse_kl"]
         if gkd:
             summary["ratio_opd_int8"] = round(results["opd-int8"]["student_tokens_per_s"] / gkd["student_tokens_per_s"], 2)
+    if "opd-int8-batch16" in results:
+        summary["opd_int8_batch16_student_tokens_per_s"] = results["opd-int8-batch16"]["student_tokens_per_s"]
+        summary["opd_int8_batch16_reverse_kl"] = results["opd-int8-batch16"]["eval"]["reverse_kl"]
+        if gkd:
+            summary["ratio_opd_int8_batch16"] = round(results["opd-int8-batch16"]["student_tokens_per_s"]
+                                                      / gkd["student_tokens_per_s"], 2)
     if "distillation" in results:
         d = results["distillation"]
         summary["trl_distillation_student_tokens_per_s"] = d["student_tokens_per_s"]
@@ -355,11 +366,13 @@ def main() -> None:
             summary["ratio_vs_distillation"] = round(opd["student_tokens_per_s"] / d["student_tokens_per_s"], 2)
     headline = []
     for name, key in (("opd", "opd"), ("opd (bf16 sampling copy, teacher and update)", "opd-bf16"),
-                      ("opd (int8 decode, bf16 teacher and update)", "opd-int8"), ("TRL GKDTrainer", "gkd"),
+                      ("opd (int8 decode, bf16 teacher and update)", "opd-int8"),
+                      ("opd at its own best settings (int8 decode, bf16, batch 16)", "opd-int8-batch16"), ("TRL GKDTrainer", "gkd"),
                       ("TRL DistillationTrainer", "distillation")):
         if key in results:
             r = results[key]
-            headline.append({"figure": f"peer: {name} student tokens/s (batch 4, 64 new)", "value": r["student_tokens_per_s"],
+            batch = 16 if key == "opd-int8-batch16" else BATCH
+            headline.append({"figure": f"peer: {name} student tokens/s (batch {batch}, 64 new)", "value": r["student_tokens_per_s"],
                              "unit": f"tok/s; reverse KL {r['eval']['reverse_kl']:.3f} after {args.budget_s:.0f}s "
                                      f"(start {results['warm_start']['reverse_kl']:.3f})"})
     if "ratio" in summary:
@@ -370,6 +383,9 @@ def main() -> None:
     if "ratio_opd_int8" in summary:
         headline.append({"figure": "peer: opd-int8 / TRL GKDTrainer student tokens/s", "value": summary["ratio_opd_int8"],
                          "unit": "x"})
+    if "ratio_opd_int8_batch16" in summary:
+        headline.append({"figure": "peer: opd-int8 at batch 16 / TRL GKDTrainer at batch 4 student tokens/s",
+                         "value": summary["ratio_opd_int8_batch16"], "unit": "x"})
     write_result("peer_trl", {
         "what": "opd vs TRL on-policy distillation, same teacher/student/prompts/batch/length/temperature/optimizer, "
                 "one after the other; student tokens/s and exact reverse KL on held-out prompts after the same wall budget",
