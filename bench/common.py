@@ -20,11 +20,13 @@ ROOT = BENCH.parent
 RESULTS = BENCH / "results"
 
 # Every benchmark runs as `opd` does: with the heap tunables of opd.allocator (the process re-executes itself
-# once, before anything is measured; every peer of a benchmark shares the process and so the allocator).
+# once, before anything is measured; every peer of a benchmark shares the process and so the allocator). Only
+# when a bench script is the program: importing these helpers (the tests do) changes nothing.
 sys.path.insert(0, str(ROOT / "src"))
 from opd.allocator import reexec_with_heap_tunables  # noqa: E402
 
-reexec_with_heap_tunables()
+if sys.argv and Path(sys.argv[0]).resolve().parent == BENCH:
+    reexec_with_heap_tunables()
 
 
 def quick() -> bool:

@@ -92,11 +92,10 @@ def remote_scores(url: str, seqs: list[list[int]], concurrency: int, model_name:
         req = ScoreRequest(s, 1, 0, 1.0, model_name)
         path, body = teacher.build_request(req)
         calls.append((path, body, lambda b, req=req: teacher.parse(b, req)))
-    import asyncio
     from collections import Counter
 
     stats = Counter()
-    answers = asyncio.run(teacher._run_all(calls, stats, []))
+    answers = teacher.requests.run(calls, stats, [])
     if stats["dropped"]:
         raise RuntimeError(f"{stats['dropped']} sequences got no answer from {url}: {dict(stats)}")
     if stats["failures"]:

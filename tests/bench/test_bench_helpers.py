@@ -96,3 +96,26 @@ def test_step_floor_covers_every_linear_weight_of_a_decode_step():
     assert n_linear == 2 * 7 + 1  # q, k, v, o, gate, up, down per layer + the LM head
     assert step_floor.decode_floor_s(model, torch.float32, reps=3) > 0
     assert step_floor.read_bandwidth_gb_s(gib=0.05, reps=2) > 0
+
+
+def test_remote_scores_reads_a_teacher_servers_prompt_logprobs():
+    # bench/teacher_throughput.remote_scores is what teacher_scoring.py times vLLM with; here against a real
+    # `opd serve-teacher` process on 127.0.0.1 (started and stopped by the test).
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "teacher"))
+    import teacher_throughput
+    from teacher_servers import ServerProcess
+
+    from opd.models import load_model
+
+    seqs = [[1, 5, 6, 7, 8, 9], [1, 9, 8, 7, 6, 5]]
+    server = ServerProcess().start()
+    try:
+        got = teacher_throughput.remote_scores(server.url, seqs, concurrency=2)
+    finally:
+        server.stop()
+    want = teacher_throughput.reference_logprobs(load_model("builtin:arith-teacher", device="cpu"), seqs)
+    assert [len(g) for g in got] == [5, 5]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.float(), w.float(), rtol=0, atol=1e-4)
