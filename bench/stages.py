@@ -128,7 +128,7 @@ def main() -> None:
                  "unit": f"tok/s ({r['fraction_of_matmul_limit']:.1%} of limit)"} for r in rollout if r["batch"] in (4, 8)]
     headline += [{"figure": f"whole loop batch {r['batch']} (reverse_kl, {'fp32' if r['settings'] == 'fp32' else 'int8 decode, bf16 teacher+update'})",
                   "value": r["student_tokens_per_s"],
-                  "unit": f"student tok/s ({r['fraction_of_matmul_limit']:.1%} of limit; update {r['update_fraction_of_matmul_limit']:.0%})"}
+                  "unit": f"student tok/s ({r['fraction_of_matmul_limit']:.1%} of the fp32 matmul limit; update {r['update_fraction_of_matmul_limit']:.0%})"}
                  for r in loop]
     write_result("stages", {
         "what": "rollout tokens/s vs batch size and the whole loop's student tokens/s (configs/smollm2-halfdepth.toml, "

@@ -77,12 +77,16 @@ def test_peer_benchmark_splits_prompts_and_configures_opd_like_the_peers(tmp_pat
     assert not {json.dumps(r) for r in train} & {json.dumps(r) for r in held_out}
     for name, variant in peer_trl.OPD_VARIANTS.items():
         cfg = peer_trl.opd_config(tmp_path / "student", tmp_path / "train.jsonl", variant)
-        assert cfg.prompts.batch_size == peer_trl.BATCH == 4 and cfg.rollout.max_new_tokens == peer_trl.NEW_TOKENS == 64
+        # Every variant at the peers' batch but the one named for opd's own best settings.
+        want_batch = 16 if name == "opd-int8-batch16" else peer_trl.BATCH
+        assert cfg.prompts.batch_size == want_batch and peer_trl.BATCH == 4
+        assert cfg.rollout.max_new_tokens == peer_trl.NEW_TOKENS == 64
         assert cfg.rollout.temperature == 1.0 and cfg.objective.name == "reverse_kl"
         assert cfg.train.lr == peer_trl.LR and cfg.train.schedule == "constant" and cfg.train.warmup_steps == 0
         assert cfg.student.init == "pretrained" and cfg.student.warm_start_steps == 0  # the shared warm start is given
         assert cfg.prompts.sources[0].path == str(tmp_path / "train.jsonl")
     assert peer_trl.opd_config(tmp_path, tmp_path / "t.jsonl", peer_trl.OPD_VARIANTS["opd-bf16"]).rollout.dtype == "bfloat16"
+    assert peer_trl.opd_config(tmp_path, tmp_path / "t.jsonl", peer_trl.OPD_VARIANTS["opd-int8"]).rollout.dtype == "int8"
 
 
 def test_step_floor_covers_every_linear_weight_of_a_decode_step():
