@@ -70,7 +70,7 @@ class LayerWeights:
 
 # The fused QKV and gate/up weights of each model, kept between calls: refilled in place (a fresh 100-200 MB
 # allocation costs more in page faults than the copy itself) and only when a source weight changed since (its
-# storage or its in-place version counter, which optimizer steps and SamplingCopy.refresh move).
+# storage or its in-place version counter, which SamplingCopy.refresh and update.step.step_optimizer move).
 _FUSED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
