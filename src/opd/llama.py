@@ -74,21 +74,36 @@ class LayerWeights:
 _FUSED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def fused(model, groups: list[list[torch.Tensor]]) -> list[torch.Tensor]:
-    """torch.cat of each group of weights, reusing the model's previous result when nothing changed."""
-    key = [(w.data_ptr(), w._version, w.shape, w.dtype) for g in groups for w in g]
-    cached = _FUSED.get(model)
+def _weights_key(weights: list[torch.Tensor]) -> list[tuple]:
+    return [(w.data_ptr(), w._version, w.shape, w.dtype) for w in weights]
+
+
+def _rebuilt_when_changed(store: weakref.WeakKeyDictionary, model, weights: list[torch.Tensor], build):
+    """The model's last `build(previous)` result while none of `weights` changed (storage or in-place version);
+    otherwise `build(previous)` again, handed the last result (or None) so it can refill those buffers in place."""
+    key = _weights_key(weights)
+    cached = store.get(model)
     if cached is not None and cached[0] == key:
         return cached[1]
-    outs = cached[1] if cached is not None and len(cached[1]) == len(groups) else [None] * len(groups)
-    result = []
-    for g, out in zip(groups, outs):
-        shape = (sum(w.shape[0] for w in g), *g[0].shape[1:])
-        if out is None or out.shape != shape or out.dtype != g[0].dtype or out.device != g[0].device:
-            out = torch.empty(shape, dtype=g[0].dtype, device=g[0].device)
-        result.append(torch.cat([w.detach() for w in g], out=out))
-    _FUSED[model] = (key, result)
+    result = build(None if cached is None else cached[1])
+    store[model] = (key, result)
     return result
+
+
+def fused(model, groups: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+    """torch.cat of each group of weights, reusing the model's previous result when nothing changed."""
+
+    def build(previous):
+        outs = previous if previous is not None and len(previous) == len(groups) else [None] * len(groups)
+        result = []
+        for g, out in zip(groups, outs):
+            shape = (sum(w.shape[0] for w in g), *g[0].shape[1:])
+            if out is None or out.shape != shape or out.dtype != g[0].dtype or out.device != g[0].device:
+                out = torch.empty(shape, dtype=g[0].dtype, device=g[0].device)
+            result.append(torch.cat([w.detach() for w in g], out=out))
+        return result
+
+    return _rebuilt_when_changed(_FUSED, model, [w for g in groups for w in g], build)
 
 
 def layer_weights(model, layers) -> list[LayerWeights]:
@@ -123,6 +138,11 @@ def rope_table(model, length: int, dtype: torch.dtype, device) -> tuple[torch.Te
     freqs = torch.arange(length, device=device, dtype=torch.float)[:, None] * rotary.inv_freq.float().to(device)
     emb = torch.cat((freqs, freqs), dim=-1)
     return (emb.cos() * rotary.attention_scaling).to(dtype), (emb.sin() * rotary.attention_scaling).to(dtype)
+
+
+def final_norm(model, x: torch.Tensor) -> torch.Tensor:
+    """The model's last RMSNorm (what HF's last_hidden_state has been through)."""
+    return rms_norm(x, model.model.norm.weight.detach(), model.config.rms_norm_eps)
 
 
 def head_dim(cfg) -> int:
@@ -174,16 +194,13 @@ _INT8: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def int8_weights(model, weights: list[torch.Tensor]) -> list[Int8Weight]:
-    """quantize_int8 of each weight, reusing the model's previous result while no weight changed (same key as
-    `fused`: storage and in-place version)."""
-    key = [(w.data_ptr(), w._version, w.shape) for w in weights]
-    cached = _INT8.get(model)
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    previous = cached[1] if cached is not None and len(cached[1]) == len(weights) else [None] * len(weights)
-    result = [quantize_int8(w, out) for w, out in zip(weights, previous)]
-    _INT8[model] = (key, result)
-    return result
+    """quantize_int8 of each weight, reusing the model's previous result while no weight changed (as `fused`)."""
+
+    def build(previous):
+        outs = previous if previous is not None and len(previous) == len(weights) else [None] * len(weights)
+        return [quantize_int8(w, out) for w, out in zip(weights, outs)]
+
+    return _rebuilt_when_changed(_INT8, model, weights, build)
 
 
 # ------------------------------------------------------------------------------------- whole sequences

@@ -45,8 +45,7 @@ def completion_hidden(model, prompt_ids, prompt_mask, completion_ids, completion
     if packed is not None:
         ids, rows, at = (t.to(dev) for t in packed)
         if fast and not torch.is_grad_enabled() and llama.unsupported_reason(model) is None:
-            x = llama.causal_hidden(model, ids)[rows, at]
-            return llama.rms_norm(x, model.model.norm.weight.detach(), model.config.rms_norm_eps)
+            return llama.final_norm(model, llama.causal_hidden(model, ids)[rows, at])
         return model.base_model(input_ids=ids, use_cache=False).last_hidden_state[rows, at]
     input_ids, attention_mask, position_ids = sequence_inputs(prompt_ids, prompt_mask, completion_ids, completion_mask)
     out = model.base_model(

@@ -5,7 +5,7 @@ near text the teacher understands, both recording the exact probability q(a_t) w
 was actually drawn as its behaviour logprob, so the importance ratio pi_theta / q stays exact:
 
 - mixture (MiniLLM's teacher-mixed sampling): a_t ~ q = p * pi_T + (1 - p) * pi_theta.
-  Drawn in one draw over q, so p = 0 gives exactly the plain student draw.
+  Drawn once from q (opd's one `draw`), so p = 0 gives exactly the plain student draw.
 - top-k correction (speculative-KD style): the student proposes x ~ pi_theta; if x is outside the
   teacher's top-k K it is replaced by y ~ pi_T restricted to K (renormalised), so every token of
   the rollout is one of the teacher's top-k. The token's distribution is then

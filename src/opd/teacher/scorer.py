@@ -51,8 +51,7 @@ def score_batch(model, jobs: list[ScoreJob], *, chunk_size: int = 1024, pad_id: 
         attention[b, : len(j.ids)] = 1
     if llama.unsupported_reason(model) is None:
         # Right-padded rows that start at position 0: opd's causal forward needs no mask for them.
-        hidden = llama.causal_hidden(model, input_ids.to(dev))
-        hidden = llama.rms_norm(hidden, model.model.norm.weight.detach(), model.config.rms_norm_eps)
+        hidden = llama.final_norm(model, llama.causal_hidden(model, input_ids.to(dev)))
     else:
         hidden = model.base_model(input_ids=input_ids.to(dev), attention_mask=attention.to(dev), use_cache=False)
         hidden = hidden.last_hidden_state
