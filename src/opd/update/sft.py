@@ -21,7 +21,6 @@ def supervised_train(model, data: Rollout, *, steps: int, batch_size: int, lr: f
         return []
     model.train()
     opt = adamw(model, lr=lr)
-    params = [p for p in model.parameters() if p.requires_grad]
     rng = np.random.default_rng([seed, 0x5F7])
     n = data.completion_ids.shape[0]
     losses = []
@@ -31,6 +30,6 @@ def supervised_train(model, data: Rollout, *, steps: int, batch_size: int, lr: f
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        step_optimizer(opt, params)
+        step_optimizer(opt)
         losses.append(float(loss.detach()))
     return losses

@@ -39,12 +39,12 @@ def adamw(model, **kwargs) -> torch.optim.AdamW:
     return torch.optim.AdamW(params, fused=fused or None, **kwargs)
 
 
-def step_optimizer(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> None:
-    """optimizer.step(), then mark the parameters as written in place: the fused AdamW kernel does not move their
-    version counters, and opd.llama's caches of fused / int8 weights use them to see that a weight changed (a
+def step_optimizer(optimizer: torch.optim.Optimizer) -> None:
+    """optimizer.step(), then mark the parameters it wrote as written in place: the fused AdamW kernel does not move
+    their version counters, and opd.llama's caches of fused / int8 weights use them to see that a weight changed (a
     stale cache would sample the next rollout with the previous step's weights)."""
     optimizer.step()
-    torch.autograd.graph.increment_version(params)
+    torch.autograd.graph.increment_version([p for group in optimizer.param_groups for p in group["params"]])
 
 
 def make_scheduler(optimizer, cfg: TrainConfig, total_updates: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -164,7 +164,7 @@ def update_student(
             optimizer.zero_grad(set_to_none=True)
             continue
         acc.grad_norms.append(float(grad_norm))
-        step_optimizer(optimizer, params)
+        step_optimizer(optimizer)
         scheduler.step()
         version += 1
     metrics = acc.summary()
