@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaForCausalLM
 
+from opd import matmul
+
 # RoPE variants whose inverse frequencies are fixed (not re-computed from the sequence length at run time):
 # for these, positions x model.rotary_emb.inv_freq (x attention_scaling) is exactly what HF computes.
 STATIC_ROPE_TYPES = ("default", "linear", "llama3")
@@ -219,12 +221,12 @@ def causal_hidden(model, ids: torch.Tensor) -> torch.Tensor:
     cos, sin = cos[:, None], sin[:, None]  # [L, 1, D]: broadcast over the heads of a [B, L, heads, D] tensor
     for w in layers:
         h = rms_norm(x, w.input_norm, cfg.rms_norm_eps)
-        qkv = F.linear(h, w.qkv).view(B, L, H + 2 * KV, D)
+        qkv = matmul.linear(h, w.qkv).view(B, L, H + 2 * KV, D)
         # RoPE in the [B, L, heads, D] layout the matmul wrote (contiguous); SDPA takes the transposed views.
         qk = apply_rope(qkv[:, :, : H + KV], cos, sin).transpose(1, 2)
         att = F.scaled_dot_product_attention(qk[:, :H], qk[:, H:], qkv[:, :, H + KV :].transpose(1, 2), is_causal=True,
                                              scale=D**-0.5, **gqa)
-        x = x + F.linear(att.transpose(1, 2).reshape(B, L, H * D), w.o)
-        gate, up = F.linear(rms_norm(x, w.post_norm, cfg.rms_norm_eps), w.gate_up).chunk(2, dim=-1)
-        x = x + F.linear(F.silu(gate) * up, w.down)
+        x = x + matmul.linear(att.transpose(1, 2).reshape(B, L, H * D), w.o)
+        gate, up = matmul.linear(rms_norm(x, w.post_norm, cfg.rms_norm_eps), w.gate_up).chunk(2, dim=-1)
+        x = x + matmul.linear(F.silu(gate) * up, w.down)
     return x

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from opd import llama
+from opd import llama, matmul
 
 
 def sequence_inputs(prompt_ids, prompt_mask, completion_ids, completion_mask):
@@ -46,14 +46,16 @@ def completion_hidden(model, prompt_ids, prompt_mask, completion_ids, completion
         ids, rows, at = (t.to(dev) for t in packed)
         if fast and not torch.is_grad_enabled() and llama.unsupported_reason(model) is None:
             return llama.final_norm(model, llama.causal_hidden(model, ids)[rows, at])
-        return model.base_model(input_ids=ids, use_cache=False).last_hidden_state[rows, at]
+        with matmul.onednn_fp32(model):
+            return model.base_model(input_ids=ids, use_cache=False).last_hidden_state[rows, at]
     input_ids, attention_mask, position_ids = sequence_inputs(prompt_ids, prompt_mask, completion_ids, completion_mask)
-    out = model.base_model(
-        input_ids=input_ids.to(dev),
-        attention_mask=attention_mask.to(dev),
-        position_ids=position_ids.to(dev),
-        use_cache=False,
-    )
+    with matmul.onednn_fp32(model):
+        out = model.base_model(
+            input_ids=input_ids.to(dev),
+            attention_mask=attention_mask.to(dev),
+            position_ids=position_ids.to(dev),
+            use_cache=False,
+        )
     hidden = out.last_hidden_state
     P, T = prompt_ids.shape[1], completion_ids.shape[1]
     # The state before completion token t is position P - 1 + t (the prompt ends at P - 1).
@@ -85,7 +87,8 @@ def left_aligned(prompt_ids, prompt_mask, completion_ids, completion_mask):
 def lm_logits(model, hidden: torch.Tensor, temperature: float) -> torch.Tensor:
     """LM head in fp32, with the model's final-logit soft-capping if it has one (Gemma)."""
     head = model.get_output_embeddings()
-    logits = head(hidden).float()
+    # A plain linear head through opd.matmul (oneDNN for fp32 on CPUs where it is faster); wrapped heads as they are.
+    logits = (matmul.linear(hidden, head.weight, head.bias) if type(head) is torch.nn.Linear else head(hidden)).float()
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap

@@ -29,6 +29,9 @@ def test_matmul_limit_measures_a_positive_rate_for_both_dtypes():
         row = common.measure_matmul_limit(dtype, size=64, min_seconds=0.0)
         assert row["dtype"] == dtype and row["size"] == 64 and row["calls"] >= 3
         assert row["flops_per_s"] > 0
+        # the limit is the faster of the kernels measured (torch.matmul, and oneDNN where torch has it)
+        assert "torch.matmul" in row["by_kernel"] and row["kernel"] in row["by_kernel"]
+        assert row["flops_per_s"] == max(row["by_kernel"].values()) == row["by_kernel"][row["kernel"]]
 
 
 def test_quick_mode_reads_the_environment(monkeypatch):

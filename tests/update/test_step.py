@@ -215,3 +215,26 @@ def test_the_next_rollout_samples_with_the_updated_weights(student, batch, token
                 generator=torch.Generator().manual_seed(1))
     assert torch.equal(fast.completion_ids, hf.completion_ids)
     torch.testing.assert_close(fast.behaviour_logprobs, hf.behaviour_logprobs, rtol=0, atol=1e-5)
+
+
+@pytest.mark.skipif(not __import__("opd.matmul").matmul.onednn_available(), reason="torch built without oneDNN")
+def test_fp32_update_through_onednn_matches_the_default_kernel(student, batch, monkeypatch):
+    # opd.matmul routes the fp32 update's products (forward and backward) to oneDNN where that is faster: the same
+    # step as torch's default BLAS up to summation order.
+    from opd import matmul
+
+    roll, scores = batch
+    seen = []
+    real = matmul._onednn_linear
+    monkeypatch.setattr(matmul, "_onednn_linear", lambda *a: seen.append(1) or real(*a))
+    steps, metrics = {}, {}
+    for kernel in ("blas", "onednn"):
+        monkeypatch.setenv("OPD_FP32_MATMUL", kernel)
+        matmul.fp32_kernel.cache_clear()
+        model = copy.deepcopy(student)
+        metrics[kernel], _ = run_update(model, roll, scores, "reverse_kl", sgd=True, grad_clip=0)
+        steps[kernel] = params_of(model) - params_of(student)
+    matmul.fp32_kernel.cache_clear()
+    assert seen  # the oneDNN run did go through oneDNN
+    assert torch.allclose(steps["onednn"], steps["blas"], atol=1e-5, rtol=1e-3)
+    assert metrics["onednn"]["update/loss"] == pytest.approx(metrics["blas"]["update/loss"], rel=1e-5)

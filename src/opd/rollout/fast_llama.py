@@ -28,6 +28,7 @@ from transformers import LlamaForCausalLM
 
 from opd.llama import (apply_rope, head_dim, int8_linear, int8_supported, int8_weights, layer_weights, rms_norm,
                        rope_table, unsupported_reason)
+from opd import matmul
 
 
 class FastLlamaDecoder:
@@ -91,7 +92,7 @@ class FastLlamaDecoder:
         q8 = self.int8 if T == 1 else None
 
         def linear(x: torch.Tensor, w: torch.Tensor, layer: int, which: int) -> torch.Tensor:
-            return F.linear(x, w) if q8 is None else int8_linear(x, q8[layer][which])
+            return matmul.linear(x, w) if q8 is None else int8_linear(x, q8[layer][which])
 
         x = F.embedding(ids, self.embed)
         for i, w in enumerate(self.layers):

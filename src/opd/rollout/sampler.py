@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaForCausalLM
 
+from opd import matmul
 from opd.llama import int8_supported, unsupported_reason
 from opd.rollout.fast_llama import build_decoder
 from opd.rollout.guidance import TeacherGuide, align_vocab, choose, draw
@@ -213,14 +214,16 @@ class HFDecoder:
         self.model, self.cache = model, None
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
-                         logits_to_keep=1)
+        with matmul.onednn_fp32(self.model):
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             use_cache=True, logits_to_keep=1)
         self.cache = _cache_of(out)
         return out.logits[:, -1]
 
     def step(self, tokens: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        out = self.model(input_ids=tokens[:, None], attention_mask=attention_mask, position_ids=position_ids,
-                         use_cache=True, **{_CACHE_KW: self.cache})
+        with matmul.onednn_fp32(self.model):
+            out = self.model(input_ids=tokens[:, None], attention_mask=attention_mask, position_ids=position_ids,
+                             use_cache=True, **{_CACHE_KW: self.cache})
         self.cache = _cache_of(out)
         return out.logits[:, -1]
 

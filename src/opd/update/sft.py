@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from opd import matmul
 from opd.logprobs import sampled_logprobs
 from opd.types import Rollout
 from opd.update.step import adamw, step_optimizer
@@ -24,12 +25,13 @@ def supervised_train(model, data: Rollout, *, steps: int, batch_size: int, lr: f
     rng = np.random.default_rng([seed, 0x5F7])
     n = data.completion_ids.shape[0]
     losses = []
-    for _ in range(steps):
-        rows = rng.choice(n, size=min(batch_size, n), replace=False)
-        loss = sft_loss(model, data.select(rows.tolist()))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        step_optimizer(opt)
-        losses.append(float(loss.detach()))
+    with matmul.onednn_fp32(model):  # fp32 matmuls, forward and backward, through the faster kernel
+        for _ in range(steps):
+            rows = rng.choice(n, size=min(batch_size, n), replace=False)
+            loss = sft_loss(model, data.select(rows.tolist()))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            step_optimizer(opt)
+            losses.append(float(loss.detach()))
     return losses

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from opd import matmul
 from opd.config import ObjectiveConfig, TrainConfig
 from opd.logprobs import completion_hidden, entropy_of, per_position, sampled_logprobs
 from opd.objectives import generalized_jsd, kl_to_reference, pg_loss, reverse_kl, topk_kl
@@ -133,40 +134,43 @@ def update_student(
     B = rollout.completion_ids.shape[0]
     acc = _Accumulator()
     skipped = 0
-    for mb in np.array_split(np.arange(B), min(train.updates_per_batch, B)):
-        mb_mask = feedback.loss_mask[mb]
-        denom = float(mb_mask.sum()) if objective.loss_norm == "token" else float(len(mb))
-        if dp is not None:  # token-mean over the global mini-batch, not a mean of per-rank means
-            denom = dp.sum(denom)
-        if denom == 0:
-            continue
-        optimizer.zero_grad(set_to_none=True)
-        micro = train.micro_batch_size or len(mb)
-        finite = True
-        for start in range(0, len(mb), micro):
-            rows = mb[start : start + micro].tolist()
-            r, s, f = rollout.select(rows), scores.select(rows), feedback.select(rows)
-            loss, stats = _micro_batch_loss(model, r, s, f, objective, chunk_size, version, ref_model, denom,
-                                            batch_version, train.autocast)
-            if not torch.isfinite(loss):
-                finite = False
-                break
-            loss.backward()
-            acc.add(stats)
-        params = [p for p in model.parameters() if p.requires_grad]
-        if dp is not None:  # every rank steps, or none does
-            finite = dp.all_true(finite)
-            if finite:
-                dp.all_reduce_grads(params)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, train.grad_clip if train.grad_clip > 0 else float("inf"))
-        if not finite or not torch.isfinite(grad_norm):
-            skipped += 1  # never apply a non-finite step; the batch is counted and dropped
+    # fp32 training: the student's matmuls, forward and backward, through oneDNN where that is the faster kernel
+    # (under bf16 autocast they already are).
+    with matmul.onednn_fp32(model, active=train.autocast == "none"):
+        for mb in np.array_split(np.arange(B), min(train.updates_per_batch, B)):
+            mb_mask = feedback.loss_mask[mb]
+            denom = float(mb_mask.sum()) if objective.loss_norm == "token" else float(len(mb))
+            if dp is not None:  # token-mean over the global mini-batch, not a mean of per-rank means
+                denom = dp.sum(denom)
+            if denom == 0:
+                continue
             optimizer.zero_grad(set_to_none=True)
-            continue
-        acc.grad_norms.append(float(grad_norm))
-        step_optimizer(optimizer)
-        scheduler.step()
-        version += 1
+            micro = train.micro_batch_size or len(mb)
+            finite = True
+            for start in range(0, len(mb), micro):
+                rows = mb[start : start + micro].tolist()
+                r, s, f = rollout.select(rows), scores.select(rows), feedback.select(rows)
+                loss, stats = _micro_batch_loss(model, r, s, f, objective, chunk_size, version, ref_model, denom,
+                                                batch_version, train.autocast)
+                if not torch.isfinite(loss):
+                    finite = False
+                    break
+                loss.backward()
+                acc.add(stats)
+            params = [p for p in model.parameters() if p.requires_grad]
+            if dp is not None:  # every rank steps, or none does
+                finite = dp.all_true(finite)
+                if finite:
+                    dp.all_reduce_grads(params)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, train.grad_clip if train.grad_clip > 0 else float("inf"))
+            if not finite or not torch.isfinite(grad_norm):
+                skipped += 1  # never apply a non-finite step; the batch is counted and dropped
+                optimizer.zero_grad(set_to_none=True)
+                continue
+            acc.grad_norms.append(float(grad_norm))
+            step_optimizer(optimizer)
+            scheduler.step()
+            version += 1
     metrics = acc.summary()
     metrics["stability/skipped_batches"] = float(skipped)
     metrics["train/lr"] = float(scheduler.get_last_lr()[0])

@@ -1,0 +1,114 @@
+"""opd.matmul: fp32 products through oneDNN (forced here, whatever `auto` would pick on this CPU) match torch's
+default kernel, in the forward and the backward pass, and only fp32 CPU products are rerouted."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from opd import matmul
+
+pytestmark = pytest.mark.skipif(not matmul.onednn_available(), reason="torch built without oneDNN")
+
+
+@pytest.fixture
+def kernel(monkeypatch):
+    def use(name: str):
+        monkeypatch.setenv("OPD_FP32_MATMUL", name)
+        matmul.fp32_kernel.cache_clear()
+
+    yield use
+    matmul.fp32_kernel.cache_clear()
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    seen = []
+    real = matmul._onednn_linear
+
+    def counting(x, w, bias=None):
+        seen.append((tuple(x.shape), tuple(w.shape), bias is not None))
+        return real(x, w, bias)
+
+    monkeypatch.setattr(matmul, "_onednn_linear", counting)
+    return seen
+
+
+def test_linear_matches_f_linear(kernel, calls):
+    kernel("onednn")
+    g = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(3, 7, 64, generator=g), torch.randn(48, 64, generator=g), torch.randn(48, generator=g)
+    for bias in (None, b):
+        ref = F.linear(x.double(), w.double(), None if bias is None else bias.double())
+        out = matmul.linear(x, w, bias)
+        assert out.shape == ref.shape and out.dtype == torch.float32
+        assert (out.double() - ref).abs().max() < 1e-4
+    assert len(calls) == 2
+
+
+def test_linear_leaves_bf16_and_tracked_inputs_to_torch(kernel, calls):
+    kernel("onednn")
+    x, w = torch.randn(5, 16), torch.randn(8, 16, requires_grad=True)
+    matmul.linear(x, w).sum().backward()  # autograd needs F.linear's graph
+    assert w.grad is not None and torch.allclose(w.grad, x.sum(0).expand(8, 16))
+    matmul.linear(x.bfloat16(), w.detach().bfloat16())
+    assert calls == []
+    with torch.no_grad():
+        matmul.linear(x, w)
+    assert len(calls) == 1
+
+
+def test_blas_choice_never_reroutes(kernel, calls):
+    kernel("blas")
+    model = torch.nn.Linear(16, 8)
+    with matmul.onednn_fp32(model):
+        model(torch.randn(4, 16)).sum().backward()
+    with torch.no_grad():
+        matmul.linear(torch.randn(4, 16), torch.randn(8, 16))
+    assert calls == []
+
+
+def test_unknown_choice_is_a_clear_error(kernel):
+    kernel("fast")
+    with pytest.raises(ValueError, match="OPD_FP32_MATMUL='fast'.*auto, onednn, blas"):
+        matmul.fp32_kernel()
+
+
+def test_auto_picks_one_of_the_two(kernel):
+    kernel("auto")
+    assert matmul.fp32_kernel() in ("onednn", "blas")
+
+
+def mlp():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.SiLU(), torch.nn.Linear(64, 16, bias=False))
+
+
+def test_mode_reroutes_forward_and_backward_with_the_same_results(kernel, calls):
+    x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(1))
+    kernel("blas")
+    ref_model = mlp()
+    ref_out = ref_model(x)
+    ref_out.square().sum().backward()
+    kernel("onednn")
+    model = mlp()
+    with matmul.onednn_fp32(model):
+        out = model(x)
+        out.square().sum().backward()
+    assert torch.allclose(out, ref_out, atol=1e-5, rtol=1e-5)
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-4, rtol=1e-4)
+    # forward: addmm (bias) and mm; backward: grad @ W and grad.T @ x of each layer (the first input needs no grad)
+    assert any(bias for _, _, bias in calls) and len(calls) >= 5
+
+
+def test_mode_is_inactive_for_bf16_models_and_reentrant(kernel, calls):
+    kernel("onednn")
+    model = mlp().bfloat16()
+    with matmul.onednn_fp32(model):
+        model(torch.randn(4, 32, dtype=torch.bfloat16))
+    assert calls == []
+    fp32 = mlp()
+    with matmul.onednn_fp32(fp32), matmul.onednn_fp32(fp32):
+        assert len(torch.utils._python_dispatch._get_current_dispatch_mode_stack()) == 1
+        fp32(torch.randn(4, 32))
+    assert len(calls) == 2
