@@ -238,3 +238,24 @@ def test_fp32_update_through_onednn_matches_the_default_kernel(student, batch, m
     assert seen  # the oneDNN run did go through oneDNN
     assert torch.allclose(steps["onednn"], steps["blas"], atol=1e-5, rtol=1e-3)
     assert metrics["onednn"]["update/loss"] == pytest.approx(metrics["blas"]["update/loss"], rel=1e-5)
+
+
+def test_bf16_cpu_update_trains_through_eager_attention_and_restores_the_model(student, batch, monkeypatch):
+    from opd.update import step
+
+    roll, scores = batch
+    assert student.config._attn_implementation == "sdpa"
+    used = []
+    real = step.student_token_terms
+    monkeypatch.setattr(step, "student_token_terms", lambda m, *a: used.append(m.config._attn_implementation) or real(m, *a))
+    steps = {}
+    for limit in (0, step.EAGER_ATTENTION_MAX_BYTES):  # 0: too big for eager -> the model's own SDPA
+        monkeypatch.setattr(step, "EAGER_ATTENTION_MAX_BYTES", limit)
+        model = copy.deepcopy(student)
+        run_update(model, roll, scores, "reverse_kl", sgd=True, grad_clip=0, autocast="bfloat16")
+        assert model.config._attn_implementation == "sdpa"  # restored after the update
+        steps[limit] = params_of(model) - params_of(student)
+    run_update(copy.deepcopy(student), roll, scores, "reverse_kl", sgd=True, grad_clip=0)  # fp32: SDPA
+    assert used == ["sdpa", "eager", "sdpa"]
+    a, b = steps.values()
+    assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.99  # the same step up to bf16 rounding

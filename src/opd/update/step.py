@@ -72,6 +72,33 @@ def update_autocast(model, mode: str):
     return torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16)
 
 
+# On the CPU under bf16 autocast, HF's eager attention (bf16 matmuls, softmax in fp32) trains faster than SDPA's
+# flash kernel at the short lengths of a rollout: the flash backward costs ~8 ms a layer even at 100 tokens, and
+# the update of a batch-4 step got ~17% faster (bench/NOTES.md). Eager keeps each layer's [B, heads, L, L]
+# probabilities for the backward pass, so it is used only while those stay under this many bytes in all.
+EAGER_ATTENTION_MAX_BYTES = 256 * 2**20
+
+
+@contextlib.contextmanager
+def training_attention(model, rollout: Rollout, autocast: str):
+    """The student's attention for one micro-batch's forward: eager where that is the faster choice (above),
+    otherwise the model's own. Exact either way; the backward pass replays whatever the forward recorded."""
+    cfg = model.config
+    L = rollout.prompt_ids.shape[1] + rollout.completion_ids.shape[1]
+    heads, layers = getattr(cfg, "num_attention_heads", None), getattr(cfg, "num_hidden_layers", None)
+    # fp32 scores, bf16 probabilities and their fp32 softmax output per layer (upper bound: rows are left-aligned)
+    saved = rollout.prompt_ids.shape[0] * (heads or 0) * L * L * 10 * (layers or 0)
+    if (autocast == "none" or heads is None or layers is None or next(model.parameters()).device.type != "cpu" or saved > EAGER_ATTENTION_MAX_BYTES
+            or getattr(cfg, "_attn_implementation", None) != "sdpa" or not hasattr(model, "set_attn_implementation")):
+        yield
+        return
+    model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation("sdpa")
+
+
 @dataclass
 class TokenTerms:
     """Per-token quantities of one micro-batch, over its real completion tokens [N]."""
@@ -196,7 +223,8 @@ def _micro_batch_loss(model, r, s, f, objective, chunk_size, version, ref_model,
                       autocast: str):
     mask = r.completion_mask.bool()
     s = teacher_outside_loss_zeroed(s, f.loss_mask, r.completion_mask)
-    with update_autocast(model, autocast):  # the student's forward only; the reference model stays as it is
+    # the student's forward only; the reference model stays as it is
+    with update_autocast(model, autocast), training_attention(model, r, autocast):
         terms = student_token_terms(model, r, s, objective, chunk_size)
     dev = terms.new_logprobs.device
     # Importance ratios are against the distribution the tokens were drawn from (for a teacher-guided
