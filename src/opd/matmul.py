@@ -108,7 +108,8 @@ def onednn_fp32(model=None, *, active: bool = True):
     would still pay the mode's few µs). Re-entrant: an inner block inside an active one adds nothing."""
     if model is not None:
         p = next(model.parameters())
-        active = active and p.dtype == torch.float32 and p.device.type == "cpu"
+        # under autocast the products arrive in bf16 (autocast runs before the mode): nothing to reroute
+        active = active and p.dtype == torch.float32 and p.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
     if not active or getattr(_ACTIVE, "on", False) or fp32_kernel() != "onednn":
         yield
         return
