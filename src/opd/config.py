@@ -178,7 +178,8 @@ class RolloutConfig(Section):
         "that dtype, refreshed before every rollout (faster decoding; the behaviour logprobs are the copy's, and the "
         "update's importance ratio accounts for the rounding); `int8` = a bfloat16 copy whose decode steps read "
         "weight-only int8 copies of its matmul weights (per-channel scales; ~3x fewer bytes per token than bf16 on CPU; "
-        "opd's decoder only, else bfloat16 decoding with a warning).",
+        "opd's decoder only, else bfloat16 decoding with a warning). Local and Ray rollout actors alike; not with "
+        "`backend = 'server'`, which samples in the dtype the server serves.",
     )
     decoder: Literal["auto", "hf"] = Field(
         "auto",
@@ -465,6 +466,10 @@ class Config(Section):
         if r.backend == "server" and (r.teacher_mix > 0 or r.teacher_correct_topk > 0):
             raise ValueError("teacher-guided rollouts (rollout.teacher_mix / teacher_correct_topk) run the teacher in "
                              "lockstep with the local sampler; they need rollout.backend = 'local'")
+        if r.backend == "server" and r.dtype != "same":
+            raise ValueError(f"rollout.dtype = {r.dtype!r} sets the local sampler's copy of the student; with "
+                             "rollout.backend = 'server' the server samples in the dtype it serves: leave rollout.dtype "
+                             "= 'same' and start the server in the dtype you want (e.g. vLLM --dtype bfloat16)")
         if r.backend == "server" and self.engine == "ray":
             raise ValueError("engine = 'ray' samples in its own rollout actors; rollout.backend = 'server' samples on an "
                              "inference server instead: pick one (an inference server already scales on its own)")

@@ -58,3 +58,36 @@ def test_killed_workers_are_replaced_and_their_calls_reissued(tmp_path, monkeypa
     # Nothing counted twice: the budget is exactly the tokens of the batches trained on.
     assert rows[-1]["budget/student_tokens"] == sum(r["rollout/tokens"] for r in rows[1:])
     assert max(r["freshness/policy_lag_max"] for r in rows[1:]) == 1
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+def test_rollout_workers_sample_with_rollout_dtype_like_the_local_loop(dtype):
+    # The worker itself (what a Ray actor runs), in this process: with rollout.dtype it samples from a refreshed
+    # low-precision copy, and its rows equal the local sampler's from the same copy and seed.
+    import torch
+
+    from opd.engine.ray_workers import RolloutWorker
+    from opd.prompts.tasks import get_task
+    from opd.rollout import SamplingCopy, SamplingParams, sample
+
+    cfg = load_config(None, TINY + RAY + [f"rollout.dtype='{dtype}'"])
+    worker = RolloutWorker(cfg.model_dump(mode="json"))
+    student = worker.model
+    torch.manual_seed(3)
+    state = {k: v + 0.01 * torch.randn_like(v) for k, v in student.state_dict().items()}  # "trained" weights
+    worker.load_weights(state, version=5)
+    assert next(worker.sampler.parameters()).dtype == torch.bfloat16 and worker.params.int8 == (dtype == "int8")
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    prompts = [get_task("arith").sample(rng) for _ in range(4)]
+    got = worker.rollout(prompts, step=1, seed=11)
+    assert (got.policy_version == 5).all()
+    reference = type(student)(student.config)
+    reference.load_state_dict(state)
+    copy = SamplingCopy(reference, torch.bfloat16).refresh(reference)
+    want = sample(copy, worker.tokenizer, prompts, SamplingParams(cfg.rollout.temperature, cfg.rollout.top_p,
+                  cfg.rollout.max_new_tokens, cfg.rollout.stop, cfg.rollout.decoder, int8=dtype == "int8"),
+                  generator=torch.Generator().manual_seed(11), max_prompt_tokens=cfg.prompts.max_prompt_tokens)
+    assert torch.equal(got.completion_ids, want.completion_ids)
+    assert torch.equal(got.behaviour_logprobs, want.behaviour_logprobs)

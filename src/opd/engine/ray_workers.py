@@ -45,8 +45,8 @@ class RolloutWorker:
     """Holds a copy of the student; samples a share of a batch with the last weights it was sent."""
 
     def __init__(self, cfg_data: dict):
-        from opd.models import load_student, load_tokenizer, load_model, resolve_device
-        from opd.rollout import SamplingParams, make_guide
+        from opd.models import DTYPES, load_student, load_tokenizer, load_model, resolve_device
+        from opd.rollout import SamplingCopy, SamplingParams, make_guide
 
         cfg = validate_config(cfg_data)
         self.cfg = cfg
@@ -57,12 +57,19 @@ class RolloutWorker:
         teacher_model = load_model(cfg.teacher.model, dtype=cfg.teacher.dtype, device=cfg.teacher.device) if guided else None
         self.guide = make_guide(cfg.rollout.teacher_mix, cfg.rollout.teacher_correct_topk, teacher_model,
                                 self.tokenizer, cfg.teacher.model)
+        dtype = cfg.rollout.dtype
         self.params = SamplingParams(cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.max_new_tokens,
-                                     cfg.rollout.stop, cfg.rollout.decoder)
+                                     cfg.rollout.stop, cfg.rollout.decoder, int8=dtype == "int8")
+        # rollout.dtype as in the local loop: a bf16/fp16 copy samples (int8: a bf16 copy with int8 decode steps),
+        # refreshed whenever new weights arrive
+        self.copy = None if dtype == "same" else SamplingCopy(
+            self.model, torch.bfloat16 if dtype == "int8" else DTYPES[dtype])
+        self.sampler = self.model
         self.version = -1  # no weights yet
 
     def load_weights(self, state: dict, version: int) -> int:
         self.model.load_state_dict(state)
+        self.sampler = self.model if self.copy is None else self.copy.refresh(self.model)
         self.version = version
         return version
 
@@ -77,7 +84,7 @@ class RolloutWorker:
         assert self.version >= 0, "a rollout worker sampled before it was sent weights"
         worker_crash_point("rollout", step)
         generator = torch.Generator(device=self.device).manual_seed(seed)
-        return sample(self.model, self.tokenizer, prompts, self.params, policy_version=self.version,
+        return sample(self.sampler, self.tokenizer, prompts, self.params, policy_version=self.version,
                       generator=generator, max_prompt_tokens=self.cfg.prompts.max_prompt_tokens, guide=self.guide)
 
     def pid(self) -> int:
