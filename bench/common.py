@@ -61,7 +61,7 @@ def measure_matmul_limit(dtype: str, *, size: int = 2048, min_seconds: float = 2
     ceiling every stage is measured against. Best of repeated timed calls after a warm-up, over both CPU kernels
     torch ships: its default (`torch.matmul`: MKL for fp32, oneDNN for bf16) and oneDNN's matmul (which opd.matmul
     uses for fp32 where it is faster: on AMD CPUs MKL runs its AVX2 code, about half of oneDNN's fp32 speed).
-    `kernel` says which one the figure is from; `by_kernel` holds both."""
+    `kernel` says which one the figure is from; `by_kernel` holds each that runs on this CPU."""
     import torch
 
     from opd import matmul
@@ -77,7 +77,10 @@ def measure_matmul_limit(dtype: str, *, size: int = 2048, min_seconds: float = 2
         kernels["oneDNN"] = lambda: matmul._onednn_linear(a, bt)
     by_kernel, calls = {}, 0
     for name, fn in kernels.items():
-        fn()  # warm-up (allocations, kernel selection)
+        try:
+            fn()  # warm-up (allocations, kernel selection)
+        except RuntimeError:  # oneDNN has no kernel for this dtype on this CPU (bf16 without avx512_bf16 / AMX)
+            continue
         best, spent, n = float("inf"), 0.0, 0
         while spent < min_seconds / len(kernels) or n < 3:
             t0 = time.perf_counter()

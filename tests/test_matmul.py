@@ -73,9 +73,18 @@ def test_unknown_choice_is_a_clear_error(kernel):
         matmul.fp32_kernel()
 
 
-def test_auto_picks_one_of_the_two(kernel):
+@pytest.mark.parametrize("vendor, works, want", [("AuthenticAMD", True, "onednn"), ("AuthenticAMD", False, "blas"),
+                                                 ("GenuineIntel", True, "blas"), ("", True, "blas")])
+def test_auto_decides_by_the_cpu_and_falls_back_where_onednn_cannot_run(kernel, monkeypatch, vendor, works, want):
+    # by the CPU, not by a timing: every process of one run (a teacher server, a resumed run) picks the same kernel
+    monkeypatch.setattr(matmul, "cpu_vendor", lambda: vendor)
+    monkeypatch.setattr(matmul, "_onednn_runs_fp32", lambda: works)
     kernel("auto")
-    assert matmul.fp32_kernel() in ("onednn", "blas")
+    assert matmul.fp32_kernel() == want
+
+
+def test_the_probe_runs_onednn_here():
+    assert matmul._onednn_runs_fp32()  # fp32 oneDNN products run on every x86-64 CPU torch supports
 
 
 def mlp():
