@@ -12,8 +12,9 @@ pytestmark = pytest.mark.skipif(not matmul.onednn_available(), reason="torch bui
 
 @pytest.fixture
 def kernel(monkeypatch):
-    def use(name: str):
+    def use(name: str, min_dim: int = 1):
         monkeypatch.setenv("OPD_FP32_MATMUL", name)
+        monkeypatch.setattr(matmul, "MIN_DIM", min_dim)  # small shapes below: reroute them unless a test says
         matmul.fp32_kernel.cache_clear()
 
     yield use
@@ -85,6 +86,30 @@ def test_auto_decides_by_the_cpu_and_falls_back_where_onednn_cannot_run(kernel, 
 
 def test_the_probe_runs_onednn_here():
     assert matmul._onednn_runs_fp32()  # fp32 oneDNN products run on every x86-64 CPU torch supports
+
+
+def test_small_products_and_small_models_stay_with_blas(kernel, calls):
+    # oneDNN costs more per call and the mode a Python call per op: only products whose inner and output
+    # dimensions reach MIN_DIM are rerouted, and a model without such a weight never enters the mode
+    kernel("onednn", min_dim=matmul.MIN_DIM)
+    d = matmul.MIN_DIM
+    with torch.no_grad():
+        matmul.linear(torch.randn(4, d - 1), torch.randn(d, d - 1))
+        matmul.linear(torch.randn(4, d), torch.randn(d - 1, d))
+    assert calls == []
+    matmul.linear(torch.randn(4, d), torch.randn(d, d))
+    assert len(calls) == 1
+    small = mlp()
+    with matmul.onednn_fp32(small):
+        assert not getattr(matmul._ACTIVE, "on", False)  # the mode was not entered
+        small(torch.randn(4, 32)).sum().backward()
+    assert len(calls) == 1
+    large = torch.nn.Sequential(torch.nn.Linear(d, d), torch.nn.Linear(d, 8))
+    with matmul.onednn_fp32(large):
+        large(torch.randn(d + 44, d)).sum().backward()
+    # rerouted: the first layer's forward and both weight gradients (inner dimension = the d + 44 rows); not: the
+    # second layer's forward (8 outputs) and the gradient into the first layer's output (inner dimension 8)
+    assert len(calls) == 4
 
 
 def mlp():

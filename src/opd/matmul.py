@@ -71,6 +71,17 @@ def fp32_kernel() -> str:
     return "onednn" if cpu_vendor() == "AuthenticAMD" and _onednn_runs_fp32() else "blas"
 
 
+# oneDNN's gain is in the kernel and its cost is per call (~40 µs against MKL's ~15 for a tiny product), and the
+# dispatch mode costs a Python call on every op: products whose inner or output dimension is below this stay with
+# BLAS, and a model with no weight this large never enters the mode (the built-in 64-wide models warm-started
+# 1.5x slower through it; measured: [1664, 64] x [64, 256] 490 µs BLAS, 600 oneDNN; [4, 576] x [576, 1536] 312, 284).
+MIN_DIM = 256
+
+
+def _large(inner: int, out: int) -> bool:
+    return inner >= MIN_DIM and out >= MIN_DIM
+
+
 def _rerouted(*tensors: torch.Tensor) -> bool:
     return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors) and fp32_kernel() == "onednn"
 
@@ -78,7 +89,8 @@ def _rerouted(*tensors: torch.Tensor) -> bool:
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, w, bias); through oneDNN for fp32 CPU tensors outside autograd (see the module docstring)."""
     tracked = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (bias is not None and bias.requires_grad))
-    if not tracked and x.dim() >= 2 and x.numel() > 0 and w.dim() == 2 and _rerouted(x, w):
+    if (not tracked and x.dim() >= 2 and x.numel() > 0 and w.dim() == 2 and _large(w.shape[1], w.shape[0])
+            and _rerouted(x, w)):
         return _onednn_linear(x, w, bias)
     return F.linear(x, w, bias)
 
@@ -91,12 +103,13 @@ class _OneDnnFp32(TorchDispatchMode):
         kwargs = kwargs or {}
         if func is aten.mm.default and not kwargs:
             a, b = args
-            if a.numel() and b.numel() and _rerouted(a, b):
+            if a.numel() and b.numel() and _large(a.shape[1], b.shape[1]) and _rerouted(a, b):
                 return _onednn_linear(a, b.t())
         elif func is aten.addmm.default:
             bias, a, b = args[:3]
             plain = kwargs.get("beta", 1) == 1 and kwargs.get("alpha", 1) == 1 and len(args) == 3
-            if plain and bias.dim() == 1 and bias.shape[0] == b.shape[1] and a.numel() and b.numel() and _rerouted(bias, a, b):
+            if (plain and bias.dim() == 1 and bias.shape[0] == b.shape[1] and a.numel() and b.numel()
+                    and _large(a.shape[1], b.shape[1]) and _rerouted(bias, a, b)):
                 return _onednn_linear(a, b.t(), bias)
         return func(*args, **kwargs)
 
@@ -108,11 +121,12 @@ _ACTIVE = threading.local()
 def onednn_fp32(model=None, *, active: bool = True):
     """Route fp32 CPU matmuls (forward and backward) to oneDNN inside the block when that is the faster kernel
     (and, given a model, when its parameters are fp32 on the CPU: otherwise nothing would be rerouted and every op
-    would still pay the mode's few µs). Re-entrant: an inner block inside an active one adds nothing."""
+    would still pay the mode's few µs; nor when it has no weight of MIN_DIM x MIN_DIM). Re-entrant: an inner block inside an active one adds nothing."""
     if model is not None:
         p = next(model.parameters())
         # under autocast the products arrive in bf16 (autocast runs before the mode): nothing to reroute
         active = active and p.dtype == torch.float32 and p.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
+        active = active and any(w.dim() == 2 and min(w.shape) >= MIN_DIM for w in model.parameters())
     if not active or getattr(_ACTIVE, "on", False) or fp32_kernel() != "onednn":
         yield
         return
