@@ -73,6 +73,35 @@ def test_resume_continues_exactly(tmp_path):
     assert _comparable(read_metrics(straight)) == _comparable(read_metrics(split))
 
 
+def test_teacher_fault_counters_carry_across_a_resume(tmp_path, monkeypatch):
+    # The teacher clients' cumulative counters (teacher/*_total) start from zero in a new process; a resumed run
+    # adds them to those saved with its checkpoint, so its totals equal an uninterrupted run's.
+    import opd.loop
+
+    real_build = opd.loop.build_teachers
+
+    def counting_teachers(*args, **kwargs):
+        teacher = real_build(*args, **kwargs)
+        calls = {"n": 0}
+        real_score = teacher.score
+
+        def score(rollout, **kw):
+            calls["n"] += 1
+            return real_score(rollout, **kw)
+
+        teacher.score = score
+        teacher.counters = lambda: {"teacher/calls_total": float(calls["n"])}
+        return teacher
+
+    monkeypatch.setattr(opd.loop, "build_teachers", counting_teachers)
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    run(small_config("train.max_steps=4"), straight, log=quiet)
+    run(small_config("train.max_steps=2"), split, log=quiet)
+    run(small_config("train.max_steps=4"), split, resume=True, log=quiet)
+    totals = [[r["teacher/calls_total"] for r in read_metrics(d) if r["step"] > 0] for d in (straight, split)]
+    assert totals[0] == totals[1] and totals[0][-1] > totals[0][1] > 0  # steps 1-4
+
+
 def test_every_objective_runs_in_the_loop(tmp_path):
     for name, extra in [("reverse_kl", []), ("gkd", []), ("topk_kl", ["teacher.topk=5"]),
                         ("hybrid", ["rollout.samples_per_prompt=2", "prompts.batch_size=4"])]:

@@ -257,12 +257,14 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
             pending = []
         start, version, budget, first_eval = state["step"], state["version"], state["budget"], state["first_eval"]
         skips = state["skips"]
+        counters_before = state.get("counters", {})
         t_start -= state.get("elapsed_s", 0.0)
         if (run_dir / "reference").is_dir():
             ref_model = load_model(str(run_dir / "reference"), dtype=cfg.student.dtype, device=cfg.student.device)
         log(f"resumed from {ckpt} (step {start})")
     else:
         start, version, pending = 0, 0, []
+        counters_before = {}
         budget = {"teacher_tokens": 0, "student_tokens": 0, "flops": 0.0}
         skips = {"total": 0, "consecutive": 0}
         if cfg.student.warm_start_steps > 0:
@@ -339,12 +341,19 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
     metrics = MetricsLog(run_dir, tensorboard=cfg.monitor.tensorboard, resume_after_step=start if ckpt else None) \
         if main else _NoMetrics()
 
+    def run_counters() -> dict[str, float]:
+        """Cumulative fault counts over the whole run: those up to the checkpoint this process resumed from, plus
+        what this process's teacher clients (and Ray workers) have counted since."""
+        now = {**teacher.counters(), **(workers.counters() if workers is not None else {})}
+        return {k: counters_before.get(k, 0.0) + now.get(k, 0.0) for k in sorted(counters_before.keys() | now.keys())}
+
     def checkpoint(step: int) -> None:
         made = batches.state_dict(step)  # sampler and prompt position after the batches made ahead, and those batches
         if not main:
             return
         state = {
             "step": step, "version": version, "budget": budget, "first_eval": first_eval, "skips": skips, "elapsed_s": time.time() - t_start,
+            "counters": run_counters(),
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "rng": {"sampler": made["sampler"], "torch": torch.get_rng_state()},
             "prompts": made["prompts"], "pending": made["pending"],
@@ -429,9 +438,8 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
                 last_eval = eval_row(step, version)
                 row.update(last_eval)
                 crash_point("eval", step)
-            row.update(teacher.counters())  # cumulative teacher faults, evaluation scoring included
-            if workers is not None:
-                row.update(workers.counters())  # calls re-issued after a Ray worker died
+            # cumulative teacher faults (evaluation scoring included) and calls re-issued after a Ray worker died
+            row.update(run_counters())
             row.update(backend_metrics())
             row.update(health_metrics(assess(row, cfg.monitor)))
             metrics.write(row)
