@@ -516,3 +516,23 @@ def test_remote_temperature_is_fine_when_the_server_applies_it():
 def test_unknown_key_in_a_named_teacher_lists_the_teacher_keys():
     msg = _error({"teachers": {"judge": {"urll": "http://h"}}})
     assert "unknown key `teachers.judge.urll` (did you mean `url`?)" in msg and "max_in_flight" in msg
+
+
+def test_an_override_sets_one_entry_of_a_list_of_tables():
+    data = {"prompts": {"sources": [{"kind": "builtin", "task": "arith"}, {"kind": "jsonl", "path": "a.jsonl"}]}}
+    apply_overrides(data, ["prompts.sources[1].weight=3", "prompts.sources[-2].task='copy'"])
+    assert data["prompts"]["sources"] == [{"kind": "builtin", "task": "copy"},
+                                          {"kind": "jsonl", "path": "a.jsonl", "weight": 3}]
+    # with no list in the config, the built-in default's list is the one indexed
+    cfg = load_config(None, ["prompts.sources[0].weight=2.5"])
+    assert len(cfg.prompts.sources) == 1 and cfg.prompts.sources[0].weight == 2.5
+    assert cfg.prompts.sources[0].task == load_config(None).prompts.sources[0].task
+
+
+@pytest.mark.parametrize("item, message", [
+    ("prompts.sources[1].weight=1", r"has 1 entry \(indices 0 to 0\); to add one, set the whole list"),
+    ("prompts.batch_size[0]=1", "is not a list"),
+])
+def test_a_bad_list_override_says_what_is_wrong(item, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [item])

@@ -6,7 +6,9 @@ docs/config.md is generated from these models, so the reference can never drift 
 
 from __future__ import annotations
 
+import copy
 import difflib
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal, Optional, get_args, get_origin
@@ -565,17 +567,54 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+_INDEXED = re.compile(r"^(\w+)\[(-?\d+)\]$")  # `sources[1]`: one entry of a list of tables
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `section.key=value` overrides; `section.list[i].key=value` sets a key of one entry of a list of tables
+    (e.g. `prompts.sources[1].weight=3`), the list taken from the built-in default when the config has none."""
     for item in overrides:
         path, value = parse_override(item)
-        node = data
-        for part in path[:-1]:
-            nxt = node.setdefault(part, {})
-            if not isinstance(nxt, dict):
-                raise ConfigError(f"--set {item}: `{part}` is not a section")
-            node = nxt
-        node[path[-1]] = value
+        node, walked = data, []
+        for i, part in enumerate(path):
+            last = i == len(path) - 1
+            indexed = _INDEXED.match(part)
+            name = indexed.group(1) if indexed else part
+            walked.append(name)
+            if not indexed:
+                if last:
+                    node[name] = value
+                    break
+                nxt = node.setdefault(name, {})
+                if not isinstance(nxt, dict):
+                    raise ConfigError(f"--set {item}: `{'.'.join(walked)}` is not a section")
+                node = nxt
+                continue
+            if name not in node:
+                node[name] = copy.deepcopy(_default_at(walked))
+            entries = node[name]
+            if not isinstance(entries, list):
+                raise ConfigError(f"--set {item}: `{'.'.join(walked)}` is not a list, so it has no [{indexed.group(2)}]")
+            k = int(indexed.group(2))
+            if not -len(entries) <= k < len(entries):
+                raise ConfigError(f"--set {item}: `{'.'.join(walked)}` has {len(entries)} "
+                                  f"{'entry' if len(entries) == 1 else 'entries'} (indices 0 to "
+                                  f"{len(entries) - 1}); to add one, set the whole list: {'.'.join(walked)}=[...]")
+            if last:
+                entries[k] = value
+                break
+            if not isinstance(entries[k], dict):
+                raise ConfigError(f"--set {item}: `{'.'.join(walked)}[{k}]` is not a table")
+            node = entries[k]
     return data
+
+
+def _default_at(path: list[str]) -> Any:
+    """The built-in default's value at `path` (JSON form), or None where it has none."""
+    node: Any = Config().model_dump(mode="json")
+    for part in path:
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
