@@ -14,6 +14,7 @@ from opd.config import ConfigError, load_config, reference_markdown, to_toml, Co
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="opd: on-policy distillation of language models.")
+SET_HELP = "Override a key: section.key=value, or one entry of a list: prompts.sources[1].weight=3 (repeatable)."
 teacher_app = typer.Typer(add_completion=False, no_args_is_help=True, help="The built-in teacher.")
 app.add_typer(teacher_app, name="teacher")
 console = Console()
@@ -41,7 +42,7 @@ def resolve_run_config(config: Optional[Path], sets: list[str], max_steps: Optio
 @app.command()
 def run(
     config: Optional[Path] = typer.Argument(None, help="TOML config; none = the built-in default."),
-    set_: list[str] = typer.Option([], "--set", help="Override a key: section.key=value, or one entry of a list: prompts.sources[1].weight=3 (repeatable)."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Shortcut for --set train.max_steps=N."),
     out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default runs/run-TIMESTAMP)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this folder from its last checkpoint."),
@@ -53,7 +54,7 @@ def run(
 @app.command()
 def offline(
     config: Optional[Path] = typer.Argument(None, help="TOML config; none = the built-in default."),
-    set_: list[str] = typer.Option([], "--set", help="Override a key: section.key=value, or one entry of a list: prompts.sources[1].weight=3 (repeatable)."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Shortcut for --set train.max_steps=N."),
     out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default runs/offline-TIMESTAMP)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this folder from its last checkpoint."),
@@ -92,7 +93,7 @@ def _summary(result) -> None:
 @app.command()
 def demo(
     out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default runs/demo-TIMESTAMP)."),
-    set_: list[str] = typer.Option([], "--set", help="Override a key: section.key=value, or one entry of a list: prompts.sources[1].weight=3 (repeatable)."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
 ):
     """The built-in default end to end: a small char-level teacher distilled into a smaller student,
     on-policy and offline on the same teacher-token budget."""
@@ -107,7 +108,7 @@ def demo(
 @app.command()
 def compare(
     config: Optional[Path] = typer.Argument(None, help="TOML config; none = the built-in default."),
-    set_: list[str] = typer.Option([], "--set", help="Override a key: section.key=value, or one entry of a list: prompts.sources[1].weight=3 (repeatable)."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Steps per method (the budget)."),
     seeds: str = typer.Option("0,1,2", "--seeds", help="Comma-separated seeds."),
     control_advantage: float = typer.Option(-0.5, "--control-advantage", help="The control's constant A_t."),
@@ -151,7 +152,7 @@ def compare(
 def eval_cmd(
     model: Path = typer.Argument(..., help="A student model folder (e.g. RUN/final or RUN/checkpoints/step-N)."),
     config: Optional[Path] = typer.Option(None, "--config", help="The run's config (teacher, prompts, eval settings)."),
-    set_: list[str] = typer.Option([], "--set", help="Override a key: section.key=value, or one entry of a list: prompts.sources[1].weight=3 (repeatable)."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the full result as JSON here."),
 ):
     """Evaluate a student on held-out prompts: accuracy, reverse KL and NLL under the teacher, length,
@@ -231,7 +232,7 @@ def serve_teacher(
 @app.command()
 def plan(
     config: Optional[Path] = typer.Argument(None, help="TOML config (models, batch, lengths); none = the built-in default."),
-    set_: list[str] = typer.Option([], "--set", help="Override a key: section.key=value, or one entry of a list: prompts.sources[1].weight=3 (repeatable)."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     calibrate: bool = typer.Option(False, "--calibrate", help="Time rollout, teacher scoring and update on this "
                                    "machine with the config's models and write the rates to --calibration."),
     calibration: Optional[Path] = typer.Option(None, "--calibration", help="Rates measured by --calibrate (JSON)."),
@@ -290,7 +291,7 @@ def plan(
 @app.command("config")
 def config_cmd(
     config: Optional[Path] = typer.Argument(None, help="A TOML config to validate and show resolved."),
-    set_: list[str] = typer.Option([], "--set", help="Override a key: section.key=value, or one entry of a list: prompts.sources[1].weight=3 (repeatable)."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     reference: bool = typer.Option(False, "--reference", help="Print the config reference (Markdown)."),
 ):
     """Print the resolved config as TOML (the default when none is given), or the reference."""
