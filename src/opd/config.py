@@ -379,7 +379,8 @@ class RayConfig(Section):
     )
     num_cpus: int = Field(2, ge=1, description="CPUs of the local Ray cluster opd starts (unused with `address`).")
     rollout_workers: int = Field(1, ge=1, description="Rollout actors; each samples its share of every batch.")
-    teacher_workers: int = Field(1, ge=1, description="Teacher actors; each scores its share of every batch.")
+    teacher_workers: int = Field(1, ge=1, description="Teacher actors; each scores its share of every batch (none with a teacher "
+                                 "server or named teachers).")
     cpus_per_worker: float = Field(1.0, ge=0, description="CPUs Ray reserves for each actor.")
     gpus_per_worker: float = Field(0.0, ge=0, description="GPUs Ray reserves for each actor (0 on a CPU machine).")
     max_restarts: int = Field(
@@ -393,7 +394,8 @@ class Config(Section):
     engine: Literal["local", "ray"] = Field(
         "local",
         description="`local`: rollouts and teacher scoring in this process; `ray`: in Ray actors ([ray]), with "
-        "version-tagged weights pushed to the rollout workers after every update.",
+        "version-tagged weights pushed to the rollout workers after every update (a teacher server, teacher.url, or "
+        "named [teachers.NAME] are scored from the trainer's process instead of teacher actors).",
     )
     max_policy_lag: int = Field(
         0,
@@ -448,11 +450,6 @@ class Config(Section):
         if self.objective.name == "hybrid" and self.rollout.samples_per_prompt < 2:
             raise ValueError(
                 "objective.name = 'hybrid' normalises rewards within a group: set rollout.samples_per_prompt >= 2"
-            )
-        if self.engine == "ray" and (self.teacher.remote or self.teachers):
-            raise ValueError(
-                "engine = 'ray' runs [teacher] in Ray actors; a teacher server (teacher.url) or named [teachers.NAME] "
-                "are not supported there yet: use engine = 'local' (a teacher server already scales on its own)"
             )
         self._check_teachers()
         return self

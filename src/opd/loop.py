@@ -295,8 +295,11 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
     if cfg.engine == "ray" and offline_data is None:
         from opd.engine.ray_workers import RayWorkers  # Ray is an optional extra
 
-        workers = RayWorkers(cfg, version=version, weights=weights_of(student), log=log)
-        backend, score = workers, workers.score
+        # [teacher] scores in Ray actors; a teacher server or named [teachers.NAME] are scored from here, through
+        # the same clients as the local engine (a server batches and scales on its own)
+        local_scoring = not (cfg.teacher.remote or cfg.teachers)
+        workers = RayWorkers(cfg, version=version, weights=weights_of(student), log=log, teacher_actors=local_scoring)
+        backend, score = workers, (workers.score if local_scoring else teacher.score)
     elif cfg.rollout.backend == "server" and offline_data is None:  # an inference server samples for the student
         backend = make_server_backend(cfg, student, tokenizer, params, version=version, run_dir=run_dir,
                                       private_copy=ahead > 0)

@@ -121,3 +121,17 @@ def test_run_survives_a_killed_server_and_20_percent_faulty_answers(tmp_path):
         assert (r["teacher/coverage"] < 1.0) == (r["teacher/dropped"] > 0)
         assert math.isfinite(r["update/loss"])
     assert sum(r["teacher/retries"] for r in rows[1:]) > 0
+
+
+def test_a_ray_run_scores_through_the_teacher_server(teacher_server, tmp_path):
+    # engine = "ray" with teacher.url: Ray actors sample, the trainer's own client scores on the server (no teacher
+    # actors); every completion token gets the server's logprob and the faults counters come from that client
+    pytest.importorskip("ray")
+    ray_opts = ["engine='ray'", "ray.rollout_workers=1", "ray.num_cpus=2"]
+    cfg = load_config(None, SMALL + remote(teacher_server.url) + ray_opts + ["train.max_steps=2"])
+    run(cfg, tmp_path, log=quiet)
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    for r in rows[1:]:
+        assert r["teacher/coverage"] == 1.0 and r["teacher/latency_p50_s"] > 0 and r["engine/worker_retries"] == 0
+    assert rows[-1]["budget/teacher_tokens"] == sum(r["rollout/tokens"] for r in rows[1:])

@@ -145,7 +145,8 @@ class RaySession:
 class RayWorkers:
     """The Ray engine as the pipeline sees it: a RolloutBackend (load_weights / rollout) plus score()."""
 
-    def __init__(self, cfg: Config, *, version: int, weights: dict[str, torch.Tensor], log=print):
+    def __init__(self, cfg: Config, *, version: int, weights: dict[str, torch.Tensor], log=print,
+                 teacher_actors: bool = True):
         self.cfg, self.log = cfg, log
         self.session = RaySession(cfg.ray)
         try:
@@ -154,8 +155,9 @@ class RayWorkers:
                         max_restarts=cfg.ray.max_restarts, max_task_retries=0)
             self.rollout_workers = [ray.remote(RolloutWorker).options(**opts).remote(data)
                                     for _ in range(cfg.ray.rollout_workers)]
+            # no teacher actors when the trainer scores through a teacher server (or named teachers) itself
             self.teacher_workers = [ray.remote(TeacherWorker).options(**opts).remote(data)
-                                    for _ in range(cfg.ray.teacher_workers)]
+                                    for _ in range(cfg.ray.teacher_workers if teacher_actors else 0)]
             self.retries, self._step = 0, 0
             from opd.models import load_tokenizer
 
