@@ -433,7 +433,10 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
                 row_drop = ()
             times = {"rollout_s": batch.rollout_s, "teacher_s": batch.teacher_s, "wait_s": t2 - t0, "update_s": t3 - t2,
                      "step_s": t3 - t0}
-            row = {"step": step, **_step_metrics(rollout, scores, feedback, correct, times, offline_data is not None), **upd,
+            step_metrics = {**_step_metrics(rollout, scores, feedback, correct, times, offline_data is not None), **upd}
+            if dp is not None:  # the whole global batch's figures, not rank 0's share
+                step_metrics = dp.merged_metrics(step_metrics)
+            row = {"step": step, **step_metrics,
                    "stability/skipped_batches_total": skips["total"], **prompt_counts,
                    **{f"budget/{k}": v for k, v in budget.items()}, "time/elapsed_s": time.time() - t_start}
             row = {k: v for k, v in row.items() if not k.startswith(row_drop)} if row_drop else row

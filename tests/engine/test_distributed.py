@@ -88,7 +88,7 @@ def test_two_gloo_ranks_equal_one_process_on_the_combined_batch(tmp_path, studen
 
 @pytest.mark.slow
 def test_a_torchrun_run_with_two_gloo_ranks(tmp_path):
-    """`torchrun --nproc-per-node 2 -m opd.cli run`: rank 0 writes one metrics row per step; the budget counts both."""
+    """`torchrun --nproc-per-node 2 -m opd.cli run`: rank 0 writes one metrics row per step, of both ranks' shares."""
     from opd.monitor import read_metrics
 
     sets = ["prompts.batch_size=4", "eval.size=4", "eval.every=0", "eval.recovery_size=0", "student.warm_start_steps=2",
@@ -102,5 +102,20 @@ def test_a_torchrun_run_with_two_gloo_ranks(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     rows = read_metrics(tmp_path / "run")
     assert [r["step"] for r in rows] == [0, 1, 2]
-    assert rows[-1]["budget/student_tokens"] > sum(r["rollout/tokens"] for r in rows[1:])  # rank 1's tokens too
+    assert rows[-1]["budget/student_tokens"] == sum(r["rollout/tokens"] for r in rows[1:])  # rank 1's tokens too
+    for r in rows[1:]:  # the rows' means are of the whole batch: each rank's share is 2 of the 4 prompts
+        assert r["rollout/length_mean"] == pytest.approx(r["rollout/tokens"] / 4)
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+
+
+def test_rank_metrics_merge_into_the_whole_batchs():
+    from opd.engine.distributed import merge_rank_metrics
+
+    rank0 = {"rollout/tokens": 30, "rollout/length_mean": 15.0, "time/step_s": 1.0, "freshness/ratio_max": 1.2,
+             "teacher/failures/http": 1.0, "update/grad_norm": 2.0, "rollout/accuracy": 0.5}
+    rank1 = {"rollout/tokens": 50, "rollout/length_mean": 25.0, "time/step_s": 1.5, "freshness/ratio_max": 1.1,
+             "teacher/failures/http": 2.0, "update/grad_norm": 2.0}
+    merged = merge_rank_metrics([rank0, rank1])
+    assert merged == {"rollout/tokens": 80, "rollout/length_mean": 20.0, "time/step_s": 1.5, "freshness/ratio_max": 1.2,
+                      "teacher/failures/http": 3.0, "update/grad_norm": 2.0, "rollout/accuracy": 0.5}
+    assert list(merged) == list(rank0)  # rank 0's key order

@@ -73,6 +73,45 @@ class DataParallel:
             dist.broadcast(buf, src=0)
             t.data.copy_(buf)
 
+    def merged_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
+        """One step's metrics of the whole global batch (merge_rank_metrics of every rank's), on every rank."""
+        every: list = [None] * self.world
+        dist.all_gather_object(every, metrics)  # objects: the ranks' key sets may differ (e.g. accuracy)
+        return merge_rank_metrics(every)
+
     def close(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+# Counts and throughputs add up over ranks (they run side by side); the slowest rank bounds a step's time and the
+# largest value is the maximum; everything else (per-token and per-row means of equal shares, losses and grad
+# norms that every rank already shares) is the mean over the ranks that report it.
+# (teacher/*_total counters are rank 0's client's: they are cumulative and saved with rank 0's checkpoint.)
+SUMMED = ("rollout/tokens", "rollout/tokens_per_s", "teacher/tokens_per_s", "teacher/failures", "teacher/dropped",
+          "teacher/retries", "teacher/requests", "teacher/breaker_rejections")
+
+
+def _merge_rule(key: str) -> str:
+    if key in SUMMED or key.startswith("teacher/failures/"):
+        return "sum"
+    if key.startswith("time/") or key.endswith("_max") or "_p99" in key:
+        return "max"
+    return "mean"
+
+
+def merge_rank_metrics(rows: list[dict[str, float]]) -> dict[str, float]:
+    """Merge one step's metrics from every rank into the whole batch's (see SUMMED and _merge_rule)."""
+    out: dict[str, float] = {}
+    for key in dict.fromkeys(k for r in rows for k in r):  # first-seen order
+        values = [r[key] for r in rows if key in r]
+        rule = _merge_rule(key)
+        if not all(isinstance(v, (int, float)) for v in values):
+            out[key] = values[0]
+        elif rule == "sum":
+            out[key] = sum(values)
+        elif rule == "max":
+            out[key] = max(values)
+        else:
+            out[key] = sum(values) / len(values)
+    return out
