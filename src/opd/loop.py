@@ -248,13 +248,16 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
             student.load_state_dict(load_model(str(ckpt), dtype=cfg.student.dtype, device=cfg.student.device).state_dict())
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        if state["rng"]["sampler"] is not None:  # None: the run sampled on Ray workers, seeded per step
-            gen.set_state(state["rng"]["sampler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        stream.load_state_dict(state["prompts"])
-        pending = state.get("pending", [])  # batches a pipelined run had made ahead of its checkpoint
-        if not main:  # they are rank 0's share: another rank makes its own again
+        rng, pending = state["rng"], state.get("pending", [])  # pending: batches a pipelined run had made ahead
+        ranks = state.get("ranks")  # a data-parallel run's per-rank sampler, RNG and batches made ahead
+        if dp is not None and ranks is not None and len(ranks) == dp.world:
+            rng, pending = ranks[dp.rank], ranks[dp.rank]["pending"]
+        elif not main:  # another world size (or an older checkpoint): rank 0's share; this rank makes its own again
             pending = []
+        if rng["sampler"] is not None:  # None: the run sampled on Ray workers, seeded per step
+            gen.set_state(rng["sampler"])
+        torch.set_rng_state(rng["torch"])
+        stream.load_state_dict(state["prompts"])
         start, version, budget, first_eval = state["step"], state["version"], state["budget"], state["first_eval"]
         skips = state["skips"]
         counters_before = state.get("counters", {})
@@ -352,6 +355,9 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
 
     def checkpoint(step: int) -> None:
         made = batches.state_dict(step)  # sampler and prompt position after the batches made ahead, and those batches
+        ranks = None
+        if dp is not None:  # each rank's own sampler, RNG and batches made ahead, so that each resumes exactly
+            ranks = dp.gathered({"sampler": made["sampler"], "torch": torch.get_rng_state(), "pending": made["pending"]})
         if not main:
             return
         state = {
@@ -359,7 +365,7 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
             "counters": run_counters(),
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "rng": {"sampler": made["sampler"], "torch": torch.get_rng_state()},
-            "prompts": made["prompts"], "pending": made["pending"],
+            "prompts": made["prompts"], "pending": made["pending"], "ranks": ranks,
         }
         if has_lora(student):
             state["adapter"] = adapter_state(student)

@@ -87,25 +87,41 @@ def test_two_gloo_ranks_equal_one_process_on_the_combined_batch(tmp_path, studen
 
 
 @pytest.mark.slow
-def test_a_torchrun_run_with_two_gloo_ranks(tmp_path):
-    """`torchrun --nproc-per-node 2 -m opd.cli run`: rank 0 writes one metrics row per step, of both ranks' shares."""
+def test_a_torchrun_run_with_two_gloo_ranks_writes_the_whole_batch_and_resumes_exactly(tmp_path):
+    """`torchrun --nproc-per-node 2 -m opd.cli run`: rank 0 writes one metrics row per step, of both ranks' shares;
+    stopped after step 2 and resumed, it ends with the weights of an uninterrupted run (each rank's sampler, RNG and
+    pipelined batch made ahead are in the checkpoint)."""
+    from safetensors.torch import load_file
+
     from opd.monitor import read_metrics
 
     sets = ["prompts.batch_size=4", "eval.size=4", "eval.every=0", "eval.recovery_size=0", "student.warm_start_steps=2",
             "student.warm_start_samples=8", "rollout.max_new_tokens=12", "monitor.tensorboard=false",
-            "train.max_steps=2", "max_policy_lag=1"]
+            "train.checkpoint_every=2", "max_policy_lag=1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
-           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "opd.cli", "run",
-           "--out", str(tmp_path / "run"), *[a for s in sets for a in ("--set", s)]]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
-    rows = read_metrics(tmp_path / "run")
-    assert [r["step"] for r in rows] == [0, 1, 2]
+
+    def torchrun(*args: str, crash_at: str = "") -> None:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+               "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "opd.cli", "run", *args]
+        p = subprocess.run(cmd, env={**env, "OPD_CRASH_AT": crash_at}, capture_output=True, text=True, timeout=600)
+        assert (p.returncode != 0) == bool(crash_at), p.stderr[-3000:]
+
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    config = ["--max-steps", "4", *[a for s in sets for a in ("--set", s)]]
+    torchrun("--out", str(straight), *config)
+    # SIGKILL in step 3's update, after the step-2 checkpoint (batch 3 was already made ahead on each rank)
+    torchrun("--out", str(split), *config, crash_at="update:3")
+    assert (split / "checkpoints" / "step-2").is_dir() and not (split / "final").exists()
+    torchrun("--resume", str(split))
+    rows = read_metrics(straight)
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
     assert rows[-1]["budget/student_tokens"] == sum(r["rollout/tokens"] for r in rows[1:])  # rank 1's tokens too
     for r in rows[1:]:  # the rows' means are of the whole batch: each rank's share is 2 of the 4 prompts
         assert r["rollout/length_mean"] == pytest.approx(r["rollout/tokens"] / 4)
-    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+    resumed = read_metrics(split)
+    assert [r.get("rollout/tokens") for r in resumed] == [r.get("rollout/tokens") for r in rows]
+    a, b = load_file(straight / "final" / "model.safetensors"), load_file(split / "final" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_rank_metrics_merge_into_the_whole_batchs():

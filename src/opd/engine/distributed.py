@@ -73,11 +73,15 @@ class DataParallel:
             dist.broadcast(buf, src=0)
             t.data.copy_(buf)
 
+    def gathered(self, obj) -> list:
+        """Every rank's `obj` (any picklable value), in rank order, on every rank."""
+        every: list = [None] * self.world
+        dist.all_gather_object(every, obj)
+        return every
+
     def merged_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
         """One step's metrics of the whole global batch (merge_rank_metrics of every rank's), on every rank."""
-        every: list = [None] * self.world
-        dist.all_gather_object(every, metrics)  # objects: the ranks' key sets may differ (e.g. accuracy)
-        return merge_rank_metrics(every)
+        return merge_rank_metrics(self.gathered(metrics))  # objects: the ranks' key sets may differ (e.g. accuracy)
 
     def close(self) -> None:
         if dist.is_initialized():
