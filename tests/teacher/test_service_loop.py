@@ -79,16 +79,20 @@ def test_run_survives_a_killed_server_and_20_percent_faulty_answers(tmp_path):
     kinds = ["http500", "hang", "malformed", "wrong_count"]
     schedule = lambda n, body: rng.choice(kinds) if rng.random() < 0.2 else None  # noqa: E731
     proxy = FaultProxy(server.url, schedule, hang_s=4.0)
-    restarted = threading.Event()
+    restarted, finished = threading.Event(), threading.Event()
+    kill_step = {}
 
     def kill_once(n: int) -> None:
         if n == 60:  # mid-run: SIGKILL the server, bring it back on the same port a second later
             server.kill()
+            kill_step["at"] = len(read_metrics(tmp_path)) - 1  # the step whose scoring it interrupts
 
             def restart():
                 time.sleep(1.0)
                 server.start()
                 restarted.set()
+                # the server dies with the thread that started it (PR_SET_PDEATHSIG is per thread): keep it
+                finished.wait()
 
             threading.Thread(target=restart, daemon=True).start()
 
@@ -102,8 +106,11 @@ def test_run_survives_a_killed_server_and_20_percent_faulty_answers(tmp_path):
     finally:
         proxy.stop()
         server.stop()
+        finished.set()
     rows = read_metrics(tmp_path)
     assert restarted.is_set() and proxy.counts["upstream"] > 0  # the kill happened and was seen
+    # and the run recovered: after the restart, steps are scored again
+    assert any(r["teacher/coverage"] == 1.0 for r in rows[kill_step["at"] + 2 :]), [r.get("teacher/coverage") for r in rows]
     assert [r["step"] for r in rows] == list(range(7)) and (tmp_path / "final").is_dir() and result.steps == 6
     last = rows[-1]
     faults = proxy.faults
