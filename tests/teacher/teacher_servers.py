@@ -22,7 +22,8 @@ def free_port() -> int:
 
 
 def _die_with_parent() -> None:
-    """Linux: the server gets SIGKILL when the test process dies, so an interrupted run leaves no server behind."""
+    """Linux: the server gets SIGKILL when the test process dies, so an interrupted run leaves no server behind.
+    PR_SET_PDEATHSIG follows the *thread* that started it: start a server from a thread that outlives it."""
     try:
         import ctypes
 
