@@ -32,11 +32,11 @@ from opd.faults import crash_point
 from opd.offline.data import OfflineData, generate_offline_data
 from opd.feedback import compute_feedback
 from opd.lora import adapter_state, has_lora, load_adapter_state, merged_copy, save_plain
-from opd.models import DTYPES, count_params, load_model, load_student, load_tokenizer, resolve_device
+from opd.models import count_params, load_model, load_student, load_tokenizer, resolve_device
 from opd.monitor import MetricsLog, RunDisplay, assess, health_metrics
 from opd.prompts import PromptStream, verify
 from opd.recovery import RecoverySettings
-from opd.rollout import SamplingCopy, SamplingParams, int8_decode_unsupported, make_guide
+from opd.rollout import SamplingParams, int8_decode_unsupported, make_guide, sampling_copy_for
 from opd.rollout.backend import make_server_backend
 from opd.teacher import LocalTeacher
 from opd.teacher.build import build_teachers, check_tokenizers
@@ -221,8 +221,7 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
                        cfg.teacher.model)
     # rollout.dtype = "bfloat16": a low-precision copy of the student samples (None: the student itself); "int8" is
     # a bf16 copy whose decode steps read int8 weights (params.int8)
-    sampling_copy = None if cfg.rollout.dtype == "same" else SamplingCopy(
-        student, torch.bfloat16 if cfg.rollout.dtype == "int8" else DTYPES[cfg.rollout.dtype])
+    sampling_copy = sampling_copy_for(student, cfg.rollout.dtype)
     if cfg.rollout.dtype == "int8" and (reason := int8_decode_unsupported(sampling_copy.model, cfg.rollout.decoder)):
         log(f"warning: rollout.dtype = 'int8' falls back to bfloat16 decoding: {reason}")
     ref_model = None

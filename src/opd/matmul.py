@@ -30,6 +30,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 aten = torch.ops.aten
 CHOICES = ("auto", "onednn", "blas")
+
+
 def onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
@@ -121,7 +123,8 @@ _ACTIVE = threading.local()
 def onednn_fp32(model=None, *, active: bool = True):
     """Route fp32 CPU matmuls (forward and backward) to oneDNN inside the block when that is the faster kernel
     (and, given a model, when its parameters are fp32 on the CPU: otherwise nothing would be rerouted and every op
-    would still pay the mode's few µs; nor when it has no weight of MIN_DIM x MIN_DIM). Re-entrant: an inner block inside an active one adds nothing."""
+    would still pay the mode's few µs; nor when it has no weight of MIN_DIM x MIN_DIM). Re-entrant: an inner block
+    inside an active one adds nothing."""
     if model is not None:
         p = next(model.parameters())
         # under autocast the products arrive in bf16 (autocast runs before the mode): nothing to reroute

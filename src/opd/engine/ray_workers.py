@@ -45,8 +45,8 @@ class RolloutWorker:
     """Holds a copy of the student; samples a share of a batch with the last weights it was sent."""
 
     def __init__(self, cfg_data: dict):
-        from opd.models import DTYPES, load_student, load_tokenizer, load_model, resolve_device
-        from opd.rollout import SamplingCopy, SamplingParams, make_guide
+        from opd.models import load_student, load_tokenizer, load_model, resolve_device
+        from opd.rollout import SamplingParams, make_guide, sampling_copy_for
 
         cfg = validate_config(cfg_data)
         self.cfg = cfg
@@ -62,8 +62,7 @@ class RolloutWorker:
                                      cfg.rollout.stop, cfg.rollout.decoder, int8=dtype == "int8")
         # rollout.dtype as in the local loop: a bf16/fp16 copy samples (int8: a bf16 copy with int8 decode steps),
         # refreshed whenever new weights arrive
-        self.copy = None if dtype == "same" else SamplingCopy(
-            self.model, torch.bfloat16 if dtype == "int8" else DTYPES[dtype])
+        self.copy = sampling_copy_for(self.model, dtype)
         self.sampler = self.model
         self.version = -1  # no weights yet
 

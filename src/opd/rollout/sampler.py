@@ -26,6 +26,7 @@ from transformers import LlamaForCausalLM
 
 from opd import matmul
 from opd.llama import int8_supported, unsupported_reason
+from opd.models import DTYPES
 from opd.rollout.fast_llama import build_decoder
 from opd.rollout.guidance import TeacherGuide, align_vocab, choose, draw
 from opd.types import Prompt, Rollout
@@ -205,6 +206,14 @@ class SamplingCopy:
         for dst, src in zip(self.model.parameters(), model.parameters(), strict=True):
             dst.copy_(src)
         return self.model
+
+
+def sampling_copy_for(model, dtype: str) -> SamplingCopy | None:
+    """rollout.dtype's sampling copy of `model`: None for "same" (the model itself samples); "int8" is a bf16 copy
+    whose decode steps read int8 weights (SamplingParams.int8)."""
+    if dtype == "same":
+        return None
+    return SamplingCopy(model, torch.bfloat16 if dtype == "int8" else DTYPES[dtype])
 
 
 class HFDecoder:
