@@ -532,6 +532,8 @@ def test_an_override_sets_one_entry_of_a_list_of_tables():
 @pytest.mark.parametrize("item, message", [
     ("prompts.sources[1].weight=1", r"has 1 entry \(indices 0 to 0\); to add one, set the whole list"),
     ("prompts.batch_size[0]=1", "is not a list"),
+    # the path in the message keeps the index, so it names the entry that is wrong
+    ("prompts.sources[0].weight.x=1", r"`prompts\.sources\[0\]\.weight` is not a section"),
 ])
 def test_a_bad_list_override_says_what_is_wrong(item, message):
     with pytest.raises(ConfigError, match=message):

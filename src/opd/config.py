@@ -572,45 +572,52 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     (e.g. `prompts.sources[1].weight=3`), the list taken from the built-in default when the config has none."""
     for item in overrides:
         path, value = parse_override(item)
-        node, walked = data, []
+        node, walked, shown = data, [], []  # walked: the field names (for defaults); shown: with indices (for errors)
         for i, part in enumerate(path):
             last = i == len(path) - 1
             indexed = _INDEXED.match(part)
             name = indexed.group(1) if indexed else part
             walked.append(name)
+            shown.append(name)
+            where = ".".join(shown)
             if not indexed:
                 if last:
                     node[name] = value
                     break
                 nxt = node.setdefault(name, {})
                 if not isinstance(nxt, dict):
-                    raise ConfigError(f"--set {item}: `{'.'.join(walked)}` is not a section")
+                    raise ConfigError(f"--set {item}: `{where}` is not a section")
                 node = nxt
                 continue
             if name not in node:
                 node[name] = copy.deepcopy(_default_at(walked))
             entries = node[name]
             if not isinstance(entries, list):
-                raise ConfigError(f"--set {item}: `{'.'.join(walked)}` is not a list, so it has no [{indexed.group(2)}]")
+                raise ConfigError(f"--set {item}: `{where}` is not a list, so it has no [{indexed.group(2)}]")
             k = int(indexed.group(2))
             if not -len(entries) <= k < len(entries):
-                raise ConfigError(f"--set {item}: `{'.'.join(walked)}` has {len(entries)} "
+                raise ConfigError(f"--set {item}: `{where}` has {len(entries)} "
                                   f"{'entry' if len(entries) == 1 else 'entries'} (indices 0 to "
-                                  f"{len(entries) - 1}); to add one, set the whole list: {'.'.join(walked)}=[...]")
+                                  f"{len(entries) - 1}); to add one, set the whole list: {where}=[...]")
+            shown[-1] = f"{name}[{k}]"
             if last:
                 entries[k] = value
                 break
             if not isinstance(entries[k], dict):
-                raise ConfigError(f"--set {item}: `{'.'.join(walked)}[{k}]` is not a table")
+                raise ConfigError(f"--set {item}: `{'.'.join(shown)}` is not a table")
             node = entries[k]
+            walked.append(k)
     return data
 
 
-def _default_at(path: list[str]) -> Any:
+def _default_at(path: list[str | int]) -> Any:
     """The built-in default's value at `path` (JSON form), or None where it has none."""
     node: Any = Config().model_dump(mode="json")
     for part in path:
-        node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(part, int):  # an entry of a list of tables
+            node = node[part] if isinstance(node, list) and -len(node) <= part < len(node) else None
+        else:
+            node = node.get(part) if isinstance(node, dict) else None
     return node
 
 
