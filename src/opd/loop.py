@@ -340,6 +340,12 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
     if pending and ahead == 0:
         log(f"dropping {len(pending)} batches made ahead of the checkpoint (max_policy_lag is now 0)")
         pending = []
+    if ckpt is not None and ahead > 0 and len(pending) < min(ahead, cfg.train.max_steps - start):
+        # A run that reached its own max_steps made nothing past it, so the batches the extension would have made
+        # ahead (with weights older than these) are sampled now: fresher than an uninterrupted longer run's.
+        log(f"the checkpoint holds {len(pending)} of the {ahead} batches made ahead (the run had reached its "
+            f"max_steps): steps {start + len(pending) + 1}-{min(start + ahead, cfg.train.max_steps)} are sampled "
+            "with the newest weights, so this run differs from one that had the longer max_steps from the start")
     batches = make_batches(produce, backend, stream.state_dict, start=start, max_steps=cfg.train.max_steps,
                            ahead=ahead, pending=pending)
 

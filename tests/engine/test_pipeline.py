@@ -97,3 +97,14 @@ def test_pipelined_resume_after_a_crash_continues_exactly(tmp_path, monkeypatch)
     comparable = lambda rows: [{k: v for k, v in r.items() if not any(d in k for d in drop)} for r in rows]  # noqa: E731
     rows = comparable(read_metrics(straight))
     assert rows == comparable(read_metrics(split)) and rows[-1]["freshness/policy_lag"] == 2
+
+
+def test_extending_a_finished_pipelined_run_says_its_next_batches_are_fresher(tmp_path, updates):
+    # A run that reached max_steps made no batch past it; extended, its next `ahead` batches are sampled with the
+    # newest weights (lag below the bound), and the loop says so instead of passing the run off as exact.
+    run(tiny("train.max_steps=3", "max_policy_lag=2"), tmp_path, log=quiet)
+    said = []
+    run(tiny("train.max_steps=6", "max_policy_lag=2"), tmp_path, resume=True, log=said.append)
+    assert any("holds 0 of the 2 batches made ahead" in m and "steps 4-5" in m for m in said), said
+    per_step = [max(version - v for v in rows) for version, rows in updates[3:]]
+    assert per_step == [0, 1, 2]  # then the bound again
