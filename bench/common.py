@@ -17,7 +17,9 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
-RESULTS = BENCH / "results"
+# BENCH_RESULTS: another folder for this run's result files (e.g. a machine unlike the one whose results are
+# kept under bench/results/, so that they sit side by side instead of replacing them).
+RESULTS = Path(os.environ["BENCH_RESULTS"]).resolve() if os.environ.get("BENCH_RESULTS") else BENCH / "results"
 
 # Every benchmark runs as `opd` does: with the heap tunables of opd.allocator (the process re-executes itself
 # once, before anything is measured; every peer of a benchmark shares the process and so the allocator). Only
@@ -138,7 +140,7 @@ def cpu_flags(wanted=("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"))
     return [f for f in wanted if f in flags]
 
 
-BENCH_ENV = ("BENCH_QUICK", "BENCH_THREADS", "BUDGET_S", "VLLM_VENV")  # settings a re-run needs, kept in "command"
+BENCH_ENV = ("BENCH_QUICK", "BENCH_THREADS", "BUDGET_S", "VLLM_VENV", "BENCH_RESULTS")  # settings a re-run needs, kept in "command"
 
 
 def write_result(name: str, payload: dict, *, headline: list[dict] | None = None) -> Path:

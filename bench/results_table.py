@@ -69,8 +69,9 @@ def render(results_dir: Path = RESULTS) -> str:
 
 
 def main() -> None:
-    out = RESULTS / "README.md"
-    out.write_text(render())
+    results = Path(sys.argv[1]).resolve() if len(sys.argv) > 1 else RESULTS  # another results folder
+    out = results / "README.md"
+    out.write_text(render(results))
     print(f"written {out}")
 
 

@@ -56,6 +56,21 @@ def test_write_result_records_command_machine_and_headline(tmp_path, monkeypatch
     assert data["headline"][0]["value"] == 1.5
 
 
+def test_bench_results_sends_a_runs_files_to_another_folder(tmp_path, monkeypatch):
+    import importlib
+
+    monkeypatch.setenv("BENCH_RESULTS", str(tmp_path / "other-machine"))
+    try:
+        fresh = importlib.reload(common)
+        path = fresh.write_result("demo", {"figures": []})
+        assert path == tmp_path / "other-machine" / "demo.json"
+        assert "BENCH_RESULTS=" in json.loads(path.read_text())["command"]  # a re-run writes to the same place
+    finally:
+        monkeypatch.delenv("BENCH_RESULTS")
+        importlib.reload(common)
+    assert common.RESULTS == Path(common.__file__).parent / "results"
+
+
 def test_results_table_lists_headlines_and_other_files(tmp_path):
     (tmp_path / "a.json").write_text(json.dumps({
         "command": "python bench/a.py", "date": "2026-01-01 00:00", "quick": True,
