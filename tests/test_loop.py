@@ -158,3 +158,28 @@ def test_a_bf16_sampling_copy_writes_the_rollouts(tmp_path):
     for r in steps:
         assert r["freshness/policy_lag"] == 0
         assert 0 < r["freshness/logprob_drift"] < 0.05
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ({"avx2", "fma"}, ["train.autocast = 'bfloat16'", "rollout.dtype = 'int8'", "teacher.dtype = 'bfloat16'"]),
+    ({"avx2", "avx512f", "avx512_bf16"}, []),  # bf16 instructions: nothing to say
+    ({"fp", "asimd"}, []),  # not x86: not known, so no warning
+])
+def test_bf16_settings_on_a_cpu_without_bf16_instructions_are_named(monkeypatch, flags, expected):
+    import opd.loop
+    from opd import matmul
+
+    monkeypatch.setattr(matmul, "cpu_flags", lambda: frozenset(flags))
+    cfg = load_config(None, ["train.autocast='bfloat16'", "rollout.dtype='int8'", "teacher.dtype='bfloat16'"])
+    assert opd.loop.bf16_on_a_cpu_without_it(cfg) == expected
+    assert opd.loop.bf16_on_a_cpu_without_it(load_config(None)) == []  # the fp32 default
+
+
+def test_the_run_log_warns_of_bf16_on_a_cpu_without_it(tmp_path, monkeypatch):
+    from opd import matmul
+
+    monkeypatch.setattr(matmul, "cpu_flags", lambda: frozenset({"avx2"}))
+    said = []
+    run(small_config("train.max_steps=1", "teacher.dtype='bfloat16'", "eval.every=0", "student.warm_start_steps=0"),
+        tmp_path, log=said.append)
+    assert any(m.startswith("warning: teacher.dtype = 'bfloat16' on a CPU without bf16 instructions") for m in said)

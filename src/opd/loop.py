@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from opd import matmul
 from opd.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from opd.config import Config, ConfigError, ObjectiveConfig, to_toml
 from opd.engine import LocalRollout, ScoredBatch, make_batches
@@ -130,6 +131,24 @@ def check_full_distribution_memory(cfg: Config, vocab_size: int) -> None:
         )
 
 
+def bf16_on_a_cpu_without_it(cfg: Config) -> list[str]:
+    """The settings that put bf16 matmuls on a CPU without bf16 instructions (opd.matmul.cpu_lacks_bf16)."""
+    if not matmul.cpu_lacks_bf16():
+        return []
+    on_cpu = lambda device: resolve_device(device).type == "cpu"  # noqa: E731
+    found = []
+    if on_cpu(cfg.student.device):
+        if cfg.student.dtype == "bfloat16":
+            found.append("student.dtype = 'bfloat16'")
+        if cfg.train.autocast == "bfloat16":
+            found.append("train.autocast = 'bfloat16'")
+        if cfg.rollout.dtype in ("bfloat16", "int8") and cfg.rollout.backend == "local":  # int8: a bf16 copy prefills
+            found.append(f"rollout.dtype = '{cfg.rollout.dtype}'")
+    if not cfg.teacher.remote and cfg.teacher.dtype == "bfloat16" and on_cpu(cfg.teacher.device):
+        found.append("teacher.dtype = 'bfloat16'")
+    return found
+
+
 def check_engine(cfg: Config, mode: str, dp: DataParallel | None) -> None:
     if cfg.engine == "ray" and dp is not None:
         raise ConfigError("engine = 'ray' with several torchrun processes is not supported: use engine = 'local' "
@@ -221,6 +240,10 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
                        cfg.teacher.model)
     # rollout.dtype = "bfloat16": a low-precision copy of the student samples (None: the student itself); "int8" is
     # a bf16 copy whose decode steps read int8 weights (params.int8)
+    if slow := bf16_on_a_cpu_without_it(cfg):
+        log(f"warning: {', '.join(slow)} on a CPU without bf16 instructions (no avx512_bf16 / amx_bf16): bf16 "
+            "matmuls have no fast kernel here and run many times slower than float32 (an update step ~20x); "
+            "set them to 'float32' / 'none' on this machine")
     sampling_copy = sampling_copy_for(student, cfg.rollout.dtype)
     if cfg.rollout.dtype == "int8" and (reason := int8_decode_unsupported(sampling_copy.model, cfg.rollout.decoder)):
         log(f"warning: rollout.dtype = 'int8' falls back to bfloat16 decoding: {reason}")

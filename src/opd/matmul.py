@@ -52,6 +52,28 @@ def cpu_vendor() -> str:
     return ""
 
 
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (x86 "flags", Arm "Features"); empty where there are none."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cpu_lacks_bf16() -> bool:
+    """True on an x86 CPU with neither avx512_bf16 nor amx_bf16: bf16 matmuls there have no hardware path (oneDNN
+    has no bf16 kernel at all on AVX2-only CPUs) and run many times slower than fp32 (bench/NOTES.md, session 8:
+    an update step of the half-depth SmolLM2 student 1.9 s in fp32, ~40 s under bf16 autocast). False where the
+    CPU has them, or is not x86 (not known)."""
+    flags = cpu_flags()
+    return "avx2" in flags and not flags & {"avx512_bf16", "amx_bf16"}
+
+
 def _onednn_runs_fp32() -> bool:
     try:  # a oneDNN build without a kernel for this CPU raises at primitive creation
         x = torch.ones(4, 8)
