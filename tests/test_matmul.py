@@ -16,9 +16,11 @@ def kernel(monkeypatch):
         monkeypatch.setenv("OPD_FP32_MATMUL", name)
         monkeypatch.setattr(matmul, "MIN_DIM", min_dim)  # small shapes below: reroute them unless a test says
         matmul.fp32_kernel.cache_clear()
+        matmul.onednn_rows_below.cache_clear()
 
     yield use
     matmul.fp32_kernel.cache_clear()
+    matmul.onednn_rows_below.cache_clear()
 
 
 @pytest.fixture
@@ -82,6 +84,25 @@ def test_auto_decides_by_the_cpu_and_falls_back_where_onednn_cannot_run(kernel, 
     monkeypatch.setattr(matmul, "_onednn_runs_fp32", lambda: works)
     kernel("auto")
     assert matmul.fp32_kernel() == want
+
+
+@pytest.mark.parametrize("flags, limit", [({"avx2", "fma"}, matmul.FEW_ROWS), ({"avx2", "avx512f"}, None)])
+def test_auto_on_amd_without_avx512_reroutes_only_products_of_few_rows(kernel, calls, monkeypatch, flags, limit):
+    # Zen 2/3: MKL's AVX2 code beats oneDNN's on many rows, oneDNN wins at decode shapes; Zen 4/5: oneDNN always
+    monkeypatch.setattr(matmul, "cpu_vendor", lambda: "AuthenticAMD")
+    monkeypatch.setattr(matmul, "cpu_flags", lambda: frozenset(flags))
+    kernel("auto")
+    assert matmul.fp32_kernel() == "onednn" and matmul.onednn_rows_below() == limit
+    calls.clear()  # the probe's product
+    w = torch.randn(16, 8)
+    with torch.no_grad():
+        matmul.linear(torch.randn(2, 4, 8), w)  # 8 rows
+        matmul.linear(torch.randn(2, matmul.FEW_ROWS // 2, 8), w)  # FEW_ROWS rows
+    with matmul.onednn_fp32():
+        a = torch.randn(matmul.FEW_ROWS, 8, requires_grad=True)
+        (a @ torch.randn(8, 16)).sum().backward()  # forward FEW_ROWS rows; a's gradient FEW_ROWS rows
+    rows = [x[0] * (x[1] if len(x) == 3 else 1) for x, _, _ in calls]
+    assert rows == ([8] if limit else [8, matmul.FEW_ROWS, matmul.FEW_ROWS, matmul.FEW_ROWS])
 
 
 def test_the_probe_runs_onednn_here():

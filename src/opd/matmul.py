@@ -14,7 +14,8 @@ Which kernel: OPD_FP32_MATMUL = auto (the default: oneDNN on AMD CPUs, where MKL
 default elsewhere) | onednn | blas. `auto` decides by the CPU, not by timing one product: two processes of one run
 (a teacher server and the trainer, a run and its resume) must pick the same kernel, and on a noisy 2-core machine
 a timing near the threshold picked differently from process to process. Measured on AMD EPYCs here: Zen 5 with
-AVX-512, oneDNN 2.0-2.3x MKL; Zen 2/3 with AVX2 only, 1.3x ([256, 576] x [576, 1536]).
+AVX-512, oneDNN 2.0-2.3x MKL at every shape; Zen 2/3 with AVX2 only, oneDNN 1.4-1.9x at decode shapes (4 rows) but
+MKL 1.1-1.5x on products of hundreds of rows, so there `auto` reroutes only products of fewer than FEW_ROWS rows.
 """
 
 from __future__ import annotations
@@ -102,8 +103,23 @@ def fp32_kernel() -> str:
 MIN_DIM = 256
 
 
-def _large(inner: int, out: int) -> bool:
-    return inner >= MIN_DIM and out >= MIN_DIM
+# On AMD CPUs without AVX-512 (Zen 2/3) MKL's AVX2 code and oneDNN's are the same width, and MKL's is the faster
+# on products of many rows (session 8, AVX2 EPYC: BLAS 1.1-1.5x on the backward's products at 416-1024 rows,
+# 1.0-1.3x forward) while oneDNN still wins at decode shapes (1.4-1.9x at 4 rows): there `auto` sends only
+# products of fewer rows than this to oneDNN. With AVX-512 (Zen 4/5) oneDNN is 2x at every shape: no limit.
+FEW_ROWS = 256
+
+
+@functools.cache
+def onednn_rows_below() -> int | None:
+    """oneDNN takes fp32 products of fewer rows than this (None: of any number of rows); see FEW_ROWS."""
+    choice = os.environ.get("OPD_FP32_MATMUL", "auto").strip().lower()
+    return FEW_ROWS if choice == "auto" and "avx512f" not in cpu_flags() else None
+
+
+def _large(inner: int, out: int, rows: int) -> bool:
+    limit = onednn_rows_below()
+    return inner >= MIN_DIM and out >= MIN_DIM and (limit is None or rows < limit)
 
 
 def _rerouted(*tensors: torch.Tensor) -> bool:
@@ -113,8 +129,8 @@ def _rerouted(*tensors: torch.Tensor) -> bool:
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, w, bias); through oneDNN for fp32 CPU tensors outside autograd (see the module docstring)."""
     tracked = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (bias is not None and bias.requires_grad))
-    if (not tracked and x.dim() >= 2 and x.numel() > 0 and w.dim() == 2 and _large(w.shape[1], w.shape[0])
-            and _rerouted(x, w)):
+    if (not tracked and x.dim() >= 2 and x.numel() > 0 and w.dim() == 2
+            and _large(w.shape[1], w.shape[0], x.numel() // x.shape[-1]) and _rerouted(x, w)):
         return _onednn_linear(x, w, bias)
     return F.linear(x, w, bias)
 
@@ -127,13 +143,13 @@ class _OneDnnFp32(TorchDispatchMode):
         kwargs = kwargs or {}
         if func is aten.mm.default and not kwargs:
             a, b = args
-            if a.numel() and b.numel() and _large(a.shape[1], b.shape[1]) and _rerouted(a, b):
+            if a.numel() and b.numel() and _large(a.shape[1], b.shape[1], a.shape[0]) and _rerouted(a, b):
                 return _onednn_linear(a, b.t())
         elif func is aten.addmm.default:
             bias, a, b = args[:3]
             plain = kwargs.get("beta", 1) == 1 and kwargs.get("alpha", 1) == 1 and len(args) == 3
             if (plain and bias.dim() == 1 and bias.shape[0] == b.shape[1] and a.numel() and b.numel()
-                    and _large(a.shape[1], b.shape[1]) and _rerouted(bias, a, b)):
+                    and _large(a.shape[1], b.shape[1], a.shape[0]) and _rerouted(bias, a, b)):
                 return _onednn_linear(a, b.t(), bias)
         return func(*args, **kwargs)
 
