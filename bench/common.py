@@ -128,15 +128,9 @@ def cpu_model() -> str:
 
 
 def cpu_flags(wanted=("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")) -> list[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    flags = set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            break
+    from opd.matmul import cpu_flags as all_flags  # the flags opd's own kernel choices read
+
+    flags = all_flags()
     return [f for f in wanted if f in flags]
 
 

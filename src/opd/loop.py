@@ -238,12 +238,12 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
     # teacher-guided rollouts: the teacher helps choose the student's tokens (None when off)
     guide = make_guide(cfg.rollout.teacher_mix, cfg.rollout.teacher_correct_topk, teacher_model, tokenizer,
                        cfg.teacher.model)
-    # rollout.dtype = "bfloat16": a low-precision copy of the student samples (None: the student itself); "int8" is
-    # a bf16 copy whose decode steps read int8 weights (params.int8)
     if slow := bf16_on_a_cpu_without_it(cfg):
         log(f"warning: {', '.join(slow)} on a CPU without bf16 instructions (no avx512_bf16 / amx_bf16): bf16 "
             "matmuls have no fast kernel here and run many times slower than float32 (an update step ~20x); "
             "set them to 'float32' / 'none' on this machine")
+    # rollout.dtype = "bfloat16": a low-precision copy of the student samples (None: the student itself); "int8" is
+    # a bf16 copy whose decode steps read int8 weights (params.int8)
     sampling_copy = sampling_copy_for(student, cfg.rollout.dtype)
     if cfg.rollout.dtype == "int8" and (reason := int8_decode_unsupported(sampling_copy.model, cfg.rollout.decoder)):
         log(f"warning: rollout.dtype = 'int8' falls back to bfloat16 decoding: {reason}")

@@ -41,29 +41,27 @@ def _onednn_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None =
     return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
 
 
-def cpu_vendor() -> str:
-    """The CPU's vendor id from /proc/cpuinfo ("AuthenticAMD", "GenuineIntel", ...), "" where there is none."""
+def _cpuinfo(*keys: str) -> str | None:
+    """The value of the first /proc/cpuinfo line that starts with one of `keys`; None where there is none."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("vendor_id"):
+                if line.startswith(keys):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return ""
+    return None
+
+
+def cpu_vendor() -> str:
+    """The CPU's vendor id ("AuthenticAMD", "GenuineIntel", ...), "" where there is none."""
+    return _cpuinfo("vendor_id") or ""
 
 
 @functools.cache
 def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags from /proc/cpuinfo (x86 "flags", Arm "Features"); empty where there are none."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
+    """The CPU's feature flags (x86 "flags", Arm "Features"); empty where there are none."""
+    return frozenset((_cpuinfo("flags", "Features") or "").split())
 
 
 def cpu_lacks_bf16() -> bool:
@@ -83,10 +81,14 @@ def _onednn_runs_fp32() -> bool:
         return False
 
 
+def _fp32_choice() -> str:
+    return os.environ.get("OPD_FP32_MATMUL", "auto").strip().lower()
+
+
 @functools.cache
 def fp32_kernel() -> str:
     """"onednn" or "blas": what float32 matmuls on the CPU use in this process (OPD_FP32_MATMUL, see above)."""
-    choice = os.environ.get("OPD_FP32_MATMUL", "auto").strip().lower()
+    choice = _fp32_choice()
     if choice not in CHOICES:
         raise ValueError(f"OPD_FP32_MATMUL={choice!r}: expected one of {', '.join(CHOICES)}")
     if choice == "blas" or not onednn_available():
@@ -113,8 +115,7 @@ FEW_ROWS = 256
 @functools.cache
 def onednn_rows_below() -> int | None:
     """oneDNN takes fp32 products of fewer rows than this (None: of any number of rows); see FEW_ROWS."""
-    choice = os.environ.get("OPD_FP32_MATMUL", "auto").strip().lower()
-    return FEW_ROWS if choice == "auto" and "avx512f" not in cpu_flags() else None
+    return FEW_ROWS if _fp32_choice() == "auto" and "avx512f" not in cpu_flags() else None
 
 
 def _large(inner: int, out: int, rows: int) -> bool:
