@@ -15,6 +15,8 @@ torch threads. Peers:
 - opd-bf16: opd at the same batch and length with its own precision choices (rollout.dtype and teacher.dtype
   = bfloat16, train.autocast = bfloat16: the update's forward in bf16, parameters and optimizer fp32);
 - opd-int8: as opd-bf16 with rollout.dtype = "int8" (the sampling copy's decode steps read int8 weights);
+- opd-int8-fp32: for CPUs without bf16 instructions: rollout.dtype = "int8" (int8 decode steps, the fp32
+  student prefilling), teacher and update fp32 (not in the default --peers; add it on such a machine);
 - opd-int8-batch16: opd-int8 at batch 16, opd's own best settings here (not an equal-settings row).
 Every side runs in this one process, so all share the allocator settings of bench/common.py (opd.allocator).
 Each side trains for the same wall-clock budget (counted from its first training step); then each final
@@ -141,10 +143,22 @@ def exact_reverse_kl(student, teacher: LocalTeacher, tok, eval_records: list[dic
 OPD_VARIANTS = {"opd": {}, "opd-bf16": {"rollout": {"dtype": "bfloat16"}, "teacher": {"dtype": "bfloat16"},
                                         "train": {"autocast": "bfloat16"}},
                 "opd-int8": {"rollout": {"dtype": "int8"}, "teacher": {"dtype": "bfloat16"}, "train": {"autocast": "bfloat16"}},
+                # for CPUs without bf16 instructions (no fast bf16 matmul at all): int8 decode steps, fp32 otherwise
+                "opd-int8-fp32": {"rollout": {"dtype": "int8"}},
                 # opd's own best settings: the same at batch 16 (decoding is bound by reading the weights, so 4x the
                 # rows cost little more per step); not an equal-settings comparison, and reported apart
                 "opd-int8-batch16": {"prompts": {"batch_size": 16}, "rollout": {"dtype": "int8"},
                                      "teacher": {"dtype": "bfloat16"}, "train": {"autocast": "bfloat16", "micro_batch_size": 16}}}
+
+# variant -> (its keys' prefix in the summary, its name in the headline table, the figure of its ratio to GKD)
+OPD_OWN_CHOICES = {
+    "opd-bf16": ("opd_bf16", "opd (bf16 sampling copy, teacher and update)", "peer: opd-bf16 / TRL GKDTrainer student tokens/s"),
+    "opd-int8": ("opd_int8", "opd (int8 decode, bf16 teacher and update)", "peer: opd-int8 / TRL GKDTrainer student tokens/s"),
+    "opd-int8-fp32": ("opd_int8_fp32", "opd (int8 decode, fp32 prefill, teacher and update)",
+                      "peer: opd-int8-fp32 / TRL GKDTrainer student tokens/s"),
+    "opd-int8-batch16": ("opd_int8_batch16", "opd at its own best settings (int8 decode, bf16, batch 16)",
+                         "peer: opd-int8 at batch 16 / TRL GKDTrainer at batch 4 student tokens/s"),
+}
 
 
 def opd_config(student_dir: Path, train_file: Path, variant: dict):
@@ -342,22 +356,12 @@ def main() -> None:
         summary["trl_reverse_kl"] = gkd["eval"]["reverse_kl"]
     if opd and gkd:
         summary["ratio"] = round(opd["student_tokens_per_s"] / gkd["student_tokens_per_s"], 2)
-    if "opd-bf16" in results:
-        summary["opd_bf16_student_tokens_per_s"] = results["opd-bf16"]["student_tokens_per_s"]
-        summary["opd_bf16_reverse_kl"] = results["opd-bf16"]["eval"]["reverse_kl"]
-        if gkd:
-            summary["ratio_opd_bf16"] = round(results["opd-bf16"]["student_tokens_per_s"] / gkd["student_tokens_per_s"], 2)
-    if "opd-int8" in results:
-        summary["opd_int8_student_tokens_per_s"] = results["opd-int8"]["student_tokens_per_s"]
-        summary["opd_int8_reverse_kl"] = results["opd-int8"]["eval"]["reverse_kl"]
-        if gkd:
-            summary["ratio_opd_int8"] = round(results["opd-int8"]["student_tokens_per_s"] / gkd["student_tokens_per_s"], 2)
-    if "opd-int8-batch16" in results:
-        summary["opd_int8_batch16_student_tokens_per_s"] = results["opd-int8-batch16"]["student_tokens_per_s"]
-        summary["opd_int8_batch16_reverse_kl"] = results["opd-int8-batch16"]["eval"]["reverse_kl"]
-        if gkd:
-            summary["ratio_opd_int8_batch16"] = round(results["opd-int8-batch16"]["student_tokens_per_s"]
-                                                      / gkd["student_tokens_per_s"], 2)
+    for key, (prefix, _, ratio_figure) in OPD_OWN_CHOICES.items():
+        if key in results:
+            summary[f"{prefix}_student_tokens_per_s"] = results[key]["student_tokens_per_s"]
+            summary[f"{prefix}_reverse_kl"] = results[key]["eval"]["reverse_kl"]
+            if gkd:
+                summary[f"ratio_{prefix}"] = round(results[key]["student_tokens_per_s"] / gkd["student_tokens_per_s"], 2)
     if "distillation" in results:
         d = results["distillation"]
         summary["trl_distillation_student_tokens_per_s"] = d["student_tokens_per_s"]
@@ -365,27 +369,20 @@ def main() -> None:
         if opd:
             summary["ratio_vs_distillation"] = round(opd["student_tokens_per_s"] / d["student_tokens_per_s"], 2)
     headline = []
-    for name, key in (("opd", "opd"), ("opd (bf16 sampling copy, teacher and update)", "opd-bf16"),
-                      ("opd (int8 decode, bf16 teacher and update)", "opd-int8"),
-                      ("opd at its own best settings (int8 decode, bf16, batch 16)", "opd-int8-batch16"), ("TRL GKDTrainer", "gkd"),
-                      ("TRL DistillationTrainer", "distillation")):
+    names = {"opd": "opd", **{key: name for key, (_, name, _) in OPD_OWN_CHOICES.items()}, "gkd": "TRL GKDTrainer",
+             "distillation": "TRL DistillationTrainer"}
+    for key, name in names.items():
         if key in results:
             r = results[key]
-            batch = 16 if key == "opd-int8-batch16" else BATCH
+            batch = OPD_VARIANTS.get(key, {}).get("prompts", {}).get("batch_size", BATCH)
             headline.append({"figure": f"peer: {name} student tokens/s (batch {batch}, 64 new)", "value": r["student_tokens_per_s"],
                              "unit": f"tok/s; reverse KL {r['eval']['reverse_kl']:.3f} after {args.budget_s:.0f}s "
                                      f"(start {results['warm_start']['reverse_kl']:.3f})"})
     if "ratio" in summary:
         headline.append({"figure": "peer: opd / TRL GKDTrainer student tokens/s", "value": summary["ratio"], "unit": "x"})
-    if "ratio_opd_bf16" in summary:
-        headline.append({"figure": "peer: opd-bf16 / TRL GKDTrainer student tokens/s", "value": summary["ratio_opd_bf16"],
-                         "unit": "x"})
-    if "ratio_opd_int8" in summary:
-        headline.append({"figure": "peer: opd-int8 / TRL GKDTrainer student tokens/s", "value": summary["ratio_opd_int8"],
-                         "unit": "x"})
-    if "ratio_opd_int8_batch16" in summary:
-        headline.append({"figure": "peer: opd-int8 at batch 16 / TRL GKDTrainer at batch 4 student tokens/s",
-                         "value": summary["ratio_opd_int8_batch16"], "unit": "x"})
+    for prefix, _, ratio_figure in OPD_OWN_CHOICES.values():
+        if f"ratio_{prefix}" in summary:
+            headline.append({"figure": ratio_figure, "value": summary[f"ratio_{prefix}"], "unit": "x"})
     write_result("peer_trl", {
         "what": "opd vs TRL on-policy distillation, same teacher/student/prompts/batch/length/temperature/optimizer, "
                 "one after the other; student tokens/s and exact reverse KL on held-out prompts after the same wall budget",

@@ -160,8 +160,26 @@ def test_a_bf16_sampling_copy_writes_the_rollouts(tmp_path):
         assert 0 < r["freshness/logprob_drift"] < 0.05
 
 
+@pytest.mark.parametrize("lacks_bf16", [True, False])
+def test_int8_rollouts_train_on_either_kind_of_cpu(tmp_path, monkeypatch, lacks_bf16):
+    # rollout.dtype = "int8": decode steps read int8 weights, prefilled by the fp32 student itself on a CPU without
+    # bf16 instructions or by a bf16 copy on one with them; either way the update's recomputed fp32 logprobs stay
+    # close to the behaviour logprobs (rounding, shown as drift), and no warning of a fallback is logged.
+    from opd import matmul
+
+    monkeypatch.setattr(matmul, "cpu_lacks_bf16", lambda: lacks_bf16)
+    said = []
+    run(small_config("train.max_steps=2", "rollout.dtype='int8'", "eval.every=0"), tmp_path, log=said.append)
+    assert not [m for m in said if "int8" in m and m.startswith("warning")]
+    steps = [r for r in read_metrics(tmp_path) if r["step"] >= 1]
+    assert len(steps) == 2
+    for r in steps:
+        assert r["freshness/policy_lag"] == 0
+        assert 1e-4 < r["freshness/logprob_drift"] < 0.2  # the student's own fp32 decoding drifts ~1e-7
+
+
 @pytest.mark.parametrize("flags, expected", [
-    ({"avx2", "fma"}, ["train.autocast = 'bfloat16'", "rollout.dtype = 'int8'", "teacher.dtype = 'bfloat16'"]),
+    ({"avx2", "fma"}, ["train.autocast = 'bfloat16'", "rollout.dtype = 'bfloat16'", "teacher.dtype = 'bfloat16'"]),
     ({"avx2", "avx512f", "avx512_bf16"}, []),  # bf16 instructions: nothing to say
     ({"fp", "asimd"}, []),  # not x86: not known, so no warning
 ])
@@ -170,8 +188,10 @@ def test_bf16_settings_on_a_cpu_without_bf16_instructions_are_named(monkeypatch,
     from opd import matmul
 
     monkeypatch.setattr(matmul, "cpu_flags", lambda: frozenset(flags))
-    cfg = load_config(None, ["train.autocast='bfloat16'", "rollout.dtype='int8'", "teacher.dtype='bfloat16'"])
+    cfg = load_config(None, ["train.autocast='bfloat16'", "rollout.dtype='bfloat16'", "teacher.dtype='bfloat16'"])
     assert opd.loop.bf16_on_a_cpu_without_it(cfg) == expected
+    # int8 decoding runs no bf16 matmul there: the fp32 student prefills (opd.rollout.sampling_copy_for)
+    assert opd.loop.bf16_on_a_cpu_without_it(load_config(None, ["rollout.dtype='int8'"])) == []
     assert opd.loop.bf16_on_a_cpu_without_it(load_config(None)) == []  # the fp32 default
 
 

@@ -178,9 +178,11 @@ class RolloutConfig(Section):
         "same",
         description="Weights the rollout samples with: `same` = the student itself; `bfloat16`/`float16` = a copy in "
         "that dtype, refreshed before every rollout (faster decoding; the behaviour logprobs are the copy's, and the "
-        "update's importance ratio accounts for the rounding); `int8` = a bfloat16 copy whose decode steps read "
-        "weight-only int8 copies of its matmul weights (per-channel scales; ~3x fewer bytes per token than bf16 on CPU; "
-        "opd's decoder only, else bfloat16 decoding with a warning). Local and Ray rollout actors alike; not with "
+        "update's importance ratio accounts for the rounding); `int8` = decode steps read weight-only int8 "
+        "copies of the matmul weights (per-channel scales; a quarter of fp32's bytes per token; CPU and opd's decoder "
+        "only, else plain decoding with a warning), the prompt prefilled by a bfloat16 copy on CPUs with bf16 "
+        "instructions, by the student itself on CPUs without them (there the int8 products round their activations to "
+        "bf16; ~2x faster decode steps at batch 4, none at 16). Local and Ray rollout actors alike; not with "
         "`backend = 'server'`, which samples in the dtype the server serves.",
     )
     decoder: Literal["auto", "hf"] = Field(

@@ -157,7 +157,14 @@ class Int8Weight:
     """Weight-only int8 with one scale per output channel: w ~ q * scale[:, None]."""
 
     q: torch.Tensor  # [out, in] int8
-    scale: torch.Tensor  # [out], in the activations' dtype
+    scale: torch.Tensor  # [out], in the kernel's activation dtype (int8_kernel_dtype)
+
+
+def int8_kernel_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The activation dtype torch's weight-only int8 kernel runs in for a model of `dtype`: the model's own for
+    bf16 / fp16; bf16 for fp32 models, whose decode activations are rounded to bf16 for the int8 products only
+    (the kernel's fp32 path is ~10-40x slower; the rounding of 4-16 rows is a few microseconds)."""
+    return torch.bfloat16 if dtype == torch.float32 else dtype
 
 
 def quantize_int8(w: torch.Tensor, out: Int8Weight | None = None, rows: int = 1024) -> Int8Weight:
@@ -166,13 +173,13 @@ def quantize_int8(w: torch.Tensor, out: Int8Weight | None = None, rows: int = 10
     Block by block of rows, so the fp32 temporaries stay in cache (one pass over the whole weight per op costs
     ~18x more here: 0.6 s for an 80M-parameter model every rollout); written into `out` when given (no fresh
     allocations, whose page faults cost more than the arithmetic)."""
-    N = w.shape[0]
-    if out is None or out.q.shape != w.shape or out.scale.dtype != w.dtype:
+    N, scale_dtype = w.shape[0], int8_kernel_dtype(w.dtype)
+    if out is None or out.q.shape != w.shape or out.scale.dtype != scale_dtype:
         out = Int8Weight(torch.empty(w.shape, dtype=torch.int8, device=w.device),
-                         torch.empty(N, dtype=w.dtype, device=w.device))
+                         torch.empty(N, dtype=scale_dtype, device=w.device))
     w = w.detach()
     for r in range(0, N, rows):
-        block = w[r : r + rows].float()
+        block = w[r : r + rows].to(torch.float32, copy=True)  # a copy even for fp32: the divide below is in place
         out.scale[r : r + rows] = block.abs().amax(dim=1).div_(127.0).clamp_(min=1e-12)
         # Divide by the scale as stored (rounded to the activations' dtype): q * scale is then the nearest step.
         out.q[r : r + rows] = block.div_(out.scale[r : r + rows].float()[:, None]).round_().clamp_(-127, 127)
@@ -183,13 +190,14 @@ def int8_linear(x: torch.Tensor, w: Int8Weight) -> torch.Tensor:
     """x @ (q * scale).T without materialising the weight: torch's weight-only int8 kernel, a GEMV-style loop
     that reads each int8 weight once (for a few rows of x, ~3x faster than a bf16 matmul streaming from memory;
     slower than bf16 for many rows, so only decode steps use it)."""
-    out = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), w.q, w.scale)
-    return out.view(*x.shape[:-1], w.q.shape[0])
+    rows = x.reshape(-1, x.shape[-1])
+    out = torch._weight_int8pack_mm(rows.to(w.scale.dtype), w.q, w.scale)
+    return out.to(x.dtype).view(*x.shape[:-1], w.q.shape[0])
 
 
 def int8_supported(device: torch.device, dtype: torch.dtype) -> bool:
-    """torch's weight-only int8 kernel exists for bf16 activations on CPU (fp32 activations run ~40x slower)."""
-    return device.type == "cpu" and dtype == torch.bfloat16 and hasattr(torch, "_weight_int8pack_mm")
+    """torch's weight-only int8 kernel runs on CPU, for bf16 models and (with bf16 activations) fp32 ones."""
+    return device.type == "cpu" and dtype in (torch.bfloat16, torch.float32) and hasattr(torch, "_weight_int8pack_mm")
 
 
 _INT8: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

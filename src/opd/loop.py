@@ -142,8 +142,9 @@ def bf16_on_a_cpu_without_it(cfg: Config) -> list[str]:
             found.append("student.dtype = 'bfloat16'")
         if cfg.train.autocast == "bfloat16":
             found.append("train.autocast = 'bfloat16'")
-        if cfg.rollout.dtype in ("bfloat16", "int8") and cfg.rollout.backend == "local":  # int8: a bf16 copy prefills
-            found.append(f"rollout.dtype = '{cfg.rollout.dtype}'")
+        # rollout.dtype = "int8" has no bf16 matmuls here: the fp32 student prefills itself (sampling_copy_for)
+        if cfg.rollout.dtype == "bfloat16" and cfg.rollout.backend == "local":
+            found.append("rollout.dtype = 'bfloat16'")
     if not cfg.teacher.remote and cfg.teacher.dtype == "bfloat16" and on_cpu(cfg.teacher.device):
         found.append("teacher.dtype = 'bfloat16'")
     return found
@@ -242,11 +243,13 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
         log(f"warning: {', '.join(slow)} on a CPU without bf16 instructions (no avx512_bf16 / amx_bf16): bf16 "
             "matmuls have no fast kernel here and run many times slower than float32 (an update step ~20x); "
             "set them to 'float32' / 'none' on this machine")
-    # rollout.dtype = "bfloat16": a low-precision copy of the student samples (None: the student itself); "int8" is
-    # a bf16 copy whose decode steps read int8 weights (params.int8)
+    # rollout.dtype = "bfloat16": a low-precision copy of the student samples (None: the student itself); "int8":
+    # decode steps read int8 weights (params.int8), prefilled by a bf16 copy or, on CPUs without bf16, the student
     sampling_copy = sampling_copy_for(student, cfg.rollout.dtype)
-    if cfg.rollout.dtype == "int8" and (reason := int8_decode_unsupported(sampling_copy.model, cfg.rollout.decoder)):
-        log(f"warning: rollout.dtype = 'int8' falls back to bfloat16 decoding: {reason}")
+    sampler = student if sampling_copy is None else sampling_copy.model
+    if cfg.rollout.dtype == "int8" and (reason := int8_decode_unsupported(sampler, cfg.rollout.decoder)):
+        log(f"warning: rollout.dtype = 'int8' falls back to {str(next(sampler.parameters()).dtype)[6:]} decoding: "
+            f"{reason}")
     ref_model = None
 
     def eval_row(step: int, version: int) -> dict:

@@ -105,6 +105,9 @@ def test_peer_benchmark_splits_prompts_and_configures_opd_like_the_peers(tmp_pat
         assert cfg.prompts.sources[0].path == str(tmp_path / "train.jsonl")
     assert peer_trl.opd_config(tmp_path, tmp_path / "t.jsonl", peer_trl.OPD_VARIANTS["opd-bf16"]).rollout.dtype == "bfloat16"
     assert peer_trl.opd_config(tmp_path, tmp_path / "t.jsonl", peer_trl.OPD_VARIANTS["opd-int8"]).rollout.dtype == "int8"
+    fp32 = peer_trl.opd_config(tmp_path, tmp_path / "t.jsonl", peer_trl.OPD_VARIANTS["opd-int8-fp32"])
+    assert fp32.rollout.dtype == "int8" and fp32.teacher.dtype == "float32" and fp32.train.autocast == "none"
+    assert set(peer_trl.OPD_OWN_CHOICES) == set(peer_trl.OPD_VARIANTS) - {"opd"}  # each reported in the summary
 
 
 def test_step_floor_covers_every_linear_weight_of_a_decode_step():

@@ -167,10 +167,25 @@ def test_int8_weights_round_to_the_nearest_step_of_each_channel():
     assert again.q.data_ptr() == q.q.data_ptr()
 
 
-def test_int8_decode_steps_equal_the_dequantised_model(tokenizer, prompts):
+def test_int8_quantising_an_fp32_weight_leaves_it_alone():
+    from opd.llama import quantize_int8
+
+    torch.manual_seed(0)
+    w = torch.randn(300, 40)
+    before = w.clone()
+    q = quantize_int8(w, rows=128)
+    assert torch.equal(w, before)  # fp32 blocks are copies, not views divided in place
+    assert q.scale.dtype == torch.bfloat16  # the kernel's activation dtype for fp32 models
+    deq = q.q.float() * q.scale.float()[:, None]
+    assert ((deq - w).abs() <= q.scale.float()[:, None] * (0.5 + 127 * 2**-8) + 1e-7).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_int8_decode_steps_equal_the_dequantised_model(tokenizer, prompts, dtype):
+    """bf16 models run the int8 products in bf16; fp32 models round only those products' activations to bf16."""
     from opd.llama import int8_linear, quantize_int8
 
-    model = gqa_model(tokenizer).to(torch.bfloat16)
+    model = gqa_model(tokenizer).to(dtype)
     ids, prompt_mask = encode_prompts(tokenizer, prompts, 256)
     B, P = ids.shape
     pos = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
@@ -178,33 +193,39 @@ def test_int8_decode_steps_equal_the_dequantised_model(tokenizer, prompts):
     full[:, :P] = prompt_mask
     int8 = build_decoder(model, B, P + 6, int8=True)
     assert int8.int8 is not None
-    # The reference: the same bf16 model with every matmul weight replaced by its dequantised int8 copy, through HF.
-    ref_model = gqa_model(tokenizer).to(torch.bfloat16)
+    # The reference: the same model with every matmul weight replaced by its dequantised int8 copy, through HF.
+    ref_model = gqa_model(tokenizer).to(dtype)
     with torch.no_grad():
         for name, p in ref_model.named_parameters():
             if p.dim() == 2 and "embed_tokens" not in name:
                 q = quantize_int8(p)
                 p.copy_((q.q.float() * q.scale.float()[:, None]).to(p.dtype))
-        # The prefill keeps the model's own bf16 weights; so does the reference's cache of the prompt.
+        # The prefill keeps the model's own weights; so does the reference's cache of the prompt.
         plain = HFDecoder(model)
         want = plain.prefill(ids, prompt_mask, pos)
         got = int8.prefill(ids, prompt_mask, pos)
-        torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=0.05)
+        torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=0.05 if dtype == torch.bfloat16 else 1e-4)
         ref = HFDecoder(ref_model)
         ref.cache = plain.cache
+        own = build_decoder(model, B, P + 6)
+        own.prefill(ids, prompt_mask, pos)
         pos = pos[:, -1:] + 1
         gen = torch.Generator().manual_seed(0)
         for t in range(6):
             tok = torch.multinomial(want.float().softmax(-1), 1, generator=gen).squeeze(1)
             attn = full[:, : P + t + 1]
             want, got = ref.step(tok, attn, pos), int8.step(tok, attn, pos)
+            assert got.dtype == dtype
             torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=0.06, msg=lambda m: f"step {t}: {m}")
+            # and not simply the model's own weights: the int8 rounding shows against the same decoder without it
+            assert (own.step(tok, attn, pos).float() - got.float()).abs().max() > 1e-3
             pos = pos + 1
-    # The kernel itself: x @ (q * scale).T.
-    x = torch.randn(3, 48).to(torch.bfloat16)
+    # The kernel itself: x @ (q * scale).T, in the activations' dtype.
+    x = torch.randn(3, 48).to(dtype)
     q = quantize_int8(model.model.layers[0].mlp.up_proj.weight)
-    torch.testing.assert_close(int8_linear(x, q).float(), x.float() @ (q.q.float() * q.scale.float()[:, None]).T,
-                               rtol=2e-2, atol=2e-2)
+    y = int8_linear(x, q)
+    assert y.dtype == dtype
+    torch.testing.assert_close(y.float(), x.float() @ (q.q.float() * q.scale.float()[:, None]).T, rtol=2e-2, atol=2e-2)
 
 
 def test_int8_sampling_falls_back_where_it_cannot_run(student, tokenizer, prompts):
@@ -212,13 +233,41 @@ def test_int8_sampling_falls_back_where_it_cannot_run(student, tokenizer, prompt
 
     bf16 = SamplingCopy(student, torch.bfloat16).refresh(student)
     assert int8_decode_unsupported(bf16, "auto") is None
+    assert int8_decode_unsupported(student, "auto") is None  # fp32: bf16-rounded activations in the int8 products
     assert "hf" in int8_decode_unsupported(bf16, "hf")
-    assert "kernel" in int8_decode_unsupported(student, "auto")  # fp32 activations: no fast int8 kernel
-    # An fp32 model asked for int8 decodes as before (the decoder keeps its own weights).
-    plain = sample(student, tokenizer, prompts, SamplingParams(max_new_tokens=6), generator=torch.Generator().manual_seed(1))
-    asked = sample(student, tokenizer, prompts, SamplingParams(max_new_tokens=6, int8=True),
+    fp16 = SamplingCopy(student, torch.float16).refresh(student)
+    assert "kernel" in int8_decode_unsupported(fp16, "auto")  # torch's CPU kernel: fp32 / bf16 only
+    # An fp16 model asked for int8 decodes as before (the decoder keeps its own weights).
+    plain = sample(fp16, tokenizer, prompts, SamplingParams(max_new_tokens=6), generator=torch.Generator().manual_seed(1))
+    asked = sample(fp16, tokenizer, prompts, SamplingParams(max_new_tokens=6, int8=True),
                    generator=torch.Generator().manual_seed(1))
     assert torch.equal(plain.completion_ids, asked.completion_ids)
-    # A bf16 copy samples through the int8 weights: close to, not equal to, its bf16 logprobs.
-    r8 = sample(bf16, tokenizer, prompts, SamplingParams(max_new_tokens=6, int8=True), generator=torch.Generator().manual_seed(1))
-    assert r8.num_tokens > 0 and torch.isfinite(r8.behaviour_logprobs).all()
+    # The fp32 student and a bf16 copy sample through the int8 weights: close to, not equal to, their own logprobs.
+    for model in (student, bf16):
+        own = sample(model, tokenizer, prompts, SamplingParams(max_new_tokens=6), generator=torch.Generator().manual_seed(1))
+        r8 = sample(model, tokenizer, prompts, SamplingParams(max_new_tokens=6, int8=True),
+                    generator=torch.Generator().manual_seed(1))
+        assert r8.num_tokens > 0 and torch.isfinite(r8.behaviour_logprobs).all()
+        # The first token comes from the prefill, which keeps the model's own weights; the second from an int8 step.
+        assert torch.equal(own.completion_ids[:, 0], r8.completion_ids[:, 0])
+        torch.testing.assert_close(r8.behaviour_logprobs[:, 0], own.behaviour_logprobs[:, 0])
+        same = own.completion_ids[:, 1] == r8.completion_ids[:, 1]
+        drift = (own.behaviour_logprobs[same, 1] - r8.behaviour_logprobs[same, 1]).abs()
+        assert same.any() and drift.max() < 0.5 and drift.max() > 0
+
+
+@pytest.mark.parametrize("lacks_bf16", [True, False])
+def test_int8_sampling_prefills_in_the_fast_dtype_of_the_cpu(student, monkeypatch, lacks_bf16):
+    """rollout.dtype = 'int8': a bf16 copy prefills where the CPU has bf16 instructions; the fp32 student itself
+    where it has none (a bf16 prefill there is many times slower than fp32)."""
+    from opd import matmul
+    from opd.rollout import sampling_copy_for
+
+    monkeypatch.setattr(matmul, "cpu_lacks_bf16", lambda: lacks_bf16)
+    copy = sampling_copy_for(student, "int8")
+    if lacks_bf16:
+        assert copy is None
+    else:
+        assert next(copy.model.parameters()).dtype == torch.bfloat16
+    assert next(sampling_copy_for(student, "bfloat16").model.parameters()).dtype == torch.bfloat16  # asked for
+    assert sampling_copy_for(student, "same") is None

@@ -60,8 +60,8 @@ class RolloutWorker:
         dtype = cfg.rollout.dtype
         self.params = SamplingParams(cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.max_new_tokens,
                                      cfg.rollout.stop, cfg.rollout.decoder, int8=dtype == "int8")
-        # rollout.dtype as in the local loop: a bf16/fp16 copy samples (int8: a bf16 copy with int8 decode steps),
-        # refreshed whenever new weights arrive
+        # rollout.dtype as in the local loop: a bf16/fp16 copy samples, refreshed whenever new weights arrive (int8:
+        # int8 decode steps, prefilled by a bf16 copy or, on CPUs without bf16 instructions, the model itself)
         self.copy = sampling_copy_for(self.model, dtype)
         self.sampler = self.model
         self.version = -1  # no weights yet

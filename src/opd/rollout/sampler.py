@@ -39,7 +39,7 @@ class SamplingParams:
     max_new_tokens: int = 64
     stop: list[str] = field(default_factory=list)
     decoder: str = "auto"  # rollout.decoder: "auto" = opd.rollout.fast_llama where it supports the model, "hf" = always HF
-    int8: bool = False  # rollout.dtype = "int8": the fast decoder's decode steps read int8 weights (bf16 models on CPU)
+    int8: bool = False  # rollout.dtype = "int8": the fast decoder's decode steps read int8 weights (fp32/bf16 models on CPU)
 
 
 def encode_prompts(tokenizer, prompts: list[Prompt], max_prompt_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -209,11 +209,16 @@ class SamplingCopy:
 
 
 def sampling_copy_for(model, dtype: str) -> SamplingCopy | None:
-    """rollout.dtype's sampling copy of `model`: None for "same" (the model itself samples); "int8" is a bf16 copy
-    whose decode steps read int8 weights (SamplingParams.int8)."""
+    """rollout.dtype's sampling copy of `model`: None where the model itself samples ("same"). "int8" decode steps
+    read int8 weights (SamplingParams.int8) and the prefill runs in the sampler's own dtype: a bf16 copy where the
+    CPU has bf16 instructions; the model itself (fp32 prefill, bf16-rounded activations in the int8 products only)
+    where it has none, since a bf16 prefill there runs many times slower than fp32 (matmul.cpu_lacks_bf16)."""
     if dtype == "same":
         return None
-    return SamplingCopy(model, torch.bfloat16 if dtype == "int8" else DTYPES[dtype])
+    if dtype == "int8":
+        on_cpu = next(model.parameters()).device.type == "cpu"
+        return None if on_cpu and matmul.cpu_lacks_bf16() else SamplingCopy(model, torch.bfloat16)
+    return SamplingCopy(model, DTYPES[dtype])
 
 
 class HFDecoder:
@@ -246,14 +251,14 @@ def make_decoder(model, kind: str, batch: int, max_len: int, int8: bool = False)
 
 
 def int8_decode_unsupported(model, kind: str) -> str | None:
-    """Why int8 decode steps (rollout.dtype = "int8") cannot run for `model` (a bf16 sampling copy), or None."""
+    """Why int8 decode steps (rollout.dtype = "int8") cannot run for `model` (the sampler), or None."""
     p = next(model.parameters())
     if kind != "auto":
         return "rollout.decoder = 'hf' (int8 decoding is part of opd's own decoder)"
     if (reason := unsupported_reason(model)) is not None:
         return f"opd's decoder does not support this model ({reason})"
     if not int8_supported(p.device, p.dtype):
-        return f"torch has no weight-only int8 kernel for {p.dtype} on {p.device.type} (CPU only)"
+        return f"torch has no weight-only int8 kernel for {p.dtype} on {p.device.type} (CPU, fp32/bf16 only)"
     return None
 
 
