@@ -18,6 +18,18 @@ from opd.types import Prompt
 torch.set_num_threads(2)
 
 
+@pytest.fixture
+def fresh_kernel(monkeypatch):
+    """monkeypatch, with opd's int8 kernel looked up again under the test's environment (OPD_INT8_KERNEL, CC,
+    OPD_KERNEL_CACHE), and again after it."""
+    from opd import cpu_kernels
+
+    cpu_kernels._library.cache_clear()
+    yield monkeypatch
+    monkeypatch.undo()
+    cpu_kernels._library.cache_clear()
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return build_char_tokenizer()

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaForCausalLM
 
-from opd import matmul
+from opd import cpu_kernels, matmul
 
 # RoPE variants whose inverse frequencies are fixed (not re-computed from the sequence length at run time):
 # for these, positions x model.rotary_emb.inv_freq (x attention_scaling) is exactly what HF computes.
@@ -161,10 +161,13 @@ class Int8Weight:
 
 
 def int8_kernel_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The activation dtype torch's weight-only int8 kernel runs in for a model of `dtype`: the model's own for
-    bf16 / fp16; bf16 for fp32 models, whose decode activations are rounded to bf16 for the int8 products only
-    (the kernel's fp32 path is ~10-40x slower; the rounding of 4-16 rows is a few microseconds)."""
-    return torch.bfloat16 if dtype == torch.float32 else dtype
+    """The activation dtype the int8 products run in for a model of `dtype`: the model's own for bf16 / fp16, and
+    for fp32 where opd's own kernel runs (opd.cpu_kernels: AVX2, exact fp32); else bf16 for fp32 models, whose
+    decode activations are then rounded to bf16 for torch's kernel (its fp32 path is ~10-40x slower; the rounding
+    of 4-16 rows is a few microseconds)."""
+    if dtype != torch.float32:
+        return dtype
+    return torch.float32 if cpu_kernels.int8_gemv_available() else torch.bfloat16
 
 
 def quantize_int8(w: torch.Tensor, out: Int8Weight | None = None, rows: int = 1024) -> Int8Weight:
@@ -187,16 +190,18 @@ def quantize_int8(w: torch.Tensor, out: Int8Weight | None = None, rows: int = 10
 
 
 def int8_linear(x: torch.Tensor, w: Int8Weight) -> torch.Tensor:
-    """x @ (q * scale).T without materialising the weight: torch's weight-only int8 kernel, a GEMV-style loop
-    that reads each int8 weight once (for a few rows of x, ~3x faster than a bf16 matmul streaming from memory;
-    slower than bf16 for many rows, so only decode steps use it)."""
+    """x @ (q * scale).T without materialising the weight: a GEMV-style loop that reads each int8 weight once
+    (opd's AVX2 kernel for fp32 scales, else torch's weight-only int8 kernel; for a few rows of x ~3x faster than a
+    bf16 matmul streaming from memory, slower than bf16 / fp32 GEMMs for many rows, so only decode steps use it)."""
     rows = x.reshape(-1, x.shape[-1])
+    if w.scale.dtype == torch.float32:  # quantised for opd's own kernel (int8_kernel_dtype)
+        return cpu_kernels.int8_gemv(rows.float(), w.q, w.scale).to(x.dtype).view(*x.shape[:-1], w.q.shape[0])
     out = torch._weight_int8pack_mm(rows.to(w.scale.dtype), w.q, w.scale)
     return out.to(x.dtype).view(*x.shape[:-1], w.q.shape[0])
 
 
 def int8_supported(device: torch.device, dtype: torch.dtype) -> bool:
-    """torch's weight-only int8 kernel runs on CPU, for bf16 models and (with bf16 activations) fp32 ones."""
+    """The int8 kernels run on CPU, for bf16 models (torch's) and fp32 ones (opd's, or torch's in bf16)."""
     return device.type == "cpu" and dtype in (torch.bfloat16, torch.float32) and hasattr(torch, "_weight_int8pack_mm")
 
 

@@ -60,23 +60,28 @@ def test_killed_workers_are_replaced_and_their_calls_reissued(tmp_path, monkeypa
     assert max(r["freshness/policy_lag_max"] for r in rows[1:]) == 1
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
-def test_rollout_workers_sample_with_rollout_dtype_like_the_local_loop(dtype):
+@pytest.mark.parametrize("dtype, lacks_bf16", [("bfloat16", False), ("int8", False), ("int8", True)])
+def test_rollout_workers_sample_with_rollout_dtype_like_the_local_loop(dtype, lacks_bf16, monkeypatch):
     # The worker itself (what a Ray actor runs), in this process: with rollout.dtype it samples from a refreshed
     # low-precision copy, and its rows equal the local sampler's from the same copy and seed.
     import torch
 
+    from opd import matmul
     from opd.engine.ray_workers import RolloutWorker
     from opd.prompts.tasks import get_task
     from opd.rollout import SamplingCopy, SamplingParams, sample
 
+    monkeypatch.setattr(matmul, "cpu_lacks_bf16", lambda: lacks_bf16)
     cfg = load_config(None, TINY + RAY + [f"rollout.dtype='{dtype}'"])
     worker = RolloutWorker(cfg.model_dump(mode="json"))
     student = worker.model
     torch.manual_seed(3)
     state = {k: v + 0.01 * torch.randn_like(v) for k, v in student.state_dict().items()}  # "trained" weights
     worker.load_weights(state, version=5)
-    assert next(worker.sampler.parameters()).dtype == torch.bfloat16 and worker.params.int8 == (dtype == "int8")
+    # int8 on a CPU without bf16 instructions: the fp32 model itself prefills (opd.rollout.sampling_copy_for)
+    fp32_sampler = dtype == "int8" and lacks_bf16
+    want_dtype = torch.float32 if fp32_sampler else torch.bfloat16
+    assert next(worker.sampler.parameters()).dtype == want_dtype and worker.params.int8 == (dtype == "int8")
     import numpy as np
 
     rng = np.random.default_rng(0)
@@ -85,7 +90,7 @@ def test_rollout_workers_sample_with_rollout_dtype_like_the_local_loop(dtype):
     assert (got.policy_version == 5).all()
     reference = type(student)(student.config)
     reference.load_state_dict(state)
-    copy = SamplingCopy(reference, torch.bfloat16).refresh(reference)
+    copy = reference if fp32_sampler else SamplingCopy(reference, torch.bfloat16).refresh(reference)
     want = sample(copy, worker.tokenizer, prompts, SamplingParams(cfg.rollout.temperature, cfg.rollout.top_p,
                   cfg.rollout.max_new_tokens, cfg.rollout.stop, cfg.rollout.decoder, int8=dtype == "int8"),
                   generator=torch.Generator().manual_seed(11), max_prompt_tokens=cfg.prompts.max_prompt_tokens)

@@ -168,22 +168,29 @@ def test_int8_weights_round_to_the_nearest_step_of_each_channel():
 
 
 def test_int8_quantising_an_fp32_weight_leaves_it_alone():
-    from opd.llama import quantize_int8
+    from opd.llama import int8_kernel_dtype, quantize_int8
 
     torch.manual_seed(0)
     w = torch.randn(300, 40)
     before = w.clone()
     q = quantize_int8(w, rows=128)
     assert torch.equal(w, before)  # fp32 blocks are copies, not views divided in place
-    assert q.scale.dtype == torch.bfloat16  # the kernel's activation dtype for fp32 models
+    assert q.scale.dtype == int8_kernel_dtype(torch.float32)  # fp32 for opd's kernel, else bf16 for torch's
     deq = q.q.float() * q.scale.float()[:, None]
     assert ((deq - w).abs() <= q.scale.float()[:, None] * (0.5 + 127 * 2**-8) + 1e-7).all()
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_int8_decode_steps_equal_the_dequantised_model(tokenizer, prompts, dtype):
-    """bf16 models run the int8 products in bf16; fp32 models round only those products' activations to bf16."""
+@pytest.mark.parametrize("dtype, kernel", [(torch.bfloat16, "torch"), (torch.float32, "torch"), (torch.float32, "auto")])
+def test_int8_decode_steps_equal_the_dequantised_model(tokenizer, prompts, dtype, kernel, fresh_kernel):
+    """bf16 models run the int8 products in bf16; fp32 models in fp32 through opd's kernel ("auto", where it
+    builds) or, through torch's, with only those products' activations rounded to bf16."""
+    from opd import cpu_kernels
     from opd.llama import int8_linear, quantize_int8
+
+    fresh_kernel.setenv("OPD_INT8_KERNEL", kernel)
+    if kernel == "auto" and not cpu_kernels.int8_gemv_available():
+        pytest.skip("opd's int8 kernel does not build here")
+    exact = dtype == torch.float32 and kernel == "auto"
 
     model = gqa_model(tokenizer).to(dtype)
     ids, prompt_mask = encode_prompts(tokenizer, prompts, 256)
@@ -216,7 +223,8 @@ def test_int8_decode_steps_equal_the_dequantised_model(tokenizer, prompts, dtype
             attn = full[:, : P + t + 1]
             want, got = ref.step(tok, attn, pos), int8.step(tok, attn, pos)
             assert got.dtype == dtype
-            torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=0.06, msg=lambda m: f"step {t}: {m}")
+            torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=1e-4 if exact else 0.06,
+                                       msg=lambda m: f"step {t}: {m}")
             # and not simply the model's own weights: the int8 rounding shows against the same decoder without it
             assert (own.step(tok, attn, pos).float() - got.float()).abs().max() > 1e-3
             pos = pos + 1

@@ -1,0 +1,106 @@
+"""opd's own CPU kernel for the decode step's int8 products, where torch's is slow.
+
+torch's weight-only int8 kernel (`torch._weight_int8pack_mm`) takes bf16 activations and, on CPUs without
+AVX-512, runs at ~50 GFLOP/s on 2 cores: a decode step of the half-depth SmolLM2 student at batch 4 spent 12.6 of
+its ~20 ms there (bench/NOTES.md, session 10). `csrc/int8_gemv.c` is a plain AVX2 + FMA loop that widens each
+int8 weight to fp32 in registers and uses it for up to four activation rows: 2-2.3x faster than torch's at 1-16
+rows, and exact fp32 (the activations are not rounded).
+
+It is compiled on first use with the machine's C compiler (`cc`, ~1 s) into `~/.cache/opd/kernels/`
+(`$OPD_KERNEL_CACHE` to move it), keyed on the source and flags, and loaded with ctypes (which releases the GIL).
+OpenMP comes from the libgomp torch has already loaded, so the kernel shares torch's thread pool. Where there is
+no x86 CPU with AVX2 + FMA, no compiler, or the build fails its check, `int8_gemv_available()` is False and opd
+uses torch's kernel. `OPD_INT8_KERNEL=torch` forces that.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from opd import matmul
+
+FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
+
+
+def kernel_cache() -> Path:
+    return Path(os.environ.get("OPD_KERNEL_CACHE") or Path.home() / ".cache" / "opd" / "kernels").expanduser()
+
+
+def build(source: Path, cache: Path) -> Path:
+    """Compile `source` into `cache` (once per source and flags); a concurrent build by another process is safe:
+    each writes a temporary file and renames it into place."""
+    key = hashlib.sha256(source.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
+    out = cache / f"{source.stem}-{key}.so"
+    if out.exists():
+        return out
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise RuntimeError("no C compiler (cc / gcc) on PATH")
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        tmp_out = Path(tmp) / out.name
+        done = subprocess.run([compiler, *FLAGS, str(source), "-o", str(tmp_out)], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{compiler} failed on {source.name}: {done.stderr.strip()[-2000:]}")
+        os.replace(tmp_out, out)
+    return out
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    if os.environ.get("OPD_INT8_KERNEL", "auto") == "torch":
+        return None
+    if not {"avx2", "fma"} <= matmul.cpu_flags():
+        return None
+    try:
+        with resources.as_file(resources.files("opd") / "csrc" / "int8_gemv.c") as source:
+            lib = ctypes.CDLL(str(build(Path(source), kernel_cache())))
+    except (OSError, RuntimeError):
+        return None  # no compiler, a failed build, an unwritable cache: torch's kernel it is
+    fn = lib.opd_int8_gemv
+    fn.restype = None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                   ctypes.c_int64, ctypes.c_int]
+    if not _passes_check(fn):
+        return None
+    return lib
+
+
+def _passes_check(fn) -> bool:
+    """One small product against torch before the kernel is trusted (odd sizes: the tail paths run too)."""
+    g = torch.Generator().manual_seed(0)
+    x, q = torch.randn(5, 37, generator=g), torch.randint(-127, 128, (67, 37), generator=g, dtype=torch.int8)
+    scale = torch.rand(67, generator=g)
+    y = torch.empty(5, 67)
+    fn(x.data_ptr(), 5, q.data_ptr(), scale.data_ptr(), y.data_ptr(), 67, 37, 1)
+    return bool(torch.allclose(y, (x @ q.float().T) * scale, rtol=1e-4, atol=1e-4))
+
+
+def int8_gemv_available() -> bool:
+    return _library() is not None
+
+
+def int8_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [B, K] fp32 @ (q [N, K] int8 * scale [N] fp32)[:, None].T -> [B, N] fp32, on the CPU."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("opd's int8 kernel is not available here (see opd.cpu_kernels.int8_gemv_available)")
+    if x.dtype != torch.float32 or q.dtype != torch.int8 or scale.dtype != torch.float32:
+        raise TypeError(f"int8_gemv takes fp32 x, int8 q and fp32 scale, not {x.dtype}, {q.dtype}, {scale.dtype}")
+    (B, K), (N, Kq) = x.shape, q.shape
+    if K != Kq or scale.shape != (N,) or x.device.type != "cpu":
+        raise ValueError(f"int8_gemv: x {tuple(x.shape)} on {x.device}, q {tuple(q.shape)}, scale {tuple(scale.shape)}")
+    x, q, scale = x.contiguous(), q.contiguous(), scale.contiguous()
+    y = torch.empty(B, N)
+    lib.opd_int8_gemv(x.data_ptr(), B, q.data_ptr(), scale.data_ptr(), y.data_ptr(), N, K, torch.get_num_threads())
+    return y

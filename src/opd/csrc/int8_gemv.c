@@ -1,0 +1,59 @@
+/* y[b, n] = scale[n] * sum_k x[b, k] * q[n, k]: fp32 activations times weight-only int8 weights, for the few
+ * rows of a decode step (opd.cpu_kernels). AVX2 + FMA: each int8 weight is read once, widened to fp32 in
+ * registers and used for up to 4 activation rows; two output channels at a time share the activation loads.
+ * Exact fp32 accumulation (no rounding of the activations). Built by opd.cpu_kernels on first use. */
+#include <immintrin.h>
+#include <stdint.h>
+
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static inline __m256 widen8(const int8_t *p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
+
+/* Output channels [n0, n1) for B <= 4 rows of x (row stride K) into y (row stride N). */
+static void channels(const float *x, int B, const int8_t *q, const float *scale, float *y, int64_t N, int64_t K,
+                     int64_t n0, int64_t n1) {
+    const int64_t K8 = K & ~(int64_t)7;
+    for (int64_t n = n0; n < n1; n += 2) {
+        const int two = n + 1 < n1;
+        const int8_t *q0 = q + n * K, *q1 = two ? q0 + K : q0;
+        __m256 a[4][2];
+        for (int b = 0; b < 4; b++) a[b][0] = a[b][1] = _mm256_setzero_ps();
+        for (int64_t k = 0; k < K8; k += 8) {
+            const __m256 w0 = widen8(q0 + k), w1 = widen8(q1 + k);
+            for (int b = 0; b < 4; b++) {  /* unrolled by the compiler; B is 1-4 */
+                if (b < B) {
+                    const __m256 xv = _mm256_loadu_ps(x + b * K + k);
+                    a[b][0] = _mm256_fmadd_ps(w0, xv, a[b][0]);
+                    a[b][1] = _mm256_fmadd_ps(w1, xv, a[b][1]);
+                }
+            }
+        }
+        for (int b = 0; b < B; b++) {
+            float s0 = hsum(a[b][0]), s1 = hsum(a[b][1]);
+            for (int64_t k = K8; k < K; k++) {  /* K not a multiple of 8 */
+                s0 += x[b * K + k] * q0[k];
+                s1 += x[b * K + k] * q1[k];
+            }
+            y[b * N + n] = scale[n] * s0;
+            if (two) y[b * N + n + 1] = scale[n + 1] * s1;
+        }
+    }
+}
+
+void opd_int8_gemv(const float *x, int B, const int8_t *q, const float *scale, float *y, int64_t N, int64_t K,
+                   int threads) {
+    const int64_t blocks = (N + 63) / 64;  /* 64 channels a task: the int8 rows of a block stay in L2 */
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t blk = 0; blk < blocks; blk++) {
+        const int64_t n0 = blk * 64, n1 = n0 + 64 < N ? n0 + 64 : N;
+        for (int b = 0; b < B; b += 4)
+            channels(x + (int64_t)b * K, B - b < 4 ? B - b : 4, q, scale, y + (int64_t)b * N, N, K, n0, n1);
+    }
+}

@@ -1,0 +1,86 @@
+import pytest
+import torch
+
+from opd import cpu_kernels, matmul
+from opd.llama import int8_kernel_dtype, int8_linear, quantize_int8
+
+needs_kernel = pytest.mark.skipif(not cpu_kernels.int8_gemv_available(),
+                                  reason="opd's int8 kernel needs an x86 CPU with AVX2 + FMA and a C compiler")
+
+
+@needs_kernel
+@pytest.mark.parametrize("B, N, K", [(1, 64, 576), (4, 1536, 576), (3, 67, 37), (5, 130, 1536), (16, 33, 8), (9, 1, 12)])
+def test_int8_gemv_equals_the_dequantised_product(B, N, K):
+    g = torch.Generator().manual_seed(B * N + K)
+    x = torch.randn(B, K, generator=g)
+    q = torch.randint(-127, 128, (N, K), generator=g, dtype=torch.int8)
+    scale = torch.rand(N, generator=g) * 0.01
+    y = cpu_kernels.int8_gemv(x, q, scale)
+    assert y.shape == (B, N) and y.dtype == torch.float32
+    # exact fp32 accumulation: equal to the fp64 product up to fp32 rounding of the sums
+    want = (x.double() @ q.double().T) * scale.double()
+    torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
+@needs_kernel
+def test_int8_gemv_takes_strided_inputs_and_refuses_wrong_ones():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 96, generator=g)[::2, :64]  # neither row nor column contiguous
+    q = torch.randint(-127, 128, (64, 40), generator=g, dtype=torch.int8).T  # [40, 64] transposed view
+    scale = torch.rand(40, generator=g)
+    torch.testing.assert_close(cpu_kernels.int8_gemv(x, q, scale), (x @ q.float().T) * scale, rtol=1e-5, atol=1e-4)
+    with pytest.raises(TypeError, match="fp32 x"):
+        cpu_kernels.int8_gemv(x.bfloat16(), q, scale)
+    with pytest.raises(ValueError, match="int8_gemv"):
+        cpu_kernels.int8_gemv(x[:, :10], q, scale)
+
+
+@needs_kernel
+def test_fp32_int8_products_use_opds_kernel_in_fp32():
+    w = torch.randn(300, 64) * 0.05
+    q = quantize_int8(w)
+    assert int8_kernel_dtype(torch.float32) == torch.float32 and q.scale.dtype == torch.float32
+    x = torch.randn(2, 3, 64)
+    y = int8_linear(x, q)
+    assert y.shape == (2, 3, 300) and y.dtype == torch.float32
+    torch.testing.assert_close(y, x @ (q.q.float() * q.scale[:, None]).T, rtol=1e-5, atol=1e-5)
+
+
+def test_torch_kernel_when_asked_or_when_opds_cannot_be_built(fresh_kernel, tmp_path):
+    fresh_kernel.setenv("OPD_INT8_KERNEL", "torch")
+    assert not cpu_kernels.int8_gemv_available()
+    assert int8_kernel_dtype(torch.float32) == torch.bfloat16  # torch's kernel takes bf16 activations
+    with pytest.raises(RuntimeError, match="not available"):
+        cpu_kernels.int8_gemv(torch.ones(1, 8), torch.ones(2, 8, dtype=torch.int8), torch.ones(2))
+    # A broken compiler and an empty cache: no kernel, and int8 products still run (torch's kernel, bf16 rounding).
+    fresh_kernel.delenv("OPD_INT8_KERNEL")
+    fresh_kernel.setenv("OPD_KERNEL_CACHE", str(tmp_path / "cache"))
+    fresh_kernel.setenv("CC", "false")
+    cpu_kernels._library.cache_clear()
+    assert not cpu_kernels.int8_gemv_available()
+    w = torch.randn(16, 32)
+    q = quantize_int8(w)
+    assert q.scale.dtype == torch.bfloat16
+    x = torch.randn(3, 32)
+    torch.testing.assert_close(int8_linear(x, q), x @ (q.q.float() * q.scale.float()[:, None]).T, rtol=2e-2, atol=2e-2)
+    # A CPU without AVX2: not even tried.
+    cpu_kernels._library.cache_clear()
+    fresh_kernel.setattr(matmul, "cpu_flags", lambda: frozenset({"fp", "asimd"}))
+    fresh_kernel.delenv("CC")
+    assert not cpu_kernels.int8_gemv_available()
+
+
+@needs_kernel
+def test_the_kernel_is_built_once_per_source(tmp_path, monkeypatch):
+    from importlib import resources
+
+    source = tmp_path / "int8_gemv.c"
+    source.write_bytes((resources.files("opd") / "csrc" / "int8_gemv.c").read_bytes())
+    built = cpu_kernels.build(source, tmp_path / "cache")
+    assert built.exists() and built.parent == tmp_path / "cache"
+    monkeypatch.setenv("CC", "false")  # a second build would fail: the cached library is reused
+    assert cpu_kernels.build(source, tmp_path / "cache") == built
+    source.write_text(source.read_text() + "\n/* changed */\n")
+    with pytest.raises(RuntimeError, match="failed"):  # a changed source is a new build
+        cpu_kernels.build(source, tmp_path / "cache")
+    assert list((tmp_path / "cache").iterdir()) == [built]  # no half-written file left behind
