@@ -28,6 +28,7 @@ from opd.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoin
 from opd.config import Config, ConfigError, ObjectiveConfig, to_toml
 from opd.engine import LocalRollout, ScoredBatch, make_batches
 from opd.engine.distributed import DataParallel
+from opd.engine.distributed import run_counters as sum_run_counters
 from opd.evaluate import evaluate, generate
 from opd.faults import crash_point
 from opd.offline.data import OfflineData, generate_offline_data
@@ -379,21 +380,23 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
         if main else _NoMetrics()
 
     def run_counters() -> dict[str, float]:
-        """Cumulative fault counts over the whole run: those up to the checkpoint this process resumed from, plus
-        what this process's teacher clients (and Ray workers) have counted since."""
+        """Cumulative fault counts over the whole run: those up to the checkpoint this run resumed from, plus what
+        the teacher clients (and Ray workers) have counted since, of every data-parallel rank (a collective: every
+        rank calls it)."""
         now = {**teacher.counters(), **(workers.counters() if workers is not None else {})}
-        return {k: counters_before.get(k, 0.0) + now.get(k, 0.0) for k in sorted(counters_before.keys() | now.keys())}
+        return sum_run_counters(counters_before, [now] if dp is None else dp.gathered(now))
 
     def checkpoint(step: int) -> None:
         made = batches.state_dict(step)  # sampler and prompt position after the batches made ahead, and those batches
         ranks = None
         if dp is not None:  # each rank's own sampler, RNG and batches made ahead, so that each resumes exactly
             ranks = dp.gathered({"sampler": made["sampler"], "torch": torch.get_rng_state(), "pending": made["pending"]})
+        counters = run_counters()  # before rank 0 goes on alone: every rank adds its counts
         if not main:
             return
         state = {
             "step": step, "version": version, "budget": budget, "first_eval": first_eval, "skips": skips, "elapsed_s": time.time() - t_start,
-            "counters": run_counters(),
+            "counters": counters,
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "rng": {"sampler": made["sampler"], "torch": torch.get_rng_state()},
             "prompts": made["prompts"], "pending": made["pending"], "ranks": ranks,

@@ -135,3 +135,14 @@ def test_rank_metrics_merge_into_the_whole_batchs():
     assert merged == {"rollout/tokens": 80, "rollout/length_mean": 20.0, "time/step_s": 1.5, "freshness/ratio_max": 1.2,
                       "teacher/failures/http": 3.0, "update/grad_norm": 2.0, "rollout/accuracy": 0.5}
     assert list(merged) == list(rank0)  # rank 0's key order
+
+
+def test_run_counters_add_every_ranks_counts_to_those_before_the_resume():
+    from opd.engine.distributed import run_counters
+
+    before = {"teacher/retries_total": 3.0, "teacher/dropped_total": 1.0}  # saved by the run resumed from
+    rank0 = {"teacher/retries_total": 2.0, "engine/worker_retries": 1.0}
+    rank1 = {"teacher/retries_total": 5.0, "teacher/failures_total": 4.0}
+    assert run_counters(before, [rank0, rank1]) == {"engine/worker_retries": 1.0, "teacher/dropped_total": 1.0,
+                                                    "teacher/failures_total": 4.0, "teacher/retries_total": 10.0}
+    assert run_counters({}, [rank0]) == rank0  # one process

@@ -91,7 +91,8 @@ class DataParallel:
 # Counts and throughputs add up over ranks (they run side by side); the slowest rank bounds a step's time and the
 # largest value is the maximum; everything else (per-token and per-row means of equal shares, losses and grad
 # norms that every rank already shares) is the mean over the ranks that report it.
-# (teacher/*_total counters are rank 0's client's: they are cumulative and saved with rank 0's checkpoint.)
+# Cumulative run counters (teacher/*_total, engine/worker_retries) are summed over the ranks' clients by
+# run_counters, every rank taking part, and saved as that sum with rank 0's checkpoint.
 SUMMED = ("rollout/tokens", "rollout/tokens_per_s", "teacher/tokens_per_s", "teacher/failures", "teacher/dropped",
           "teacher/retries", "teacher/requests", "teacher/breaker_rejections")
 
@@ -119,3 +120,10 @@ def merge_rank_metrics(rows: list[dict[str, float]]) -> dict[str, float]:
         else:
             out[key] = sum(values) / len(values)
     return out
+
+
+def run_counters(before: dict[str, float], per_rank_now: list[dict[str, float]]) -> dict[str, float]:
+    """Cumulative counters of a whole run: those saved up to the checkpoint it resumed from (already summed over
+    the ranks of that run), plus what every rank's clients have counted since."""
+    keys = sorted(before.keys() | {k for now in per_rank_now for k in now})
+    return {k: before.get(k, 0.0) + sum(now.get(k, 0.0) for now in per_rank_now) for k in keys}
