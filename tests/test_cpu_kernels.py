@@ -63,6 +63,10 @@ def test_torch_kernel_when_asked_or_when_opds_cannot_be_built(fresh_kernel, tmp_
     assert q.scale.dtype == torch.bfloat16
     x = torch.randn(3, 32)
     torch.testing.assert_close(int8_linear(x, q), x @ (q.q.float() * q.scale.float()[:, None]).T, rtol=2e-2, atol=2e-2)
+    # Weights quantised for opd's kernel (fp32 scales) still multiply where it is gone (torch's, bf16 activations).
+    fp32_scaled = type(q)(q.q, q.scale.float())
+    torch.testing.assert_close(int8_linear(x, fp32_scaled), x @ (q.q.float() * q.scale.float()[:, None]).T,
+                               rtol=2e-2, atol=2e-2)
     # A CPU without AVX2: not even tried.
     cpu_kernels._library.cache_clear()
     fresh_kernel.setattr(matmul, "cpu_flags", lambda: frozenset({"fp", "asimd"}))

@@ -194,9 +194,10 @@ def int8_linear(x: torch.Tensor, w: Int8Weight) -> torch.Tensor:
     (opd's AVX2 kernel for fp32 scales, else torch's weight-only int8 kernel; for a few rows of x ~3x faster than a
     bf16 matmul streaming from memory, slower than bf16 / fp32 GEMMs for many rows, so only decode steps use it)."""
     rows = x.reshape(-1, x.shape[-1])
-    if w.scale.dtype == torch.float32:  # quantised for opd's own kernel (int8_kernel_dtype)
+    if w.scale.dtype == torch.float32 and cpu_kernels.int8_gemv_available():  # opd's own kernel (int8_kernel_dtype)
         return cpu_kernels.int8_gemv(rows.float(), w.q, w.scale).to(x.dtype).view(*x.shape[:-1], w.q.shape[0])
-    out = torch._weight_int8pack_mm(rows.to(w.scale.dtype), w.q, w.scale)
+    scale = w.scale if w.scale.dtype != torch.float32 else w.scale.bfloat16()  # torch's kernel has no fast fp32 path
+    out = torch._weight_int8pack_mm(rows.to(scale.dtype), w.q, scale)
     return out.to(x.dtype).view(*x.shape[:-1], w.q.shape[0])
 
 
