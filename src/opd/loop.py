@@ -27,8 +27,7 @@ from opd import matmul
 from opd.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
 from opd.config import Config, ConfigError, ObjectiveConfig, to_toml
 from opd.engine import LocalRollout, ScoredBatch, make_batches
-from opd.engine.distributed import DataParallel
-from opd.engine.distributed import run_counters as sum_run_counters
+from opd.engine.distributed import DataParallel, run_counters as sum_run_counters
 from opd.evaluate import evaluate, generate
 from opd.faults import crash_point
 from opd.offline.data import OfflineData, generate_offline_data
