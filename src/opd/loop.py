@@ -398,7 +398,9 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
             "counters": counters,
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "rng": {"sampler": made["sampler"], "torch": torch.get_rng_state()},
-            "prompts": made["prompts"], "pending": made["pending"], "ranks": ranks,
+            # a data-parallel run's batches made ahead are each rank's share, kept in `ranks` only: a resume with
+            # another world size makes its batches again instead of training on rank 0's half of one
+            "prompts": made["prompts"], "pending": made["pending"] if ranks is None else [], "ranks": ranks,
         }
         if has_lora(student):
             state["adapter"] = adapter_state(student)

@@ -122,6 +122,17 @@ def test_a_torchrun_run_with_two_gloo_ranks_writes_the_whole_batch_and_resumes_e
     assert [r.get("rollout/tokens") for r in resumed] == [r.get("rollout/tokens") for r in rows]
     a, b = load_file(straight / "final" / "model.safetensors"), load_file(split / "final" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # Resumed by one process instead of two ranks: whole batches again, not rank 0's half of the batch it made ahead.
+    single = tmp_path / "single"
+    torchrun("--out", str(single), *config, crash_at="update:3")
+    env_one = {k: v for k, v in env.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    p = subprocess.run([sys.executable, "-m", "opd.cli", "run", "--resume", str(single)], env=env_one,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    after = [r for r in read_metrics(single) if r["step"] >= 3]
+    assert [r["step"] for r in after] == [3, 4]
+    for r in after:
+        assert r["rollout/length_mean"] == pytest.approx(r["rollout/tokens"] / 4)
 
 
 def test_rank_metrics_merge_into_the_whole_batchs():
