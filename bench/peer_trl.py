@@ -356,7 +356,7 @@ def main() -> None:
         summary["trl_reverse_kl"] = gkd["eval"]["reverse_kl"]
     if opd and gkd:
         summary["ratio"] = round(opd["student_tokens_per_s"] / gkd["student_tokens_per_s"], 2)
-    for key, (prefix, _, ratio_figure) in OPD_OWN_CHOICES.items():
+    for key, (prefix, _, _) in OPD_OWN_CHOICES.items():
         if key in results:
             summary[f"{prefix}_student_tokens_per_s"] = results[key]["student_tokens_per_s"]
             summary[f"{prefix}_reverse_kl"] = results[key]["eval"]["reverse_kl"]

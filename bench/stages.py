@@ -135,7 +135,8 @@ def main() -> None:
     loop = loop_rows(limit)
     headline = [{"figure": f"rollout batch {r['batch']} (half-depth SmolLM2, {r['dtype']}, {r['decoder']} decoder)", "value": r["tokens_per_s"],
                  "unit": f"tok/s ({r['fraction_of_matmul_limit']:.1%} of limit)"} for r in rollout if r["batch"] in (4, 8)]
-    fast_name = lambda settings: "int8 decode" + (", bf16 teacher+update" if len(settings) > 1 else ", fp32 otherwise")  # noqa: E731
+    fast_name = lambda settings: "int8 decode" + (", bf16 teacher+update" if "train.autocast='bfloat16'" in settings  # noqa: E731
+                                                  else ", fp32 otherwise")
     headline += [{"figure": f"whole loop batch {r['batch']} (reverse_kl, {'fp32' if r['settings'] == 'fp32' else fast_name(r['settings'])})",
                   "value": r["student_tokens_per_s"],
                   "unit": f"student tok/s ({r['fraction_of_matmul_limit']:.1%} of the fp32 matmul limit; update {r['update_fraction_of_matmul_limit']:.0%})"}

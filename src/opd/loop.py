@@ -248,8 +248,8 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
     sampling_copy = sampling_copy_for(student, cfg.rollout.dtype)
     sampler = student if sampling_copy is None else sampling_copy.model
     if cfg.rollout.dtype == "int8" and (reason := int8_decode_unsupported(sampler, cfg.rollout.decoder)):
-        log(f"warning: rollout.dtype = 'int8' falls back to {str(next(sampler.parameters()).dtype)[6:]} decoding: "
-            f"{reason}")
+        plain = str(next(sampler.parameters()).dtype).removeprefix("torch.")
+        log(f"warning: rollout.dtype = 'int8' falls back to {plain} decoding: {reason}")
     ref_model = None
 
     def eval_row(step: int, version: int) -> dict:
