@@ -8,9 +8,17 @@ needs_kernel = pytest.mark.skipif(not cpu_kernels.int8_gemv_available(),
                                   reason="opd's int8 kernel needs an x86 CPU with AVX2 + FMA and a C compiler")
 
 
+# Both builds of opd's kernel where this CPU runs them: "auto" is the AVX-512 one on CPUs with AVX-512F.
+BUILDS = ["avx2"] + (["auto"] if "avx512f" in matmul.cpu_flags() else [])
+
+
 @needs_kernel
-@pytest.mark.parametrize("B, N, K", [(1, 64, 576), (4, 1536, 576), (3, 67, 37), (5, 130, 1536), (16, 33, 8), (9, 1, 12)])
-def test_int8_gemv_equals_the_dequantised_product(B, N, K):
+@pytest.mark.parametrize("build", BUILDS)
+@pytest.mark.parametrize("B, N, K", [(1, 64, 576), (4, 1536, 576), (3, 67, 37), (5, 130, 1536), (16, 33, 8), (9, 1, 12),
+                                     (4, 5, 16), (6, 131, 47)])
+def test_int8_gemv_equals_the_dequantised_product(B, N, K, build, fresh_kernel):
+    fresh_kernel.setenv("OPD_INT8_KERNEL", build)
+    assert cpu_kernels.variant() == ("avx512" if build == "auto" else "avx2")
     g = torch.Generator().manual_seed(B * N + K)
     x = torch.randn(B, K, generator=g)
     q = torch.randint(-127, 128, (N, K), generator=g, dtype=torch.int8)
@@ -20,6 +28,25 @@ def test_int8_gemv_equals_the_dequantised_product(B, N, K):
     # exact fp32 accumulation: equal to the fp64 product up to fp32 rounding of the sums
     want = (x.double() @ q.double().T) * scale.double()
     torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
+def test_the_build_follows_the_cpu_and_the_setting(fresh_kernel):
+    fresh_kernel.setattr(matmul, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    assert cpu_kernels.variant() in ("avx2", None)  # None: no compiler here
+    cpu_kernels._library.cache_clear()
+    fresh_kernel.setenv("OPD_INT8_KERNEL", "AVX-512")
+    with pytest.raises(ValueError, match="OPD_INT8_KERNEL='avx-512': expected one of auto, avx2, torch"):
+        cpu_kernels.variant()
+
+
+@needs_kernel
+def test_bf16_models_take_opds_kernel_only_in_its_avx512_build(fresh_kernel):
+    want = torch.float32 if cpu_kernels.variant() == "avx512" else torch.bfloat16
+    assert int8_kernel_dtype(torch.bfloat16) == want
+    fresh_kernel.setenv("OPD_INT8_KERNEL", "avx2")
+    cpu_kernels._library.cache_clear()
+    assert int8_kernel_dtype(torch.bfloat16) == torch.bfloat16  # torch's kernel (its bf16 path is its fast one)
+    assert int8_kernel_dtype(torch.float32) == torch.float32
 
 
 @needs_kernel

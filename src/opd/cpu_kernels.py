@@ -2,15 +2,20 @@
 
 torch's weight-only int8 kernel (`torch._weight_int8pack_mm`) takes bf16 activations and, on CPUs without
 AVX-512, runs at ~50 GFLOP/s on 2 cores: a decode step of the half-depth SmolLM2 student at batch 4 spent 12.6 of
-its ~20 ms there (bench/NOTES.md, session 10). `csrc/int8_gemv.c` is a plain AVX2 + FMA loop that widens each
-int8 weight to fp32 in registers and uses it for up to four activation rows: 2-2.3x faster than torch's at 1-16
-rows, and exact fp32 (the activations are not rounded).
+its ~20 ms there (bench/NOTES.md, session 10). `csrc/int8_gemv.c` is a plain loop that widens each int8 weight
+to fp32 in registers and uses it for up to four activation rows, exact fp32 (the activations are not rounded),
+in two builds of the same source: AVX2 + FMA (2-2.3x torch's kernel at 1-16 rows on an AVX2 EPYC) and AVX-512F
+(on a Xeon with AMX, where torch's kernel and the AVX2 loop are both bound by the widening and the FMAs while the
+weights sit in cache: bench/NOTES.md, session 11).
 
 It is compiled on first use with the machine's C compiler (`cc`, ~1 s) into `~/.cache/opd/kernels/`
 (`$OPD_KERNEL_CACHE` to move it), keyed on the source and flags, and loaded with ctypes (which releases the GIL).
 OpenMP comes from the libgomp torch has already loaded, so the kernel shares torch's thread pool. Where there is
 no x86 CPU with AVX2 + FMA, no compiler, or the build fails its check, `int8_gemv_available()` is False and opd
-uses torch's kernel. `OPD_INT8_KERNEL=torch` forces that.
+uses torch's kernel.
+
+OPD_INT8_KERNEL = auto (the default: the AVX-512 build where the CPU has AVX-512F, else the AVX2 one) | avx2 |
+torch (torch's kernel, bf16 activations).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -56,24 +62,46 @@ def build(source: Path, cache: Path) -> Path:
     return out
 
 
+CHOICES = ("auto", "avx2", "torch")
+ARGTYPES = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+            ctypes.c_int64, ctypes.c_int]
+
+
+def _choice() -> str:
+    choice = os.environ.get("OPD_INT8_KERNEL", "auto").strip().lower()
+    if choice not in CHOICES:
+        raise ValueError(f"OPD_INT8_KERNEL={choice!r}: expected one of {', '.join(CHOICES)}")
+    return choice
+
+
+@dataclass(frozen=True)
+class _Kernel:
+    fn: ctypes._CFuncPtr  # the build's entry point
+    variant: str  # "avx512" | "avx2"
+
+
 @functools.cache
-def _library() -> ctypes.CDLL | None:
-    if os.environ.get("OPD_INT8_KERNEL", "auto") == "torch":
-        return None
-    if not {"avx2", "fma"} <= matmul.cpu_flags():
+def _library() -> _Kernel | None:
+    """The kernel this process runs (None: torch's), decided once: OPD_INT8_KERNEL, the CPU's flags, the build."""
+    choice = _choice()
+    if choice == "torch" or not {"avx2", "fma"} <= matmul.cpu_flags():
         return None
     try:
         with resources.as_file(resources.files("opd") / "csrc" / "int8_gemv.c") as source:
             lib = ctypes.CDLL(str(build(Path(source), kernel_cache())))
     except (OSError, RuntimeError):
         return None  # no compiler, a failed build, an unwritable cache: torch's kernel it is
-    fn = lib.opd_int8_gemv
-    fn.restype = None
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                   ctypes.c_int64, ctypes.c_int]
-    if not _passes_check(fn):
-        return None
-    return lib
+    for fn in (lib.opd_int8_gemv, lib.opd_int8_gemv_avx512):
+        fn.restype, fn.argtypes = None, ARGTYPES
+    if choice == "auto" and "avx512f" in matmul.cpu_flags() and _passes_check(lib.opd_int8_gemv_avx512):
+        return _Kernel(lib.opd_int8_gemv_avx512, "avx512")
+    return _Kernel(lib.opd_int8_gemv, "avx2") if _passes_check(lib.opd_int8_gemv) else None
+
+
+def variant() -> str | None:
+    """Which build of opd's kernel int8_gemv runs here: "avx512", "avx2", or None (torch's kernel)."""
+    kernel = _library()
+    return None if kernel is None else kernel.variant
 
 
 def _passes_check(fn) -> bool:
@@ -92,8 +120,8 @@ def int8_gemv_available() -> bool:
 
 def int8_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x [B, K] fp32 @ (q [N, K] int8 * scale [N] fp32)[:, None].T -> [B, N] fp32, on the CPU."""
-    lib = _library()
-    if lib is None:
+    kernel = _library()
+    if kernel is None:
         raise RuntimeError("opd's int8 kernel is not available here (see opd.cpu_kernels.int8_gemv_available)")
     if x.dtype != torch.float32 or q.dtype != torch.int8 or scale.dtype != torch.float32:
         raise TypeError(f"int8_gemv takes fp32 x, int8 q and fp32 scale, not {x.dtype}, {q.dtype}, {scale.dtype}")
@@ -102,5 +130,5 @@ def int8_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Te
         raise ValueError(f"int8_gemv: x {tuple(x.shape)} on {x.device}, q {tuple(q.shape)}, scale {tuple(scale.shape)}")
     x, q, scale = x.contiguous(), q.contiguous(), scale.contiguous()
     y = torch.empty(B, N)
-    lib.opd_int8_gemv(x.data_ptr(), B, q.data_ptr(), scale.data_ptr(), y.data_ptr(), N, K, torch.get_num_threads())
+    kernel.fn(x.data_ptr(), B, q.data_ptr(), scale.data_ptr(), y.data_ptr(), N, K, torch.get_num_threads())
     return y

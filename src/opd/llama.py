@@ -161,13 +161,18 @@ class Int8Weight:
 
 
 def int8_kernel_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The activation dtype the int8 products run in for a model of `dtype`: the model's own for bf16 / fp16, and
-    for fp32 where opd's own kernel runs (opd.cpu_kernels: AVX2, exact fp32); else bf16 for fp32 models, whose
-    decode activations are then rounded to bf16 for torch's kernel (its fp32 path is ~10-40x slower; the rounding
-    of 4-16 rows is a few microseconds)."""
-    if dtype != torch.float32:
-        return dtype
-    return torch.float32 if cpu_kernels.int8_gemv_available() else torch.bfloat16
+    """The activation dtype the int8 products run in for a model of `dtype` (and so its scales' dtype).
+
+    fp32 where opd's own kernel runs them (opd.cpu_kernels: exact fp32 activations): for fp32 models wherever it
+    builds, and for bf16 models where its AVX-512 build runs (bf16 activations are exact in fp32; on a Xeon with
+    AMX it was faster than torch's kernel, bench/NOTES.md session 11). Otherwise torch's kernel in the model's
+    own dtype, and for fp32 models in bf16: their decode activations are then rounded to bf16 (torch's fp32 path
+    is ~10-40x slower; the rounding of 4-16 rows is a few microseconds)."""
+    if dtype == torch.float32:
+        return torch.float32 if cpu_kernels.int8_gemv_available() else torch.bfloat16
+    if dtype == torch.bfloat16 and cpu_kernels.variant() == "avx512":
+        return torch.float32
+    return dtype
 
 
 def quantize_int8(w: torch.Tensor, out: Int8Weight | None = None, rows: int = 1024) -> Int8Weight:
@@ -191,7 +196,7 @@ def quantize_int8(w: torch.Tensor, out: Int8Weight | None = None, rows: int = 10
 
 def int8_linear(x: torch.Tensor, w: Int8Weight) -> torch.Tensor:
     """x @ (q * scale).T without materialising the weight: a GEMV-style loop that reads each int8 weight once
-    (opd's AVX2 kernel for fp32 scales, else torch's weight-only int8 kernel; for a few rows of x ~3x faster than a
+    (opd's kernel for fp32 scales, else torch's weight-only int8 kernel; for a few rows of x ~3x faster than a
     bf16 matmul streaming from memory, slower than bf16 / fp32 GEMMs for many rows, so only decode steps use it)."""
     rows = x.reshape(-1, x.shape[-1])
     if w.scale.dtype == torch.float32 and cpu_kernels.int8_gemv_available():  # opd's own kernel (int8_kernel_dtype)

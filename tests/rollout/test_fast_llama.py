@@ -180,10 +180,12 @@ def test_int8_quantising_an_fp32_weight_leaves_it_alone():
     assert ((deq - w).abs() <= q.scale.float()[:, None] * (0.5 + 127 * 2**-8) + 1e-7).all()
 
 
-@pytest.mark.parametrize("dtype, kernel", [(torch.bfloat16, "torch"), (torch.float32, "torch"), (torch.float32, "auto")])
+@pytest.mark.parametrize("dtype, kernel", [(torch.bfloat16, "torch"), (torch.bfloat16, "auto"), (torch.float32, "torch"),
+                                           (torch.float32, "auto")])
 def test_int8_decode_steps_equal_the_dequantised_model(tokenizer, prompts, dtype, kernel, fresh_kernel):
-    """bf16 models run the int8 products in bf16; fp32 models in fp32 through opd's kernel ("auto", where it
-    builds) or, through torch's, with only those products' activations rounded to bf16."""
+    """bf16 models run the int8 products in bf16 through torch's kernel, or in fp32 through opd's AVX-512 build
+    ("auto" on such a CPU); fp32 models in fp32 through opd's kernel ("auto", where it builds) or, through
+    torch's, with only those products' activations rounded to bf16."""
     from opd import cpu_kernels
     from opd.llama import int8_linear, quantize_int8
 
