@@ -117,10 +117,13 @@ def per_position(
     fn: Callable[[torch.Tensor, slice], tuple[torch.Tensor, ...]],
     temperature: float,
     chunk_size: int,
+    *,
+    raw_logits: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """Apply fn(log_softmax(logits[chunk]), chunk_slice) -> per-position tensors, chunk by chunk.
 
-    fn sees one chunk's full-vocabulary log-probs [n, V] and returns tensors of shape [n];
+    fn sees one chunk's full-vocabulary log-probs [n, V] (with `raw_logits`, the plain LM head's logits in their
+    own dtype instead, for fn to normalise itself: opd.objectives.fused) and returns tensors of shape [n];
     results are concatenated over chunks. With grad enabled each chunk is checkpointed (unless all chunks' logits
     together stay under CHECKPOINT_ABOVE_BYTES).
     """
@@ -132,6 +135,9 @@ def per_position(
         sl = slice(start, min(start + chunk_size, n))
 
         def chunk_fn(h: torch.Tensor, sl: slice = sl) -> tuple[torch.Tensor, ...]:
+            if raw_logits:
+                head = model.get_output_embeddings()
+                return fn(matmul.linear(h, head.weight, head.bias), sl)
             return fn(F.log_softmax(lm_logits(model, h, temperature), dim=-1), sl)
 
         h = hidden[sl]
@@ -141,6 +147,8 @@ def per_position(
             outs.append(chunk_fn(h))
     if not outs:
         return tuple()
+    if len(outs) == 1:  # torch.cat of one tensor is still a copy (of a [n, V] block when fn returns log-probs)
+        return outs[0]
     return tuple(torch.cat(parts) for parts in zip(*outs))
 
 
@@ -160,7 +168,10 @@ def entropy_of(logp: torch.Tensor) -> torch.Tensor:
 
 
 def scatter_tokens(values: torch.Tensor, mask: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
-    """Inverse of `tensor[mask]`: put per-token values [N, ...] back into [B, T, ...]."""
+    """Inverse of `tensor[mask]`: put per-token values [N, ...] back into [B, T, ...]. Where every position is a
+    token this is `values` itself, reshaped (no fill and no copy of a [B, T, V] block)."""
+    if values.shape[0] == mask.numel() and bool(mask.all()):
+        return values.reshape(*mask.shape, *values.shape[1:])
     out = torch.full((*mask.shape, *values.shape[1:]), fill, dtype=values.dtype, device=values.device)
     out[mask.to(values.device).bool()] = values
     return out

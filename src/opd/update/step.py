@@ -20,6 +20,7 @@ import torch
 from opd import matmul
 from opd.config import ObjectiveConfig, TrainConfig
 from opd.logprobs import completion_hidden, entropy_of, per_position, sampled_logprobs
+from opd.objectives import fused as fused_terms
 from opd.objectives import generalized_jsd, kl_to_reference, pg_loss, reverse_kl, topk_kl
 from opd.types import TEACHER_WRITTEN, Feedback, Rollout, TeacherScores
 
@@ -108,12 +109,27 @@ class TokenTerms:
     distribution_loss: torch.Tensor | None  # with grad, for reverse_kl / gkd / topk_kl
 
 
-def student_token_terms(model, rollout: Rollout, scores: TeacherScores, obj: ObjectiveConfig, chunk_size: int) -> TokenTerms:
+# Objectives whose vocabulary work opd.objectives.fused does in one pass: the policy-gradient family needs only the
+# sampled token's logprob (and the entropy it reports), reverse_kl also the KL to the teacher's full distribution.
+FUSED_OBJECTIVES = (*PG_FAMILY, "sft", "reverse_kl")
+
+
+def student_token_terms(model, rollout: Rollout, scores: TeacherScores, obj: ObjectiveConfig, chunk_size: int,
+                        *, fused: bool = True) -> TokenTerms:
     mask = rollout.completion_mask.bool()
     dev = next(model.parameters()).device
     targets = rollout.completion_ids[mask].to(dev)
     hidden = completion_hidden(model, rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.completion_mask)
-    teacher_full = scores.full_logprobs[mask].to(dev) if obj.name in ("reverse_kl", "gkd") else None
+    teacher_full = None
+    if obj.name in ("reverse_kl", "gkd"):  # [N, V]; a view where every position is a token (no 50 MB gather)
+        full = scores.full_logprobs
+        teacher_full = full.reshape(-1, full.shape[-1]) if bool(mask.all()) else full[mask]
+        teacher_full = teacher_full.to(dev)
+    if fused and obj.name in FUSED_OBJECTIVES and fused_terms.supports(model):
+        T = rollout.temperature
+        tok, ent, kl = per_position(model, hidden, lambda logits, sl: fused_terms.token_terms(
+            logits, None if teacher_full is None else teacher_full[sl], targets[sl], T), T, chunk_size, raw_logits=True)
+        return TokenTerms(new_logprobs=tok, entropy=ent, distribution_loss=kl if obj.name == "reverse_kl" else None)
     if obj.name == "topk_kl":
         tk_ids, tk_lp = scores.topk_ids[mask].to(dev), scores.topk_logprobs[mask].to(dev)
 

@@ -1,0 +1,79 @@
+"""The update's full-vocabulary terms in one pass per block of rows: the sampled token's logprob, the entropy and
+the reverse KL(student || teacher), straight from the LM head's logits.
+
+Written as log_softmax, then a gather, an entropy and a KL, each is its own pass over [positions, vocab] tensors
+in the forward and again in the backward (~15 passes over 50 MB at batch 4 x 64 tokens and a 49k vocabulary),
+and autograd keeps the fp32 log-probs and their exponentials for the backward pass. Here a block of a few rows
+is upcast, normalised and reduced while it sits in cache; the backward pass recomputes it from the saved logits
+(kept in their own dtype, bf16 under autocast) and writes the gradient of the logits in one go:
+
+    d tok / dz = onehot(target) - p        d KL / dz = p * (log p - log t - KL)        (each / T)
+
+The entropy carries no gradient (opd reports it; no objective trains on it). bench/NOTES.md (session 11) has the
+measurement; tests/objectives/test_fused.py compares values and gradients with the unfused ops.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Rows per block: 8 x 49k fp32 is 1.5 MB, in a core's L2 with the block's temporaries on recent x86 CPUs.
+BLOCK_ROWS = 8
+
+
+class TokenTerms(torch.autograd.Function):
+    """(logits [n, V], teacher log-probs [n, V] or None, targets [n], T) -> (token logprob, entropy, KL) [n] each,
+    all at temperature T (log softmax(logits / T)); KL is zeros without a teacher."""
+
+    @staticmethod
+    def forward(ctx, logits, teacher, targets, temperature: float):
+        n = logits.shape[0]
+        tok, ent, kl, lse = (torch.empty(n, device=logits.device) for _ in range(4))
+        for s in range(0, n, BLOCK_ROWS):
+            rows = slice(s, s + BLOCK_ROWS)
+            logp = _scaled(logits[rows], temperature)
+            lse[rows] = torch.logsumexp(logp, -1)
+            logp.sub_(lse[rows, None])
+            p = logp.exp()
+            tok[rows] = logp.gather(1, targets[rows, None]).squeeze(1)
+            ent[rows] = -(p * logp).sum(-1)
+            kl[rows] = 0.0 if teacher is None else (p * (logp - teacher[rows])).sum(-1)
+        ctx.save_for_backward(logits, teacher, targets, lse, kl)
+        ctx.temperature = temperature
+        ctx.mark_non_differentiable(ent)
+        return tok, ent, kl
+
+    @staticmethod
+    def backward(ctx, g_tok, g_ent, g_kl):
+        logits, teacher, targets, lse, kl = ctx.saved_tensors
+        T = ctx.temperature
+        g_tok = torch.zeros_like(lse) if g_tok is None else g_tok
+        g_kl = torch.zeros_like(lse) if (g_kl is None or teacher is None) else g_kl
+        grad = torch.empty_like(logits)
+        for s in range(0, logits.shape[0], BLOCK_ROWS):
+            rows = slice(s, s + BLOCK_ROWS)
+            logp = _scaled(logits[rows], T).sub_(lse[rows, None])
+            p = logp.exp()
+            # g_kl * p * (log p - log t - KL) - g_tok * p, then + g_tok at the target: in place on logp's buffer
+            g = logp.sub_(teacher[rows]) if teacher is not None else logp
+            g.sub_(kl[rows, None]).mul_(g_kl[rows, None]).sub_(g_tok[rows, None]).mul_(p)
+            g.scatter_add_(1, targets[rows, None], g_tok[rows, None])
+            grad[rows] = g / T if T != 1.0 else g
+        return grad, None, None, None
+
+
+def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """An fp32 copy of a block of logits at temperature T (a copy: callers work in place on it)."""
+    z = logits.float()
+    if temperature != 1.0:
+        return z.div_(temperature) if z is not logits else z / temperature
+    return z.clone() if z is logits else z
+
+
+def supports(model) -> bool:
+    """The fused terms need the plain LM head's logits (no wrapper, no final-logit soft-capping)."""
+    return type(model.get_output_embeddings()) is torch.nn.Linear and not getattr(model.config, "final_logit_softcapping", None)
+
+
+def token_terms(logits: torch.Tensor, teacher: torch.Tensor | None, targets: torch.Tensor, temperature: float):
+    return TokenTerms.apply(logits, teacher, targets, temperature)

@@ -1,0 +1,87 @@
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from opd.config import ObjectiveConfig
+from opd.objectives import fused
+from opd.objectives.losses import reverse_kl
+from opd.rollout import SamplingParams, sample
+from opd.teacher import LocalTeacher
+from opd.update.step import student_token_terms, update_autocast
+
+
+def unfused(logits, teacher, targets, T):
+    """The same terms as the update computed them before: log_softmax, gather, entropy, reverse_kl."""
+    logp = F.log_softmax(logits.float() / T, dim=-1)
+    tok = logp.gather(1, targets[:, None]).squeeze(1)
+    ent = -(logp.detach().exp() * logp.detach()).sum(-1)
+    kl = reverse_kl(logp, teacher) if teacher is not None else torch.zeros_like(tok)
+    return tok, ent, kl
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T", [1.0, 0.7])
+@pytest.mark.parametrize("with_teacher", [True, False])
+def test_fused_terms_and_their_gradients_equal_the_unfused_ops(dtype, T, with_teacher):
+    g = torch.Generator().manual_seed(0)
+    n, V = 2 * fused.BLOCK_ROWS + 3, 301  # a last block of 3 rows
+    base = (torch.randn(n, V, generator=g) * 3).to(dtype)
+    teacher = F.log_softmax(torch.randn(n, V, generator=g) * 2, -1) if with_teacher else None
+    targets = torch.randint(0, V, (n,), generator=g)
+    g_tok, g_kl = torch.randn(n, generator=g), torch.randn(n, generator=g)
+    results = []
+    for fn in (unfused, fused.token_terms):
+        logits = base.clone().requires_grad_()
+        tok, ent, kl = fn(logits, teacher, targets, T)
+        ((tok * g_tok).sum() + (kl * g_kl).sum()).backward()
+        results.append((tok, ent, kl, logits.grad))
+    assert not results[1][1].requires_grad  # the entropy is reported, never trained on
+    for want, got in zip(*results):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        # bf16 gradients: one rounding of each element either way
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol * float(want.detach().abs().max()))
+    if not with_teacher:
+        assert (results[1][2] == 0).all()
+
+
+@pytest.fixture
+def batch(student, teacher_model, tokenizer, prompts):
+    roll = sample(student, tokenizer, prompts, SamplingParams(max_new_tokens=10, temperature=0.9),
+                  generator=torch.Generator().manual_seed(4))
+    return roll, LocalTeacher(teacher_model).score(roll, full=True)
+
+
+@pytest.mark.parametrize("objective", ["reverse_kl", "pg"])
+@pytest.mark.parametrize("autocast", ["none", "bfloat16"])
+def test_the_update_terms_and_gradients_are_those_of_the_unfused_path(student, batch, objective, autocast):
+    roll, scores = batch
+    assert (roll.completion_mask == 0).any()  # padding in the batch: only real tokens reach the terms
+    grads = []
+    for use_fused in (False, True):
+        model = copy.deepcopy(student)
+        with update_autocast(model, autocast):
+            terms = student_token_terms(model, roll, scores, ObjectiveConfig(name=objective), 5, fused=use_fused)
+        loss = terms.distribution_loss.sum() if objective == "reverse_kl" else -terms.new_logprobs.sum()
+        loss.backward()
+        grads.append((terms, torch.cat([p.grad.flatten() for p in model.parameters()])))
+    (want, g_want), (got, g_got) = grads
+    tol = 1e-5 if autocast == "none" else 2e-2
+    torch.testing.assert_close(got.new_logprobs, want.new_logprobs, rtol=tol, atol=tol)
+    torch.testing.assert_close(got.entropy, want.entropy, rtol=tol, atol=tol)
+    if objective == "reverse_kl":
+        torch.testing.assert_close(got.distribution_loss, want.distribution_loss, rtol=tol, atol=tol)
+    else:
+        assert got.distribution_loss is None
+    cos = F.cosine_similarity(g_got, g_want, dim=0)
+    assert cos > (1 - 1e-6 if autocast == "none" else 0.999)
+    torch.testing.assert_close(g_got.norm(), g_want.norm(), rtol=tol, atol=0)
+
+
+def test_models_with_soft_capped_logits_keep_the_unfused_path(student):
+    assert fused.supports(student)
+    capped = copy.deepcopy(student)
+    capped.config.final_logit_softcapping = 30.0
+    assert not fused.supports(capped)
