@@ -59,6 +59,14 @@ class FastLlamaDecoder:
         if int8 and int8_supported(self.device, self.dtype):
             flat = int8_weights(model, [t for w in self.layers for t in (w.qkv, w.o, w.gate_up, w.down)] + [self.lm_head])
             self.int8 = [flat[4 * i : 4 * i + 4] for i in range(len(self.layers))] + [flat[-1:]]
+        # Where the int8 products take fp32 activations (opd's own kernel, also for a bf16 copy: int8_kernel_dtype),
+        # decode steps run in fp32 throughout: no bf16 round trip around every product and norm (~180 small casts a
+        # step), and activations as exact as the fp32 student's; the prefill keeps the model's dtype.
+        self.step_dtype = self.dtype
+        if self.int8 is not None and self.int8[0][0].scale.dtype == torch.float32:
+            self.step_dtype = torch.float32
+        self.step_norms = [(w.input_norm.to(self.step_dtype), w.post_norm.to(self.step_dtype)) for w in self.layers]
+        self.step_final_norm = self.final_norm.to(self.step_dtype)
         # On CPU keys and values are kept (exactly) in fp32 and attention runs in fp32 whatever the weights' dtype:
         # the CPU bf16 attention kernel is ~5x slower than the fp32 one at decode shapes, and the cache is small.
         att_dtype = torch.float32 if self.device.type == "cpu" else self.dtype
@@ -66,6 +74,8 @@ class FastLlamaDecoder:
                                  dtype=att_dtype, device=self.device)
         # cos/sin of every position the rollout can reach (a left-padded row's positions stay below max_len).
         self.cos, self.sin = rope_table(model, max_len, self.dtype, self.device)
+        self.step_cos, self.step_sin = (self.cos, self.sin) if self.step_dtype == self.dtype else \
+            rope_table(model, max_len, self.step_dtype, self.device)
         self.filled = 0  # cache positions written so far
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
@@ -88,15 +98,20 @@ class FastLlamaDecoder:
         B, T = ids.shape
         start, end = self.filled, self.filled + T
         H, KV, D = self.heads, self.kv_heads, self.head_dim
-        cos, sin = self.cos[position_ids][:, None], self.sin[position_ids][:, None]  # [B, 1, T, D]
         q8 = self.int8 if T == 1 else None
+        step = q8 is not None  # a decode step (T = 1) with int8 products: in step_dtype
+        cos_table, sin_table = (self.step_cos, self.step_sin) if step else (self.cos, self.sin)
+        cos, sin = cos_table[position_ids][:, None], sin_table[position_ids][:, None]  # [B, 1, T, D]
 
         def linear(x: torch.Tensor, w: torch.Tensor, layer: int, which: int) -> torch.Tensor:
             return matmul.linear(x, w) if q8 is None else int8_linear(x, q8[layer][which])
 
         x = F.embedding(ids, self.embed)
+        if step:
+            x = x.to(self.step_dtype)
         for i, w in enumerate(self.layers):
-            h = rms_norm(x, w.input_norm, self.eps)
+            input_norm, post_norm = self.step_norms[i] if step else (w.input_norm, w.post_norm)
+            h = rms_norm(x, input_norm, self.eps)
             qkv = linear(h, w.qkv, i, 0).view(B, T, H + 2 * KV, D).transpose(1, 2)
             qk = apply_rope(qkv[:, : H + KV], cos, sin)  # queries and keys rotated in one go
             keys, values = self.cache[i, 0, :B], self.cache[i, 1, :B]
@@ -105,10 +120,10 @@ class FastLlamaDecoder:
             att = F.scaled_dot_product_attention(qk[:, :H].to(keys.dtype), keys[:, :, :end], values[:, :, :end],
                                                  attn_mask=mask, scale=self.scale, **self.gqa)
             x = x + linear(att.transpose(1, 2).reshape(B, T, H * D).to(x.dtype), w.o, i, 1)
-            gate, up = linear(rms_norm(x, w.post_norm, self.eps), w.gate_up, i, 2).chunk(2, dim=-1)
+            gate, up = linear(rms_norm(x, post_norm, self.eps), w.gate_up, i, 2).chunk(2, dim=-1)
             x = x + linear(F.silu(gate) * up, w.down, i, 3)
         self.filled = end
-        return linear(rms_norm(x[:, -1], self.final_norm, self.eps), self.lm_head, -1, 0)
+        return linear(rms_norm(x[:, -1], self.step_final_norm if step else self.final_norm, self.eps), self.lm_head, -1, 0)
 
 
 def build_decoder(model, batch: int, max_len: int, int8: bool = False) -> FastLlamaDecoder | None:
