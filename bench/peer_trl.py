@@ -28,6 +28,7 @@ Student tokens/s = completion tokens sampled (EOS included, padding excluded) / 
     python bench/peer_trl.py                        # writes bench/results/peer_trl.json (BUDGET_S=90)
     BENCH_QUICK=1 python bench/peer_trl.py          # 30 s per side
     python bench/peer_trl.py --budget-s 300 --peers opd,gkd
+    python bench/peer_trl.py --rounds 2             # every side twice, interleaved; medians (BENCH_ROUNDS=2)
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import argparse
 import json
 import os
 import signal
+import statistics
 import sys
 import tempfile
 import threading
@@ -300,6 +302,25 @@ def run_trl(kind: str, student_dir: Path, train_records: list[dict], budget_s: f
 
 
 # ------------------------------------------------------------------------------------ main
+def over_rounds(rounds: list[dict]) -> dict:
+    """One side's result over its rounds: the median tokens/s and the mean reverse KL, with every round's figures
+    (the first round's other fields). One round: that round as it is."""
+    if len(rounds) == 1:
+        return rounds[0]
+    out = dict(rounds[0], eval=dict(rounds[0]["eval"]))
+    out["student_tokens_per_s"] = round(statistics.median(r["student_tokens_per_s"] for r in rounds), 1)
+    out["eval"]["reverse_kl"] = statistics.fmean(r["eval"]["reverse_kl"] for r in rounds)
+    out["rounds"] = [{"student_tokens_per_s": r["student_tokens_per_s"], "steps": r["steps"],
+                      "reverse_kl": r["eval"]["reverse_kl"], **({"time_share": r["time_share"]} if "time_share" in r else {})}
+                     for r in rounds]
+    return out
+
+
+def ratio_to(side: list[dict], base: list[dict]) -> float:
+    """The median over rounds of side / base tokens/s, each round's pair measured next to each other."""
+    return round(statistics.median(a["student_tokens_per_s"] / b["student_tokens_per_s"] for a, b in zip(side, base)), 2)
+
+
 def trl_version() -> str | None:
     try:
         import trl
@@ -314,6 +335,10 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=float(os.environ.get("BUDGET_S", 30 if quick() else 90)))
     ap.add_argument("--peers", default="opd,opd-bf16,opd-int8,opd-int8-batch16,gkd,distillation")
     ap.add_argument("--work", default=str(ROOT / "runs/bench"))
+    # Rounds: the whole sequence of sides again, so that each side runs next to the others more than once; on a
+    # host whose speed drifts during a run (shared machines) the per-round ratios show the spread, and the
+    # figures reported are medians over rounds.
+    ap.add_argument("--rounds", type=int, default=int(os.environ.get("BENCH_ROUNDS") or 1))
     args = ap.parse_args()
     torch.set_num_threads(threads())
     work_root = Path(args.work)
@@ -329,9 +354,10 @@ def main() -> None:
     teacher = LocalTeacher(load_model(TEACHER, device="cpu"), batch_size=8)
     results = {"warm_start": exact_reverse_kl(load_model(str(student_dir), device="cpu"), teacher, tok, eval_records)}
     print("warm start:", results["warm_start"])
+    per_round: dict[str, list[dict]] = {peer: [] for peer in peers}
     with tempfile.TemporaryDirectory(dir=work_root) as tmp:
-        for peer in peers:
-            work = Path(tmp) / peer
+        for rnd, peer in ((rnd, peer) for rnd in range(args.rounds) for peer in peers):
+            work = Path(tmp) / f"{peer}-{rnd}"
             work.mkdir()
             torch.manual_seed(0)
             if peer in OPD_VARIANTS:
@@ -343,9 +369,10 @@ def main() -> None:
                 model = r.pop("model")
             r["eval"] = exact_reverse_kl(model, teacher, tok, eval_records)
             r["student_tokens_per_s"] = round(r["student_tokens_per_s"], 1)
-            results[peer] = r
-            print(peer, json.dumps(r))
+            per_round[peer].append(r)
+            print(peer if args.rounds == 1 else f"round {rnd} {peer}", json.dumps(r))
             del model
+    results.update({peer: over_rounds(rs) for peer, rs in per_round.items()})
     opd, gkd = results.get("opd"), results.get("gkd")
     summary = {}
     if opd:
@@ -355,13 +382,17 @@ def main() -> None:
         summary["trl_student_tokens_per_s"] = gkd["student_tokens_per_s"]
         summary["trl_reverse_kl"] = gkd["eval"]["reverse_kl"]
     if opd and gkd:
-        summary["ratio"] = round(opd["student_tokens_per_s"] / gkd["student_tokens_per_s"], 2)
+        summary["ratio"] = ratio_to(per_round["opd"], per_round["gkd"])
     for key, (prefix, _, _) in OPD_OWN_CHOICES.items():
         if key in results:
             summary[f"{prefix}_student_tokens_per_s"] = results[key]["student_tokens_per_s"]
             summary[f"{prefix}_reverse_kl"] = results[key]["eval"]["reverse_kl"]
             if gkd:
-                summary[f"ratio_{prefix}"] = round(results[key]["student_tokens_per_s"] / gkd["student_tokens_per_s"], 2)
+                summary[f"ratio_{prefix}"] = ratio_to(per_round[key], per_round["gkd"])
+    if args.rounds > 1 and gkd:  # each round's ratio, side by side in time
+        summary["ratio_rounds"] = {key: [round(a["student_tokens_per_s"] / b["student_tokens_per_s"], 2)
+                                         for a, b in zip(per_round[key], per_round["gkd"])]
+                                   for key in per_round if key != "gkd"}
     if "distillation" in results:
         d = results["distillation"]
         summary["trl_distillation_student_tokens_per_s"] = d["student_tokens_per_s"]
@@ -387,7 +418,7 @@ def main() -> None:
         "what": "opd vs TRL on-policy distillation, same teacher/student/prompts/batch/length/temperature/optimizer, "
                 "one after the other; student tokens/s and exact reverse KL on held-out prompts after the same wall budget",
         **summary,
-        "budget_s": args.budget_s, "settings": {"teacher": TEACHER, "student": "half-depth drop_layers + opd warm start "
+        "budget_s": args.budget_s, "rounds": args.rounds, "settings": {"teacher": TEACHER, "student": "half-depth drop_layers + opd warm start "
                                                 f"({WARM_STEPS} steps on {WARM_SAMPLES} teacher completions)", "batch_size": BATCH, "max_new_tokens": NEW_TOKENS,
                                                 "temperature": TEMPERATURE, "lr": LR, "grad_clip": GRAD_CLIP, "dtype": "float32",
                                                 "eval_prompts": len(eval_records), "train_prompts": len(train_records)},

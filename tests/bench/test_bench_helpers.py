@@ -110,6 +110,25 @@ def test_peer_benchmark_splits_prompts_and_configures_opd_like_the_peers(tmp_pat
     assert set(peer_trl.OPD_OWN_CHOICES) == set(peer_trl.OPD_VARIANTS) - {"opd"}  # each reported in the summary
 
 
+def test_peer_rounds_report_medians_and_ratios_of_neighbouring_runs():
+    import peer_trl
+
+    def side(tps, kl, **extra):
+        return {"student_tokens_per_s": tps, "steps": 3, "eval": {"reverse_kl": kl, "tokens": 10}, **extra}
+
+    one = side(50.0, 1.0)
+    assert peer_trl.over_rounds([one]) is one  # a single round is reported as it is
+    opd = [side(100.0, 0.5, time_share={"rollout": 0.5}), side(60.0, 0.7), side(90.0, 0.9)]
+    gkd = [side(50.0, 1.0), side(20.0, 1.2), side(45.0, 1.1)]
+    r = peer_trl.over_rounds(opd)
+    assert r["student_tokens_per_s"] == 90.0 and r["eval"]["reverse_kl"] == pytest.approx(0.7)
+    assert [x["student_tokens_per_s"] for x in r["rounds"]] == [100.0, 60.0, 90.0] and "time_share" in r["rounds"][0]
+    assert opd[0]["eval"]["reverse_kl"] == 0.5  # the rounds' own records are left as they were
+    # per-round ratios 2.0, 3.0, 2.0: the median of those, not the ratio of the medians (90 / 45 = 2.0 here too)
+    assert peer_trl.ratio_to(opd, gkd) == 2.0
+    assert peer_trl.ratio_to(opd[1:2], gkd[1:2]) == 3.0
+
+
 def test_step_floor_covers_every_linear_weight_of_a_decode_step():
     import step_floor
     import torch
