@@ -5,8 +5,8 @@ AVX-512, runs at ~50 GFLOP/s on 2 cores: a decode step of the half-depth SmolLM2
 its ~20 ms there (bench/NOTES.md, session 10). `csrc/int8_gemv.c` is a plain loop that widens each int8 weight
 to fp32 in registers and uses it for up to four activation rows, exact fp32 (the activations are not rounded),
 in two builds of the same source: AVX2 + FMA (2-2.3x torch's kernel at 1-16 rows on an AVX2 EPYC) and AVX-512F
-(on a Xeon with AMX, where torch's kernel and the AVX2 loop are both bound by the widening and the FMAs while the
-weights sit in cache: bench/NOTES.md, session 11).
+with software prefetch of the weights streaming in (1.6x torch's kernel at 4 rows on a Xeon with AMX, where
+torch's ran no faster than the AVX2 loop: bench/NOTES.md, session 11).
 
 It is compiled on first use with the machine's C compiler (`cc`, ~1 s) into `~/.cache/opd/kernels/`
 (`$OPD_KERNEL_CACHE` to move it), keyed on the source and flags, and loaded with ctypes (which releases the GIL).

@@ -52,3 +52,22 @@ def test_teacher_is_frozen_and_scoring_makes_no_graph(student, teacher_model, to
     s = teacher.score(roll)
     assert not s.token_logprobs.requires_grad
     assert not teacher.model.training
+
+
+def test_token_only_scoring_takes_the_fused_pass_and_agrees_with_the_full_one(student, teacher_model, tokenizer,
+                                                                              prompts, monkeypatch):
+    """Without top-k or the full distribution the teacher's token logprobs and entropies come from
+    opd.objectives.fused in one pass; they equal those the log-softmax path gives alongside the full distribution."""
+    from opd.objectives import fused
+
+    roll = sample(student, tokenizer, prompts, SamplingParams(temperature=0.8, max_new_tokens=12),
+                  generator=torch.Generator().manual_seed(5))
+    teacher = LocalTeacher(teacher_model, batch_size=2, chunk_size=5)
+    calls = []
+    real = fused.token_terms
+    monkeypatch.setattr(fused, "token_terms", lambda *a: calls.append(1) or real(*a))
+    lean, full = teacher.score(roll), teacher.score(roll, full=True)
+    assert calls and len(calls) == sum(-(-int(roll.completion_mask[r:r + 2].sum()) // 5) for r in range(0, len(prompts), 2))
+    torch.testing.assert_close(lean.token_logprobs, full.token_logprobs, rtol=0, atol=1e-5)
+    torch.testing.assert_close(lean.entropy, full.entropy, rtol=0, atol=1e-5)
+    assert lean.full_logprobs is None and torch.equal(lean.scored_mask, roll.completion_mask)

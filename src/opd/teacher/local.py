@@ -12,6 +12,7 @@ import time
 import torch
 
 from opd.logprobs import completion_hidden, entropy_of, per_position, scatter_tokens
+from opd.objectives import fused
 from opd.types import Rollout, TeacherScores
 
 
@@ -55,7 +56,12 @@ class LocalTeacher:
                     outs.append(logp)
                 return tuple(outs)
 
-            res = per_position(self.model, hidden, fn, rollout.temperature, self.chunk_size)
+            if not (k or full) and fused.supports(self.model):  # token logprob and entropy: one pass, no [n, V] log-probs
+                T = rollout.temperature
+                res = per_position(self.model, hidden, lambda logits, sl: fused.token_terms(logits, None, targets[sl], T)[:2],
+                                   T, self.chunk_size, raw_logits=True)
+            else:
+                res = per_position(self.model, hidden, fn, rollout.temperature, self.chunk_size)
             if not res:
                 continue
             lp[rows] = scatter_tokens(res[0].cpu(), cmask)
