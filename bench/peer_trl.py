@@ -316,9 +316,14 @@ def over_rounds(rounds: list[dict]) -> dict:
     return out
 
 
+def round_ratios(side: list[dict], base: list[dict]) -> list[float]:
+    """side / base tokens/s of each round, the pair measured next to each other."""
+    return [a["student_tokens_per_s"] / b["student_tokens_per_s"] for a, b in zip(side, base)]
+
+
 def ratio_to(side: list[dict], base: list[dict]) -> float:
-    """The median over rounds of side / base tokens/s, each round's pair measured next to each other."""
-    return round(statistics.median(a["student_tokens_per_s"] / b["student_tokens_per_s"] for a, b in zip(side, base)), 2)
+    """The median over rounds of side / base tokens/s (round_ratios)."""
+    return round(statistics.median(round_ratios(side, base)), 2)
 
 
 def trl_version() -> str | None:
@@ -390,8 +395,7 @@ def main() -> None:
             if gkd:
                 summary[f"ratio_{prefix}"] = ratio_to(per_round[key], per_round["gkd"])
     if args.rounds > 1 and gkd:  # each round's ratio, side by side in time
-        summary["ratio_rounds"] = {key: [round(a["student_tokens_per_s"] / b["student_tokens_per_s"], 2)
-                                         for a, b in zip(per_round[key], per_round["gkd"])]
+        summary["ratio_rounds"] = {key: [round(r, 2) for r in round_ratios(per_round[key], per_round["gkd"])]
                                    for key in per_round if key != "gkd"}
     if "distillation" in results:
         d = results["distillation"]

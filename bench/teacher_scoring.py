@@ -166,18 +166,20 @@ def main() -> None:
                 roll = synthetic_rollout(batch, length, vocab, seed=batch * 1000 + length)
                 seqs = torch.cat([roll.prompt_ids, roll.completion_ids], 1).tolist()
                 base = reset_peak_rss()
-                opd_s, vllm_s = float("inf"), float("inf")
-                for i in range(repeats + 1):  # the first round warms both up and is not counted
+                opd_times, vllm_times = [], []
+                for _ in range(repeats + 1):  # the first round warms both up and is not counted
                     if server:
                         server.pause()
                     t0 = time.perf_counter()
                     scores = teacher.score(roll)
-                    opd_s = min(opd_s, time.perf_counter() - t0) if i else opd_s
+                    opd_times.append(time.perf_counter() - t0)
                     if server:
                         server.resume()
                         t0 = time.perf_counter()
                         vllm_scores(server.url, seqs)
-                        vllm_s = min(vllm_s, time.perf_counter() - t0) if i else vllm_s
+                        vllm_times.append(time.perf_counter() - t0)
+                opd_s = min(opd_times[1:])
+                vllm_s = min(vllm_times[1:]) if server else None
                 assert torch.isfinite(scores.token_logprobs).all()
                 row("opd LocalTeacher", dtype, batch, length, roll.num_tokens / opd_s, opd_s, peak_rss_gib=peak_rss_gib(),
                     peak_above_start_gib=round(peak_rss_gib() - base / 2**20, 3))

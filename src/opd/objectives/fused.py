@@ -46,28 +46,25 @@ class TokenTerms(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_tok, g_ent, g_kl):
         logits, teacher, targets, lse, kl = ctx.saved_tensors
-        T = ctx.temperature
-        g_tok = torch.zeros_like(lse) if g_tok is None else g_tok
-        g_kl = torch.zeros_like(lse) if (g_kl is None or teacher is None) else g_kl
+        T = ctx.temperature  # g_tok and g_kl arrive as zeros where unused (autograd materialises them)
         grad = torch.empty_like(logits)
         for s in range(0, logits.shape[0], BLOCK_ROWS):
             rows = slice(s, s + BLOCK_ROWS)
             logp = _scaled(logits[rows], T).sub_(lse[rows, None])
             p = logp.exp()
-            # g_kl * p * (log p - log t - KL) - g_tok * p, then + g_tok at the target: in place on logp's buffer
-            g = logp.sub_(teacher[rows]) if teacher is not None else logp
-            g.sub_(kl[rows, None]).mul_(g_kl[rows, None]).sub_(g_tok[rows, None]).mul_(p)
-            g.scatter_add_(1, targets[rows, None], g_tok[rows, None])
+            if teacher is None:  # no KL term: -g_tok * p
+                g = p.mul_(g_tok[rows, None].neg())
+            else:  # g_kl * p * (log p - log t - KL) - g_tok * p, in place on logp's buffer
+                g = logp.sub_(teacher[rows]).sub_(kl[rows, None]).mul_(g_kl[rows, None]).sub_(g_tok[rows, None]).mul_(p)
+            g.scatter_add_(1, targets[rows, None], g_tok[rows, None])  # + g_tok at the target
             grad[rows] = g / T if T != 1.0 else g
         return grad, None, None, None
 
 
 def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """An fp32 copy of a block of logits at temperature T (a copy: callers work in place on it)."""
-    z = logits.float()
-    if temperature != 1.0:
-        return z.div_(temperature) if z is not logits else z / temperature
-    return z.clone() if z is logits else z
+    z = logits.to(torch.float32, copy=True)
+    return z.div_(temperature) if temperature != 1.0 else z
 
 
 def supports(model) -> bool:

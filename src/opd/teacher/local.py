@@ -73,9 +73,9 @@ class LocalTeacher:
                 chunk_full = scatter_tokens(res[-1].cpu(), cmask)
                 if rows == slice(0, B):  # the whole batch in one block: no second [B, T, V] copy
                     full_lp = chunk_full
-                elif full_lp is None:
-                    full_lp = torch.zeros((B, T, chunk_full.shape[-1]), dtype=torch.float32)
-                if full_lp is not chunk_full:
+                else:
+                    if full_lp is None:
+                        full_lp = torch.zeros((B, T, chunk_full.shape[-1]), dtype=torch.float32)
                     full_lp[rows] = chunk_full
         return TeacherScores(
             token_logprobs=lp,
