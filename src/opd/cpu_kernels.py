@@ -8,6 +8,9 @@ in two builds of the same source: AVX2 + FMA (2-2.3x torch's kernel at 1-16 rows
 with software prefetch of the weights streaming in (1.6x torch's kernel at 4 rows on a Xeon with AMX, where
 torch's ran no faster than the AVX2 loop: bench/NOTES.md, session 11).
 
+`csrc/decode_step.c` builds on it: a whole int8 decode step of a Llama model (norms, RoPE, cache write,
+attention, MLP, LM head) in one call, for opd.rollout.fast_llama (`decode_step`).
+
 It is compiled on first use with the machine's C compiler (`cc`, ~1 s) into `~/.cache/opd/kernels/`
 (`$OPD_KERNEL_CACHE` to move it), keyed on the source and flags, and loaded with ctypes (which releases the GIL).
 OpenMP comes from the libgomp torch has already loaded, so the kernel shares torch's thread pool. Where there is
@@ -43,9 +46,10 @@ def kernel_cache() -> Path:
 
 
 def build(source: Path, cache: Path) -> Path:
-    """Compile `source` into `cache` (once per source and flags); a concurrent build by another process is safe:
-    each writes a temporary file and renames it into place."""
-    key = hashlib.sha256(source.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
+    """Compile `source` into `cache` (once per source, the C files beside it that it may include, and flags); a
+    concurrent build by another process is safe: each writes a temporary file and renames it into place."""
+    sources = [source] + sorted(p for p in source.parent.glob("*.c") if p != source)
+    key = hashlib.sha256(b"".join(p.read_bytes() for p in sources) + " ".join(FLAGS).encode()).hexdigest()[:16]
     out = cache / f"{source.stem}-{key}.so"
     if out.exists():
         return out
@@ -78,6 +82,7 @@ def _choice() -> str:
 class _Kernel:
     fn: ctypes._CFuncPtr  # the build's entry point
     variant: str  # "avx512" | "avx2"
+    lib: ctypes.CDLL  # also holds the whole decode step (decode_step below)
 
 
 @functools.cache
@@ -87,15 +92,17 @@ def _library() -> _Kernel | None:
     if choice == "torch" or not {"avx2", "fma"} <= matmul.cpu_flags():
         return None
     try:
-        with resources.as_file(resources.files("opd") / "csrc" / "int8_gemv.c") as source:
-            lib = ctypes.CDLL(str(build(Path(source), kernel_cache())))
+        with resources.as_file(resources.files("opd") / "csrc") as csrc:  # decode_step.c includes int8_gemv.c
+            lib = ctypes.CDLL(str(build(Path(csrc) / "decode_step.c", kernel_cache())))
     except (OSError, RuntimeError):
         return None  # no compiler, a failed build, an unwritable cache: torch's kernel it is
     for fn in (lib.opd_int8_gemv, lib.opd_int8_gemv_avx512):
         fn.restype, fn.argtypes = None, ARGTYPES
+    lib.opd_decode_step.restype, lib.opd_decode_step.argtypes = None, [ctypes.POINTER(DecodeStep)]
+    lib.opd_decode_scratch_floats.restype, lib.opd_decode_scratch_floats.argtypes = ctypes.c_int64, [ctypes.c_int64] * 7
     if choice == "auto" and "avx512f" in matmul.cpu_flags() and _passes_check(lib.opd_int8_gemv_avx512):
-        return _Kernel(lib.opd_int8_gemv_avx512, "avx512")
-    return _Kernel(lib.opd_int8_gemv, "avx2") if _passes_check(lib.opd_int8_gemv) else None
+        return _Kernel(lib.opd_int8_gemv_avx512, "avx512", lib)
+    return _Kernel(lib.opd_int8_gemv, "avx2", lib) if _passes_check(lib.opd_int8_gemv) else None
 
 
 def variant() -> str | None:
@@ -132,3 +139,37 @@ def int8_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Te
     y = torch.empty(B, N)
     kernel.fn(x.data_ptr(), B, q.data_ptr(), scale.data_ptr(), y.data_ptr(), N, K, torch.get_num_threads())
     return y
+
+
+# ------------------------------------------------------------------------------------- the whole decode step
+_P = ctypes.c_void_p
+
+
+class DecodeStep(ctypes.Structure):
+    """The arguments of csrc/decode_step.c's opd_decode_step (the same fields in the same order as its struct)."""
+
+    _fields_ = [(name, ctypes.c_int64) for name in
+                ("batch", "hidden", "heads", "kv_heads", "head_dim", "inter", "layers", "vocab")] + [
+        ("eps", ctypes.c_float), ("scale", ctypes.c_float),
+        *[(name, _P) for name in ("qkv_q", "qkv_s", "o_q", "o_s", "gu_q", "gu_s", "down_q", "down_s", "in_norm",
+                                  "post_norm", "final_norm", "head_q", "head_s", "embed")],
+        ("embed_bf16", ctypes.c_int64), ("cache", _P), ("cache_batch", ctypes.c_int64), ("max_len", ctypes.c_int64),
+        ("cos", _P), ("sin", _P), ("tokens", _P), ("positions", _P), ("pos_stride", ctypes.c_int64), ("mask", _P),
+        ("mask_stride", ctypes.c_int64), ("start", ctypes.c_int64), ("scratch", _P), ("logits", _P),
+        ("threads", ctypes.c_int64), ("avx512", ctypes.c_int64)]
+
+
+def decode_step_available() -> bool:
+    """Whether opd_decode_step runs here: wherever opd's int8 kernel does (it calls that kernel's build)."""
+    return _library() is not None
+
+
+def decode_scratch_floats(batch: int, hidden: int, heads: int, kv_heads: int, head_dim: int, inter: int,
+                          max_len: int) -> int:
+    return _library().lib.opd_decode_scratch_floats(batch, hidden, heads, kv_heads, head_dim, inter, max_len)
+
+
+def decode_step(args: DecodeStep) -> None:
+    """One decode step of every layer (csrc/decode_step.c); `args` holds raw pointers: the caller keeps the
+    tensors alive and sets `avx512` from variant()."""
+    _library().lib.opd_decode_step(ctypes.byref(args))

@@ -282,3 +282,60 @@ def test_int8_sampling_prefills_in_the_fast_dtype_of_the_cpu(student, monkeypatc
         assert next(copy.model.parameters()).dtype == torch.bfloat16
     assert next(sampling_copy_for(student, "bfloat16").model.parameters()).dtype == torch.bfloat16  # asked for
     assert sampling_copy_for(student, "same") is None
+
+
+@pytest.mark.parametrize("dtype, kernel", [(torch.float32, "auto"), (torch.float32, "avx2"), (torch.bfloat16, "auto")])
+def test_native_int8_steps_equal_the_torch_ops(tokenizer, prompts, dtype, kernel, fresh_kernel):
+    """The whole-step C kernel (csrc/decode_step.c) against the decoder's own torch ops over the same int8 weights
+    and cache: left-padded rows, grouped-query attention, sizes that are not multiples of the vector width; with
+    the products of either build of the int8 kernel (the AVX-512 one where the CPU has it)."""
+    from opd import cpu_kernels
+
+    fresh_kernel.setenv("OPD_INT8_KERNEL", kernel)
+    if not cpu_kernels.decode_step_available():
+        pytest.skip("opd's int8 kernel does not build here")
+    model = gqa_model(tokenizer).to(dtype)
+    ids, prompt_mask = encode_prompts(tokenizer, prompts, 256)
+    B, P = ids.shape
+    assert (prompt_mask == 0).any()  # some rows are left-padded
+    steps = 7
+    full = torch.ones((B, P + steps), dtype=torch.long)
+    full[:, :P] = prompt_mask
+    pos = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+    native = FastLlamaDecoder(model, B, P + steps, int8=True)
+    ops = FastLlamaDecoder(model, B, P + steps, int8=True, native=False)
+    if native.step_dtype != torch.float32:
+        pytest.skip("a bf16 model's int8 products run in bf16 here (no AVX-512 build): no native step")
+    assert native.native is not None and ops.native is None
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        want, got = ops.prefill(ids, prompt_mask, pos), native.prefill(ids, prompt_mask, pos)
+        pos = pos[:, -1:] + 1
+        for t in range(steps):
+            tok = torch.multinomial(want.float().softmax(-1), 1, generator=gen).squeeze(1)
+            attn = full[:, : P + t + 1]
+            want, got = ops.step(tok, attn, pos), native.step(tok, attn, pos)
+            assert got.dtype == want.dtype == torch.float32
+            torch.testing.assert_close(got, want, rtol=0, atol=2e-5, msg=lambda m: f"step {t}: {m}")
+            pos = pos + 1
+        # the native step wrote the same keys and values into the shared cache layout
+        torch.testing.assert_close(native.cache, ops.cache, rtol=0, atol=2e-5)
+
+
+def test_native_step_refuses_what_would_read_outside_its_buffers(tokenizer):
+    from opd import cpu_kernels
+
+    if not cpu_kernels.decode_step_available():
+        pytest.skip("opd's int8 kernel does not build here")
+    model = gqa_model(tokenizer)
+    dec = FastLlamaDecoder(model, 2, 6, int8=True)
+    assert dec.native is not None
+    ids, mask = torch.tensor([[5, 6], [7, 8]]), torch.ones(2, 2, dtype=torch.long)
+    dec.prefill(ids, mask, torch.tensor([[0, 1], [0, 1]]))
+    with pytest.raises(IndexError, match="outside the embedding"):
+        dec.step(torch.tensor([5, len(tokenizer) + 3]), torch.ones(2, 3, dtype=torch.long), torch.tensor([[2], [2]]))
+    with pytest.raises(IndexError, match="RoPE table"):
+        dec.step(torch.tensor([5, 6]), torch.ones(2, 3, dtype=torch.long), torch.tensor([[2], [9]]))
+    with pytest.raises(ValueError, match="must cover every cached position"):
+        dec.step(torch.tensor([5, 6]), torch.ones(2, 5, dtype=torch.long), torch.tensor([[2], [2]]))
+    assert dec.step(torch.tensor([5, 6]), torch.ones(2, 3, dtype=torch.long), torch.tensor([[2], [2]])).shape == (2, len(tokenizer))

@@ -1,0 +1,181 @@
+/* One whole decode step of a Llama-architecture model with int8 weights, every layer in one call
+ * (opd.rollout.fast_llama, rollout.dtype = "int8" where opd's int8 kernel takes fp32 activations).
+ *
+ * Why: at batch 4 a decode step of the half-depth SmolLM2 student is ~600 small torch ops (norms, RoPE, cache
+ * writes, attention, SiLU, casts, views) around 61 int8 products; each op costs microseconds of dispatch for a
+ * few thousand elements, and together they took about as long as the products themselves (bench/NOTES.md,
+ * session 12). Here the same arithmetic runs straight through: RMSNorm, the fused QKV product, RoPE, the cache
+ * write, grouped-query attention over the cached positions the mask allows, the output product, the SiLU-gated
+ * MLP, the final norm and the LM head. All in fp32 (the products exact fp32 as in int8_gemv.c); the KV cache is
+ * the decoder's own fp32 tensor [layers, 2, cache_batch, kv_heads, max_len, head_dim], so the prefill (torch)
+ * and these steps share it. */
+#include "int8_gemv.c"
+#include <math.h>
+#include <string.h>
+
+typedef struct {
+    int64_t batch, hidden, heads, kv_heads, head_dim, inter, layers, vocab;
+    float eps, scale;
+    /* per layer (arrays of `layers` pointers): int8 weights and their fp32 per-channel scales, fp32 norms */
+    const int8_t *const *qkv_q;
+    const float *const *qkv_s;
+    const int8_t *const *o_q;
+    const float *const *o_s;
+    const int8_t *const *gu_q;  /* gate rows [0, inter), up rows [inter, 2 inter) */
+    const float *const *gu_s;
+    const int8_t *const *down_q;
+    const float *const *down_s;
+    const float *const *in_norm;
+    const float *const *post_norm;
+    const float *final_norm;
+    const int8_t *head_q;
+    const float *head_s;
+    const void *embed; /* [vocab, hidden], fp32 or bf16 (embed_bf16) */
+    int64_t embed_bf16;
+    float *cache; /* fp32 [layers, 2, cache_batch, kv_heads, max_len, head_dim] */
+    int64_t cache_batch, max_len;
+    const float *cos, *sin; /* [max_len, head_dim] */
+    /* this step */
+    const int64_t *tokens;    /* [batch] */
+    const int64_t *positions; /* positions[b * pos_stride] */
+    int64_t pos_stride;
+    const int64_t *mask; /* mask[b * mask_stride + j] != 0: row b attends cache position j (j <= start) */
+    int64_t mask_stride;
+    int64_t start;  /* the cache position this step writes */
+    float *scratch; /* opd_decode_scratch_floats() floats */
+    float *logits;  /* [batch, vocab] */
+    int64_t threads, avx512;
+} DecodeStep;
+
+int64_t opd_decode_scratch_floats(int64_t batch, int64_t hidden, int64_t heads, int64_t kv_heads, int64_t head_dim,
+                                  int64_t inter, int64_t max_len) {
+    return batch * (2 * hidden + (heads + 2 * kv_heads) * head_dim + heads * head_dim + 3 * inter + heads * max_len);
+}
+
+/* exp for the softmax and SiLU: Cephes expf's range reduction and polynomial (relative error ~2e-7), written
+ * so that `omp simd` loops vectorise it (libm's expf is a scalar call). */
+#pragma omp declare simd
+static inline float exp_poly(float x) {
+    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+    const float n = floorf(x * 1.44269504088896341f + 0.5f);
+    const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    union { int32_t i; float f; } two_n;
+    two_n.i = ((int32_t)n + 127) << 23;
+    return p * two_n.f;
+}
+
+static void rms_norm(const float *x, const float *w, float *y, int64_t rows, int64_t n, float eps) {
+    for (int64_t b = 0; b < rows; b++) {
+        const float *xb = x + b * n;
+        float *yb = y + b * n, ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+        for (int64_t i = 0; i < n; i++) ss += xb[i] * xb[i];
+        const float r = 1.0f / sqrtf(ss / (float)n + eps);
+#pragma omp simd
+        for (int64_t i = 0; i < n; i++) yb[i] = xb[i] * r * w[i];
+    }
+}
+
+static void gemv(const DecodeStep *a, const float *x, const int8_t *q, const float *s, float *y, int64_t N, int64_t K) {
+    if (a->avx512)
+        opd_int8_gemv_avx512(x, (int)a->batch, q, s, y, N, K, (int)a->threads);
+    else
+        opd_int8_gemv(x, (int)a->batch, q, s, y, N, K, (int)a->threads);
+}
+
+/* RoPE of one head vector in place: y = x cos + rotate_half(x) sin, rotate_half(x) = (-x[half:], x[:half]). */
+static void rope(float *v, const float *c, const float *s, int64_t D) {
+    const int64_t half = D / 2;
+    for (int64_t i = 0; i < half; i++) {
+        const float lo = v[i], hi = v[i + half];
+        v[i] = lo * c[i] + (-hi) * s[i];
+        v[i + half] = hi * c[i + half] + lo * s[i + half];
+    }
+}
+
+void opd_decode_step(const DecodeStep *a) {
+    const int64_t B = a->batch, E = a->hidden, H = a->heads, KV = a->kv_heads, D = a->head_dim, I = a->inter;
+    const int64_t QKV = (H + 2 * KV) * D, ML = a->max_len, CB = a->cache_batch, end = a->start + 1;
+    float *x = a->scratch, *h = x + B * E, *qkv = h + B * E, *att = qkv + B * QKV, *gu = att + B * H * D,
+          *act = gu + B * 2 * I, *scores = act + B * I;
+
+    for (int64_t b = 0; b < B; b++) { /* the embedding rows of this step's tokens, in fp32 */
+        const int64_t t = a->tokens[b];
+        if (a->embed_bf16) {
+            const uint16_t *e = (const uint16_t *)a->embed + t * E;
+            for (int64_t i = 0; i < E; i++) {
+                union { uint32_t u; float f; } v;
+                v.u = (uint32_t)e[i] << 16;
+                x[b * E + i] = v.f;
+            }
+        } else {
+            memcpy(x + b * E, (const float *)a->embed + t * E, E * sizeof(float));
+        }
+    }
+    for (int64_t l = 0; l < a->layers; l++) {
+        rms_norm(x, a->in_norm[l], h, B, E, a->eps);
+        gemv(a, h, a->qkv_q[l], a->qkv_s[l], qkv, QKV, E);
+        float *keys = a->cache + (l * 2 + 0) * CB * KV * ML * D, *values = a->cache + (l * 2 + 1) * CB * KV * ML * D;
+        for (int64_t b = 0; b < B; b++) { /* rotate this row's queries and keys, append its key and value */
+            const int64_t p = a->positions[b * a->pos_stride];
+            const float *c = a->cos + p * D, *s = a->sin + p * D;
+            float *row = qkv + b * QKV;
+            for (int64_t j = 0; j < H + KV; j++) rope(row + j * D, c, s, D);
+            for (int64_t g = 0; g < KV; g++) {
+                memcpy(keys + ((b * KV + g) * ML + a->start) * D, row + (H + g) * D, D * sizeof(float));
+                memcpy(values + ((b * KV + g) * ML + a->start) * D, row + (H + KV + g) * D, D * sizeof(float));
+            }
+        }
+        /* attention of each (row, query head) over the cached positions its mask allows; query head j reads
+         * key/value head j / (H / KV), as torch's scaled_dot_product_attention(enable_gqa=True) */
+#pragma omp parallel for schedule(static) num_threads((int)a->threads)
+        for (int64_t bh = 0; bh < B * H; bh++) {
+            const int64_t b = bh / H, j = bh % H, g = j / (H / KV);
+            const float *q = qkv + b * QKV + j * D, *K = keys + (b * KV + g) * ML * D, *V = values + (b * KV + g) * ML * D;
+            const int64_t *m = a->mask + b * a->mask_stride;
+            float *sc = scores + bh * ML, top = -INFINITY, sum = 0.0f;
+            for (int64_t t = 0; t < end; t++) {
+                if (!m[t]) continue;
+                float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+                for (int64_t d = 0; d < D; d++) dot += q[d] * K[t * D + d];
+                sc[t] = dot * a->scale;
+                top = sc[t] > top ? sc[t] : top;
+            }
+#pragma omp simd reduction(+ : sum)
+            for (int64_t t = 0; t < end; t++) {
+                sc[t] = m[t] ? exp_poly(sc[t] - top) : 0.0f;
+                sum += sc[t];
+            }
+            float *o = att + b * H * D + j * D;
+            for (int64_t d = 0; d < D; d++) o[d] = 0.0f;
+            for (int64_t t = 0; t < end; t++) {
+                if (sc[t] == 0.0f) continue;
+                const float w = sc[t] / sum;
+#pragma omp simd
+                for (int64_t d = 0; d < D; d++) o[d] += w * V[t * D + d];
+            }
+        }
+        gemv(a, att, a->o_q[l], a->o_s[l], h, E, H * D);
+        for (int64_t i = 0; i < B * E; i++) x[i] += h[i];
+        rms_norm(x, a->post_norm[l], h, B, E, a->eps);
+        gemv(a, h, a->gu_q[l], a->gu_s[l], gu, 2 * I, E);
+        for (int64_t b = 0; b < B; b++) {
+            const float *gate = gu + b * 2 * I, *up = gate + I;
+            float *y = act + b * I;
+#pragma omp simd
+            for (int64_t i = 0; i < I; i++) y[i] = gate[i] / (1.0f + exp_poly(-gate[i])) * up[i];
+        }
+        gemv(a, act, a->down_q[l], a->down_s[l], h, E, I);
+        for (int64_t i = 0; i < B * E; i++) x[i] += h[i];
+    }
+    rms_norm(x, a->final_norm, h, B, E, a->eps);
+    gemv(a, h, a->head_q, a->head_s, a->logits, a->vocab, E);
+}
