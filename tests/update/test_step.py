@@ -8,6 +8,7 @@ from opd.feedback import compute_feedback
 from opd.rollout import SamplingParams, sample
 from opd.teacher import LocalTeacher
 from opd.update import make_optimizer, make_scheduler, update_student
+from opd.update.step import sparse_embedding_grad
 
 OBJECTIVES = ["pg", "reverse_kl", "gkd", "topk_kl", "hybrid"]
 
@@ -260,3 +261,29 @@ def test_bf16_cpu_update_trains_through_eager_attention_and_restores_the_model(s
     assert used == ["sdpa", "eager", "sdpa"]
     a, b = steps.values()
     assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.99  # the same step up to bf16 rounding
+
+
+@pytest.mark.parametrize("micro", [0, 2])
+def test_sparse_embedding_gradient_of_a_tied_head_gives_the_dense_step(student, batch, monkeypatch, micro):
+    import contextlib
+
+    from opd.update import step
+
+    roll, scores = batch
+    assert student.get_input_embeddings().weight is student.get_output_embeddings().weight  # tied in the built-in student
+    seen = []
+    real = step.student_token_terms
+    monkeypatch.setattr(step, "student_token_terms", lambda m, *a: seen.append(m.get_input_embeddings().sparse) or real(m, *a))
+    steps = {}
+    for sparse in (False, True):
+        if not sparse:
+            monkeypatch.setattr(step, "sparse_embedding_grad", lambda m: contextlib.nullcontext())
+        else:
+            monkeypatch.setattr(step, "sparse_embedding_grad", sparse_embedding_grad)
+        model = copy.deepcopy(student)
+        run_update(model, roll, scores, "reverse_kl", sgd=True, grad_clip=0, micro_batch_size=micro)
+        assert model.get_input_embeddings().sparse is False  # restored after the update
+        steps[sparse] = params_of(model) - params_of(student)
+    assert seen[0] is False and seen[-1] is True  # the second run's forward did take the sparse embedding backward
+    torch.testing.assert_close(steps[True], steps[False], rtol=1e-5, atol=1e-6)
+    assert steps[True].abs().max() > 0

@@ -100,6 +100,27 @@ def training_attention(model, rollout: Rollout, autocast: str):
         model.set_attn_implementation("sdpa")
 
 
+@contextlib.contextmanager
+def sparse_embedding_grad(model):
+    """The input embedding's backward as a sparse gradient (its few looked-up rows) where the embedding is tied to
+    the LM head: the head's dense gradient of the shared weight arrives anyway and the rows are added into it,
+    where the dense embedding backward zero-fills and adds a whole [vocab, hidden] tensor (-9% of a bf16 update
+    of the half-depth SmolLM2 student, bench/NOTES.md session 12). The parameter's .grad ends dense either way,
+    as fused AdamW needs (update_student densifies it should the head have taken no part); an untied embedding
+    keeps its dense backward."""
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = (isinstance(emb, torch.nn.Embedding) and head is not None and emb.weight is head.weight
+            and emb.weight.requires_grad and not emb.sparse)
+    if not tied:
+        yield
+        return
+    emb.sparse = True
+    try:
+        yield
+    finally:
+        emb.sparse = False
+
+
 @dataclass
 class TokenTerms:
     """Per-token quantities of one micro-batch, over its real completion tokens [N]."""
@@ -179,7 +200,7 @@ def update_student(
     skipped = 0
     # fp32 training: the student's matmuls, forward and backward, through oneDNN where that is the faster kernel
     # (under bf16 autocast they already are).
-    with matmul.onednn_fp32(model, active=train.autocast == "none"):
+    with matmul.onednn_fp32(model, active=train.autocast == "none"), sparse_embedding_grad(model):
         for mb in np.array_split(np.arange(B), min(train.updates_per_batch, B)):
             mb_mask = feedback.loss_mask[mb]
             denom = float(mb_mask.sum()) if objective.loss_norm == "token" else float(len(mb))
@@ -201,6 +222,9 @@ def update_student(
                 loss.backward()
                 acc.add(stats)
             params = [p for p in model.parameters() if p.requires_grad]
+            for p in params:  # sparse_embedding_grad: dense once the head's gradient has been added (always, so far)
+                if p.grad is not None and p.grad.is_sparse:
+                    p.grad = p.grad.to_dense()
             if dp is not None:  # every rank steps, or none does
                 finite = dp.all_true(finite)
                 if finite:
