@@ -85,10 +85,11 @@ def test_torch_kernel_when_asked_or_when_opds_cannot_be_built(fresh_kernel, tmp_
     fresh_kernel.setenv("CC", "false")
     cpu_kernels._library.cache_clear()
     assert not cpu_kernels.int8_gemv_available()
-    w = torch.randn(16, 32)
+    g = torch.Generator().manual_seed(0)  # seeded: bf16-rounded activations exceed 2e-2 for ~3% of random draws
+    w = torch.randn(16, 32, generator=g)
     q = quantize_int8(w)
     assert q.scale.dtype == torch.bfloat16
-    x = torch.randn(3, 32)
+    x = torch.randn(3, 32, generator=g)
     torch.testing.assert_close(int8_linear(x, q), x @ (q.q.float() * q.scale.float()[:, None]).T, rtol=2e-2, atol=2e-2)
     # Weights quantised for opd's kernel (fp32 scales) still multiply where it is gone (torch's, bf16 activations).
     fp32_scaled = type(q)(q.q, q.scale.float())
@@ -115,3 +116,37 @@ def test_the_kernel_is_built_once_per_source(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="failed"):  # a changed source is a new build
         cpu_kernels.build(source, tmp_path / "cache")
     assert list((tmp_path / "cache").iterdir()) == [built]  # no half-written file left behind
+    source.write_text(source.read_text().replace("\n/* changed */\n", ""))
+    assert cpu_kernels.build(source, tmp_path / "cache") == built
+    (tmp_path / "included.c").write_text("/* a file the source may #include */\n")
+    with pytest.raises(RuntimeError, match="failed"):  # so a change beside the source is a new build too
+        cpu_kernels.build(source, tmp_path / "cache")
+
+
+def torch_quantised(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """opd.llama.quantize_int8's torch ops, written out: the reference for the C pass."""
+    block = w.to(torch.float32, copy=True)
+    scale = block.abs().amax(dim=1).div_(127.0).clamp_(min=1e-12)
+    return block.div_(scale[:, None]).round_().clamp_(-127, 127).to(torch.int8), scale
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(67, 37), (130, 576)])
+def test_c_quantiser_writes_the_bits_of_the_torch_ops(dtype, shape):
+    if not cpu_kernels.int8_gemv_available():
+        pytest.skip("opd's int8 kernel does not build here")
+    g = torch.Generator().manual_seed(0)
+    w = (torch.randn(*shape, generator=g) * torch.rand(shape[0], 1, generator=g)).to(dtype)
+    w[3] = 0  # an all-zero row: the scale's 1e-12 floor
+    w[5, :8] = torch.tensor([0.5, -0.5, 1.5, -2.5, 127, -127, 63.5, 0]).to(dtype)  # ties round half to even
+    q, scale = torch.empty(shape, dtype=torch.int8), torch.empty(shape[0])
+    assert cpu_kernels.quantize_int8_into(w, q, scale)
+    want_q, want_scale = torch_quantised(w)
+    assert torch.equal(scale, want_scale) and torch.equal(q, want_q)
+    # quantize_int8 takes the C pass for fp32 scales and gives the same Int8Weight either way
+    if int8_kernel_dtype(dtype) == torch.float32:
+        got = quantize_int8(w)
+        assert torch.equal(got.q, want_q) and torch.equal(got.scale, want_scale)
+    # what it cannot take, it leaves to the torch ops
+    assert not cpu_kernels.quantize_int8_into(w.t(), torch.empty(shape[::-1], dtype=torch.int8), torch.empty(shape[1]))
+    assert not cpu_kernels.quantize_int8_into(w, q, torch.empty(shape[0], dtype=torch.bfloat16))

@@ -98,6 +98,9 @@ def _library() -> _Kernel | None:
         return None  # no compiler, a failed build, an unwritable cache: torch's kernel it is
     for fn in (lib.opd_int8_gemv, lib.opd_int8_gemv_avx512):
         fn.restype, fn.argtypes = None, ARGTYPES
+    lib.opd_quantize_int8.restype = None
+    lib.opd_quantize_int8.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                      ctypes.c_int64, ctypes.c_int]
     lib.opd_decode_step.restype, lib.opd_decode_step.argtypes = None, [ctypes.POINTER(DecodeStep)]
     lib.opd_decode_scratch_floats.restype, lib.opd_decode_scratch_floats.argtypes = ctypes.c_int64, [ctypes.c_int64] * 7
     if choice == "auto" and "avx512f" in matmul.cpu_flags() and _passes_check(lib.opd_int8_gemv_avx512):
@@ -139,6 +142,20 @@ def int8_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Te
     y = torch.empty(B, N)
     kernel.fn(x.data_ptr(), B, q.data_ptr(), scale.data_ptr(), y.data_ptr(), N, K, torch.get_num_threads())
     return y
+
+
+def quantize_int8_into(w: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> bool:
+    """q, scale = the int8 rows of w [N, K] (fp32 or bf16, contiguous, CPU) and their fp32 scales, in one C pass
+    with the bits of opd.llama.quantize_int8's torch ops (csrc/int8_gemv.c). False (nothing written) where the
+    kernel or the inputs do not fit: the caller runs the torch ops then."""
+    kernel = _library()
+    if (kernel is None or w.device.type != "cpu" or w.dim() != 2 or not w.is_contiguous()
+            or w.dtype not in (torch.float32, torch.bfloat16) or q.dtype != torch.int8 or not q.is_contiguous()
+            or q.shape != w.shape or scale.dtype != torch.float32 or scale.shape != (w.shape[0],) or not scale.is_contiguous()):
+        return False
+    kernel.lib.opd_quantize_int8(w.data_ptr(), int(w.dtype == torch.bfloat16), q.data_ptr(), scale.data_ptr(),
+                                 w.shape[0], w.shape[1], torch.get_num_threads())
+    return True
 
 
 # ------------------------------------------------------------------------------------- the whole decode step

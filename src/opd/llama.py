@@ -180,12 +180,16 @@ def quantize_int8(w: torch.Tensor, out: Int8Weight | None = None, rows: int = 10
 
     Block by block of rows, so the fp32 temporaries stay in cache (one pass over the whole weight per op costs
     ~18x more here: 0.6 s for an 80M-parameter model every rollout); written into `out` when given (no fresh
-    allocations, whose page faults cost more than the arithmetic)."""
+    allocations, whose page faults cost more than the arithmetic). Where the scales are fp32 (opd's int8 kernel),
+    one C pass per row writes the same bits (cpu_kernels.quantize_int8_into): the half-depth student's 81M
+    weights 92 -> 28 ms a rollout (bench/NOTES.md, session 12)."""
     N, scale_dtype = w.shape[0], int8_kernel_dtype(w.dtype)
     if out is None or out.q.shape != w.shape or out.scale.dtype != scale_dtype:
         out = Int8Weight(torch.empty(w.shape, dtype=torch.int8, device=w.device),
                          torch.empty(N, dtype=scale_dtype, device=w.device))
     w = w.detach()
+    if scale_dtype == torch.float32 and cpu_kernels.quantize_int8_into(w, out.q, out.scale):
+        return out
     for r in range(0, N, rows):
         block = w[r : r + rows].to(torch.float32, copy=True)  # a copy even for fp32: the divide below is in place
         out.scale[r : r + rows] = block.abs().amax(dim=1).div_(127.0).clamp_(min=1e-12)

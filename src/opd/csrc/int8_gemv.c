@@ -5,6 +5,7 @@
  * share the activation loads. Exact fp32 accumulation (no rounding of the activations). Built by
  * opd.cpu_kernels on first use. */
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
 
 static inline float hsum(__m256 v) {
@@ -125,6 +126,63 @@ void opd_int8_gemv_avx512(const float *x, int B, const int8_t *q, const float *s
                 case 3: channels512(xb, 3, q, scale, yb, N, K, n0, n1); break;
                 default: channels512(xb, 4, q, scale, yb, N, K, n0, n1); break;
             }
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------------------------------ quantising
+ * The int8 copy of a weight [N, K] (fp32 or bf16) with one fp32 scale per output channel, the same bits as
+ * opd.llama.quantize_int8's torch ops: scale = max |w| / 127 (at least 1e-12), q = round-half-even(w / scale)
+ * clamped to [-127, 127]. Every rollout requantises the student's 81M weights; torch's block-wise ops made ~7
+ * passes over them (~95 ms a rollout, session 12), this makes one per row while the row sits in L1. */
+static inline __m256 load8(const void *w, int bf16, int64_t i) {
+    if (bf16) {
+        const __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)w + i));
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    }
+    return _mm256_loadu_ps((const float *)w + i);
+}
+
+static inline float load1(const void *w, int bf16, int64_t i) {
+    if (bf16) {
+        union { uint32_t u; float f; } v;
+        v.u = (uint32_t)((const uint16_t *)w)[i] << 16;
+        return v.f;
+    }
+    return ((const float *)w)[i];
+}
+
+void opd_quantize_int8(const void *w, int bf16, int8_t *q, float *scale, int64_t N, int64_t K, int threads) {
+    const int64_t K8 = K & ~(int64_t)7;
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t n = 0; n < N; n++) {
+        const void *row = bf16 ? (const void *)((const uint16_t *)w + n * K) : (const void *)((const float *)w + n * K);
+        __m256 m = _mm256_setzero_ps();
+        for (int64_t k = 0; k < K8; k += 8) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, load8(row, bf16, k)));
+        float top = 0.0f, lanes[8];
+        _mm256_storeu_ps(lanes, m);
+        for (int i = 0; i < 8; i++) top = lanes[i] > top ? lanes[i] : top;
+        for (int64_t k = K8; k < K; k++) {
+            const float a = fabsf(load1(row, bf16, k));
+            top = a > top ? a : top;
+        }
+        float s = top / 127.0f;
+        s = s < 1e-12f ? 1e-12f : s;
+        scale[n] = s;
+        const __m256 sv = _mm256_set1_ps(s);
+        const __m256i lo = _mm256_set1_epi32(-127), hi = _mm256_set1_epi32(127);
+        int8_t *qn = q + n * K;
+        for (int64_t k = 0; k < K8; k += 8) {
+            /* cvtps rounds half to even (the default MXCSR mode), as torch.round */
+            __m256i v = _mm256_cvtps_epi32(_mm256_div_ps(load8(row, bf16, k), sv));
+            v = _mm256_min_epi32(_mm256_max_epi32(v, lo), hi);
+            const __m128i s16 = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+            _mm_storel_epi64((__m128i *)(qn + k), _mm_packs_epi16(s16, s16));
+        }
+        for (int64_t k = K8; k < K; k++) {
+            float r = nearbyintf(load1(row, bf16, k) / s);
+            qn[k] = (int8_t)(r < -127.0f ? -127.0f : (r > 127.0f ? 127.0f : r));
         }
     }
 }
