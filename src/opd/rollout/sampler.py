@@ -61,7 +61,8 @@ def encode_prompts(tokenizer, prompts: list[Prompt], max_prompt_tokens: int) -> 
 
 def sampling_logprobs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
     """Log-probs of the distribution tokens are drawn from: softmax(logits / T), top-p renormalised."""
-    logp = F.log_softmax(logits.float() / temperature, dim=-1)
+    scaled = logits.float() if temperature == 1.0 else logits.float() / temperature  # no [B, V] copy at T = 1
+    logp = F.log_softmax(scaled, dim=-1)
     if top_p >= 1.0:
         return logp
     sorted_logp, order = logp.sort(dim=-1, descending=True)
