@@ -280,6 +280,7 @@ def test_sparse_embedding_gradient_of_a_tied_head_gives_the_dense_step(student, 
             monkeypatch.setattr(step, "sparse_embedding_grad", lambda m: contextlib.nullcontext())
         else:
             monkeypatch.setattr(step, "sparse_embedding_grad", sparse_embedding_grad)
+            monkeypatch.setattr(step, "SPARSE_EMBEDDING_MIN_WEIGHTS", 0)  # the built-in student's is below the size
         model = copy.deepcopy(student)
         run_update(model, roll, scores, "reverse_kl", sgd=True, grad_clip=0, micro_batch_size=micro)
         assert model.get_input_embeddings().sparse is False  # restored after the update
@@ -287,3 +288,12 @@ def test_sparse_embedding_gradient_of_a_tied_head_gives_the_dense_step(student, 
     assert seen[0] is False and seen[-1] is True  # the second run's forward did take the sparse embedding backward
     torch.testing.assert_close(steps[True], steps[False], rtol=1e-5, atol=1e-6)
     assert steps[True].abs().max() > 0
+
+
+def test_a_small_embedding_keeps_its_dense_backward(student):
+    from opd.update import step
+
+    emb = student.get_input_embeddings()
+    assert emb.weight.numel() < step.SPARSE_EMBEDDING_MIN_WEIGHTS
+    with step.sparse_embedding_grad(student):
+        assert emb.sparse is False

@@ -100,18 +100,23 @@ def training_attention(model, rollout: Rollout, autocast: str):
         model.set_attn_implementation("sdpa")
 
 
+# Below this many weights the dense embedding backward is cheaper than building and adding a sparse gradient (the
+# built-in 100 x 64 student's demo ran 14% slower with it).
+SPARSE_EMBEDDING_MIN_WEIGHTS = 2**20
+
+
 @contextlib.contextmanager
 def sparse_embedding_grad(model):
     """The input embedding's backward as a sparse gradient (its few looked-up rows) where the embedding is tied to
     the LM head: the head's dense gradient of the shared weight arrives anyway and the rows are added into it,
     where the dense embedding backward zero-fills and adds a whole [vocab, hidden] tensor (-9% of a bf16 update
     of the half-depth SmolLM2 student, bench/NOTES.md session 12). The parameter's .grad ends dense either way,
-    as fused AdamW needs (update_student densifies it should the head have taken no part); an untied embedding
-    keeps its dense backward."""
+    as fused AdamW needs (update_student densifies it should the head have taken no part); an untied or small
+    embedding keeps its dense backward."""
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
     tied = (isinstance(emb, torch.nn.Embedding) and head is not None and emb.weight is head.weight
             and emb.weight.requires_grad and not emb.sparse)
-    if not tied:
+    if not tied or emb.weight.numel() < SPARSE_EMBEDDING_MIN_WEIGHTS:
         yield
         return
     emb.sparse = True
