@@ -100,8 +100,8 @@ def training_attention(model, rollout: Rollout, autocast: str):
         model.set_attn_implementation("sdpa")
 
 
-# Below this many weights the dense embedding backward is cheaper than building and adding a sparse gradient (the
-# built-in 100 x 64 student's demo ran 14% slower with it).
+# Below this many weights the dense embedding backward's fill and add cost next to nothing, and a sparse gradient's
+# bookkeeping (its index tensor, coalescing it into the dense one) would cost more.
 SPARSE_EMBEDDING_MIN_WEIGHTS = 2**20
 
 
