@@ -284,20 +284,23 @@ def test_int8_sampling_prefills_in_the_fast_dtype_of_the_cpu(student, monkeypatc
     assert sampling_copy_for(student, "same") is None
 
 
-@pytest.mark.parametrize("dtype, kernel", [(torch.float32, "auto"), (torch.float32, "avx2"), (torch.bfloat16, "auto")])
-def test_native_int8_steps_equal_the_torch_ops(tokenizer, prompts, dtype, kernel, fresh_kernel):
+@pytest.mark.parametrize("dtype, kernel, which, rows", [(torch.float32, "auto", "gqa", None), (torch.float32, "avx2", "gqa", None),
+                                                       (torch.bfloat16, "auto", "gqa", None), (torch.float32, "auto", "builtin", 1),
+                                                       (torch.float32, "auto", "builtin", 5)])
+def test_native_int8_steps_equal_the_torch_ops(student, tokenizer, prompts, dtype, kernel, which, rows, fresh_kernel):
     """The whole-step C kernel (csrc/decode_step.c) against the decoder's own torch ops over the same int8 weights
     and cache: left-padded rows, grouped-query attention, sizes that are not multiples of the vector width; with
-    the products of either build of the int8 kernel (the AVX-512 one where the CPU has it)."""
+    the products of either build of the int8 kernel (the AVX-512 one where the CPU has it); and the built-in
+    student (no GQA) at batch 1 and at a batch of 5 (one full and one partial group of 4 rows in the products)."""
     from opd import cpu_kernels
 
     fresh_kernel.setenv("OPD_INT8_KERNEL", kernel)
     if not cpu_kernels.decode_step_available():
         pytest.skip("opd's int8 kernel does not build here")
-    model = gqa_model(tokenizer).to(dtype)
-    ids, prompt_mask = encode_prompts(tokenizer, prompts, 256)
+    model = gqa_model(tokenizer).to(dtype) if which == "gqa" else student
+    ids, prompt_mask = encode_prompts(tokenizer, (prompts * 2)[:rows] if rows else prompts, 256)
     B, P = ids.shape
-    assert (prompt_mask == 0).any()  # some rows are left-padded
+    assert B == 1 or (prompt_mask == 0).any()  # some rows are left-padded
     steps = 7
     full = torch.ones((B, P + steps), dtype=torch.long)
     full[:, :P] = prompt_mask
