@@ -176,17 +176,15 @@ class DecodeStep(ctypes.Structure):
         ("threads", ctypes.c_int64), ("avx512", ctypes.c_int64)]
 
 
-def decode_step_available() -> bool:
-    """Whether opd_decode_step runs here: wherever opd's int8 kernel does (it calls that kernel's build)."""
-    return _library() is not None
-
-
 def decode_scratch_floats(batch: int, hidden: int, heads: int, kv_heads: int, head_dim: int, inter: int,
                           max_len: int) -> int:
     return _library().lib.opd_decode_scratch_floats(batch, hidden, heads, kv_heads, head_dim, inter, max_len)
 
 
 def decode_step(args: DecodeStep) -> None:
-    """One decode step of every layer (csrc/decode_step.c); `args` holds raw pointers: the caller keeps the
-    tensors alive and sets `avx512` from variant()."""
-    _library().lib.opd_decode_step(ctypes.byref(args))
+    """One decode step of every layer (csrc/decode_step.c), wherever int8_gemv_available() (its products are that
+    kernel's, in the build this process runs, on torch's threads); `args` holds raw pointers: the caller keeps the
+    tensors alive."""
+    kernel = _library()
+    args.avx512, args.threads = int(kernel.variant == "avx512"), torch.get_num_threads()
+    kernel.lib.opd_decode_step(ctypes.byref(args))

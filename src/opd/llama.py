@@ -188,7 +188,7 @@ def quantize_int8(w: torch.Tensor, out: Int8Weight | None = None, rows: int = 10
         out = Int8Weight(torch.empty(w.shape, dtype=torch.int8, device=w.device),
                          torch.empty(N, dtype=scale_dtype, device=w.device))
     w = w.detach()
-    if scale_dtype == torch.float32 and cpu_kernels.quantize_int8_into(w, out.q, out.scale):
+    if cpu_kernels.quantize_int8_into(w, out.q, out.scale):  # fp32 scales (opd's kernel) only
         return out
     for r in range(0, N, rows):
         block = w[r : r + rows].to(torch.float32, copy=True)  # a copy even for fp32: the divide below is in place

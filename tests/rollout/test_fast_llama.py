@@ -295,7 +295,7 @@ def test_native_int8_steps_equal_the_torch_ops(student, tokenizer, prompts, dtyp
     from opd import cpu_kernels
 
     fresh_kernel.setenv("OPD_INT8_KERNEL", kernel)
-    if not cpu_kernels.decode_step_available():
+    if not cpu_kernels.int8_gemv_available():
         pytest.skip("opd's int8 kernel does not build here")
     model = gqa_model(tokenizer).to(dtype) if which == "gqa" else student
     ids, prompt_mask = encode_prompts(tokenizer, (prompts * 2)[:rows] if rows else prompts, 256)
@@ -328,7 +328,7 @@ def test_native_int8_steps_equal_the_torch_ops(student, tokenizer, prompts, dtyp
 def test_native_step_refuses_what_would_read_outside_its_buffers(tokenizer):
     from opd import cpu_kernels
 
-    if not cpu_kernels.decode_step_available():
+    if not cpu_kernels.int8_gemv_available():
         pytest.skip("opd's int8 kernel does not build here")
     model = gqa_model(tokenizer)
     dec = FastLlamaDecoder(model, 2, 6, int8=True)

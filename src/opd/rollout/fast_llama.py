@@ -83,7 +83,7 @@ class FastLlamaDecoder:
         # torch ops of a step around its products cost about as much as the products (bench/NOTES.md, session 12).
         self.native = None
         if (native and self.int8 is not None and self.step_dtype == torch.float32 and self.device.type == "cpu"
-                and cpu_kernels.decode_step_available()):
+                and cpu_kernels.int8_gemv_available()):
             self.native = NativeStep(self, batch, max_len, intermediate=self.layers[0].gate_up.shape[0] // 2)
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
@@ -163,7 +163,7 @@ class NativeStep:
         a.cos, a.sin = dec.step_cos.data_ptr(), dec.step_sin.data_ptr()
         self.scratch = torch.empty(cpu_kernels.decode_scratch_floats(batch, a.hidden, a.heads, a.kv_heads, a.head_dim,
                                                                      intermediate, max_len))
-        a.scratch, a.avx512 = self.scratch.data_ptr(), int(cpu_kernels.variant() == "avx512")
+        a.scratch = self.scratch.data_ptr()
         self.args = a
 
     def _pointers(self, tensors: list[torch.Tensor]) -> int:
@@ -192,7 +192,6 @@ class NativeStep:
         a = self.args
         a.batch, a.tokens, a.positions, a.pos_stride = B, tokens.data_ptr(), positions.data_ptr(), positions.stride(0)
         a.mask, a.mask_stride, a.start, a.logits = mask.data_ptr(), mask.stride(0), start, logits.data_ptr()
-        a.threads = torch.get_num_threads()
         cpu_kernels.decode_step(a)
         return logits
 
