@@ -8,26 +8,68 @@ needs_kernel = pytest.mark.skipif(not cpu_kernels.int8_gemv_available(),
                                   reason="opd's int8 kernel needs an x86 CPU with AVX2 + FMA and a C compiler")
 
 
-# Both builds of opd's kernel where this CPU runs them: "auto" is the AVX-512 one on CPUs with AVX-512F.
-BUILDS = ["avx2"] + (["auto"] if "avx512f" in matmul.cpu_flags() else [])
+# Every build of opd's kernel this CPU runs: "auto" is the VNNI one on CPUs with AVX-512 VNNI.
+FLAGS = matmul.cpu_flags()
+BUILDS = ["avx2"] + (["avx512"] if "avx512f" in FLAGS else []) + (["auto"] if cpu_kernels.VNNI_FLAGS <= FLAGS else [])
 
 
 @needs_kernel
 @pytest.mark.parametrize("build", BUILDS)
 @pytest.mark.parametrize("B, N, K", [(1, 64, 576), (4, 1536, 576), (3, 67, 37), (5, 130, 1536), (16, 33, 8), (9, 1, 12),
-                                     (4, 5, 16), (6, 131, 47)])
+                                     (4, 5, 16), (6, 131, 47), (8, 960, 576), (16, 576, 1536)])
 def test_int8_gemv_equals_the_dequantised_product(B, N, K, build, fresh_kernel):
     fresh_kernel.setenv("OPD_INT8_KERNEL", build)
-    assert cpu_kernels.variant() == ("avx512" if build == "auto" else "avx2")
+    assert cpu_kernels.variant() == ("vnni" if build == "auto" else build)
     g = torch.Generator().manual_seed(B * N + K)
     x = torch.randn(B, K, generator=g)
+    x[0, K // 2] *= 30  # an outlier: the VNNI build's rounding step of that row is 30x coarser
     q = torch.randint(-127, 128, (N, K), generator=g, dtype=torch.int8)
     scale = torch.rand(N, generator=g) * 0.01
     y = cpu_kernels.int8_gemv(x, q, scale)
     assert y.shape == (B, N) and y.dtype == torch.float32
-    # exact fp32 accumulation: equal to the fp64 product up to fp32 rounding of the sums
+    # fp32 builds: the fp64 product up to fp32 rounding of the sums; VNNI: also within its int16 rounding's bound
     want = (x.double() @ q.double().T) * scale.double()
-    torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    bound = cpu_kernels.rounding_bound(x, q, scale, cpu_kernels.variant())
+    err = (y.double() - want).abs()
+    assert (err <= bound + 1e-5 * float(want.abs().max())).all(), float((err - bound).max())
+    if cpu_kernels.variant() == "vnni" and K >= 16:  # and it does round: not an fp32 loop under another name
+        assert float(err.max()) > 1e-3 * float(bound.max())
+
+
+@needs_kernel
+@pytest.mark.skipif(not cpu_kernels.AMX_FLAGS <= FLAGS, reason="no AMX int8 on this CPU")
+@pytest.mark.parametrize("loop", ["vnni_loop", "amx"])
+@pytest.mark.parametrize("B, N, K", [(1, 16, 64), (4, 960, 576), (7, 48, 128), (8, 576, 1536), (9, 3072, 576),
+                                     (16, 64, 192), (3, 20, 64), (8, 32, 100)])
+def test_the_vnni_builds_two_loops_each_within_the_bound(B, N, K, loop):
+    """The VNNI build runs 8+ rows on AMX tiles where the shapes fit (N % 16, K % 64), else its vector loop: each
+    loop on its own here, at every row count (the last two shapes send the tile loop to the vector one)."""
+    fn = getattr(cpu_kernels._library().lib, f"opd_int8_gemv_{loop}")
+    g = torch.Generator().manual_seed(B * N + K)
+    x = torch.randn(B, K, generator=g)
+    x[-1, 0] = 40.0  # an outlier row
+    q = torch.randint(-127, 128, (N, K), generator=g, dtype=torch.int8)
+    scale = torch.rand(N, generator=g) * 0.01
+    y = torch.full((B, N), float("nan"))
+    fn(x.data_ptr(), B, q.data_ptr(), scale.data_ptr(), y.data_ptr(), N, K, torch.get_num_threads())
+    want = (x.double() @ q.double().T) * scale.double()
+    err = (y.double() - want).abs()
+    bound = cpu_kernels.rounding_bound(x, q, scale, "vnni")
+    assert (err <= bound + 1e-5 * float(want.abs().max())).all(), float((err - bound).max())
+    assert float(err.max()) > 1e-4 * float(bound.max())  # it rounds: not an fp32 loop
+
+
+@needs_kernel
+@pytest.mark.skipif(not cpu_kernels.VNNI_FLAGS <= FLAGS, reason="no AVX-512 VNNI on this CPU")
+def test_vnni_rounding_bound_is_tight_enough_to_catch_a_coarser_rounding(fresh_kernel):
+    """int8-rounded activations (the next coarser choice) would be ~250x past the bound: the test above would see it."""
+    g = torch.Generator().manual_seed(3)
+    x, q, scale = torch.randn(4, 576, generator=g), torch.randint(-127, 128, (64, 576), generator=g, dtype=torch.int8), torch.rand(64, generator=g)
+    top = x.abs().amax(1, keepdim=True)
+    x8 = (x / top * 127).round() * top / 127
+    want = (x.double() @ q.double().T) * scale.double()
+    err8 = ((x8.double() @ q.double().T) * scale.double() - want).abs()
+    assert (err8 > cpu_kernels.rounding_bound(x, q, scale, "vnni")).any()
 
 
 def test_the_build_follows_the_cpu_and_the_setting(fresh_kernel):
@@ -35,13 +77,13 @@ def test_the_build_follows_the_cpu_and_the_setting(fresh_kernel):
     assert cpu_kernels.variant() in ("avx2", None)  # None: no compiler here
     cpu_kernels._library.cache_clear()
     fresh_kernel.setenv("OPD_INT8_KERNEL", "AVX-512")
-    with pytest.raises(ValueError, match="OPD_INT8_KERNEL='avx-512': expected one of auto, avx2, torch"):
+    with pytest.raises(ValueError, match="OPD_INT8_KERNEL='avx-512': expected one of auto, avx512, avx2, torch"):
         cpu_kernels.variant()
 
 
 @needs_kernel
-def test_bf16_models_take_opds_kernel_only_in_its_avx512_build(fresh_kernel):
-    want = torch.float32 if cpu_kernels.variant() == "avx512" else torch.bfloat16
+def test_bf16_models_take_opds_kernel_only_in_its_avx512_builds(fresh_kernel):
+    want = torch.float32 if cpu_kernels.variant() in ("avx512", "vnni") else torch.bfloat16
     assert int8_kernel_dtype(torch.bfloat16) == want
     fresh_kernel.setenv("OPD_INT8_KERNEL", "avx2")
     cpu_kernels._library.cache_clear()
@@ -55,7 +97,8 @@ def test_int8_gemv_takes_strided_inputs_and_refuses_wrong_ones():
     x = torch.randn(8, 96, generator=g)[::2, :64]  # neither row nor column contiguous
     q = torch.randint(-127, 128, (64, 40), generator=g, dtype=torch.int8).T  # [40, 64] transposed view
     scale = torch.rand(40, generator=g)
-    torch.testing.assert_close(cpu_kernels.int8_gemv(x, q, scale), (x @ q.float().T) * scale, rtol=1e-5, atol=1e-4)
+    err = (cpu_kernels.int8_gemv(x, q, scale).double() - (x.double() @ q.double().T) * scale.double()).abs()
+    assert (err <= cpu_kernels.rounding_bound(x, q, scale, cpu_kernels.variant()) + 1e-4).all()
     with pytest.raises(TypeError, match="fp32 x"):
         cpu_kernels.int8_gemv(x.bfloat16(), q, scale)
     with pytest.raises(ValueError, match="int8_gemv"):
@@ -70,7 +113,8 @@ def test_fp32_int8_products_use_opds_kernel_in_fp32():
     x = torch.randn(2, 3, 64)
     y = int8_linear(x, q)
     assert y.shape == (2, 3, 300) and y.dtype == torch.float32
-    torch.testing.assert_close(y, x @ (q.q.float() * q.scale[:, None]).T, rtol=1e-5, atol=1e-5)
+    err = (y.double() - x.double() @ (q.q.double() * q.scale.double()[:, None]).T).abs()
+    assert (err <= cpu_kernels.rounding_bound(x.reshape(6, 64), q.q, q.scale, cpu_kernels.variant()).view(2, 3, 300) + 1e-5).all()
 
 
 def test_torch_kernel_when_asked_or_when_opds_cannot_be_built(fresh_kernel, tmp_path):

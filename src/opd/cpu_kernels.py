@@ -17,8 +17,13 @@ OpenMP comes from the libgomp torch has already loaded, so the kernel shares tor
 no x86 CPU with AVX2 + FMA, no compiler, or the build fails its check, `int8_gemv_available()` is False and opd
 uses torch's kernel.
 
-OPD_INT8_KERNEL = auto (the default: the AVX-512 build where the CPU has AVX-512F, else the AVX2 one) | avx2 |
-torch (torch's kernel, bf16 activations).
+A third build, for CPUs with AVX-512 VNNI (Intel since Cascade Lake, AMD since Zen 4), rounds each activation row
+to int16 with its own scale (at most 1/65534 of the row's largest value off, ~100x finer than bf16) and takes
+integer dot products: where a core has one 512-bit FMA unit the fp32 loop is bound by its arithmetic at 4 rows
+(bench/NOTES.md, session 13).
+
+OPD_INT8_KERNEL = auto (the default: the VNNI build where the CPU has it, else the AVX-512 one where it has
+AVX-512F, else the AVX2 one) | avx512 (exact fp32 products) | avx2 | torch (torch's kernel, bf16 activations).
 """
 
 from __future__ import annotations
@@ -66,7 +71,7 @@ def build(source: Path, cache: Path) -> Path:
     return out
 
 
-CHOICES = ("auto", "avx2", "torch")
+CHOICES = ("auto", "avx512", "avx2", "torch")
 ARGTYPES = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
             ctypes.c_int64, ctypes.c_int]
 
@@ -81,7 +86,7 @@ def _choice() -> str:
 @dataclass(frozen=True)
 class _Kernel:
     fn: ctypes._CFuncPtr  # the build's entry point
-    variant: str  # "avx512" | "avx2"
+    variant: str  # "vnni" | "avx512" | "avx2"
     lib: ctypes.CDLL  # also holds the whole decode step (decode_step below)
 
 
@@ -96,32 +101,58 @@ def _library() -> _Kernel | None:
             lib = ctypes.CDLL(str(build(Path(csrc) / "decode_step.c", kernel_cache())))
     except (OSError, RuntimeError):
         return None  # no compiler, a failed build, an unwritable cache: torch's kernel it is
-    for fn in (lib.opd_int8_gemv, lib.opd_int8_gemv_avx512):
+    for fn in (lib.opd_int8_gemv, lib.opd_int8_gemv_avx512, lib.opd_int8_gemv_vnni, lib.opd_int8_gemv_vnni_loop,
+               lib.opd_int8_gemv_amx):
         fn.restype, fn.argtypes = None, ARGTYPES
+    lib.opd_amx_request.restype, lib.opd_amx_request.argtypes = ctypes.c_int, []
     lib.opd_quantize_int8.restype = None
     lib.opd_quantize_int8.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                                       ctypes.c_int64, ctypes.c_int]
     lib.opd_decode_step.restype, lib.opd_decode_step.argtypes = None, [ctypes.POINTER(DecodeStep)]
     lib.opd_decode_scratch_floats.restype, lib.opd_decode_scratch_floats.argtypes = ctypes.c_int64, [ctypes.c_int64] * 7
-    if choice == "auto" and "avx512f" in matmul.cpu_flags() and _passes_check(lib.opd_int8_gemv_avx512):
+    flags = matmul.cpu_flags()
+    if AMX_FLAGS <= flags:  # the VNNI build then runs products of 8 rows or more on the tile unit
+        lib.opd_amx_request()
+    if choice == "auto" and VNNI_FLAGS <= flags and _passes_check(lib.opd_int8_gemv_vnni, "vnni"):
+        return _Kernel(lib.opd_int8_gemv_vnni, "vnni", lib)
+    if choice in ("auto", "avx512") and "avx512f" in flags and _passes_check(lib.opd_int8_gemv_avx512):
         return _Kernel(lib.opd_int8_gemv_avx512, "avx512", lib)
     return _Kernel(lib.opd_int8_gemv, "avx2", lib) if _passes_check(lib.opd_int8_gemv) else None
 
 
 def variant() -> str | None:
-    """Which build of opd's kernel int8_gemv runs here: "avx512", "avx2", or None (torch's kernel)."""
+    """Which build of opd's kernel int8_gemv runs here: "vnni", "avx512", "avx2", or None (torch's kernel)."""
     kernel = _library()
     return None if kernel is None else kernel.variant
 
 
-def _passes_check(fn) -> bool:
+VNNI_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_vnni"})
+AMX_FLAGS = VNNI_FLAGS | {"amx_tile", "amx_int8"}
+
+
+def rounding_bound(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, build: str | None) -> torch.Tensor:
+    """How far `build`'s x @ (q * scale).T may be from the exact product, element by element, beyond fp32 rounding:
+    zero for the fp32 builds; for the VNNI build each activation is off by at most half a rounding step of its row
+    (max |x| / 32767 / 2 as int16; max |x| / (127 * 254) / 2 as the tile unit's two int8 terms, the larger),
+    times the sum of |q * scale| of the output channel."""
+    if build != "vnni":
+        return torch.zeros(x.shape[0], q.shape[0])
+    half_step = x.abs().amax(1, keepdim=True).double() / (127 * 254) / 2
+    return half_step * (q.double().abs().sum(1) * scale.double().abs())[None, :]
+
+
+def _passes_check(fn, build: str = "avx2") -> bool:
     """One small product against torch before the kernel is trusted (odd sizes: the tail paths run too)."""
     g = torch.Generator().manual_seed(0)
-    x, q = torch.randn(5, 37, generator=g), torch.randint(-127, 128, (67, 37), generator=g, dtype=torch.int8)
-    scale = torch.rand(67, generator=g)
-    y = torch.empty(5, 67)
-    fn(x.data_ptr(), 5, q.data_ptr(), scale.data_ptr(), y.data_ptr(), 67, 37, 1)
-    return bool(torch.allclose(y, (x @ q.float().T) * scale, rtol=1e-4, atol=1e-4))
+    for B, N, K in ((5, 67, 37), (9, 48, 128)):  # the second one: the tile unit's shapes, at 8+ rows
+        x, q = torch.randn(B, K, generator=g), torch.randint(-127, 128, (N, K), generator=g, dtype=torch.int8)
+        scale = torch.rand(N, generator=g)
+        y = torch.empty(B, N)
+        fn(x.data_ptr(), B, q.data_ptr(), scale.data_ptr(), y.data_ptr(), N, K, 1)
+        want = (x.double() @ q.double().T) * scale.double()
+        if not ((y.double() - want).abs() <= rounding_bound(x, q, scale, build) + 1e-4 * (1 + want.abs())).all():
+            return False
+    return True
 
 
 def int8_gemv_available() -> bool:
@@ -173,7 +204,7 @@ class DecodeStep(ctypes.Structure):
         ("embed_bf16", ctypes.c_int64), ("cache", _P), ("cache_batch", ctypes.c_int64), ("max_len", ctypes.c_int64),
         ("cos", _P), ("sin", _P), ("tokens", _P), ("positions", _P), ("pos_stride", ctypes.c_int64), ("mask", _P),
         ("mask_stride", ctypes.c_int64), ("start", ctypes.c_int64), ("scratch", _P), ("logits", _P),
-        ("threads", ctypes.c_int64), ("avx512", ctypes.c_int64)]
+        ("threads", ctypes.c_int64), ("build", ctypes.c_int64)]
 
 
 def decode_scratch_floats(batch: int, hidden: int, heads: int, kv_heads: int, head_dim: int, inter: int,
@@ -186,5 +217,5 @@ def decode_step(args: DecodeStep) -> None:
     kernel's, in the build this process runs, on torch's threads); `args` holds raw pointers: the caller keeps the
     tensors alive."""
     kernel = _library()
-    args.avx512, args.threads = int(kernel.variant == "avx512"), torch.get_num_threads()
+    args.build, args.threads = {"avx2": 0, "avx512": 1, "vnni": 2}[kernel.variant], torch.get_num_threads()
     kernel.lib.opd_decode_step(ctypes.byref(args))

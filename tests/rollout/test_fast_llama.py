@@ -285,18 +285,21 @@ def test_int8_sampling_prefills_in_the_fast_dtype_of_the_cpu(student, monkeypatc
 
 
 @pytest.mark.parametrize("dtype, kernel, which, rows", [(torch.float32, "auto", "gqa", None), (torch.float32, "avx2", "gqa", None),
+                                                       (torch.float32, "avx512", "gqa", None),
                                                        (torch.bfloat16, "auto", "gqa", None), (torch.float32, "auto", "builtin", 1),
                                                        (torch.float32, "auto", "builtin", 5)])
 def test_native_int8_steps_equal_the_torch_ops(student, tokenizer, prompts, dtype, kernel, which, rows, fresh_kernel):
     """The whole-step C kernel (csrc/decode_step.c) against the decoder's own torch ops over the same int8 weights
     and cache: left-padded rows, grouped-query attention, sizes that are not multiples of the vector width; with
-    the products of either build of the int8 kernel (the AVX-512 one where the CPU has it); and the built-in
+    the products of each build of the int8 kernel the CPU runs ("auto": VNNI where it has it); and the built-in
     student (no GQA) at batch 1 and at a batch of 5 (one full and one partial group of 4 rows in the products)."""
     from opd import cpu_kernels
 
     fresh_kernel.setenv("OPD_INT8_KERNEL", kernel)
     if not cpu_kernels.int8_gemv_available():
         pytest.skip("opd's int8 kernel does not build here")
+    if kernel == "avx512" and cpu_kernels.variant() != "avx512":
+        pytest.skip("no AVX-512 on this CPU")
     model = gqa_model(tokenizer).to(dtype) if which == "gqa" else student
     ids, prompt_mask = encode_prompts(tokenizer, (prompts * 2)[:rows] if rows else prompts, 256)
     B, P = ids.shape

@@ -6,7 +6,8 @@
  * few thousand elements, and together they took about as long as the products themselves (bench/NOTES.md,
  * session 12). Here the same arithmetic runs straight through: RMSNorm, the fused QKV product, RoPE, the cache
  * write, grouped-query attention over the cached positions the mask allows, the output product, the SiLU-gated
- * MLP, the final norm and the LM head. All in fp32 (the products exact fp32 as in int8_gemv.c); the KV cache is
+ * MLP, the final norm and the LM head. All in fp32 (the products as the build of int8_gemv.c in use computes them:
+ * exact fp32, or int16-rounded activations in the VNNI build); the KV cache is
  * the decoder's own fp32 tensor [layers, 2, cache_batch, kv_heads, max_len, head_dim], so the prefill (torch)
  * and these steps share it. */
 #include "int8_gemv.c"
@@ -44,7 +45,7 @@ typedef struct {
     int64_t start;  /* the cache position this step writes */
     float *scratch; /* opd_decode_scratch_floats() floats */
     float *logits;  /* [batch, vocab] */
-    int64_t threads, avx512;
+    int64_t threads, build; /* build: 0 AVX2, 1 AVX-512 (fp32 products), 2 AVX-512 VNNI (int16 activations) */
 } DecodeStep;
 
 int64_t opd_decode_scratch_floats(int64_t batch, int64_t hidden, int64_t heads, int64_t kv_heads, int64_t head_dim,
@@ -84,7 +85,9 @@ static void rms_norm(const float *x, const float *w, float *y, int64_t rows, int
 }
 
 static void gemv(const DecodeStep *a, const float *x, const int8_t *q, const float *s, float *y, int64_t N, int64_t K) {
-    if (a->avx512)
+    if (a->build == 2)
+        opd_int8_gemv_vnni(x, (int)a->batch, q, s, y, N, K, (int)a->threads);
+    else if (a->build == 1)
         opd_int8_gemv_avx512(x, (int)a->batch, q, s, y, N, K, (int)a->threads);
     else
         opd_int8_gemv(x, (int)a->batch, q, s, y, N, K, (int)a->threads);

@@ -7,6 +7,8 @@
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
 
 static inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -128,6 +130,270 @@ void opd_int8_gemv_avx512(const float *x, int B, const int8_t *q, const float *s
             }
         }
     }
+}
+
+/* ------------------------------------------------------------------------------------------------ AVX-512 VNNI
+ * The same product with the activations as int16 and integer dot products (vpdpwssd: 32 int16 pairs a
+ * instruction into 16 int32 sums). Why: at 4 rows the fp32 loop above is bound by its arithmetic, not by the
+ * weights streaming in: per 16 weights a widening load, a conversion and 4 FMAs (bench/NOTES.md, session 13);
+ * here per 32 weights one widening load (int8 -> int16) and one instruction per row. Each activation row is
+ * rounded once per call to int16 with its own scale (max |x| / 32767): an error of at most 1/65534 of the row's
+ * largest value, ~100x finer than bf16 activations (the update's precision). Sums are exact int32 (|x| <= 32767,
+ * |q| <= 127: a 512-bit lane takes K / 16 pairs of products, < 2^31 for K < 2^20). */
+#define VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+
+VNNI_TARGET static inline __m512i widen32(const int8_t *p, __mmask32 m) {
+    return _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(m, p));
+}
+
+VNNI_TARGET __attribute__((always_inline)) static inline void channels_vnni(
+        const int16_t *x, const float *xs, const int B, int64_t Kp, const int8_t *q, const float *scale, float *y,
+        int64_t N, int64_t K, int64_t n0, int64_t n1) {
+    const __mmask32 tail = (K & 31) ? (__mmask32)((1u << (K & 31)) - 1) : (__mmask32)0xFFFFFFFFu;
+    for (int64_t n = n0; n < n1; n += 4) {
+        const int C = n1 - n < 4 ? (int)(n1 - n) : 4;
+        const int8_t *qc[4];
+        for (int c = 0; c < 4; c++) qc[c] = q + (n + (c < C ? c : 0)) * K;  /* a short tail repeats channel n */
+        __m512i a[4][4];
+        for (int b = 0; b < 4; b++)
+            for (int c = 0; c < 4; c++) a[b][c] = _mm512_setzero_si512();
+        const int8_t *ahead = q + (n + 4 < n1 ? n + 4 : n) * K;
+        for (int64_t k = 0; k < K; k += 32) {
+            const __mmask32 m = k + 32 <= K ? (__mmask32)0xFFFFFFFFu : tail;
+            if ((k & 63) == 0)
+                for (int c = 0; c < 4; c++) _mm_prefetch((const char *)(ahead + c * K + k), _MM_HINT_T0);
+            const __m512i w0 = widen32(qc[0] + k, m), w1 = widen32(qc[1] + k, m), w2 = widen32(qc[2] + k, m),
+                          w3 = widen32(qc[3] + k, m);
+#pragma GCC unroll 4
+            for (int b = 0; b < 4; b++) {  /* unrolled by the compiler; B is 1-4 */
+                if (b < B) {
+                    const __m512i xv = _mm512_loadu_si512((const void *)(x + b * Kp + k));  /* zero past K */
+                    a[b][0] = _mm512_dpwssd_epi32(a[b][0], w0, xv);
+                    a[b][1] = _mm512_dpwssd_epi32(a[b][1], w1, xv);
+                    a[b][2] = _mm512_dpwssd_epi32(a[b][2], w2, xv);
+                    a[b][3] = _mm512_dpwssd_epi32(a[b][3], w3, xv);
+                }
+            }
+        }
+        /* the sums leave the registers through one aligned store each: indexing a[][] by a loop variable
+         * here made gcc keep all 16 accumulators in memory, stored every step of the loop above */
+        int32_t sums[4][4][16] __attribute__((aligned(64)));
+#pragma GCC unroll 4
+        for (int b = 0; b < 4; b++)
+#pragma GCC unroll 4
+            for (int c = 0; c < 4; c++)
+                if (b < B) _mm512_store_si512((void *)sums[b][c], a[b][c]);
+        for (int b = 0; b < B; b++)
+            for (int c = 0; c < C; c++) {
+                int32_t t = 0;
+                for (int i = 0; i < 16; i++) t += sums[b][c][i];
+                y[b * N + n + c] = scale[n + c] * xs[b] * (float)t;
+            }
+    }
+}
+
+/* x [B, K] fp32 -> x16 [B, Kp] int16 (Kp = K rounded up to 32, zeros past K) and xs [B]: x ~= xs * x16. */
+static void round_rows_int16(const float *x, int B, int64_t K, int64_t Kp, int16_t *x16, float *xs) {
+    for (int b = 0; b < B; b++) {
+        const float *xb = x + (int64_t)b * K;
+        float top = 0.0f;
+        for (int64_t k = 0; k < K; k++) top = fabsf(xb[k]) > top ? fabsf(xb[k]) : top;
+        const float s = top / 32767.0f, inv = top > 0.0f ? 32767.0f / top : 0.0f;
+        xs[b] = s;
+        int16_t *ob = x16 + (int64_t)b * Kp;
+#pragma omp simd
+        for (int64_t k = 0; k < K; k++) {
+            float r = nearbyintf(xb[k] * inv);
+            ob[k] = (int16_t)(r > 32767.0f ? 32767.0f : (r < -32767.0f ? -32767.0f : r));
+        }
+        for (int64_t k = K; k < Kp; k++) ob[k] = 0;
+    }
+}
+
+VNNI_TARGET static void gemv_vnni(const float *x, int B, const int8_t *q, const float *scale, float *y, int64_t N,
+                                  int64_t K, int threads) {
+    const int64_t Kp = (K + 31) & ~(int64_t)31;
+    /* the rounded rows (a few KB; one small allocation a call costs well under a microsecond) */
+    float *xs = (float *)malloc((size_t)B * sizeof(float) + (size_t)B * Kp * sizeof(int16_t) + 64);
+    int16_t *x16 = (int16_t *)(((uintptr_t)(xs + B) + 63) & ~(uintptr_t)63);
+    round_rows_int16(x, B, K, Kp, x16, xs);
+    const int64_t blocks = (N + 63) / 64;
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t blk = 0; blk < blocks; blk++) {
+        const int64_t n0 = blk * 64, n1 = n0 + 64 < N ? n0 + 64 : N;
+        for (int b = 0; b < B; b += 4) {
+            const int16_t *xb = x16 + (int64_t)b * Kp;
+            float *yb = y + (int64_t)b * N;
+            switch (B - b < 4 ? B - b : 4) {
+                case 1: channels_vnni(xb, xs + b, 1, Kp, q, scale, yb, N, K, n0, n1); break;
+                case 2: channels_vnni(xb, xs + b, 2, Kp, q, scale, yb, N, K, n0, n1); break;
+                case 3: channels_vnni(xb, xs + b, 3, Kp, q, scale, yb, N, K, n0, n1); break;
+                default: channels_vnni(xb, xs + b, 4, Kp, q, scale, yb, N, K, n0, n1); break;
+            }
+        }
+    }
+    free(xs);
+}
+
+/* ------------------------------------------------------------------------------------------------ AMX
+ * The same product on the AMX tile unit (Intel since Sapphire Rapids): its int8 dot products (tdpbssd: a 16 x 64
+ * by 64 x 16 int8 product into 16 x 16 int32 sums) take the arithmetic off the vector unit, so a decode step is
+ * bound by the weights streaming in, not by the few rows they multiply (bench/NOTES.md, session 13).
+ *
+ * Roles: the weights are the left operand (a tile is 16 output channels x 64 of K, straight from the row-major
+ * int8 rows, no repacking) and the activations the right one, packed per call in the tile unit's layout (rows
+ * of 4 consecutive k for each column). Activations are int8 there, so each row x is split in two int8 terms:
+ * hi = round(x / s1), s1 = max |x| / 127, and lo = round((x - s1 hi) / s2), s2 = s1 / 254: x = s1 hi + s2 lo to
+ * within s2 / 2 = max |x| / 64516, as fine as the VNNI build's int16. Up to 8 rows a pass: columns 0..nb-1 hold
+ * the rows' hi terms, nb..2nb-1 their lo terms. Needs N % 16 == 0 and K % 64 == 0, and the tile state, which
+ * Linux hands out only to processes that ask (opd_amx_request: ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA). */
+#include <sys/syscall.h>
+#include <unistd.h>
+#define AMX_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,amx-tile,amx-int8")))
+
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} TileConfig;
+
+/* x rows [b0, b0 + nb) -> the right operand for every 64 of K: [K / 64][16 rows][2 nb columns x 4 bytes],
+ * and the two scales of each row. 16 values of k at a time (K % 64 == 0 here): their 16 hi bytes are 4 tile
+ * rows' 4 bytes of column b, and likewise the lo bytes in column nb + b. */
+AMX_TARGET static void pack_rows_amx(const float *x, int64_t K, int nb, int8_t *packed, float *s_hi, float *s_lo) {
+    const int rowbytes = 8 * nb;
+    for (int b = 0; b < nb; b++) {
+        const float *xb = x + (int64_t)b * K;
+        __m512 m = _mm512_setzero_ps();
+        for (int64_t k = 0; k < K; k += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(xb + k)));
+        const float top = _mm512_reduce_max_ps(m);
+        const float s1 = top / 127.0f, s2 = s1 / 254.0f;
+        s_hi[b] = s1;
+        s_lo[b] = s2;
+        const __m512 inv1 = _mm512_set1_ps(top > 0.0f ? 127.0f / top : 0.0f),
+                     inv2 = _mm512_set1_ps(top > 0.0f ? 254.0f * 127.0f / top : 0.0f), v1 = _mm512_set1_ps(s1),
+                     lim = _mm512_set1_ps(127.0f), nlim = _mm512_set1_ps(-127.0f);
+        for (int64_t k = 0; k < K; k += 16) {
+            const __m512 v = _mm512_loadu_ps(xb + k);
+            const __m512 h = _mm512_min_ps(_mm512_max_ps(_mm512_roundscale_ps(_mm512_mul_ps(v, inv1), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), nlim), lim);
+            const __m512 r = _mm512_fnmadd_ps(h, v1, v);  /* v - h s1 */
+            const __m512 l = _mm512_min_ps(_mm512_max_ps(_mm512_roundscale_ps(_mm512_mul_ps(r, inv2), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), nlim), lim);
+            const __m128i hb = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(h)), lb = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(l));
+            int8_t *row = packed + (k / 64) * 16 * rowbytes + ((k % 64) / 4) * rowbytes;
+            int32_t hw[4], lw[4];
+            _mm_storeu_si128((__m128i *)hw, hb);
+            _mm_storeu_si128((__m128i *)lw, lb);
+            for (int j = 0; j < 4; j++) {
+                memcpy(row + j * rowbytes + b * 4, &hw[j], 4);
+                memcpy(row + j * rowbytes + (nb + b) * 4, &lw[j], 4);
+            }
+        }
+    }
+}
+
+/* 32 output channels at a time, two 16-channel sum tiles (0, 1). Tiles are not renamed: a load into a tile
+ * waits for the products still reading it, so even and odd chunks of K load into their own tiles (weights 2, 3
+ * or 4, 5; activations 6 or 7) and the next chunk's loads overlap this chunk's products. */
+#define AMX_CHUNK(W0, W1, X, k)                                                       \
+    do {                                                                              \
+        _tile_loadd(X, packed + ((k) / 64) * 16 * rowbytes, rowbytes);               \
+        _tile_loadd(W0, a + (k), K);                                                  \
+        _tile_dpbssd(0, W0, X);                                                       \
+        if (two) { _tile_loadd(W1, a + 16 * K + (k), K); _tile_dpbssd(1, W1, X); }   \
+    } while (0)
+
+AMX_TARGET static void channels_amx(const int8_t *q, const float *scale, const int8_t *packed, const float *s_hi,
+                                    const float *s_lo, int nb, float *y, int64_t N, int64_t K, int64_t n0, int64_t n1) {
+    const int rowbytes = 8 * nb;
+    int32_t out[2][16][16] __attribute__((aligned(64)));
+    for (int64_t n = n0; n < n1; n += 32) {
+        const int two = n + 32 <= n1;
+        const int8_t *a = q + n * K;
+        /* the next 32 channels' rows (one contiguous stretch of 32 K bytes) into L2 while these run, K / 2
+         * cache lines a chunk: tile loads read 16 rows at a stride of K, which the hardware prefetchers follow
+         * poorly */
+        const char *next = (const char *)(a + 32 * K);
+        _tile_zero(0);
+        _tile_zero(1);
+        int64_t k = 0;
+        for (; k + 128 <= K; k += 128) {
+            if (n + 32 < N)
+                for (int i = 0; i < 64; i++) _mm_prefetch(next + (k / 2 + i) * 64, _MM_HINT_T1);
+            AMX_CHUNK(2, 3, 6, k);
+            AMX_CHUNK(4, 5, 7, k + 64);
+        }
+        if (k < K) AMX_CHUNK(2, 3, 6, k);
+        _tile_stored(0, out[0], 64);
+        if (two) _tile_stored(1, out[1], 64);
+        for (int c = 0; c < 1 + two; c++)
+            for (int i = 0; i < 16; i++) {
+                const int64_t ch = n + 16 * c + i;
+                for (int b = 0; b < nb; b++)
+                    y[b * N + ch] = scale[ch] * (s_hi[b] * (float)out[c][i][b] + s_lo[b] * (float)out[c][i][nb + b]);
+            }
+    }
+}
+
+AMX_TARGET static void gemv_amx(const float *x, int B, const int8_t *q, const float *scale, float *y, int64_t N,
+                                 int64_t K, int threads) {
+    int8_t *packed = (int8_t *)malloc((size_t)K * 16 + 64);  /* 8 rows x 2 terms x K bytes */
+    for (int b0 = 0; b0 < B; b0 += 8) {
+        const int nb = B - b0 < 8 ? B - b0 : 8;
+        float s_hi[8], s_lo[8];
+        pack_rows_amx(x + (int64_t)b0 * K, K, nb, packed, s_hi, s_lo);
+        const int64_t blocks = (N + 63) / 64;
+        #pragma omp parallel num_threads(threads)
+        {
+            TileConfig cfg __attribute__((aligned(64)));
+            memset(&cfg, 0, sizeof cfg);
+            cfg.palette = 1;
+            for (int t = 0; t < 8; t++) /* sums 0-1, weights 2-5, activations 6-7 */
+                cfg.rows[t] = 16, cfg.colsb[t] = (uint16_t)(t >= 2 && t < 6 ? 64 : 8 * nb);
+            _tile_loadconfig(&cfg);
+            #pragma omp for schedule(static)
+            for (int64_t blk = 0; blk < blocks; blk++) {
+                const int64_t n0 = blk * 64, n1 = n0 + 64 < N ? n0 + 64 : N;  /* N % 16 == 0: 16-48 in the last */
+                channels_amx(q, scale, packed, s_hi, s_lo, nb, y + (int64_t)b0 * N, N, K, n0, n1);
+            }
+            _tile_release();
+        }
+    }
+    free(packed);
+}
+
+/* The VNNI build's entry point: the tile unit for 8 rows or more where the process may use it and the shapes
+ * fit, the vector loop otherwise. At 1-4 rows the tile loop did not beat the vector one here (its passes over
+ * the weights streamed slower, and its two threads scaled poorly at the decode step's small products); at 8-16
+ * rows, where the vector loop's arithmetic grows with the rows, it took 1.4-1.7x less time (session 13). */
+#define AMX_MIN_ROWS 8
+static int amx_granted = 0;
+
+int opd_amx_request(void) {
+    amx_granted = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+    return amx_granted;
+}
+
+void opd_int8_gemv_vnni(const float *x, int B, const int8_t *q, const float *scale, float *y, int64_t N, int64_t K,
+                        int threads) {
+    if (amx_granted && B >= AMX_MIN_ROWS && N % 16 == 0 && K % 64 == 0)
+        gemv_amx(x, B, q, scale, y, N, K, threads);
+    else
+        gemv_vnni(x, B, q, scale, y, N, K, threads);
+}
+
+/* For the tests: each loop on its own, whatever the rows. */
+void opd_int8_gemv_vnni_loop(const float *x, int B, const int8_t *q, const float *scale, float *y, int64_t N,
+                             int64_t K, int threads) {
+    gemv_vnni(x, B, q, scale, y, N, K, threads);
+}
+
+void opd_int8_gemv_amx(const float *x, int B, const int8_t *q, const float *scale, float *y, int64_t N, int64_t K,
+                       int threads) {
+    if (amx_granted && N % 16 == 0 && K % 64 == 0)
+        gemv_amx(x, B, q, scale, y, N, K, threads);
+    else
+        gemv_vnni(x, B, q, scale, y, N, K, threads);
 }
 
 /* ------------------------------------------------------------------------------------------------ quantising
