@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import statistics
 import time
 from pathlib import Path
 
@@ -93,6 +94,33 @@ def measure_matmul_limit(dtype: str, *, size: int = 2048, min_seconds: float = 2
     kernel = max(by_kernel, key=by_kernel.get)
     return {"dtype": dtype, "size": size, "flops_per_s": by_kernel[kernel], "kernel": kernel,
             "by_kernel": by_kernel, "calls": calls}
+
+
+def host_probe(seconds: float = 1.0) -> float:
+    """This host's speed right now, as GFLOP/s of one fixed fp32 product the size of an update's ([416, 576] x
+    [576, 1536]), the median of repeated calls over `seconds`. Shared hosts drift by 2x within minutes
+    (bench/NOTES.md); taken before and after each side of a comparison it shows whether the two sides ran on the
+    same host speed."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(416, 576, generator=g), torch.randn(576, 1536, generator=g)
+    torch.mm(a, b)
+    times, start = [], time.perf_counter()
+    while time.perf_counter() - start < seconds or len(times) < 5:
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        times.append(time.perf_counter() - t0)
+    return round(matmul_flop(416, 1536, 576) / statistics.median(times) / 1e9, 1)
+
+
+def cpu_steal_jiffies() -> int:
+    """Time the hypervisor gave this VM's CPUs to others (/proc/stat "steal", jiffies); 0 where not reported."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+        return int(fields[8]) if len(fields) > 8 else 0
+    except OSError:
+        return 0
 
 
 def reset_peak_rss() -> int:

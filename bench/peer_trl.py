@@ -25,6 +25,10 @@ student is evaluated by one shared evaluator: completions sampled at temperature
 
 Student tokens/s = completion tokens sampled (EOS included, padding excluded) / summed training-step time.
 
+The host: shared machines drift by up to 2x within minutes, so a round's two sides may run at different host
+speeds. Around each side's run a fixed fp32 matmul is timed (common.host_probe, before and after) and the
+hypervisor's steal time is read; `ratio_host_adjusted` divides each side's tokens/s by the probe around it.
+
     python bench/peer_trl.py                        # writes bench/results/peer_trl.json (BUDGET_S=90)
     BENCH_QUICK=1 python bench/peer_trl.py          # 30 s per side
     python bench/peer_trl.py --budget-s 300 --peers opd,gkd
@@ -48,7 +52,10 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).parent))
-from common import ROOT, peak_rss_gib, quick, reset_peak_rss, threads, write_result  # noqa: E402
+from common import (ROOT, cpu_steal_jiffies, host_probe, peak_rss_gib, quick, reset_peak_rss, threads,  # noqa: E402
+                    write_result)
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100  # /proc/stat's unit
 
 sys.path.insert(0, str(ROOT / "src"))
 
@@ -311,7 +318,8 @@ def over_rounds(rounds: list[dict]) -> dict:
     out["student_tokens_per_s"] = round(statistics.median(r["student_tokens_per_s"] for r in rounds), 1)
     out["eval"]["reverse_kl"] = statistics.fmean(r["eval"]["reverse_kl"] for r in rounds)
     out["rounds"] = [{"student_tokens_per_s": r["student_tokens_per_s"], "steps": r["steps"],
-                      "reverse_kl": r["eval"]["reverse_kl"], **({"time_share": r["time_share"]} if "time_share" in r else {})}
+                      "reverse_kl": r["eval"]["reverse_kl"], "host": r["host"],
+                      **({"time_share": r["time_share"]} if "time_share" in r else {})}
                      for r in rounds]
     return out
 
@@ -324,6 +332,19 @@ def round_ratios(side: list[dict], base: list[dict]) -> list[float]:
 def ratio_to(side: list[dict], base: list[dict]) -> float:
     """The median over rounds of side / base tokens/s (round_ratios)."""
     return round(statistics.median(round_ratios(side, base)), 2)
+
+
+def host_speed(r: dict) -> float:
+    """The host probe's mean GFLOP/s around one side's run (common.host_probe)."""
+    return (r["host"]["probe_gflops_before"] + r["host"]["probe_gflops_after"]) / 2
+
+
+def host_adjusted_ratios(side: list[dict], base: list[dict]) -> list[float]:
+    """round_ratios with each side's tokens/s divided by the host's speed around its own run: on a host whose speed
+    drifts between the two runs of a round this is the comparison at equal host speed (it assumes both sides slow
+    down as the probe's matmul does)."""
+    return [(a["student_tokens_per_s"] / host_speed(a)) / (b["student_tokens_per_s"] / host_speed(b))
+            for a, b in zip(side, base)]
 
 
 def trl_version() -> str | None:
@@ -365,6 +386,8 @@ def main() -> None:
             work = Path(tmp) / f"{peer}-{rnd}"
             work.mkdir()
             torch.manual_seed(0)
+            host = {"probe_gflops_before": host_probe()}
+            steal0, t_side = cpu_steal_jiffies(), time.time()
             if peer in OPD_VARIANTS:
                 r = run_opd(student_dir, train_records, args.budget_s, work, OPD_VARIANTS[peer])
                 r["settings"] = OPD_VARIANTS[peer]
@@ -372,6 +395,10 @@ def main() -> None:
             else:
                 r = run_trl(peer, student_dir, train_records, args.budget_s, work)
                 model = r.pop("model")
+            host["probe_gflops_after"] = host_probe()
+            host["steal_fraction"] = round((cpu_steal_jiffies() - steal0) / CLOCK_TICKS
+                                           / ((time.time() - t_side) * (os.cpu_count() or 1)), 3)
+            r["host"] = host
             r["eval"] = exact_reverse_kl(model, teacher, tok, eval_records)
             r["student_tokens_per_s"] = round(r["student_tokens_per_s"], 1)
             per_round[peer].append(r)
@@ -397,6 +424,12 @@ def main() -> None:
     if args.rounds > 1 and gkd:  # each round's ratio, side by side in time
         summary["ratio_rounds"] = {key: [round(r, 2) for r in round_ratios(per_round[key], per_round["gkd"])]
                                    for key in per_round if key != "gkd"}
+    if gkd:  # the same at equal host speed (host_adjusted_ratios), and the probe itself, round by round
+        adjusted = {key: host_adjusted_ratios(per_round[key], per_round["gkd"]) for key in per_round if key != "gkd"}
+        summary["ratio_rounds_host_adjusted"] = {key: [round(r, 2) for r in v] for key, v in adjusted.items()}
+        summary["ratio_host_adjusted"] = {key: round(statistics.median(v), 2) for key, v in adjusted.items()}
+        summary["host_probe_gflops"] = {key: [[r["host"]["probe_gflops_before"], r["host"]["probe_gflops_after"]]
+                                              for r in rs] for key, rs in per_round.items()}
     if "distillation" in results:
         d = results["distillation"]
         summary["trl_distillation_student_tokens_per_s"] = d["student_tokens_per_s"]
@@ -418,6 +451,10 @@ def main() -> None:
     for prefix, _, ratio_figure in OPD_OWN_CHOICES.values():
         if f"ratio_{prefix}" in summary:
             headline.append({"figure": ratio_figure, "value": summary[f"ratio_{prefix}"], "unit": "x"})
+    for key, ratio in summary.get("ratio_host_adjusted", {}).items():
+        if key in names and key != "distillation":
+            headline.append({"figure": f"peer: {key} / TRL GKDTrainer student tokens/s at equal host speed "
+                                       "(each run divided by the host probe around it)", "value": ratio, "unit": "x"})
     write_result("peer_trl", {
         "what": "opd vs TRL on-policy distillation, same teacher/student/prompts/batch/length/temperature/optimizer, "
                 "one after the other; student tokens/s and exact reverse KL on held-out prompts after the same wall budget",

@@ -113,8 +113,9 @@ def test_peer_benchmark_splits_prompts_and_configures_opd_like_the_peers(tmp_pat
 def test_peer_rounds_report_medians_and_ratios_of_neighbouring_runs():
     import peer_trl
 
-    def side(tps, kl, **extra):
-        return {"student_tokens_per_s": tps, "steps": 3, "eval": {"reverse_kl": kl, "tokens": 10}, **extra}
+    def side(tps, kl, probe=(100.0, 100.0), **extra):
+        host = {"probe_gflops_before": probe[0], "probe_gflops_after": probe[1], "steal_fraction": 0.0}
+        return {"student_tokens_per_s": tps, "steps": 3, "eval": {"reverse_kl": kl, "tokens": 10}, "host": host, **extra}
 
     one = side(50.0, 1.0)
     assert peer_trl.over_rounds([one]) is one  # a single round is reported as it is
@@ -127,6 +128,17 @@ def test_peer_rounds_report_medians_and_ratios_of_neighbouring_runs():
     # per-round ratios 2.0, 3.0, 2.0: the median of those, not the ratio of the medians (90 / 45 = 2.0 here too)
     assert peer_trl.ratio_to(opd, gkd) == 2.0
     assert peer_trl.ratio_to(opd[1:2], gkd[1:2]) == 3.0
+    assert r["rounds"][1]["host"]["probe_gflops_before"] == 100.0
+    # at equal host speed: a round whose baseline ran while the host was at half speed (probe 50 around it)
+    slow = [side(100.0, 0.5), side(100.0, 0.5)]
+    base = [side(50.0, 1.0), side(25.0, 1.0, probe=(40.0, 60.0))]
+    assert peer_trl.round_ratios(slow, base) == [2.0, 4.0]
+    assert peer_trl.host_adjusted_ratios(slow, base) == pytest.approx([2.0, 2.0])
+
+
+def test_host_probe_and_steal_are_read_from_this_machine():
+    assert common.host_probe(seconds=0.05) > 0
+    assert common.cpu_steal_jiffies() >= 0
 
 
 def test_step_floor_covers_every_linear_weight_of_a_decode_step():
