@@ -60,6 +60,20 @@ def test_the_vnni_builds_two_loops_each_within_the_bound(B, N, K, loop):
 
 
 @needs_kernel
+@pytest.mark.parametrize("K", [8192, 9000])
+@pytest.mark.parametrize("B", [2, 8])
+def test_long_rows_of_extreme_values_do_not_overflow(B, K):
+    """The VNNI loop's int32 sums hold K / 16 products of up to 32767 * 127 per lane: up to K = 8192 they fit,
+    longer rows take the fp32 loop; 8 rows take the AMX tiles where there are some. Every activation and weight at
+    its extreme: the worst case for the sums."""
+    x = torch.full((B, K), 3.0)
+    x[1::2] *= -1
+    q = torch.full((16, K), 127, dtype=torch.int8)
+    y = cpu_kernels.int8_gemv(x, q, torch.full((16,), 0.5))
+    torch.testing.assert_close(y, (x[:, :1] * 127 * K * 0.5).expand(B, 16), rtol=1e-6, atol=0)
+
+
+@needs_kernel
 @pytest.mark.skipif(not cpu_kernels.VNNI_FLAGS <= FLAGS, reason="no AVX-512 VNNI on this CPU")
 def test_vnni_rounding_bound_is_tight_enough_to_catch_a_coarser_rounding(fresh_kernel):
     """int8-rounded activations (the next coarser choice) would be ~250x past the bound: the test above would see it."""

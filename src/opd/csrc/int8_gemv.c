@@ -138,8 +138,10 @@ void opd_int8_gemv_avx512(const float *x, int B, const int8_t *q, const float *s
  * weights streaming in: per 16 weights a widening load, a conversion and 4 FMAs (bench/NOTES.md, session 13);
  * here per 32 weights one widening load (int8 -> int16) and one instruction per row. Each activation row is
  * rounded once per call to int16 with its own scale (max |x| / 32767): an error of at most 1/65534 of the row's
- * largest value, ~100x finer than bf16 activations (the update's precision). Sums are exact int32 (|x| <= 32767,
- * |q| <= 127: a 512-bit lane takes K / 16 pairs of products, < 2^31 for K < 2^20). */
+ * largest value, ~100x finer than bf16 activations (the update's precision). Sums are exact int32: a lane adds
+ * K / 16 products of at most 32767 * 127, below 2^31 for K <= VNNI_MAX_K (longer rows take the fp32 loop), and
+ * the 16 lanes are added in int64. */
+#define VNNI_MAX_K 8192
 #define VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 
 VNNI_TARGET static inline __m512i widen32(const int8_t *p, __mmask32 m) {
@@ -185,7 +187,7 @@ VNNI_TARGET __attribute__((always_inline)) static inline void channels_vnni(
                 if (b < B) _mm512_store_si512((void *)sums[b][c], a[b][c]);
         for (int b = 0; b < B; b++)
             for (int c = 0; c < C; c++) {
-                int32_t t = 0;
+                int64_t t = 0;  /* each lane fits in int32, their total need not */
                 for (int i = 0; i < 16; i++) t += sums[b][c][i];
                 y[b * N + n + c] = scale[n + c] * xs[b] * (float)t;
             }
@@ -367,6 +369,7 @@ AMX_TARGET static void gemv_amx(const float *x, int B, const int8_t *q, const fl
  * the weights streamed slower, and its two threads scaled poorly at the decode step's small products); at 8-16
  * rows, where the vector loop's arithmetic grows with the rows, it took 1.4-1.7x less time (session 13). */
 #define AMX_MIN_ROWS 8
+#define AMX_MAX_K 131072 /* a tile's int32 sum takes K products of at most 127 * 127 */
 static int amx_granted = 0;
 
 int opd_amx_request(void) {
@@ -376,10 +379,12 @@ int opd_amx_request(void) {
 
 void opd_int8_gemv_vnni(const float *x, int B, const int8_t *q, const float *scale, float *y, int64_t N, int64_t K,
                         int threads) {
-    if (amx_granted && B >= AMX_MIN_ROWS && N % 16 == 0 && K % 64 == 0)
+    if (amx_granted && B >= AMX_MIN_ROWS && N % 16 == 0 && K % 64 == 0 && K <= AMX_MAX_K)
         gemv_amx(x, B, q, scale, y, N, K, threads);
-    else
+    else if (K <= VNNI_MAX_K)
         gemv_vnni(x, B, q, scale, y, N, K, threads);
+    else
+        opd_int8_gemv_avx512(x, B, q, scale, y, N, K, threads);
 }
 
 /* For the tests: each loop on its own, whatever the rows. */
