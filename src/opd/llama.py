@@ -163,8 +163,9 @@ class Int8Weight:
 def int8_kernel_dtype(dtype: torch.dtype) -> torch.dtype:
     """The activation dtype the int8 products run in for a model of `dtype` (and so its scales' dtype).
 
-    fp32 where opd's own kernel runs them (opd.cpu_kernels: exact fp32 activations): for fp32 models wherever it
-    builds, and for bf16 models where its AVX-512 builds run (bf16 activations are exact in fp32; on a Xeon with
+    fp32 where opd's own kernel runs them (opd.cpu_kernels: fp32 activations, exact or, in its VNNI build, rounded
+    to int16 per row, ~100x finer than bf16): for fp32 models wherever it builds, and for bf16 models where its
+    AVX-512 builds run (bf16 activations are exact in fp32; on a Xeon with
     AMX it was faster than torch's kernel, bench/NOTES.md session 11). Otherwise torch's kernel in the model's
     own dtype, and for fp32 models in bf16: their decode activations are then rounded to bf16 (torch's fp32 path
     is ~10-40x slower; the rounding of 4-16 rows is a few microseconds)."""

@@ -63,7 +63,8 @@ class FastLlamaDecoder:
             self.int8 = [flat[4 * i : 4 * i + 4] for i in range(len(self.layers))] + [flat[-1:]]
         # Where the int8 products take fp32 activations (opd's own kernel, also for a bf16 copy: int8_kernel_dtype),
         # decode steps run in fp32 throughout: no bf16 round trip around every product and norm (~180 small casts a
-        # step), and activations as exact as the fp32 student's; the prefill keeps the model's dtype.
+        # step), and activations as exact as the fp32 student's (up to the VNNI build's int16 rounding inside the
+        # products); the prefill keeps the model's dtype.
         self.step_dtype = self.dtype
         if self.int8 is not None and self.int8[0][0].scale.dtype == torch.float32:
             self.step_dtype = torch.float32
