@@ -204,7 +204,7 @@ class DecodeStep(ctypes.Structure):
         ("embed_bf16", ctypes.c_int64), ("cache", _P), ("cache_batch", ctypes.c_int64), ("max_len", ctypes.c_int64),
         ("cos", _P), ("sin", _P), ("tokens", _P), ("positions", _P), ("pos_stride", ctypes.c_int64), ("mask", _P),
         ("mask_stride", ctypes.c_int64), ("start", ctypes.c_int64), ("scratch", _P), ("logits", _P),
-        ("threads", ctypes.c_int64), ("build", ctypes.c_int64)]
+        ("threads", ctypes.c_int64), ("gemv", _P)]
 
 
 def decode_scratch_floats(batch: int, hidden: int, heads: int, kv_heads: int, head_dim: int, inter: int,
@@ -217,5 +217,5 @@ def decode_step(args: DecodeStep) -> None:
     kernel's, in the build this process runs, on torch's threads); `args` holds raw pointers: the caller keeps the
     tensors alive."""
     kernel = _library()
-    args.build, args.threads = {"avx2": 0, "avx512": 1, "vnni": 2}[kernel.variant], torch.get_num_threads()
+    args.gemv, args.threads = ctypes.cast(kernel.fn, ctypes.c_void_p).value, torch.get_num_threads()
     kernel.lib.opd_decode_step(ctypes.byref(args))

@@ -14,6 +14,9 @@
 #include <math.h>
 #include <string.h>
 
+/* an int8 product with opd_int8_gemv's arguments: the build opd.cpu_kernels chose for this process */
+typedef void (*Gemv)(const float *, int, const int8_t *, const float *, float *, int64_t, int64_t, int);
+
 typedef struct {
     int64_t batch, hidden, heads, kv_heads, head_dim, inter, layers, vocab;
     float eps, scale;
@@ -45,7 +48,8 @@ typedef struct {
     int64_t start;  /* the cache position this step writes */
     float *scratch; /* opd_decode_scratch_floats() floats */
     float *logits;  /* [batch, vocab] */
-    int64_t threads, build; /* build: 0 AVX2, 1 AVX-512 (fp32 products), 2 AVX-512 VNNI (int16 activations) */
+    int64_t threads;
+    Gemv gemv;
 } DecodeStep;
 
 int64_t opd_decode_scratch_floats(int64_t batch, int64_t hidden, int64_t heads, int64_t kv_heads, int64_t head_dim,
@@ -85,12 +89,7 @@ static void rms_norm(const float *x, const float *w, float *y, int64_t rows, int
 }
 
 static void gemv(const DecodeStep *a, const float *x, const int8_t *q, const float *s, float *y, int64_t N, int64_t K) {
-    if (a->build == 2)
-        opd_int8_gemv_vnni(x, (int)a->batch, q, s, y, N, K, (int)a->threads);
-    else if (a->build == 1)
-        opd_int8_gemv_avx512(x, (int)a->batch, q, s, y, N, K, (int)a->threads);
-    else
-        opd_int8_gemv(x, (int)a->batch, q, s, y, N, K, (int)a->threads);
+    a->gemv(x, (int)a->batch, q, s, y, N, K, (int)a->threads);
 }
 
 /* RoPE of one head vector in place: y = x cos + rotate_half(x) sin, rotate_half(x) = (-x[half:], x[:half]). */
