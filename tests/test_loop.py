@@ -178,6 +178,26 @@ def test_int8_rollouts_train_on_either_kind_of_cpu(tmp_path, monkeypatch, lacks_
         assert 1e-4 < r["freshness/logprob_drift"] < 0.2  # the student's own fp32 decoding drifts ~1e-7
 
 
+def test_bf16_weights_train_through_the_sampling_copy_and_resume_exactly(tmp_path):
+    # train.bf16_weights: the update runs on the rollout's bf16 copy and the optimizer writes it; the fp32 student
+    # stays the master, so a resumed run (a fresh copy, the optimizer's state from the checkpoint) continues exactly
+    extra = ("rollout.dtype='int8'", "train.bf16_weights=true")
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    run(small_config("train.max_steps=4", *extra), straight, log=quiet)
+    run(small_config("train.max_steps=2", *extra), split, log=quiet)
+    run(small_config("train.max_steps=4", *extra), split, resume=True, log=quiet)
+    a = AutoModelForCausalLM.from_pretrained(straight / "final").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(split / "final").state_dict()
+    assert all(t.dtype == torch.float32 for t in a.values())  # the master weights are what is saved
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    rows = read_metrics(straight)
+    assert _comparable(rows) == _comparable(read_metrics(split))
+    steps = [r for r in rows if r["step"] >= 1]
+    assert all(r["freshness/policy_lag"] == 0 and r["freshness/logprob_drift"] < 0.2 for r in steps)
+    assert steps[-1]["opd/reverse_kl"] < steps[0]["opd/reverse_kl"]  # it trains
+
+
 @pytest.mark.parametrize("flags, expected", [
     ({"avx2", "fma"}, ["train.autocast = 'bfloat16'", "rollout.dtype = 'bfloat16'", "teacher.dtype = 'bfloat16'"]),
     ({"avx2", "avx512f", "avx512_bf16"}, []),  # bf16 instructions: nothing to say

@@ -317,6 +317,13 @@ class TrainConfig(Section):
         "under torch.autocast in bf16; parameters, gradients and the optimizer stay in their dtype, and the "
         "log-softmax and the loss are computed in fp32 from the upcast logits. `none` = the student's own dtype.",
     )
+    bf16_weights: bool = Field(
+        False,
+        description="Run the update's forward and backward on a bf16 copy of the student's weights (the rollout's "
+        "bf16 copy where it samples in this process), with the fp32 student as the master weights: one pass per "
+        "parameter clips, steps AdamW in fp32 and writes the copy. No casts of weights or gradients per step, as "
+        "autocast needs; activations between layers are bf16. Needs student.dtype = 'float32' and autocast = 'none'.",
+    )
 
 
 class EvalConfig(Section):
@@ -450,6 +457,12 @@ class Config(Section):
         if guided and self.feedback.constant_advantage is not None:
             raise ValueError("teacher-guided rollouts ask the teacher; they cannot run with feedback.constant_advantage")
         self._check_rollout_backend()
+        if self.train.bf16_weights and self.train.autocast != "none":
+            raise ValueError("train.bf16_weights already runs the update in bf16 (on bf16 weights); set train.autocast "
+                             "= 'none' (autocast is the other way: fp32 weights cast to bf16 in every forward)")
+        if self.train.bf16_weights and self.student.dtype != "float32":
+            raise ValueError(f"train.bf16_weights keeps fp32 master weights in the student, but student.dtype = "
+                             f"{self.student.dtype!r}: set student.dtype = 'float32'")
         if self.objective.name == "hybrid" and self.rollout.samples_per_prompt < 2:
             raise ValueError(
                 "objective.name = 'hybrid' normalises rewards within a group: set rollout.samples_per_prompt >= 2"

@@ -31,6 +31,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import math
 import os
 import shutil
 import subprocess
@@ -219,3 +220,55 @@ def decode_step(args: DecodeStep) -> None:
     kernel = _library()
     args.gemv, args.threads = ctypes.cast(kernel.fn, ctypes.c_void_p).value, torch.get_num_threads()
     kernel.lib.opd_decode_step(ctypes.byref(args))
+
+
+# ------------------------------------------------------------------------------------- the optimizer step
+@functools.cache
+def _optimizer_library() -> ctypes.CDLL | None:
+    """csrc/adamw.c (AVX2 + FMA), or None where it cannot be built or fails its check: opd.update.bf16 then runs
+    torch's ops."""
+    if not {"avx2", "fma"} <= matmul.cpu_flags():
+        return None
+    try:
+        with resources.as_file(resources.files("opd") / "csrc") as csrc:
+            lib = ctypes.CDLL(str(build(Path(csrc) / "adamw.c", kernel_cache())))
+    except (OSError, RuntimeError):
+        return None
+    lib.opd_adamw_step.restype = None
+    lib.opd_adamw_step.argtypes = [_P, _P, ctypes.c_int, _P, _P, _P, ctypes.c_int64, *[ctypes.c_float] * 8, ctypes.c_int]
+    lib.opd_sum_squares.restype, lib.opd_sum_squares.argtypes = ctypes.c_double, [_P, ctypes.c_int, ctypes.c_int64, ctypes.c_int]
+    return lib
+
+
+def adamw_available() -> bool:
+    return _optimizer_library() is not None
+
+
+def adamw_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+               copy: torch.Tensor | None, *, grad_mul: float, lr: float, beta1: float, beta2: float, eps: float,
+               weight_decay: float, step: float) -> None:
+    """One AdamW step of fp32 `param` (and its fp32 moments) from a bf16 or fp32 `grad` times `grad_mul`, writing
+    bf16 `copy` (or nothing where None) in the same pass (csrc/adamw.c). Every tensor contiguous, on the CPU, of
+    param's shape. The bias corrections are computed in double, as torch's fused AdamW does."""
+    lib = _optimizer_library()
+    if lib is None:
+        raise RuntimeError("opd's AdamW kernel is not available here (see opd.cpu_kernels.adamw_available)")
+    tensors = [param, grad, exp_avg, exp_avg_sq] + ([] if copy is None else [copy])
+    if any(t.device.type != "cpu" or not t.is_contiguous() or t.shape != param.shape for t in tensors):
+        raise ValueError("adamw_step: every tensor contiguous, on the CPU, of the parameter's shape")
+    if param.dtype != torch.float32 or exp_avg.dtype != torch.float32 or exp_avg_sq.dtype != torch.float32 \
+            or grad.dtype not in (torch.float32, torch.bfloat16) or (copy is not None and copy.dtype != torch.bfloat16):
+        raise TypeError(f"adamw_step: fp32 param and moments, bf16/fp32 grad, bf16 copy; got {[t.dtype for t in tensors]}")
+    bc1 = 1.0 - beta1**step
+    bc2_sqrt = math.sqrt(1.0 - beta2**step)
+    lib.opd_adamw_step(param.data_ptr(), grad.data_ptr(), int(grad.dtype == torch.bfloat16), exp_avg.data_ptr(),
+                       exp_avg_sq.data_ptr(), None if copy is None else copy.data_ptr(), param.numel(), grad_mul, lr,
+                       beta1, beta2, eps, weight_decay, lr / bc1, bc2_sqrt, torch.get_num_threads())
+
+
+def sum_squares(x: torch.Tensor) -> float:
+    """sum(x ** 2) of a contiguous bf16 or fp32 CPU tensor, in one pass (fp32 lanes, fp64 per chunk)."""
+    lib = _optimizer_library()
+    if lib is None or x.device.type != "cpu" or not x.is_contiguous() or x.dtype not in (torch.float32, torch.bfloat16):
+        return float(x.float().square().sum(dtype=torch.float64))
+    return lib.opd_sum_squares(x.data_ptr(), int(x.dtype == torch.bfloat16), x.numel(), torch.get_num_threads())

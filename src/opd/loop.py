@@ -44,6 +44,7 @@ from opd.teacher.build import build_teachers, check_tokenizers
 from opd.teacher.cross_tokenizer import CrossTokenizerTeacher, same_vocabulary
 from opd.types import Rollout, TeacherScores
 from opd.update import make_optimizer, make_scheduler, supervised_train, update_student
+from opd.update.bf16 import Bf16Weights
 
 
 class RunAborted(Exception):
@@ -142,6 +143,8 @@ def bf16_on_a_cpu_without_it(cfg: Config) -> list[str]:
             found.append("student.dtype = 'bfloat16'")
         if cfg.train.autocast == "bfloat16":
             found.append("train.autocast = 'bfloat16'")
+        if cfg.train.bf16_weights:
+            found.append("train.bf16_weights = true")
         # rollout.dtype = "int8" has no bf16 matmuls here: the fp32 student prefills itself (sampling_copy_for)
         if cfg.rollout.dtype == "bfloat16" and cfg.rollout.backend == "local":
             found.append("rollout.dtype = 'bfloat16'")
@@ -231,8 +234,6 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
     device = resolve_device(cfg.student.device)
     gen = torch.Generator(device=device).manual_seed(cfg.seed + (0 if dp is None else 7919 * dp.rank))
     total_updates = cfg.train.max_steps * cfg.train.updates_per_batch
-    optimizer = make_optimizer(student, cfg.train)
-    scheduler = make_scheduler(optimizer, cfg.train, total_updates)
     n_student = count_params(student)
     n_teacher = count_params(teacher_model) if teacher_model is not None else 0  # a server's size is unknown here
     needs_full = cfg.objective.name in ("reverse_kl", "gkd")
@@ -250,6 +251,16 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
     if cfg.rollout.dtype == "int8" and (reason := int8_decode_unsupported(sampler, cfg.rollout.decoder)):
         plain = str(next(sampler.parameters()).dtype).removeprefix("torch.")
         log(f"warning: rollout.dtype = 'int8' falls back to {plain} decoding: {reason}")
+    # train.bf16_weights: the update trains through a bf16 copy (fp32 master weights in the student and its
+    # optimizer); the rollout's own bf16 copy where it samples in this process with the trainer's weights
+    bf16 = None
+    if cfg.train.bf16_weights:
+        in_step = cfg.engine != "ray" and cfg.rollout.backend == "local" and cfg.max_policy_lag // cfg.train.updates_per_batch == 0
+        bf16 = Bf16Weights(student, sampling_copy if in_step else None)
+        optimizer = bf16.optimizer(lr=cfg.train.lr, betas=cfg.train.betas, weight_decay=cfg.train.weight_decay)
+    else:
+        optimizer = make_optimizer(student, cfg.train)
+    scheduler = make_scheduler(optimizer, cfg.train, total_updates)
     ref_model = None
 
     def eval_row(step: int, version: int) -> dict:
@@ -442,7 +453,8 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
             if dp is not None:  # every rank updates, or none does
                 finite = dp.all_true(finite)
             if finite:
-                upd, new_version = update_student(student, optimizer, scheduler, rollout, scores, feedback,
+                trained = student if bf16 is None else bf16.model()
+                upd, new_version = update_student(trained, optimizer, scheduler, rollout, scores, feedback,
                                                   objective=objective, train=cfg.train, version=version,
                                                   ref_model=ref_model, chunk_size=cfg.teacher.chunk_size, dp=dp)
             else:  # a non-finite teacher logprob or advantage: never train on it

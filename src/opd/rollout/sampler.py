@@ -201,12 +201,26 @@ class SamplingCopy:
         for p in self.model.parameters():
             p.requires_grad_(False)
             p.data = p.data.to(dtype)
+        self._written_from: list[int] | None = None  # see written_from
 
     @torch.no_grad()
     def refresh(self, model):
+        if self._written_from is not None and self._written_from == _versions(model):
+            return self.model  # written by the optimizer step that made model's current weights
+        self._written_from = None
         for dst, src in zip(self.model.parameters(), model.parameters(), strict=True):
             dst.copy_(src)
         return self.model
+
+    def written_from(self, model) -> None:
+        """The copy now holds `model`'s current weights (opd.update.bf16's optimizer wrote both in one pass): the
+        next refresh skips its copy unless a parameter of `model` has been written in place since (its version
+        counter moved). Only this marks a copy current, so the version counters never stand in for a first copy."""
+        self._written_from = _versions(model)
+
+
+def _versions(model) -> list[int]:
+    return [p._version for p in model.parameters()]
 
 
 def sampling_copy_for(model, dtype: str) -> SamplingCopy | None:

@@ -23,6 +23,7 @@ from opd.logprobs import completion_hidden, entropy_of, per_position, sampled_lo
 from opd.objectives import fused as fused_terms
 from opd.objectives import generalized_jsd, kl_to_reference, pg_loss, reverse_kl, topk_kl
 from opd.types import TEACHER_WRITTEN, Feedback, Rollout, TeacherScores
+from opd.update.bf16 import MasterAdamW, grad_norm
 
 PG_FAMILY = ("pg", "hybrid")
 
@@ -46,7 +47,8 @@ def step_optimizer(optimizer: torch.optim.Optimizer) -> None:
     their version counters, and opd.llama's caches of fused / int8 weights use them to see that a weight changed (a
     stale cache would sample the next rollout with the previous step's weights)."""
     optimizer.step()
-    torch.autograd.graph.increment_version([p for group in optimizer.param_groups for p in group["params"]])
+    if not getattr(optimizer, "marks_versions", False):  # opd.update.bf16.MasterAdamW marks them itself
+        torch.autograd.graph.increment_version([p for group in optimizer.param_groups for p in group["params"]])
 
 
 def make_scheduler(optimizer, cfg: TrainConfig, total_updates: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -73,7 +75,7 @@ def update_autocast(model, mode: str):
     return torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16)
 
 
-# On the CPU under bf16 autocast, HF's eager attention (bf16 matmuls, softmax in fp32) trains faster than SDPA's
+# On the CPU in bf16 (autocast or train.bf16_weights), HF's eager attention (bf16 matmuls, softmax in fp32) trains faster than SDPA's
 # flash kernel at the short lengths of a rollout: the flash backward costs ~8 ms a layer even at 100 tokens, and
 # the update of a batch-4 step got ~17% faster (bench/NOTES.md). Eager keeps each layer's [B, heads, L, L]
 # probabilities for the backward pass, so it is used only while those stay under this many bytes in all.
@@ -89,7 +91,8 @@ def training_attention(model, rollout: Rollout, autocast: str):
     heads, layers = getattr(cfg, "num_attention_heads", None), getattr(cfg, "num_hidden_layers", None)
     # fp32 scores, bf16 probabilities and their fp32 softmax output per layer (upper bound: rows are left-aligned)
     saved = rollout.prompt_ids.shape[0] * (heads or 0) * L * L * 10 * (layers or 0)
-    if (autocast == "none" or heads is None or layers is None or next(model.parameters()).device.type != "cpu" or saved > EAGER_ATTENTION_MAX_BYTES
+    bf16 = autocast == "bfloat16" or next(model.parameters()).dtype == torch.bfloat16  # autocast, or bf16 weights
+    if (not bf16 or heads is None or layers is None or next(model.parameters()).device.type != "cpu" or saved > EAGER_ATTENTION_MAX_BYTES
             or getattr(cfg, "_attn_implementation", None) != "sdpa" or not hasattr(model, "set_attn_implementation")):
         yield
         return
@@ -234,7 +237,7 @@ def update_student(
                 finite = dp.all_true(finite)
                 if finite:
                     dp.all_reduce_grads(params)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, train.grad_clip if train.grad_clip > 0 else float("inf"))
+            grad_norm = clip_gradients(params, train.grad_clip, optimizer)
             if not finite or not torch.isfinite(grad_norm):
                 skipped += 1  # never apply a non-finite step; the batch is counted and dropped
                 optimizer.zero_grad(set_to_none=True)
@@ -247,6 +250,18 @@ def update_student(
     metrics["stability/skipped_batches"] = float(skipped)
     metrics["train/lr"] = float(scheduler.get_last_lr()[0])
     return metrics, version
+
+
+def clip_gradients(params: list[torch.Tensor], max_norm: float, optimizer) -> torch.Tensor:
+    """Clip the gradients' global norm to max_norm (0 = off); returns the norm before clipping. An optimizer that
+    scales the gradients as it reads them (opd.update.bf16.MasterAdamW) gets the clip's coefficient instead of a
+    pass over them; the coefficient is clip_grad_norm_'s, max_norm / (norm + 1e-6) capped at 1."""
+    if not isinstance(optimizer, MasterAdamW):
+        return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    norm = grad_norm(params)
+    if max_norm > 0 and math.isfinite(norm):
+        optimizer.grad_mul = min(1.0, max_norm / (norm + 1e-6))
+    return torch.tensor(norm)
 
 
 def teacher_outside_loss_zeroed(scores: TeacherScores, loss_mask: torch.Tensor, completion_mask: torch.Tensor) -> TeacherScores:
