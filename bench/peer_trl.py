@@ -13,7 +13,8 @@ torch threads. Peers:
   gradient_checkpointing = False (its default turns it on, which also turns off the KV cache when sampling);
 - TRL DistillationTrainer (trl.DistillationTrainer, when the installed TRL has it): beta = 1, same settings;
 - opd-bf16: opd at the same batch and length with its own precision choices (rollout.dtype and teacher.dtype
-  = bfloat16, train.autocast = bfloat16: the update's forward in bf16, parameters and optimizer fp32);
+  = bfloat16, train.bf16_weights: the update's forward and backward on the rollout's bf16 copy, fp32 master
+  weights and optimizer state in the student);
 - opd-int8: as opd-bf16 with rollout.dtype = "int8" (the sampling copy's decode steps read int8 weights);
 - opd-int8-fp32: for CPUs without bf16 instructions: rollout.dtype = "int8" (int8 decode steps, the fp32
   student prefilling), teacher and update fp32 (not in the default --peers; add it on such a machine);
@@ -146,18 +147,18 @@ def exact_reverse_kl(student, teacher: LocalTeacher, tok, eval_records: list[dic
 
 
 # ------------------------------------------------------------------------------------ opd
-# opd's own choices at the same batch size and length: bf16 sampling copy, bf16 teacher, bf16 autocast update
-# (parameters and optimizer stay fp32)
+# opd's own choices at the same batch size and length: bf16 sampling copy, bf16 teacher, the update on that bf16
+# copy (train.bf16_weights: fp32 master weights and optimizer state stay in the student)
 # opd-int8: the same with int8 weights in the sampling copy's decode steps (rollout.dtype = "int8")
 OPD_VARIANTS = {"opd": {}, "opd-bf16": {"rollout": {"dtype": "bfloat16"}, "teacher": {"dtype": "bfloat16"},
-                                        "train": {"autocast": "bfloat16"}},
-                "opd-int8": {"rollout": {"dtype": "int8"}, "teacher": {"dtype": "bfloat16"}, "train": {"autocast": "bfloat16"}},
+                                        "train": {"bf16_weights": True}},
+                "opd-int8": {"rollout": {"dtype": "int8"}, "teacher": {"dtype": "bfloat16"}, "train": {"bf16_weights": True}},
                 # for CPUs without bf16 instructions (no fast bf16 matmul at all): int8 decode steps, fp32 otherwise
                 "opd-int8-fp32": {"rollout": {"dtype": "int8"}},
                 # opd's own best settings: the same at batch 16 (decoding is bound by reading the weights, so 4x the
                 # rows cost little more per step); not an equal-settings comparison, and reported apart
                 "opd-int8-batch16": {"prompts": {"batch_size": 16}, "rollout": {"dtype": "int8"},
-                                     "teacher": {"dtype": "bfloat16"}, "train": {"autocast": "bfloat16", "micro_batch_size": 16}}}
+                                     "teacher": {"dtype": "bfloat16"}, "train": {"bf16_weights": True, "micro_batch_size": 16}}}
 
 # variant -> (its keys' prefix in the summary, its name in the headline table, the figure of its ratio to GKD)
 OPD_OWN_CHOICES = {

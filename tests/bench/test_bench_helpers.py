@@ -107,6 +107,7 @@ def test_peer_benchmark_splits_prompts_and_configures_opd_like_the_peers(tmp_pat
     assert peer_trl.opd_config(tmp_path, tmp_path / "t.jsonl", peer_trl.OPD_VARIANTS["opd-int8"]).rollout.dtype == "int8"
     fp32 = peer_trl.opd_config(tmp_path, tmp_path / "t.jsonl", peer_trl.OPD_VARIANTS["opd-int8-fp32"])
     assert fp32.rollout.dtype == "int8" and fp32.teacher.dtype == "float32" and fp32.train.autocast == "none"
+    assert not fp32.train.bf16_weights and peer_trl.opd_config(tmp_path, tmp_path / "t.jsonl", peer_trl.OPD_VARIANTS["opd-int8"]).train.bf16_weights
     assert set(peer_trl.OPD_OWN_CHOICES) == set(peer_trl.OPD_VARIANTS) - {"opd"}  # each reported in the summary
 
 
