@@ -54,7 +54,7 @@ def kernel_cache() -> Path:
 def build(source: Path, cache: Path) -> Path:
     """Compile `source` into `cache` (once per source, the C files beside it that it may include, and flags); a
     concurrent build by another process is safe: each writes a temporary file and renames it into place."""
-    sources = [source] + sorted(p for p in source.parent.glob("*.c") if p != source)
+    sources = [source] + sorted(p for p in [*source.parent.glob("*.c"), *source.parent.glob("*.h")] if p != source)
     key = hashlib.sha256(b"".join(p.read_bytes() for p in sources) + " ".join(FLAGS).encode()).hexdigest()[:16]
     out = cache / f"{source.stem}-{key}.so"
     if out.exists():
@@ -223,16 +223,23 @@ def decode_step(args: DecodeStep) -> None:
 
 
 # ------------------------------------------------------------------------------------- the optimizer step
-@functools.cache
-def _optimizer_library() -> ctypes.CDLL | None:
-    """csrc/adamw.c (AVX2 + FMA), or None where it cannot be built or fails its check: opd.update.bf16 then runs
-    torch's ops."""
+def _plain_library(source: str) -> ctypes.CDLL | None:
+    """One of the csrc files that need only AVX2 + FMA, built and loaded; None where it cannot be (not x86 with
+    AVX2, no compiler, a failed build): its callers run torch's ops then."""
     if not {"avx2", "fma"} <= matmul.cpu_flags():
         return None
     try:
         with resources.as_file(resources.files("opd") / "csrc") as csrc:
-            lib = ctypes.CDLL(str(build(Path(csrc) / "adamw.c", kernel_cache())))
+            return ctypes.CDLL(str(build(Path(csrc) / source, kernel_cache())))
     except (OSError, RuntimeError):
+        return None
+
+
+@functools.cache
+def _optimizer_library() -> ctypes.CDLL | None:
+    """csrc/adamw.c, for opd.update.bf16 (torch's ops where it is None)."""
+    lib = _plain_library("adamw.c")
+    if lib is None:
         return None
     lib.opd_adamw_step.restype = None
     lib.opd_adamw_step.argtypes = [_P, _P, ctypes.c_int, _P, _P, _P, ctypes.c_int64, *[ctypes.c_float] * 8, ctypes.c_int]
@@ -272,3 +279,64 @@ def sum_squares(x: torch.Tensor) -> float:
     if lib is None or x.device.type != "cpu" or not x.is_contiguous() or x.dtype not in (torch.float32, torch.bfloat16):
         return float(x.float().square().sum(dtype=torch.float64))
     return lib.opd_sum_squares(x.data_ptr(), int(x.dtype == torch.bfloat16), x.numel(), torch.get_num_threads())
+
+
+# ------------------------------------------------------------------------------------- the update's vocabulary terms
+@functools.cache
+def _vocab_library() -> ctypes.CDLL | None:
+    """csrc/vocab_terms.c, for opd.objectives.fused (its torch ops where this is None)."""
+    lib = _plain_library("vocab_terms.c")
+    if lib is None:
+        return None
+    lib.opd_vocab_terms_forward.restype = None
+    lib.opd_vocab_terms_forward.argtypes = [_P, ctypes.c_int, _P, _P, ctypes.c_int64, ctypes.c_int64, ctypes.c_float,
+                                            _P, _P, _P, _P, _P, ctypes.c_int]
+    lib.opd_vocab_terms_backward.restype = None
+    lib.opd_vocab_terms_backward.argtypes = [_P, ctypes.c_int, _P, _P, ctypes.c_int64, ctypes.c_int64, ctypes.c_float,
+                                             _P, _P, _P, _P, _P, _P, ctypes.c_int]
+    return lib
+
+
+def vocab_terms_fit(logits: torch.Tensor, teacher: torch.Tensor | None, targets: torch.Tensor) -> bool:
+    """Whether csrc/vocab_terms.c takes these: built here, CPU, contiguous [n, V] bf16 / fp32 logits, fp32 teacher
+    log-probs of the same shape (or none), int64 targets [n] within the vocabulary."""
+    if _vocab_library() is None:
+        return False
+    ok = (logits.device.type == "cpu" and logits.dim() == 2 and logits.is_contiguous()
+          and logits.dtype in (torch.float32, torch.bfloat16) and targets.dtype == torch.int64
+          and targets.is_contiguous() and targets.shape == (logits.shape[0],))
+    if ok and teacher is not None:
+        ok = teacher.dtype == torch.float32 and teacher.is_contiguous() and teacher.shape == logits.shape
+    return ok and (targets.numel() == 0 or (int(targets.min()) >= 0 and int(targets.max()) < logits.shape[1]))
+
+
+def _scratch(V: int) -> torch.Tensor:
+    return torch.empty(2 * V * max(1, torch.get_num_threads()))
+
+
+def vocab_terms_forward(logits: torch.Tensor, teacher: torch.Tensor | None, targets: torch.Tensor, temperature: float):
+    """(token logprob, entropy, KL, log-sum-exp) [n] each of log_softmax(logits / T) (see csrc/vocab_terms.c);
+    the caller has checked vocab_terms_fit."""
+    n, V = logits.shape
+    tok, ent, kl, lse = (torch.empty(n) for _ in range(4))
+    scratch = _scratch(V)  # held here: a temporary's memory would be freed before the call
+    _vocab_library().opd_vocab_terms_forward(
+        logits.data_ptr(), int(logits.dtype == torch.bfloat16), None if teacher is None else teacher.data_ptr(),
+        targets.data_ptr(), n, V, 1.0 / temperature, tok.data_ptr(), ent.data_ptr(), kl.data_ptr(), lse.data_ptr(),
+        scratch.data_ptr(), torch.get_num_threads())
+    return tok, ent, kl, lse
+
+
+def vocab_terms_backward(logits: torch.Tensor, teacher: torch.Tensor | None, targets: torch.Tensor, temperature: float,
+                         lse: torch.Tensor, kl: torch.Tensor, g_tok: torch.Tensor, g_kl: torch.Tensor | None) -> torch.Tensor:
+    """The gradient of the logits (in their dtype) given the forward's lse and kl and the outputs' gradients."""
+    n, V = logits.shape
+    grad = torch.empty_like(logits)
+    g_tok = g_tok.float().contiguous()
+    g_kl = None if g_kl is None else g_kl.float().contiguous()
+    scratch = _scratch(V)
+    _vocab_library().opd_vocab_terms_backward(
+        logits.data_ptr(), int(logits.dtype == torch.bfloat16), None if teacher is None else teacher.data_ptr(),
+        targets.data_ptr(), n, V, 1.0 / temperature, lse.data_ptr(), kl.data_ptr(), g_tok.data_ptr(),
+        None if g_kl is None else g_kl.data_ptr(), grad.data_ptr(), scratch.data_ptr(), torch.get_num_threads())
+    return grad

@@ -24,7 +24,15 @@ def unfused(logits, teacher, targets, T):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("T", [1.0, 0.7])
 @pytest.mark.parametrize("with_teacher", [True, False])
-def test_fused_terms_and_their_gradients_equal_the_unfused_ops(dtype, T, with_teacher):
+@pytest.mark.parametrize("native", [True, False])  # csrc/vocab_terms.c, or the torch ops of fused.TokenTerms
+def test_fused_terms_and_their_gradients_equal_the_unfused_ops(dtype, T, with_teacher, native, monkeypatch):
+    from opd import cpu_kernels
+
+    if native and cpu_kernels._vocab_library() is None:
+        pytest.skip("csrc/vocab_terms.c needs x86 AVX2 + a C compiler")
+    fit = cpu_kernels.vocab_terms_fit
+    used = []
+    monkeypatch.setattr(cpu_kernels, "vocab_terms_fit", lambda *a: used.append(native and fit(*a)) or used[-1])
     g = torch.Generator().manual_seed(0)
     n, V = 2 * fused.BLOCK_ROWS + 3, 301  # a last block of 3 rows
     base = (torch.randn(n, V, generator=g) * 3).to(dtype)
@@ -45,6 +53,21 @@ def test_fused_terms_and_their_gradients_equal_the_unfused_ops(dtype, T, with_te
         torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol * float(want.detach().abs().max()))
     if not with_teacher:
         assert (results[1][2] == 0).all()
+    assert used == [native]  # the path under test is the one that ran
+
+
+def test_the_native_vocabulary_terms_take_only_what_they_can_index():
+    from opd import cpu_kernels
+
+    if cpu_kernels._vocab_library() is None:
+        pytest.skip("csrc/vocab_terms.c needs x86 AVX2 + a C compiler")
+    logits, teacher, targets = torch.randn(4, 10), torch.randn(4, 10), torch.tensor([0, 3, 9, 2])
+    assert cpu_kernels.vocab_terms_fit(logits, teacher, targets) and cpu_kernels.vocab_terms_fit(logits, None, targets)
+    assert not cpu_kernels.vocab_terms_fit(logits, teacher, torch.tensor([0, 3, 10, 2]))  # past the vocabulary
+    assert not cpu_kernels.vocab_terms_fit(logits, teacher, torch.tensor([0, -1, 1, 2]))
+    assert not cpu_kernels.vocab_terms_fit(logits.t().contiguous().t(), teacher, targets)  # strided rows
+    assert not cpu_kernels.vocab_terms_fit(logits, teacher.double(), targets)
+    assert not cpu_kernels.vocab_terms_fit(logits.half(), None, targets)
 
 
 @pytest.fixture

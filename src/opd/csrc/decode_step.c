@@ -57,24 +57,7 @@ int64_t opd_decode_scratch_floats(int64_t batch, int64_t hidden, int64_t heads, 
     return batch * (2 * hidden + (heads + 2 * kv_heads) * head_dim + heads * head_dim + 3 * inter + heads * max_len);
 }
 
-/* exp for the softmax and SiLU: Cephes expf's range reduction and polynomial (relative error ~2e-7), written
- * so that `omp simd` loops vectorise it (libm's expf is a scalar call). */
-#pragma omp declare simd
-static inline float exp_poly(float x) {
-    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-    const float n = floorf(x * 1.44269504088896341f + 0.5f);
-    const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    union { int32_t i; float f; } two_n;
-    two_n.i = ((int32_t)n + 127) << 23;
-    return p * two_n.f;
-}
+#include "exp_poly.h"
 
 static void rms_norm(const float *x, const float *w, float *y, int64_t rows, int64_t n, float eps) {
     for (int64_t b = 0; b < rows; b++) {

@@ -5,7 +5,9 @@ Written as log_softmax, then a gather, an entropy and a KL, each is its own pass
 in the forward and again in the backward (~15 passes over 50 MB at batch 4 x 64 tokens and a 49k vocabulary),
 and autograd keeps the fp32 log-probs and their exponentials for the backward pass. Here a block of a few rows
 is upcast, normalised and reduced while it sits in cache; the backward pass recomputes it from the saved logits
-(kept in their own dtype, bf16 under autocast) and writes the gradient of the logits in one go:
+(kept in their own dtype, bf16 under autocast) and writes the gradient of the logits in one go. On x86 CPUs with
+AVX2 the same formulas run row by row in C (csrc/vocab_terms.c, opd.cpu_kernels): one read of a row from memory,
+the rest in L2, instead of ~10 elementwise passes per block at torch's rate (bench/NOTES.md, session 14):
 
     d tok / dz = onehot(target) - p        d KL / dz = p * (log p - log t - KL)        (each / T)
 
@@ -16,6 +18,8 @@ measurement; tests/objectives/test_fused.py compares values and gradients with t
 from __future__ import annotations
 
 import torch
+
+from opd import cpu_kernels
 
 # Rows per block: 8 x 49k fp32 is 1.5 MB, in a core's L2 with the block's temporaries on recent x86 CPUs.
 BLOCK_ROWS = 8
@@ -28,8 +32,12 @@ class TokenTerms(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, teacher, targets, temperature: float):
         n = logits.shape[0]
-        tok, ent, kl, lse = (torch.empty(n, device=logits.device) for _ in range(4))
-        for s in range(0, n, BLOCK_ROWS):
+        ctx.native = cpu_kernels.vocab_terms_fit(logits, teacher, targets)
+        if ctx.native:  # csrc/vocab_terms.c: one read of each row, the rest in L2
+            tok, ent, kl, lse = cpu_kernels.vocab_terms_forward(logits, teacher, targets, temperature)
+        else:
+            tok, ent, kl, lse = (torch.empty(n, device=logits.device) for _ in range(4))
+        for s in range(0, 0 if ctx.native else n, BLOCK_ROWS):
             rows = slice(s, s + BLOCK_ROWS)
             logp = _scaled(logits[rows], temperature)
             lse[rows] = torch.logsumexp(logp, -1)
@@ -47,6 +55,9 @@ class TokenTerms(torch.autograd.Function):
     def backward(ctx, g_tok, g_ent, g_kl):
         logits, teacher, targets, lse, kl = ctx.saved_tensors
         T = ctx.temperature  # g_tok and g_kl arrive as zeros where unused (autograd materialises them)
+        if ctx.native:
+            return cpu_kernels.vocab_terms_backward(logits, teacher, targets, T, lse, kl, g_tok,
+                                                    None if teacher is None else g_kl), None, None, None
         grad = torch.empty_like(logits)
         for s in range(0, logits.shape[0], BLOCK_ROWS):
             rows = slice(s, s + BLOCK_ROWS)

@@ -1,0 +1,168 @@
+/* The update's full-vocabulary terms (opd.objectives.fused.TokenTerms) row by row: from the LM head's logits
+ * (bf16 or fp32) and the teacher's log-probs (fp32, or none), the sampled token's logprob, the entropy, the reverse
+ * KL(student || teacher) and the row's log-sum-exp; and the gradient of the logits. torch's ops make ~10 passes over
+ * each block of rows, each at this host's elementwise rate; here a row (49k values, ~300 KB with the teacher's) is
+ * read from memory once and then worked on in L2 (bench/NOTES.md, session 14).
+ *
+ * With z = logits / T, m = max z, e = exp(z - m), S = sum e, lse = m + log S, logp = z - lse, p = e / S:
+ *   tok = logp[target]     ent = -sum p logp     kl = sum p (logp - t)
+ *   d/dz: p (g_kl (logp - t - kl) - g_tok) + g_tok onehot(target), each / T
+ * the same formulas as the torch ops, evaluated in the same order per element. */
+#include <immintrin.h>
+#include <stdint.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "exp_poly.h"
+
+static inline float bf16_value(const uint16_t *p, int64_t i) {
+    union { uint32_t u; float f; } v;
+    v.u = (uint32_t)p[i] << 16;
+    return v.f;
+}
+
+static inline uint16_t bf16_round(float x) {
+    union { uint32_t u; float f; } v;
+    v.f = x;
+    const uint16_t nan = (uint16_t)((v.u >> 16) | 0x40);  /* rounding could carry a NaN's payload into inf */
+    const uint16_t rounded = (uint16_t)((v.u + 0x7FFF + ((v.u >> 16) & 1)) >> 16);
+    return x != x ? nan : rounded;
+}
+
+/* exp_poly on 8 lanes (gcc does not vectorise exp_poly's clamps and conversions in these loops by itself) */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+    const __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+    const __m256 r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.12194440e-4f), _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x));
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r), _mm256_set1_ps(1.0f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+/* one row of logits as fp32 z = logits / T (scale = 1 / T) into z */
+static void load_row(const void *logits, int bf16, int64_t row, int64_t V, float scale, float *z) {
+    if (bf16) {
+        const uint16_t *l = (const uint16_t *)logits + row * V;
+        #pragma omp simd
+        for (int64_t i = 0; i < V; i++) z[i] = bf16_value(l, i) * scale;
+    } else {
+        const float *l = (const float *)logits + row * V;
+        #pragma omp simd
+        for (int64_t i = 0; i < V; i++) z[i] = l[i] * scale;
+    }
+}
+
+/* z -> logp = z - lse in place, e -> p; returns lse */
+static float normalise(float *z, float *p, int64_t V) {
+    float m = -INFINITY;
+    #pragma omp simd reduction(max : m)
+    for (int64_t i = 0; i < V; i++) m = z[i] > m ? z[i] : m;
+    const int64_t V8 = V & ~(int64_t)7;
+    __m256 acc = _mm256_setzero_ps();
+    const __m256 vm = _mm256_set1_ps(m);
+    for (int64_t i = 0; i < V8; i += 8) {
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(z + i), vm));
+        _mm256_storeu_ps(p + i, e);
+        acc = _mm256_add_ps(acc, e);
+    }
+    float lanes[8], s = 0.0f;
+    _mm256_storeu_ps(lanes, acc);
+    for (int k = 0; k < 8; k++) s += lanes[k];
+    for (int64_t i = V8; i < V; i++) {
+        p[i] = exp_poly(z[i] - m);
+        s += p[i];
+    }
+    const float log_s = logf(s), inv_s = 1.0f / s;
+    #pragma omp simd
+    for (int64_t i = 0; i < V; i++) {
+        z[i] = (z[i] - m) - log_s;
+        p[i] *= inv_s;
+    }
+    return m + log_s;
+}
+
+/* scratch: 2 * V floats per thread (threads * 2 * V in all) */
+void opd_vocab_terms_forward(const void *logits, int bf16, const float *teacher, const int64_t *targets, int64_t n,
+                             int64_t V, float inv_t, float *tok, float *ent, float *kl, float *lse, float *scratch,
+                             int threads) {
+    #pragma omp parallel num_threads(threads)
+    {
+        #ifdef _OPENMP
+        float *z = scratch + 2 * V * omp_get_thread_num();
+        #else
+        float *z = scratch;
+        #endif
+        float *p = z + V;
+        #pragma omp for schedule(static)
+        for (int64_t r = 0; r < n; r++) {
+            load_row(logits, bf16, r, V, inv_t, z);
+            lse[r] = normalise(z, p, V);
+            tok[r] = z[targets[r]];
+            float h = 0.0f, d = 0.0f;
+            const float *t = teacher ? teacher + r * V : NULL;
+            #pragma omp simd reduction(+ : h)
+            for (int64_t i = 0; i < V; i++) h += p[i] * z[i];
+            if (t) {
+                #pragma omp simd reduction(+ : d)
+                for (int64_t i = 0; i < V; i++) d += p[i] * (z[i] - t[i]);
+            }
+            ent[r] = -h;
+            kl[r] = d;
+        }
+    }
+}
+
+void opd_vocab_terms_backward(const void *logits, int bf16, const float *teacher, const int64_t *targets, int64_t n,
+                              int64_t V, float inv_t, const float *lse, const float *kl, const float *g_tok,
+                              const float *g_kl, void *grad, float *scratch, int threads) {
+    #pragma omp parallel num_threads(threads)
+    {
+        #ifdef _OPENMP
+        float *g = scratch + 2 * V * omp_get_thread_num();
+        #else
+        float *g = scratch;
+        #endif
+        #pragma omp for schedule(static)
+        for (int64_t r = 0; r < n; r++) {
+            load_row(logits, bf16, r, V, inv_t, g);
+            const float l = lse[r], gt = g_tok[r], gk = g_kl ? g_kl[r] : 0.0f, k = kl[r];
+            const float *t = teacher ? teacher + r * V : NULL;
+            const int64_t V8 = V & ~(int64_t)7;
+            const __m256 vl = _mm256_set1_ps(l), vgt = _mm256_set1_ps(gt), vgk = _mm256_set1_ps(gk), vk = _mm256_set1_ps(k);
+            if (t) {
+                for (int64_t i = 0; i < V8; i += 8) {
+                    const __m256 logp = _mm256_sub_ps(_mm256_loadu_ps(g + i), vl);
+                    const __m256 d = _mm256_sub_ps(_mm256_sub_ps(logp, _mm256_loadu_ps(t + i)), vk);
+                    _mm256_storeu_ps(g + i, _mm256_mul_ps(_mm256_fmsub_ps(vgk, d, vgt), exp8(logp)));
+                }
+                for (int64_t i = V8; i < V; i++) {
+                    const float logp = g[i] - l;
+                    g[i] = (gk * ((logp - t[i]) - k) - gt) * exp_poly(logp);
+                }
+            } else {
+                const __m256 neg = _mm256_set1_ps(-gt);
+                for (int64_t i = 0; i < V8; i += 8)
+                    _mm256_storeu_ps(g + i, _mm256_mul_ps(neg, exp8(_mm256_sub_ps(_mm256_loadu_ps(g + i), vl))));
+                for (int64_t i = V8; i < V; i++) g[i] = -gt * exp_poly(g[i] - l);
+            }
+            g[targets[r]] += gt;
+            if (bf16) {
+                uint16_t *out = (uint16_t *)grad + r * V;
+                #pragma omp simd
+                for (int64_t i = 0; i < V; i++) out[i] = bf16_round(g[i] * inv_t);
+            } else {
+                float *out = (float *)grad + r * V;
+                #pragma omp simd
+                for (int64_t i = 0; i < V; i++) out[i] = g[i] * inv_t;
+            }
+        }
+    }
+}
