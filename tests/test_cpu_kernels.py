@@ -208,3 +208,81 @@ def test_c_quantiser_writes_the_bits_of_the_torch_ops(dtype, shape):
     # what it cannot take, it leaves to the torch ops
     assert not cpu_kernels.quantize_int8_into(w.t(), torch.empty(shape[::-1], dtype=torch.int8), torch.empty(shape[1]))
     assert not cpu_kernels.quantize_int8_into(w, q, torch.empty(shape[0], dtype=torch.bfloat16))
+
+
+# ------------------------------------------------------------------------------------- a bf16 layer's elementwise steps
+def layer_builds():
+    lib = cpu_kernels._plain_library("layer_ops.c")
+    if lib is None:
+        return []
+    variants = ["avx2"] + (["avx512_bf16"] if cpu_kernels.BF16_FLAGS <= matmul.cpu_flags() else [])
+    return [cpu_kernels._layer_ops(lib, v) for v in variants]
+
+
+def assert_bf16_equal(got, want):
+    # the torch ops' roundings, replayed: equal but for a rare last-bit difference of the fp32 arithmetic in between
+    assert got.dtype == want.dtype == torch.bfloat16 and got.shape == want.shape
+    same = (got.view(torch.int16) == want.view(torch.int16)).float().mean()
+    assert same > 0.999, float(same)
+    torch.testing.assert_close(got.float(), want.float(), rtol=2**-7, atol=1e-6)
+
+
+@pytest.mark.parametrize("n", [576, 67])  # 67: the tails after 8 / 16 lanes
+def test_layer_ops_equal_the_torch_ops_in_every_build(n, monkeypatch):
+    import torch.nn.functional as F
+
+    from opd.llama import apply_rope
+
+    builds = layer_builds()
+    if not builds:
+        pytest.skip("csrc/layer_ops.c needs x86 AVX2 + a C compiler")
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(3, 5, n, generator=g) * 4).bfloat16()
+    w = torch.rand(n, generator=g).bfloat16()
+    D, heads, all_heads = 2 * (n // 4), 5, 7  # D even, with a tail in each half at n = 67
+    qkv = torch.randn(3, 5, all_heads, D, generator=g).bfloat16()
+    cos, sin = torch.randn(40, D, generator=g).bfloat16(), torch.randn(40, D, generator=g).bfloat16()
+    positions = torch.randint(0, 40, (3, 5), generator=g)  # any position per row (left padding)
+    gate_up = (torch.randn(3, 5, 2 * n, generator=g) * 3).bfloat16()
+    gate, up = gate_up.chunk(2, dim=-1)
+    for ops in builds:
+        monkeypatch.setattr(cpu_kernels, "_layer_library", lambda ops=ops: ops)
+        with torch.no_grad():
+            assert_bf16_equal(cpu_kernels.rms_norm_bf16(x, w, 1e-5), w * F.rms_norm(x.float(), (n,), None, 1e-5).to(x.dtype))
+            rotated = qkv.clone()
+            assert cpu_kernels.rope_bf16_(rotated, heads, cos, sin, positions)
+            want = apply_rope(qkv[:, :, :heads], cos[positions][:, :, None], sin[positions][:, :, None])
+            assert_bf16_equal(rotated[:, :, :heads], want)
+            assert torch.equal(rotated[:, :, heads:], qkv[:, :, heads:])  # the value heads are left alone
+            assert_bf16_equal(cpu_kernels.silu_mul_bf16(gate_up), F.silu(gate) * up)
+
+
+def test_layer_ops_decline_what_they_do_not_take():
+    if not layer_builds():
+        pytest.skip("csrc/layer_ops.c needs x86 AVX2 + a C compiler")
+    x, w = torch.randn(4, 8).bfloat16(), torch.rand(8).bfloat16()
+    with torch.no_grad():
+        assert cpu_kernels.rms_norm_bf16(x.float(), w.float(), 1e-5) is None  # fp32: torch's one fused op
+        assert cpu_kernels.rms_norm_bf16(x.t().contiguous().t(), w, 1e-5) is None  # strided
+        qkv, table = torch.randn(1, 2, 3, 8).bfloat16(), torch.randn(4, 8).bfloat16()
+        assert not cpu_kernels.rope_bf16_(qkv, 2, table, table, torch.tensor([[0, 4]]))  # past the table
+        assert not cpu_kernels.rope_bf16_(qkv, 4, table, table, torch.tensor([[0, 1]]))  # more heads than there are
+    assert cpu_kernels.rms_norm_bf16(x, w, 1e-5) is None  # grad enabled: autograd needs torch's ops
+
+
+def test_a_bf16_teachers_forward_takes_the_layer_ops_and_matches_the_torch_ops(tokenizer, monkeypatch):
+    from opd.llama import causal_hidden
+    from tests.conftest import tiny_model
+
+    if not layer_builds():
+        pytest.skip("csrc/layer_ops.c needs x86 AVX2 + a C compiler")
+    model = tiny_model(tokenizer, 3).to(torch.bfloat16)
+    ids = torch.randint(4, 60, (2, 23), generator=torch.Generator().manual_seed(1))
+    calls = []
+    real = cpu_kernels._bf16_cpu
+    monkeypatch.setattr(cpu_kernels, "_bf16_cpu", lambda *t: calls.append(real(*t)) or calls[-1])
+    native = causal_hidden(model, ids)
+    assert calls and all(calls)  # the C ops applied, every layer
+    monkeypatch.setattr(cpu_kernels, "_bf16_cpu", lambda *t: False)
+    plain = causal_hidden(model, ids)
+    torch.testing.assert_close(native.float(), plain.float(), rtol=0.02, atol=0.02 * float(plain.float().abs().max()))

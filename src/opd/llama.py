@@ -123,6 +123,8 @@ def layer_weights(model, layers) -> list[LayerWeights]:
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if x.dtype == torch.float32:  # one op, the same numbers as LlamaRMSNorm's five
         return F.rms_norm(x, weight.shape, weight, eps)
+    if (y := cpu_kernels.rms_norm_bf16(x, weight, eps)) is not None:  # bf16 on the CPU, no grad: one C pass
+        return y
     # As LlamaRMSNorm: statistics in fp32, the product in the model's dtype (3 ops instead of 8: small decode
     # steps pay per op, not per element).
     return weight * F.rms_norm(x.float(), weight.shape, None, eps).to(x.dtype)
@@ -132,6 +134,24 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
+
+
+def rope_(qkv: torch.Tensor, heads: int, tables: tuple[torch.Tensor, torch.Tensor], positions: torch.Tensor,
+          gathered: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """RoPE on the first `heads` heads of qkv [B, T, all heads, D] at positions [B, T]; returns them [B, T, heads, D].
+    bf16 on the CPU without grad: rotated in place in qkv by one C pass (csrc/layer_ops.c) from the [positions, D]
+    `tables`; otherwise a new tensor from the torch ops with the `gathered` cos / sin (broadcastable to it)."""
+    if cpu_kernels.rope_bf16_(qkv, heads, *tables, positions):
+        return qkv[:, :, :heads]
+    return apply_rope(qkv[:, :, :heads], *gathered)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """F.silu(gate) * up of the fused gate/up product [..., 2 * intermediate] (one C pass in bf16 on the CPU)."""
+    if (y := cpu_kernels.silu_mul_bf16(gate_up)) is not None:
+        return y
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
 
 
 def rope_table(model, length: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -240,17 +260,17 @@ def causal_hidden(model, ids: torch.Tensor) -> torch.Tensor:
     p = next(model.parameters())
     gqa = {"enable_gqa": True} if H != KV else {}
     cos, sin = rope_table(model, L, p.dtype, p.device)
+    positions = torch.arange(L, device=p.device).expand(B, L).contiguous()
     layers = layer_weights(model, model.model.layers[: cfg.num_hidden_layers])
     x = F.embedding(ids, model.model.embed_tokens.weight.detach())
-    cos, sin = cos[:, None], sin[:, None]  # [L, 1, D]: broadcast over the heads of a [B, L, heads, D] tensor
+    gathered = cos[:, None], sin[:, None]  # [L, 1, D]: broadcast over the heads of a [B, L, heads, D] tensor
     for w in layers:
         h = rms_norm(x, w.input_norm, cfg.rms_norm_eps)
         qkv = matmul.linear(h, w.qkv).view(B, L, H + 2 * KV, D)
         # RoPE in the [B, L, heads, D] layout the matmul wrote (contiguous); SDPA takes the transposed views.
-        qk = apply_rope(qkv[:, :, : H + KV], cos, sin).transpose(1, 2)
+        qk = rope_(qkv, H + KV, (cos, sin), positions, gathered).transpose(1, 2)
         att = F.scaled_dot_product_attention(qk[:, :H], qk[:, H:], qkv[:, :, H + KV :].transpose(1, 2), is_causal=True,
                                              scale=D**-0.5, **gqa)
         x = x + matmul.linear(att.transpose(1, 2).reshape(B, L, H * D), w.o)
-        gate, up = matmul.linear(rms_norm(x, w.post_norm, cfg.rms_norm_eps), w.gate_up).chunk(2, dim=-1)
-        x = x + matmul.linear(F.silu(gate) * up, w.down)
+        x = x + matmul.linear(silu_mul(matmul.linear(rms_norm(x, w.post_norm, cfg.rms_norm_eps), w.gate_up)), w.down)
     return x

@@ -1,6 +1,7 @@
 /* exp for softmaxes and SiLU: Cephes expf's range reduction and polynomial (relative error ~2e-7), written so that
  * `omp simd` loops vectorise it (libm's expf is a scalar call). Shared by decode_step.c and vocab_terms.c. */
 #pragma once
+#include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
 
@@ -19,4 +20,20 @@ static inline float exp_poly(float x) {
     union { int32_t i; float f; } two_n;
     two_n.i = ((int32_t)n + 127) << 23;
     return p * two_n.f;
+}
+
+/* exp_poly on 8 lanes (gcc does not vectorise exp_poly's clamps and conversions in these loops by itself) */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+    const __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+    const __m256 r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.12194440e-4f), _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x));
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r), _mm256_set1_ps(1.0f));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }

@@ -15,44 +15,15 @@
 #include <omp.h>
 #endif
 
+#include "bf16.h"
 #include "exp_poly.h"
-
-static inline float bf16_value(const uint16_t *p, int64_t i) {
-    union { uint32_t u; float f; } v;
-    v.u = (uint32_t)p[i] << 16;
-    return v.f;
-}
-
-static inline uint16_t bf16_round(float x) {
-    union { uint32_t u; float f; } v;
-    v.f = x;
-    const uint16_t nan = (uint16_t)((v.u >> 16) | 0x40);  /* rounding could carry a NaN's payload into inf */
-    const uint16_t rounded = (uint16_t)((v.u + 0x7FFF + ((v.u >> 16) & 1)) >> 16);
-    return x != x ? nan : rounded;
-}
-
-/* exp_poly on 8 lanes (gcc does not vectorise exp_poly's clamps and conversions in these loops by itself) */
-static inline __m256 exp8(__m256 x) {
-    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
-    const __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
-    const __m256 r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.12194440e-4f), _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x));
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r), _mm256_set1_ps(1.0f));
-    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
 
 /* one row of logits as fp32 z = logits / T (scale = 1 / T) into z */
 static void load_row(const void *logits, int bf16, int64_t row, int64_t V, float scale, float *z) {
     if (bf16) {
         const uint16_t *l = (const uint16_t *)logits + row * V;
         #pragma omp simd
-        for (int64_t i = 0; i < V; i++) z[i] = bf16_value(l, i) * scale;
+        for (int64_t i = 0; i < V; i++) z[i] = bf16_to_fp32(l[i]) * scale;
     } else {
         const float *l = (const float *)logits + row * V;
         #pragma omp simd
@@ -157,7 +128,7 @@ void opd_vocab_terms_backward(const void *logits, int bf16, const float *teacher
             if (bf16) {
                 uint16_t *out = (uint16_t *)grad + r * V;
                 #pragma omp simd
-                for (int64_t i = 0; i < V; i++) out[i] = bf16_round(g[i] * inv_t);
+                for (int64_t i = 0; i < V; i++) out[i] = fp32_to_bf16(g[i] * inv_t);
             } else {
                 float *out = (float *)grad + r * V;
                 #pragma omp simd

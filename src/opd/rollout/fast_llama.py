@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaForCausalLM
 
-from opd.llama import (apply_rope, head_dim, int8_linear, int8_supported, int8_weights, layer_weights, rms_norm,
-                       rope_table, unsupported_reason)
+from opd.llama import (head_dim, int8_linear, int8_supported, int8_weights, layer_weights, rms_norm, rope_, rope_table,
+                       silu_mul, unsupported_reason)
 from opd import cpu_kernels, matmul
 
 
@@ -114,7 +114,8 @@ class FastLlamaDecoder:
         q8 = self.int8 if T == 1 else None
         step = q8 is not None  # a decode step (T = 1) with int8 products: in step_dtype
         cos_table, sin_table = (self.step_cos, self.step_sin) if step else (self.cos, self.sin)
-        cos, sin = cos_table[position_ids][:, None], sin_table[position_ids][:, None]  # [B, 1, T, D]
+        gathered = cos_table[position_ids][:, :, None], sin_table[position_ids][:, :, None]  # [B, T, 1, D]
+        positions = position_ids.to(torch.int64).contiguous()
 
         def linear(x: torch.Tensor, w: torch.Tensor, layer: int, which: int) -> torch.Tensor:
             return matmul.linear(x, w) if q8 is None else int8_linear(x, q8[layer][which])
@@ -125,16 +126,16 @@ class FastLlamaDecoder:
         for i, w in enumerate(self.layers):
             input_norm, post_norm = self.step_norms[i] if step else (w.input_norm, w.post_norm)
             h = rms_norm(x, input_norm, self.eps)
-            qkv = linear(h, w.qkv, i, 0).view(B, T, H + 2 * KV, D).transpose(1, 2)
-            qk = apply_rope(qkv[:, : H + KV], cos, sin)  # queries and keys rotated in one go
+            qkv = linear(h, w.qkv, i, 0).view(B, T, H + 2 * KV, D)
+            qk = rope_(qkv, H + KV, (cos_table, sin_table), positions, gathered).transpose(1, 2)  # queries and keys
+            qkv = qkv.transpose(1, 2)
             keys, values = self.cache[i, 0, :B], self.cache[i, 1, :B]
             keys[:, :, start:end] = qk[:, H:]
             values[:, :, start:end] = qkv[:, H + KV :]
             att = F.scaled_dot_product_attention(qk[:, :H].to(keys.dtype), keys[:, :, :end], values[:, :, :end],
                                                  attn_mask=mask, scale=self.scale, **self.gqa)
             x = x + linear(att.transpose(1, 2).reshape(B, T, H * D).to(x.dtype), w.o, i, 1)
-            gate, up = linear(rms_norm(x, post_norm, self.eps), w.gate_up, i, 2).chunk(2, dim=-1)
-            x = x + linear(F.silu(gate) * up, w.down, i, 3)
+            x = x + linear(silu_mul(linear(rms_norm(x, post_norm, self.eps), w.gate_up, i, 2)), w.down, i, 3)
         self.filled = end
         return linear(rms_norm(x[:, -1], self.step_final_norm if step else self.final_norm, self.eps), self.lm_head, -1, 0)
 

@@ -1,0 +1,206 @@
+/* The elementwise steps of a bf16 Llama layer's forward without grad (opd.llama: the teacher's scoring forward and
+ * the rollout's prefill), one pass each where torch makes two to four passes at bf16's slow elementwise rate on the
+ * CPU (bench/NOTES.md, session 14). Each rounds to bf16 where the torch ops it replaces do, so the results are
+ * those of the torch ops up to the last bit of the fp32 arithmetic in between:
+ *   rms_norm:  y = bf16(w * bf16(x * rsqrt(mean(x^2) + eps)))        (opd.llama.rms_norm on bf16)
+ *   rope:      x = bf16(bf16(x * cos) + bf16(rotate_half(x) * sin))  in place, per row at its position
+ *   silu_mul:  y = bf16(bf16(silu(gate)) * up)                      (F.silu(gate) * up)
+ * AVX2 + FMA; rows in parallel on torch's OpenMP threads. */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+
+#include "bf16.h"
+#include "exp_poly.h"
+
+void opd_rms_norm_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t rows, int64_t n, float eps,
+                       int threads) {
+    const int64_t n8 = n & ~(int64_t)7;
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t r = 0; r < rows; r++) {
+        const uint16_t *xr = x + r * n;
+        uint16_t *yr = y + r * n;
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t i = 0; i < n8; i += 8) {
+            const __m256 v = bf16x8_to_fp32(xr + i);
+            acc = _mm256_fmadd_ps(v, v, acc);
+        }
+        float lanes[8], ss = 0.0f;
+        _mm256_storeu_ps(lanes, acc);
+        for (int k = 0; k < 8; k++) ss += lanes[k];
+        for (int64_t i = n8; i < n; i++) ss += bf16_to_fp32(xr[i]) * bf16_to_fp32(xr[i]);
+        const float inv = 1.0f / sqrtf(ss / (float)n + eps);
+        const __m256 vinv = _mm256_set1_ps(inv);
+        for (int64_t i = 0; i < n8; i += 8) {
+            const __m256 normed = round_bf16x8(_mm256_mul_ps(bf16x8_to_fp32(xr + i), vinv));
+            _mm_storeu_si128((__m128i *)(yr + i), fp32x8_to_bf16(_mm256_mul_ps(bf16x8_to_fp32(w + i), normed)));
+        }
+        for (int64_t i = n8; i < n; i++)
+            yr[i] = fp32_to_bf16(bf16_to_fp32(w[i]) * bf16_to_fp32(fp32_to_bf16(bf16_to_fp32(xr[i]) * inv)));
+    }
+}
+
+/* x: rows of `stride` values; the first `heads` heads of D values each are rotated, row r at positions[r]
+ * (cos / sin: [max position + 1, D] tables, bf16). D even. */
+void opd_rope_bf16(uint16_t *x, int64_t rows, int64_t stride, int64_t heads, int64_t D, const uint16_t *cos,
+                   const uint16_t *sin, const int64_t *positions, int threads) {
+    const int64_t half = D / 2, h8 = half & ~(int64_t)7;
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t r = 0; r < rows; r++) {
+        const uint16_t *c = cos + positions[r] * D, *s = sin + positions[r] * D;
+        for (int64_t h = 0; h < heads; h++) {
+            uint16_t *v = x + r * stride + h * D;
+            for (int64_t i = 0; i < h8; i += 8) {
+                const __m256 a = bf16x8_to_fp32(v + i), b = bf16x8_to_fp32(v + half + i);
+                /* rotate_half(x) = cat(-x2, x1): the first half pairs with -b, the second with a */
+                const __m256 lo = _mm256_add_ps(round_bf16x8(_mm256_mul_ps(a, bf16x8_to_fp32(c + i))),
+                                                round_bf16x8(_mm256_mul_ps(_mm256_sub_ps(_mm256_setzero_ps(), b),
+                                                                           bf16x8_to_fp32(s + i))));
+                const __m256 hi = _mm256_add_ps(round_bf16x8(_mm256_mul_ps(b, bf16x8_to_fp32(c + half + i))),
+                                                round_bf16x8(_mm256_mul_ps(a, bf16x8_to_fp32(s + half + i))));
+                _mm_storeu_si128((__m128i *)(v + i), fp32x8_to_bf16(lo));
+                _mm_storeu_si128((__m128i *)(v + half + i), fp32x8_to_bf16(hi));
+            }
+            for (int64_t i = h8; i < half; i++) {
+                const float a = bf16_to_fp32(v[i]), b = bf16_to_fp32(v[half + i]);
+                const float lo = bf16_to_fp32(fp32_to_bf16(a * bf16_to_fp32(c[i])))
+                               + bf16_to_fp32(fp32_to_bf16(-b * bf16_to_fp32(s[i])));
+                const float hi = bf16_to_fp32(fp32_to_bf16(b * bf16_to_fp32(c[half + i])))
+                               + bf16_to_fp32(fp32_to_bf16(a * bf16_to_fp32(s[half + i])));
+                v[i] = fp32_to_bf16(lo);
+                v[half + i] = fp32_to_bf16(hi);
+            }
+        }
+    }
+}
+
+/* gate_up: rows of 2 * inter values (gate, then up); y: rows of inter values */
+void opd_silu_mul_bf16(const uint16_t *gate_up, uint16_t *y, int64_t rows, int64_t inter, int threads) {
+    const int64_t n8 = inter & ~(int64_t)7;
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t r = 0; r < rows; r++) {
+        const uint16_t *g = gate_up + r * 2 * inter, *u = g + inter;
+        uint16_t *yr = y + r * inter;
+        const __m256 one = _mm256_set1_ps(1.0f);
+        for (int64_t i = 0; i < n8; i += 8) {
+            const __m256 gv = bf16x8_to_fp32(g + i);
+            const __m256 silu = round_bf16x8(_mm256_div_ps(gv, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv)))));
+            _mm_storeu_si128((__m128i *)(yr + i), fp32x8_to_bf16(_mm256_mul_ps(silu, bf16x8_to_fp32(u + i))));
+        }
+        for (int64_t i = n8; i < inter; i++) {
+            const float gv = bf16_to_fp32(g[i]);
+            yr[i] = fp32_to_bf16(bf16_to_fp32(fp32_to_bf16(gv / (1.0f + exp_poly(-gv)))) * bf16_to_fp32(u[i]));
+        }
+    }
+}
+
+/* ---- the same three for CPUs with AVX-512 BF16 (Cooper Lake / Sapphire Rapids and later, Zen 4 and later): 16
+ * lanes, and the hardware's round-to-nearest-even conversion to bf16 (vcvtneps2bf16) instead of ~10 integer
+ * instructions per 8 values. The same results for every non-NaN value. */
+#define BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+
+BF16_TARGET static inline __m512 load16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+BF16_TARGET static inline void store16(uint16_t *p, __m512 x) {
+    _mm256_storeu_si256((__m256i *)p, (__m256i)_mm512_cvtneps_pbh(x));
+}
+
+BF16_TARGET static inline __m512 round16(__m512 x) {  /* to bf16 and back */
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(x)), 16));
+}
+
+BF16_TARGET static inline __m512 exp16(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
+                                          _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    const __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x));
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
+    const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+}
+
+BF16_TARGET void opd_rms_norm_bf16_avx512(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t rows, int64_t n,
+                                          float eps, int threads) {
+    const int64_t n16 = n & ~(int64_t)15;
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t r = 0; r < rows; r++) {
+        const uint16_t *xr = x + r * n;
+        uint16_t *yr = y + r * n;
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t i = 0; i < n16; i += 16) {
+            const __m512 v = load16(xr + i);
+            acc = _mm512_fmadd_ps(v, v, acc);
+        }
+        float ss = _mm512_reduce_add_ps(acc);
+        for (int64_t i = n16; i < n; i++) ss += bf16_to_fp32(xr[i]) * bf16_to_fp32(xr[i]);
+        const float inv = 1.0f / sqrtf(ss / (float)n + eps);
+        const __m512 vinv = _mm512_set1_ps(inv);
+        for (int64_t i = 0; i < n16; i += 16)
+            store16(yr + i, _mm512_mul_ps(load16(w + i), round16(_mm512_mul_ps(load16(xr + i), vinv))));
+        for (int64_t i = n16; i < n; i++)
+            yr[i] = fp32_to_bf16(bf16_to_fp32(w[i]) * bf16_to_fp32(fp32_to_bf16(bf16_to_fp32(xr[i]) * inv)));
+    }
+}
+
+BF16_TARGET void opd_rope_bf16_avx512(uint16_t *x, int64_t rows, int64_t stride, int64_t heads, int64_t D,
+                                      const uint16_t *cos, const uint16_t *sin, const int64_t *positions, int threads) {
+    const int64_t half = D / 2, h16 = half & ~(int64_t)15;
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t r = 0; r < rows; r++) {
+        const uint16_t *c = cos + positions[r] * D, *s = sin + positions[r] * D;
+        for (int64_t h = 0; h < heads; h++) {
+            uint16_t *v = x + r * stride + h * D;
+            for (int64_t i = 0; i < h16; i += 16) {
+                const __m512 a = load16(v + i), b = load16(v + half + i);
+                const __m512 lo = _mm512_add_ps(round16(_mm512_mul_ps(a, load16(c + i))),
+                                                round16(_mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), b), load16(s + i))));
+                const __m512 hi = _mm512_add_ps(round16(_mm512_mul_ps(b, load16(c + half + i))),
+                                                round16(_mm512_mul_ps(a, load16(s + half + i))));
+                store16(v + i, lo);
+                store16(v + half + i, hi);
+            }
+            for (int64_t i = h16; i < half; i++) {
+                const float a = bf16_to_fp32(v[i]), b = bf16_to_fp32(v[half + i]);
+                const float lo = bf16_to_fp32(fp32_to_bf16(a * bf16_to_fp32(c[i])))
+                               + bf16_to_fp32(fp32_to_bf16(-b * bf16_to_fp32(s[i])));
+                const float hi = bf16_to_fp32(fp32_to_bf16(b * bf16_to_fp32(c[half + i])))
+                               + bf16_to_fp32(fp32_to_bf16(a * bf16_to_fp32(s[half + i])));
+                v[i] = fp32_to_bf16(lo);
+                v[half + i] = fp32_to_bf16(hi);
+            }
+        }
+    }
+}
+
+BF16_TARGET void opd_silu_mul_bf16_avx512(const uint16_t *gate_up, uint16_t *y, int64_t rows, int64_t inter,
+                                          int threads) {
+    const int64_t n16 = inter & ~(int64_t)15;
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t r = 0; r < rows; r++) {
+        const uint16_t *g = gate_up + r * 2 * inter, *u = g + inter;
+        uint16_t *yr = y + r * inter;
+        const __m512 one = _mm512_set1_ps(1.0f);
+        for (int64_t i = 0; i < n16; i += 16) {
+            const __m512 gv = load16(g + i);
+            /* x / d as x * (1 / d): the division is one instruction in ~10 cycles a lane group, a reciprocal
+             * estimate refined by one Newton step (~23 bits) is three cheap ones */
+            const __m512 d = _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv)));
+            __m512 inv = _mm512_rcp14_ps(d);
+            inv = _mm512_mul_ps(inv, _mm512_fnmadd_ps(d, inv, _mm512_set1_ps(2.0f)));
+            const __m512 silu = round16(_mm512_mul_ps(gv, inv));
+            store16(yr + i, _mm512_mul_ps(silu, load16(u + i)));
+        }
+        for (int64_t i = n16; i < inter; i++) {
+            const float gv = bf16_to_fp32(g[i]);
+            yr[i] = fp32_to_bf16(bf16_to_fp32(fp32_to_bf16(gv / (1.0f + exp_poly(-gv)))) * bf16_to_fp32(u[i]));
+        }
+    }
+}
