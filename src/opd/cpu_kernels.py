@@ -350,18 +350,20 @@ BF16_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_bf16"})
 class _LayerOps:
     rms_norm: ctypes._CFuncPtr
     rope: ctypes._CFuncPtr
-    silu_mul: ctypes._CFuncPtr
+    silu_mul: ctypes._CFuncPtr | None  # None: torch's op (the AVX2 build has none: it ran slower than torch's)
     variant: str  # "avx512_bf16" | "avx2"
 
 
 def _layer_ops(lib: ctypes.CDLL, variant: str) -> _LayerOps:
-    suffix = "_avx512" if variant == "avx512_bf16" else ""
+    wide = variant == "avx512_bf16"
+    suffix = "_avx512" if wide else ""
     i64 = ctypes.c_int64
-    fns = [getattr(lib, f"opd_{name}_bf16{suffix}") for name in ("rms_norm", "rope", "silu_mul")]
+    names = ("rms_norm", "rope", "silu_mul") if wide else ("rms_norm", "rope")
+    fns = [getattr(lib, f"opd_{name}_bf16{suffix}") for name in names]
     for fn, args in zip(fns, ([_P, _P, _P, i64, i64, ctypes.c_float, ctypes.c_int],
                               [_P, i64, i64, i64, i64, _P, _P, _P, ctypes.c_int], [_P, _P, i64, i64, ctypes.c_int])):
         fn.restype, fn.argtypes = None, args
-    return _LayerOps(*fns, variant)
+    return _LayerOps(*fns, *([] if wide else [None]), variant)
 
 
 @functools.cache
@@ -407,7 +409,7 @@ def rope_bf16_(x: torch.Tensor, heads: int, cos: torch.Tensor, sin: torch.Tensor
 
 def silu_mul_bf16(gate_up: torch.Tensor) -> torch.Tensor | None:
     """F.silu(gate) * up of gate_up [..., 2 * inter] (gate first; contiguous bf16, no grad) in one C pass."""
-    if not _bf16_cpu(gate_up) or gate_up.shape[-1] % 2:
+    if not _bf16_cpu(gate_up) or gate_up.shape[-1] % 2 or _layer_library().silu_mul is None:
         return None
     inter = gate_up.shape[-1] // 2
     y = torch.empty((*gate_up.shape[:-1], inter), dtype=torch.bfloat16)

@@ -4,8 +4,8 @@
  * those of the torch ops up to the last bit of the fp32 arithmetic in between:
  *   rms_norm:  y = bf16(w * bf16(x * rsqrt(mean(x^2) + eps)))        (opd.llama.rms_norm on bf16)
  *   rope:      x = bf16(bf16(x * cos) + bf16(rotate_half(x) * sin))  in place, per row at its position
- *   silu_mul:  y = bf16(bf16(silu(gate)) * up)                      (F.silu(gate) * up)
- * AVX2 + FMA; rows in parallel on torch's OpenMP threads. */
+ *   silu_mul:  y = bf16(bf16(silu(gate)) * up)                      (F.silu(gate) * up; AVX-512 BF16 only)
+ * AVX2 + FMA, and AVX-512 BF16 builds below; rows in parallel on torch's OpenMP threads. */
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
@@ -74,29 +74,10 @@ void opd_rope_bf16(uint16_t *x, int64_t rows, int64_t stride, int64_t heads, int
     }
 }
 
-/* gate_up: rows of 2 * inter values (gate, then up); y: rows of inter values */
-void opd_silu_mul_bf16(const uint16_t *gate_up, uint16_t *y, int64_t rows, int64_t inter, int threads) {
-    const int64_t n8 = inter & ~(int64_t)7;
-    #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t r = 0; r < rows; r++) {
-        const uint16_t *g = gate_up + r * 2 * inter, *u = g + inter;
-        uint16_t *yr = y + r * inter;
-        const __m256 one = _mm256_set1_ps(1.0f);
-        for (int64_t i = 0; i < n8; i += 8) {
-            const __m256 gv = bf16x8_to_fp32(g + i);
-            const __m256 silu = round_bf16x8(_mm256_div_ps(gv, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv)))));
-            _mm_storeu_si128((__m128i *)(yr + i), fp32x8_to_bf16(_mm256_mul_ps(silu, bf16x8_to_fp32(u + i))));
-        }
-        for (int64_t i = n8; i < inter; i++) {
-            const float gv = bf16_to_fp32(g[i]);
-            yr[i] = fp32_to_bf16(bf16_to_fp32(fp32_to_bf16(gv / (1.0f + exp_poly(-gv)))) * bf16_to_fp32(u[i]));
-        }
-    }
-}
-
-/* ---- the same three for CPUs with AVX-512 BF16 (Cooper Lake / Sapphire Rapids and later, Zen 4 and later): 16
- * lanes, and the hardware's round-to-nearest-even conversion to bf16 (vcvtneps2bf16) instead of ~10 integer
- * instructions per 8 values. The same results for every non-NaN value. */
+/* ---- the same for CPUs with AVX-512 BF16 (Cooper Lake / Sapphire Rapids and later, Zen 4 and later): 16 lanes,
+ * and the hardware's round-to-nearest-even conversion to bf16 (vcvtneps2bf16) instead of ~10 integer instructions
+ * per 8 values; the same results for every non-NaN value. SiLU * up only here: emulating its three roundings on
+ * AVX2 ran slower than torch's own op (bench/NOTES.md, session 14). */
 #define BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 
 BF16_TARGET static inline __m512 load16(const uint16_t *p) {
