@@ -416,3 +416,32 @@ def silu_mul_bf16(gate_up: torch.Tensor) -> torch.Tensor | None:
     _layer_library().silu_mul(gate_up.data_ptr(), y.data_ptr(), gate_up.numel() // (2 * inter), inter,
                                        torch.get_num_threads())
     return y
+
+
+# ------------------------------------------------------------------------------------- drawing a token a row
+@functools.cache
+def _sample_library() -> ctypes.CDLL | None:
+    """csrc/sample.c, for opd.rollout.sampler (torch's ops where this is None)."""
+    lib = _plain_library("sample.c")
+    if lib is None:
+        return None
+    lib.opd_sample_rows.restype = None
+    lib.opd_sample_rows.argtypes = [_P, ctypes.c_int64, ctypes.c_int64, ctypes.c_float, _P, _P, _P, _P, ctypes.c_int]
+    return lib
+
+
+def sample_rows(logits: torch.Tensor, temperature: float, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(token [B] int64, its log-prob [B] fp32) drawn from softmax(logits / T) of CPU logits [B, V] (fp32 or bf16)
+    by inverse CDF at the uniforms u [B] in (0, 1] (float64), in one C pass a row; None where it does not apply."""
+    lib = _sample_library()
+    if (lib is None or logits.device.type != "cpu" or logits.dim() != 2 or logits.dtype not in (torch.float32, torch.bfloat16)
+            or u.shape != (logits.shape[0],) or u.dtype != torch.float64):
+        return None
+    B, V = logits.shape
+    z, u = logits.float().contiguous(), u.contiguous()
+    tok, tok_logp = torch.empty(B, dtype=torch.int64), torch.empty(B)
+    threads = max(1, min(torch.get_num_threads(), B))
+    scratch = torch.empty(threads * (V * 4 + ((V + 63) // 64 + 1) * 8), dtype=torch.uint8)
+    lib.opd_sample_rows(z.data_ptr(), B, V, 1.0 / temperature, u.data_ptr(), tok.data_ptr(), tok_logp.data_ptr(),
+                        scratch.data_ptr(), threads)
+    return tok, tok_logp

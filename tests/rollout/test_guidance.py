@@ -38,7 +38,9 @@ def test_mixture_with_p_zero_is_plain_student_sampling(student, teacher_model, t
     mixed = sample(student, tokenizer, prompts, params, generator=torch.Generator().manual_seed(3),
                    guide=TeacherGuide(teacher_model, mix=0.0))
     assert torch.equal(plain.completion_ids, mixed.completion_ids) and plain.texts == mixed.texts
-    assert torch.equal(plain.behaviour_logprobs, mixed.behaviour_logprobs)
+    # the plain sampler's logprobs may come from opd's C draw (cpu_kernels.sample_rows), the guided one's from
+    # torch's log_softmax: the same numbers up to float rounding
+    torch.testing.assert_close(plain.behaviour_logprobs, mixed.behaviour_logprobs, rtol=0, atol=1e-5)
     assert torch.equal(mixed.student_logprobs, mixed.behaviour_logprobs)
     assert mixed.teacher_share.abs().sum() == 0
     # importance ratios pi_theta / behaviour, with pi_theta recomputed by the scorer: all 1

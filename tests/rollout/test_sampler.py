@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from opd.logprobs import completion_hidden, per_position
@@ -141,3 +142,45 @@ def test_sampling_copy_is_low_precision_and_refreshed_from_the_trained_weights(s
         lp = recompute(student, roll)
     diff = (lp - roll.behaviour_logprobs[roll.completion_mask.bool()]).abs()
     assert diff.max() < 0.2 and diff.mean() < 0.05
+
+
+def test_the_c_draw_picks_the_tokens_of_torchs_inverse_cdf():
+    import torch.nn.functional as F
+
+    from opd import cpu_kernels
+    from opd.rollout.guidance import inverse_cdf
+
+    if cpu_kernels._sample_library() is None:
+        pytest.skip("csrc/sample.c needs x86 AVX2 + a C compiler")
+    g = torch.Generator().manual_seed(0)
+    for V, T, dtype in ((49152, 1.0, torch.float32), (301, 0.7, torch.float32), (1000, 1.3, torch.bfloat16)):
+        logits = (torch.randn(6, V, generator=g) * 3).to(dtype)
+        logits[0, 5:] = float("-inf")  # a row where only 5 tokens have mass
+        logits[1, :-1] = float("-inf")  # ... and one where only the last has
+        for _ in range(20):
+            u = 1.0 - torch.rand(6, generator=g, dtype=torch.float64)
+            tok, lp = cpu_kernels.sample_rows(logits, T, u)
+            logp = F.log_softmax(logits.float() / T, -1)
+            want = inverse_cdf(logp.exp(), u)
+            # the same token, but where u falls within float rounding of a boundary of the running sum
+            cdf = logp.exp().double().cumsum(-1)
+            for r in (tok != want).nonzero()[:, 0].tolist():
+                edge = cdf[r, min(int(tok[r]), int(want[r]))] / cdf[r, -1]
+                assert abs(float(edge) - float(u[r])) < 1e-5 and abs(int(tok[r]) - int(want[r])) == 1
+            assert (tok[0] < 5).all() and tok[1] == V - 1  # never a token of mass 0
+            torch.testing.assert_close(lp, logp.gather(1, tok[:, None]).squeeze(1), rtol=1e-5, atol=1e-5)
+
+
+def test_draw_token_spends_the_generator_as_draw_does_on_either_path(monkeypatch):
+    from opd import cpu_kernels
+    from opd.rollout.guidance import draw
+    from opd.rollout.sampler import draw_token, sampling_logprobs
+
+    logits = torch.randn(4, 500, generator=torch.Generator().manual_seed(3)) * 2
+    want = draw(sampling_logprobs(logits, 0.8, 1.0).exp(), torch.Generator().manual_seed(9))
+    for native in (True, False):
+        if not native:
+            monkeypatch.setattr(cpu_kernels, "sample_rows", lambda *a: None)
+        tok, lp = draw_token(logits, 0.8, 1.0, torch.Generator().manual_seed(9))
+        assert torch.equal(tok, want)
+        torch.testing.assert_close(lp, sampling_logprobs(logits, 0.8, 1.0).gather(1, tok[:, None]).squeeze(1))
