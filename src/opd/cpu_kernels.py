@@ -294,6 +294,9 @@ def _vocab_library() -> ctypes.CDLL | None:
     lib.opd_vocab_terms_backward.restype = None
     lib.opd_vocab_terms_backward.argtypes = [_P, ctypes.c_int, _P, _P, ctypes.c_int64, ctypes.c_int64, ctypes.c_float,
                                              _P, _P, _P, _P, _P, _P, ctypes.c_int]
+    lib.opd_log_softmax_rows.restype = None
+    lib.opd_log_softmax_rows.argtypes = [_P, ctypes.c_int, _P, ctypes.c_int64, ctypes.c_int64, ctypes.c_float,
+                                         _P, _P, _P, _P, ctypes.c_int]
     return lib
 
 
@@ -445,3 +448,17 @@ def sample_rows(logits: torch.Tensor, temperature: float, u: torch.Tensor) -> tu
     lib.opd_sample_rows(z.data_ptr(), B, V, 1.0 / temperature, u.data_ptr(), tok.data_ptr(), tok_logp.data_ptr(),
                         scratch.data_ptr(), threads)
     return tok, tok_logp
+
+
+def log_softmax_rows(logits: torch.Tensor, targets: torch.Tensor, temperature: float):
+    """(token logprob [n], entropy [n], log-probs [n, V] fp32) of log_softmax(logits / T), one C pass a row (the
+    teacher's full distribution); None where vocab_terms_fit says no."""
+    if not vocab_terms_fit(logits, None, targets):
+        return None
+    n, V = logits.shape
+    logp, tok, ent = torch.empty(n, V), torch.empty(n), torch.empty(n)
+    scratch = torch.empty(V * max(1, torch.get_num_threads()))
+    _vocab_library().opd_log_softmax_rows(logits.data_ptr(), int(logits.dtype == torch.bfloat16), targets.data_ptr(),
+                                          n, V, 1.0 / temperature, logp.data_ptr(), tok.data_ptr(), ent.data_ptr(),
+                                          scratch.data_ptr(), torch.get_num_threads())
+    return tok, ent, logp

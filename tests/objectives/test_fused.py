@@ -108,3 +108,23 @@ def test_models_with_soft_capped_logits_keep_the_unfused_path(student):
     capped = copy.deepcopy(student)
     capped.config.final_logit_softcapping = 30.0
     assert not fused.supports(capped)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T", [1.0, 0.7])
+def test_the_teachers_log_softmax_terms_are_the_torch_ops(dtype, T, monkeypatch):
+    from opd import cpu_kernels
+
+    if cpu_kernels._vocab_library() is None:
+        pytest.skip("csrc/vocab_terms.c needs x86 AVX2 + a C compiler")
+    g = torch.Generator().manual_seed(2)
+    logits = (torch.randn(19, 301, generator=g) * 3).to(dtype)
+    targets = torch.randint(0, 301, (19,), generator=g)
+    tok, ent, logp = fused.log_softmax_terms(logits, targets, T)  # the C pass
+    want_logp = F.log_softmax(logits.float() / T, -1)
+    torch.testing.assert_close(logp, want_logp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(tok, want_logp.gather(1, targets[:, None]).squeeze(1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent, -(want_logp.exp() * want_logp).sum(-1), rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(cpu_kernels, "log_softmax_rows", lambda *a: None)  # the torch fallback gives the same
+    for got, want in zip(fused.log_softmax_terms(logits, targets, T), (tok, ent, logp)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

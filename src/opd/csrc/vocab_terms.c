@@ -137,3 +137,28 @@ void opd_vocab_terms_backward(const void *logits, int bf16, const float *teacher
         }
     }
 }
+
+/* The teacher's side: log_softmax(logits / T) of each row written to logp (fp32 [n, V]), with the token's logprob
+ * and the entropy (scratch: V floats per thread). */
+void opd_log_softmax_rows(const void *logits, int bf16, const int64_t *targets, int64_t n, int64_t V, float inv_t,
+                          float *logp, float *tok, float *ent, float *scratch, int threads) {
+    #pragma omp parallel num_threads(threads)
+    {
+        #ifdef _OPENMP
+        float *p = scratch + V * omp_get_thread_num();
+        #else
+        float *p = scratch;
+        #endif
+        #pragma omp for schedule(static)
+        for (int64_t r = 0; r < n; r++) {
+            float *z = logp + r * V;
+            load_row(logits, bf16, r, V, inv_t, z);
+            normalise(z, p, V);
+            tok[r] = z[targets[r]];
+            float h = 0.0f;
+            #pragma omp simd reduction(+ : h)
+            for (int64_t i = 0; i < V; i++) h += p[i] * z[i];
+            ent[r] = -h;
+        }
+    }
+}

@@ -18,6 +18,7 @@ measurement; tests/objectives/test_fused.py compares values and gradients with t
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from opd import cpu_kernels
 
@@ -85,3 +86,13 @@ def supports(model) -> bool:
 
 def token_terms(logits: torch.Tensor, teacher: torch.Tensor | None, targets: torch.Tensor, temperature: float):
     return TokenTerms.apply(logits, teacher, targets, temperature)
+
+
+def log_softmax_terms(logits: torch.Tensor, targets: torch.Tensor, temperature: float):
+    """(token logprob, entropy, log-probs [n, V] fp32) of log_softmax(logits / T) without grad: the teacher's side
+    where it gives its full distribution. One C pass a row where opd.cpu_kernels has it, else the torch ops."""
+    if (out := cpu_kernels.log_softmax_rows(logits, targets, temperature)) is not None:
+        return out
+    z = logits.float()
+    logp = F.log_softmax(z if temperature == 1.0 else z / temperature, dim=-1)
+    return logp.gather(1, targets[:, None]).squeeze(1), -(logp.exp() * logp).sum(-1), logp

@@ -57,9 +57,15 @@ class LocalTeacher:
                 return tuple(outs)
 
             if not (k or full) and fused.supports(self.model):  # token logprob and entropy: one pass, no [n, V] log-probs
-                T = rollout.temperature
-                res = per_position(self.model, hidden, lambda logits, sl: fused.token_terms(logits, None, targets[sl], T)[:2],
-                                   T, self.chunk_size, raw_logits=True)
+                temp = rollout.temperature
+                res = per_position(self.model, hidden,
+                                   lambda logits, sl: fused.token_terms(logits, None, targets[sl], temp)[:2],
+                                   temp, self.chunk_size, raw_logits=True)
+            elif full and not k and fused.supports(self.model):  # the full distribution, its entropy and token
+                temp = rollout.temperature  # (T is the completion length here)
+                res = per_position(self.model, hidden,
+                                   lambda logits, sl: fused.log_softmax_terms(logits, targets[sl], temp),
+                                   temp, self.chunk_size, raw_logits=True)
             else:
                 res = per_position(self.model, hidden, fn, rollout.temperature, self.chunk_size)
             if not res:
