@@ -224,7 +224,7 @@ def assert_bf16_equal(got, want):
     assert got.dtype == want.dtype == torch.bfloat16 and got.shape == want.shape
     same = (got.view(torch.int16) == want.view(torch.int16)).float().mean()
     assert same > 0.999, float(same)
-    torch.testing.assert_close(got.float(), want.float(), rtol=2**-7, atol=1e-6)
+    torch.testing.assert_close(got.float(), want.float(), rtol=2**-6, atol=1e-6)  # a flip before a product: 2 ulps
 
 
 @pytest.mark.parametrize("n", [576, 67])  # 67: the tails after 8 / 16 lanes
@@ -239,7 +239,7 @@ def test_layer_ops_equal_the_torch_ops_in_every_build(n, monkeypatch):
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(3, 5, n, generator=g) * 4).bfloat16()
     w = torch.rand(n, generator=g).bfloat16()
-    D, heads, all_heads = 2 * (n // 4), 5, 7  # D even, with a tail in each half at n = 67
+    D, heads, all_heads = (64 if n == 576 else 38), 5, 7  # D even; 38: a tail in each half after 8 and 16 lanes
     qkv = torch.randn(3, 5, all_heads, D, generator=g).bfloat16()
     cos, sin = torch.randn(40, D, generator=g).bfloat16(), torch.randn(40, D, generator=g).bfloat16()
     positions = torch.randint(0, 40, (3, 5), generator=g)  # any position per row (left padding)

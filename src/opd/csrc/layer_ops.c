@@ -13,6 +13,24 @@
 #include "bf16.h"
 #include "exp_poly.h"
 
+/* the scalar ends of rows whose length is not a multiple of the vector width (both builds) */
+static void rms_norm_tail(const uint16_t *xr, const uint16_t *w, uint16_t *yr, float inv, int64_t from, int64_t n) {
+    for (int64_t i = from; i < n; i++)
+        yr[i] = fp32_to_bf16(bf16_to_fp32(w[i]) * bf16_to_fp32(fp32_to_bf16(bf16_to_fp32(xr[i]) * inv)));
+}
+
+static void rope_tail(uint16_t *v, const uint16_t *c, const uint16_t *s, int64_t half, int64_t from) {
+    for (int64_t i = from; i < half; i++) {
+        const float a = bf16_to_fp32(v[i]), b = bf16_to_fp32(v[half + i]);
+        const float lo = bf16_to_fp32(fp32_to_bf16(a * bf16_to_fp32(c[i])))
+                       + bf16_to_fp32(fp32_to_bf16(-b * bf16_to_fp32(s[i])));
+        const float hi = bf16_to_fp32(fp32_to_bf16(b * bf16_to_fp32(c[half + i])))
+                       + bf16_to_fp32(fp32_to_bf16(a * bf16_to_fp32(s[half + i])));
+        v[i] = fp32_to_bf16(lo);
+        v[half + i] = fp32_to_bf16(hi);
+    }
+}
+
 void opd_rms_norm_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t rows, int64_t n, float eps,
                        int threads) {
     const int64_t n8 = n & ~(int64_t)7;
@@ -35,8 +53,7 @@ void opd_rms_norm_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_
             const __m256 normed = round_bf16x8(_mm256_mul_ps(bf16x8_to_fp32(xr + i), vinv));
             _mm_storeu_si128((__m128i *)(yr + i), fp32x8_to_bf16(_mm256_mul_ps(bf16x8_to_fp32(w + i), normed)));
         }
-        for (int64_t i = n8; i < n; i++)
-            yr[i] = fp32_to_bf16(bf16_to_fp32(w[i]) * bf16_to_fp32(fp32_to_bf16(bf16_to_fp32(xr[i]) * inv)));
+        rms_norm_tail(xr, w, yr, inv, n8, n);
     }
 }
 
@@ -61,15 +78,7 @@ void opd_rope_bf16(uint16_t *x, int64_t rows, int64_t stride, int64_t heads, int
                 _mm_storeu_si128((__m128i *)(v + i), fp32x8_to_bf16(lo));
                 _mm_storeu_si128((__m128i *)(v + half + i), fp32x8_to_bf16(hi));
             }
-            for (int64_t i = h8; i < half; i++) {
-                const float a = bf16_to_fp32(v[i]), b = bf16_to_fp32(v[half + i]);
-                const float lo = bf16_to_fp32(fp32_to_bf16(a * bf16_to_fp32(c[i])))
-                               + bf16_to_fp32(fp32_to_bf16(-b * bf16_to_fp32(s[i])));
-                const float hi = bf16_to_fp32(fp32_to_bf16(b * bf16_to_fp32(c[half + i])))
-                               + bf16_to_fp32(fp32_to_bf16(a * bf16_to_fp32(s[half + i])));
-                v[i] = fp32_to_bf16(lo);
-                v[half + i] = fp32_to_bf16(hi);
-            }
+            rope_tail(v, c, s, half, h8);
         }
     }
 }
@@ -126,8 +135,7 @@ BF16_TARGET void opd_rms_norm_bf16_avx512(const uint16_t *x, const uint16_t *w, 
         const __m512 vinv = _mm512_set1_ps(inv);
         for (int64_t i = 0; i < n16; i += 16)
             store16(yr + i, _mm512_mul_ps(load16(w + i), round16(_mm512_mul_ps(load16(xr + i), vinv))));
-        for (int64_t i = n16; i < n; i++)
-            yr[i] = fp32_to_bf16(bf16_to_fp32(w[i]) * bf16_to_fp32(fp32_to_bf16(bf16_to_fp32(xr[i]) * inv)));
+        rms_norm_tail(xr, w, yr, inv, n16, n);
     }
 }
 
@@ -148,15 +156,7 @@ BF16_TARGET void opd_rope_bf16_avx512(uint16_t *x, int64_t rows, int64_t stride,
                 store16(v + i, lo);
                 store16(v + half + i, hi);
             }
-            for (int64_t i = h16; i < half; i++) {
-                const float a = bf16_to_fp32(v[i]), b = bf16_to_fp32(v[half + i]);
-                const float lo = bf16_to_fp32(fp32_to_bf16(a * bf16_to_fp32(c[i])))
-                               + bf16_to_fp32(fp32_to_bf16(-b * bf16_to_fp32(s[i])));
-                const float hi = bf16_to_fp32(fp32_to_bf16(b * bf16_to_fp32(c[half + i])))
-                               + bf16_to_fp32(fp32_to_bf16(a * bf16_to_fp32(s[half + i])));
-                v[i] = fp32_to_bf16(lo);
-                v[half + i] = fp32_to_bf16(hi);
-            }
+            rope_tail(v, c, s, half, h16);
         }
     }
 }
