@@ -82,8 +82,8 @@ class MasterAdamW(torch.optim.AdamW):
                 if c.grad is None:
                     continue
                 state = self.state[p]
-                if not state:  # torch AdamW's state layout
-                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                if not state:  # torch AdamW's state layout (fused: the step on the parameter's device)
+                    state["step"] = torch.tensor(0.0, dtype=torch.float32, device=p.device)
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["step"] += 1
