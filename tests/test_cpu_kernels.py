@@ -165,7 +165,8 @@ def test_the_kernel_is_built_once_per_source(tmp_path, monkeypatch):
     from importlib import resources
 
     source = tmp_path / "int8_gemv.c"
-    source.write_bytes((resources.files("opd") / "csrc" / "int8_gemv.c").read_bytes())
+    for name in ("int8_gemv.c", "simd.h"):  # the source and the header it includes
+        (tmp_path / name).write_bytes((resources.files("opd") / "csrc" / name).read_bytes())
     built = cpu_kernels.build(source, tmp_path / "cache")
     assert built.exists() and built.parent == tmp_path / "cache"
     monkeypatch.setenv("CC", "false")  # a second build would fail: the cached library is reused

@@ -12,6 +12,7 @@
 
 #include "bf16.h"
 #include "exp_poly.h"
+#include "simd.h"
 
 /* the scalar ends of rows whose length is not a multiple of the vector width (both builds) */
 static void rms_norm_tail(const uint16_t *xr, const uint16_t *w, uint16_t *yr, float inv, int64_t from, int64_t n) {
@@ -43,9 +44,7 @@ void opd_rms_norm_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_
             const __m256 v = bf16x8_to_fp32(xr + i);
             acc = _mm256_fmadd_ps(v, v, acc);
         }
-        float lanes[8], ss = 0.0f;
-        _mm256_storeu_ps(lanes, acc);
-        for (int k = 0; k < 8; k++) ss += lanes[k];
+        float ss = hsum(acc);
         for (int64_t i = n8; i < n; i++) ss += bf16_to_fp32(xr[i]) * bf16_to_fp32(xr[i]);
         const float inv = 1.0f / sqrtf(ss / (float)n + eps);
         const __m256 vinv = _mm256_set1_ps(inv);

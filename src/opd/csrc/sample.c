@@ -5,11 +5,9 @@
  * and a 49k vocabulary on 2 cores; bench/NOTES.md, session 14). Running sums in float64. */
 #include <math.h>
 #include <stdint.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 #include "exp_poly.h"
+#include "simd.h"
 
 #define BLOCK 64
 
@@ -20,11 +18,7 @@ void opd_sample_rows(const float *logits, int64_t B, int64_t V, float inv_t, con
     const int64_t per_thread = V * (int64_t)sizeof(float) + (blocks + 1) * (int64_t)sizeof(double);
     #pragma omp parallel num_threads(threads)
     {
-        #ifdef _OPENMP
-        char *mine = (char *)scratch + per_thread * omp_get_thread_num();
-        #else
-        char *mine = (char *)scratch;
-        #endif
+        char *mine = thread_part(scratch, per_thread);
         float *e = (float *)mine;
         double *sums = (double *)(mine + V * sizeof(float));
         #pragma omp for schedule(static)
@@ -51,8 +45,7 @@ void opd_sample_rows(const float *logits, int64_t B, int64_t V, float inv_t, con
                         _mm256_storeu_ps(e + i, v);
                         acc = _mm256_add_ps(acc, v);
                     }
-                    _mm256_storeu_ps(lanes, acc);
-                    for (int k = 0; k < 8; k++) s += lanes[k];
+                    s = hsum(acc);
                 }
                 for (; i < i1; i++) {
                     e[i] = exp_poly(z[i] * inv_t - m);

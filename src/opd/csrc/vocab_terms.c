@@ -11,12 +11,10 @@
 #include <immintrin.h>
 #include <stdint.h>
 #include <string.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 #include "bf16.h"
 #include "exp_poly.h"
+#include "simd.h"
 
 /* one row of logits as fp32 z = logits / T (scale = 1 / T) into z */
 static void load_row(const void *logits, int bf16, int64_t row, int64_t V, float scale, float *z) {
@@ -44,9 +42,7 @@ static float normalise(float *z, float *p, int64_t V) {
         _mm256_storeu_ps(p + i, e);
         acc = _mm256_add_ps(acc, e);
     }
-    float lanes[8], s = 0.0f;
-    _mm256_storeu_ps(lanes, acc);
-    for (int k = 0; k < 8; k++) s += lanes[k];
+    float s = hsum(acc);
     for (int64_t i = V8; i < V; i++) {
         p[i] = exp_poly(z[i] - m);
         s += p[i];
@@ -66,11 +62,7 @@ void opd_vocab_terms_forward(const void *logits, int bf16, const float *teacher,
                              int threads) {
     #pragma omp parallel num_threads(threads)
     {
-        #ifdef _OPENMP
-        float *z = scratch + 2 * V * omp_get_thread_num();
-        #else
-        float *z = scratch;
-        #endif
+        float *z = thread_part(scratch, 2 * V * (int64_t)sizeof(float));
         float *p = z + V;
         #pragma omp for schedule(static)
         for (int64_t r = 0; r < n; r++) {
@@ -96,11 +88,7 @@ void opd_vocab_terms_backward(const void *logits, int bf16, const float *teacher
                               const float *g_kl, void *grad, float *scratch, int threads) {
     #pragma omp parallel num_threads(threads)
     {
-        #ifdef _OPENMP
-        float *g = scratch + 2 * V * omp_get_thread_num();
-        #else
-        float *g = scratch;
-        #endif
+        float *g = thread_part(scratch, 2 * V * (int64_t)sizeof(float));
         #pragma omp for schedule(static)
         for (int64_t r = 0; r < n; r++) {
             load_row(logits, bf16, r, V, inv_t, g);
@@ -144,11 +132,7 @@ void opd_log_softmax_rows(const void *logits, int bf16, const int64_t *targets, 
                           float *logp, float *tok, float *ent, float *scratch, int threads) {
     #pragma omp parallel num_threads(threads)
     {
-        #ifdef _OPENMP
-        float *p = scratch + V * omp_get_thread_num();
-        #else
-        float *p = scratch;
-        #endif
+        float *p = thread_part(scratch, V * (int64_t)sizeof(float));
         #pragma omp for schedule(static)
         for (int64_t r = 0; r < n; r++) {
             float *z = logp + r * V;

@@ -1,0 +1,24 @@
+/* Small helpers shared by opd's C kernels. */
+#pragma once
+#include <immintrin.h>
+#include <stdint.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+/* the sum of 8 fp32 lanes */
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* this OpenMP thread's part of a scratch buffer holding `bytes` for each thread */
+static inline void *thread_part(void *scratch, int64_t bytes) {
+#ifdef _OPENMP
+    return (char *)scratch + bytes * omp_get_thread_num();
+#else
+    return scratch;
+#endif
+}
