@@ -32,6 +32,15 @@ def quiet(*a, **k):
     pass
 
 
+def straight_and_resumed(tmp_path, *extra):
+    """One run of 4 steps straight through, and the same run stopped after 2 and resumed to 4: their folders."""
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    run(small_config("train.max_steps=4", *extra), straight, log=quiet)
+    run(small_config("train.max_steps=2", *extra), split, log=quiet)
+    run(small_config("train.max_steps=4", *extra), split, resume=True, log=quiet)
+    return straight, split
+
+
 def test_loop_writes_metrics_checkpoints_and_a_loadable_student(tmp_path):
     cfg = small_config("train.max_steps=4", "objective.kl_ref_coef=0.1")
     result = run(cfg, tmp_path, log=quiet)
@@ -62,10 +71,7 @@ def _comparable(rows):
 
 
 def test_resume_continues_exactly(tmp_path):
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    run(small_config("train.max_steps=4"), straight, log=quiet)
-    run(small_config("train.max_steps=2"), split, log=quiet)
-    run(small_config("train.max_steps=4"), split, resume=True, log=quiet)
+    straight, split = straight_and_resumed(tmp_path)
     a = AutoModelForCausalLM.from_pretrained(straight / "final").state_dict()
     b = AutoModelForCausalLM.from_pretrained(split / "final").state_dict()
     for k in a:
@@ -94,10 +100,7 @@ def test_teacher_fault_counters_carry_across_a_resume(tmp_path, monkeypatch):
         return teacher
 
     monkeypatch.setattr(opd.loop, "build_teachers", counting_teachers)
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    run(small_config("train.max_steps=4"), straight, log=quiet)
-    run(small_config("train.max_steps=2"), split, log=quiet)
-    run(small_config("train.max_steps=4"), split, resume=True, log=quiet)
+    straight, split = straight_and_resumed(tmp_path)
     totals = [[r["teacher/calls_total"] for r in read_metrics(d) if r["step"] > 0] for d in (straight, split)]
     assert totals[0] == totals[1] and totals[0][-1] > totals[0][1] > 0  # steps 1-4
 
@@ -114,10 +117,7 @@ def test_every_objective_runs_in_the_loop(tmp_path):
 
 def test_lora_student_resumes_exactly_and_exports_merged(tmp_path):
     lora = ["student.lora_rank=4", "student.lora_target_modules=['q_proj', 'v_proj']", "objective.name='pg'"]
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    run(small_config("train.max_steps=4", *lora), straight, log=quiet)
-    run(small_config("train.max_steps=2", *lora), split, log=quiet)
-    run(small_config("train.max_steps=4", *lora), split, resume=True, log=quiet)
+    straight, split = straight_and_resumed(tmp_path, *lora)
     a = AutoModelForCausalLM.from_pretrained(straight / "final").state_dict()
     b = AutoModelForCausalLM.from_pretrained(split / "final").state_dict()
     assert set(a) == set(AutoModelForCausalLM.from_pretrained(split / "checkpoints" / "step-2").state_dict())
@@ -182,10 +182,7 @@ def test_bf16_weights_train_through_the_sampling_copy_and_resume_exactly(tmp_pat
     # train.bf16_weights: the update runs on the rollout's bf16 copy and the optimizer writes it; the fp32 student
     # stays the master, so a resumed run (a fresh copy, the optimizer's state from the checkpoint) continues exactly
     extra = ("rollout.dtype='int8'", "train.bf16_weights=true")
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    run(small_config("train.max_steps=4", *extra), straight, log=quiet)
-    run(small_config("train.max_steps=2", *extra), split, log=quiet)
-    run(small_config("train.max_steps=4", *extra), split, resume=True, log=quiet)
+    straight, split = straight_and_resumed(tmp_path, *extra)
     a = AutoModelForCausalLM.from_pretrained(straight / "final").state_dict()
     b = AutoModelForCausalLM.from_pretrained(split / "final").state_dict()
     assert all(t.dtype == torch.float32 for t in a.values())  # the master weights are what is saved

@@ -22,6 +22,11 @@ to int16 with its own scale (at most 1/65534 of the row's largest value off, ~10
 integer dot products: where a core has one 512-bit FMA unit the fp32 loop is bound by its arithmetic at 4 rows
 (bench/NOTES.md, session 13).
 
+Beside it, smaller C files need only AVX2 + FMA (`_plain_library`) and each has torch's ops as its fallback:
+`adamw.c` (opd.update.bf16's optimizer step), `vocab_terms.c` (the update's and the teacher's full-vocabulary
+terms), `layer_ops.c` (a bf16 no-grad layer's RMSNorm, RoPE and SiLU x up; an AVX-512 BF16 build too) and
+`sample.c` (the draw of each token); bench/NOTES.md, session 14.
+
 OPD_INT8_KERNEL = auto (the default: the VNNI build where the CPU has it, else the AVX-512 one where it has
 AVX-512F, else the AVX2 one) | avx512 (exact fp32 products) | avx2 | torch (torch's kernel, bf16 activations).
 """
@@ -52,7 +57,8 @@ def kernel_cache() -> Path:
 
 
 def build(source: Path, cache: Path) -> Path:
-    """Compile `source` into `cache` (once per source, the C files beside it that it may include, and flags); a
+    """Compile `source` into `cache` (once per source, the C files and headers beside it that it may include, and
+    flags); a
     concurrent build by another process is safe: each writes a temporary file and renames it into place."""
     sources = [source] + sorted(p for p in [*source.parent.glob("*.c"), *source.parent.glob("*.h")] if p != source)
     key = hashlib.sha256(b"".join(p.read_bytes() for p in sources) + " ".join(FLAGS).encode()).hexdigest()[:16]
@@ -391,7 +397,7 @@ def rms_norm_bf16(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Te
     y = torch.empty_like(x)
     n = weight.shape[0]
     _layer_library().rms_norm(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.numel() // n, n, eps,
-                                       torch.get_num_threads())
+                              torch.get_num_threads())
     return y
 
 
@@ -406,7 +412,7 @@ def rope_bf16_(x: torch.Tensor, heads: int, cos: torch.Tensor, sin: torch.Tensor
         return False
     B, T, all_heads, D = x.shape
     _layer_library().rope(x.data_ptr(), B * T, all_heads * D, heads, D, cos.data_ptr(), sin.data_ptr(),
-                                   positions.data_ptr(), torch.get_num_threads())
+                          positions.data_ptr(), torch.get_num_threads())
     return True
 
 
@@ -417,7 +423,7 @@ def silu_mul_bf16(gate_up: torch.Tensor) -> torch.Tensor | None:
     inter = gate_up.shape[-1] // 2
     y = torch.empty((*gate_up.shape[:-1], inter), dtype=torch.bfloat16)
     _layer_library().silu_mul(gate_up.data_ptr(), y.data_ptr(), gate_up.numel() // (2 * inter), inter,
-                                       torch.get_num_threads())
+                              torch.get_num_threads())
     return y
 
 

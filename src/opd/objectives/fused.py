@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from opd import cpu_kernels
+from opd.logprobs import entropy_of
 
 # Rows per block: 8 x 49k fp32 is 1.5 MB, in a core's L2 with the block's temporaries on recent x86 CPUs.
 BLOCK_ROWS = 8
@@ -32,21 +33,11 @@ class TokenTerms(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, teacher, targets, temperature: float):
-        n = logits.shape[0]
         ctx.native = cpu_kernels.vocab_terms_fit(logits, teacher, targets)
         if ctx.native:  # csrc/vocab_terms.c: one read of each row, the rest in L2
             tok, ent, kl, lse = cpu_kernels.vocab_terms_forward(logits, teacher, targets, temperature)
         else:
-            tok, ent, kl, lse = (torch.empty(n, device=logits.device) for _ in range(4))
-        for s in range(0, 0 if ctx.native else n, BLOCK_ROWS):
-            rows = slice(s, s + BLOCK_ROWS)
-            logp = _scaled(logits[rows], temperature)
-            lse[rows] = torch.logsumexp(logp, -1)
-            logp.sub_(lse[rows, None])
-            p = logp.exp()
-            tok[rows] = logp.gather(1, targets[rows, None]).squeeze(1)
-            ent[rows] = -(p * logp).sum(-1)
-            kl[rows] = 0.0 if teacher is None else (p * (logp - teacher[rows])).sum(-1)
+            tok, ent, kl, lse = _blockwise_forward(logits, teacher, targets, temperature)
         ctx.save_for_backward(logits, teacher, targets, lse, kl)
         ctx.temperature = temperature
         ctx.mark_non_differentiable(ent)
@@ -73,6 +64,22 @@ class TokenTerms(torch.autograd.Function):
         return grad, None, None, None
 
 
+def _blockwise_forward(logits, teacher, targets, temperature: float):
+    """TokenTerms' forward in torch's ops, BLOCK_ROWS rows at a time: (tok, ent, kl, lse) [n] each."""
+    n = logits.shape[0]
+    tok, ent, kl, lse = (torch.empty(n, device=logits.device) for _ in range(4))
+    for s in range(0, n, BLOCK_ROWS):
+        rows = slice(s, s + BLOCK_ROWS)
+        logp = _scaled(logits[rows], temperature)
+        lse[rows] = torch.logsumexp(logp, -1)
+        logp.sub_(lse[rows, None])
+        p = logp.exp()
+        tok[rows] = logp.gather(1, targets[rows, None]).squeeze(1)
+        ent[rows] = -(p * logp).sum(-1)
+        kl[rows] = 0.0 if teacher is None else (p * (logp - teacher[rows])).sum(-1)
+    return tok, ent, kl, lse
+
+
 def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """An fp32 copy of a block of logits at temperature T (a copy: callers work in place on it)."""
     z = logits.to(torch.float32, copy=True)
@@ -95,4 +102,4 @@ def log_softmax_terms(logits: torch.Tensor, targets: torch.Tensor, temperature: 
         return out
     z = logits.float()
     logp = F.log_softmax(z if temperature == 1.0 else z / temperature, dim=-1)
-    return logp.gather(1, targets[:, None]).squeeze(1), -(logp.exp() * logp).sum(-1), logp
+    return logp.gather(1, targets[:, None]).squeeze(1), entropy_of(logp), logp

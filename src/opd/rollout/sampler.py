@@ -28,7 +28,7 @@ from opd import cpu_kernels, matmul
 from opd.llama import int8_supported, unsupported_reason
 from opd.models import DTYPES
 from opd.rollout.fast_llama import build_decoder
-from opd.rollout.guidance import TeacherGuide, align_vocab, choose, draw, inverse_cdf, uniforms
+from opd.rollout.guidance import TeacherGuide, align_vocab, choose, inverse_cdf, uniforms
 from opd.types import Prompt, Rollout
 
 
@@ -79,15 +79,11 @@ def draw_token(logits: torch.Tensor, temperature: float, top_p: float, generator
     uniform a row from `generator` (opd.rollout.guidance.draw). On the CPU at top_p = 1 one C pass a row
     (cpu_kernels.sample_rows), where torch's ops cost ~0.5 ms a decode step at batch 4 and a 49k vocabulary; the
     same uniforms either way."""
-    if top_p >= 1.0 and logits.device.type == "cpu":
-        u = uniforms(logits.shape[0], generator, logits.device)
-        if (out := cpu_kernels.sample_rows(logits, temperature, u)) is not None:
-            return out
-        logp = sampling_logprobs(logits, temperature, top_p)
-        tok = inverse_cdf(logp.exp(), u)
-    else:
-        logp = sampling_logprobs(logits, temperature, top_p)
-        tok = draw(logp.exp(), generator)
+    u = uniforms(logits.shape[0], generator, logits.device)
+    if top_p >= 1.0 and (out := cpu_kernels.sample_rows(logits, temperature, u)) is not None:
+        return out
+    logp = sampling_logprobs(logits, temperature, top_p)
+    tok = inverse_cdf(logp.exp(), u)  # = draw(logp.exp(), generator): the same uniforms
     return tok, logp.gather(1, tok[:, None]).squeeze(1)
 
 

@@ -59,26 +59,22 @@ class MasterAdamW(torch.optim.AdamW):
 
     def __init__(self, params: list[torch.Tensor], copies: list[torch.Tensor], weights: Bf16Weights, **kwargs):
         super().__init__(params, **kwargs)
-        self.copies = copies  # in the order of params
+        self.copy_of = {id(p): c for p, c in zip(params, copies, strict=True)}  # where each one's gradient arrives
         self.weights = weights
         self.grad_mul = 1.0
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)
-        for c in self.copies:  # where the gradients are
+        for c in self.copy_of.values():  # where the gradients are
             c.grad = None
-
-    def copy_grads(self) -> list[torch.Tensor]:
-        return [c for c in self.copies if c.grad is not None]
 
     @torch.no_grad()
     def step(self, closure=None):
-        copy_of = dict(zip(map(id, (p for g in self.param_groups for p in g["params"])), self.copies))
         fast = cpu_kernels.adamw_available()
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for p in group["params"]:
-                c = copy_of[id(p)]
+                c = self.copy_of[id(p)]
                 if c.grad is None:
                     continue
                 state = self.state[p]
@@ -101,7 +97,8 @@ class MasterAdamW(torch.optim.AdamW):
         self.grad_mul = 1.0
         # the C kernel wrote through raw pointers: mark both sides written, so that caches keyed on version
         # counters (opd.llama's fused and int8 decode weights) rebuild, then record that the copy matches
-        torch.autograd.graph.increment_version([p for g in self.param_groups for p in g["params"]] + self.copies)
+        torch.autograd.graph.increment_version([p for g in self.param_groups for p in g["params"]]
+                                               + list(self.copy_of.values()))
         self.weights.copy.written_from(self.weights.student)
 
     marks_versions = True  # opd.update.step.step_optimizer: the version counters are already moved (above)
