@@ -211,7 +211,7 @@ def test_c_quantiser_writes_the_bits_of_the_torch_ops(dtype, shape):
     assert not cpu_kernels.quantize_int8_into(w, q, torch.empty(shape[0], dtype=torch.bfloat16))
 
 
-# ------------------------------------------------------------------------------------- a bf16 layer's elementwise steps
+# ------------------------------------------------------------------------------------- a no-grad layer's elementwise steps
 def layer_builds():
     lib = cpu_kernels._plain_library("layer_ops.c")
     if lib is None:
@@ -249,16 +249,43 @@ def test_layer_ops_equal_the_torch_ops_in_every_build(n, monkeypatch):
     for ops in builds:
         monkeypatch.setattr(cpu_kernels, "_layer_library", lambda ops=ops: ops)
         with torch.no_grad():
-            assert_bf16_equal(cpu_kernels.rms_norm_bf16(x, w, 1e-5), w * F.rms_norm(x.float(), (n,), None, 1e-5).to(x.dtype))
+            assert_bf16_equal(cpu_kernels.rms_norm(x, w, 1e-5), w * F.rms_norm(x.float(), (n,), None, 1e-5).to(x.dtype))
             rotated = qkv.clone()
-            assert cpu_kernels.rope_bf16_(rotated, heads, cos, sin, positions)
+            assert cpu_kernels.rope_(rotated, heads, cos, sin, positions)
             want = apply_rope(qkv[:, :, :heads], cos[positions][:, :, None], sin[positions][:, :, None])
             assert_bf16_equal(rotated[:, :, :heads], want)
             assert torch.equal(rotated[:, :, heads:], qkv[:, :, heads:])  # the value heads are left alone
             if ops.variant == "avx2":  # torch's own op there
-                assert ops.silu_mul is None and cpu_kernels.silu_mul_bf16(gate_up) is None
+                assert ops.silu_mul is None and cpu_kernels.silu_mul(gate_up) is None
             else:
-                assert_bf16_equal(cpu_kernels.silu_mul_bf16(gate_up), F.silu(gate) * up)
+                assert_bf16_equal(cpu_kernels.silu_mul(gate_up), F.silu(gate) * up)
+
+
+@pytest.mark.parametrize("n", [576, 67])
+def test_fp32_layer_ops_equal_the_torch_ops(n):
+    import torch.nn.functional as F
+
+    from opd.llama import apply_rope
+
+    if not layer_builds():
+        pytest.skip("csrc/layer_ops.c needs x86 AVX2 + a C compiler")
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(3, 5, n, generator=g) * 4, torch.rand(n, generator=g)
+    D, heads, all_heads = (64 if n == 576 else 38), 5, 7
+    qkv = torch.randn(3, 5, all_heads, D, generator=g)
+    cos, sin = torch.randn(40, D, generator=g), torch.randn(40, D, generator=g)
+    positions = torch.randint(0, 40, (3, 5), generator=g)
+    gate_up = torch.randn(3, 5, 2 * n, generator=g) * 6  # exp of -18 .. 18: both ends of SiLU
+    gate, up = gate_up.chunk(2, dim=-1)
+    close = dict(rtol=3e-6, atol=1e-6)  # the reduction order of the norm and the exp in SiLU, not the formula
+    with torch.no_grad():
+        torch.testing.assert_close(cpu_kernels.rms_norm(x, w, 1e-5), F.rms_norm(x, (n,), w, 1e-5), **close)
+        rotated = qkv.clone()
+        assert cpu_kernels.rope_(rotated, heads, cos, sin, positions)
+        want = apply_rope(qkv[:, :, :heads], cos[positions][:, :, None], sin[positions][:, :, None])
+        torch.testing.assert_close(rotated[:, :, :heads], want, **close)
+        assert torch.equal(rotated[:, :, heads:], qkv[:, :, heads:])
+        torch.testing.assert_close(cpu_kernels.silu_mul(gate_up), F.silu(gate) * up, **close)
 
 
 def test_layer_ops_decline_what_they_do_not_take():
@@ -266,27 +293,30 @@ def test_layer_ops_decline_what_they_do_not_take():
         pytest.skip("csrc/layer_ops.c needs x86 AVX2 + a C compiler")
     x, w = torch.randn(4, 8).bfloat16(), torch.rand(8).bfloat16()
     with torch.no_grad():
-        assert cpu_kernels.rms_norm_bf16(x.float(), w.float(), 1e-5) is None  # fp32: torch's one fused op
-        assert cpu_kernels.rms_norm_bf16(x.t().contiguous().t(), w, 1e-5) is None  # strided
+        assert cpu_kernels.rms_norm(x.float(), w, 1e-5) is None  # mixed dtypes
+        assert cpu_kernels.rms_norm(x.double(), w.double(), 1e-5) is None  # neither bf16 nor fp32
+        assert cpu_kernels.rms_norm(x.t().contiguous().t(), w, 1e-5) is None  # strided
         qkv, table = torch.randn(1, 2, 3, 8).bfloat16(), torch.randn(4, 8).bfloat16()
-        assert not cpu_kernels.rope_bf16_(qkv, 2, table, table, torch.tensor([[0, 4]]))  # past the table
-        assert not cpu_kernels.rope_bf16_(qkv, 4, table, table, torch.tensor([[0, 1]]))  # more heads than there are
-    assert cpu_kernels.rms_norm_bf16(x, w, 1e-5) is None  # grad enabled: autograd needs torch's ops
+        assert not cpu_kernels.rope_(qkv, 2, table, table, torch.tensor([[0, 4]]))  # past the table
+        assert not cpu_kernels.rope_(qkv, 4, table, table, torch.tensor([[0, 1]]))  # more heads than there are
+    assert cpu_kernels.rms_norm(x, w, 1e-5) is None  # grad enabled: autograd needs torch's ops
 
 
-def test_a_bf16_teachers_forward_takes_the_layer_ops_and_matches_the_torch_ops(tokenizer, monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_teachers_forward_takes_the_layer_ops_and_matches_the_torch_ops(tokenizer, monkeypatch, dtype):
     from opd.llama import causal_hidden
     from tests.conftest import tiny_model
 
     if not layer_builds():
         pytest.skip("csrc/layer_ops.c needs x86 AVX2 + a C compiler")
-    model = tiny_model(tokenizer, 3).to(torch.bfloat16)
+    model = tiny_model(tokenizer, 3).to(dtype)
     ids = torch.randint(4, 60, (2, 23), generator=torch.Generator().manual_seed(1))
     calls = []
-    real = cpu_kernels._bf16_cpu
-    monkeypatch.setattr(cpu_kernels, "_bf16_cpu", lambda *t: calls.append(real(*t)) or calls[-1])
+    real = cpu_kernels._layer_cpu
+    monkeypatch.setattr(cpu_kernels, "_layer_cpu", lambda *t: calls.append(real(*t)) or calls[-1])
     native = causal_hidden(model, ids)
     assert calls and all(calls)  # the C ops applied, every layer
-    monkeypatch.setattr(cpu_kernels, "_bf16_cpu", lambda *t: False)
+    monkeypatch.setattr(cpu_kernels, "_layer_cpu", lambda *t: False)
     plain = causal_hidden(model, ids)
-    torch.testing.assert_close(native.float(), plain.float(), rtol=0.02, atol=0.02 * float(plain.float().abs().max()))
+    tol = 0.02 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(native.float(), plain.float(), rtol=tol, atol=tol * float(plain.float().abs().max()))

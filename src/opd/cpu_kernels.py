@@ -361,69 +361,88 @@ class _LayerOps:
     rope: ctypes._CFuncPtr
     silu_mul: ctypes._CFuncPtr | None  # None: torch's op (the AVX2 build has none: it ran slower than torch's)
     variant: str  # "avx512_bf16" | "avx2"
+    # the fp32 steps (one AVX2 build everywhere: memory-bound)
+    rms_norm_f32: ctypes._CFuncPtr
+    rope_f32: ctypes._CFuncPtr
+    silu_mul_f32: ctypes._CFuncPtr
 
 
 def _layer_ops(lib: ctypes.CDLL, variant: str) -> _LayerOps:
     wide = variant == "avx512_bf16"
     suffix = "_avx512" if wide else ""
     i64 = ctypes.c_int64
-    names = ("rms_norm", "rope", "silu_mul") if wide else ("rms_norm", "rope")
-    fns = [getattr(lib, f"opd_{name}_bf16{suffix}") for name in names]
-    for fn, args in zip(fns, ([_P, _P, _P, i64, i64, ctypes.c_float, ctypes.c_int],
-                              [_P, i64, i64, i64, i64, _P, _P, _P, ctypes.c_int], [_P, _P, i64, i64, ctypes.c_int])):
-        fn.restype, fn.argtypes = None, args
-    return _LayerOps(*fns, *([] if wide else [None]), variant)
+    args = {"rms_norm": [_P, _P, _P, i64, i64, ctypes.c_float, ctypes.c_int],
+            "rope": [_P, i64, i64, i64, i64, _P, _P, _P, ctypes.c_int], "silu_mul": [_P, _P, i64, i64, ctypes.c_int]}
+
+    def fn(name: str, symbol: str) -> ctypes._CFuncPtr:
+        f = getattr(lib, symbol)
+        f.restype, f.argtypes = None, args[name]
+        return f
+
+    return _LayerOps(fn("rms_norm", f"opd_rms_norm_bf16{suffix}"), fn("rope", f"opd_rope_bf16{suffix}"),
+                     fn("silu_mul", "opd_silu_mul_bf16_avx512") if wide else None, variant,
+                     *(fn(name, f"opd_{name}_f32") for name in ("rms_norm", "rope", "silu_mul")))
 
 
 @functools.cache
 def _layer_library() -> _LayerOps | None:
-    """csrc/layer_ops.c, for opd.llama's no-grad bf16 forwards (torch's ops where this is None): its AVX-512 BF16
-    build where the CPU has that (hardware bf16 rounding), else its AVX2 one."""
+    """csrc/layer_ops.c, for opd.llama's no-grad forwards (torch's ops where this is None): its bf16 steps in the
+    AVX-512 BF16 build where the CPU has that (hardware bf16 rounding), else the AVX2 one; its fp32 steps."""
     lib = _plain_library("layer_ops.c")
     if lib is None:
         return None
     return _layer_ops(lib, "avx512_bf16" if BF16_FLAGS <= matmul.cpu_flags() else "avx2")
 
 
-def _bf16_cpu(*tensors: torch.Tensor) -> bool:
-    return all(t.dtype == torch.bfloat16 and t.device.type == "cpu" and t.is_contiguous() for t in tensors) \
-        and not torch.is_grad_enabled() and _layer_library() is not None
+def _layer_cpu(*tensors: torch.Tensor) -> bool:
+    """Whether csrc/layer_ops.c takes these: contiguous CPU tensors all bf16 or all fp32, no grad, the library built."""
+    return (tensors[0].dtype in (torch.bfloat16, torch.float32)
+            and all(t.dtype == tensors[0].dtype and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+            and not torch.is_grad_enabled() and _layer_library() is not None)
 
 
-def rms_norm_bf16(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
-    """opd.llama.rms_norm of a contiguous bf16 CPU tensor without grad in one C pass; None where it does not apply."""
-    if not _bf16_cpu(x, weight) or weight.dim() != 1 or x.shape[-1] != weight.shape[0]:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """opd.llama.rms_norm of a contiguous bf16 or fp32 CPU tensor without grad in one C pass; None where it does
+    not apply."""
+    if not _layer_cpu(x, weight) or weight.dim() != 1 or x.shape[-1] != weight.shape[0]:
         return None
     y = torch.empty_like(x)
     n = weight.shape[0]
-    _layer_library().rms_norm(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.numel() // n, n, eps,
-                              torch.get_num_threads())
+    ops = _layer_library()
+    fn = ops.rms_norm if x.dtype == torch.bfloat16 else ops.rms_norm_f32
+    fn(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.numel() // n, n, eps, torch.get_num_threads())
     return y
 
 
-def rope_bf16_(x: torch.Tensor, heads: int, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor) -> bool:
-    """RoPE in place on the first `heads` heads of x [B, T, all heads, D] (contiguous bf16), row (b, t) at
-    positions[b, t] of the [positions, D] bf16 tables; False (nothing done) where it does not apply."""
-    if (not _bf16_cpu(x, cos, sin) or x.dim() != 4 or positions.dtype != torch.int64 or not positions.is_contiguous()
+def rope_(x: torch.Tensor, heads: int, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor) -> bool:
+    """RoPE in place on the first `heads` heads of x [B, T, all heads, D] (contiguous bf16 or fp32), row (b, t) at
+    positions[b, t] of the [positions, D] tables of x's dtype; False (nothing done) where it does not apply."""
+    if (not _layer_cpu(x, cos, sin) or x.dim() != 4 or positions.dtype != torch.int64 or not positions.is_contiguous()
             or positions.shape != x.shape[:2] or cos.shape != sin.shape or cos.dim() != 2 or cos.shape[1] != x.shape[3]
             or x.shape[3] % 2 or not 0 <= heads <= x.shape[2]):
         return False
     if positions.numel() and not (0 <= int(positions.min()) and int(positions.max()) < cos.shape[0]):
         return False
     B, T, all_heads, D = x.shape
-    _layer_library().rope(x.data_ptr(), B * T, all_heads * D, heads, D, cos.data_ptr(), sin.data_ptr(),
-                          positions.data_ptr(), torch.get_num_threads())
+    ops = _layer_library()
+    fn = ops.rope if x.dtype == torch.bfloat16 else ops.rope_f32
+    fn(x.data_ptr(), B * T, all_heads * D, heads, D, cos.data_ptr(), sin.data_ptr(), positions.data_ptr(),
+       torch.get_num_threads())
     return True
 
 
-def silu_mul_bf16(gate_up: torch.Tensor) -> torch.Tensor | None:
-    """F.silu(gate) * up of gate_up [..., 2 * inter] (gate first; contiguous bf16, no grad) in one C pass."""
-    if not _bf16_cpu(gate_up) or gate_up.shape[-1] % 2 or _layer_library().silu_mul is None:
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
+    """F.silu(gate) * up of gate_up [..., 2 * inter] (gate first; contiguous bf16 or fp32, no grad) in one C pass;
+    None where it does not apply."""
+    if not _layer_cpu(gate_up) or gate_up.shape[-1] % 2:
+        return None
+    ops = _layer_library()
+    fn = ops.silu_mul if gate_up.dtype == torch.bfloat16 else ops.silu_mul_f32
+    if fn is None:
         return None
     inter = gate_up.shape[-1] // 2
-    y = torch.empty((*gate_up.shape[:-1], inter), dtype=torch.bfloat16)
-    _layer_library().silu_mul(gate_up.data_ptr(), y.data_ptr(), gate_up.numel() // (2 * inter), inter,
-                              torch.get_num_threads())
+    y = torch.empty((*gate_up.shape[:-1], inter), dtype=gate_up.dtype)
+    fn(gate_up.data_ptr(), y.data_ptr(), gate_up.numel() // (2 * inter), inter, torch.get_num_threads())
     return y
 
 

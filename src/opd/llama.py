@@ -121,10 +121,10 @@ def layer_weights(model, layers) -> list[LayerWeights]:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if (y := cpu_kernels.rms_norm(x, weight, eps)) is not None:  # bf16 / fp32 on the CPU, no grad: one C pass
+        return y
     if x.dtype == torch.float32:  # one op, the same numbers as LlamaRMSNorm's five
         return F.rms_norm(x, weight.shape, weight, eps)
-    if (y := cpu_kernels.rms_norm_bf16(x, weight, eps)) is not None:  # bf16 on the CPU, no grad: one C pass
-        return y
     # As LlamaRMSNorm: statistics in fp32, the product in the model's dtype (3 ops instead of 8: small decode
     # steps pay per op, not per element).
     return weight * F.rms_norm(x.float(), weight.shape, None, eps).to(x.dtype)
@@ -139,16 +139,17 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 def rope_(qkv: torch.Tensor, heads: int, tables: tuple[torch.Tensor, torch.Tensor], positions: torch.Tensor,
           gathered: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """RoPE on the first `heads` heads of qkv [B, T, all heads, D] at positions [B, T]; returns them [B, T, heads, D].
-    bf16 on the CPU without grad: rotated in place in qkv by one C pass (csrc/layer_ops.c) from the [positions, D]
-    `tables`; otherwise a new tensor from the torch ops with the `gathered` cos / sin (broadcastable to it)."""
-    if cpu_kernels.rope_bf16_(qkv, heads, *tables, positions):
+    bf16 / fp32 on the CPU without grad: rotated in place in qkv by one C pass (csrc/layer_ops.c) from the
+    [positions, D] `tables`; otherwise a new tensor from the torch ops with the `gathered` cos / sin (broadcastable
+    to it)."""
+    if cpu_kernels.rope_(qkv, heads, *tables, positions):
         return qkv[:, :, :heads]
     return apply_rope(qkv[:, :, :heads], *gathered)
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """F.silu(gate) * up of the fused gate/up product [..., 2 * intermediate] (one C pass in bf16 on the CPU)."""
-    if (y := cpu_kernels.silu_mul_bf16(gate_up)) is not None:
+    """F.silu(gate) * up of the fused gate/up product [..., 2 * intermediate] (one C pass on the CPU)."""
+    if (y := cpu_kernels.silu_mul(gate_up)) is not None:
         return y
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up

@@ -184,3 +184,70 @@ BF16_TARGET void opd_silu_mul_bf16_avx512(const uint16_t *gate_up, uint16_t *y, 
         }
     }
 }
+
+/* ---- fp32 (the fp32 teacher's scoring forward and the rollout's fp32 prefill): the same three steps in one pass
+ * each where torch makes two to six (F.rms_norm's composite on the CPU; cat, neg, two muls and an add for RoPE;
+ * SiLU and the product). Memory-bound, so 8 lanes on every AVX2 CPU. Each product and sum is rounded as torch's
+ * separate ops round it (no FMA where torch has a mul and an add), so the results are torch's up to its own
+ * reduction order in the norm and its exp in SiLU (~1 ulp). */
+void opd_rms_norm_f32(const float *x, const float *w, float *y, int64_t rows, int64_t n, float eps, int threads) {
+    const int64_t n8 = n & ~(int64_t)7;
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * n;
+        float *yr = y + r * n;
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t i = 0; i < n8; i += 8) {
+            const __m256 v = _mm256_loadu_ps(xr + i);
+            acc = _mm256_fmadd_ps(v, v, acc);
+        }
+        float ss = hsum(acc);
+        for (int64_t i = n8; i < n; i++) ss += xr[i] * xr[i];
+        const float inv = 1.0f / sqrtf(ss / (float)n + eps);
+        const __m256 vinv = _mm256_set1_ps(inv);
+        for (int64_t i = 0; i < n8; i += 8)
+            _mm256_storeu_ps(yr + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(xr + i), vinv), _mm256_loadu_ps(w + i)));
+        for (int64_t i = n8; i < n; i++) yr[i] = xr[i] * inv * w[i];
+    }
+}
+
+void opd_rope_f32(float *x, int64_t rows, int64_t stride, int64_t heads, int64_t D, const float *cos,
+                  const float *sin, const int64_t *positions, int threads) {
+    const int64_t half = D / 2, h8 = half & ~(int64_t)7;
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *c = cos + positions[r] * D, *s = sin + positions[r] * D;
+        for (int64_t h = 0; h < heads; h++) {
+            float *v = x + r * stride + h * D;
+            for (int64_t i = 0; i < h8; i += 8) {
+                const __m256 a = _mm256_loadu_ps(v + i), b = _mm256_loadu_ps(v + half + i);
+                const __m256 lo = _mm256_sub_ps(_mm256_mul_ps(a, _mm256_loadu_ps(c + i)), _mm256_mul_ps(b, _mm256_loadu_ps(s + i)));
+                const __m256 hi = _mm256_add_ps(_mm256_mul_ps(b, _mm256_loadu_ps(c + half + i)),
+                                                _mm256_mul_ps(a, _mm256_loadu_ps(s + half + i)));
+                _mm256_storeu_ps(v + i, lo);
+                _mm256_storeu_ps(v + half + i, hi);
+            }
+            for (int64_t i = h8; i < half; i++) {
+                const float a = v[i], b = v[half + i];
+                v[i] = a * c[i] - b * s[i];
+                v[half + i] = b * c[half + i] + a * s[half + i];
+            }
+        }
+    }
+}
+
+void opd_silu_mul_f32(const float *gate_up, float *y, int64_t rows, int64_t inter, int threads) {
+    const int64_t n8 = inter & ~(int64_t)7;
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *g = gate_up + r * 2 * inter, *u = g + inter;
+        float *yr = y + r * inter;
+        const __m256 one = _mm256_set1_ps(1.0f);
+        for (int64_t i = 0; i < n8; i += 8) {
+            const __m256 gv = _mm256_loadu_ps(g + i);
+            const __m256 silu = _mm256_div_ps(gv, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv))));
+            _mm256_storeu_ps(yr + i, _mm256_mul_ps(silu, _mm256_loadu_ps(u + i)));
+        }
+        for (int64_t i = n8; i < inter; i++) yr[i] = g[i] / (1.0f + exp_poly(-g[i])) * u[i];
+    }
+}
