@@ -320,3 +320,35 @@ def test_a_teachers_forward_takes_the_layer_ops_and_matches_the_torch_ops(tokeni
     plain = causal_hidden(model, ids)
     tol = 0.02 if dtype == torch.bfloat16 else 1e-5
     torch.testing.assert_close(native.float(), plain.float(), rtol=tol, atol=tol * float(plain.float().abs().max()))
+
+
+# ------------------------------------------------------------------------------------- fp32 causal attention
+@pytest.mark.parametrize("B,L,H,KV", [(2, 37, 9, 3), (1, 1, 4, 4), (3, 70, 6, 1), (1, 130, 2, 2)])
+def test_causal_attention_equals_torch_sdpa(B, L, H, KV):
+    # L: below and across the 4-row, 16-key and 64-key blocks; H / KV: grouped and plain heads
+    import torch.nn.functional as F
+
+    if cpu_kernels._attention_library() is None:
+        pytest.skip("csrc/attention.c needs x86 AVX-512F + a C compiler")
+    D = cpu_kernels.ATTENTION_HEAD_DIM
+    qkv = torch.randn(B, L, H + 2 * KV, D, generator=torch.Generator().manual_seed(L)) * 3
+    t = qkv.transpose(1, 2)
+    with torch.no_grad():
+        got = cpu_kernels.causal_attention(qkv, H, KV, D**-0.5)
+        want = F.scaled_dot_product_attention(t[:, :H], t[:, H : H + KV], t[:, H + KV :], is_causal=True, scale=D**-0.5,
+                                              enable_gqa=H != KV).transpose(1, 2)
+    assert got.shape == (B, L, H, D)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=5e-5)  # fp32 sums over up to 130 keys in another order
+
+
+def test_causal_attention_declines_what_it_does_not_take():
+    if cpu_kernels._attention_library() is None:
+        pytest.skip("csrc/attention.c needs x86 AVX-512F + a C compiler")
+    qkv = torch.randn(1, 8, 6, 64)
+    with torch.no_grad():
+        assert cpu_kernels.causal_attention(qkv.bfloat16(), 4, 1, 0.125) is None  # bf16: torch's SDPA
+        assert cpu_kernels.causal_attention(torch.randn(1, 8, 6, 32), 4, 1, 0.125) is None  # another head size
+        assert cpu_kernels.causal_attention(qkv, 3, 1, 0.125) is None  # heads do not add up
+        assert cpu_kernels.causal_attention(torch.randn(1, 8, 5, 64), 3, 2, 0.125) is None  # 3 heads over 2 kv heads
+        assert cpu_kernels.causal_attention(qkv.transpose(1, 2), 4, 1, 0.125) is None  # strided
+    assert cpu_kernels.causal_attention(qkv, 4, 1, 0.125) is None  # grad enabled

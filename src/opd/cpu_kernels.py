@@ -25,7 +25,8 @@ integer dot products: where a core has one 512-bit FMA unit the fp32 loop is bou
 Beside it, smaller C files need only AVX2 + FMA (`_plain_library`) and each has torch's ops as its fallback:
 `adamw.c` (opd.update.bf16's optimizer step), `vocab_terms.c` (the update's and the teacher's full-vocabulary
 terms), `layer_ops.c` (a bf16 no-grad layer's RMSNorm, RoPE and SiLU x up; an AVX-512 BF16 build too) and
-`sample.c` (the draw of each token); bench/NOTES.md, session 14.
+`sample.c` (the draw of each token); bench/NOTES.md, session 14. `attention.c` (fp32 causal attention for the
+teacher's scoring forward; session 15) needs AVX-512F.
 
 OPD_INT8_KERNEL = auto (the default: the VNNI build where the CPU has it, else the AVX-512 one where it has
 AVX-512F, else the AVX2 one) | avx512 (exact fp32 products) | avx2 | torch (torch's kernel, bf16 activations).
@@ -444,6 +445,37 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
     y = torch.empty((*gate_up.shape[:-1], inter), dtype=gate_up.dtype)
     fn(gate_up.data_ptr(), y.data_ptr(), gate_up.numel() // (2 * inter), inter, torch.get_num_threads())
     return y
+
+
+# ------------------------------------------------------------------------------------- causal attention, fp32
+@functools.cache
+def _attention_library() -> ctypes.CDLL | None:
+    """csrc/attention.c (AVX-512F), for opd.llama.causal_hidden in fp32 (torch's SDPA where this is None)."""
+    lib = _plain_library("attention.c") if "avx512f" in matmul.cpu_flags() else None
+    if lib is None:
+        return None
+    lib.opd_causal_attention_f32.restype = None
+    lib.opd_causal_attention_f32.argtypes = [_P, _P, _P, *[ctypes.c_int64] * 4, ctypes.c_float, ctypes.c_int]
+    return lib
+
+
+ATTENTION_HEAD_DIM = 64  # the one head size csrc/attention.c is written for (SmolLM2, Llama 3.2 1B / 3B)
+
+
+def causal_attention(qkv: torch.Tensor, heads: int, kv_heads: int, scale: float) -> torch.Tensor | None:
+    """softmax(Q K^T * scale, causal) V of qkv [B, L, heads + 2 kv_heads, D] (queries, keys, values; contiguous fp32,
+    no grad, rows from position 0) as [B, L, heads, D], in one C pass; None where it does not apply."""
+    lib = _attention_library()
+    if (lib is None or qkv.dtype != torch.float32 or qkv.device.type != "cpu" or not qkv.is_contiguous()
+            or qkv.dim() != 4 or qkv.shape[3] != ATTENTION_HEAD_DIM or torch.is_grad_enabled()
+            or kv_heads < 1 or heads % kv_heads or qkv.shape[2] != heads + 2 * kv_heads or qkv.shape[1] == 0):
+        return None
+    B, L, _, D = qkv.shape
+    out = torch.empty(B, L, heads, D)
+    keys_t = torch.empty(B * kv_heads * D * ((L + 15) // 16 * 16))  # K^T, packed once for every query head
+    lib.opd_causal_attention_f32(qkv.data_ptr(), out.data_ptr(), keys_t.data_ptr(), B, L, heads, kv_heads, scale,
+                                 torch.get_num_threads())
+    return out
 
 
 # ------------------------------------------------------------------------------------- drawing a token a row

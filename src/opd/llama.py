@@ -270,8 +270,10 @@ def causal_hidden(model, ids: torch.Tensor) -> torch.Tensor:
         qkv = matmul.linear(h, w.qkv).view(B, L, H + 2 * KV, D)
         # RoPE in the [B, L, heads, D] layout the matmul wrote (contiguous); SDPA takes the transposed views.
         qk = rope_(qkv, H + KV, (cos, sin), positions, gathered).transpose(1, 2)
-        att = F.scaled_dot_product_attention(qk[:, :H], qk[:, H:], qkv[:, :, H + KV :].transpose(1, 2), is_causal=True,
-                                             scale=D**-0.5, **gqa)
-        x = x + matmul.linear(att.transpose(1, 2).reshape(B, L, H * D), w.o)
+        att = cpu_kernels.causal_attention(qkv, H, KV, D**-0.5)  # fp32 on the CPU: [B, L, H, D] in one C pass
+        if att is None:
+            att = F.scaled_dot_product_attention(qk[:, :H], qk[:, H:], qkv[:, :, H + KV :].transpose(1, 2),
+                                                 is_causal=True, scale=D**-0.5, **gqa).transpose(1, 2)
+        x = x + matmul.linear(att.reshape(B, L, H * D), w.o)
         x = x + matmul.linear(silu_mul(matmul.linear(rms_norm(x, w.post_norm, cfg.rms_norm_eps), w.gate_up)), w.down)
     return x
