@@ -143,7 +143,8 @@ def main() -> None:
 
     def row(backend, dtype, batch, length, tps, secs, **extra):
         rows.append({"backend": backend, "dtype": dtype, "batch": batch, "length": length,
-                     "tokens_per_s": round(tps, 1), "us_per_token": round(1e6 / tps, 1),
+                     "tokens_per_s": round(tps, 1), "us_per_token": round(1e6 / tps, 1), "seconds": round(secs, 4),
+                     "sequence_tokens_per_s": round(batch * length / secs, 1),
                      "fraction_of_matmul_limit": round(fraction_of_limit(
                          batch * length / secs, forward_flops(params, 1), limits[dtype]), 4), **extra})
         print(rows[-1])
@@ -181,8 +182,11 @@ def main() -> None:
                 opd_s = min(opd_times[1:])
                 vllm_s = min(vllm_times[1:]) if server else None
                 assert torch.isfinite(scores.token_logprobs).all()
+                # opd returns the completion's logprobs, vLLM every position's: each one's tokens_per_s counts its own,
+                # so the two compare by the time each took for the same sequences (opd_over_vllm = vLLM's / opd's)
+                extra = {"opd_over_vllm": round(vllm_s / opd_s, 3)} if server else {}
                 row("opd LocalTeacher", dtype, batch, length, roll.num_tokens / opd_s, opd_s, peak_rss_gib=peak_rss_gib(),
-                    peak_above_start_gib=round(peak_rss_gib() - base / 2**20, 3))
+                    peak_above_start_gib=round(peak_rss_gib() - base / 2**20, 3), **extra)
                 if server:  # prompt_logprobs: every position after the first
                     row("vLLM-cpu", dtype, batch, length, batch * (length - 1) / vllm_s, vllm_s,
                         startup_s=round(server.startup_s, 1))
@@ -190,19 +194,32 @@ def main() -> None:
     def pick(backend, dtype, batch, length):
         return next((r for r in rows if (r["backend"], r["dtype"], r["batch"], r["length"]) == (backend, dtype, batch, length)), None)
 
-    headline = []
+    headline, goal = [], {}
     for dtype in ("float32", "bfloat16"):
         for backend in ("opd LocalTeacher", "vLLM-cpu"):
             r = pick(backend, dtype, 8, 256)
             if r:
                 headline.append({"figure": f"teacher scoring 8x256 {dtype}, {backend}", "value": r["tokens_per_s"],
                                  "unit": f"tok/s ({r['fraction_of_matmul_limit']:.0%} of matmul limit)"})
+        goal_rows = [r for r in rows if r["backend"] == "opd LocalTeacher" and r["dtype"] == dtype
+                     and r["batch"] >= 8 and r["length"] >= 256]
+        if goal_rows:  # the goal: >= 70% of the limit at batch >= 8, length >= 256, and faster than vLLM-cpu
+            worst_fraction = min(r["fraction_of_matmul_limit"] for r in goal_rows)
+            ratios = [r["opd_over_vllm"] for r in goal_rows if "opd_over_vllm" in r]
+            goal[dtype] = {"shapes": [f"{r['batch']}x{r['length']}" for r in goal_rows],
+                           "lowest_fraction_of_matmul_limit": worst_fraction,
+                           "lowest_opd_over_vllm": min(ratios) if ratios else None,
+                           "met": worst_fraction >= 0.70 and bool(ratios) and min(ratios) > 1.0}
+            headline.append({"figure": f"teacher scoring goal {dtype} (batch >= 8, length >= 256)",
+                             "value": "met" if goal[dtype]["met"] else "not met",
+                             "unit": f"lowest {worst_fraction:.0%} of the limit, lowest "
+                                     + (f"{min(ratios):.2f}x vLLM-cpu" if ratios else "(no vLLM)")})
     write_result("teacher_scoring", {
         "what": "teacher scoring tokens/s (completion tokens whose logprob is returned) of SmolLM2-135M-Instruct, best of "
                 f"{repeats}, opd and vLLM taking turns shape by shape; fraction_of_matmul_limit = 2 x params x tokens forwarded / s / the dtype's matmul limit",
         "model": MODEL, "params": params, "prompt_tokens": PROMPT_TOKENS,
         "matmul_limit_flops_per_s": limits, "vllm_python": str(py) if py else None, "vllm_note": vllm_note,
-        "rows": rows,
+        "goal": goal, "rows": rows,
     }, headline=headline)
 
 
