@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
@@ -116,7 +117,9 @@ def test_peer_rounds_report_medians_and_ratios_of_neighbouring_runs():
 
     def side(tps, kl, probe=(100.0, 100.0), **extra):
         host = {"probe_gflops_before": probe[0], "probe_gflops_after": probe[1], "steal_fraction": 0.0}
-        return {"student_tokens_per_s": tps, "steps": 3, "eval": {"reverse_kl": kl, "tokens": 10}, "host": host, **extra}
+        marks = [{"mark": 0.5, "reverse_kl": kl + 0.3}, {"mark": 1.0, "reverse_kl": kl}]
+        return {"student_tokens_per_s": tps, "steps": 3, "host": host, **extra,
+                "eval": {"reverse_kl": kl, "tokens": 10, "marks": marks, "late_mean": kl + 0.15}}
 
     one = side(50.0, 1.0)
     assert peer_trl.over_rounds([one]) is one  # a single round is reported as it is
@@ -124,6 +127,7 @@ def test_peer_rounds_report_medians_and_ratios_of_neighbouring_runs():
     gkd = [side(50.0, 1.0), side(20.0, 1.2), side(45.0, 1.1)]
     r = peer_trl.over_rounds(opd)
     assert r["student_tokens_per_s"] == 90.0 and r["eval"]["reverse_kl"] == pytest.approx(0.7)
+    assert r["eval"]["late_mean"] == pytest.approx(0.85) and r["rounds"][2]["reverse_kl_marks"][0]["reverse_kl"] == 1.2
     assert [x["student_tokens_per_s"] for x in r["rounds"]] == [100.0, 60.0, 90.0] and "time_share" in r["rounds"][0]
     assert opd[0]["eval"]["reverse_kl"] == 0.5  # the rounds' own records are left as they were
     # per-round ratios 2.0, 3.0, 2.0: the median of those, not the ratio of the medians (90 / 45 = 2.0 here too)
@@ -176,3 +180,38 @@ def test_remote_scores_reads_a_teacher_servers_prompt_logprobs():
     assert [len(g) for g in got] == [5, 5]
     for g, w in zip(got, want):
         torch.testing.assert_close(g.float(), w.float(), rtol=0, atol=1e-4)
+
+
+def test_peer_benchmark_snapshots_the_student_at_its_marks(monkeypatch):
+    import peer_trl
+
+    clock = {"t": 100.0}
+    monkeypatch.setattr(peer_trl.time, "time", lambda: clock["t"])
+    weight = torch.nn.Parameter(torch.zeros(3))
+    snaps = peer_trl.Snapshots(budget_s=10.0)
+    snaps.after_step(lambda: [("w", weight)], 1)  # before the first step began: nothing
+    snaps.started(100.0)
+    for step, (t, value) in enumerate([(102.0, 1.0), (105.5, 2.0), (106.0, 3.0), (108.0, 4.0), (109.0, 5.0)], 1):
+        clock["t"] = t
+        with torch.no_grad():
+            weight.fill_(value)
+        snaps.after_step(lambda: [("w", weight)], step)
+    # the first step end past 50% (105.5 s) and past 75% (108 s); copies, not views of the live weight
+    assert [(s["mark"], s["step"], s["elapsed_s"]) for s in snaps.taken] == [(0.5, 2, 5.5), (0.75, 4, 8.0)]
+    assert [float(s["state"]["w"][0]) for s in snaps.taken] == [2.0, 4.0]
+
+
+def test_peer_benchmark_reads_the_fp32_master_weights_behind_a_bf16_copy(tokenizer):
+    import peer_trl
+
+    from opd.update.bf16 import Bf16Weights
+    from tests.conftest import tiny_model
+
+    student = tiny_model(tokenizer, 2)
+    weights = Bf16Weights(student)
+    named = dict(peer_trl.fp32_named_parameters(weights.model(), weights.optimizer(lr=1e-3, betas=(0.9, 0.99),
+                                                                                        weight_decay=0.0)))
+    want = dict(student.named_parameters())
+    assert named.keys() == want.keys() and all(named[k] is want[k] for k in want)  # the student's own fp32 tensors
+    plain = torch.optim.AdamW(student.parameters())
+    assert dict(peer_trl.fp32_named_parameters(student, plain)).keys() == want.keys()
