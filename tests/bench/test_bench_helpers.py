@@ -119,7 +119,7 @@ def test_peer_rounds_report_medians_and_ratios_of_neighbouring_runs():
         host = {"probe_gflops_before": probe[0], "probe_gflops_after": probe[1], "steal_fraction": 0.0}
         marks = [{"mark": 0.5, "reverse_kl": kl + 0.3}, {"mark": 1.0, "reverse_kl": kl}]
         return {"student_tokens_per_s": tps, "steps": 3, "host": host, **extra,
-                "eval": {"reverse_kl": kl, "tokens": 10, "marks": marks, "late_mean": kl + 0.15}}
+                "eval": {"reverse_kl": kl, "tokens": 10, "marks": marks, "late_mean": kl + 0.15, "mean_over_budget": kl + 0.2}}
 
     one = side(50.0, 1.0)
     assert peer_trl.over_rounds([one]) is one  # a single round is reported as it is
@@ -127,7 +127,7 @@ def test_peer_rounds_report_medians_and_ratios_of_neighbouring_runs():
     gkd = [side(50.0, 1.0), side(20.0, 1.2), side(45.0, 1.1)]
     r = peer_trl.over_rounds(opd)
     assert r["student_tokens_per_s"] == 90.0 and r["eval"]["reverse_kl"] == pytest.approx(0.7)
-    assert r["eval"]["late_mean"] == pytest.approx(0.85) and r["rounds"][2]["reverse_kl_marks"][0]["reverse_kl"] == 1.2
+    assert r["eval"]["late_mean"] == pytest.approx(0.85) and r["eval"]["mean_over_budget"] == pytest.approx(0.9) and r["rounds"][2]["reverse_kl_marks"][0]["reverse_kl"] == 1.2
     assert [x["student_tokens_per_s"] for x in r["rounds"]] == [100.0, 60.0, 90.0] and "time_share" in r["rounds"][0]
     assert opd[0]["eval"]["reverse_kl"] == 0.5  # the rounds' own records are left as they were
     # per-round ratios 2.0, 3.0, 2.0: the median of those, not the ratio of the medians (90 / 45 = 2.0 here too)
@@ -191,14 +191,16 @@ def test_peer_benchmark_snapshots_the_student_at_its_marks(monkeypatch):
     snaps = peer_trl.Snapshots(budget_s=10.0)
     snaps.after_step(lambda: [("w", weight)], 1)  # before the first step began: nothing
     snaps.started(100.0)
-    for step, (t, value) in enumerate([(102.0, 1.0), (105.5, 2.0), (106.0, 3.0), (108.0, 4.0), (109.0, 5.0)], 1):
+    for step, (t, value) in enumerate([(101.0, 1.0), (102.0, 2.0), (106.0, 3.0), (107.0, 4.0), (109.0, 5.0)], 1):
         clock["t"] = t
         with torch.no_grad():
             weight.fill_(value)
         snaps.after_step(lambda: [("w", weight)], step)
-    # the first step end past 50% (105.5 s) and past 75% (108 s); copies, not views of the live weight
-    assert [(s["mark"], s["step"], s["elapsed_s"]) for s in snaps.taken] == [(0.5, 2, 5.5), (0.75, 4, 8.0)]
-    assert [float(s["state"]["w"][0]) for s in snaps.taken] == [2.0, 4.0]
+    # the first step end past 12.5% (102 s), past 25% and 50% (both 106 s: one step passed two marks), past 75% (109 s);
+    # copies, not views of the live weight
+    assert [(s["mark"], s["step"], s["elapsed_s"]) for s in snaps.taken] == [
+        (0.125, 2, 2.0), (0.25, 3, 6.0), (0.5, 3, 6.0), (0.75, 5, 9.0)]
+    assert [float(s["state"]["w"][0]) for s in snaps.taken] == [2.0, 3.0, 3.0, 5.0]
 
 
 def test_peer_benchmark_reads_the_fp32_master_weights_behind_a_bf16_copy(tokenizer):
