@@ -87,7 +87,8 @@ def test_two_gloo_ranks_equal_one_process_on_the_combined_batch(tmp_path, studen
 
 
 @pytest.mark.slow
-def test_a_torchrun_run_with_two_gloo_ranks_writes_the_whole_batch_and_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("extra", [(), ("train.bf16_weights=true",)], ids=["fp32", "bf16_weights"])
+def test_a_torchrun_run_with_two_gloo_ranks_writes_the_whole_batch_and_resumes_exactly(tmp_path, extra):
     """`torchrun --nproc-per-node 2 -m opd.cli run`: rank 0 writes one metrics row per step, of both ranks' shares;
     stopped after step 2 and resumed, it ends with the weights of an uninterrupted run (each rank's sampler, RNG and
     pipelined batch made ahead are in the checkpoint)."""
@@ -97,7 +98,7 @@ def test_a_torchrun_run_with_two_gloo_ranks_writes_the_whole_batch_and_resumes_e
 
     sets = ["prompts.batch_size=4", "eval.size=4", "eval.every=0", "eval.recovery_size=0", "student.warm_start_steps=2",
             "student.warm_start_samples=8", "rollout.max_new_tokens=12", "monitor.tensorboard=false",
-            "train.checkpoint_every=2", "max_policy_lag=1"]
+            "train.checkpoint_every=2", "max_policy_lag=1", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
 
     def torchrun(*args: str, crash_at: str = "") -> None:

@@ -76,8 +76,11 @@ class Crash(Exception):
     pass
 
 
-def test_pipelined_resume_after_a_crash_continues_exactly(tmp_path, monkeypatch):
-    cfg = tiny("train.max_steps=5", "max_policy_lag=2", "train.checkpoint_every=2")
+# bf16_weights: pipelined, the update trains through a bf16 copy of its own (not the rollout's, which samples ahead
+# with older weights), whose state a resumed run rebuilds from the fp32 master weights
+@pytest.mark.parametrize("extra", [(), ("train.bf16_weights=true", "rollout.dtype='bfloat16'")], ids=["fp32", "bf16_weights"])
+def test_pipelined_resume_after_a_crash_continues_exactly(tmp_path, monkeypatch, extra):
+    cfg = tiny("train.max_steps=5", "max_policy_lag=2", "train.checkpoint_every=2", *extra)
     straight, split = tmp_path / "straight", tmp_path / "split"
     run(cfg, straight, log=quiet)
 
