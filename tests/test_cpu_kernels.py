@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -352,3 +354,18 @@ def test_causal_attention_declines_what_it_does_not_take():
         assert cpu_kernels.causal_attention(torch.randn(1, 8, 5, 64), 3, 2, 0.125) is None  # 3 heads over 2 kv heads
         assert cpu_kernels.causal_attention(qkv.transpose(1, 2), 4, 1, 0.125) is None  # strided
     assert cpu_kernels.causal_attention(qkv, 4, 1, 0.125) is None  # grad enabled
+
+
+def test_every_c_source_and_header_ships_with_the_package():
+    # the kernels are compiled from the installed package's csrc folder: a header left out of the package data
+    # fails every build that includes it there (and opd falls back to torch's ops without a word)
+    import fnmatch
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["opd"]
+    csrc = root / "src" / "opd" / "csrc"
+    files = [p.relative_to(csrc.parent).as_posix() for p in csrc.iterdir() if p.suffix in (".c", ".h")]
+    assert any(f.endswith(".h") for f in files)
+    missing = [f for f in files if not any(fnmatch.fnmatch(f, g) for g in globs)]
+    assert not missing, f"not in [tool.setuptools.package-data]: {missing}"
