@@ -24,9 +24,9 @@ integer dot products: where a core has one 512-bit FMA unit the fp32 loop is bou
 
 Beside it, smaller C files need only AVX2 + FMA (`_plain_library`) and each has torch's ops as its fallback:
 `adamw.c` (opd.update.bf16's optimizer step), `vocab_terms.c` (the update's and the teacher's full-vocabulary
-terms), `layer_ops.c` (a bf16 no-grad layer's RMSNorm, RoPE and SiLU x up; an AVX-512 BF16 build too) and
-`sample.c` (the draw of each token); bench/NOTES.md, session 14. `attention.c` (fp32 causal attention for the
-teacher's scoring forward; session 15) needs AVX-512F.
+terms), `layer_ops.c` (a no-grad layer's RMSNorm, RoPE and SiLU x up, bf16 with an AVX-512 BF16 build too, and
+fp32) and `sample.c` (the draw of each token); bench/NOTES.md, sessions 14-15. `attention.c` (fp32 causal attention
+for the teacher's scoring forward; session 15) needs AVX-512F.
 
 OPD_INT8_KERNEL = auto (the default: the VNNI build where the CPU has it, else the AVX-512 one where it has
 AVX-512F, else the AVX2 one) | avx512 (exact fp32 products) | avx2 | torch (torch's kernel, bf16 activations).
@@ -352,7 +352,7 @@ def vocab_terms_backward(logits: torch.Tensor, teacher: torch.Tensor | None, tar
     return grad
 
 
-# ------------------------------------------------------------------------------------- a bf16 layer's elementwise steps
+# ------------------------------------------------------------------------------------- a no-grad layer's elementwise steps
 BF16_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_bf16"})
 
 
@@ -459,7 +459,7 @@ def _attention_library() -> ctypes.CDLL | None:
     return lib
 
 
-ATTENTION_HEAD_DIM = 64  # the one head size csrc/attention.c is written for (SmolLM2, Llama 3.2 1B / 3B)
+ATTENTION_HEAD_DIM = 64  # the one head size csrc/attention.c is written for (SmolLM2, Llama 3.2 1B)
 
 
 def causal_attention(qkv: torch.Tensor, heads: int, kv_heads: int, scale: float) -> torch.Tensor | None:

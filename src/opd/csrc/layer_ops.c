@@ -5,7 +5,8 @@
  *   rms_norm:  y = bf16(w * bf16(x * rsqrt(mean(x^2) + eps)))        (opd.llama.rms_norm on bf16)
  *   rope:      x = bf16(bf16(x * cos) + bf16(rotate_half(x) * sin))  in place, per row at its position
  *   silu_mul:  y = bf16(bf16(silu(gate)) * up)                      (F.silu(gate) * up; AVX-512 BF16 only)
- * AVX2 + FMA, and AVX-512 BF16 builds below; rows in parallel on torch's OpenMP threads. */
+ * AVX2 + FMA, and AVX-512 BF16 builds below; rows in parallel on torch's OpenMP threads. The same three steps in
+ * fp32 are at the end of the file (session 15). */
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
