@@ -369,3 +369,27 @@ def test_every_c_source_and_header_ships_with_the_package():
     assert any(f.endswith(".h") for f in files)
     missing = [f for f in files if not any(fnmatch.fnmatch(f, g) for g in globs)]
     assert not missing, f"not in [tool.setuptools.package-data]: {missing}"
+
+
+def test_an_fp32_teachers_forward_attends_with_rotated_keys_whichever_ops_run(tokenizer, monkeypatch):
+    # csrc/attention.c reads q and k from the fused projection, where only the C RoPE rotates them in place: with
+    # torch's RoPE (a rotated copy) the forward must not hand it the unrotated projection
+    from opd.llama import causal_hidden
+    from tests.conftest import tiny_model
+
+    if cpu_kernels._attention_library() is None or not layer_builds():
+        pytest.skip("csrc/attention.c needs x86 AVX-512F + a C compiler")
+    model = tiny_model(tokenizer, 3, hidden_size=128, num_attention_heads=2)  # head size 64
+    ids = torch.randint(4, 60, (2, 23), generator=torch.Generator().manual_seed(1))
+    calls = []
+    real = cpu_kernels.causal_attention
+    monkeypatch.setattr(cpu_kernels, "causal_attention", lambda *a: calls.append(1) or real(*a))
+    native = causal_hidden(model, ids)
+    assert calls  # the C attention ran
+    monkeypatch.setattr(cpu_kernels, "_layer_cpu", lambda *t: False)  # torch's RoPE, norms and SiLU
+    torch_rope = causal_hidden(model, ids)
+    monkeypatch.setattr(cpu_kernels, "causal_attention", lambda *a: None)  # and torch's SDPA
+    plain = causal_hidden(model, ids)
+    scale = float(plain.abs().max())
+    torch.testing.assert_close(native, plain, rtol=1e-5, atol=1e-5 * scale)
+    torch.testing.assert_close(torch_rope, plain, rtol=1e-5, atol=1e-5 * scale)

@@ -269,9 +269,12 @@ def causal_hidden(model, ids: torch.Tensor) -> torch.Tensor:
         h = rms_norm(x, w.input_norm, cfg.rms_norm_eps)
         qkv = matmul.linear(h, w.qkv).view(B, L, H + 2 * KV, D)
         # RoPE in the [B, L, heads, D] layout the matmul wrote (contiguous); SDPA takes the transposed views.
-        qk = rope_(qkv, H + KV, (cos, sin), positions, gathered).transpose(1, 2)
-        att = cpu_kernels.causal_attention(qkv, H, KV, D**-0.5)  # fp32 on the CPU: [B, L, H, D] in one C pass
+        qk = rope_(qkv, H + KV, (cos, sin), positions, gathered)
+        # fp32 on the CPU: [B, L, H, D] in one C pass, which reads qkv: only where RoPE rotated it in place (the
+        # torch ops' RoPE returns a rotated copy and leaves qkv as it was)
+        att = cpu_kernels.causal_attention(qkv, H, KV, D**-0.5) if qk.data_ptr() == qkv.data_ptr() else None
         if att is None:
+            qk = qk.transpose(1, 2)
             att = F.scaled_dot_product_attention(qk[:, :H], qk[:, H:], qkv[:, :, H + KV :].transpose(1, 2),
                                                  is_causal=True, scale=D**-0.5, **gqa).transpose(1, 2)
         x = x + matmul.linear(att.reshape(B, L, H * D), w.o)
