@@ -170,7 +170,7 @@ class Snapshots:
         self.t_first = self.t_first or t
 
     def after_step(self, named_params, step: int) -> None:
-        if self.t_first is None or len(self.taken) == len(MARKS):
+        if self.t_first is None:
             return
         elapsed = time.time() - self.t_first
         state = None
@@ -427,6 +427,13 @@ def host_adjusted_ratios(side: list[dict], base: list[dict]) -> list[float]:
             for a, b in zip(side, base)]
 
 
+def reverse_kl_figures(prefix: str, side: dict) -> dict:
+    """A side's reverse KL in the summary: at the end, over the last half of the budget, and the curve's mean."""
+    ev = side["eval"]
+    return {f"{prefix}_reverse_kl": ev["reverse_kl"], f"{prefix}_reverse_kl_late_mean": ev["late_mean"],
+            f"{prefix}_reverse_kl_mean_over_budget": ev["mean_over_budget"]}
+
+
 def trl_version() -> str | None:
     try:
         import trl
@@ -490,22 +497,16 @@ def main() -> None:
     summary = {}
     if opd:
         summary["opd_student_tokens_per_s"] = opd["student_tokens_per_s"]
-        summary["opd_reverse_kl"] = opd["eval"]["reverse_kl"]
-        summary["opd_reverse_kl_late_mean"] = opd["eval"]["late_mean"]
-        summary["opd_reverse_kl_mean_over_budget"] = opd["eval"]["mean_over_budget"]
+        summary.update(reverse_kl_figures("opd", opd))
     if gkd:
         summary["trl_student_tokens_per_s"] = gkd["student_tokens_per_s"]
-        summary["trl_reverse_kl"] = gkd["eval"]["reverse_kl"]
-        summary["trl_reverse_kl_late_mean"] = gkd["eval"]["late_mean"]
-        summary["trl_reverse_kl_mean_over_budget"] = gkd["eval"]["mean_over_budget"]
+        summary.update(reverse_kl_figures("trl", gkd))
     if opd and gkd:
         summary["ratio"] = ratio_to(per_round["opd"], per_round["gkd"])
     for key, (prefix, _, _) in OPD_OWN_CHOICES.items():
         if key in results:
             summary[f"{prefix}_student_tokens_per_s"] = results[key]["student_tokens_per_s"]
-            summary[f"{prefix}_reverse_kl"] = results[key]["eval"]["reverse_kl"]
-            summary[f"{prefix}_reverse_kl_late_mean"] = results[key]["eval"]["late_mean"]
-            summary[f"{prefix}_reverse_kl_mean_over_budget"] = results[key]["eval"]["mean_over_budget"]
+            summary.update(reverse_kl_figures(prefix, results[key]))
             if gkd:
                 summary[f"ratio_{prefix}"] = ratio_to(per_round[key], per_round["gkd"])
     if args.rounds > 1 and gkd:  # each round's ratio, side by side in time
@@ -520,9 +521,7 @@ def main() -> None:
     if "distillation" in results:
         d = results["distillation"]
         summary["trl_distillation_student_tokens_per_s"] = d["student_tokens_per_s"]
-        summary["trl_distillation_reverse_kl"] = d["eval"]["reverse_kl"]
-        summary["trl_distillation_reverse_kl_late_mean"] = d["eval"]["late_mean"]
-        summary["trl_distillation_reverse_kl_mean_over_budget"] = d["eval"]["mean_over_budget"]
+        summary.update(reverse_kl_figures("trl_distillation", d))
         if opd:
             summary["ratio_vs_distillation"] = round(opd["student_tokens_per_s"] / d["student_tokens_per_s"], 2)
     headline = []

@@ -59,8 +59,7 @@ def kernel_cache() -> Path:
 
 def build(source: Path, cache: Path) -> Path:
     """Compile `source` into `cache` (once per source, the C files and headers beside it that it may include, and
-    flags); a
-    concurrent build by another process is safe: each writes a temporary file and renames it into place."""
+    flags); a concurrent build by another process is safe: each writes a temporary file and renames it into place."""
     sources = [source] + sorted(p for p in [*source.parent.glob("*.c"), *source.parent.glob("*.h")] if p != source)
     key = hashlib.sha256(b"".join(p.read_bytes() for p in sources) + " ".join(FLAGS).encode()).hexdigest()[:16]
     out = cache / f"{source.stem}-{key}.so"
@@ -229,7 +228,7 @@ def decode_step(args: DecodeStep) -> None:
     kernel.lib.opd_decode_step(ctypes.byref(args))
 
 
-# ------------------------------------------------------------------------------------- the optimizer step
+# ------------------------------------------------------------------------------------- the AVX2 + FMA C files
 def _plain_library(source: str) -> ctypes.CDLL | None:
     """One of the csrc files that need only AVX2 + FMA, built and loaded; None where it cannot be (not x86 with
     AVX2, no compiler, a failed build): its callers run torch's ops then."""
@@ -242,6 +241,7 @@ def _plain_library(source: str) -> ctypes.CDLL | None:
         return None
 
 
+# ------------------------------------------------------------------------------------- the optimizer step
 @functools.cache
 def _optimizer_library() -> ctypes.CDLL | None:
     """csrc/adamw.c, for opd.update.bf16 (torch's ops where it is None)."""
@@ -350,6 +350,20 @@ def vocab_terms_backward(logits: torch.Tensor, teacher: torch.Tensor | None, tar
         targets.data_ptr(), n, V, 1.0 / temperature, lse.data_ptr(), kl.data_ptr(), g_tok.data_ptr(),
         None if g_kl is None else g_kl.data_ptr(), grad.data_ptr(), scratch.data_ptr(), torch.get_num_threads())
     return grad
+
+
+def log_softmax_rows(logits: torch.Tensor, targets: torch.Tensor, temperature: float):
+    """(token logprob [n], entropy [n], log-probs [n, V] fp32) of log_softmax(logits / T), one C pass a row (the
+    teacher's full distribution); None where vocab_terms_fit says no."""
+    if not vocab_terms_fit(logits, None, targets):
+        return None
+    n, V = logits.shape
+    logp, tok, ent = torch.empty(n, V), torch.empty(n), torch.empty(n)
+    scratch = torch.empty(V * max(1, torch.get_num_threads()))
+    _vocab_library().opd_log_softmax_rows(logits.data_ptr(), int(logits.dtype == torch.bfloat16), targets.data_ptr(),
+                                          n, V, 1.0 / temperature, logp.data_ptr(), tok.data_ptr(), ent.data_ptr(),
+                                          scratch.data_ptr(), torch.get_num_threads())
+    return tok, ent, logp
 
 
 # ------------------------------------------------------------------------------------- a no-grad layer's elementwise steps
@@ -505,17 +519,3 @@ def sample_rows(logits: torch.Tensor, temperature: float, u: torch.Tensor) -> tu
     lib.opd_sample_rows(z.data_ptr(), B, V, 1.0 / temperature, u.data_ptr(), tok.data_ptr(), tok_logp.data_ptr(),
                         scratch.data_ptr(), threads)
     return tok, tok_logp
-
-
-def log_softmax_rows(logits: torch.Tensor, targets: torch.Tensor, temperature: float):
-    """(token logprob [n], entropy [n], log-probs [n, V] fp32) of log_softmax(logits / T), one C pass a row (the
-    teacher's full distribution); None where vocab_terms_fit says no."""
-    if not vocab_terms_fit(logits, None, targets):
-        return None
-    n, V = logits.shape
-    logp, tok, ent = torch.empty(n, V), torch.empty(n), torch.empty(n)
-    scratch = torch.empty(V * max(1, torch.get_num_threads()))
-    _vocab_library().opd_log_softmax_rows(logits.data_ptr(), int(logits.dtype == torch.bfloat16), targets.data_ptr(),
-                                          n, V, 1.0 / temperature, logp.data_ptr(), tok.data_ptr(), ent.data_ptr(),
-                                          scratch.data_ptr(), torch.get_num_threads())
-    return tok, ent, logp

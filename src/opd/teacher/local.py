@@ -38,6 +38,7 @@ class LocalTeacher:
         topk_ids = torch.zeros((B, T, k), dtype=torch.long) if k else None
         topk_lp = torch.full((B, T, k), float("-inf")) if k else None
         full_lp = None
+        temp = rollout.temperature  # (T is the completion length here)
         for start in range(0, B, self.batch_size):
             rows = slice(start, min(start + self.batch_size, B))
             cmask = rollout.completion_mask[rows]
@@ -57,17 +58,15 @@ class LocalTeacher:
                 return tuple(outs)
 
             if not (k or full) and fused.supports(self.model):  # token logprob and entropy: one pass, no [n, V] log-probs
-                temp = rollout.temperature
                 res = per_position(self.model, hidden,
                                    lambda logits, sl: fused.token_terms(logits, None, targets[sl], temp)[:2],
                                    temp, self.chunk_size, raw_logits=True)
             elif full and not k and fused.supports(self.model):  # the full distribution, its entropy and token
-                temp = rollout.temperature  # (T is the completion length here)
                 res = per_position(self.model, hidden,
                                    lambda logits, sl: fused.log_softmax_terms(logits, targets[sl], temp),
                                    temp, self.chunk_size, raw_logits=True)
             else:
-                res = per_position(self.model, hidden, fn, rollout.temperature, self.chunk_size)
+                res = per_position(self.model, hidden, fn, temp, self.chunk_size)
             if not res:
                 continue
             lp[rows] = scatter_tokens(res[0].cpu(), cmask)
