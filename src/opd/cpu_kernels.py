@@ -296,27 +296,42 @@ def _vocab_library() -> ctypes.CDLL | None:
     if lib is None:
         return None
     lib.opd_vocab_terms_forward.restype = None
-    lib.opd_vocab_terms_forward.argtypes = [_P, ctypes.c_int, _P, _P, ctypes.c_int64, ctypes.c_int64, ctypes.c_float,
+    lib.opd_vocab_terms_forward.argtypes = [_P, ctypes.c_int, _P, _P, _P, ctypes.c_int64, ctypes.c_int64, ctypes.c_float,
                                             _P, _P, _P, _P, _P, ctypes.c_int]
     lib.opd_vocab_terms_backward.restype = None
-    lib.opd_vocab_terms_backward.argtypes = [_P, ctypes.c_int, _P, _P, ctypes.c_int64, ctypes.c_int64, ctypes.c_float,
+    lib.opd_vocab_terms_backward.argtypes = [_P, ctypes.c_int, _P, _P, _P, ctypes.c_int64, ctypes.c_int64, ctypes.c_float,
                                              _P, _P, _P, _P, _P, _P, ctypes.c_int]
     lib.opd_log_softmax_rows.restype = None
     lib.opd_log_softmax_rows.argtypes = [_P, ctypes.c_int, _P, ctypes.c_int64, ctypes.c_int64, ctypes.c_float,
-                                         _P, _P, _P, _P, ctypes.c_int]
+                                         _P, _P, _P, _P, _P, ctypes.c_int]
     return lib
 
 
-def vocab_terms_fit(logits: torch.Tensor, teacher: torch.Tensor | None, targets: torch.Tensor) -> bool:
+def _rows_fit(rows: torch.Tensor | None, n: int, limit: int) -> bool:
+    """Row indices the C code may follow: none, or contiguous int64 [n] on the CPU, each in [0, limit)."""
+    if rows is None:
+        return True
+    return (rows.device.type == "cpu" and rows.dtype == torch.int64 and rows.is_contiguous() and rows.shape == (n,)
+            and (n == 0 or (int(rows.min()) >= 0 and int(rows.max()) < limit)))
+
+
+def vocab_terms_fit(logits: torch.Tensor, teacher: torch.Tensor | None, targets: torch.Tensor,
+                    teacher_rows: torch.Tensor | None = None) -> bool:
     """Whether csrc/vocab_terms.c takes these: built here, CPU, contiguous [n, V] bf16 / fp32 logits, fp32 teacher
-    log-probs of the same shape (or none), int64 targets [n] within the vocabulary."""
+    log-probs of the same shape (or none), int64 targets [n] within the vocabulary. With `teacher_rows` [n], row r's
+    teacher log-probs are teacher[teacher_rows[r]] of any contiguous [R, V] block instead."""
     if _vocab_library() is None:
         return False
+    n = logits.shape[0] if logits.dim() == 2 else -1
     ok = (logits.device.type == "cpu" and logits.dim() == 2 and logits.is_contiguous()
           and logits.dtype in (torch.float32, torch.bfloat16) and targets.dtype == torch.int64
-          and targets.is_contiguous() and targets.shape == (logits.shape[0],))
+          and targets.is_contiguous() and targets.shape == (n,))
     if ok and teacher is not None:
-        ok = teacher.dtype == torch.float32 and teacher.is_contiguous() and teacher.shape == logits.shape
+        ok = teacher.dtype == torch.float32 and teacher.device.type == "cpu" and teacher.is_contiguous()
+        if teacher_rows is None:
+            ok = ok and teacher.shape == logits.shape
+        else:
+            ok = ok and teacher.dim() == 2 and teacher.shape[1] == logits.shape[1] and _rows_fit(teacher_rows, n, teacher.shape[0])
     return ok and (targets.numel() == 0 or (int(targets.min()) >= 0 and int(targets.max()) < logits.shape[1]))
 
 
@@ -324,21 +339,27 @@ def _scratch(V: int) -> torch.Tensor:
     return torch.empty(2 * V * max(1, torch.get_num_threads()))
 
 
-def vocab_terms_forward(logits: torch.Tensor, teacher: torch.Tensor | None, targets: torch.Tensor, temperature: float):
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def vocab_terms_forward(logits: torch.Tensor, teacher: torch.Tensor | None, targets: torch.Tensor, temperature: float,
+                        teacher_rows: torch.Tensor | None = None):
     """(token logprob, entropy, KL, log-sum-exp) [n] each of log_softmax(logits / T) (see csrc/vocab_terms.c);
     the caller has checked vocab_terms_fit."""
     n, V = logits.shape
     tok, ent, kl, lse = (torch.empty(n) for _ in range(4))
     scratch = _scratch(V)  # held here: a temporary's memory would be freed before the call
     _vocab_library().opd_vocab_terms_forward(
-        logits.data_ptr(), int(logits.dtype == torch.bfloat16), None if teacher is None else teacher.data_ptr(),
+        logits.data_ptr(), int(logits.dtype == torch.bfloat16), _ptr(teacher), _ptr(teacher_rows),
         targets.data_ptr(), n, V, 1.0 / temperature, tok.data_ptr(), ent.data_ptr(), kl.data_ptr(), lse.data_ptr(),
         scratch.data_ptr(), torch.get_num_threads())
     return tok, ent, kl, lse
 
 
 def vocab_terms_backward(logits: torch.Tensor, teacher: torch.Tensor | None, targets: torch.Tensor, temperature: float,
-                         lse: torch.Tensor, kl: torch.Tensor, g_tok: torch.Tensor, g_kl: torch.Tensor | None) -> torch.Tensor:
+                         lse: torch.Tensor, kl: torch.Tensor, g_tok: torch.Tensor, g_kl: torch.Tensor | None,
+                         teacher_rows: torch.Tensor | None = None) -> torch.Tensor:
     """The gradient of the logits (in their dtype) given the forward's lse and kl and the outputs' gradients."""
     n, V = logits.shape
     grad = torch.empty_like(logits)
@@ -346,24 +367,31 @@ def vocab_terms_backward(logits: torch.Tensor, teacher: torch.Tensor | None, tar
     g_kl = None if g_kl is None else g_kl.float().contiguous()
     scratch = _scratch(V)
     _vocab_library().opd_vocab_terms_backward(
-        logits.data_ptr(), int(logits.dtype == torch.bfloat16), None if teacher is None else teacher.data_ptr(),
+        logits.data_ptr(), int(logits.dtype == torch.bfloat16), _ptr(teacher), _ptr(teacher_rows),
         targets.data_ptr(), n, V, 1.0 / temperature, lse.data_ptr(), kl.data_ptr(), g_tok.data_ptr(),
-        None if g_kl is None else g_kl.data_ptr(), grad.data_ptr(), scratch.data_ptr(), torch.get_num_threads())
+        _ptr(g_kl), grad.data_ptr(), scratch.data_ptr(), torch.get_num_threads())
     return grad
 
 
-def log_softmax_rows(logits: torch.Tensor, targets: torch.Tensor, temperature: float):
+def log_softmax_rows(logits: torch.Tensor, targets: torch.Tensor, temperature: float,
+                     out: torch.Tensor | None = None, out_rows: torch.Tensor | None = None):
     """(token logprob [n], entropy [n], log-probs [n, V] fp32) of log_softmax(logits / T), one C pass a row (the
-    teacher's full distribution); None where vocab_terms_fit says no."""
+    teacher's full distribution); None where vocab_terms_fit says no. With `out` (contiguous fp32 [R, V]) and
+    `out_rows` [n], row r's log-probs go to out[out_rows[r]] and `out` comes back in the third place."""
     if not vocab_terms_fit(logits, None, targets):
         return None
     n, V = logits.shape
-    logp, tok, ent = torch.empty(n, V), torch.empty(n), torch.empty(n)
+    if out is None:
+        out, out_rows = torch.empty(n, V), None
+    elif not (out.dtype == torch.float32 and out.device.type == "cpu" and out.is_contiguous() and out.dim() == 2
+              and out.shape[1] == V and _rows_fit(out_rows, n, out.shape[0]) and (out_rows is not None or out.shape[0] >= n)):
+        return None
+    tok, ent = torch.empty(n), torch.empty(n)
     scratch = torch.empty(V * max(1, torch.get_num_threads()))
     _vocab_library().opd_log_softmax_rows(logits.data_ptr(), int(logits.dtype == torch.bfloat16), targets.data_ptr(),
-                                          n, V, 1.0 / temperature, logp.data_ptr(), tok.data_ptr(), ent.data_ptr(),
-                                          scratch.data_ptr(), torch.get_num_threads())
-    return tok, ent, logp
+                                          n, V, 1.0 / temperature, out.data_ptr(), _ptr(out_rows), tok.data_ptr(),
+                                          ent.data_ptr(), scratch.data_ptr(), torch.get_num_threads())
+    return tok, ent, out
 
 
 # ------------------------------------------------------------------------------------- a no-grad layer's elementwise steps

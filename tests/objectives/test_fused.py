@@ -70,6 +70,72 @@ def test_the_native_vocabulary_terms_take_only_what_they_can_index():
     assert not cpu_kernels.vocab_terms_fit(logits.half(), None, targets)
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_teacher_rows_read_in_place_equal_the_gathered_rows(native, monkeypatch):
+    """token_terms with the teacher's whole [R, V] block and each row's index in it: the values and gradients of
+    passing the gathered rows themselves (what the update did before)."""
+    from opd import cpu_kernels
+
+    if native and cpu_kernels._vocab_library() is None:
+        pytest.skip("csrc/vocab_terms.c needs x86 AVX2 + a C compiler")
+    if not native:
+        monkeypatch.setattr(cpu_kernels, "vocab_terms_fit", lambda *a: False)
+    g = torch.Generator().manual_seed(3)
+    n, R, V = 2 * fused.BLOCK_ROWS + 3, 40, 301
+    block = F.log_softmax(torch.randn(R, V, generator=g) * 2, -1)
+    rows = torch.randperm(R, generator=g)[:n]
+    base = (torch.randn(n, V, generator=g) * 3).to(torch.bfloat16)
+    targets = torch.randint(0, V, (n,), generator=g)
+    g_tok, g_kl = torch.randn(n, generator=g), torch.randn(n, generator=g)
+    results = []
+    for teacher, teacher_rows in ((block[rows].contiguous(), None), (block, rows)):
+        logits = base.clone().requires_grad_()
+        tok, ent, kl = fused.token_terms(logits, teacher, targets, 0.7, teacher_rows)
+        ((tok * g_tok).sum() + (kl * g_kl).sum()).backward()
+        results.append((tok, ent, kl, logits.grad))
+    for want, got in zip(*results):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)  # the same arithmetic on the same rows
+    assert results[0][2].abs().max() > 0
+
+
+def test_the_native_terms_follow_only_row_indices_inside_the_block():
+    from opd import cpu_kernels
+
+    if cpu_kernels._vocab_library() is None:
+        pytest.skip("csrc/vocab_terms.c needs x86 AVX2 + a C compiler")
+    logits, targets, block = torch.randn(3, 10), torch.tensor([0, 3, 9]), torch.randn(8, 10)
+    assert cpu_kernels.vocab_terms_fit(logits, block, targets, torch.tensor([7, 0, 2]))
+    assert not cpu_kernels.vocab_terms_fit(logits, block, targets, torch.tensor([8, 0, 2]))  # past the block
+    assert not cpu_kernels.vocab_terms_fit(logits, block, targets, torch.tensor([-1, 0, 2]))
+    assert not cpu_kernels.vocab_terms_fit(logits, block, targets, torch.tensor([1, 0]))  # one index a row
+    assert not cpu_kernels.vocab_terms_fit(logits, block, targets, torch.tensor([1, 0, 2], dtype=torch.int32))
+    assert not cpu_kernels.vocab_terms_fit(logits, block[:, :9].contiguous(), targets, torch.tensor([1, 0, 2]))
+    assert not cpu_kernels.vocab_terms_fit(logits, block, targets)  # a block of another shape needs its rows
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_the_teachers_log_probs_go_to_the_rows_they_are_given(native, monkeypatch):
+    from opd import cpu_kernels
+
+    if native and cpu_kernels._vocab_library() is None:
+        pytest.skip("csrc/vocab_terms.c needs x86 AVX2 + a C compiler")
+    if not native:
+        monkeypatch.setattr(cpu_kernels, "log_softmax_rows", lambda *a: None)
+    g = torch.Generator().manual_seed(5)
+    logits, targets = torch.randn(5, 301, generator=g) * 3, torch.randint(0, 301, (5,), generator=g)
+    out, rows = torch.full((9, 301), 7.0), torch.tensor([8, 1, 4, 0, 6])
+    tok, ent, got = fused.log_softmax_terms(logits, targets, 0.7, out, rows)
+    assert got is out
+    want_tok, want_ent, want_logp = fused.log_softmax_terms(logits, targets, 0.7)
+    torch.testing.assert_close(out[rows], want_logp, rtol=1e-6, atol=1e-6)
+    assert (out[[2, 3, 5, 7]] == 7.0).all()  # rows not named are left as they were
+    torch.testing.assert_close(tok, want_tok, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ent, want_ent, rtol=1e-6, atol=1e-6)
+    if native:  # a block the rows do not fit is refused (the caller then takes the gathered path)
+        assert cpu_kernels.log_softmax_rows(logits, targets, 0.7, out, torch.tensor([9, 1, 4, 0, 6])) is None
+        assert cpu_kernels.log_softmax_rows(logits, targets, 0.7, out.double(), rows) is None
+
+
 @pytest.fixture
 def batch(student, teacher_model, tokenizer, prompts):
     roll = sample(student, tokenizer, prompts, SamplingParams(max_new_tokens=10, temperature=0.9),

@@ -71,3 +71,27 @@ def test_token_only_scoring_takes_the_fused_pass_and_agrees_with_the_full_one(st
     torch.testing.assert_close(lean.token_logprobs, full.token_logprobs, rtol=0, atol=1e-5)
     torch.testing.assert_close(lean.entropy, full.entropy, rtol=0, atol=1e-5)
     assert lean.full_logprobs is None and torch.equal(lean.scored_mask, roll.completion_mask)
+
+
+def test_the_full_distribution_is_written_in_place_and_equals_the_scattered_one(student, teacher_model, tokenizer,
+                                                                                prompts, monkeypatch):
+    """The full distribution's rows go straight into the [B, T, V] block (padding rows zero), over several batches
+    and chunks; the result equals the log-softmax path's, which gathers [N, V] and scatters it."""
+    from opd.objectives import fused
+
+    roll = sample(student, tokenizer, prompts, SamplingParams(temperature=0.8, max_new_tokens=12),
+                  generator=torch.Generator().manual_seed(5))
+    mask = roll.completion_mask.bool()
+    assert (~mask).any() and mask.any(1).all()  # some rows end early
+    teacher = LocalTeacher(teacher_model, batch_size=2, chunk_size=5)
+    rows_seen = []
+    real = fused.log_softmax_terms
+    monkeypatch.setattr(fused, "log_softmax_terms", lambda *a: rows_seen.append(a[4] if len(a) > 4 else None) or real(*a))
+    got = teacher.score(roll, full=True)
+    assert rows_seen and all(r is not None for r in rows_seen)  # every chunk wrote in place
+    monkeypatch.setattr(fused, "supports", lambda model: False)  # the generic path: gather and scatter
+    want = teacher.score(roll, full=True)
+    torch.testing.assert_close(got.full_logprobs, want.full_logprobs, rtol=0, atol=1e-5)
+    assert (got.full_logprobs[~mask] == 0).all()
+    torch.testing.assert_close(got.token_logprobs, want.token_logprobs, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got.entropy, want.entropy, rtol=0, atol=1e-5)

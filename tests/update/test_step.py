@@ -8,7 +8,7 @@ from opd.feedback import compute_feedback
 from opd.rollout import SamplingParams, sample
 from opd.teacher import LocalTeacher
 from opd.update import make_optimizer, make_scheduler, update_student
-from opd.update.step import sparse_embedding_grad
+from opd.update.step import EmbeddingRowsGrad, embedding_rows_grad
 
 OBJECTIVES = ["pg", "reverse_kl", "gkd", "topk_kl", "hybrid"]
 
@@ -263,37 +263,59 @@ def test_bf16_cpu_update_trains_through_eager_attention_and_restores_the_model(s
     assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.99  # the same step up to bf16 rounding
 
 
-@pytest.mark.parametrize("micro", [0, 2])
-def test_sparse_embedding_gradient_of_a_tied_head_gives_the_dense_step(student, batch, monkeypatch, micro):
+@pytest.mark.parametrize("micro, padding_idx", [(0, None), (2, None), (0, "a prompt token")])
+def test_embedding_rows_gradient_of_a_tied_head_gives_the_dense_step(student, batch, monkeypatch, micro, padding_idx):
     import contextlib
 
     from opd.update import step
 
     roll, scores = batch
     assert student.get_input_embeddings().weight is student.get_output_embeddings().weight  # tied in the built-in student
+    student = copy.deepcopy(student)
+    if padding_idx is not None:  # a token the batch looks up: its row gets no gradient from the lookup, either way
+        student.get_input_embeddings().padding_idx = int(roll.prompt_ids[roll.prompt_mask.bool()][0])
     seen = []
     real = step.student_token_terms
-    monkeypatch.setattr(step, "student_token_terms", lambda m, *a: seen.append(m.get_input_embeddings().sparse) or real(m, *a))
+    monkeypatch.setattr(step, "student_token_terms",
+                        lambda m, *a: seen.append("forward" in vars(m.get_input_embeddings())) or real(m, *a))
     steps = {}
-    for sparse in (False, True):
-        if not sparse:
-            monkeypatch.setattr(step, "sparse_embedding_grad", lambda m: contextlib.nullcontext())
+    for rows in (False, True):
+        if not rows:
+            monkeypatch.setattr(step, "embedding_rows_grad", lambda m: contextlib.nullcontext(EmbeddingRowsGrad(None)))
         else:
-            monkeypatch.setattr(step, "sparse_embedding_grad", sparse_embedding_grad)
-            monkeypatch.setattr(step, "SPARSE_EMBEDDING_MIN_WEIGHTS", 0)  # the built-in student's is below the size
+            monkeypatch.setattr(step, "embedding_rows_grad", embedding_rows_grad)
+            monkeypatch.setattr(step, "EMBEDDING_ROWS_MIN_WEIGHTS", 0)  # the built-in student's is below the size
         model = copy.deepcopy(student)
         run_update(model, roll, scores, "reverse_kl", sgd=True, grad_clip=0, micro_batch_size=micro)
-        assert model.get_input_embeddings().sparse is False  # restored after the update
-        steps[sparse] = params_of(model) - params_of(student)
-    assert seen[0] is False and seen[-1] is True  # the second run's forward did take the sparse embedding backward
+        assert "forward" not in vars(model.get_input_embeddings())  # restored after the update
+        steps[rows] = params_of(model) - params_of(student)
+    assert seen[0] is False and seen[-1] is True  # the second run's forward did take the rows' backward
     torch.testing.assert_close(steps[True], steps[False], rtol=1e-5, atol=1e-6)
     assert steps[True].abs().max() > 0
+
+
+def test_embedding_rows_are_added_into_the_heads_dense_gradient():
+    emb = torch.nn.Embedding(10, 3, padding_idx=1)
+    rows = EmbeddingRowsGrad(emb)
+    ids = torch.tensor([[2, 1, 2], [5, 0, 1]])
+    out = rows.look_up(ids)
+    assert emb.weight.grad is None and out.requires_grad
+    g = torch.arange(18.0).reshape(2, 3, 3)
+    out.backward(g)
+    assert emb.weight.grad is None and len(rows.pending) == 1  # nothing reached the weight through autograd
+    rows.add_to_grad()
+    want = torch.zeros(10, 3)
+    want[2] = g[0, 0] + g[0, 2]  # a repeated id sums its rows
+    want[5], want[0] = g[1, 0], g[1, 1]  # id 1 is padding_idx: no gradient
+    torch.testing.assert_close(emb.weight.grad, want)
+    rows.add_to_grad()  # nothing pending: unchanged
+    torch.testing.assert_close(emb.weight.grad, want)
 
 
 def test_a_small_embedding_keeps_its_dense_backward(student):
     from opd.update import step
 
     emb = student.get_input_embeddings()
-    assert emb.weight.numel() < step.SPARSE_EMBEDDING_MIN_WEIGHTS
-    with step.sparse_embedding_grad(student):
-        assert emb.sparse is False
+    assert emb.weight.numel() < step.EMBEDDING_ROWS_MIN_WEIGHTS
+    with step.embedding_rows_grad(student) as rows:
+        assert rows.emb is None and "forward" not in vars(emb)

@@ -39,6 +39,7 @@ class LocalTeacher:
         topk_lp = torch.full((B, T, k), float("-inf")) if k else None
         full_lp = None
         temp = rollout.temperature  # (T is the completion length here)
+        in_place = False  # full_lp filled row by row by the C pass (below)
         for start in range(0, B, self.batch_size):
             rows = slice(start, min(start + self.batch_size, B))
             cmask = rollout.completion_mask[rows]
@@ -61,7 +62,20 @@ class LocalTeacher:
                 res = per_position(self.model, hidden,
                                    lambda logits, sl: fused.token_terms(logits, None, targets[sl], temp)[:2],
                                    temp, self.chunk_size, raw_logits=True)
-            elif full and not k and fused.supports(self.model):  # the full distribution, its entropy and token
+            elif full and not k and fused.supports(self.model) and targets.device.type == "cpu":
+                # the full distribution, its entropy and token: each real token's log-probs written straight into
+                # the scores' [B, T, V] block (the padding's rows zeroed), not gathered [N, V] and scattered after
+                if full_lp is None:
+                    full_lp = torch.empty((B, T, self.model.get_output_embeddings().weight.shape[0]))
+                    full_lp[~rollout.completion_mask.bool()] = 0.0
+                flat = full_lp.view(B * T, -1)
+                out_rows = torch.nonzero(cmask.bool().reshape(-1))[:, 0] + start * T
+                res = per_position(self.model, hidden,
+                                   lambda logits, sl: fused.log_softmax_terms(logits, targets[sl], temp, flat,
+                                                                              out_rows[sl])[:2],
+                                   temp, self.chunk_size, raw_logits=True)
+                in_place = True
+            elif full and not k and fused.supports(self.model):
                 res = per_position(self.model, hidden,
                                    lambda logits, sl: fused.log_softmax_terms(logits, targets[sl], temp),
                                    temp, self.chunk_size, raw_logits=True)
@@ -74,7 +88,7 @@ class LocalTeacher:
             if k:
                 topk_lp[rows] = scatter_tokens(res[2].cpu(), cmask, fill=float("-inf"))
                 topk_ids[rows] = scatter_tokens(res[3].cpu(), cmask)
-            if full:
+            if full and not in_place:
                 chunk_full = scatter_tokens(res[-1].cpu(), cmask)
                 if rows == slice(0, B):  # the whole batch in one block: no second [B, T, V] copy
                     full_lp = chunk_full

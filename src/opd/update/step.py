@@ -103,30 +103,74 @@ def training_attention(model, rollout: Rollout, autocast: str):
         model.set_attn_implementation("sdpa")
 
 
-# Below this many weights the dense embedding backward's fill and add cost next to nothing, and a sparse gradient's
-# bookkeeping (its index tensor, coalescing it into the dense one) would cost more.
-SPARSE_EMBEDDING_MIN_WEIGHTS = 2**20
+# Below this many weights the dense embedding backward's fill and add cost next to nothing.
+EMBEDDING_ROWS_MIN_WEIGHTS = 2**20
+
+
+class _LookUpRows(torch.autograd.Function):
+    """F.embedding(ids, weight) whose backward hands the looked-up rows' gradient to `rows` (an EmbeddingRowsGrad)
+    instead of returning a gradient for the weight."""
+
+    @staticmethod
+    def forward(ctx, weight, ids, rows):
+        ctx.rows = rows
+        ctx.save_for_backward(ids)
+        return torch.nn.functional.embedding(ids, weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (ids,) = ctx.saved_tensors
+        ctx.rows.pending.append((ids.reshape(-1), grad.reshape(-1, grad.shape[-1])))
+        return None, None, None
+
+
+class EmbeddingRowsGrad:
+    """The input embedding's gradient as its few looked-up rows, added in place into the dense gradient the tied
+    LM head gives the same weight (`add_to_grad`, after each backward pass).
+
+    Why: the dense embedding backward zero-fills and adds a whole [vocab, hidden] tensor (-9% of a bf16 update of
+    the half-depth SmolLM2 student when replaced, bench/NOTES.md session 12), and a sparse gradient (the previous
+    way) is summed with the head's dense one by autograd out of place: one more [vocab, hidden] copy a backward
+    pass (~18 ms at batch 4, session 16). Rows at the embedding's padding_idx get no gradient, as in F.embedding."""
+
+    def __init__(self, emb: torch.nn.Embedding | None):
+        self.emb = emb
+        self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def look_up(self, ids: torch.Tensor) -> torch.Tensor:
+        return _LookUpRows.apply(self.emb.weight, ids, self)
+
+    def add_to_grad(self) -> None:
+        if not self.pending:
+            return
+        w = self.emb.weight
+        if w.grad is None:  # the head took no part in this backward pass
+            w.grad = torch.zeros_like(w)
+        for ids, rows in self.pending:
+            if self.emb.padding_idx is not None:
+                keep = ids != self.emb.padding_idx
+                ids, rows = ids[keep], rows[keep]
+            w.grad.index_add_(0, ids, rows.to(w.grad.dtype))
+        self.pending.clear()
 
 
 @contextlib.contextmanager
-def sparse_embedding_grad(model):
-    """The input embedding's backward as a sparse gradient (its few looked-up rows) where the embedding is tied to
-    the LM head: the head's dense gradient of the shared weight arrives anyway and the rows are added into it,
-    where the dense embedding backward zero-fills and adds a whole [vocab, hidden] tensor (-9% of a bf16 update
-    of the half-depth SmolLM2 student, bench/NOTES.md session 12). The parameter's .grad ends dense either way,
-    as fused AdamW needs (update_student densifies it should the head have taken no part); an untied or small
-    embedding keeps its dense backward."""
+def embedding_rows_grad(model):
+    """EmbeddingRowsGrad for the model's input embedding while the update runs, where that embedding is tied to the
+    LM head and large; otherwise one whose add_to_grad does nothing (the embedding keeps its own backward)."""
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
     tied = (isinstance(emb, torch.nn.Embedding) and head is not None and emb.weight is head.weight
-            and emb.weight.requires_grad and not emb.sparse)
-    if not tied or emb.weight.numel() < SPARSE_EMBEDDING_MIN_WEIGHTS:
-        yield
+            and emb.weight.requires_grad and not emb.sparse and emb.max_norm is None and not emb.scale_grad_by_freq)
+    if not tied or emb.weight.numel() < EMBEDDING_ROWS_MIN_WEIGHTS:
+        yield EmbeddingRowsGrad(None)
         return
-    emb.sparse = True
+    rows = EmbeddingRowsGrad(emb)
+    emb.forward = rows.look_up  # an instance attribute: nn.Module.__call__ finds it before the class's forward
     try:
-        yield
+        yield rows
     finally:
-        emb.sparse = False
+        del emb.forward
+        rows.pending.clear()
 
 
 @dataclass
@@ -149,15 +193,28 @@ def student_token_terms(model, rollout: Rollout, scores: TeacherScores, obj: Obj
     dev = next(model.parameters()).device
     targets = rollout.completion_ids[mask].to(dev)
     hidden = completion_hidden(model, rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.completion_mask)
-    teacher_full = None
-    if obj.name in ("reverse_kl", "gkd"):  # [N, V]; a view where every position is a token (no 50 MB gather)
+    fuse = fused and obj.name in FUSED_OBJECTIVES and fused_terms.supports(model)
+    teacher_full, teacher_rows = None, None  # [N, V]; or the [B x T, V] block and each token's row in it
+    if obj.name in ("reverse_kl", "gkd"):
         full = scores.full_logprobs
-        teacher_full = full.reshape(-1, full.shape[-1]) if bool(mask.all()) else full[mask]
-        teacher_full = teacher_full.to(dev)
-    if fused and obj.name in FUSED_OBJECTIVES and fused_terms.supports(model):
+        flat = full.reshape(-1, full.shape[-1])  # a view: no copy
+        if bool(mask.all()):
+            teacher_full = flat.to(dev)
+        elif fuse:  # the fused terms read each real token's row in place: no gathered ~50 MB copy when a row ends early
+            teacher_full, teacher_rows = flat.to(dev), torch.nonzero(mask.reshape(-1))[:, 0].to(dev)
+        else:
+            teacher_full = full[mask].to(dev)
+    if fuse:
         T = rollout.temperature
-        tok, ent, kl = per_position(model, hidden, lambda logits, sl: fused_terms.token_terms(
-            logits, None if teacher_full is None else teacher_full[sl], targets[sl], T), T, chunk_size, raw_logits=True)
+
+        def terms(logits: torch.Tensor, sl: slice):
+            if teacher_full is None or teacher_rows is not None:
+                teacher, rows = teacher_full, None if teacher_rows is None else teacher_rows[sl]
+            else:
+                teacher, rows = teacher_full[sl], None
+            return fused_terms.token_terms(logits, teacher, targets[sl], T, rows)
+
+        tok, ent, kl = per_position(model, hidden, terms, T, chunk_size, raw_logits=True)
         return TokenTerms(new_logprobs=tok, entropy=ent, distribution_loss=kl if obj.name == "reverse_kl" else None)
     if obj.name == "topk_kl":
         tk_ids, tk_lp = scores.topk_ids[mask].to(dev), scores.topk_logprobs[mask].to(dev)
@@ -208,7 +265,7 @@ def update_student(
     skipped = 0
     # fp32 training: the student's matmuls, forward and backward, through oneDNN where that is the faster kernel
     # (under bf16 autocast they already are).
-    with matmul.onednn_fp32(model, active=train.autocast == "none"), sparse_embedding_grad(model):
+    with matmul.onednn_fp32(model, active=train.autocast == "none"), embedding_rows_grad(model) as embedding_rows:
         for mb in np.array_split(np.arange(B), min(train.updates_per_batch, B)):
             mb_mask = feedback.loss_mask[mb]
             denom = float(mb_mask.sum()) if objective.loss_norm == "token" else float(len(mb))
@@ -228,9 +285,10 @@ def update_student(
                     finite = False
                     break
                 loss.backward()
+                embedding_rows.add_to_grad()
                 acc.add(stats)
             params = [p for p in model.parameters() if p.requires_grad]
-            for p in params:  # sparse_embedding_grad: dense once the head's gradient has been added (always, so far)
+            for p in params:  # fused AdamW needs dense gradients (a model may bring its own sparse embedding)
                 if p.grad is not None and p.grad.is_sparse:
                     p.grad = p.grad.to_dense()
             if dp is not None:  # every rank steps, or none does
