@@ -404,6 +404,10 @@ class _LayerOps:
     rope: ctypes._CFuncPtr
     silu_mul: ctypes._CFuncPtr | None  # None: torch's op (the AVX2 build has none: it ran slower than torch's)
     variant: str  # "avx512_bf16" | "avx2"
+    # bf16 training steps (AVX-512 BF16 build only; None: autograd's torch ops)
+    silu_mul_pair: ctypes._CFuncPtr | None
+    silu_mul_backward: ctypes._CFuncPtr | None
+    rms_norm_backward: ctypes._CFuncPtr | None
     # the fp32 steps (one AVX2 build everywhere: memory-bound)
     rms_norm_f32: ctypes._CFuncPtr
     rope_f32: ctypes._CFuncPtr
@@ -415,7 +419,10 @@ def _layer_ops(lib: ctypes.CDLL, variant: str) -> _LayerOps:
     suffix = "_avx512" if wide else ""
     i64 = ctypes.c_int64
     args = {"rms_norm": [_P, _P, _P, i64, i64, ctypes.c_float, ctypes.c_int],
-            "rope": [_P, i64, i64, i64, i64, _P, _P, _P, ctypes.c_int], "silu_mul": [_P, _P, i64, i64, ctypes.c_int]}
+            "rope": [_P, i64, i64, i64, i64, _P, _P, _P, ctypes.c_int], "silu_mul": [_P, _P, i64, i64, ctypes.c_int],
+            "silu_mul_pair": [_P, _P, _P, i64, i64, ctypes.c_int],
+            "silu_mul_backward": [_P, _P, _P, _P, _P, i64, i64, ctypes.c_int],
+            "rms_norm_backward": [_P, _P, _P, _P, _P, i64, i64, ctypes.c_float, ctypes.c_int]}
 
     def fn(name: str, symbol: str) -> ctypes._CFuncPtr:
         f = getattr(lib, symbol)
@@ -424,6 +431,8 @@ def _layer_ops(lib: ctypes.CDLL, variant: str) -> _LayerOps:
 
     return _LayerOps(fn("rms_norm", f"opd_rms_norm_bf16{suffix}"), fn("rope", f"opd_rope_bf16{suffix}"),
                      fn("silu_mul", "opd_silu_mul_bf16_avx512") if wide else None, variant,
+                     *(fn(name, f"opd_{name}_bf16_avx512") if wide else None
+                       for name in ("silu_mul_pair", "silu_mul_backward", "rms_norm_backward")),
                      *(fn(name, f"opd_{name}_f32") for name in ("rms_norm", "rope", "silu_mul")))
 
 
@@ -487,6 +496,50 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
     y = torch.empty((*gate_up.shape[:-1], inter), dtype=gate_up.dtype)
     fn(gate_up.data_ptr(), y.data_ptr(), gate_up.numel() // (2 * inter), inter, torch.get_num_threads())
     return y
+
+
+# ------------------------------------------------------------------------------------- bf16 training steps
+def bf16_training_ops() -> bool:
+    """Whether csrc/layer_ops.c's bf16 training steps (forward and backward of RMSNorm and SiLU x up) run here: the
+    AVX-512 BF16 build (opd.update.layer_ops uses autograd's torch ops elsewhere)."""
+    ops = _layer_library()
+    return ops is not None and ops.rms_norm_backward is not None
+
+
+def _bf16_cpu(*tensors: torch.Tensor) -> bool:
+    return all(t.dtype == torch.bfloat16 and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+
+
+def silu_mul_pair(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """bf16(bf16(F.silu(gate)) * up) of two contiguous bf16 CPU tensors of one shape (bf16_training_ops())."""
+    assert bf16_training_ops() and _bf16_cpu(gate, up) and gate.shape == up.shape
+    y = torch.empty_like(gate)
+    n = gate.shape[-1]
+    _layer_library().silu_mul_pair(gate.data_ptr(), up.data_ptr(), y.data_ptr(), gate.numel() // max(1, n), n,
+                                   torch.get_num_threads())
+    return y
+
+
+def silu_mul_backward(gate: torch.Tensor, up: torch.Tensor, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d gate, d up) of silu_mul_pair given its output's gradient dy (all contiguous bf16 of one shape)."""
+    assert bf16_training_ops() and _bf16_cpu(gate, up, dy) and gate.shape == up.shape == dy.shape
+    dg, du = torch.empty_like(gate), torch.empty_like(up)
+    n = gate.shape[-1]
+    _layer_library().silu_mul_backward(gate.data_ptr(), up.data_ptr(), dy.data_ptr(), dg.data_ptr(), du.data_ptr(),
+                                       gate.numel() // max(1, n), n, torch.get_num_threads())
+    return dg, du
+
+
+def rms_norm_backward(x: torch.Tensor, weight: torch.Tensor, dy: torch.Tensor,
+                      eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx, d weight) of y = bf16(w * bf16(x * rsqrt(mean(x^2) + eps))) given dy (contiguous bf16; weight [n])."""
+    assert bf16_training_ops() and _bf16_cpu(x, weight, dy) and x.shape == dy.shape and weight.shape == (x.shape[-1],)
+    n, threads = weight.shape[0], torch.get_num_threads()
+    dx = torch.empty_like(x)
+    parts = torch.zeros(max(1, threads), n)  # a part no thread ran for (fewer threads than asked) adds nothing
+    _layer_library().rms_norm_backward(x.data_ptr(), weight.data_ptr(), dy.data_ptr(), dx.data_ptr(), parts.data_ptr(),
+                                       x.numel() // n, n, eps, threads)
+    return dx, parts.sum(0).to(torch.bfloat16)
 
 
 # ------------------------------------------------------------------------------------- causal attention, fp32

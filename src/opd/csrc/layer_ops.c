@@ -145,27 +145,118 @@ BF16_TARGET void opd_rope_bf16_avx512(uint16_t *x, int64_t rows, int64_t stride,
     }
 }
 
+/* y = bf16(bf16(silu(g)) * u) over one row of n values */
+BF16_TARGET static inline void silu_mul_row(const uint16_t *g, const uint16_t *u, uint16_t *y, int64_t n) {
+    const int64_t n16 = n & ~(int64_t)15;
+    const __m512 one = _mm512_set1_ps(1.0f);
+    for (int64_t i = 0; i < n16; i += 16) {
+        const __m512 gv = load16(g + i);
+        /* x / d as x * (1 / d): the division is one instruction in ~10 cycles a lane group, a reciprocal
+         * estimate refined by one Newton step (~23 bits) is three cheap ones */
+        const __m512 d = _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv)));
+        __m512 inv = _mm512_rcp14_ps(d);
+        inv = _mm512_mul_ps(inv, _mm512_fnmadd_ps(d, inv, _mm512_set1_ps(2.0f)));
+        const __m512 silu = round16(_mm512_mul_ps(gv, inv));
+        store16(y + i, _mm512_mul_ps(silu, load16(u + i)));
+    }
+    for (int64_t i = n16; i < n; i++) {
+        const float gv = bf16_to_fp32(g[i]);
+        y[i] = fp32_to_bf16(bf16_to_fp32(fp32_to_bf16(gv / (1.0f + exp_poly(-gv)))) * bf16_to_fp32(u[i]));
+    }
+}
+
 BF16_TARGET void opd_silu_mul_bf16_avx512(const uint16_t *gate_up, uint16_t *y, int64_t rows, int64_t inter,
                                           int threads) {
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t r = 0; r < rows; r++) silu_mul_row(gate_up + r * 2 * inter, gate_up + r * 2 * inter + inter, y + r * inter, inter);
+}
+
+/* ---- bf16 training (opd.update.layer_ops: the update's forward and backward through bf16 weights). The forward
+ * steps above, plus SiLU x up of separate gate and up tensors (HF's MLP makes them with two products), and the
+ * backward passes of both steps in one pass a row each, where autograd replays torch's 6-10 elementwise ops at
+ * bf16's slow CPU rate. Each rounds to bf16 where autograd's ops on bf16 tensors round:
+ *   SiLU x up:  du = bf16(dy * bf16(silu(g)))   dg = bf16(bf16(dy * u) * s (1 + g (1 - s))),  s = sigmoid(g)
+ *   RMSNorm:    with r = rsqrt(mean(x^2) + eps), dyw = bf16(dy * w), s = sum(dyw * x):
+ *               dx = bf16(dyw r - x s r^3 / n)        dw = sum over rows of bf16(dy * bf16(x r)) (fp32 sums) */
+BF16_TARGET void opd_silu_mul_pair_bf16_avx512(const uint16_t *g, const uint16_t *u, uint16_t *y, int64_t rows,
+                                               int64_t inter, int threads) {
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t r = 0; r < rows; r++) silu_mul_row(g + r * inter, u + r * inter, y + r * inter, inter);
+}
+
+BF16_TARGET void opd_silu_mul_backward_bf16_avx512(const uint16_t *g, const uint16_t *u, const uint16_t *dy,
+                                                   uint16_t *dg, uint16_t *du, int64_t rows, int64_t inter,
+                                                   int threads) {
     const int64_t n16 = inter & ~(int64_t)15;
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t r = 0; r < rows; r++) {
-        const uint16_t *g = gate_up + r * 2 * inter, *u = g + inter;
-        uint16_t *yr = y + r * inter;
+        const int64_t o = r * inter;
         const __m512 one = _mm512_set1_ps(1.0f);
         for (int64_t i = 0; i < n16; i += 16) {
-            const __m512 gv = load16(g + i);
-            /* x / d as x * (1 / d): the division is one instruction in ~10 cycles a lane group, a reciprocal
-             * estimate refined by one Newton step (~23 bits) is three cheap ones */
+            const __m512 gv = load16(g + o + i), dyv = load16(dy + o + i);
             const __m512 d = _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv)));
-            __m512 inv = _mm512_rcp14_ps(d);
-            inv = _mm512_mul_ps(inv, _mm512_fnmadd_ps(d, inv, _mm512_set1_ps(2.0f)));
-            const __m512 silu = round16(_mm512_mul_ps(gv, inv));
-            store16(yr + i, _mm512_mul_ps(silu, load16(u + i)));
+            __m512 sig = _mm512_rcp14_ps(d);
+            sig = _mm512_mul_ps(sig, _mm512_fnmadd_ps(d, sig, _mm512_set1_ps(2.0f)));
+            store16(du + o + i, _mm512_mul_ps(dyv, round16(_mm512_mul_ps(gv, sig))));
+            const __m512 dact = round16(_mm512_mul_ps(dyv, load16(u + o + i)));
+            const __m512 dsilu = _mm512_mul_ps(sig, _mm512_fmadd_ps(gv, _mm512_sub_ps(one, sig), one));
+            store16(dg + o + i, _mm512_mul_ps(dact, dsilu));
         }
         for (int64_t i = n16; i < inter; i++) {
-            const float gv = bf16_to_fp32(g[i]);
-            yr[i] = fp32_to_bf16(bf16_to_fp32(fp32_to_bf16(gv / (1.0f + exp_poly(-gv)))) * bf16_to_fp32(u[i]));
+            const float gv = bf16_to_fp32(g[o + i]), dyv = bf16_to_fp32(dy[o + i]);
+            const float sig = 1.0f / (1.0f + exp_poly(-gv));
+            du[o + i] = fp32_to_bf16(dyv * bf16_to_fp32(fp32_to_bf16(gv * sig)));
+            const float dact = bf16_to_fp32(fp32_to_bf16(dyv * bf16_to_fp32(u[o + i])));
+            dg[o + i] = fp32_to_bf16(dact * (sig * (1.0f + gv * (1.0f - sig))));
+        }
+    }
+}
+
+/* dw_parts: threads x n floats, each thread's sums over its rows (the caller adds them and rounds once) */
+BF16_TARGET void opd_rms_norm_backward_bf16_avx512(const uint16_t *x, const uint16_t *w, const uint16_t *dy,
+                                                   uint16_t *dx, float *dw_parts, int64_t rows, int64_t n, float eps,
+                                                   int threads) {
+    const int64_t n16 = n & ~(int64_t)15;
+    #pragma omp parallel num_threads(threads)
+    {
+        float *dw = thread_part(dw_parts, n * (int64_t)sizeof(float));
+        for (int64_t i = 0; i < n; i++) dw[i] = 0.0f;
+        #pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; r++) {
+            const uint16_t *xr = x + r * n, *dyr = dy + r * n;
+            uint16_t *dxr = dx + r * n;
+            __m512 acc = _mm512_setzero_ps();
+            for (int64_t i = 0; i < n16; i += 16) {
+                const __m512 v = load16(xr + i);
+                acc = _mm512_fmadd_ps(v, v, acc);
+            }
+            float ss = _mm512_reduce_add_ps(acc);
+            for (int64_t i = n16; i < n; i++) ss += bf16_to_fp32(xr[i]) * bf16_to_fp32(xr[i]);
+            const float inv = 1.0f / sqrtf(ss / (float)n + eps);
+            const __m512 vinv = _mm512_set1_ps(inv);
+            __m512 sacc = _mm512_setzero_ps();
+            for (int64_t i = 0; i < n16; i += 16) {
+                const __m512 xv = load16(xr + i), dyv = load16(dyr + i);
+                sacc = _mm512_fmadd_ps(round16(_mm512_mul_ps(dyv, load16(w + i))), xv, sacc);
+                const __m512 prod = round16(_mm512_mul_ps(dyv, round16(_mm512_mul_ps(xv, vinv))));
+                _mm512_storeu_ps(dw + i, _mm512_add_ps(_mm512_loadu_ps(dw + i), prod));
+            }
+            float s = _mm512_reduce_add_ps(sacc);
+            for (int64_t i = n16; i < n; i++) {
+                const float xv = bf16_to_fp32(xr[i]), dyv = bf16_to_fp32(dyr[i]);
+                s += bf16_to_fp32(fp32_to_bf16(dyv * bf16_to_fp32(w[i]))) * xv;
+                dw[i] += bf16_to_fp32(fp32_to_bf16(dyv * bf16_to_fp32(fp32_to_bf16(xv * inv))));
+            }
+            const float c = -s * inv * inv * inv / (float)n;
+            const __m512 vc = _mm512_set1_ps(c);
+            for (int64_t i = 0; i < n16; i += 16) {
+                const __m512 dyw = round16(_mm512_mul_ps(load16(dyr + i), load16(w + i)));
+                store16(dxr + i, _mm512_fmadd_ps(load16(xr + i), vc, _mm512_mul_ps(dyw, vinv)));
+            }
+            for (int64_t i = n16; i < n; i++) {
+                const float dyw = bf16_to_fp32(fp32_to_bf16(bf16_to_fp32(dyr[i]) * bf16_to_fp32(w[i])));
+                dxr[i] = fp32_to_bf16(dyw * inv + bf16_to_fp32(xr[i]) * c);
+            }
         }
     }
 }

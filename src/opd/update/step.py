@@ -24,6 +24,7 @@ from opd.objectives import fused as fused_terms
 from opd.objectives import generalized_jsd, kl_to_reference, pg_loss, reverse_kl, topk_kl
 from opd.types import TEACHER_WRITTEN, Feedback, Rollout, TeacherScores
 from opd.update.bf16 import MasterAdamW, grad_norm
+from opd.update.layer_ops import layer_ops
 
 PG_FAMILY = ("pg", "hybrid")
 
@@ -264,8 +265,9 @@ def update_student(
     acc = _Accumulator()
     skipped = 0
     # fp32 training: the student's matmuls, forward and backward, through oneDNN where that is the faster kernel
-    # (under bf16 autocast they already are).
-    with matmul.onednn_fp32(model, active=train.autocast == "none"), embedding_rows_grad(model) as embedding_rows:
+    # (under bf16 autocast they already are); bf16 weights: the norms and SiLU x up in C (opd.update.layer_ops).
+    with (matmul.onednn_fp32(model, active=train.autocast == "none"), embedding_rows_grad(model) as embedding_rows,
+          layer_ops(model)):
         for mb in np.array_split(np.arange(B), min(train.updates_per_batch, B)):
             mb_mask = feedback.loss_mask[mb]
             denom = float(mb_mask.sum()) if objective.loss_norm == "token" else float(len(mb))
