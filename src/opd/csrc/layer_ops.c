@@ -101,6 +101,19 @@ BF16_TARGET static inline __m512 round16(__m512 x) {  /* to bf16 and back */
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(x)), 16));
 }
 
+/* 1 / sqrt(mean(x^2) + eps) of one bf16 row (the forward's and the backward's scale) */
+BF16_TARGET static inline float inv_rms16(const uint16_t *xr, int64_t n, float eps) {
+    const int64_t n16 = n & ~(int64_t)15;
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n16; i += 16) {
+        const __m512 v = load16(xr + i);
+        acc = _mm512_fmadd_ps(v, v, acc);
+    }
+    float ss = _mm512_reduce_add_ps(acc);
+    for (int64_t i = n16; i < n; i++) ss += bf16_to_fp32(xr[i]) * bf16_to_fp32(xr[i]);
+    return 1.0f / sqrtf(ss / (float)n + eps);
+}
+
 BF16_TARGET void opd_rms_norm_bf16_avx512(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t rows, int64_t n,
                                           float eps, int threads) {
     const int64_t n16 = n & ~(int64_t)15;
@@ -108,14 +121,7 @@ BF16_TARGET void opd_rms_norm_bf16_avx512(const uint16_t *x, const uint16_t *w, 
     for (int64_t r = 0; r < rows; r++) {
         const uint16_t *xr = x + r * n;
         uint16_t *yr = y + r * n;
-        __m512 acc = _mm512_setzero_ps();
-        for (int64_t i = 0; i < n16; i += 16) {
-            const __m512 v = load16(xr + i);
-            acc = _mm512_fmadd_ps(v, v, acc);
-        }
-        float ss = _mm512_reduce_add_ps(acc);
-        for (int64_t i = n16; i < n; i++) ss += bf16_to_fp32(xr[i]) * bf16_to_fp32(xr[i]);
-        const float inv = 1.0f / sqrtf(ss / (float)n + eps);
+        const float inv = inv_rms16(xr, n, eps);
         const __m512 vinv = _mm512_set1_ps(inv);
         for (int64_t i = 0; i < n16; i += 16)
             store16(yr + i, _mm512_mul_ps(load16(w + i), round16(_mm512_mul_ps(load16(xr + i), vinv))));
@@ -225,14 +231,7 @@ BF16_TARGET void opd_rms_norm_backward_bf16_avx512(const uint16_t *x, const uint
         for (int64_t r = 0; r < rows; r++) {
             const uint16_t *xr = x + r * n, *dyr = dy + r * n;
             uint16_t *dxr = dx + r * n;
-            __m512 acc = _mm512_setzero_ps();
-            for (int64_t i = 0; i < n16; i += 16) {
-                const __m512 v = load16(xr + i);
-                acc = _mm512_fmadd_ps(v, v, acc);
-            }
-            float ss = _mm512_reduce_add_ps(acc);
-            for (int64_t i = n16; i < n; i++) ss += bf16_to_fp32(xr[i]) * bf16_to_fp32(xr[i]);
-            const float inv = 1.0f / sqrtf(ss / (float)n + eps);
+            const float inv = inv_rms16(xr, n, eps);
             const __m512 vinv = _mm512_set1_ps(inv);
             __m512 sacc = _mm512_setzero_ps();
             for (int64_t i = 0; i < n16; i += 16) {
