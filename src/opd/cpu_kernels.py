@@ -304,7 +304,23 @@ def _vocab_library() -> ctypes.CDLL | None:
     lib.opd_log_softmax_rows.restype = None
     lib.opd_log_softmax_rows.argtypes = [_P, ctypes.c_int, _P, ctypes.c_int64, ctypes.c_int64, ctypes.c_float,
                                          _P, _P, _P, _P, _P, ctypes.c_int]
+    lib.opd_vocab_terms_set_wide.restype, lib.opd_vocab_terms_set_wide.argtypes = None, [ctypes.c_int]
+    lib.opd_vocab_terms_wide.restype, lib.opd_vocab_terms_wide.argtypes = ctypes.c_int, []
+    lib.opd_vocab_terms_set_wide(int("avx512f" in matmul.cpu_flags()))  # the exp-bound loops 16 lanes wide
     return lib
+
+
+def vocab_terms_wide(on: bool | None = None) -> bool:
+    """Whether csrc/vocab_terms.c runs its AVX-512F loops (the default where the CPU has AVX-512F); `on` switches
+    them (the tests run both). False where the library is not built."""
+    lib = _vocab_library()
+    if lib is None:
+        return False
+    if on is not None:
+        if on and "avx512f" not in matmul.cpu_flags():
+            raise RuntimeError("vocab_terms_wide(True): this CPU has no AVX-512F")
+        lib.opd_vocab_terms_set_wide(int(on))
+    return bool(lib.opd_vocab_terms_wide())
 
 
 def _rows_fit(rows: torch.Tensor | None, n: int, limit: int) -> bool:

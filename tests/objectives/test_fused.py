@@ -136,6 +136,39 @@ def test_the_teachers_log_probs_go_to_the_rows_they_are_given(native, monkeypatc
         assert cpu_kernels.log_softmax_rows(logits, targets, 0.7, out.double(), rows) is None
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_wide_and_narrow_loops_give_the_same_terms(dtype):
+    """csrc/vocab_terms.c's AVX-512F loops (16 lanes) and its AVX2 ones (8): the same values and gradients up to the
+    order of the sums, for the update's terms and the teacher's log-probs; V with a tail past both widths."""
+    from opd import cpu_kernels
+
+    if cpu_kernels._vocab_library() is None or "avx512f" not in cpu_kernels.matmul.cpu_flags():
+        pytest.skip("needs csrc/vocab_terms.c and an AVX-512F CPU")
+    g = torch.Generator().manual_seed(7)
+    n, V = 11, 16 * 20 + 5
+    base = (torch.randn(n, V, generator=g) * 3).to(dtype)
+    teacher = F.log_softmax(torch.randn(n, V, generator=g) * 2, -1)
+    targets = torch.randint(0, V, (n,), generator=g)
+    g_tok, g_kl = torch.randn(n, generator=g), torch.randn(n, generator=g)
+    before = cpu_kernels.vocab_terms_wide()
+    results = []
+    try:
+        for wide in (False, True):
+            assert cpu_kernels.vocab_terms_wide(wide) is wide
+            outs = []
+            for t in (teacher, None):
+                logits = base.clone().requires_grad_()
+                tok, ent, kl = fused.token_terms(logits, t, targets, 0.7)
+                ((tok * g_tok).sum() + (kl * g_kl).sum()).backward()
+                outs += [tok, ent, kl, logits.grad.float()]
+            outs += list(fused.log_softmax_terms(base, targets, 0.7))
+            results.append(outs)
+    finally:
+        cpu_kernels.vocab_terms_wide(before)
+    for narrow, wide in zip(*results):
+        torch.testing.assert_close(wide, narrow, rtol=1e-5, atol=1e-5 if dtype == torch.float32 else 1e-2)
+
+
 @pytest.fixture
 def batch(student, teacher_model, tokenizer, prompts):
     roll = sample(student, tokenizer, prompts, SamplingParams(max_new_tokens=10, temperature=0.9),

@@ -29,8 +29,71 @@ static void load_row(const void *logits, int bf16, int64_t row, int64_t V, float
     }
 }
 
+/* ---- AVX-512F versions of the exp-bound loops (16 lanes where the AVX2 build has 8), chosen at run time
+ * (opd_vocab_terms_set_wide, from opd.cpu_kernels where the CPU has AVX-512F): the same formulas, the sums in
+ * another order (results within fp32 rounding of the AVX2 build's) */
+#define WIDE __attribute__((target("avx512f")))
+static int wide = 0;
+
+void opd_vocab_terms_set_wide(int on) { wide = on; }
+int opd_vocab_terms_wide(void) { return wide; }
+
+WIDE static float normalise16(float *z, float *p, int64_t V) {
+    const int64_t V16 = V & ~(int64_t)15;
+    __m512 mv = _mm512_set1_ps(-INFINITY);
+    for (int64_t i = 0; i < V16; i += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(z + i));
+    float m = _mm512_reduce_max_ps(mv);
+    for (int64_t i = V16; i < V; i++) m = z[i] > m ? z[i] : m;
+    __m512 acc = _mm512_setzero_ps();
+    const __m512 vm = _mm512_set1_ps(m);
+    for (int64_t i = 0; i < V16; i += 16) {
+        const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(z + i), vm));
+        _mm512_storeu_ps(p + i, e);
+        acc = _mm512_add_ps(acc, e);
+    }
+    float s = _mm512_reduce_add_ps(acc);
+    for (int64_t i = V16; i < V; i++) {
+        p[i] = exp_poly(z[i] - m);
+        s += p[i];
+    }
+    const float log_s = logf(s), inv_s = 1.0f / s;
+    const __m512 vl = _mm512_set1_ps(log_s), vi = _mm512_set1_ps(inv_s);
+    for (int64_t i = 0; i < V16; i += 16) {
+        _mm512_storeu_ps(z + i, _mm512_sub_ps(_mm512_sub_ps(_mm512_loadu_ps(z + i), vm), vl));
+        _mm512_storeu_ps(p + i, _mm512_mul_ps(_mm512_loadu_ps(p + i), vi));
+    }
+    for (int64_t i = V16; i < V; i++) {
+        z[i] = (z[i] - m) - log_s;
+        p[i] *= inv_s;
+    }
+    return m + log_s;
+}
+
+/* the backward's row: g holds z on entry, g_z / ... (before the 1 / T and the target's + g_tok) on return */
+WIDE static void backward_row16(float *g, const float *t, int64_t V, float l, float gt, float gk, float k) {
+    const int64_t V16 = V & ~(int64_t)15;
+    const __m512 vl = _mm512_set1_ps(l), vgt = _mm512_set1_ps(gt), vgk = _mm512_set1_ps(gk), vk = _mm512_set1_ps(k);
+    if (t) {
+        for (int64_t i = 0; i < V16; i += 16) {
+            const __m512 logp = _mm512_sub_ps(_mm512_loadu_ps(g + i), vl);
+            const __m512 d = _mm512_sub_ps(_mm512_sub_ps(logp, _mm512_loadu_ps(t + i)), vk);
+            _mm512_storeu_ps(g + i, _mm512_mul_ps(_mm512_fmsub_ps(vgk, d, vgt), exp16(logp)));
+        }
+        for (int64_t i = V16; i < V; i++) {
+            const float logp = g[i] - l;
+            g[i] = (gk * ((logp - t[i]) - k) - gt) * exp_poly(logp);
+        }
+    } else {
+        const __m512 neg = _mm512_set1_ps(-gt);
+        for (int64_t i = 0; i < V16; i += 16)
+            _mm512_storeu_ps(g + i, _mm512_mul_ps(neg, exp16(_mm512_sub_ps(_mm512_loadu_ps(g + i), vl))));
+        for (int64_t i = V16; i < V; i++) g[i] = -gt * exp_poly(g[i] - l);
+    }
+}
+
 /* z -> logp = z - lse in place, e -> p; returns lse */
 static float normalise(float *z, float *p, int64_t V) {
+    if (wide) return normalise16(z, p, V);
     float m = -INFINITY;
     #pragma omp simd reduction(max : m)
     for (int64_t i = 0; i < V; i++) m = z[i] > m ? z[i] : m;
@@ -99,7 +162,9 @@ void opd_vocab_terms_backward(const void *logits, int bf16, const float *teacher
             const float *t = teacher ? teacher + (teacher_rows ? teacher_rows[r] : r) * V : NULL;
             const int64_t V8 = V & ~(int64_t)7;
             const __m256 vl = _mm256_set1_ps(l), vgt = _mm256_set1_ps(gt), vgk = _mm256_set1_ps(gk), vk = _mm256_set1_ps(k);
-            if (t) {
+            if (wide) {
+                backward_row16(g, t, V, l, gt, gk, k);
+            } else if (t) {
                 for (int64_t i = 0; i < V8; i += 8) {
                     const __m256 logp = _mm256_sub_ps(_mm256_loadu_ps(g + i), vl);
                     const __m256 d = _mm256_sub_ps(_mm256_sub_ps(logp, _mm256_loadu_ps(t + i)), vk);
