@@ -108,3 +108,11 @@ def test_fp32_models_keep_their_modules_forward(student):
     with layer_ops(model):
         got = model(input_ids=x).logits
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@needs_build
+def test_a_frozen_norm_weight_gets_no_gradient():
+    norm = LlamaRMSNorm(32).to(torch.bfloat16).requires_grad_(False)
+    x = torch.randn(2, 3, 32).to(torch.bfloat16).requires_grad_()
+    RMSNormBF16.apply(x, norm.weight, 1e-6).float().sum().backward()
+    assert x.grad is not None and norm.weight.grad is None

@@ -33,7 +33,7 @@ class RMSNormBF16(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight = ctx.saved_tensors
         dx, dw = cpu_kernels.rms_norm_backward(x, weight, dy.contiguous(), ctx.eps)
-        return dx, dw, None
+        return dx, dw if ctx.needs_input_grad[1] else None, None  # a frozen norm (LoRA) gets none
 
 
 class SiluMulBF16(torch.autograd.Function):
