@@ -69,7 +69,7 @@ WIDE static float normalise16(float *z, float *p, int64_t V) {
     return m + log_s;
 }
 
-/* the backward's row: g holds z on entry, g_z / ... (before the 1 / T and the target's + g_tok) on return */
+/* backward_row8 (below) in 16 lanes */
 WIDE static void backward_row16(float *g, const float *t, int64_t V, float l, float gt, float gk, float k) {
     const int64_t V16 = V & ~(int64_t)15;
     const __m512 vl = _mm512_set1_ps(l), vgt = _mm512_set1_ps(gt), vgk = _mm512_set1_ps(gk), vk = _mm512_set1_ps(k);
@@ -149,6 +149,28 @@ void opd_vocab_terms_forward(const void *logits, int bf16, const float *teacher,
     }
 }
 
+/* the backward's row in 8 lanes (AVX2): g holds z on entry, dz before the 1 / T and the target's + g_tok on return */
+static void backward_row8(float *g, const float *t, int64_t V, float l, float gt, float gk, float k) {
+    const int64_t V8 = V & ~(int64_t)7;
+    const __m256 vl = _mm256_set1_ps(l), vgt = _mm256_set1_ps(gt), vgk = _mm256_set1_ps(gk), vk = _mm256_set1_ps(k);
+    if (t) {
+        for (int64_t i = 0; i < V8; i += 8) {
+            const __m256 logp = _mm256_sub_ps(_mm256_loadu_ps(g + i), vl);
+            const __m256 d = _mm256_sub_ps(_mm256_sub_ps(logp, _mm256_loadu_ps(t + i)), vk);
+            _mm256_storeu_ps(g + i, _mm256_mul_ps(_mm256_fmsub_ps(vgk, d, vgt), exp8(logp)));
+        }
+        for (int64_t i = V8; i < V; i++) {
+            const float logp = g[i] - l;
+            g[i] = (gk * ((logp - t[i]) - k) - gt) * exp_poly(logp);
+        }
+    } else {
+        const __m256 neg = _mm256_set1_ps(-gt);
+        for (int64_t i = 0; i < V8; i += 8)
+            _mm256_storeu_ps(g + i, _mm256_mul_ps(neg, exp8(_mm256_sub_ps(_mm256_loadu_ps(g + i), vl))));
+        for (int64_t i = V8; i < V; i++) g[i] = -gt * exp_poly(g[i] - l);
+    }
+}
+
 void opd_vocab_terms_backward(const void *logits, int bf16, const float *teacher, const int64_t *teacher_rows,
                               const int64_t *targets, int64_t n, int64_t V, float inv_t, const float *lse, const float *kl, const float *g_tok,
                               const float *g_kl, void *grad, float *scratch, int threads) {
@@ -160,26 +182,10 @@ void opd_vocab_terms_backward(const void *logits, int bf16, const float *teacher
             load_row(logits, bf16, r, V, inv_t, g);
             const float l = lse[r], gt = g_tok[r], gk = g_kl ? g_kl[r] : 0.0f, k = kl[r];
             const float *t = teacher ? teacher + (teacher_rows ? teacher_rows[r] : r) * V : NULL;
-            const int64_t V8 = V & ~(int64_t)7;
-            const __m256 vl = _mm256_set1_ps(l), vgt = _mm256_set1_ps(gt), vgk = _mm256_set1_ps(gk), vk = _mm256_set1_ps(k);
-            if (wide) {
+            if (wide)
                 backward_row16(g, t, V, l, gt, gk, k);
-            } else if (t) {
-                for (int64_t i = 0; i < V8; i += 8) {
-                    const __m256 logp = _mm256_sub_ps(_mm256_loadu_ps(g + i), vl);
-                    const __m256 d = _mm256_sub_ps(_mm256_sub_ps(logp, _mm256_loadu_ps(t + i)), vk);
-                    _mm256_storeu_ps(g + i, _mm256_mul_ps(_mm256_fmsub_ps(vgk, d, vgt), exp8(logp)));
-                }
-                for (int64_t i = V8; i < V; i++) {
-                    const float logp = g[i] - l;
-                    g[i] = (gk * ((logp - t[i]) - k) - gt) * exp_poly(logp);
-                }
-            } else {
-                const __m256 neg = _mm256_set1_ps(-gt);
-                for (int64_t i = 0; i < V8; i += 8)
-                    _mm256_storeu_ps(g + i, _mm256_mul_ps(neg, exp8(_mm256_sub_ps(_mm256_loadu_ps(g + i), vl))));
-                for (int64_t i = V8; i < V; i++) g[i] = -gt * exp_poly(g[i] - l);
-            }
+            else
+                backward_row8(g, t, V, l, gt, gk, k);
             g[targets[r]] += gt;
             if (bf16) {
                 uint16_t *out = (uint16_t *)grad + r * V;
