@@ -394,14 +394,13 @@ def log_softmax_rows(logits: torch.Tensor, targets: torch.Tensor, temperature: f
     """(token logprob [n], entropy [n], log-probs [n, V] fp32) of log_softmax(logits / T), one C pass a row (the
     teacher's full distribution); None where vocab_terms_fit says no. With `out` (contiguous fp32 [R, V]) and
     `out_rows` [n], row r's log-probs go to out[out_rows[r]] and `out` comes back in the third place."""
-    if not vocab_terms_fit(logits, None, targets):
+    if out is None:
+        out_rows = None
+    if not vocab_terms_fit(logits, out, targets, out_rows):  # `out` takes the same checks as a teacher block
         return None
     n, V = logits.shape
     if out is None:
-        out, out_rows = torch.empty(n, V), None
-    elif not (out.dtype == torch.float32 and out.device.type == "cpu" and out.is_contiguous() and out.dim() == 2
-              and out.shape[1] == V and _rows_fit(out_rows, n, out.shape[0]) and (out_rows is not None or out.shape[0] >= n)):
-        return None
+        out = torch.empty(n, V)
     tok, ent = torch.empty(n), torch.empty(n)
     scratch = torch.empty(V * max(1, torch.get_num_threads()))
     _vocab_library().opd_log_softmax_rows(logits.data_ptr(), int(logits.dtype == torch.bfloat16), targets.data_ptr(),
@@ -522,13 +521,14 @@ def bf16_training_ops() -> bool:
     return ops is not None and ops.rms_norm_backward is not None
 
 
-def _bf16_cpu(*tensors: torch.Tensor) -> bool:
+def bf16_cpu(*tensors: torch.Tensor) -> bool:
+    """Whether these are all contiguous bf16 CPU tensors (what the bf16 training steps take)."""
     return all(t.dtype == torch.bfloat16 and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
 
 
 def silu_mul_pair(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """bf16(bf16(F.silu(gate)) * up) of two contiguous bf16 CPU tensors of one shape (bf16_training_ops())."""
-    assert bf16_training_ops() and _bf16_cpu(gate, up) and gate.shape == up.shape
+    assert bf16_training_ops() and bf16_cpu(gate, up) and gate.shape == up.shape
     y = torch.empty_like(gate)
     n = gate.shape[-1]
     _layer_library().silu_mul_pair(gate.data_ptr(), up.data_ptr(), y.data_ptr(), gate.numel() // max(1, n), n,
@@ -538,7 +538,7 @@ def silu_mul_pair(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 def silu_mul_backward(gate: torch.Tensor, up: torch.Tensor, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(d gate, d up) of silu_mul_pair given its output's gradient dy (all contiguous bf16 of one shape)."""
-    assert bf16_training_ops() and _bf16_cpu(gate, up, dy) and gate.shape == up.shape == dy.shape
+    assert bf16_training_ops() and bf16_cpu(gate, up, dy) and gate.shape == up.shape == dy.shape
     dg, du = torch.empty_like(gate), torch.empty_like(up)
     n = gate.shape[-1]
     _layer_library().silu_mul_backward(gate.data_ptr(), up.data_ptr(), dy.data_ptr(), dg.data_ptr(), du.data_ptr(),
@@ -549,7 +549,7 @@ def silu_mul_backward(gate: torch.Tensor, up: torch.Tensor, dy: torch.Tensor) ->
 def rms_norm_backward(x: torch.Tensor, weight: torch.Tensor, dy: torch.Tensor,
                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx, d weight) of y = bf16(w * bf16(x * rsqrt(mean(x^2) + eps))) given dy (contiguous bf16; weight [n])."""
-    assert bf16_training_ops() and _bf16_cpu(x, weight, dy) and x.shape == dy.shape and weight.shape == (x.shape[-1],)
+    assert bf16_training_ops() and bf16_cpu(x, weight, dy) and x.shape == dy.shape and weight.shape == (x.shape[-1],)
     n, threads = weight.shape[0], torch.get_num_threads()
     dx = torch.empty_like(x)
     parts = torch.zeros(max(1, threads), n)  # a part no thread ran for (fewer threads than asked) adds nothing

@@ -50,13 +50,9 @@ class SiluMulBF16(torch.autograd.Function):
         return cpu_kernels.silu_mul_backward(gate, up, dy.contiguous())
 
 
-def _fits(*tensors: torch.Tensor) -> bool:
-    return all(t.dtype == torch.bfloat16 and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
-
-
 def _norm_forward(norm: LlamaRMSNorm):
     def forward(x: torch.Tensor) -> torch.Tensor:
-        if _fits(x, norm.weight) and x.shape[-1] == norm.weight.shape[0]:
+        if cpu_kernels.bf16_cpu(x, norm.weight) and x.shape[-1] == norm.weight.shape[0]:
             return RMSNormBF16.apply(x, norm.weight, norm.variance_epsilon)
         return LlamaRMSNorm.forward(norm, x)
     return forward
@@ -65,7 +61,7 @@ def _norm_forward(norm: LlamaRMSNorm):
 def _mlp_forward(mlp: LlamaMLP):
     def forward(x: torch.Tensor) -> torch.Tensor:
         gate, up = mlp.gate_proj(x), mlp.up_proj(x)
-        if _fits(gate, up) and gate.shape == up.shape:
+        if cpu_kernels.bf16_cpu(gate, up) and gate.shape == up.shape:
             return mlp.down_proj(SiluMulBF16.apply(gate, up))
         return mlp.down_proj(mlp.act_fn(gate) * up)
     return forward

@@ -209,11 +209,9 @@ def student_token_terms(model, rollout: Rollout, scores: TeacherScores, obj: Obj
         T = rollout.temperature
 
         def terms(logits: torch.Tensor, sl: slice):
-            if teacher_full is None or teacher_rows is not None:
-                teacher, rows = teacher_full, None if teacher_rows is None else teacher_rows[sl]
-            else:
-                teacher, rows = teacher_full[sl], None
-            return fused_terms.token_terms(logits, teacher, targets[sl], T, rows)
+            if teacher_rows is not None:  # the whole block, and this chunk's rows in it
+                return fused_terms.token_terms(logits, teacher_full, targets[sl], T, teacher_rows[sl])
+            return fused_terms.token_terms(logits, None if teacher_full is None else teacher_full[sl], targets[sl], T)
 
         tok, ent, kl = per_position(model, hidden, terms, T, chunk_size, raw_logits=True)
         return TokenTerms(new_logprobs=tok, entropy=ent, distribution_loss=kl if obj.name == "reverse_kl" else None)
