@@ -62,6 +62,35 @@ def test_the_vnni_builds_two_loops_each_within_the_bound(B, N, K, loop):
 
 
 @needs_kernel
+@pytest.mark.skipif(not cpu_kernels.AMX_FLAGS <= FLAGS, reason="no AMX int8 on this CPU")
+def test_the_tile_units_crossover_is_timed_or_set(fresh_kernel):
+    """From how many rows the products run on the tile unit: timed at load (1-8), or OPD_AMX_MIN_ROWS; and the
+    entry point follows it (a product of 4 rows gives the tile loop's bits at a crossover of 1, the vector loop's
+    at 8)."""
+    timed = cpu_kernels.amx_min_rows()
+    assert timed is not None and 1 <= timed <= cpu_kernels.AMX_MAX_TIMED_ROWS
+    g = torch.Generator().manual_seed(5)
+    x, q = torch.randn(4, 576, generator=g), torch.randint(-127, 128, (960, 576), generator=g, dtype=torch.int8)
+    scale = torch.rand(960, generator=g)
+    lib = cpu_kernels._library().lib
+    loops = {}
+    for name in ("amx", "vnni_loop"):
+        loops[name] = torch.empty(4, 960)
+        getattr(lib, f"opd_int8_gemv_{name}")(x.data_ptr(), 4, q.data_ptr(), scale.data_ptr(), loops[name].data_ptr(),
+                                              960, 576, 1)
+    assert not torch.equal(loops["amx"], loops["vnni_loop"])  # the two loops round differently
+    for rows, loop in ((1, "amx"), (8, "vnni_loop")):
+        cpu_kernels._library.cache_clear()
+        fresh_kernel.setenv("OPD_AMX_MIN_ROWS", str(rows))
+        assert cpu_kernels.amx_min_rows() == rows
+        assert torch.equal(cpu_kernels.int8_gemv(x, q, scale), loops[loop])
+    cpu_kernels._library.cache_clear()
+    fresh_kernel.setenv("OPD_AMX_MIN_ROWS", "four")
+    with pytest.raises(ValueError, match="OPD_AMX_MIN_ROWS='four': expected a whole number of rows, at least 1"):
+        cpu_kernels.variant()
+
+
+@needs_kernel
 @pytest.mark.parametrize("K", [8192, 9000])
 @pytest.mark.parametrize("B", [2, 8])
 def test_long_rows_of_extreme_values_do_not_overflow(B, K):

@@ -128,6 +128,29 @@ def test_left_aligned_rows_hold_each_sequence_from_position_zero(tokenizer, prom
     assert left_aligned(p_ids, empty, comp, cmask) is None
 
 
+def test_rows_padded_to_a_multiple_of_positions_give_the_same_states(student, tokenizer, prompts, monkeypatch):
+    """matmul.position_multiple pads the left-aligned rows (bf16 on AMX CPUs): the same ids in front, padding
+    after, and the same completion states (causal attention: no real position sees the padding)."""
+    from opd import matmul
+    from opd.logprobs import completion_hidden, left_aligned
+
+    batch = _ragged_batch(tokenizer, prompts[:3], [4, 1, 6])
+    ids, rows, at = left_aligned(*batch)
+    padded, rows16, at16 = left_aligned(*batch, multiple=16)
+    assert padded.shape[1] % 16 == 0 and padded.shape[1] > ids.shape[1]
+    assert torch.equal(padded[:, : ids.shape[1]], ids) and torch.equal(rows16, rows) and torch.equal(at16, at)
+    assert left_aligned(*batch, multiple=16, most=ids.shape[1] + 1)[0].shape == ids.shape  # not past the model's limit
+    with torch.no_grad():
+        want = completion_hidden(student, *batch)
+        monkeypatch.setattr(matmul, "position_multiple", lambda param: 16)
+        torch.testing.assert_close(completion_hidden(student, *batch), want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(completion_hidden(student, *batch, fast=False), want, rtol=1e-5, atol=1e-5)
+    monkeypatch.undo()
+    bf16 = torch.zeros(1, dtype=torch.bfloat16)
+    assert matmul.position_multiple(torch.zeros(1)) == 1  # fp32: never padded
+    assert matmul.position_multiple(bf16) == (16 if "amx_bf16" in matmul.cpu_flags() else 1)
+
+
 def test_completion_hidden_fast_and_hf_paths_equal_the_masked_forward(student, tokenizer, prompts):
     from tests.rollout.test_fast_llama import gqa_model
 

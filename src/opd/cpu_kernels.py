@@ -42,6 +42,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -117,14 +118,71 @@ def _library() -> _Kernel | None:
                                       ctypes.c_int64, ctypes.c_int]
     lib.opd_decode_step.restype, lib.opd_decode_step.argtypes = None, [ctypes.POINTER(DecodeStep)]
     lib.opd_decode_scratch_floats.restype, lib.opd_decode_scratch_floats.argtypes = ctypes.c_int64, [ctypes.c_int64] * 7
+    lib.opd_amx_set_min_rows.restype, lib.opd_amx_set_min_rows.argtypes = None, [ctypes.c_int]
+    lib.opd_amx_get_min_rows.restype, lib.opd_amx_get_min_rows.argtypes = ctypes.c_int, []
     flags = matmul.cpu_flags()
-    if AMX_FLAGS <= flags:  # the VNNI build then runs products of 8 rows or more on the tile unit
-        lib.opd_amx_request()
+    if AMX_FLAGS <= flags and lib.opd_amx_request():  # the VNNI build may then run products on the tile unit
+        lib.opd_amx_set_min_rows(_amx_min_rows(lib))
+    lib.opd_decode_set_wide.restype, lib.opd_decode_set_wide.argtypes = None, [ctypes.c_int]
     if choice == "auto" and VNNI_FLAGS <= flags and _passes_check(lib.opd_int8_gemv_vnni, "vnni"):
-        return _Kernel(lib.opd_int8_gemv_vnni, "vnni", lib)
-    if choice in ("auto", "avx512") and "avx512f" in flags and _passes_check(lib.opd_int8_gemv_avx512):
-        return _Kernel(lib.opd_int8_gemv_avx512, "avx512", lib)
-    return _Kernel(lib.opd_int8_gemv, "avx2", lib) if _passes_check(lib.opd_int8_gemv) else None
+        kernel = _Kernel(lib.opd_int8_gemv_vnni, "vnni", lib)
+    elif choice in ("auto", "avx512") and "avx512f" in flags and _passes_check(lib.opd_int8_gemv_avx512):
+        kernel = _Kernel(lib.opd_int8_gemv_avx512, "avx512", lib)
+    elif _passes_check(lib.opd_int8_gemv):
+        kernel = _Kernel(lib.opd_int8_gemv, "avx2", lib)
+    else:
+        return None
+    lib.opd_decode_set_wide(int(kernel.variant != "avx2"))  # the decode step's own loops: as wide as the products
+    return kernel
+
+
+AMX_MAX_TIMED_ROWS = 8  # from 8 rows the tile unit won on every host measured (sessions 13, 17)
+
+
+def _amx_min_rows(lib: ctypes.CDLL) -> int:
+    """From how many activation rows the VNNI build's products run on the tile unit: OPD_AMX_MIN_ROWS, else timed
+    here. Which loop is faster at 2-7 rows depends on the host (session 13: the tile loop lost at 1-4 rows; session
+    17, the same machine in another phase: it won from 3), so both run over ~14 MB of int8 weights in a decode
+    step's shapes, a few passes each, interleaved (~20 ms, once a process), and the tile unit takes every row count
+    from the smallest where it won at that count and all larger ones."""
+    setting = os.environ.get("OPD_AMX_MIN_ROWS", "").strip()
+    if setting:
+        if not setting.isdigit() or int(setting) < 1:
+            raise ValueError(f"OPD_AMX_MIN_ROWS={setting!r}: expected a whole number of rows, at least 1 (products "
+                             "of that many activation rows or more run on the AMX tile unit); unset it to time the choice")
+        return int(setting)
+    g = torch.Generator().manual_seed(0)
+    N, K, layers = 3072, 576, 8  # eight gate/up products of the SmolLM2 student: L3-sized, as in a decode step
+    q = torch.randint(-127, 128, (N, K), generator=g, dtype=torch.int8).repeat(layers, 1, 1)
+    scale = torch.rand(N, generator=g)
+    threads = torch.get_num_threads()
+
+    def seconds(fn, x: torch.Tensor, y: torch.Tensor) -> float:
+        start = time.perf_counter()
+        for w in q:
+            fn(x.data_ptr(), x.shape[0], w.data_ptr(), scale.data_ptr(), y.data_ptr(), N, K, threads)
+        return time.perf_counter() - start
+
+    tile_wins = []
+    for rows in range(1, AMX_MAX_TIMED_ROWS):
+        x, y = torch.randn(rows, K, generator=g), torch.empty(rows, N)
+        seconds(lib.opd_int8_gemv_amx, x, y), seconds(lib.opd_int8_gemv_vnni_loop, x, y)  # warm
+        tile = sorted(seconds(lib.opd_int8_gemv_amx, x, y) for _ in range(3))[1]
+        vector = sorted(seconds(lib.opd_int8_gemv_vnni_loop, x, y) for _ in range(3))[1]
+        tile_wins.append(tile < vector)
+    rows = AMX_MAX_TIMED_ROWS
+    while rows > 1 and tile_wins[rows - 2]:
+        rows -= 1
+    return rows
+
+
+def amx_min_rows() -> int | None:
+    """From how many rows this process's int8 products run on the tile unit (None: they never do)."""
+    kernel = _library()
+    if kernel is None or kernel.variant != "vnni" or not AMX_FLAGS <= matmul.cpu_flags():
+        return None
+    rows = kernel.lib.opd_amx_get_min_rows()
+    return None if rows < 0 else rows
 
 
 def variant() -> str | None:

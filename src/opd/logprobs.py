@@ -41,7 +41,9 @@ def completion_hidden(model, prompt_ids, prompt_mask, completion_ids, completion
     (opd.llama.causal_hidden: fused weights, no HF overhead); otherwise the HF model. Other layouts (a mask with
     holes) go through HF with the full attention mask."""
     dev = next(model.parameters()).device
-    packed = left_aligned(prompt_ids, prompt_mask, completion_ids, completion_mask)
+    packed = left_aligned(prompt_ids, prompt_mask, completion_ids, completion_mask,
+                          matmul.position_multiple(next(model.parameters())),
+                          getattr(model.config, "max_position_embeddings", None))
     if packed is not None:
         ids, rows, at = (t.to(dev) for t in packed)
         if fast and not torch.is_grad_enabled() and llama.unsupported_reason(model) is None:
@@ -63,10 +65,13 @@ def completion_hidden(model, prompt_ids, prompt_mask, completion_ids, completion
     return hidden[completion_mask.to(dev).bool()]
 
 
-def left_aligned(prompt_ids, prompt_mask, completion_ids, completion_mask):
+def left_aligned(prompt_ids, prompt_mask, completion_ids, completion_mask, multiple: int = 1,
+                 most: int | None = None):
     """Each row's real tokens moved to the start of the row: (ids [B, L], rows [N], at [N]) where
     ids[rows[i], at[i]] is the state that predicts the i-th real completion token; None unless every prompt is
-    padded on the left only (and not empty) and every completion on the right only.
+    padded on the left only (and not empty) and every completion on the right only. L is the longest row's length
+    rounded up to a multiple of `multiple` (matmul.position_multiple: some products run faster at such lengths)
+    where that stays within `most` positions (the model's limit).
 
     With every row starting at position 0, position ids are 0, 1, 2, ... (what cumsum of the mask gives for the
     real tokens) and the padding sits after each row's last real token, where no real token attends to it."""
@@ -76,7 +81,10 @@ def left_aligned(prompt_ids, prompt_mask, completion_ids, completion_mask):
     if bool((prompt_len == 0).any()):
         return None
     B, P = prompt_ids.shape
-    L = int((prompt_len + completion_len).max())
+    longest = int((prompt_len + completion_len).max())
+    L = -(-longest // multiple) * multiple
+    if most is not None and L > most:
+        L = longest
     # In cat(prompt, completion) row b's real tokens are one contiguous run starting at column P - prompt_len[b].
     whole = torch.cat([prompt_ids, completion_ids, torch.zeros((B, L), dtype=prompt_ids.dtype)], dim=1)
     ids = whole.gather(1, (P - prompt_len)[:, None] + torch.arange(L))

@@ -73,6 +73,22 @@ def cpu_lacks_bf16() -> bool:
     return "avx2" in flags and not flags & {"avx512_bf16", "amx_bf16"}
 
 
+# Sequence lengths of bf16 forwards and backwards on CPUs with AMX go up to a multiple of this (logprobs.left_aligned).
+# oneDNN's AMX bf16 products run at about half speed at some row counts and full speed at their neighbours, with no
+# simple rule: with 2 threads on a Xeon (session 17) the [M, 1536] x [1536, 576] product ran 1.0-1.2 TF/s at
+# M = 420, 452-456, 484-504, 516-528 and 2.3-2.7 at M = 400-416, 448, 460-480, 512, while multiples of 64 up to 512
+# were all fast but for 256 and 320. Four rows of 105 positions padded to 112: the teacher's forward 97 -> 82-85 ms
+# with 7% more positions, the update 0.34 -> 0.31 s; 8 x 105 and 16 x 105 padded were faster too.
+AMX_BF16_POSITIONS = 16
+
+
+def position_multiple(param: torch.Tensor) -> int:
+    """What a forward's sequence length is padded up to for `param`'s model (1: not padded); see AMX_BF16_POSITIONS."""
+    if param.device.type == "cpu" and param.dtype == torch.bfloat16 and "amx_bf16" in cpu_flags():
+        return AMX_BF16_POSITIONS
+    return 1
+
+
 def _onednn_runs_fp32() -> bool:
     try:  # a oneDNN build without a kernel for this CPU raises at primitive creation
         x = torch.ones(4, 8)

@@ -85,9 +85,143 @@ static void rope(float *v, const float *c, const float *s, int64_t D) {
     }
 }
 
+
+/* the attention's and SiLU's AVX-512F loops: the CPU's flag on the first step, unless set before (opd.cpu_kernels
+ * sets it off with the AVX2 build of the products, so that build runs AVX2 code only and its tests reach these
+ * loops' AVX2 forms) */
+static int wide = -1;
+
+void opd_decode_set_wide(int on) { wide = on; }
+
+/* y = silu(gate) * up over one row (gcc left the `omp simd` form of this loop scalar: ~0.28 ms of a 3.3 ms step) */
+__attribute__((target("avx512f"))) static void silu_mul_row16(const float *gate, float *y, int64_t n) {
+    const float *up = gate + n;
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        const __m512 g = _mm512_loadu_ps(gate + i);
+        const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));
+        _mm512_storeu_ps(y + i, _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e)), _mm512_loadu_ps(up + i)));
+    }
+    for (; i < n; i++) y[i] = gate[i] / (1.0f + exp_poly(-gate[i])) * up[i];
+}
+
+static void silu_mul_row8(const float *gate, float *y, int64_t n) {
+    const float *up = gate + n;
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 g = _mm256_loadu_ps(gate + i);
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), g));
+        _mm256_storeu_ps(y + i, _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), e)), _mm256_loadu_ps(up + i)));
+    }
+    for (; i < n; i++) y[i] = gate[i] / (1.0f + exp_poly(-gate[i])) * up[i];
+}
+
+static void silu_mul_row(const float *gate_up, float *y, int64_t n) {
+    if (wide) silu_mul_row16(gate_up, y, n);
+    else silu_mul_row8(gate_up, y, n);
+}
+
+/* One (row, key/value head) of the step's attention: the H / KV query heads that read that head, over the cached
+ * positions [0, end) the row's mask allows, as torch's scaled_dot_product_attention(enable_gqa=True). Each cached
+ * key and value is loaded once for the whole group; masked positions get a weight of exactly 0. D % 16 == 0 here. */
+#define MAX_GROUP 16
+__attribute__((target("avx512f"))) static void attend_group16(const float *q, int64_t group, const float *K,
+                                                              const float *V, const int64_t *m, int64_t end,
+                                                              int64_t D, float scale, float *sc, int64_t ML, float *o) {
+    float top[MAX_GROUP];
+    for (int64_t j = 0; j < group; j++) top[j] = -INFINITY;
+    for (int64_t t = 0; t < end; t++) {
+        if (!m[t]) continue;
+        for (int64_t j = 0; j < group; j++) {
+            __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(q + j * D), _mm512_loadu_ps(K + t * D));
+            for (int64_t d = 16; d < D; d += 16)
+                acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + j * D + d), _mm512_loadu_ps(K + t * D + d), acc);
+            const float v = _mm512_reduce_add_ps(acc) * scale;
+            sc[j * ML + t] = v;
+            top[j] = v > top[j] ? v : top[j];
+        }
+    }
+    for (int64_t j = 0; j < group; j++) {
+        float *s = sc + j * ML, sum = 0.0f;
+        const __m512 tv = _mm512_set1_ps(top[j]);
+        __m512 acc = _mm512_setzero_ps();
+        int64_t t = 0;
+        for (; t + 16 <= end; t += 16) {
+            const __mmask16 keep = _mm512_cmpneq_epi64_mask(_mm512_loadu_si512(m + t), _mm512_setzero_si512()) |
+                                   ((__mmask16)_mm512_cmpneq_epi64_mask(_mm512_loadu_si512(m + t + 8), _mm512_setzero_si512()) << 8);
+            const __m512 e = _mm512_maskz_mov_ps(keep, exp16(_mm512_sub_ps(_mm512_loadu_ps(s + t), tv)));
+            _mm512_storeu_ps(s + t, e);
+            acc = _mm512_add_ps(acc, e);
+        }
+        sum = _mm512_reduce_add_ps(acc);
+        for (; t < end; t++) {
+            s[t] = m[t] ? exp_poly(s[t] - top[j]) : 0.0f;
+            sum += s[t];
+        }
+        const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+        for (t = 0; t < end; t++) s[t] *= inv;
+    }
+    for (int64_t j = 0; j < group; j++)
+        for (int64_t d = 0; d < D; d++) o[j * D + d] = 0.0f;
+    for (int64_t t = 0; t < end; t++) {
+        if (!m[t]) continue;
+        for (int64_t d = 0; d < D; d += 16) {
+            const __m512 v = _mm512_loadu_ps(V + t * D + d);
+            for (int64_t j = 0; j < group; j++)
+                _mm512_storeu_ps(o + j * D + d, _mm512_fmadd_ps(_mm512_set1_ps(sc[j * ML + t]), v, _mm512_loadu_ps(o + j * D + d)));
+        }
+    }
+}
+
+/* the same arithmetic one query head at a time, for CPUs without AVX-512F or head sizes not a multiple of 16 */
+static void attend_group(const float *q, int64_t group, const float *K, const float *V, const int64_t *m, int64_t end,
+                         int64_t D, float scale, float *sc, int64_t ML, float *o) {
+    for (int64_t j = 0; j < group; j++) {
+        const float *qj = q + j * D;
+        float *s = sc + j * ML, *oj = o + j * D, top = -INFINITY, sum = 0.0f;
+        for (int64_t t = 0; t < end; t++) {
+            if (!m[t]) continue;
+            float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+            for (int64_t d = 0; d < D; d++) dot += qj[d] * K[t * D + d];
+            s[t] = dot * scale;
+            top = s[t] > top ? s[t] : top;
+        }
+        for (int64_t t = 0; t < end; t++) {
+            s[t] = m[t] ? exp_poly(s[t] - top) : 0.0f;
+            sum += s[t];
+        }
+        for (int64_t d = 0; d < D; d++) oj[d] = 0.0f;
+        for (int64_t t = 0; t < end; t++) {
+            if (s[t] == 0.0f) continue;
+            const float w = s[t] / sum;
+#pragma omp simd
+            for (int64_t d = 0; d < D; d++) oj[d] += w * V[t * D + d];
+        }
+    }
+}
+
+/* this step's attention for every row and key/value head (cache layout [cache_batch, kv_heads, max_len, D]) */
+static void attention(const DecodeStep *a, const float *qkv, const float *keys, const float *values, float *scores,
+                      float *att) {
+    const int64_t B = a->batch, H = a->heads, KV = a->kv_heads, D = a->head_dim, ML = a->max_len, end = a->start + 1;
+    const int64_t QKV = (H + 2 * KV) * D, group = H / KV;
+    const int vec = wide && D % 16 == 0 && group <= MAX_GROUP;
+#pragma omp parallel for schedule(static) num_threads((int)a->threads)
+    for (int64_t bg = 0; bg < B * KV; bg++) {
+        const int64_t b = bg / KV, g = bg % KV;
+        const float *q = qkv + b * QKV + g * group * D, *K = keys + (b * KV + g) * ML * D, *V = values + (b * KV + g) * ML * D;
+        const int64_t *m = a->mask + b * a->mask_stride;
+        float *sc = scores + (b * H + g * group) * ML, *o = att + b * H * D + g * group * D;
+        if (vec) attend_group16(q, group, K, V, m, end, D, a->scale, sc, ML, o);
+        else attend_group(q, group, K, V, m, end, D, a->scale, sc, ML, o);
+    }
+}
+
 void opd_decode_step(const DecodeStep *a) {
+    if (wide < 0) wide = __builtin_cpu_supports("avx512f");
     const int64_t B = a->batch, E = a->hidden, H = a->heads, KV = a->kv_heads, D = a->head_dim, I = a->inter;
-    const int64_t QKV = (H + 2 * KV) * D, ML = a->max_len, CB = a->cache_batch, end = a->start + 1;
+    const int64_t QKV = (H + 2 * KV) * D, ML = a->max_len, CB = a->cache_batch;
     float *x = a->scratch, *h = x + B * E, *qkv = h + B * E, *att = qkv + B * QKV, *gu = att + B * H * D,
           *act = gu + B * 2 * I, *scores = act + B * I;
 
@@ -118,46 +252,12 @@ void opd_decode_step(const DecodeStep *a) {
                 memcpy(values + ((b * KV + g) * ML + a->start) * D, row + (H + KV + g) * D, D * sizeof(float));
             }
         }
-        /* attention of each (row, query head) over the cached positions its mask allows; query head j reads
-         * key/value head j / (H / KV), as torch's scaled_dot_product_attention(enable_gqa=True) */
-#pragma omp parallel for schedule(static) num_threads((int)a->threads)
-        for (int64_t bh = 0; bh < B * H; bh++) {
-            const int64_t b = bh / H, j = bh % H, g = j / (H / KV);
-            const float *q = qkv + b * QKV + j * D, *K = keys + (b * KV + g) * ML * D, *V = values + (b * KV + g) * ML * D;
-            const int64_t *m = a->mask + b * a->mask_stride;
-            float *sc = scores + bh * ML, top = -INFINITY, sum = 0.0f;
-            for (int64_t t = 0; t < end; t++) {
-                if (!m[t]) continue;
-                float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-                for (int64_t d = 0; d < D; d++) dot += q[d] * K[t * D + d];
-                sc[t] = dot * a->scale;
-                top = sc[t] > top ? sc[t] : top;
-            }
-#pragma omp simd reduction(+ : sum)
-            for (int64_t t = 0; t < end; t++) {
-                sc[t] = m[t] ? exp_poly(sc[t] - top) : 0.0f;
-                sum += sc[t];
-            }
-            float *o = att + b * H * D + j * D;
-            for (int64_t d = 0; d < D; d++) o[d] = 0.0f;
-            for (int64_t t = 0; t < end; t++) {
-                if (sc[t] == 0.0f) continue;
-                const float w = sc[t] / sum;
-#pragma omp simd
-                for (int64_t d = 0; d < D; d++) o[d] += w * V[t * D + d];
-            }
-        }
+        attention(a, qkv, keys, values, scores, att);
         gemv(a, att, a->o_q[l], a->o_s[l], h, E, H * D);
         for (int64_t i = 0; i < B * E; i++) x[i] += h[i];
         rms_norm(x, a->post_norm[l], h, B, E, a->eps);
         gemv(a, h, a->gu_q[l], a->gu_s[l], gu, 2 * I, E);
-        for (int64_t b = 0; b < B; b++) {
-            const float *gate = gu + b * 2 * I, *up = gate + I;
-            float *y = act + b * I;
-#pragma omp simd
-            for (int64_t i = 0; i < I; i++) y[i] = gate[i] / (1.0f + exp_poly(-gate[i])) * up[i];
-        }
+        for (int64_t b = 0; b < B; b++) silu_mul_row(gu + b * 2 * I, act + b * I, I);
         gemv(a, act, a->down_q[l], a->down_s[l], h, E, I);
         for (int64_t i = 0; i < B * E; i++) x[i] += h[i];
     }

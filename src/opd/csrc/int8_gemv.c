@@ -340,7 +340,7 @@ AMX_TARGET static void gemv_amx(const float *x, int B, const int8_t *q, const fl
         const int nb = B - b0 < 8 ? B - b0 : 8;
         float s_hi[8], s_lo[8];
         pack_rows_amx(x + (int64_t)b0 * K, K, nb, packed, s_hi, s_lo);
-        const int64_t blocks = (N + 63) / 64;
+        const int64_t blocks = (N + 31) / 32;  /* 32 channels a task: a 576-channel product splits 9 / 9 */
         #pragma omp parallel num_threads(threads)
         {
             TileConfig cfg __attribute__((aligned(64)));
@@ -351,7 +351,7 @@ AMX_TARGET static void gemv_amx(const float *x, int B, const int8_t *q, const fl
             _tile_loadconfig(&cfg);
             #pragma omp for schedule(static)
             for (int64_t blk = 0; blk < blocks; blk++) {
-                const int64_t n0 = blk * 64, n1 = n0 + 64 < N ? n0 + 64 : N;  /* N % 16 == 0: 16-48 in the last */
+                const int64_t n0 = blk * 32, n1 = n0 + 32 < N ? n0 + 32 : N;
                 channels_amx(q, scale, packed, s_hi, s_lo, nb, y + (int64_t)b0 * N, N, K, n0, n1);
             }
             _tile_release();
@@ -360,13 +360,17 @@ AMX_TARGET static void gemv_amx(const float *x, int B, const int8_t *q, const fl
     free(packed);
 }
 
-/* The VNNI build's entry point: the tile unit for 8 rows or more where the process may use it and the shapes
- * fit, the vector loop otherwise. At 1-4 rows the tile loop did not beat the vector one here (its passes over
- * the weights streamed slower, and its two threads scaled poorly at the decode step's small products); at 8-16
- * rows, where the vector loop's arithmetic grows with the rows, it took 1.4-1.7x less time (session 13). */
-#define AMX_MIN_ROWS 8
+/* The VNNI build's entry point: the tile unit from amx_min_rows rows where the process may use it and the shapes
+ * fit, the vector loop otherwise. Where the crossover lies depends on the host: the vector loop's arithmetic grows
+ * with the rows while the tile loop's passes are bound by the weights streaming in. On one 2-core Xeon the tile
+ * loop lost at 1-4 rows (session 13) and on the same machine in another phase, with the weights in L3, it won
+ * from 3 rows (session 17); opd.cpu_kernels times both at load and sets the crossover (opd_amx_set_min_rows). */
 #define AMX_MAX_K 131072 /* a tile's int32 sum takes K products of at most 127 * 127 */
 static int amx_granted = 0;
+static int amx_min_rows = 8;
+
+void opd_amx_set_min_rows(int rows) { amx_min_rows = rows; }
+int opd_amx_get_min_rows(void) { return amx_granted ? amx_min_rows : -1; }
 
 int opd_amx_request(void) {
     amx_granted = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
@@ -375,7 +379,7 @@ int opd_amx_request(void) {
 
 void opd_int8_gemv_vnni(const float *x, int B, const int8_t *q, const float *scale, float *y, int64_t N, int64_t K,
                         int threads) {
-    if (amx_granted && B >= AMX_MIN_ROWS && N % 16 == 0 && K % 64 == 0 && K <= AMX_MAX_K)
+    if (amx_granted && B >= amx_min_rows && N % 16 == 0 && K % 64 == 0 && K <= AMX_MAX_K)
         gemv_amx(x, B, q, scale, y, N, K, threads);
     else if (K <= VNNI_MAX_K)
         gemv_vnni(x, B, q, scale, y, N, K, threads);
