@@ -219,7 +219,7 @@ OPD_OWN_CHOICES = {
 }
 
 
-def opd_config(student_dir: Path, train_file: Path, variant: dict):
+def opd_config(student_dir: Path, train_file: Path, variant: dict, seed: int = 0):
     """configs/smollm2-halfdepth.toml with the benchmark's shared settings (and a variant's own choices)."""
     data = base_config()
     data["student"].update(model=str(student_dir), init="pretrained", warm_start_steps=0)
@@ -230,17 +230,19 @@ def opd_config(student_dir: Path, train_file: Path, variant: dict):
                          micro_batch_size=BATCH, checkpoint_every=0, weight_decay=0.0)
     data["eval"] = {"every": 0, "size": 1, "recovery_size": 0}
     data["monitor"] = {"live": "off", "tensorboard": False}
+    data["seed"] = seed
     for section, values in variant.items():
         data.setdefault(section, {}).update(values)
     return validate_config(data)
 
 
-def run_opd(student_dir: Path, train_records: list[dict], budget_s: float, work: Path, variant: dict) -> dict:
+def run_opd(student_dir: Path, train_records: list[dict], budget_s: float, work: Path, variant: dict,
+            seed: int = 0) -> dict:
     from opd.loop import run
 
     train_file = work / "train.jsonl"
     train_file.write_text("".join(json.dumps(r) + "\n" for r in train_records))
-    cfg = opd_config(student_dir, train_file, variant)
+    cfg = opd_config(student_dir, train_file, variant, seed)
     run_dir = work / "opd-run"
     started = {}
 
@@ -323,15 +325,15 @@ def trl_callback(budget_s: float):
     return BudgetAndTiming()
 
 
-def common_trl_args(out: Path) -> dict:
+def common_trl_args(out: Path, seed: int = 0) -> dict:
     return dict(output_dir=str(out), per_device_train_batch_size=BATCH, gradient_accumulation_steps=1,
                 learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=GRAD_CLIP,
                 max_steps=100_000, gradient_checkpointing=False, bf16=False, fp16=False, use_cpu=True, report_to=[],
-                logging_steps=10**6, save_strategy="no", disable_dropout=True, seed=0, temperature=TEMPERATURE,
+                logging_steps=10**6, save_strategy="no", disable_dropout=True, seed=seed, temperature=TEMPERATURE,
                 dataloader_num_workers=0)
 
 
-def run_trl(kind: str, student_dir: Path, train_records: list[dict], budget_s: float, work: Path) -> dict:
+def run_trl(kind: str, student_dir: Path, train_records: list[dict], budget_s: float, work: Path, seed: int = 0) -> dict:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
 
@@ -345,7 +347,7 @@ def run_trl(kind: str, student_dir: Path, train_records: list[dict], budget_s: f
 
         # The ChatML collator's prompt is messages[:-1] (with the generation prompt): an empty assistant turn last.
         ds = Dataset.from_list([{"messages": r["messages"] + [{"role": "assistant", "content": ""}]} for r in train_records])
-        args = GKDConfig(**common_trl_args(work / "gkd"), lmbda=1.0, beta=1.0, max_new_tokens=NEW_TOKENS, seq_kd=False)
+        args = GKDConfig(**common_trl_args(work / "gkd", seed), lmbda=1.0, beta=1.0, max_new_tokens=NEW_TOKENS, seq_kd=False)
         original = GKDTrainer.generate_on_policy_outputs
 
         def counted(model, inputs, generation_config):
@@ -360,7 +362,7 @@ def run_trl(kind: str, student_dir: Path, train_records: list[dict], budget_s: f
         from trl import DistillationConfig, DistillationTrainer
 
         ds = Dataset.from_list([{"prompt": r["messages"]} for r in train_records])
-        args = DistillationConfig(**common_trl_args(work / "distill"), beta=1.0, max_completion_length=NEW_TOKENS,
+        args = DistillationConfig(**common_trl_args(work / "distill", seed), beta=1.0, max_completion_length=NEW_TOKENS,
                                   top_k=0, top_p=1.0)
         trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=ds,
                                       processing_class=tok, callbacks=[callback])
@@ -452,6 +454,11 @@ def main() -> None:
     # host whose speed drifts during a run (shared machines) the per-round ratios show the spread, and the
     # figures reported are medians over rounds.
     ap.add_argument("--rounds", type=int, default=int(os.environ.get("BENCH_ROUNDS") or 1))
+    # Seeds: every side of round r runs with seed r (prompt order, sampling, TRL's data order), so that each round's
+    # reverse-KL curves are another draw of both trainers' wander on the plateau. With one seed for all rounds
+    # ("same") the sides repeat the same trajectories (GKD's curve was identical in all three rounds of session
+    # 17's check) and the rounds say nothing about the KL's spread; tokens/s is much the same either way.
+    ap.add_argument("--seeds", choices=("per-round", "same"), default="per-round")
     args = ap.parse_args()
     torch.set_num_threads(threads())
     work_root = Path(args.work)
@@ -472,15 +479,16 @@ def main() -> None:
         for rnd, peer in ((rnd, peer) for rnd in range(args.rounds) for peer in peers):
             work = Path(tmp) / f"{peer}-{rnd}"
             work.mkdir()
-            torch.manual_seed(0)
+            seed = rnd if args.seeds == "per-round" else 0
+            torch.manual_seed(seed)
             host = {"probe_gflops_before": host_probe()}
             steal0, t_side = cpu_steal_jiffies(), time.time()
             if peer in OPD_VARIANTS:
-                r = run_opd(student_dir, train_records, args.budget_s, work, OPD_VARIANTS[peer])
+                r = run_opd(student_dir, train_records, args.budget_s, work, OPD_VARIANTS[peer], seed)
                 r["settings"] = OPD_VARIANTS[peer]
                 model = load_model(r.pop("student_dir"), device="cpu")
             else:
-                r = run_trl(peer, student_dir, train_records, args.budget_s, work)
+                r = run_trl(peer, student_dir, train_records, args.budget_s, work, seed)
                 model = r.pop("model")
             host["probe_gflops_after"] = host_probe()
             host["steal_fraction"] = round((cpu_steal_jiffies() - steal0) / CLOCK_TICKS
@@ -551,7 +559,7 @@ def main() -> None:
         "what": "opd vs TRL on-policy distillation, same teacher/student/prompts/batch/length/temperature/optimizer, "
                 "one after the other; student tokens/s and exact reverse KL on held-out prompts after the same wall budget",
         **summary,
-        "budget_s": args.budget_s, "rounds": args.rounds, "settings": {"teacher": TEACHER, "student": "half-depth drop_layers + opd warm start "
+        "budget_s": args.budget_s, "rounds": args.rounds, "seeds": args.seeds, "settings": {"teacher": TEACHER, "student": "half-depth drop_layers + opd warm start "
                                                 f"({WARM_STEPS} steps on {WARM_SAMPLES} teacher completions)", "batch_size": BATCH, "max_new_tokens": NEW_TOKENS,
                                                 "temperature": TEMPERATURE, "lr": LR, "grad_clip": GRAD_CLIP, "dtype": "float32",
                                                 "eval_prompts": len(eval_records), "train_prompts": len(train_records)},

@@ -110,6 +110,10 @@ def test_peer_benchmark_splits_prompts_and_configures_opd_like_the_peers(tmp_pat
     assert fp32.rollout.dtype == "int8" and fp32.teacher.dtype == "float32" and fp32.train.autocast == "none"
     assert not fp32.train.bf16_weights and peer_trl.opd_config(tmp_path, tmp_path / "t.jsonl", peer_trl.OPD_VARIANTS["opd-int8"]).train.bf16_weights
     assert set(peer_trl.OPD_OWN_CHOICES) == set(peer_trl.OPD_VARIANTS) - {"opd"}  # each reported in the summary
+    # a round's seed reaches both sides: opd's config and TRL's training arguments
+    assert peer_trl.opd_config(tmp_path, tmp_path / "t.jsonl", {}).seed == 0
+    assert peer_trl.opd_config(tmp_path, tmp_path / "t.jsonl", {}, seed=2).seed == 2
+    assert peer_trl.common_trl_args(tmp_path, seed=2)["seed"] == 2
 
 
 def test_peer_rounds_report_medians_and_ratios_of_neighbouring_runs():

@@ -123,52 +123,79 @@ static void silu_mul_row(const float *gate_up, float *y, int64_t n) {
 
 /* One (row, key/value head) of the step's attention: the H / KV query heads that read that head, over the cached
  * positions [0, end) the row's mask allows, as torch's scaled_dot_product_attention(enable_gqa=True). Each cached
- * key and value is loaded once for the whole group; masked positions get a weight of exactly 0. D % 16 == 0 here. */
-#define MAX_GROUP 16
+ * key and value is loaded once for the whole group, whose queries and outputs stay in registers (head size 64, up
+ * to 4 query heads a group: SmolLM2's 64 and 3); masked positions get a weight of exactly 0. */
+#define GROUP16 4
 __attribute__((target("avx512f"))) static void attend_group16(const float *q, int64_t group, const float *K,
                                                               const float *V, const int64_t *m, int64_t end,
-                                                              int64_t D, float scale, float *sc, int64_t ML, float *o) {
-    float top[MAX_GROUP];
-    for (int64_t j = 0; j < group; j++) top[j] = -INFINITY;
-    for (int64_t t = 0; t < end; t++) {
-        if (!m[t]) continue;
-        for (int64_t j = 0; j < group; j++) {
-            __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(q + j * D), _mm512_loadu_ps(K + t * D));
-            for (int64_t d = 16; d < D; d += 16)
-                acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + j * D + d), _mm512_loadu_ps(K + t * D + d), acc);
-            const float v = _mm512_reduce_add_ps(acc) * scale;
-            sc[j * ML + t] = v;
-            top[j] = v > top[j] ? v : top[j];
+                                                              float scale, float *sc, int64_t ML, float *o) {
+    __m512 qv[GROUP16][4], acc[GROUP16][4];
+    float top[GROUP16];
+#pragma GCC unroll 4
+    for (int j = 0; j < GROUP16; j++) {
+        top[j] = -INFINITY;
+#pragma GCC unroll 4
+        for (int c = 0; c < 4; c++) {
+            qv[j][c] = j < group ? _mm512_loadu_ps(q + j * 64 + 16 * c) : _mm512_setzero_ps();
+            acc[j][c] = _mm512_setzero_ps();
         }
     }
+    for (int64_t t = 0; t < end; t++) {
+        if (!m[t]) continue;
+        const __m512 k0 = _mm512_loadu_ps(K + t * 64), k1 = _mm512_loadu_ps(K + t * 64 + 16),
+                     k2 = _mm512_loadu_ps(K + t * 64 + 32), k3 = _mm512_loadu_ps(K + t * 64 + 48);
+#pragma GCC unroll 4
+        for (int j = 0; j < GROUP16; j++) {
+            if (j < group) {
+                const __m512 d = _mm512_fmadd_ps(qv[j][0], k0, _mm512_fmadd_ps(qv[j][1], k1,
+                                 _mm512_fmadd_ps(qv[j][2], k2, _mm512_mul_ps(qv[j][3], k3))));
+                const float v = _mm512_reduce_add_ps(d) * scale;
+                sc[j * ML + t] = v;
+                top[j] = v > top[j] ? v : top[j];
+            }
+        }
+    }
+    float inv[GROUP16];
     for (int64_t j = 0; j < group; j++) {
         float *s = sc + j * ML, sum = 0.0f;
         const __m512 tv = _mm512_set1_ps(top[j]);
-        __m512 acc = _mm512_setzero_ps();
+        __m512 total = _mm512_setzero_ps();
         int64_t t = 0;
         for (; t + 16 <= end; t += 16) {
             const __mmask16 keep = _mm512_cmpneq_epi64_mask(_mm512_loadu_si512(m + t), _mm512_setzero_si512()) |
                                    ((__mmask16)_mm512_cmpneq_epi64_mask(_mm512_loadu_si512(m + t + 8), _mm512_setzero_si512()) << 8);
             const __m512 e = _mm512_maskz_mov_ps(keep, exp16(_mm512_sub_ps(_mm512_loadu_ps(s + t), tv)));
             _mm512_storeu_ps(s + t, e);
-            acc = _mm512_add_ps(acc, e);
+            total = _mm512_add_ps(total, e);
         }
-        sum = _mm512_reduce_add_ps(acc);
+        sum = _mm512_reduce_add_ps(total);
         for (; t < end; t++) {
             s[t] = m[t] ? exp_poly(s[t] - top[j]) : 0.0f;
             sum += s[t];
         }
-        const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
-        for (t = 0; t < end; t++) s[t] *= inv;
+        inv[j] = sum > 0.0f ? 1.0f / sum : 0.0f;
     }
-    for (int64_t j = 0; j < group; j++)
-        for (int64_t d = 0; d < D; d++) o[j * D + d] = 0.0f;
     for (int64_t t = 0; t < end; t++) {
         if (!m[t]) continue;
-        for (int64_t d = 0; d < D; d += 16) {
-            const __m512 v = _mm512_loadu_ps(V + t * D + d);
-            for (int64_t j = 0; j < group; j++)
-                _mm512_storeu_ps(o + j * D + d, _mm512_fmadd_ps(_mm512_set1_ps(sc[j * ML + t]), v, _mm512_loadu_ps(o + j * D + d)));
+        const __m512 v0 = _mm512_loadu_ps(V + t * 64), v1 = _mm512_loadu_ps(V + t * 64 + 16),
+                     v2 = _mm512_loadu_ps(V + t * 64 + 32), v3 = _mm512_loadu_ps(V + t * 64 + 48);
+#pragma GCC unroll 4
+        for (int j = 0; j < GROUP16; j++) {
+            if (j < group) {
+                const __m512 w = _mm512_set1_ps(sc[j * ML + t]);
+                acc[j][0] = _mm512_fmadd_ps(w, v0, acc[j][0]);
+                acc[j][1] = _mm512_fmadd_ps(w, v1, acc[j][1]);
+                acc[j][2] = _mm512_fmadd_ps(w, v2, acc[j][2]);
+                acc[j][3] = _mm512_fmadd_ps(w, v3, acc[j][3]);
+            }
+        }
+    }
+#pragma GCC unroll 4
+    for (int j = 0; j < GROUP16; j++) {
+        if (j < group) {
+            const __m512 w = _mm512_set1_ps(inv[j]);
+#pragma GCC unroll 4
+            for (int c = 0; c < 4; c++) _mm512_storeu_ps(o + j * 64 + 16 * c, _mm512_mul_ps(acc[j][c], w));
         }
     }
 }
@@ -206,14 +233,14 @@ static void attention(const DecodeStep *a, const float *qkv, const float *keys, 
                       float *att) {
     const int64_t B = a->batch, H = a->heads, KV = a->kv_heads, D = a->head_dim, ML = a->max_len, end = a->start + 1;
     const int64_t QKV = (H + 2 * KV) * D, group = H / KV;
-    const int vec = wide && D % 16 == 0 && group <= MAX_GROUP;
+    const int vec = wide && D == 64 && group <= GROUP16;
 #pragma omp parallel for schedule(static) num_threads((int)a->threads)
     for (int64_t bg = 0; bg < B * KV; bg++) {
         const int64_t b = bg / KV, g = bg % KV;
         const float *q = qkv + b * QKV + g * group * D, *K = keys + (b * KV + g) * ML * D, *V = values + (b * KV + g) * ML * D;
         const int64_t *m = a->mask + b * a->mask_stride;
         float *sc = scores + (b * H + g * group) * ML, *o = att + b * H * D + g * group * D;
-        if (vec) attend_group16(q, group, K, V, m, end, D, a->scale, sc, ML, o);
+        if (vec) attend_group16(q, group, K, V, m, end, a->scale, sc, ML, o);
         else attend_group(q, group, K, V, m, end, D, a->scale, sc, ML, o);
     }
 }
