@@ -258,9 +258,38 @@ def test_bf16_cpu_update_trains_through_eager_attention_and_restores_the_model(s
         assert model.config._attn_implementation == "sdpa"  # restored after the update
         steps[limit] = params_of(model) - params_of(student)
     run_update(copy.deepcopy(student), roll, scores, "reverse_kl", sgd=True, grad_clip=0)  # fp32: SDPA
-    assert used == ["sdpa", "eager", "sdpa"]
+    assert used == ["sdpa", step.GROUPED_EAGER, "sdpa"]
     a, b = steps.values()
     assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.99  # the same step up to bf16 rounding
+
+
+@pytest.mark.parametrize("heads, kv_heads, head_dim, masked", [(6, 2, 16, True), (4, 4, 16, True), (6, 3, 12, False)])
+def test_grouped_eager_attention_is_hfs_eager_attention(heads, kv_heads, head_dim, masked):
+    """The same outputs and gradients as transformers' eager_attention_forward (which copies each key/value head for
+    its query heads): grouped query heads, plain heads, a causal additive mask or none, and a scale that is not a
+    power of two (head size 12)."""
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    from opd.update.step import grouped_eager_attention
+
+    class Module:
+        num_key_value_groups, training = heads // kv_heads, True
+
+    B, L = 3, 11
+    g = torch.Generator().manual_seed(heads + head_dim)
+    base = torch.randn(B, L, heads + 2 * kv_heads, head_dim, generator=g)
+    mask = torch.full((L, L), float("-inf")).triu(1)[None, None].expand(B, 1, L, L) if masked else None
+    results = []
+    for fn in (eager_attention_forward, grouped_eager_attention):
+        x = base.clone().requires_grad_()
+        q, k, v = x[:, :, :heads].transpose(1, 2), x[:, :, heads:heads + kv_heads].transpose(1, 2), x[:, :, heads + kv_heads:].transpose(1, 2)
+        out, _ = fn(Module(), q, k, v, mask, head_dim**-0.5)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results.append((out.detach(), x.grad))
+    (want, want_grad), (got, got_grad) = results
+    assert got.shape == want.shape == (B, L, heads, head_dim)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("micro, padding_idx", [(0, None), (2, None), (0, "a prompt token")])

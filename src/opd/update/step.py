@@ -83,6 +83,37 @@ def update_autocast(model, mode: str):
 EAGER_ATTENTION_MAX_BYTES = 256 * 2**20
 
 
+def grouped_eager_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """HF's eager attention (transformers' eager_attention_forward: scores, mask, fp32 softmax, bf16 probabilities)
+    without repeat_kv: the query heads that share a key/value head are stacked as rows of one product with that
+    head, instead of the key and value heads being copied for each query head (and their gradients summed back
+    over the copies). The same sums; ~10% fewer milliseconds a layer for the update's attention at 4 x 112 (session
+    17). The queries are scaled before the product ([L, D] values, not [L, L]): with a power-of-two scale, as
+    head size 64 gives, that is exactly HF's product."""
+    B, H, L, D = query.shape
+    KV = key.shape[1]
+    group = H // KV
+    q = (query * scaling).reshape(B, KV, group * L, D)  # row j L + l of head g: query head g * group + j
+    scores = torch.matmul(q, key.transpose(2, 3))
+    if attention_mask is not None:
+        scores = (scores.view(B, KV, group, L, -1) + attention_mask[:, :, None]).view(B, KV, group * L, -1)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    probs = torch.nn.functional.dropout(probs, p=dropout, training=module.training)
+    out = torch.matmul(probs, value).view(B, H, L, D)
+    return out.transpose(1, 2).contiguous(), probs
+
+
+GROUPED_EAGER = "opd_grouped_eager"
+
+
+def _register_grouped_eager() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
+
+    AttentionInterface.register(GROUPED_EAGER, grouped_eager_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(GROUPED_EAGER, eager_mask)  # the same additive mask as eager's
+
+
 @contextlib.contextmanager
 def training_attention(model, rollout: Rollout, autocast: str):
     """The student's attention for one micro-batch's forward: eager where that is the faster choice (above),
@@ -97,7 +128,8 @@ def training_attention(model, rollout: Rollout, autocast: str):
             or getattr(cfg, "_attn_implementation", None) != "sdpa" or not hasattr(model, "set_attn_implementation")):
         yield
         return
-    model.set_attn_implementation("eager")
+    _register_grouped_eager()
+    model.set_attn_implementation(GROUPED_EAGER)
     try:
         yield
     finally:
