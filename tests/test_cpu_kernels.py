@@ -220,11 +220,22 @@ def torch_quantised(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return block.div_(scale[:, None]).round_().clamp_(-127, 127).to(torch.int8), scale
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(67, 37), (130, 576)])
-def test_c_quantiser_writes_the_bits_of_the_torch_ops(dtype, shape):
+@pytest.fixture(params=["avx2", "avx512"])
+def quantiser_loop(request):
+    """Each loop of the C quantiser this CPU runs (AVX-512 where it has AVX-512BW / VL, the default there)."""
     if not cpu_kernels.int8_gemv_available():
         pytest.skip("opd's int8 kernel does not build here")
+    wide = {"avx512bw", "avx512vl"} <= FLAGS
+    if request.param == "avx512" and not wide:
+        pytest.skip("no AVX-512BW / VL on this CPU")
+    cpu_kernels.quantize_int8_wide(request.param == "avx512")
+    yield request.param
+    cpu_kernels.quantize_int8_wide(wide)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(67, 37), (130, 576)])
+def test_c_quantiser_writes_the_bits_of_the_torch_ops(dtype, shape, quantiser_loop):
     g = torch.Generator().manual_seed(0)
     w = (torch.randn(*shape, generator=g) * torch.rand(shape[0], 1, generator=g)).to(dtype)
     w[3] = 0  # an all-zero row: the scale's 1e-12 floor

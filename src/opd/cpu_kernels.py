@@ -116,6 +116,7 @@ def _library() -> _Kernel | None:
     lib.opd_quantize_int8.restype = None
     lib.opd_quantize_int8.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                                       ctypes.c_int64, ctypes.c_int]
+    lib.opd_quantize_set_wide.restype, lib.opd_quantize_set_wide.argtypes = None, [ctypes.c_int]
     lib.opd_decode_step.restype, lib.opd_decode_step.argtypes = None, [ctypes.POINTER(DecodeStep)]
     lib.opd_decode_scratch_floats.restype, lib.opd_decode_scratch_floats.argtypes = ctypes.c_int64, [ctypes.c_int64] * 7
     lib.opd_amx_set_min_rows.restype, lib.opd_amx_set_min_rows.argtypes = None, [ctypes.c_int]
@@ -252,6 +253,16 @@ def quantize_int8_into(w: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) ->
     kernel.lib.opd_quantize_int8(w.data_ptr(), int(w.dtype == torch.bfloat16), q.data_ptr(), scale.data_ptr(),
                                  w.shape[0], w.shape[1], torch.get_num_threads())
     return True
+
+
+def quantize_int8_wide(on: bool) -> None:
+    """Run the requantisation's AVX-512 loop (on; the default where the CPU has AVX-512BW and VL) or its AVX2 one
+    (the tests compare both)."""
+    kernel = _library()
+    if kernel is not None:
+        if on and not {"avx512bw", "avx512vl"} <= matmul.cpu_flags():
+            raise RuntimeError("quantize_int8_wide(True): this CPU has no AVX-512BW / VL")
+        kernel.lib.opd_quantize_set_wide(int(on))
 
 
 # ------------------------------------------------------------------------------------- the whole decode step
