@@ -144,7 +144,7 @@ def _amx_min_rows(lib: ctypes.CDLL) -> int:
     """From how many activation rows the VNNI build's products run on the tile unit: OPD_AMX_MIN_ROWS, else timed
     here. Which loop is faster at 2-7 rows depends on the host (session 13: the tile loop lost at 1-4 rows; session
     17, the same machine in another phase: it won from 2-3), so both run over ~14 MB of int8 weights in a decode
-    step's shapes, a few passes each, interleaved (~20 ms, once a process), and the tile unit takes every row count
+    step's shapes, a few passes each, interleaved (~30 ms, once a process), and the tile unit takes every row count
     from the smallest where it won at that count and all larger ones."""
     setting = os.environ.get("OPD_AMX_MIN_ROWS", "").strip()
     if setting:
