@@ -180,9 +180,9 @@ def _amx_min_rows(lib: ctypes.CDLL) -> int:
 def amx_min_rows() -> int | None:
     """From how many rows this process's int8 products run on the tile unit (None: they never do)."""
     kernel = _library()
-    if kernel is None or kernel.variant != "vnni" or not AMX_FLAGS <= matmul.cpu_flags():
+    if kernel is None or kernel.variant != "vnni":
         return None
-    rows = kernel.lib.opd_amx_get_min_rows()
+    rows = kernel.lib.opd_amx_get_min_rows()  # -1: the process has no tile unit
     return None if rows < 0 else rows
 
 

@@ -86,40 +86,11 @@ static void rope(float *v, const float *c, const float *s, int64_t D) {
 }
 
 
-/* the attention's and SiLU's AVX-512F loops: the CPU's flag on the first step, unless set before (opd.cpu_kernels
- * sets it off with the AVX2 build of the products, so that build runs AVX2 code only and its tests reach these
- * loops' AVX2 forms) */
+/* the attention's AVX-512F loop: the CPU's flag on the first step, unless set before (opd.cpu_kernels sets it off
+ * with the AVX2 build of the products, so that build runs AVX2 code only and its tests reach the AVX2 form) */
 static int wide = -1;
 
 void opd_decode_set_wide(int on) { wide = on; }
-
-/* y = silu(gate) * up over one row (gcc left the `omp simd` form of this loop scalar: ~0.28 ms of a 3.3 ms step) */
-__attribute__((target("avx512f"))) static void silu_mul_row16(const float *gate, float *y, int64_t n) {
-    const float *up = gate + n;
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16) {
-        const __m512 g = _mm512_loadu_ps(gate + i);
-        const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));
-        _mm512_storeu_ps(y + i, _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e)), _mm512_loadu_ps(up + i)));
-    }
-    for (; i < n; i++) y[i] = gate[i] / (1.0f + exp_poly(-gate[i])) * up[i];
-}
-
-static void silu_mul_row8(const float *gate, float *y, int64_t n) {
-    const float *up = gate + n;
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-        const __m256 g = _mm256_loadu_ps(gate + i);
-        const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), g));
-        _mm256_storeu_ps(y + i, _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), e)), _mm256_loadu_ps(up + i)));
-    }
-    for (; i < n; i++) y[i] = gate[i] / (1.0f + exp_poly(-gate[i])) * up[i];
-}
-
-static void silu_mul_row(const float *gate_up, float *y, int64_t n) {
-    if (wide) silu_mul_row16(gate_up, y, n);
-    else silu_mul_row8(gate_up, y, n);
-}
 
 /* One (row, key/value head) of the step's attention: the H / KV query heads that read that head, over the cached
  * positions [0, end) the row's mask allows, as torch's scaled_dot_product_attention(enable_gqa=True). Each cached
@@ -200,7 +171,8 @@ __attribute__((target("avx512f"))) static void attend_group16(const float *q, in
     }
 }
 
-/* the same arithmetic one query head at a time, for CPUs without AVX-512F or head sizes not a multiple of 16 */
+/* the same arithmetic one query head at a time, for CPUs without AVX-512F, head sizes other than 64 or groups of
+ * more than GROUP16 query heads */
 static void attend_group(const float *q, int64_t group, const float *K, const float *V, const int64_t *m, int64_t end,
                          int64_t D, float scale, float *sc, int64_t ML, float *o) {
     for (int64_t j = 0; j < group; j++) {
@@ -284,7 +256,7 @@ void opd_decode_step(const DecodeStep *a) {
         for (int64_t i = 0; i < B * E; i++) x[i] += h[i];
         rms_norm(x, a->post_norm[l], h, B, E, a->eps);
         gemv(a, h, a->gu_q[l], a->gu_s[l], gu, 2 * I, E);
-        for (int64_t b = 0; b < B; b++) silu_mul_row(gu + b * 2 * I, act + b * I, I);
+        for (int64_t b = 0; b < B; b++) silu_mul_row8(gu + b * 2 * I, gu + b * 2 * I + I, act + b * I, I);
         gemv(a, act, a->down_q[l], a->down_s[l], h, E, I);
         for (int64_t i = 0; i < B * E; i++) x[i] += h[i];
     }

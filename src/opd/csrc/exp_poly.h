@@ -1,6 +1,6 @@
 /* exp for softmaxes and SiLU: Cephes expf's range reduction and polynomial (relative error ~2e-7), written so that
  * `omp simd` loops vectorise it (libm's expf is a scalar call). Shared by decode_step.c, vocab_terms.c, layer_ops.c and
- * attention.c. */
+ * attention.c, with the fp32 SiLU x up row of layer_ops.c's and decode_step.c's forwards. */
 #pragma once
 #include <immintrin.h>
 #include <math.h>
@@ -54,4 +54,16 @@ __attribute__((target("avx512f"))) static inline __m512 exp16(__m512 x) {
     p = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
     const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
     return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+}
+
+/* y = silu(g) * u over one fp32 row of n values, 8 lanes (gcc leaves the `omp simd` form of this loop scalar) */
+static inline void silu_mul_row8(const float *g, const float *u, float *y, int64_t n) {
+    const int64_t n8 = n & ~(int64_t)7;
+    const __m256 one = _mm256_set1_ps(1.0f);
+    for (int64_t i = 0; i < n8; i += 8) {
+        const __m256 gv = _mm256_loadu_ps(g + i);
+        const __m256 silu = _mm256_div_ps(gv, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv))));
+        _mm256_storeu_ps(y + i, _mm256_mul_ps(silu, _mm256_loadu_ps(u + i)));
+    }
+    for (int64_t i = n8; i < n; i++) y[i] = g[i] / (1.0f + exp_poly(-g[i])) * u[i];
 }

@@ -364,7 +364,7 @@ AMX_TARGET static void gemv_amx(const float *x, int B, const int8_t *q, const fl
  * fit, the vector loop otherwise. Where the crossover lies depends on the host: the vector loop's arithmetic grows
  * with the rows while the tile loop's passes are bound by the weights streaming in. On one 2-core Xeon the tile
  * loop lost at 1-4 rows (session 13) and on the same machine in another phase, with the weights in L3, it won
- * from 3 rows (session 17); opd.cpu_kernels times both at load and sets the crossover (opd_amx_set_min_rows). */
+ * from 2-3 rows (session 17); opd.cpu_kernels times both at load and sets the crossover (opd_amx_set_min_rows). */
 #define AMX_MAX_K 131072 /* a tile's int32 sum takes K products of at most 127 * 127 */
 static int amx_granted = 0;
 static int amx_min_rows = 8;
@@ -425,15 +425,20 @@ static inline float load1(const void *w, int bf16, int64_t i) {
 
 /* The same rows 16 lanes wide (AVX-512F/BW), tails by masked loads and stores: the pass is bound by its instructions
  * (16 -> 19 ms when the division became a product and a check, session 17), so half as many of them. */
-__attribute__((target("avx512f,avx512bw,avx512vl"))) static void quantize_row16(const void *w, int bf16, int8_t *qn, float *scale,
-                                                                         int64_t K) {
+#define QUANT16 __attribute__((target("avx512f,avx512bw,avx512vl")))
+
+/* load8 in 16 lanes, the lanes outside `in` zero */
+QUANT16 static inline __m512 load16(const void *w, int bf16, int64_t i, __mmask16 in) {
+    if (bf16)
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(in, (const uint16_t *)w + i)), 16));
+    return _mm512_maskz_loadu_ps(in, (const float *)w + i);
+}
+
+QUANT16 static void quantize_row16(const void *w, int bf16, int8_t *qn, float *scale, int64_t K) {
     __m512 m = _mm512_setzero_ps();
     for (int64_t k = 0; k < K; k += 16) {
         const __mmask16 in = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
-        const __m512 x = bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
-                                    _mm256_maskz_loadu_epi16(in, (const uint16_t *)w + k)), 16))
-                              : _mm512_maskz_loadu_ps(in, (const float *)w + k);
-        m = _mm512_max_ps(m, _mm512_abs_ps(x));
+        m = _mm512_max_ps(m, _mm512_abs_ps(load16(w, bf16, k, in)));
     }
     float s = _mm512_reduce_max_ps(m) / 127.0f;
     s = s < 1e-12f ? 1e-12f : s;
@@ -442,11 +447,8 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) static void quantize_row16(
     const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
     for (int64_t k = 0; k < K; k += 16) {
         const __mmask16 in = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
-        const __m512 x = bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
-                                    _mm256_maskz_loadu_epi16(in, (const uint16_t *)w + k)), 16))
-                              : _mm512_maskz_loadu_ps(in, (const float *)w + k);
         /* cvtps rounds half to even (the default MXCSR mode), as torch.round */
-        const __m512i v = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(_mm512_div_ps(x, sv)), lo), hi);
+        const __m512i v = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(_mm512_div_ps(load16(w, bf16, k, in), sv)), lo), hi);
         _mm_mask_storeu_epi8(qn + k, in, _mm512_cvtepi32_epi8(v));
     }
 }

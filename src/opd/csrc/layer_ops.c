@@ -311,17 +311,7 @@ void opd_rope_f32(float *x, int64_t rows, int64_t stride, int64_t heads, int64_t
 }
 
 void opd_silu_mul_f32(const float *gate_up, float *y, int64_t rows, int64_t inter, int threads) {
-    const int64_t n8 = inter & ~(int64_t)7;
     #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t r = 0; r < rows; r++) {
-        const float *g = gate_up + r * 2 * inter, *u = g + inter;
-        float *yr = y + r * inter;
-        const __m256 one = _mm256_set1_ps(1.0f);
-        for (int64_t i = 0; i < n8; i += 8) {
-            const __m256 gv = _mm256_loadu_ps(g + i);
-            const __m256 silu = _mm256_div_ps(gv, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), gv))));
-            _mm256_storeu_ps(yr + i, _mm256_mul_ps(silu, _mm256_loadu_ps(u + i)));
-        }
-        for (int64_t i = n8; i < inter; i++) yr[i] = g[i] / (1.0f + exp_poly(-g[i])) * u[i];
-    }
+    for (int64_t r = 0; r < rows; r++)
+        silu_mul_row8(gate_up + r * 2 * inter, gate_up + r * 2 * inter + inter, y + r * inter, inter);
 }
