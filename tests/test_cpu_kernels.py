@@ -196,7 +196,7 @@ def test_the_kernel_is_built_once_per_source(tmp_path, monkeypatch):
     from importlib import resources
 
     source = tmp_path / "int8_gemv.c"
-    for name in ("int8_gemv.c", "simd.h"):  # the source and the header it includes
+    for name in ("int8_gemv.c", "simd.h", "quantize.h"):  # the source and the headers it includes
         (tmp_path / name).write_bytes((resources.files("opd") / "csrc" / name).read_bytes())
     built = cpu_kernels.build(source, tmp_path / "cache")
     assert built.exists() and built.parent == tmp_path / "cache"
@@ -217,7 +217,7 @@ def torch_quantised(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """opd.llama.quantize_int8's torch ops, written out: the reference for the C pass."""
     block = w.to(torch.float32, copy=True)
     scale = block.abs().amax(dim=1).div_(127.0).clamp_(min=1e-12)
-    return block.div_(scale[:, None]).round_().clamp_(-127, 127).to(torch.int8), scale
+    return block.mul_(scale.reciprocal()[:, None]).round_().clamp_(-127, 127).to(torch.int8), scale
 
 
 @pytest.fixture(params=["avx2", "avx512"])

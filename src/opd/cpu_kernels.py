@@ -319,6 +319,9 @@ def _optimizer_library() -> ctypes.CDLL | None:
         return None
     lib.opd_adamw_step.restype = None
     lib.opd_adamw_step.argtypes = [_P, _P, ctypes.c_int, _P, _P, _P, ctypes.c_int64, *[ctypes.c_float] * 8, ctypes.c_int]
+    lib.opd_adamw_step_int8.restype = None
+    lib.opd_adamw_step_int8.argtypes = [_P, _P, ctypes.c_int, _P, _P, _P, ctypes.c_int64, ctypes.c_int64, _P, _P,
+                                        *[ctypes.c_float] * 8, ctypes.c_int]
     lib.opd_sum_squares.restype, lib.opd_sum_squares.argtypes = ctypes.c_double, [_P, ctypes.c_int, ctypes.c_int64, ctypes.c_int]
     return lib
 
@@ -329,10 +332,12 @@ def adamw_available() -> bool:
 
 def adamw_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
                copy: torch.Tensor | None, *, grad_mul: float, lr: float, beta1: float, beta2: float, eps: float,
-               weight_decay: float, step: float) -> None:
+               weight_decay: float, step: float, int8: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """One AdamW step of fp32 `param` (and its fp32 moments) from a bf16 or fp32 `grad` times `grad_mul`, writing
     bf16 `copy` (or nothing where None) in the same pass (csrc/adamw.c). Every tensor contiguous, on the CPU, of
-    param's shape. The bias corrections are computed in double, as torch's fused AdamW does."""
+    param's shape. The bias corrections are computed in double, as torch's fused AdamW does. With `int8` = (q, scale)
+    ([rows, K] int8 and [rows] fp32, contiguous) for a 2-D param, the pass also writes the copy's int8 rows and scales:
+    the bits of quantize_int8_into(copy, q, scale)."""
     lib = _optimizer_library()
     if lib is None:
         raise RuntimeError("opd's AdamW kernel is not available here (see opd.cpu_kernels.adamw_available)")
@@ -344,6 +349,17 @@ def adamw_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, e
         raise TypeError(f"adamw_step: fp32 param and moments, bf16/fp32 grad, bf16 copy; got {[t.dtype for t in tensors]}")
     bc1 = 1.0 - beta1**step
     bc2_sqrt = math.sqrt(1.0 - beta2**step)
+    if int8 is not None:
+        q, scale = int8
+        if (copy is None or param.dim() != 2 or q.dtype != torch.int8 or q.shape != param.shape or not q.is_contiguous()
+                or scale.dtype != torch.float32 or scale.shape != param.shape[:1] or not scale.is_contiguous()):
+            raise ValueError("adamw_step(int8=(q, scale)): a bf16 copy, a 2-D param, int8 q of its shape and fp32 "
+                             "scales [rows], contiguous")
+        lib.opd_adamw_step_int8(param.data_ptr(), grad.data_ptr(), int(grad.dtype == torch.bfloat16), exp_avg.data_ptr(),
+                                exp_avg_sq.data_ptr(), copy.data_ptr(), param.shape[0], param.shape[1], q.data_ptr(),
+                                scale.data_ptr(), grad_mul, lr, beta1, beta2, eps, weight_decay, lr / bc1, bc2_sqrt,
+                                torch.get_num_threads())
+        return
     lib.opd_adamw_step(param.data_ptr(), grad.data_ptr(), int(grad.dtype == torch.bfloat16), exp_avg.data_ptr(),
                        exp_avg_sq.data_ptr(), None if copy is None else copy.data_ptr(), param.numel(), grad_mul, lr,
                        beta1, beta2, eps, weight_decay, lr / bc1, bc2_sqrt, torch.get_num_threads())

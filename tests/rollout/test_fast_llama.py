@@ -151,6 +151,33 @@ def test_fused_weights_are_reused_until_a_weight_changes(student):
     assert d.qkv.dtype == torch.bfloat16 and d.qkv.data_ptr() != a.qkv.data_ptr()  # per model
 
 
+def test_a_sampling_copys_fused_weights_are_its_own_storage(tokenizer, prompts):
+    from opd.llama import fuse_storage
+
+    model = gqa_model(tokenizer)
+    copy = SamplingCopy(model, torch.bfloat16)  # fuse_storage: Q, K, V (and gate, up) one after another
+    policy = copy.refresh(model)
+    att, mlp = policy.model.layers[1].self_attn, policy.model.layers[1].mlp
+    layer = build_decoder(policy, 2, 8).layers[1]
+    assert layer.qkv.data_ptr() == att.q_proj.weight.data_ptr()  # a view: nothing concatenated
+    assert layer.gate_up.data_ptr() == mlp.gate_proj.weight.data_ptr()
+    assert torch.equal(layer.qkv, torch.cat([att.q_proj.weight, att.k_proj.weight, att.v_proj.weight]))
+    assert all(torch.equal(a, b.detach().bfloat16()) for a, b in zip(policy.parameters(), model.parameters()))
+    with torch.no_grad():
+        att.v_proj.weight.add_(1.0)  # a write into one part is what the fused weight holds
+    assert torch.equal(build_decoder(policy, 2, 8).layers[1].qkv[-att.v_proj.weight.shape[0]:], att.v_proj.weight)
+    assert fuse_storage(policy) == 0  # already so
+    # the copy samples as the model it was made from (fused views or not: the same arithmetic)
+    params = SamplingParams(max_new_tokens=6)
+    plain = copy_of_plain = model.to(torch.bfloat16)
+    with torch.no_grad():
+        att_plain = plain.model.layers[1].self_attn
+        att_plain.v_proj.weight.add_(1.0)
+    a = sample(policy, tokenizer, prompts, params, generator=torch.Generator().manual_seed(2))
+    b = sample(copy_of_plain, tokenizer, prompts, params, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(a.completion_ids, b.completion_ids)
+
+
 def test_int8_weights_round_to_the_nearest_step_of_each_channel():
     from opd.llama import quantize_int8
 

@@ -214,3 +214,65 @@ def test_the_config_rejects_bf16_weights_with_autocast_or_a_bf16_student():
         Config.model_validate({"train": {"bf16_weights": True}, "student": {"dtype": "bfloat16"}})
     assert Config.model_validate({"train": {"bf16_weights": True}}).train.bf16_weights
 
+
+
+@needs_kernel
+def test_the_kernel_writes_the_copys_int8_rows_in_the_same_pass():
+    from opd.llama import quantize_int8
+
+    g = torch.Generator().manual_seed(3)
+    rows, K = 37, 75  # K not a multiple of 8 or 16: the tails of both loops run
+    args = dict(grad_mul=0.5, lr=3e-3, beta1=0.8, beta2=0.95, eps=1e-6, weight_decay=0.1, step=2)
+    param = torch.randn(rows, K, generator=g)
+    param[5] = 0.0  # an all-zero row: the smallest scale, zeros
+    grad = torch.randn(rows, K, generator=g).bfloat16()
+    grad[5] = 0.0
+    m, v = torch.randn(rows, K, generator=g).abs() * 1e-3, torch.rand(rows, K, generator=g) * 1e-4
+    m[5], v[5] = 0.0, 0.0  # row 5 stays all zero
+    plain = [t.clone() for t in (param, m, v)] + [torch.empty(rows, K, dtype=torch.bfloat16)]
+    cpu_kernels.adamw_step(plain[0], grad, plain[1], plain[2], plain[3], **args)
+    copy_ = torch.empty(rows, K, dtype=torch.bfloat16)
+    q, scale = torch.empty(rows, K, dtype=torch.int8), torch.empty(rows)
+    cpu_kernels.adamw_step(param, grad, m, v, copy_, int8=(q, scale), **args)
+    assert all(torch.equal(a, b) for a, b in zip((param, m, v, copy_), plain))  # the same step, bit for bit
+    fresh = quantize_int8(copy_)  # what a rollout's requantisation of the copy would write
+    assert torch.equal(q, fresh.q) and torch.equal(scale, fresh.scale) and scale[5] == 1e-12
+    with pytest.raises(ValueError, match="int8"):
+        cpu_kernels.adamw_step(param, grad, m, v, copy_, int8=(q[:, :4], scale), **args)
+
+
+@needs_kernel
+def test_the_optimizer_keeps_the_int8_decode_weights_current_without_requantising(student, batch, tokenizer, prompts,
+                                                                                  monkeypatch):
+    from opd import llama
+    from opd.rollout.fast_llama import build_decoder
+
+    roll, scores = batch
+    shared = SamplingCopy(student, torch.bfloat16)
+    w = Bf16Weights(student, shared)
+    opt = w.optimizer(lr=1e-2, betas=(0.9, 0.999), weight_decay=0.0)
+    policy = w.model()
+    first = build_decoder(policy, 2, 16, int8=True)
+    if first is None or first.int8 is None or first.int8[0][0].scale.dtype != torch.float32:
+        pytest.skip("opd's int8 kernel (fp32 scales) does not build here")
+    run_update(policy, opt, roll, scores)
+    quantised = []
+    real = llama.quantize_int8
+    monkeypatch.setattr(llama, "quantize_int8", lambda *a, **k: quantised.append(1) or real(*a, **k))
+    again = build_decoder(w.model(), 2, 16, int8=True)
+    assert not quantised  # the optimizer's pass wrote them
+    monkeypatch.setattr(llama, "quantize_int8", real)
+    layers = policy.model.layers
+    for i, layer in enumerate(layers):  # and they are what a requantisation of the new weights gives
+        att, mlp = layer.self_attn, layer.mlp
+        fresh = [real(torch.cat([att.q_proj.weight, att.k_proj.weight, att.v_proj.weight])), real(att.o_proj.weight),
+                 real(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])), real(mlp.down_proj.weight)]
+        for got, want in zip(again.int8[i], fresh):
+            assert torch.equal(got.q, want.q) and torch.equal(got.scale, want.scale)
+    head = real(policy.lm_head.weight)
+    assert torch.equal(again.int8[-1][0].q, head.q) and torch.equal(again.int8[-1][0].scale, head.scale)
+    # a write the optimizer did not make (a refresh from the student) leaves them stale: int8_rows says so
+    with torch.no_grad():
+        next(student.parameters()).add_(1.0)
+    w.model()
+    assert llama.int8_rows(policy, list(policy.parameters())) is None

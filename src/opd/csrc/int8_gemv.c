@@ -402,100 +402,16 @@ void opd_int8_gemv_amx(const float *x, int B, const int8_t *q, const float *scal
 }
 
 /* ------------------------------------------------------------------------------------------------ quantising
- * The int8 copy of a weight [N, K] (fp32 or bf16) with one fp32 scale per output channel, the same bits as
- * opd.llama.quantize_int8's torch ops: scale = max |w| / 127 (at least 1e-12), q = round-half-even(w / scale)
- * clamped to [-127, 127]. Every rollout requantises the student's 81M weights; torch's block-wise ops made ~7
- * passes over them (~95 ms a rollout, session 12), this makes one per row while the row sits in L1. */
-static inline __m256 load8(const void *w, int bf16, int64_t i) {
-    if (bf16) {
-        const __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)w + i));
-        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-    }
-    return _mm256_loadu_ps((const float *)w + i);
-}
-
-static inline float load1(const void *w, int bf16, int64_t i) {
-    if (bf16) {
-        union { uint32_t u; float f; } v;
-        v.u = (uint32_t)((const uint16_t *)w)[i] << 16;
-        return v.f;
-    }
-    return ((const float *)w)[i];
-}
-
-/* The same rows 16 lanes wide (AVX-512F/BW), tails by masked loads and stores: the pass is bound by its instructions
- * (16 -> 19 ms when the division became a product and a check, session 17), so half as many of them. */
-#define QUANT16 __attribute__((target("avx512f,avx512bw,avx512vl")))
-
-/* load8 in 16 lanes, the lanes outside `in` zero */
-QUANT16 static inline __m512 load16(const void *w, int bf16, int64_t i, __mmask16 in) {
-    if (bf16)
-        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(in, (const uint16_t *)w + i)), 16));
-    return _mm512_maskz_loadu_ps(in, (const float *)w + i);
-}
-
-QUANT16 static void quantize_row16(const void *w, int bf16, int8_t *qn, float *scale, int64_t K) {
-    __m512 m = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K; k += 16) {
-        const __mmask16 in = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
-        m = _mm512_max_ps(m, _mm512_abs_ps(load16(w, bf16, k, in)));
-    }
-    float s = _mm512_reduce_max_ps(m) / 127.0f;
-    s = s < 1e-12f ? 1e-12f : s;
-    *scale = s;
-    const __m512 sv = _mm512_set1_ps(s);
-    const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
-    for (int64_t k = 0; k < K; k += 16) {
-        const __mmask16 in = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
-        /* cvtps rounds half to even (the default MXCSR mode), as torch.round */
-        const __m512i v = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(_mm512_div_ps(load16(w, bf16, k, in), sv)), lo), hi);
-        _mm_mask_storeu_epi8(qn + k, in, _mm512_cvtepi32_epi8(v));
-    }
-}
-
-static int quantize_wide = -1; /* AVX-512BW and VL here (decided on the first call) */
+ * Every rollout requantises the student's 81M weights where no optimizer step wrote them already (quantize.h);
+ * torch's block-wise ops made ~7 passes over them (~95 ms a rollout, session 12), this makes one per row while the
+ * row sits in L1. */
+#include "quantize.h"
 
 void opd_quantize_set_wide(int on) { quantize_wide = on; } /* the tests run both loops */
 
 void opd_quantize_int8(const void *w, int bf16, int8_t *q, float *scale, int64_t N, int64_t K, int threads) {
-    if (quantize_wide < 0) quantize_wide = __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
-    if (quantize_wide) {
-        #pragma omp parallel for schedule(static) num_threads(threads)
-        for (int64_t n = 0; n < N; n++)
-            quantize_row16(bf16 ? (const void *)((const uint16_t *)w + n * K) : (const void *)((const float *)w + n * K),
-                           bf16, q + n * K, scale + n, K);
-        return;
-    }
-    const int64_t K8 = K & ~(int64_t)7;
-    const __m256 sign = _mm256_set1_ps(-0.0f);
+    const int64_t row_bytes = K * (bf16 ? 2 : 4);
+    quantize_wide_now();
     #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t n = 0; n < N; n++) {
-        const void *row = bf16 ? (const void *)((const uint16_t *)w + n * K) : (const void *)((const float *)w + n * K);
-        __m256 m = _mm256_setzero_ps();
-        for (int64_t k = 0; k < K8; k += 8) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, load8(row, bf16, k)));
-        float top = 0.0f, lanes[8];
-        _mm256_storeu_ps(lanes, m);
-        for (int i = 0; i < 8; i++) top = lanes[i] > top ? lanes[i] : top;
-        for (int64_t k = K8; k < K; k++) {
-            const float a = fabsf(load1(row, bf16, k));
-            top = a > top ? a : top;
-        }
-        float s = top / 127.0f;
-        s = s < 1e-12f ? 1e-12f : s;
-        scale[n] = s;
-        const __m256 sv = _mm256_set1_ps(s);
-        const __m256i lo = _mm256_set1_epi32(-127), hi = _mm256_set1_epi32(127);
-        int8_t *qn = q + n * K;
-        for (int64_t k = 0; k < K8; k += 8) {
-            /* cvtps rounds half to even (the default MXCSR mode), as torch.round */
-            __m256i v = _mm256_cvtps_epi32(_mm256_div_ps(load8(row, bf16, k), sv));
-            v = _mm256_min_epi32(_mm256_max_epi32(v, lo), hi);
-            const __m128i s16 = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-            _mm_storel_epi64((__m128i *)(qn + k), _mm_packs_epi16(s16, s16));
-        }
-        for (int64_t k = K8; k < K; k++) {
-            float r = nearbyintf(load1(row, bf16, k) / s);
-            qn[k] = (int8_t)(r < -127.0f ? -127.0f : (r > 127.0f ? 127.0f : r));
-        }
-    }
+    for (int64_t n = 0; n < N; n++) quantize_row((const char *)w + n * row_bytes, bf16, q + n * K, scale + n, K);
 }

@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaForCausalLM
 
-from opd.llama import (head_dim, int8_linear, int8_supported, int8_weights, layer_weights, rms_norm, rope_, rope_table,
-                       silu_mul, unsupported_reason)
+from opd.llama import (head_dim, int8_linear, int8_supported, int8_weights, layer_sources, layer_weights, rms_norm, rope_,
+                       rope_table, silu_mul, unsupported_reason)
 from opd import cpu_kernels, matmul
 
 
@@ -59,7 +59,9 @@ class FastLlamaDecoder:
         # fp32's bytes; the prefill (many rows at once, where the int8 kernel is slow) keeps the model's own weights.
         self.int8 = None
         if int8 and int8_supported(self.device, self.dtype):
-            flat = int8_weights(model, [t for w in self.layers for t in (w.qkv, w.o, w.gate_up, w.down)] + [self.lm_head])
+            layers = model.model.layers[: cfg.num_hidden_layers]
+            flat = int8_weights(model, [t for w in self.layers for t in (w.qkv, w.o, w.gate_up, w.down)] + [self.lm_head],
+                                sources=layer_sources(layers) + [model.lm_head.weight])
             self.int8 = [flat[4 * i : 4 * i + 4] for i in range(len(self.layers))] + [flat[-1:]]
         # Where the int8 products take fp32 activations (opd's own kernel, also for a bf16 copy: int8_kernel_dtype),
         # decode steps run in fp32 throughout: no bf16 round trip around every product and norm (~180 small casts a

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from transformers import LlamaForCausalLM
 
 from opd import cpu_kernels, matmul
-from opd.llama import int8_supported, unsupported_reason
+from opd.llama import fuse_storage, int8_supported, unsupported_reason
 from opd.models import DTYPES
 from opd.rollout.fast_llama import build_decoder
 from opd.rollout.guidance import TeacherGuide, align_vocab, choose, inverse_cdf, uniforms
@@ -213,6 +213,9 @@ class SamplingCopy:
         for p in self.model.parameters():
             p.requires_grad_(False)
             p.data = p.data.to(dtype)
+        # each layer's Q/K/V and gate/up weights one after another in one buffer: the fast decoder's fused weights
+        # are then these buffers, not a concatenation made again before every rollout (opd.llama.fuse_storage)
+        fuse_storage(self.model)
         self._written_from: list[int] | None = None  # see written_from
 
     @torch.no_grad()

@@ -25,7 +25,7 @@ import math
 
 import torch
 
-from opd import cpu_kernels
+from opd import cpu_kernels, llama
 from opd.rollout.sampler import SamplingCopy
 
 
@@ -71,6 +71,13 @@ class MasterAdamW(torch.optim.AdamW):
     @torch.no_grad()
     def step(self, closure=None):
         fast = cpu_kernels.adamw_available()
+        # Where the copy's int8 decode weights are current, the kernel rewrites their rows in the same pass as the
+        # copy's (no requantising pass before the next rollout); they are current after the step only if every
+        # weight they hold was written that way or not at all.
+        copies = [self.copy_of[id(p)] for g in self.param_groups for p in g["params"]]
+        rows = llama.int8_rows(self.weights.copy.model, copies) if fast else None
+        int8_of = {} if rows is None else {id(c): r for c, r in zip(copies, rows) if r is not None}
+        int8_current = rows is not None
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for p in group["params"]:
@@ -87,8 +94,10 @@ class MasterAdamW(torch.optim.AdamW):
                 grad = c.grad.to_dense() if c.grad.is_sparse else c.grad
                 if fast and all(t.device.type == "cpu" and t.is_contiguous() for t in (p, grad, m, v, c)):
                     cpu_kernels.adamw_step(p, grad, m, v, c, grad_mul=self.grad_mul, lr=group["lr"], beta1=beta1,
-                                           beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"], step=step)
+                                           beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"], step=step,
+                                           int8=int8_of.get(id(c)))
                 else:
+                    int8_current = int8_current and id(c) not in int8_of
                     g = grad.to(p.dtype) * self.grad_mul
                     torch._fused_adamw_([p], [g], [m], [v], [], [state["step"]], lr=group["lr"], beta1=beta1,
                                         beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"],
@@ -100,6 +109,8 @@ class MasterAdamW(torch.optim.AdamW):
         torch.autograd.graph.increment_version([p for g in self.param_groups for p in g["params"]]
                                                + list(self.copy_of.values()))
         self.weights.copy.written_from(self.weights.student)
+        if int8_current:
+            llama.int8_written(self.weights.copy.model)
 
     marks_versions = True  # opd.update.step.step_optimizer: the version counters are already moved (above)
 
