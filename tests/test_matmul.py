@@ -167,3 +167,45 @@ def test_mode_is_inactive_for_bf16_models_and_reentrant(kernel, calls):
         assert len(torch.utils._python_dispatch._get_current_dispatch_mode_stack()) == 1
         fp32(torch.randn(4, 32))
     assert len(calls) == 2
+
+
+needs_packing = pytest.mark.skipif(not matmul.packs(torch.zeros(8, 4, dtype=torch.bfloat16)),
+                                   reason="oneDNN's packed bf16 weights are used on CPUs with AMX only")
+
+
+@needs_packing
+def test_a_packed_weight_gives_the_products_of_the_weight():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(160, 48, generator=g).bfloat16()
+    packed = matmul.PackedWeight(w, 64)
+    for rows in (1, 37, 64, 200):  # packed for 64 rows, right for any number
+        x = torch.randn(2, rows, 48, generator=g).bfloat16()
+        torch.testing.assert_close(matmul.linear(x, packed), F.linear(x, w), rtol=1e-2, atol=1e-2)
+    assert not matmul.packs(w.float()) and not matmul.packs(w[:40])  # fp32; fewer outputs than inputs
+
+
+@needs_packing
+def test_a_frozen_models_layers_pack_on_the_second_call_and_unpack_when_a_weight_changes(tokenizer):
+    from opd import llama
+    from tests.rollout.test_fast_llama import gqa_model
+
+    model = gqa_model(tokenizer).to(torch.bfloat16)
+    ids = torch.randint(4, 60, (2, 24), generator=torch.Generator().manual_seed(1))
+    layers = model.model.layers
+    first = llama.frozen_layer_weights(model, layers, 48)
+    assert not isinstance(first[0].qkv, matmul.PackedWeight)  # seen once: the fused weights as they are
+    packed_layers = llama.frozen_layer_weights(model, layers, 48)  # the same weights again: packed
+    assert all(isinstance(w.qkv, matmul.PackedWeight) and isinstance(w.gate_up, matmul.PackedWeight)
+               for w in packed_layers)
+    assert model not in llama._FUSED  # the packed weights replace the fused copies
+    packed = llama.causal_hidden(model, ids)
+    llama._PACKED.pop(model)
+    plain = llama.causal_hidden(model, ids)  # seen once again: unpacked
+    assert not isinstance(llama._PACKED[model][1], list)
+    torch.testing.assert_close(packed, plain, rtol=2e-2, atol=2e-2)
+    with torch.no_grad():
+        layers[1].mlp.up_proj.weight.add_(0.5)  # a write: the packed weights are stale
+    changed = llama.frozen_layer_weights(model, layers, 48)
+    assert not isinstance(changed[1].gate_up, matmul.PackedWeight)
+    assert torch.equal(changed[1].gate_up[-layers[1].mlp.up_proj.weight.shape[0]:], layers[1].mlp.up_proj.weight)
+    assert isinstance(llama.frozen_layer_weights(model, layers, 48)[1].gate_up, matmul.PackedWeight)  # frozen again

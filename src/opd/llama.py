@@ -15,7 +15,7 @@ tests/test_logprobs.py and tests/rollout/test_fast_llama.py compare both against
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -346,6 +346,32 @@ def int8_written(model) -> None:
 
 
 # ------------------------------------------------------------------------------------- whole sequences
+_PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def frozen_layer_weights(model, layers, rows: int) -> list[LayerWeights]:
+    """layer_weights for a forward of `rows` positions, with the fused QKV and gate/up weights as matmul.PackedWeight
+    once the layers' weights were the same in two calls in a row (a teacher's, a reference model's: a model whose
+    weights change every step, the student's, never packs). The packed weights replace the fused copies (dropped
+    from the cache): a frozen model holds its layers' weights twice, not three times."""
+    sources = layer_sources(layers)
+    key = _weights_key(sources)
+    cached = _PACKED.get(model)
+    if cached is not None and cached[0] == key and cached[1] is not None:
+        return cached[1]
+    weights = layer_weights(model, layers)
+    if not matmul.packs(weights[0].qkv) or not matmul.packs(weights[0].gate_up):
+        return weights
+    if cached is None or cached[0] != key:
+        _PACKED[model] = (key, None)  # seen once: pack if the next call finds the same weights
+        return weights
+    packed = [replace(w, qkv=matmul.PackedWeight(w.qkv, rows), gate_up=matmul.PackedWeight(w.gate_up, rows))
+              for w in weights]
+    _FUSED.pop(model, None)
+    _PACKED[model] = (key, packed)
+    return packed
+
+
 @torch.no_grad()
 def causal_hidden(model, ids: torch.Tensor) -> torch.Tensor:
     """Hidden states [B, L, hidden] after the last decoder layer (before the final norm) of rows that start at
@@ -357,7 +383,7 @@ def causal_hidden(model, ids: torch.Tensor) -> torch.Tensor:
     gqa = {"enable_gqa": True} if H != KV else {}
     cos, sin = rope_table(model, L, p.dtype, p.device)
     positions = torch.arange(L, device=p.device).expand(B, L).contiguous()
-    layers = layer_weights(model, model.model.layers[: cfg.num_hidden_layers])
+    layers = frozen_layer_weights(model, model.model.layers[: cfg.num_hidden_layers], B * L)
     x = F.embedding(ids, model.model.embed_tokens.weight.detach())
     gathered = cos[:, None], sin[:, None]  # [L, 1, D]: broadcast over the heads of a [B, L, heads, D] tensor
     for w in layers:
