@@ -67,7 +67,11 @@ class LocalTeacher:
                 # the scores' [B, T, V] block (the padding's rows zeroed), not gathered [N, V] and scattered after
                 if full_lp is None:
                     full_lp = torch.empty((B, T, self.model.get_output_embeddings().weight.shape[0]))
-                    full_lp[~rollout.completion_mask.bool()] = 0.0
+                    # by row index: a [B, T] mask broadcast over the vocabulary is a pass over the whole block
+                    # (~3.5 ms for 4 x 64 x 49k) even where no row is padding
+                    padding = torch.nonzero(~rollout.completion_mask.bool().reshape(-1))[:, 0]
+                    if padding.numel():
+                        full_lp.view(B * T, -1)[padding] = 0.0
                 flat = full_lp.view(B * T, -1)
                 out_rows = torch.nonzero(cmask.bool().reshape(-1))[:, 0] + start * T
                 res = per_position(self.model, hidden,
