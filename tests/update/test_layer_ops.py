@@ -3,10 +3,11 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers.models.llama import modeling_llama
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 
 from opd import cpu_kernels
-from opd.update.layer_ops import RMSNormBF16, SiluMulBF16, layer_ops
+from opd.update.layer_ops import RMSNormBF16, RopeBF16, SiluMulBF16, layer_ops
 
 needs_build = pytest.mark.skipif(not cpu_kernels.bf16_training_ops(),
                                  reason="csrc/layer_ops.c's bf16 training steps need AVX-512 BF16 and a C compiler")
@@ -65,6 +66,34 @@ def test_silu_mul_forward_and_backward_are_autograds_on_bf16(n):
 
 
 @needs_build
+@pytest.mark.parametrize("D", [64, 40])  # 16-lane blocks only, and a tail
+@pytest.mark.parametrize("own_positions", [True, False])  # cos / sin per sequence, or one [1, L, D] for all
+def test_rope_forward_and_backward_are_hfs_on_bf16(D, own_positions):
+    g = torch.Generator().manual_seed(0)
+    B, H, KV, L = 3, 6, 2, 13
+    # the projections' layout: [B, L, heads, D] seen as [B, heads, L, D]
+    q = torch.randn(B, L, H, D, generator=g).bfloat16().transpose(1, 2)
+    k = torch.randn(B, L, KV, D, generator=g).bfloat16().transpose(1, 2)
+    positions = torch.arange(L)[None] + (torch.tensor([[0], [3], [7]]) if own_positions else 0)
+    freqs = positions[..., None].float() / (10000 ** (torch.arange(0, D, 2).float() / D))
+    angles = torch.cat([freqs, freqs], dim=-1)
+    cos, sin = angles.cos().bfloat16(), angles.sin().bfloat16()
+    dq, dk = torch.randn(B, H, L, D, generator=g).bfloat16(), torch.randn(B, KV, L, D, generator=g).bfloat16()
+
+    def run(fn):
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k)]
+        outs = fn(*leaves, cos, sin)
+        torch.autograd.backward(outs, [dq, dk])
+        return [o.detach() for o in outs] + [t.grad for t in leaves]
+
+    got, want = run(RopeBF16.apply), run(modeling_llama.apply_rotary_pos_emb)
+    for a, b in zip(got, want):
+        assert a.shape == b.shape
+        close(a, b, 2**-8)
+    assert got[0].is_contiguous() and got[1].is_contiguous()  # as HF's ops return them
+
+
+@needs_build
 def test_the_models_norms_and_mlps_take_the_c_steps_and_give_the_same_gradient(student):
     model = copy.deepcopy(student).to(torch.bfloat16)
     ids = torch.randint(0, model.config.vocab_size, (3, 11), generator=torch.Generator().manual_seed(2))
@@ -77,19 +106,22 @@ def test_the_models_norms_and_mlps_take_the_c_steps_and_give_the_same_gradient(s
         with layer_ops(model) if use else _none() as swapped:
             if use:
                 assert swapped == norms + mlps and norms and mlps
-                real_norm, real_mlp = RMSNormBF16.apply, SiluMulBF16.apply
+                real_norm, real_mlp, real_rope = RMSNormBF16.apply, SiluMulBF16.apply, RopeBF16.apply
                 RMSNormBF16.apply = lambda *a: calls.append("norm") or real_norm(*a)
                 SiluMulBF16.apply = lambda *a: calls.append("mlp") or real_mlp(*a)
+                RopeBF16.apply = lambda *a: calls.append("rope") or real_rope(*a)
             try:
                 loss = model(input_ids=ids).logits.float().logsumexp(-1).mean()
                 loss.backward()
             finally:
                 if use:
-                    RMSNormBF16.apply, SiluMulBF16.apply = real_norm, real_mlp
+                    RMSNormBF16.apply, SiluMulBF16.apply, RopeBF16.apply = real_norm, real_mlp, real_rope
         results.append((loss.detach(), torch.cat([p.grad.float().flatten() for p in model.parameters()])))
         if use:
             assert calls.count("norm") == norms and calls.count("mlp") == mlps
+            assert calls.count("rope") == model.config.num_hidden_layers
     assert not any("forward" in vars(m) for m in model.modules())  # restored
+    assert modeling_llama.apply_rotary_pos_emb.__module__ == modeling_llama.__name__
     (l0, g0), (l1, g1) = results
     torch.testing.assert_close(l1, l0, rtol=1e-2, atol=1e-2)
     assert F.cosine_similarity(g0, g1, dim=0) > 0.999
