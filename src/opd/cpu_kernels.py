@@ -323,6 +323,8 @@ def _optimizer_library() -> ctypes.CDLL | None:
     lib.opd_adamw_step_int8.argtypes = [_P, _P, ctypes.c_int, _P, _P, _P, ctypes.c_int64, ctypes.c_int64, _P, _P,
                                         *[ctypes.c_float] * 8, ctypes.c_int]
     lib.opd_sum_squares.restype, lib.opd_sum_squares.argtypes = ctypes.c_double, [_P, ctypes.c_int, ctypes.c_int64, ctypes.c_int]
+    lib.opd_sum_squares_many.restype = ctypes.c_double
+    lib.opd_sum_squares_many.argtypes = [_P, _P, ctypes.c_int64, ctypes.c_int, ctypes.c_int]
     return lib
 
 
@@ -363,6 +365,30 @@ def adamw_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, e
     lib.opd_adamw_step(param.data_ptr(), grad.data_ptr(), int(grad.dtype == torch.bfloat16), exp_avg.data_ptr(),
                        exp_avg_sq.data_ptr(), None if copy is None else copy.data_ptr(), param.numel(), grad_mul, lr,
                        beta1, beta2, eps, weight_decay, lr / bc1, bc2_sqrt, torch.get_num_threads())
+
+
+def sum_squares_all(tensors: list[torch.Tensor]) -> float:
+    """The sum of sum_squares over `tensors`: the contiguous bf16 and fp32 CPU ones in one C pass per dtype (one
+    thread team for all of them, not one per tensor), any others one by one."""
+    lib = _optimizer_library()
+    total, rest = 0.0, []
+    for dtype in (torch.bfloat16, torch.float32):
+        group = [t for t in tensors if t.dtype == dtype and t.device.type == "cpu" and t.is_contiguous() and t.numel()]
+        if lib is None or not group:
+            continue
+        ptrs = torch.tensor([t.data_ptr() for t in group], dtype=torch.int64)
+        sizes = torch.tensor([t.numel() for t in group], dtype=torch.int64)
+        got = lib.opd_sum_squares_many(ptrs.data_ptr(), sizes.data_ptr(), len(group), int(dtype == torch.bfloat16),
+                                       torch.get_num_threads())
+        if got < 0:
+            raise MemoryError("opd_sum_squares_many: no memory for its list of chunks")
+        total += got
+    if lib is not None:
+        rest = [t for t in tensors if not (t.dtype in (torch.bfloat16, torch.float32) and t.device.type == "cpu"
+                                           and t.is_contiguous())]
+    else:
+        rest = tensors
+    return total + sum(sum_squares(t) for t in rest)
 
 
 def sum_squares(x: torch.Tensor) -> float:

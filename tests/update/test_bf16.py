@@ -72,6 +72,15 @@ def test_sum_squares_is_the_fp64_sum():
         assert cpu_kernels.sum_squares(t) == pytest.approx(float(t.double().square().sum()), rel=1e-5)
 
 
+def test_the_sum_over_many_tensors_is_the_fp64_sum_of_each():
+    g = torch.Generator().manual_seed(2)
+    tensors = [torch.randn(n, generator=g) for n in (1, 7, 8193, 100_003, 0)] + [torch.randn(30, 20, generator=g)]
+    tensors += [t.bfloat16() for t in tensors] + [torch.randn(9, 4, generator=g).t()]  # bf16; one not contiguous
+    want = sum(float(t.double().square().sum()) for t in tensors)
+    assert cpu_kernels.sum_squares_all(tensors) == pytest.approx(want, rel=1e-6)
+    assert cpu_kernels.sum_squares_all([]) == 0.0
+
+
 def test_master_adamw_state_is_torch_adamws_and_loads_either_way(student):
     w = Bf16Weights(student)
     opt = w.optimizer(lr=1e-3, betas=(0.9, 0.99), weight_decay=0.0)

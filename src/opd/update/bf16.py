@@ -116,10 +116,7 @@ class MasterAdamW(torch.optim.AdamW):
 
 
 def grad_norm(params: list[torch.Tensor]) -> float:
-    """The global L2 norm of the parameters' gradients (bf16 or fp32), read in one pass each."""
-    total = 0.0
-    for p in params:
-        if p.grad is not None:
-            g = p.grad.to_dense() if p.grad.is_sparse else p.grad
-            total += cpu_kernels.sum_squares(g)  # torch's ops (an fp64 sum) where the C pass does not apply
-    return math.sqrt(total)
+    """The global L2 norm of the parameters' gradients (bf16 or fp32), read in one pass (torch's ops, an fp64 sum,
+    where the C pass does not apply)."""
+    grads = [p.grad.to_dense() if p.grad.is_sparse else p.grad for p in params if p.grad is not None]
+    return math.sqrt(cpu_kernels.sum_squares_all(grads))
