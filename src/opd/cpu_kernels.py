@@ -534,6 +534,8 @@ class _LayerOps:
     silu_mul_pair: ctypes._CFuncPtr | None
     silu_mul_backward: ctypes._CFuncPtr | None
     rms_norm_backward: ctypes._CFuncPtr | None
+    causal_softmax: ctypes._CFuncPtr | None
+    causal_softmax_backward: ctypes._CFuncPtr | None
     # the fp32 steps (one AVX2 build everywhere: memory-bound)
     rms_norm_f32: ctypes._CFuncPtr
     rope_f32: ctypes._CFuncPtr
@@ -548,7 +550,9 @@ def _layer_ops(lib: ctypes.CDLL, variant: str) -> _LayerOps:
             "rope": [_P, i64, i64, i64, i64, _P, _P, _P, ctypes.c_int], "silu_mul": [_P, _P, i64, i64, ctypes.c_int],
             "silu_mul_pair": [_P, _P, _P, i64, i64, ctypes.c_int],
             "silu_mul_backward": [_P, _P, _P, _P, _P, i64, i64, ctypes.c_int],
-            "rms_norm_backward": [_P, _P, _P, _P, _P, i64, i64, ctypes.c_float, ctypes.c_int]}
+            "rms_norm_backward": [_P, _P, _P, _P, _P, i64, i64, ctypes.c_float, ctypes.c_int],
+            "causal_softmax": [_P, _P, i64, i64, i64, ctypes.c_int],
+            "causal_softmax_backward": [_P, _P, _P, i64, i64, i64, ctypes.c_int]}
 
     def fn(name: str, symbol: str) -> ctypes._CFuncPtr:
         f = getattr(lib, symbol)
@@ -558,7 +562,8 @@ def _layer_ops(lib: ctypes.CDLL, variant: str) -> _LayerOps:
     return _LayerOps(fn("rms_norm", f"opd_rms_norm_bf16{suffix}"), fn("rope", f"opd_rope_bf16{suffix}"),
                      fn("silu_mul", "opd_silu_mul_bf16_avx512") if wide else None, variant,
                      *(fn(name, f"opd_{name}_bf16_avx512") if wide else None
-                       for name in ("silu_mul_pair", "silu_mul_backward", "rms_norm_backward")),
+                       for name in ("silu_mul_pair", "silu_mul_backward", "rms_norm_backward", "causal_softmax",
+                                    "causal_softmax_backward")),
                      *(fn(name, f"opd_{name}_f32") for name in ("rms_norm", "rope", "silu_mul")))
 
 
@@ -655,6 +660,27 @@ def silu_mul_backward(gate: torch.Tensor, up: torch.Tensor, dy: torch.Tensor) ->
     _layer_library().silu_mul_backward(gate.data_ptr(), up.data_ptr(), dy.data_ptr(), dg.data_ptr(), du.data_ptr(),
                                        gate.numel() // max(1, n), n, torch.get_num_threads())
     return dg, du
+
+
+def causal_softmax(scores: torch.Tensor, q_len: int) -> torch.Tensor:
+    """bf16(softmax) of each row of scores [..., rows, Lk] (contiguous bf16) over its keys 0 .. (row % q_len) +
+    Lk - q_len, zeros after: the causal attention's probabilities (csrc/layer_ops.c; bf16_training_ops only)."""
+    assert bf16_training_ops() and bf16_cpu(scores) and scores.shape[-2] % q_len == 0 and q_len <= scores.shape[-1]
+    probs = torch.empty_like(scores)
+    Lk = scores.shape[-1]
+    _layer_library().causal_softmax(scores.data_ptr(), probs.data_ptr(), scores.numel() // Lk, q_len, Lk,
+                                    torch.get_num_threads())
+    return probs
+
+
+def causal_softmax_backward(probs: torch.Tensor, dprobs: torch.Tensor, q_len: int) -> torch.Tensor:
+    """The gradient of causal_softmax's scores from its probabilities and theirs (contiguous bf16, one shape)."""
+    assert bf16_training_ops() and bf16_cpu(probs, dprobs) and probs.shape == dprobs.shape
+    dscores = torch.empty_like(probs)
+    Lk = probs.shape[-1]
+    _layer_library().causal_softmax_backward(probs.data_ptr(), dprobs.data_ptr(), dscores.data_ptr(), probs.numel() // Lk,
+                                             q_len, Lk, torch.get_num_threads())
+    return dscores
 
 
 def rms_norm_backward(x: torch.Tensor, weight: torch.Tensor, dy: torch.Tensor,

@@ -3,6 +3,7 @@ import copy
 import pytest
 import torch
 
+from opd import cpu_kernels
 from opd.config import FeedbackConfig, ObjectiveConfig, TrainConfig
 from opd.feedback import compute_feedback
 from opd.rollout import SamplingParams, sample
@@ -263,24 +264,31 @@ def test_bf16_cpu_update_trains_through_eager_attention_and_restores_the_model(s
     assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.99  # the same step up to bf16 rounding
 
 
-@pytest.mark.parametrize("heads, kv_heads, head_dim, masked", [(6, 2, 16, True), (4, 4, 16, True), (6, 3, 12, False)])
-def test_grouped_eager_attention_is_hfs_eager_attention(heads, kv_heads, head_dim, masked):
+@pytest.mark.parametrize("heads, kv_heads, head_dim, mask_kind",
+                         [(6, 2, 16, "additive"), (4, 4, 16, "boolean"), (6, 3, 12, "none, causal"),
+                          (6, 2, 16, "none, not causal")])
+def test_grouped_eager_attention_is_hfs_eager_attention(heads, kv_heads, head_dim, mask_kind):
     """The same outputs and gradients as transformers' eager_attention_forward (which copies each key/value head for
-    its query heads): grouped query heads, plain heads, a causal additive mask or none, and a scale that is not a
-    power of two (head size 12)."""
+    its query heads): grouped query heads, plain heads, a scale that is not a power of two (head size 12), and the
+    masks of HF's SDPA interface: additive, boolean, and none (causal for a causal module, as SDPA's is_causal)."""
     from transformers.models.llama.modeling_llama import eager_attention_forward
 
     from opd.update.step import grouped_eager_attention
 
     class Module:
         num_key_value_groups, training = heads // kv_heads, True
+        is_causal = mask_kind != "none, not causal"
 
     B, L = 3, 11
     g = torch.Generator().manual_seed(heads + head_dim)
     base = torch.randn(B, L, heads + 2 * kv_heads, head_dim, generator=g)
-    mask = torch.full((L, L), float("-inf")).triu(1)[None, None].expand(B, 1, L, L) if masked else None
+    causal = torch.ones(L, L, dtype=torch.bool).tril()[None, None].expand(B, 1, L, L)
+    additive = torch.zeros(B, 1, L, L).masked_fill(~causal, float("-inf"))
+    masks = {"additive": (additive, additive), "boolean": (causal, additive), "none, causal": (None, additive),
+             "none, not causal": (None, None)}
+    ours, hfs = masks[mask_kind]
     results = []
-    for fn in (eager_attention_forward, grouped_eager_attention):
+    for fn, mask in ((eager_attention_forward, hfs), (grouped_eager_attention, ours)):
         x = base.clone().requires_grad_()
         q, k, v = x[:, :, :heads].transpose(1, 2), x[:, :, heads:heads + kv_heads].transpose(1, 2), x[:, :, heads + kv_heads:].transpose(1, 2)
         out, _ = fn(Module(), q, k, v, mask, head_dim**-0.5)
@@ -290,6 +298,31 @@ def test_grouped_eager_attention_is_hfs_eager_attention(heads, kv_heads, head_di
     assert got.shape == want.shape == (B, L, heads, head_dim)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got_grad, want_grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not cpu_kernels.bf16_training_ops(), reason="the C causal softmax needs AVX-512 BF16 and a C compiler")
+@pytest.mark.parametrize("L, Lk", [(37, 37), (5, 21)])  # a query per key, and queries that follow cached keys
+def test_the_c_causal_softmax_is_the_masked_fp32_softmax_cast_to_bf16(L, Lk):
+    from opd.update.layer_ops import CausalSoftmaxBF16
+
+    g = torch.Generator().manual_seed(L)
+    scores = (torch.randn(2, 3, 2 * L, Lk, generator=g) * 4).bfloat16()  # two query heads a key head, stacked
+    dprobs = torch.randn(2, 3, 2 * L, Lk, generator=g).bfloat16()
+    seen = torch.ones(L, Lk, dtype=torch.bool).tril(Lk - L).repeat(2, 1)  # row r: the query at r % L
+    results = []
+    for c in (True, False):
+        s = scores.clone().requires_grad_()
+        if c:
+            probs = CausalSoftmaxBF16.apply(s, L)
+        else:
+            probs = torch.softmax(s.masked_fill(~seen, float("-inf")), dim=-1, dtype=torch.float32).to(torch.bfloat16)
+        probs.backward(dprobs)
+        results.append((probs.detach(), s.grad))
+    (got, got_grad), (want, want_grad) = results
+    assert (got[..., ~seen] == 0).all() and (got_grad[..., ~seen] == 0).all()
+    torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=2**-8)  # a bf16 step of a probability
+    torch.testing.assert_close(got_grad.float(), want_grad.float(), rtol=0,
+                               atol=2**-7 * float(want_grad.float().abs().max()))
 
 
 @pytest.mark.parametrize("micro, padding_idx", [(0, None), (2, None), (0, "a prompt token")])

@@ -78,6 +78,25 @@ class RopeBF16(torch.autograd.Function):
         return _rotated(dq, back, rows).transpose(1, 2), _rotated(dk, back, rows).transpose(1, 2), None, None
 
 
+class CausalSoftmaxBF16(torch.autograd.Function):
+    """The causal attention's bf16 probabilities from bf16 scores [B, KV, group x L, L] (a group's query heads
+    stacked as rows, as update.step.grouped_eager_attention lays them out): HF eager's mask add, fp32 softmax and
+    cast to bf16, and their backward (a cast, the softmax's backward, a cast), one C pass each way (saved: the bf16
+    probabilities only)."""
+
+    @staticmethod
+    def forward(ctx, scores, q_len: int):
+        probs = cpu_kernels.causal_softmax(scores, q_len)
+        ctx.save_for_backward(probs)
+        ctx.q_len = q_len
+        return probs
+
+    @staticmethod
+    def backward(ctx, dprobs):
+        (probs,) = ctx.saved_tensors
+        return cpu_kernels.causal_softmax_backward(probs, dprobs.contiguous(), ctx.q_len), None
+
+
 def _rotated(x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
     """x [B, heads, L, D] rotated by the tables' angles at `rows`, as a [B, L, heads, D] tensor (the C pass's layout)."""
     buf = x.transpose(1, 2).contiguous()
