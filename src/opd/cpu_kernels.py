@@ -551,8 +551,8 @@ def _layer_ops(lib: ctypes.CDLL, variant: str) -> _LayerOps:
             "silu_mul_pair": [_P, _P, _P, i64, i64, ctypes.c_int],
             "silu_mul_backward": [_P, _P, _P, _P, _P, i64, i64, ctypes.c_int],
             "rms_norm_backward": [_P, _P, _P, _P, _P, i64, i64, ctypes.c_float, ctypes.c_int],
-            "causal_softmax": [_P, _P, i64, i64, i64, ctypes.c_int],
-            "causal_softmax_backward": [_P, _P, _P, i64, i64, i64, ctypes.c_int]}
+            "causal_softmax": [_P, _P, i64, i64, i64, ctypes.c_float, ctypes.c_int],
+            "causal_softmax_backward": [_P, _P, _P, i64, i64, i64, ctypes.c_float, ctypes.c_int]}
 
     def fn(name: str, symbol: str) -> ctypes._CFuncPtr:
         f = getattr(lib, symbol)
@@ -662,24 +662,25 @@ def silu_mul_backward(gate: torch.Tensor, up: torch.Tensor, dy: torch.Tensor) ->
     return dg, du
 
 
-def causal_softmax(scores: torch.Tensor, q_len: int) -> torch.Tensor:
-    """bf16(softmax) of each row of scores [..., rows, Lk] (contiguous bf16) over its keys 0 .. (row % q_len) +
-    Lk - q_len, zeros after: the causal attention's probabilities (csrc/layer_ops.c; bf16_training_ops only)."""
+def causal_softmax(scores: torch.Tensor, q_len: int, scale: float = 1.0) -> torch.Tensor:
+    """bf16(softmax(scale x row)) of each row of scores [..., rows, Lk] (contiguous bf16) over its keys 0 ..
+    (row % q_len) + Lk - q_len, zeros after: the causal attention's probabilities (csrc/layer_ops.c;
+    bf16_training_ops only)."""
     assert bf16_training_ops() and bf16_cpu(scores) and scores.shape[-2] % q_len == 0 and q_len <= scores.shape[-1]
     probs = torch.empty_like(scores)
     Lk = scores.shape[-1]
-    _layer_library().causal_softmax(scores.data_ptr(), probs.data_ptr(), scores.numel() // Lk, q_len, Lk,
+    _layer_library().causal_softmax(scores.data_ptr(), probs.data_ptr(), scores.numel() // Lk, q_len, Lk, scale,
                                     torch.get_num_threads())
     return probs
 
 
-def causal_softmax_backward(probs: torch.Tensor, dprobs: torch.Tensor, q_len: int) -> torch.Tensor:
+def causal_softmax_backward(probs: torch.Tensor, dprobs: torch.Tensor, q_len: int, scale: float = 1.0) -> torch.Tensor:
     """The gradient of causal_softmax's scores from its probabilities and theirs (contiguous bf16, one shape)."""
     assert bf16_training_ops() and bf16_cpu(probs, dprobs) and probs.shape == dprobs.shape
     dscores = torch.empty_like(probs)
     Lk = probs.shape[-1]
     _layer_library().causal_softmax_backward(probs.data_ptr(), dprobs.data_ptr(), dscores.data_ptr(), probs.numel() // Lk,
-                                             q_len, Lk, torch.get_num_threads())
+                                             q_len, Lk, scale, torch.get_num_threads())
     return dscores
 
 

@@ -301,8 +301,8 @@ def test_grouped_eager_attention_is_hfs_eager_attention(heads, kv_heads, head_di
 
 
 @pytest.mark.skipif(not cpu_kernels.bf16_training_ops(), reason="the C causal softmax needs AVX-512 BF16 and a C compiler")
-@pytest.mark.parametrize("L, Lk", [(37, 37), (5, 21)])  # a query per key, and queries that follow cached keys
-def test_the_c_causal_softmax_is_the_masked_fp32_softmax_cast_to_bf16(L, Lk):
+@pytest.mark.parametrize("L, Lk, scale", [(37, 37, 1.0), (5, 21, 0.125)])  # queries that follow cached keys; a scale
+def test_the_c_causal_softmax_is_the_masked_fp32_softmax_cast_to_bf16(L, Lk, scale):
     from opd.update.layer_ops import CausalSoftmaxBF16
 
     g = torch.Generator().manual_seed(L)
@@ -313,9 +313,10 @@ def test_the_c_causal_softmax_is_the_masked_fp32_softmax_cast_to_bf16(L, Lk):
     for c in (True, False):
         s = scores.clone().requires_grad_()
         if c:
-            probs = CausalSoftmaxBF16.apply(s, L)
+            probs = CausalSoftmaxBF16.apply(s, L, scale)
         else:
-            probs = torch.softmax(s.masked_fill(~seen, float("-inf")), dim=-1, dtype=torch.float32).to(torch.bfloat16)
+            probs = torch.softmax((s * scale).masked_fill(~seen, float("-inf")), dim=-1,
+                                  dtype=torch.float32).to(torch.bfloat16)
         probs.backward(dprobs)
         results.append((probs.detach(), s.grad))
     (got, got_grad), (want, want_grad) = results
@@ -323,6 +324,36 @@ def test_the_c_causal_softmax_is_the_masked_fp32_softmax_cast_to_bf16(L, Lk):
     torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=2**-8)  # a bf16 step of a probability
     torch.testing.assert_close(got_grad.float(), want_grad.float(), rtol=0,
                                atol=2**-7 * float(want_grad.float().abs().max()))
+
+
+@pytest.mark.skipif(not cpu_kernels.bf16_training_ops(), reason="the C causal softmax needs AVX-512 BF16 and a C compiler")
+def test_grouped_eager_attention_in_bf16_takes_the_c_pass_and_is_hfs_eager_attention(monkeypatch):
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    from opd.update import layer_ops
+    from opd.update.step import grouped_eager_attention
+
+    class Module:
+        num_key_value_groups, training, is_causal = 3, True, True
+
+    B, L, heads, kv_heads, head_dim = 2, 19, 6, 2, 64
+    base = torch.randn(B, L, heads + 2 * kv_heads, head_dim, generator=torch.Generator().manual_seed(0)).bfloat16()
+    additive = torch.zeros(B, 1, L, L, dtype=torch.bfloat16).masked_fill(~torch.ones(L, L, dtype=torch.bool).tril(),
+                                                                         torch.finfo(torch.bfloat16).min)
+    calls = []
+    real = layer_ops.CausalSoftmaxBF16.apply
+    monkeypatch.setattr(layer_ops.CausalSoftmaxBF16, "apply", lambda *a: calls.append(a[1:]) or real(*a))
+    results = []
+    for fn, mask in ((eager_attention_forward, additive), (grouped_eager_attention, None)):
+        x = base.clone().requires_grad_()
+        q, k, v = x[:, :, :heads].transpose(1, 2), x[:, :, heads:heads + kv_heads].transpose(1, 2), x[:, :, heads + kv_heads:].transpose(1, 2)
+        out, _ = fn(Module(), q, k, v, mask, head_dim**-0.5)
+        (out.float() * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results.append((out.detach().float(), x.grad.float()))
+    assert calls == [(L, 0.125)]
+    (want, want_grad), (got, got_grad) = results
+    torch.testing.assert_close(got, want, rtol=0, atol=2**-6 * float(want.abs().max()))
+    torch.testing.assert_close(got_grad, want_grad, rtol=0, atol=2**-6 * float(want_grad.abs().max()))
 
 
 @pytest.mark.parametrize("micro, padding_idx", [(0, None), (2, None), (0, "a prompt token")])

@@ -317,9 +317,10 @@ void opd_silu_mul_f32(const float *gate_up, float *y, int64_t rows, int64_t inte
 }
 
 /* ---- the update's causal attention probabilities (AVX-512 BF16 build; opd.update.layer_ops.CausalSoftmaxBF16)
- * probs = bf16(softmax(scores)) over each row's keys 0 .. its query's position, zeros after: the causal mask, the
- * fp32 softmax and the cast to bf16 of HF's eager attention in one pass a row, and their backward
- * ds = bf16(p * (dp - sum_j dp_j p_j)) in one more, from the saved bf16 probabilities (autograd keeps the fp32
+ * probs = bf16(softmax(scale x scores)) over each row's keys 0 .. its query's position, zeros after: the queries'
+ * scaling, the causal mask, the fp32 softmax and the cast to bf16 of HF's eager attention in one pass a row, and
+ * their backward ds = bf16(scale x p * (dp - sum_j dp_j p_j)) in one more (with a power-of-two scale, as head size
+ * 64 gives, scaling the product is exactly scaling the queries: the same bits), from the saved bf16 probabilities (autograd keeps the fp32
  * ones: the product differs by a bf16 rounding of p, below the bf16 rounding of ds itself). scores / probs are
  * [rows, Lk] with row r the query at position r % Lq + (Lk - Lq) (a group's query heads stacked as rows). */
 BF16_TARGET static inline __mmask16 first16(int64_t left) {
@@ -335,7 +336,8 @@ BF16_TARGET static inline void store16m(uint16_t *p, __m512 x, __mmask16 m) {
 }
 
 BF16_TARGET void opd_causal_softmax_bf16_avx512(const uint16_t *scores, uint16_t *probs, int64_t rows, int64_t Lq,
-                                                int64_t Lk, int threads) {
+                                                int64_t Lk, float scale, int threads) {
+    const __m512 vscale = _mm512_set1_ps(scale);
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t r = 0; r < rows; r++) {
         const uint16_t *s = scores + r * Lk;
@@ -343,12 +345,13 @@ BF16_TARGET void opd_causal_softmax_bf16_avx512(const uint16_t *scores, uint16_t
         const int64_t n = r % Lq + (Lk - Lq) + 1;  /* keys seen */
         float e[n];
         __m512 vmax = _mm512_set1_ps(-INFINITY);
-        for (int64_t j = 0; j < n; j += 16) vmax = _mm512_mask_max_ps(vmax, first16(n - j), vmax, load16m(s + j, first16(n - j)));
+        for (int64_t j = 0; j < n; j += 16)
+            vmax = _mm512_mask_max_ps(vmax, first16(n - j), vmax, _mm512_mul_ps(load16m(s + j, first16(n - j)), vscale));
         const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
         __m512 vsum = _mm512_setzero_ps();
         for (int64_t j = 0; j < n; j += 16) {
             const __mmask16 k = first16(n - j);
-            const __m512 x = _mm512_maskz_mov_ps(k, exp16(_mm512_sub_ps(load16m(s + j, k), m)));
+            const __m512 x = _mm512_maskz_mov_ps(k, exp16(_mm512_sub_ps(_mm512_mul_ps(load16m(s + j, k), vscale), m)));
             vsum = _mm512_add_ps(vsum, x);
             _mm512_mask_storeu_ps(e + j, k, x);
         }
@@ -362,7 +365,7 @@ BF16_TARGET void opd_causal_softmax_bf16_avx512(const uint16_t *scores, uint16_t
 }
 
 BF16_TARGET void opd_causal_softmax_backward_bf16_avx512(const uint16_t *probs, const uint16_t *dprobs, uint16_t *dscores,
-                                                         int64_t rows, int64_t Lq, int64_t Lk, int threads) {
+                                                         int64_t rows, int64_t Lq, int64_t Lk, float scale, int threads) {
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t r = 0; r < rows; r++) {
         const uint16_t *p = probs + r * Lk, *dp = dprobs + r * Lk;
@@ -373,10 +376,11 @@ BF16_TARGET void opd_causal_softmax_backward_bf16_avx512(const uint16_t *probs, 
             const __mmask16 k = first16(n - j);
             vdot = _mm512_fmadd_ps(load16m(p + j, k), load16m(dp + j, k), vdot);
         }
-        const __m512 dot = _mm512_set1_ps(_mm512_reduce_add_ps(vdot));
+        const __m512 dot = _mm512_set1_ps(_mm512_reduce_add_ps(vdot)), vscale = _mm512_set1_ps(scale);
         for (int64_t j = 0; j < n; j += 16) {
             const __mmask16 k = first16(n - j);
-            store16m(ds + j, _mm512_mul_ps(load16m(p + j, k), _mm512_sub_ps(load16m(dp + j, k), dot)), k);
+            const __m512 d = _mm512_mul_ps(load16m(p + j, k), _mm512_sub_ps(load16m(dp + j, k), dot));
+            store16m(ds + j, _mm512_mul_ps(d, vscale), k);
         }
         for (int64_t j = n; j < Lk; j++) ds[j] = 0;
     }

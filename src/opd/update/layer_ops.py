@@ -79,22 +79,22 @@ class RopeBF16(torch.autograd.Function):
 
 
 class CausalSoftmaxBF16(torch.autograd.Function):
-    """The causal attention's bf16 probabilities from bf16 scores [B, KV, group x L, L] (a group's query heads
-    stacked as rows, as update.step.grouped_eager_attention lays them out): HF eager's mask add, fp32 softmax and
-    cast to bf16, and their backward (a cast, the softmax's backward, a cast), one C pass each way (saved: the bf16
-    probabilities only)."""
+    """The causal attention's bf16 probabilities from unscaled bf16 scores [B, KV, group x L, L] (a group's query
+    heads stacked as rows, as update.step.grouped_eager_attention lays them out) and the attention's scale: HF
+    eager's scaling of the queries, mask add, fp32 softmax and cast to bf16, and their backward, one C pass each way
+    (saved: the bf16 probabilities only)."""
 
     @staticmethod
-    def forward(ctx, scores, q_len: int):
-        probs = cpu_kernels.causal_softmax(scores, q_len)
+    def forward(ctx, scores, q_len: int, scale: float):
+        probs = cpu_kernels.causal_softmax(scores, q_len, scale)
         ctx.save_for_backward(probs)
-        ctx.q_len = q_len
+        ctx.q_len, ctx.scale = q_len, scale
         return probs
 
     @staticmethod
     def backward(ctx, dprobs):
         (probs,) = ctx.saved_tensors
-        return cpu_kernels.causal_softmax_backward(probs, dprobs.contiguous(), ctx.q_len), None
+        return cpu_kernels.causal_softmax_backward(probs, dprobs.contiguous(), ctx.q_len, ctx.scale), None, None
 
 
 def _rotated(x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
