@@ -371,10 +371,11 @@ def sum_squares_all(tensors: list[torch.Tensor]) -> float:
     """The sum of sum_squares over `tensors`: the contiguous bf16 and fp32 CPU ones in one C pass per dtype (one
     thread team for all of them, not one per tensor), any others one by one."""
     lib = _optimizer_library()
-    total, rest = 0.0, []
-    for dtype in (torch.bfloat16, torch.float32):
+    dtypes = (torch.bfloat16, torch.float32) if lib is not None else ()
+    total = 0.0
+    for dtype in dtypes:
         group = [t for t in tensors if t.dtype == dtype and t.device.type == "cpu" and t.is_contiguous() and t.numel()]
-        if lib is None or not group:
+        if not group:
             continue
         ptrs = torch.tensor([t.data_ptr() for t in group], dtype=torch.int64)
         sizes = torch.tensor([t.numel() for t in group], dtype=torch.int64)
@@ -383,11 +384,7 @@ def sum_squares_all(tensors: list[torch.Tensor]) -> float:
         if got < 0:
             raise MemoryError("opd_sum_squares_many: no memory for its list of chunks")
         total += got
-    if lib is not None:
-        rest = [t for t in tensors if not (t.dtype in (torch.bfloat16, torch.float32) and t.device.type == "cpu"
-                                           and t.is_contiguous())]
-    else:
-        rest = tensors
+    rest = [t for t in tensors if not (t.dtype in dtypes and t.device.type == "cpu" and t.is_contiguous())]
     return total + sum(sum_squares(t) for t in rest)
 
 

@@ -132,8 +132,11 @@ def _fused_groups(layer) -> list[list[torch.Tensor]]:
 
 def layer_sources(layers) -> list[torch.Tensor]:
     """The parameters that layer_weights' weights of `layers` are made of (what their caches are keyed on)."""
-    return [w for layer in layers for w in (*_fused_groups(layer)[0], layer.self_attn.o_proj.weight,
-                                            *_fused_groups(layer)[1], layer.mlp.down_proj.weight)]
+    sources = []
+    for layer in layers:
+        qkv, gate_up = _fused_groups(layer)
+        sources += [*qkv, layer.self_attn.o_proj.weight, *gate_up, layer.mlp.down_proj.weight]
+    return sources
 
 
 @torch.no_grad()
@@ -268,7 +271,7 @@ def quantize_int8(w: torch.Tensor, out: Int8Weight | None = None, rows: int = 10
     if cpu_kernels.quantize_int8_into(w, out.q, out.scale):  # fp32 scales (opd's kernel) only
         return out
     for r in range(0, N, rows):
-        block = w[r : r + rows].to(torch.float32, copy=True)  # a copy even for fp32: the divide below is in place
+        block = w[r : r + rows].to(torch.float32, copy=True)  # a copy even for fp32: the product below is in place
         out.scale[r : r + rows] = block.abs().amax(dim=1).div_(127.0).clamp_(min=1e-12)
         # Times the reciprocal of the scale as stored (rounded to the activations' dtype): q * scale is then the
         # nearest step (csrc/quantize.h: a product, not a division per value, with the same bits there).
@@ -312,12 +315,14 @@ def int8_weights(model, weights: list[torch.Tensor], sources: list[torch.Tensor]
 def int8_rows(model, tensors: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor] | None] | None:
     """Where `model`'s int8 decode weights (int8_weights) are current and have fp32 scales (opd's kernel): for each
     of `tensors` (weights of the model, e.g. the Q part of a fused QKV weight), the int8 rows and scales it was
-    quantised into, or None for one they do not cover. None where there are no such weights. An optimizer that
-    writes a weight and those rows in one pass then calls int8_written (opd.update.bf16)."""
+    quantised into, or None for one they do not cover. None where there are no such weights, or where one of
+    `tensors` is a source of them without rows of its own (e.g. quantised from a concatenated copy): writing it
+    would leave them stale. An optimizer that writes a weight and those rows in one pass then calls int8_written
+    (opd.update.bf16)."""
     entry = _INT8.get(model)
     if entry is None or entry[0] != _weights_key(entry[3]):
         return None
-    _, result, weights, _ = entry
+    _, result, weights, sources = entry
     where = [(t.data_ptr(), t.shape, t.dtype) for t in tensors]
     memo = _INT8_ROWS.get(model)
     if memo is not None and memo[0] is result and memo[1] == where:  # else the search below: ~3 ms for 137 tensors
@@ -334,6 +339,9 @@ def int8_rows(model, tensors: list[torch.Tensor]) -> list[tuple[torch.Tensor, to
                     hit = (out.q[offset : offset + t.shape[0]], out.scale[offset : offset + t.shape[0]])
                     break
         found.append(hit)
+    made_of = {id(t) for t in sources}
+    if any(hit is None and id(t) in made_of for t, hit in zip(tensors, found)):
+        found = None
     _INT8_ROWS[model] = (result, where, found)
     return found
 

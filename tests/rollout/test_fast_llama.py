@@ -178,6 +178,24 @@ def test_a_sampling_copys_fused_weights_are_its_own_storage(tokenizer, prompts):
     assert torch.equal(a.completion_ids, b.completion_ids)
 
 
+def test_int8_rows_are_handed_out_only_where_each_source_has_its_own(tokenizer):
+    from opd import cpu_kernels, llama
+
+    if not cpu_kernels.int8_gemv_available():
+        pytest.skip("opd's int8 kernel (fp32 scales) does not build here")
+    model = gqa_model(tokenizer).to(torch.bfloat16)  # not a sampling copy: its fused weights are concatenations
+    build_decoder(model, 2, 8, int8=True)
+    att = model.model.layers[0].self_attn
+    rows = llama.int8_rows(model, [att.o_proj.weight])  # quantised from the weight itself
+    assert rows is not None and torch.equal(rows[0][0], llama.quantize_int8(att.o_proj.weight).q)
+    assert llama.int8_rows(model, [att.o_proj.weight, att.q_proj.weight]) is None  # q: from the concatenated QKV
+    policy = SamplingCopy(model, torch.bfloat16).refresh(model)  # Q, K, V in one buffer: their own rows
+    build_decoder(policy, 2, 8, int8=True)
+    k = policy.model.layers[0].self_attn.k_proj.weight
+    rows = llama.int8_rows(policy, [k])
+    assert rows is not None and torch.equal(rows[0][0], llama.quantize_int8(k).q)
+
+
 def test_int8_weights_round_to_the_nearest_step_of_each_channel():
     from opd.llama import quantize_int8
 

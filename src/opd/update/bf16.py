@@ -13,7 +13,9 @@ session 13). Here:
   it is that same copy: the weights the student samples with are the weights it trains;
 - the gradient's norm is read from the bf16 gradients, and the clip is not a pass of its own: its coefficient goes
   to the optimizer, which in one pass per parameter scales the gradient, steps AdamW on the fp32 weights and
-  moments, and writes the bf16 copy (csrc/adamw.c; torch's ops where that kernel is unavailable).
+  moments, and writes the bf16 copy (csrc/adamw.c; torch's ops where that kernel is unavailable) and, where the
+  rollout decodes with int8 weights made from that copy (rollout.dtype = "int8"), their rows and scales too: the
+  next rollout finds them current instead of requantising every weight (opd.llama.int8_rows / int8_written).
 
 The numerics differ from autocast's in one place: activations between layers (the residual stream) are bf16, as in
 any bf16-weights training, where autocast keeps them fp32.
