@@ -322,7 +322,6 @@ def _optimizer_library() -> ctypes.CDLL | None:
     lib.opd_adamw_step_int8.restype = None
     lib.opd_adamw_step_int8.argtypes = [_P, _P, ctypes.c_int, _P, _P, _P, ctypes.c_int64, ctypes.c_int64, _P, _P,
                                         *[ctypes.c_float] * 8, ctypes.c_int]
-    lib.opd_sum_squares.restype, lib.opd_sum_squares.argtypes = ctypes.c_double, [_P, ctypes.c_int, ctypes.c_int64, ctypes.c_int]
     lib.opd_sum_squares_many.restype = ctypes.c_double
     lib.opd_sum_squares_many.argtypes = [_P, _P, ctypes.c_int64, ctypes.c_int, ctypes.c_int]
     return lib
@@ -368,8 +367,8 @@ def adamw_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, e
 
 
 def sum_squares_all(tensors: list[torch.Tensor]) -> float:
-    """The sum of sum_squares over `tensors`: the contiguous bf16 and fp32 CPU ones in one C pass per dtype (one
-    thread team for all of them, not one per tensor), any others one by one."""
+    """sum(t ** 2) over all of `tensors`: the contiguous bf16 and fp32 CPU ones in one C pass per dtype (one thread
+    team for all of them, not one per tensor; csrc/adamw.c), any others by torch's ops (an fp64 sum) one by one."""
     lib = _optimizer_library()
     dtypes = (torch.bfloat16, torch.float32) if lib is not None else ()
     total = 0.0
@@ -385,15 +384,7 @@ def sum_squares_all(tensors: list[torch.Tensor]) -> float:
             raise MemoryError("opd_sum_squares_many: no memory for its list of chunks")
         total += got
     rest = [t for t in tensors if not (t.dtype in dtypes and t.device.type == "cpu" and t.is_contiguous())]
-    return total + sum(sum_squares(t) for t in rest)
-
-
-def sum_squares(x: torch.Tensor) -> float:
-    """sum(x ** 2) of a contiguous bf16 or fp32 CPU tensor, in one pass (fp32 lanes, fp64 per chunk)."""
-    lib = _optimizer_library()
-    if lib is None or x.device.type != "cpu" or not x.is_contiguous() or x.dtype not in (torch.float32, torch.bfloat16):
-        return float(x.float().square().sum(dtype=torch.float64))
-    return lib.opd_sum_squares(x.data_ptr(), int(x.dtype == torch.bfloat16), x.numel(), torch.get_num_threads())
+    return total + sum(float(t.float().square().sum(dtype=torch.float64)) for t in rest)
 
 
 # ------------------------------------------------------------------------------------- the update's vocabulary terms

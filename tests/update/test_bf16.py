@@ -69,7 +69,7 @@ def test_the_kernels_bf16_rounding_matches_torch_on_ties_and_specials():
 def test_sum_squares_is_the_fp64_sum():
     x = torch.randn(100_003, generator=torch.Generator().manual_seed(1))
     for t in (x, x.bfloat16()):
-        assert cpu_kernels.sum_squares(t) == pytest.approx(float(t.double().square().sum()), rel=1e-5)
+        assert cpu_kernels.sum_squares_all([t]) == pytest.approx(float(t.double().square().sum()), rel=1e-5)
 
 
 def test_the_sum_over_many_tensors_is_the_fp64_sum_of_each():

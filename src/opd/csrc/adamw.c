@@ -53,8 +53,7 @@ static void adamw_range(const AdamW *a, float *param, const void *grad, int grad
                         uint16_t *copy, int64_t i0, int64_t i1) {
     const int64_t i8 = i0 + ((i1 - i0) & ~(int64_t)7);
     for (int64_t i = i0; i < i8; i += 8) {
-        const __m256 g = grad_bf16 ? bf16x8_to_fp32((const uint16_t *)grad + i) : _mm256_loadu_ps((const float *)grad + i);
-        adamw8(a, param + i, g, m + i, v + i, copy ? copy + i : NULL);
+        adamw8(a, param + i, load8(grad, grad_bf16, i), m + i, v + i, copy ? copy + i : NULL);
     }
     if (i8 == i1) return;
     float pt[8] = {0}, mt[8] = {0}, vt[8] = {0}, gt[8] = {0};
@@ -62,7 +61,7 @@ static void adamw_range(const AdamW *a, float *param, const void *grad, int grad
     const int64_t t = i1 - i8;
     for (int64_t k = 0; k < t; k++) {
         pt[k] = param[i8 + k], mt[k] = m[i8 + k], vt[k] = v[i8 + k];
-        gt[k] = grad_bf16 ? bf16_to_fp32(((const uint16_t *)grad)[i8 + k]) : ((const float *)grad)[i8 + k];
+        gt[k] = load1(grad, grad_bf16, i8 + k);
     }
     adamw8(a, pt, _mm256_loadu_ps(gt), mt, vt, ct);
     for (int64_t k = 0; k < t; k++) {
@@ -102,22 +101,18 @@ void opd_adamw_step_int8(float *param, const void *grad, int grad_bf16, float *m
 }
 
 /* sum(x[i]^2) of n values (bf16 = 1: bf16, else fp32): fp32 lanes, an fp64 total. */
-static inline __m256 load_grad8(const void *x, int bf16, int64_t i) {
-    return bf16 ? bf16x8_to_fp32((const uint16_t *)x + i) : _mm256_loadu_ps((const float *)x + i);
-}
-
 static double sum_squares_range(const void *x, int bf16, int64_t n) {
     const int64_t n8 = n & ~(int64_t)7, n32 = n & ~(int64_t)31;
     /* four sums: one waits on the FMA's latency (4 cycles) and bounds the pass at ~24 GB/s of bf16 with 2 cores */
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
     for (int64_t i = 0; i < n32; i += 32) {
-        const __m256 g0 = load_grad8(x, bf16, i), g1 = load_grad8(x, bf16, i + 8), g2 = load_grad8(x, bf16, i + 16),
-                     g3 = load_grad8(x, bf16, i + 24);
+        const __m256 g0 = load8(x, bf16, i), g1 = load8(x, bf16, i + 8), g2 = load8(x, bf16, i + 16),
+                     g3 = load8(x, bf16, i + 24);
         a0 = _mm256_fmadd_ps(g0, g0, a0), a1 = _mm256_fmadd_ps(g1, g1, a1);
         a2 = _mm256_fmadd_ps(g2, g2, a2), a3 = _mm256_fmadd_ps(g3, g3, a3);
     }
     for (int64_t i = n32; i < n8; i += 8) {
-        const __m256 g = load_grad8(x, bf16, i);
+        const __m256 g = load8(x, bf16, i);
         a0 = _mm256_fmadd_ps(g, g, a0);
     }
     const __m256 acc = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
@@ -126,30 +121,16 @@ static double sum_squares_range(const void *x, int bf16, int64_t n) {
     double s = 0.0;
     for (int k = 0; k < 8; k++) s += lanes[k];
     for (int64_t i = n8; i < n; i++) {
-        const float g = bf16 ? bf16_to_fp32(((const uint16_t *)x)[i]) : ((const float *)x)[i];
+        const float g = load1(x, bf16, i);
         s += (double)g * g;
     }
     return s;
 }
 
-/* The sum of squares of a bf16 (bf16 = 1) or fp32 tensor, accumulated in fp64 per chunk (for the gradient's norm). */
-double opd_sum_squares(const void *x, int bf16, int64_t n, int threads) {
-    const int64_t chunk = 8192;
-    const int64_t chunks = (n + chunk - 1) / chunk;
-    double total = 0.0;
-    #pragma omp parallel for schedule(static) reduction(+ : total) num_threads(threads)
-    for (int64_t c = 0; c < chunks; c++) {
-        const int64_t i0 = c * chunk, len = i0 + chunk < n ? chunk : n - i0;
-        total += sum_squares_range(bf16 ? (const void *)((const uint16_t *)x + i0) : (const void *)((const float *)x + i0),
-                                   bf16, len);
-    }
-    return total;
-}
-
 /* The sum of squares of `count` tensors of one dtype (x[i]: n[i] values) in one parallel pass: the gradient's norm
  * over every parameter without a call and a thread team per parameter (137 of them, most small, in the half-depth
  * SmolLM2 student; with the four sums above, the norm 10.1 -> 7.9 ms a step, session 18). fp64 per chunk of 8192
- * values, as opd_sum_squares. */
+ * values; -1 where there is no memory for the list of chunks. */
 double opd_sum_squares_many(const void *const *x, const int64_t *n, int64_t count, int bf16, int threads) {
     const int64_t chunk = 8192;
     int64_t chunks = 0;
