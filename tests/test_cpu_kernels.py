@@ -297,10 +297,18 @@ def test_layer_ops_equal_the_torch_ops_in_every_build(n, monkeypatch):
             want = apply_rope(qkv[:, :, :heads], cos[positions][:, :, None], sin[positions][:, :, None])
             assert_bf16_equal(rotated[:, :, :heads], want)
             assert torch.equal(rotated[:, :, heads:], qkv[:, :, heads:])  # the value heads are left alone
+            delta = (torch.randn(3, 5, n, generator=g) * 4).bfloat16()
+            stream = x.clone()
             if ops.variant == "avx2":  # torch's own op there
                 assert ops.silu_mul is None and cpu_kernels.silu_mul(gate_up) is None
+                assert ops.add_rms_norm is None and cpu_kernels.add_rms_norm_(stream, delta, w, 1e-5) is None
+                assert torch.equal(stream, x)  # declined: untouched
             else:
                 assert_bf16_equal(cpu_kernels.silu_mul(gate_up), F.silu(gate) * up)
+                # the residual add (in place) and the next norm in one pass: the add's bits, then the norm's
+                normed = cpu_kernels.add_rms_norm_(stream, delta, w, 1e-5)
+                assert torch.equal(stream, x + delta)
+                assert_bf16_equal(normed, cpu_kernels.rms_norm(x + delta, w, 1e-5))
 
 
 @pytest.mark.parametrize("n", [576, 67])
@@ -388,12 +396,64 @@ def test_causal_attention_declines_what_it_does_not_take():
         pytest.skip("csrc/attention.c needs x86 AVX-512F + a C compiler")
     qkv = torch.randn(1, 8, 6, 64)
     with torch.no_grad():
-        assert cpu_kernels.causal_attention(qkv.bfloat16(), 4, 1, 0.125) is None  # bf16: torch's SDPA
+        if not cpu_kernels.attention_amx():  # bf16 only on the AMX tile unit, torch's SDPA elsewhere
+            assert cpu_kernels.causal_attention(qkv.bfloat16(), 4, 1, 0.125) is None
         assert cpu_kernels.causal_attention(torch.randn(1, 8, 6, 32), 4, 1, 0.125) is None  # another head size
         assert cpu_kernels.causal_attention(qkv, 3, 1, 0.125) is None  # heads do not add up
         assert cpu_kernels.causal_attention(torch.randn(1, 8, 5, 64), 3, 2, 0.125) is None  # 3 heads over 2 kv heads
         assert cpu_kernels.causal_attention(qkv.transpose(1, 2), 4, 1, 0.125) is None  # strided
     assert cpu_kernels.causal_attention(qkv, 4, 1, 0.125) is None  # grad enabled
+
+
+def exact_attention(qkv: torch.Tensor, H: int, KV: int, scale: float) -> torch.Tensor:
+    """Causal grouped-query attention of qkv's values in float64, nothing rounded on the way."""
+    L = qkv.shape[1]
+    t = qkv.transpose(1, 2).double()
+    q, k, v = t[:, :H], t[:, H : H + KV].repeat_interleave(H // KV, 1), t[:, H + KV :].repeat_interleave(H // KV, 1)
+    scores = ((q @ k.transpose(2, 3)) * scale).masked_fill(~torch.ones(L, L, dtype=torch.bool).tril(), float("-inf"))
+    return (torch.softmax(scores, -1) @ v).transpose(1, 2)
+
+
+# L: below, at and across the 16-row and 32-key blocks; H / KV: grouped and plain heads
+@pytest.mark.parametrize("B,L,H,KV", [(2, 37, 9, 3), (1, 1, 4, 4), (1, 16, 2, 1), (3, 70, 6, 1), (1, 130, 2, 2),
+                                      (2, 256, 9, 3)])
+def test_bf16_causal_attention_on_the_tile_unit_is_as_close_as_torchs(B, L, H, KV):
+    import torch.nn.functional as F
+
+    if not cpu_kernels.attention_amx():
+        pytest.skip("the bf16 attention needs a CPU with AMX (amx_bf16), Linux's grant of its state, a C compiler")
+    D = cpu_kernels.ATTENTION_HEAD_DIM
+    qkv = (torch.randn(B, L, H + 2 * KV, D, generator=torch.Generator().manual_seed(L)) * 2).bfloat16()
+    t = qkv.transpose(1, 2)
+    with torch.no_grad():
+        got = cpu_kernels.causal_attention(qkv, H, KV, D**-0.5)
+        sdpa = F.scaled_dot_product_attention(t[:, :H], t[:, H : H + KV], t[:, H + KV :], is_causal=True, scale=D**-0.5,
+                                              enable_gqa=H != KV).transpose(1, 2)
+    exact = exact_attention(qkv, H, KV, D**-0.5)
+    assert got.dtype == torch.bfloat16 and got.shape == (B, L, H, D)
+    # bf16 probabilities and a bf16 output: each within a bf16 rounding of the values' scale of the exact output
+    torch.testing.assert_close(got.double(), exact, rtol=2**-7, atol=2**-8 * float(qkv.abs().max()))
+    # and as close on the whole as torch's flash kernel (the same roundings: unnormalised bf16 probabilities)
+    err, torch_err = (got.double() - exact).abs().mean(), (sdpa.double() - exact).abs().mean()
+    assert err <= 1.1 * torch_err, (float(err), float(torch_err))
+
+
+def test_a_bf16_forward_attends_on_the_tile_unit_and_matches_torchs_sdpa(tokenizer, monkeypatch):
+    from opd.llama import causal_hidden
+    from tests.conftest import tiny_model
+
+    if not cpu_kernels.attention_amx():
+        pytest.skip("the bf16 attention needs a CPU with AMX (amx_bf16), Linux's grant of its state, a C compiler")
+    model = tiny_model(tokenizer, 3, hidden_size=128, num_attention_heads=2).bfloat16()  # head size 64
+    ids = torch.randint(4, 60, (2, 45), generator=torch.Generator().manual_seed(1))
+    calls = []
+    real = cpu_kernels.causal_attention_bf16
+    monkeypatch.setattr(cpu_kernels, "causal_attention_bf16", lambda *a: calls.append(1) or real(*a))
+    tile = causal_hidden(model, ids)
+    assert len(calls) == model.config.num_hidden_layers  # every layer attended on the tile unit
+    monkeypatch.setattr(cpu_kernels, "causal_attention", lambda *a: None)  # torch's SDPA
+    sdpa = causal_hidden(model, ids)
+    torch.testing.assert_close(tile.float(), sdpa.float(), rtol=0.02, atol=0.02 * float(sdpa.float().abs().max()))
 
 
 def test_every_c_source_and_header_ships_with_the_package():

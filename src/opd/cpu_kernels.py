@@ -194,6 +194,7 @@ def variant() -> str | None:
 
 VNNI_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_vnni"})
 AMX_FLAGS = VNNI_FLAGS | {"amx_tile", "amx_int8"}
+AMX_BF16_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_bf16", "amx_tile", "amx_bf16"})
 
 
 def rounding_bound(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, build: str | None) -> torch.Tensor:
@@ -524,6 +525,7 @@ class _LayerOps:
     rms_norm_backward: ctypes._CFuncPtr | None
     causal_softmax: ctypes._CFuncPtr | None
     causal_softmax_backward: ctypes._CFuncPtr | None
+    add_rms_norm: ctypes._CFuncPtr | None  # no-grad, AVX-512 BF16 build only (None: an add, then rms_norm)
     # the fp32 steps (one AVX2 build everywhere: memory-bound)
     rms_norm_f32: ctypes._CFuncPtr
     rope_f32: ctypes._CFuncPtr
@@ -540,7 +542,8 @@ def _layer_ops(lib: ctypes.CDLL, variant: str) -> _LayerOps:
             "silu_mul_backward": [_P, _P, _P, _P, _P, i64, i64, ctypes.c_int],
             "rms_norm_backward": [_P, _P, _P, _P, _P, i64, i64, ctypes.c_float, ctypes.c_int],
             "causal_softmax": [_P, _P, i64, i64, i64, ctypes.c_float, ctypes.c_int],
-            "causal_softmax_backward": [_P, _P, _P, i64, i64, i64, ctypes.c_float, ctypes.c_int]}
+            "causal_softmax_backward": [_P, _P, _P, i64, i64, i64, ctypes.c_float, ctypes.c_int],
+            "add_rms_norm": [_P, _P, _P, _P, i64, i64, ctypes.c_float, ctypes.c_int]}
 
     def fn(name: str, symbol: str) -> ctypes._CFuncPtr:
         f = getattr(lib, symbol)
@@ -551,7 +554,7 @@ def _layer_ops(lib: ctypes.CDLL, variant: str) -> _LayerOps:
                      fn("silu_mul", "opd_silu_mul_bf16_avx512") if wide else None, variant,
                      *(fn(name, f"opd_{name}_bf16_avx512") if wide else None
                        for name in ("silu_mul_pair", "silu_mul_backward", "rms_norm_backward", "causal_softmax",
-                                    "causal_softmax_backward")),
+                                    "causal_softmax_backward", "add_rms_norm")),
                      *(fn(name, f"opd_{name}_f32") for name in ("rms_norm", "rope", "silu_mul")))
 
 
@@ -582,6 +585,19 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
     ops = _layer_library()
     fn = ops.rms_norm if x.dtype == torch.bfloat16 else ops.rms_norm_f32
     fn(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.numel() // n, n, eps, torch.get_num_threads())
+    return y
+
+
+def add_rms_norm_(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """x += delta in place (rounded to bf16), then rms_norm(x) as rms_norm does, in one C pass (contiguous bf16
+    tensors of one shape, no grad, the AVX-512 BF16 build); None (x untouched) where it does not apply."""
+    if (not _layer_cpu(x, delta, weight) or x.dtype != torch.bfloat16 or x.shape != delta.shape or weight.dim() != 1
+            or x.shape[-1] != weight.shape[0] or _layer_library().add_rms_norm is None):
+        return None
+    y = torch.empty_like(x)
+    n = weight.shape[0]
+    _layer_library().add_rms_norm(x.data_ptr(), delta.data_ptr(), weight.data_ptr(), y.data_ptr(), x.numel() // n, n,
+                                  eps, torch.get_num_threads())
     return y
 
 
@@ -693,25 +709,58 @@ def _attention_library() -> ctypes.CDLL | None:
         return None
     lib.opd_causal_attention_f32.restype = None
     lib.opd_causal_attention_f32.argtypes = [_P, _P, _P, *[ctypes.c_int64] * 4, ctypes.c_float, ctypes.c_int]
+    lib.opd_causal_attention_bf16_amx.restype = ctypes.c_int
+    lib.opd_causal_attention_bf16_amx.argtypes = [_P, _P, _P, _P, *[ctypes.c_int64] * 4, ctypes.c_float, ctypes.c_int]
+    lib.opd_attention_bf16_packed_bytes.restype = ctypes.c_int64
+    lib.opd_attention_bf16_packed_bytes.argtypes = [ctypes.c_int64]
+    lib.opd_attention_bf16_scratch_bytes.restype = ctypes.c_int64
+    lib.opd_attention_bf16_scratch_bytes.argtypes = [ctypes.c_int64]
+    lib.opd_attention_amx_request.restype, lib.opd_attention_amx_request.argtypes = ctypes.c_int, []
     return lib
+
+
+@functools.cache
+def attention_amx() -> bool:
+    """Whether bf16 causal_attention runs on the AMX tile unit here: the CPU has it and Linux hands this process its
+    state."""
+    lib = _attention_library()
+    return lib is not None and AMX_BF16_FLAGS <= matmul.cpu_flags() and bool(lib.opd_attention_amx_request())
 
 
 ATTENTION_HEAD_DIM = 64  # the one head size csrc/attention.c is written for (SmolLM2, Llama 3.2 1B)
 
 
 def causal_attention(qkv: torch.Tensor, heads: int, kv_heads: int, scale: float) -> torch.Tensor | None:
-    """softmax(Q K^T * scale, causal) V of qkv [B, L, heads + 2 kv_heads, D] (queries, keys, values; contiguous fp32,
-    no grad, rows from position 0) as [B, L, heads, D], in one C pass; None where it does not apply."""
+    """softmax(Q K^T * scale, causal) V of qkv [B, L, heads + 2 kv_heads, D] (queries, keys, values; contiguous, no
+    grad, rows from position 0) as [B, L, heads, D] in one C pass: fp32 with AVX-512F, bf16 on the AMX tile unit
+    (causal_attention_bf16); None where it does not apply."""
     lib = _attention_library()
-    if (lib is None or qkv.dtype != torch.float32 or qkv.device.type != "cpu" or not qkv.is_contiguous()
-            or qkv.dim() != 4 or qkv.shape[3] != ATTENTION_HEAD_DIM or torch.is_grad_enabled()
+    if (lib is None or qkv.dtype not in (torch.float32, torch.bfloat16) or qkv.device.type != "cpu"
+            or not qkv.is_contiguous() or qkv.dim() != 4 or qkv.shape[3] != ATTENTION_HEAD_DIM or torch.is_grad_enabled()
             or kv_heads < 1 or heads % kv_heads or qkv.shape[2] != heads + 2 * kv_heads or qkv.shape[1] == 0):
         return None
+    if qkv.dtype == torch.bfloat16:
+        return causal_attention_bf16(qkv, heads, kv_heads, scale) if attention_amx() else None
     B, L, _, D = qkv.shape
     out = torch.empty(B, L, heads, D)
     keys_t = torch.empty(B * kv_heads * D * ((L + 15) // 16 * 16))  # K^T, packed once for every query head
     lib.opd_causal_attention_f32(qkv.data_ptr(), out.data_ptr(), keys_t.data_ptr(), B, L, heads, kv_heads, scale,
                                  torch.get_num_threads())
+    return out
+
+
+def causal_attention_bf16(qkv: torch.Tensor, heads: int, kv_heads: int, scale: float) -> torch.Tensor:
+    """causal_attention of bf16 rows on the AMX tile unit (csrc/attention.c): the probabilities rounded to bf16 after
+    an fp32 softmax, as HF's eager attention rounds them; the caller has checked causal_attention's conditions."""
+    lib = _attention_library()
+    B, L, _, D = qkv.shape
+    threads = torch.get_num_threads()
+    out = torch.empty(B, L, heads, D, dtype=torch.bfloat16)
+    packed = torch.empty(B * kv_heads * lib.opd_attention_bf16_packed_bytes(L), dtype=torch.uint8)
+    scratch = torch.empty(threads * lib.opd_attention_bf16_scratch_bytes(L), dtype=torch.uint8)
+    done = lib.opd_causal_attention_bf16_amx(qkv.data_ptr(), out.data_ptr(), packed.data_ptr(), scratch.data_ptr(),
+                                             B, L, heads, kv_heads, scale, threads)
+    assert done, "the AMX tile state was granted at load"
     return out
 
 

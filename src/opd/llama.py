@@ -187,6 +187,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * F.rms_norm(x.float(), weight.shape, None, eps).to(x.dtype)
 
 
+def add_rms_norm_(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x += delta in place (the residual stream), then rms_norm(x): one C pass for bf16 on the CPU without grad."""
+    if (y := cpu_kernels.add_rms_norm_(x, delta, weight, eps)) is not None:
+        return y
+    return rms_norm(x.add_(delta), weight, eps)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -394,18 +401,24 @@ def causal_hidden(model, ids: torch.Tensor) -> torch.Tensor:
     layers = frozen_layer_weights(model, model.model.layers[: cfg.num_hidden_layers], B * L)
     x = F.embedding(ids, model.model.embed_tokens.weight.detach())
     gathered = cos[:, None], sin[:, None]  # [L, 1, D]: broadcast over the heads of a [B, L, heads, D] tensor
-    for w in layers:
-        h = rms_norm(x, w.input_norm, cfg.rms_norm_eps)
+    eps = cfg.rms_norm_eps
+    h = rms_norm(x, layers[0].input_norm, eps) if layers else None
+    for i, w in enumerate(layers):
         qkv = matmul.linear(h, w.qkv).view(B, L, H + 2 * KV, D)
         # RoPE in the [B, L, heads, D] layout the matmul wrote (contiguous); SDPA takes the transposed views.
         qk = rope_(qkv, H + KV, (cos, sin), positions, gathered)
-        # fp32 on the CPU: [B, L, H, D] in one C pass, which reads qkv: only where RoPE rotated it in place (the
-        # torch ops' RoPE returns a rotated copy and leaves qkv as it was)
+        # on the CPU (fp32 with AVX-512F, bf16 on the AMX tile unit): [B, L, H, D] in one C pass, which reads qkv:
+        # only where RoPE rotated it in place (the torch ops' RoPE returns a rotated copy and leaves qkv as it was)
         att = cpu_kernels.causal_attention(qkv, H, KV, D**-0.5) if qk.data_ptr() == qkv.data_ptr() else None
         if att is None:
             qk = qk.transpose(1, 2)
             att = F.scaled_dot_product_attention(qk[:, :H], qk[:, H:], qkv[:, :, H + KV :].transpose(1, 2),
                                                  is_causal=True, scale=D**-0.5, **gqa).transpose(1, 2)
-        x = x + matmul.linear(att.reshape(B, L, H * D), w.o)
-        x = x + matmul.linear(silu_mul(matmul.linear(rms_norm(x, w.post_norm, cfg.rms_norm_eps), w.gate_up)), w.down)
+        # each residual add goes with the norm after it (x is this forward's own tensor: added to in place)
+        h = add_rms_norm_(x, matmul.linear(att.reshape(B, L, H * D), w.o), w.post_norm, eps)
+        mlp = matmul.linear(silu_mul(matmul.linear(h, w.gate_up)), w.down)
+        if i + 1 < len(layers):
+            h = add_rms_norm_(x, mlp, layers[i + 1].input_norm, eps)
+        else:
+            x.add_(mlp)
     return x

@@ -11,6 +11,7 @@
 #include <stdint.h>
 
 #include "exp_poly.h"
+#include "simd.h"
 
 #define T512 __attribute__((target("avx512f")))
 #define QR 4   /* query rows a block */
@@ -135,4 +136,217 @@ T512 void opd_causal_attention_f32(const float *qkv, float *out, float *kt, int6
             }
         }
     }
+}
+
+/* ------------------------------------------------------------------------------------------------ bf16, AMX
+ * The same attention for bf16 rows on the AMX tile unit (Intel since Sapphire Rapids): the bf16 teacher's scoring
+ * forward. torch's flash kernel took ~2.3 ms a layer at 8 x 256 (SmolLM2-135M: 9 query heads, 3 key / value
+ * heads) for 0.6 GFLOP of causal products, ~20% of its time in them (bench/NOTES.md, session 19).
+ *
+ * A task is 16 query rows of one head. Its scores S = Q K^T for the keys up to its last row go to an fp32 buffer
+ * (tile products: tdpbf16ps, a 16 x 32 by 32 x 16 bf16 product into 16 x 16 fp32 sums), then each row's exact
+ * softmax (scale, causal mask, max, exp, sum) is written as bf16 probabilities P = bf16(softmax), as HF's eager
+ * attention rounds them, and O = P V is one pass of tile products over the keys (no online rescaling: the whole
+ * row of scores is at hand). The products' right operands are packed once per (batch, key head) in the tile
+ * unit's layout (pairs of consecutive k for each column): K^T per 16 keys, V per 32 keys and 16 columns.
+ * D = 64; the tile state needs opd_attention_amx_request (ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA). */
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define AMXBF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,amx-tile,amx-bf16")))
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} AttTileConfig;
+
+static int att_amx_granted = 0;
+
+int opd_attention_amx_request(void) {
+    att_amx_granted = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+    return att_amx_granted;
+}
+
+/* The packed operands of one (batch, key head) and a thread's buffers, in bytes (Lp = L rounded up to 32). */
+int64_t opd_attention_bf16_packed_bytes(int64_t L) { return ((L + 31) & ~(int64_t)31) * D * 2 * 2; }
+int64_t opd_attention_bf16_scratch_bytes(int64_t L) {
+    const int64_t Lp = (L + 31) & ~(int64_t)31;
+    return 16 * Lp * 4 + 16 * Lp * 2 + 16 * D * 2 + 16 * D * 4 + 4 * 64;
+}
+
+/* kp: [Lp / 16][32 rows][16 keys x 2]: K^T of keys k0 .. k0 + 15, rows 0-15 the pairs of d 0..31, 16-31 of d 32..63.
+ * vp: [Lp / 32][4 column blocks][16 rows][16 columns x 2]: row i holds values of keys 2i and 2i + 1 of the block.
+ * Keys past L are zeros (their probabilities are zeros too: 0 x 0, never 0 x NaN). K: a gather of 16 keys' pair
+ * dp a row; V: two keys' 16 columns interleaved by one permute. */
+AMXBF16 static void pack_kv_bf16(const uint16_t *qkv, uint16_t *kp, uint16_t *vp, int64_t b, int64_t j, int64_t L,
+                                 int64_t Lp, int64_t H, int64_t KV) {
+    const int64_t NH = H + 2 * KV;
+    const uint16_t *k0 = qkv + (b * L * NH + H + j) * D, *v0 = qkv + (b * L * NH + H + KV + j) * D;
+    const __m512i stride = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                              _mm512_set1_epi32((int)(NH * D / 2)));  /* key n's row, in pairs */
+    for (int64_t t0 = 0; t0 < Lp; t0 += 16) {
+        const __mmask16 real = L - t0 >= 16 ? 0xFFFF : (L - t0 <= 0 ? 0 : (__mmask16)((1u << (L - t0)) - 1));
+        const int *base = (const int *)(k0 + t0 * NH * D);
+        uint32_t *dst = (uint32_t *)kp + t0 * 32;
+        for (int64_t dp = 0; dp < D / 2; dp++)
+            _mm512_storeu_si512(dst + dp * 16, _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), real, stride,
+                                                                           base + dp, 4));
+    }
+    /* word i of the result: even i from the first key's column i / 2, odd i from the second's */
+    const __m512i mix = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
+                                         39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+    for (int64_t t = 0; t < Lp; t += 2) {
+        const int64_t blk = t / 32, i = (t % 32) / 2;
+        for (int64_t cb = 0; cb < D / 16; cb++) {
+            const __m256i a = t < L ? _mm256_loadu_si256((const __m256i *)(v0 + t * NH * D + cb * 16)) : _mm256_setzero_si256();
+            const __m256i c = t + 1 < L ? _mm256_loadu_si256((const __m256i *)(v0 + (t + 1) * NH * D + cb * 16))
+                                        : _mm256_setzero_si256();
+            const __m512i pair = _mm512_permutex2var_epi16(_mm512_castsi256_si512(a), mix, _mm512_castsi256_si512(c));
+            _mm512_storeu_si512(vp + ((blk * 4 + cb) * 16 + i) * 32, pair);
+        }
+    }
+}
+
+/* 2^t for the softmax's t <= 0: t = n + f with n = round(t), f in [-1/2, 1/2], 2^f by its Taylor polynomial of
+ * degree 5 (relative error < 3e-6, far below the bf16 rounding of the probabilities that follows), 2^n applied by
+ * scalef (which underflows smoothly to 0, where exp16 clamps at -87 to keep its exponent bits in range). Eight
+ * vector operations where exp16 takes fourteen. */
+AMXBF16 static inline __m512 exp2_16(__m512 t) {
+    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(t, n);
+    __m512 p = _mm512_set1_ps(1.3333558146e-3f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108665e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650696e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718056e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* Rows q0 .. q0 + 15 of query head h: S, then P, then O (see above). Q: the rows' queries, copied (zeros past L). */
+AMXBF16 static void attention_rows_amx(const uint16_t *qkv, uint16_t *out, const uint16_t *kp, const uint16_t *vp,
+                                       int64_t b, int64_t h, int64_t q0, int64_t L, int64_t Lp, int64_t H, int64_t KV,
+                                       float scale, uint8_t *scratch) {
+    const int64_t NH = H + 2 * KV;
+    float *S = (float *)scratch;                              /* [16][Lp] fp32 */
+    uint16_t *P = (uint16_t *)(scratch + 16 * Lp * 4);        /* [16][Lp] bf16 */
+    uint16_t *Q = P + 16 * Lp;                                /* [16][D] bf16 */
+    float *O = (float *)(Q + 16 * D);                         /* [16][D] fp32 */
+    const int64_t rows = L - q0 < 16 ? L - q0 : 16, keys = q0 + rows;  /* keys 0 .. keys - 1: the last row's */
+    for (int64_t r = 0; r < 16; r++) {
+        if (r < rows) memcpy(Q + r * D, qkv + ((b * L + q0 + r) * NH + h) * D, D * 2);
+        else memset(Q + r * D, 0, D * 2);
+    }
+    _tile_loadd(0, Q, D * 2);       /* queries, d 0..31 */
+    _tile_loadd(1, Q + 32, D * 2);  /* d 32..63 */
+    const int64_t kb16 = (keys + 15) / 16;
+    for (int64_t kb = 0; kb < kb16; kb++) {
+        _tile_zero(3);
+        _tile_loadd(2, kp + kb * 32 * 32, 64);
+        _tile_dpbf16ps(3, 0, 2);
+        _tile_loadd(2, kp + (kb * 32 + 16) * 32, 64);
+        _tile_dpbf16ps(3, 1, 2);
+        _tile_stored(3, S + kb * 16, Lp * 4);
+    }
+    /* softmax(scale s) of each row's keys 0 .. q: the max of s (scale > 0), e = 2^(log2(e) scale (s - max)) rounded
+     * to bf16 into P (keys past q: zeros), and 1 / sum e, which O's row is multiplied by at the end (as flash
+     * attention normalises: one pass over the scores fewer than normalising P first) */
+    const int64_t kb32 = (keys + 31) / 32;
+    const float k2 = scale * 1.44269504088896341f;
+    const __m512 vk = _mm512_set1_ps(k2), ninf = _mm512_set1_ps(-INFINITY);
+    float inv[16];
+    for (int64_t r = 0; r < 16; r++) {
+        const float *s = S + r * Lp;
+        uint16_t *p = P + r * Lp;
+        const int64_t valid = r < rows ? q0 + r + 1 : 0;  /* keys this row sees */
+        const int64_t full = valid & ~(int64_t)15;
+        const __mmask16 last = (__mmask16)((1u << (valid - full)) - 1);
+        __m512 mx = _mm512_mask_loadu_ps(ninf, last, s + full);
+        for (int64_t k = 0; k < full; k += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(s + k));
+        const __m512 shift = _mm512_set1_ps(valid ? -k2 * _mm512_reduce_max_ps(mx) : 0.0f);
+        __m512 sum = _mm512_setzero_ps();
+        int64_t k = 0;
+        for (; k < full; k += 16) {
+            const __m512 e = _mm512_cvtpbh_ps(_mm512_cvtneps_pbh(exp2_16(_mm512_fmadd_ps(_mm512_loadu_ps(s + k), vk, shift))));
+            _mm256_storeu_si256((__m256i *)(p + k), (__m256i)_mm512_cvtneps_pbh(e));
+            sum = _mm512_add_ps(sum, e);
+        }
+        if (last) {
+            const __m512 e = _mm512_maskz_mov_ps(last, _mm512_cvtpbh_ps(_mm512_cvtneps_pbh(
+                                 exp2_16(_mm512_fmadd_ps(_mm512_loadu_ps(s + full), vk, shift)))));
+            _mm256_storeu_si256((__m256i *)(p + k), (__m256i)_mm512_cvtneps_pbh(e));
+            sum = _mm512_add_ps(sum, e);
+            k += 16;
+        }
+        for (; k < kb32 * 32; k += 16) _mm256_storeu_si256((__m256i *)(p + k), _mm256_setzero_si256());
+        inv[r] = valid ? 1.0f / _mm512_reduce_add_ps(sum) : 0.0f;
+    }
+    _tile_zero(4);
+    _tile_zero(5);
+    _tile_zero(6);
+    _tile_zero(7);
+    for (int64_t kb = 0; kb < kb32; kb++) {  /* O in four sum tiles of 16 columns */
+        const uint16_t *vb = vp + kb * 4 * 16 * 32;
+        _tile_loadd(0, P + kb * 32, Lp * 2);  /* probabilities of keys kb * 32 .. + 31 */
+        _tile_loadd(2, vb, 64);
+        _tile_dpbf16ps(4, 0, 2);
+        _tile_loadd(2, vb + 16 * 32, 64);
+        _tile_dpbf16ps(5, 0, 2);
+        _tile_loadd(2, vb + 2 * 16 * 32, 64);
+        _tile_dpbf16ps(6, 0, 2);
+        _tile_loadd(2, vb + 3 * 16 * 32, 64);
+        _tile_dpbf16ps(7, 0, 2);
+    }
+    _tile_stored(4, O, D * 4);
+    _tile_stored(5, O + 16, D * 4);
+    _tile_stored(6, O + 32, D * 4);
+    _tile_stored(7, O + 48, D * 4);
+    for (int64_t r = 0; r < rows; r++) {
+        uint16_t *dst = out + ((b * L + q0 + r) * H + h) * D;
+        const __m512 vi = _mm512_set1_ps(inv[r]);
+        for (int g = 0; g < D / 16; g++)
+            _mm256_storeu_si256((__m256i *)(dst + 16 * g),
+                                (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(O + r * D + 16 * g), vi)));
+    }
+}
+
+/* qkv [B, L, H + 2 KV, D] bf16 -> out [B, L, H, D] bf16. packed: B * KV * opd_attention_bf16_packed_bytes(L);
+ * scratch: threads * opd_attention_bf16_scratch_bytes(L), 64-byte aligned. Returns 0 (nothing done) without the
+ * tile state. A task: one block of 16 query rows of every query head of one key / value head. */
+AMXBF16 int opd_causal_attention_bf16_amx(const uint16_t *qkv, uint16_t *out, uint8_t *packed, uint8_t *scratch,
+                                          int64_t B, int64_t L, int64_t H, int64_t KV, float scale, int threads) {
+    if (!att_amx_granted) return 0;
+    const int64_t Lp = (L + 31) & ~(int64_t)31, group = H / KV, blocks = (L + 15) / 16;
+    const int64_t per_head = opd_attention_bf16_packed_bytes(L), per_thread = opd_attention_bf16_scratch_bytes(L);
+    #pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t j = 0; j < KV; j++) {
+            uint16_t *kp = (uint16_t *)(packed + (b * KV + j) * per_head);
+            pack_kv_bf16(qkv, kp, kp + Lp * D, b, j, L, Lp, H, KV);
+        }
+    #pragma omp parallel num_threads(threads)
+    {
+        AttTileConfig cfg __attribute__((aligned(64)));
+        memset(&cfg, 0, sizeof cfg);
+        cfg.palette = 1;
+        for (int t = 0; t < 8; t++) cfg.rows[t] = 16, cfg.colsb[t] = 64;
+        _tile_loadconfig(&cfg);
+#ifdef _OPENMP
+        uint8_t *mine = scratch + per_thread * omp_get_thread_num();
+#else
+        uint8_t *mine = scratch;
+#endif
+        /* the last blocks (the longest rows) first: the dynamic schedule then ends on short ones */
+        #pragma omp for schedule(dynamic, 1)
+        for (int64_t task = 0; task < B * KV * blocks; task++) {
+            const int64_t c = blocks - 1 - task / (B * KV), bj = task % (B * KV), b = bj / KV, j = bj % KV;
+            const uint16_t *kp = (const uint16_t *)(packed + (b * KV + j) * per_head);
+            for (int64_t h = j * group; h < (j + 1) * group; h++)
+                attention_rows_amx(qkv, out, kp, kp + Lp * D, b, h, c * 16, L, Lp, H, KV, scale, mine);
+        }
+        _tile_release();
+    }
+    return 1;
 }

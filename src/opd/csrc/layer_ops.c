@@ -151,6 +151,27 @@ BF16_TARGET void opd_rope_bf16_avx512(uint16_t *x, int64_t rows, int64_t stride,
     }
 }
 
+/* The residual add and the next RMSNorm in one pass (opd.llama.causal_hidden: after the attention's output product
+ * and after the MLP's): x = bf16(x + d) in place, then y = rms_norm(x) as above, each row still in L1 for the
+ * norm (two passes over x and two more over y where the add and the norm are separate ops). */
+BF16_TARGET void opd_add_rms_norm_bf16_avx512(uint16_t *x, const uint16_t *d, const uint16_t *w, uint16_t *y,
+                                              int64_t rows, int64_t n, float eps, int threads) {
+    const int64_t n16 = n & ~(int64_t)15;
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t r = 0; r < rows; r++) {
+        uint16_t *xr = x + r * n;
+        const uint16_t *dr = d + r * n;
+        for (int64_t i = 0; i < n16; i += 16) store16(xr + i, _mm512_add_ps(load16(xr + i), load16(dr + i)));
+        for (int64_t i = n16; i < n; i++) xr[i] = fp32_to_bf16(bf16_to_fp32(xr[i]) + bf16_to_fp32(dr[i]));
+        uint16_t *yr = y + r * n;
+        const float inv = inv_rms16(xr, n, eps);
+        const __m512 vinv = _mm512_set1_ps(inv);
+        for (int64_t i = 0; i < n16; i += 16)
+            store16(yr + i, _mm512_mul_ps(load16(w + i), round16(_mm512_mul_ps(load16(xr + i), vinv))));
+        rms_norm_tail(xr, w, yr, inv, n16, n);
+    }
+}
+
 /* sigmoid(g) = 1 / (1 + exp(-g)), the division as a reciprocal estimate refined by one Newton step (~23 bits):
  * three cheap instructions where the division is one in ~10 cycles a lane group */
 BF16_TARGET static inline __m512 sigmoid16(__m512 g) {

@@ -119,6 +119,100 @@ static float normalise(float *z, float *p, int64_t V) {
     return m + log_s;
 }
 
+/* ---- Without a teacher the forward needs only the log-sum-exp, the token's logprob and the entropy. With
+ * m = max z, e = exp(z - m), s = sum e and u = sum e (z - m):  lse = m + log s,  ent = -sum p logp = log s - u / s.
+ * Two passes over the row as it is (bf16 or fp32; the max, then the exponentials), nothing written: the path with
+ * a teacher upcasts the row into scratch and makes five (teacher scoring and objectives without a distribution
+ * take this one). */
+static inline float z_at(const void *logits, int bf16, int64_t i, float scale) {
+    return (bf16 ? bf16_to_fp32(((const uint16_t *)logits)[i]) : ((const float *)logits)[i]) * scale;
+}
+
+WIDE static inline __m512 load_z16(const void *logits, int bf16, int64_t i, __m512 scale) {
+    const __m512 v = bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(
+                                _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)logits + i))), 16))
+                          : _mm512_loadu_ps((const float *)logits + i);
+    return _mm512_mul_ps(v, scale);
+}
+
+WIDE static float max_sum16(const void *row, int bf16, int64_t V, float scale, float *s_out, float *u_out) {
+    const int64_t V16 = V & ~(int64_t)15;
+    const __m512 vs = _mm512_set1_ps(scale);
+    __m512 mv = _mm512_set1_ps(-INFINITY);
+    for (int64_t i = 0; i < V16; i += 16) mv = _mm512_max_ps(mv, load_z16(row, bf16, i, vs));
+    float m = _mm512_reduce_max_ps(mv);
+    for (int64_t i = V16; i < V; i++) { const float z = z_at(row, bf16, i, scale); m = z > m ? z : m; }
+    const __m512 vm = _mm512_set1_ps(m);
+    __m512 sa = _mm512_setzero_ps(), ua = _mm512_setzero_ps(), sb = _mm512_setzero_ps(), ub = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 32 <= V16; i += 32) {  /* two chains: the sums' add latency, not the exp, would bound one */
+        const __m512 da = _mm512_sub_ps(load_z16(row, bf16, i, vs), vm), db = _mm512_sub_ps(load_z16(row, bf16, i + 16, vs), vm);
+        const __m512 ea = exp16(da), eb = exp16(db);
+        sa = _mm512_add_ps(sa, ea);
+        sb = _mm512_add_ps(sb, eb);
+        ua = _mm512_fmadd_ps(ea, da, ua);
+        ub = _mm512_fmadd_ps(eb, db, ub);
+    }
+    for (; i < V16; i += 16) {
+        const __m512 d = _mm512_sub_ps(load_z16(row, bf16, i, vs), vm), e = exp16(d);
+        sa = _mm512_add_ps(sa, e);
+        ua = _mm512_fmadd_ps(e, d, ua);
+    }
+    float s = _mm512_reduce_add_ps(_mm512_add_ps(sa, sb)), u = _mm512_reduce_add_ps(_mm512_add_ps(ua, ub));
+    for (int64_t j = V16; j < V; j++) {
+        const float d = z_at(row, bf16, j, scale) - m, e = exp_poly(d);
+        s += e;
+        u += e * d;
+    }
+    *s_out = s;
+    *u_out = u;
+    return m;
+}
+
+static float max_sum8(const void *row, int bf16, int64_t V, float scale, float *s_out, float *u_out) {
+    const int64_t V8 = V & ~(int64_t)7;
+    const __m256 vs = _mm256_set1_ps(scale);
+#define LOAD_Z8(i) _mm256_mul_ps(bf16 ? bf16x8_to_fp32((const uint16_t *)row + (i)) : _mm256_loadu_ps((const float *)row + (i)), vs)
+    __m256 mv = _mm256_set1_ps(-INFINITY);
+    for (int64_t i = 0; i < V8; i += 8) mv = _mm256_max_ps(mv, LOAD_Z8(i));
+    float lanes[8], m = -INFINITY;
+    _mm256_storeu_ps(lanes, mv);
+    for (int k = 0; k < 8; k++) m = lanes[k] > m ? lanes[k] : m;
+    for (int64_t i = V8; i < V; i++) { const float z = z_at(row, bf16, i, scale); m = z > m ? z : m; }
+    const __m256 vm = _mm256_set1_ps(m);
+    __m256 sa = _mm256_setzero_ps(), ua = _mm256_setzero_ps();
+    for (int64_t i = 0; i < V8; i += 8) {
+        const __m256 d = _mm256_sub_ps(LOAD_Z8(i), vm), e = exp8(d);
+        sa = _mm256_add_ps(sa, e);
+        ua = _mm256_fmadd_ps(e, d, ua);
+    }
+#undef LOAD_Z8
+    float s = hsum(sa), u = hsum(ua);
+    for (int64_t j = V8; j < V; j++) {
+        const float d = z_at(row, bf16, j, scale) - m, e = exp_poly(d);
+        s += e;
+        u += e * d;
+    }
+    *s_out = s;
+    *u_out = u;
+    return m;
+}
+
+static void no_teacher_terms(const void *logits, int bf16, const int64_t *targets, int64_t n, int64_t V, float inv_t,
+                             float *tok, float *ent, float *kl, float *lse, int threads) {
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t r = 0; r < n; r++) {
+        const void *row = bf16 ? (const void *)((const uint16_t *)logits + r * V) : (const void *)((const float *)logits + r * V);
+        float s, u;
+        const float m = wide ? max_sum16(row, bf16, V, inv_t, &s, &u) : max_sum8(row, bf16, V, inv_t, &s, &u);
+        const float log_s = logf(s);
+        lse[r] = m + log_s;
+        tok[r] = (z_at(row, bf16, targets[r], inv_t) - m) - log_s;
+        ent[r] = log_s - u / s;
+        kl[r] = 0.0f;
+    }
+}
+
 /* teacher_rows (or NULL: row r): row r's teacher log-probs are row teacher_rows[r] of `teacher`, so the caller can
  * hand over the teacher's whole [batch x length, V] block and the positions of the real tokens in it instead of a
  * gathered copy (50 MB at batch 4 x 64 tokens and a 49k vocabulary).
@@ -126,6 +220,10 @@ static float normalise(float *z, float *p, int64_t V) {
 void opd_vocab_terms_forward(const void *logits, int bf16, const float *teacher, const int64_t *teacher_rows,
                              const int64_t *targets, int64_t n, int64_t V, float inv_t, float *tok, float *ent, float *kl, float *lse, float *scratch,
                              int threads) {
+    if (!teacher) {
+        no_teacher_terms(logits, bf16, targets, n, V, inv_t, tok, ent, kl, lse, threads);
+        return;
+    }
     #pragma omp parallel num_threads(threads)
     {
         float *z = thread_part(scratch, 2 * V * (int64_t)sizeof(float));
