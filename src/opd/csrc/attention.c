@@ -210,22 +210,6 @@ AMXBF16 static void pack_kv_bf16(const uint16_t *qkv, uint16_t *kp, uint16_t *vp
     }
 }
 
-/* 2^t for the softmax's t <= 0: t = n + f with n = round(t), f in [-1/2, 1/2], 2^f by its Taylor polynomial of
- * degree 5 (relative error < 3e-6, far below the bf16 rounding of the probabilities that follows), 2^n applied by
- * scalef (which underflows smoothly to 0, where exp16 clamps at -87 to keep its exponent bits in range). Eight
- * vector operations where exp16 takes fourteen. */
-AMXBF16 static inline __m512 exp2_16(__m512 t) {
-    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 f = _mm512_sub_ps(t, n);
-    __m512 p = _mm512_set1_ps(1.3333558146e-3f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108665e-2f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650696e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718056e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
-}
-
 /* Rows q0 .. q0 + 15 of query head h: S, then P, then O (see above). Q: the rows' queries, copied (zeros past L). */
 AMXBF16 static void attention_rows_amx(const uint16_t *qkv, uint16_t *out, const uint16_t *kp, const uint16_t *vp,
                                        int64_t b, int64_t h, int64_t q0, int64_t L, int64_t Lp, int64_t H, int64_t KV,

@@ -173,9 +173,12 @@ BF16_TARGET void opd_add_rms_norm_bf16_avx512(uint16_t *x, const uint16_t *d, co
 }
 
 /* sigmoid(g) = 1 / (1 + exp(-g)), the division as a reciprocal estimate refined by one Newton step (~23 bits):
- * three cheap instructions where the division is one in ~10 cycles a lane group */
+ * three cheap instructions where the division is one in ~10 cycles a lane group. exp(-g) as exp2_16(-g log2 e),
+ * capped at 2^126 so that d stays finite (the Newton step would make 0 x inf of an infinite d): SiLU x up 809 ->
+ * 637 us at 2048 x 1536, the same bits against torch's (session 19) */
 BF16_TARGET static inline __m512 sigmoid16(__m512 g) {
-    const __m512 d = _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g)));
+    const __m512 t = _mm512_min_ps(_mm512_mul_ps(g, _mm512_set1_ps(-1.44269504088896341f)), _mm512_set1_ps(126.0f));
+    const __m512 d = _mm512_add_ps(_mm512_set1_ps(1.0f), exp2_16(t));
     const __m512 inv = _mm512_rcp14_ps(d);
     return _mm512_mul_ps(inv, _mm512_fnmadd_ps(d, inv, _mm512_set1_ps(2.0f)));
 }
@@ -373,7 +376,7 @@ BF16_TARGET void opd_causal_softmax_bf16_avx512(const uint16_t *scores, uint16_t
         __m512 vsum = _mm512_setzero_ps();
         for (int64_t j = 0; j < n; j += 16) {
             const __mmask16 k = first16(n - j);
-            const __m512 x = _mm512_maskz_mov_ps(k, exp16(_mm512_sub_ps(_mm512_mul_ps(load16m(s + j, k), vscale), m)));
+            const __m512 x = _mm512_maskz_mov_ps(k, exp16_scalef(_mm512_sub_ps(_mm512_mul_ps(load16m(s + j, k), vscale), m)));
             vsum = _mm512_add_ps(vsum, x);
             _mm512_mask_storeu_ps(e + j, k, x);
         }

@@ -47,7 +47,7 @@ WIDE static float normalise16(float *z, float *p, int64_t V) {
     __m512 acc = _mm512_setzero_ps();
     const __m512 vm = _mm512_set1_ps(m);
     for (int64_t i = 0; i < V16; i += 16) {
-        const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(z + i), vm));
+        const __m512 e = exp16_scalef(_mm512_sub_ps(_mm512_loadu_ps(z + i), vm));
         _mm512_storeu_ps(p + i, e);
         acc = _mm512_add_ps(acc, e);
     }
@@ -77,7 +77,7 @@ WIDE static void backward_row16(float *g, const float *t, int64_t V, float l, fl
         for (int64_t i = 0; i < V16; i += 16) {
             const __m512 logp = _mm512_sub_ps(_mm512_loadu_ps(g + i), vl);
             const __m512 d = _mm512_sub_ps(_mm512_sub_ps(logp, _mm512_loadu_ps(t + i)), vk);
-            _mm512_storeu_ps(g + i, _mm512_mul_ps(_mm512_fmsub_ps(vgk, d, vgt), exp16(logp)));
+            _mm512_storeu_ps(g + i, _mm512_mul_ps(_mm512_fmsub_ps(vgk, d, vgt), exp16_scalef(logp)));
         }
         for (int64_t i = V16; i < V; i++) {
             const float logp = g[i] - l;
@@ -86,7 +86,7 @@ WIDE static void backward_row16(float *g, const float *t, int64_t V, float l, fl
     } else {
         const __m512 neg = _mm512_set1_ps(-gt);
         for (int64_t i = 0; i < V16; i += 16)
-            _mm512_storeu_ps(g + i, _mm512_mul_ps(neg, exp16(_mm512_sub_ps(_mm512_loadu_ps(g + i), vl))));
+            _mm512_storeu_ps(g + i, _mm512_mul_ps(neg, exp16_scalef(_mm512_sub_ps(_mm512_loadu_ps(g + i), vl))));
         for (int64_t i = V16; i < V; i++) g[i] = -gt * exp_poly(g[i] - l);
     }
 }
@@ -147,14 +147,14 @@ WIDE static float max_sum16(const void *row, int bf16, int64_t V, float scale, f
     int64_t i = 0;
     for (; i + 32 <= V16; i += 32) {  /* two chains: the sums' add latency, not the exp, would bound one */
         const __m512 da = _mm512_sub_ps(load_z16(row, bf16, i, vs), vm), db = _mm512_sub_ps(load_z16(row, bf16, i + 16, vs), vm);
-        const __m512 ea = exp16(da), eb = exp16(db);
+        const __m512 ea = exp16_scalef(da), eb = exp16_scalef(db);
         sa = _mm512_add_ps(sa, ea);
         sb = _mm512_add_ps(sb, eb);
         ua = _mm512_fmadd_ps(ea, da, ua);
         ub = _mm512_fmadd_ps(eb, db, ub);
     }
     for (; i < V16; i += 16) {
-        const __m512 d = _mm512_sub_ps(load_z16(row, bf16, i, vs), vm), e = exp16(d);
+        const __m512 d = _mm512_sub_ps(load_z16(row, bf16, i, vs), vm), e = exp16_scalef(d);
         sa = _mm512_add_ps(sa, e);
         ua = _mm512_fmadd_ps(e, d, ua);
     }
