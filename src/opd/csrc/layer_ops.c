@@ -114,19 +114,20 @@ BF16_TARGET static inline float inv_rms16(const uint16_t *xr, int64_t n, float e
     return 1.0f / sqrtf(ss / (float)n + eps);
 }
 
+/* one row: yr = bf16(w * bf16(xr * rsqrt(mean(xr^2) + eps))) */
+BF16_TARGET static inline void rms_norm_row16(const uint16_t *xr, const uint16_t *w, uint16_t *yr, int64_t n, float eps) {
+    const int64_t n16 = n & ~(int64_t)15;
+    const float inv = inv_rms16(xr, n, eps);
+    const __m512 vinv = _mm512_set1_ps(inv);
+    for (int64_t i = 0; i < n16; i += 16)
+        store16(yr + i, _mm512_mul_ps(load16(w + i), round16(_mm512_mul_ps(load16(xr + i), vinv))));
+    rms_norm_tail(xr, w, yr, inv, n16, n);
+}
+
 BF16_TARGET void opd_rms_norm_bf16_avx512(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t rows, int64_t n,
                                           float eps, int threads) {
-    const int64_t n16 = n & ~(int64_t)15;
     #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t r = 0; r < rows; r++) {
-        const uint16_t *xr = x + r * n;
-        uint16_t *yr = y + r * n;
-        const float inv = inv_rms16(xr, n, eps);
-        const __m512 vinv = _mm512_set1_ps(inv);
-        for (int64_t i = 0; i < n16; i += 16)
-            store16(yr + i, _mm512_mul_ps(load16(w + i), round16(_mm512_mul_ps(load16(xr + i), vinv))));
-        rms_norm_tail(xr, w, yr, inv, n16, n);
-    }
+    for (int64_t r = 0; r < rows; r++) rms_norm_row16(x + r * n, w, y + r * n, n, eps);
 }
 
 BF16_TARGET void opd_rope_bf16_avx512(uint16_t *x, int64_t rows, int64_t stride, int64_t heads, int64_t D,
@@ -163,12 +164,7 @@ BF16_TARGET void opd_add_rms_norm_bf16_avx512(uint16_t *x, const uint16_t *d, co
         const uint16_t *dr = d + r * n;
         for (int64_t i = 0; i < n16; i += 16) store16(xr + i, _mm512_add_ps(load16(xr + i), load16(dr + i)));
         for (int64_t i = n16; i < n; i++) xr[i] = fp32_to_bf16(bf16_to_fp32(xr[i]) + bf16_to_fp32(dr[i]));
-        uint16_t *yr = y + r * n;
-        const float inv = inv_rms16(xr, n, eps);
-        const __m512 vinv = _mm512_set1_ps(inv);
-        for (int64_t i = 0; i < n16; i += 16)
-            store16(yr + i, _mm512_mul_ps(load16(w + i), round16(_mm512_mul_ps(load16(xr + i), vinv))));
-        rms_norm_tail(xr, w, yr, inv, n16, n);
+        rms_norm_row16(xr, w, y + r * n, n, eps);
     }
 }
 
