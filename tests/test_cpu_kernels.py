@@ -311,6 +311,23 @@ def test_layer_ops_equal_the_torch_ops_in_every_build(n, monkeypatch):
                 assert_bf16_equal(normed, cpu_kernels.rms_norm(x + delta, w, 1e-5))
 
 
+def test_bf16_silu_mul_stays_finite_at_the_ends_of_the_exponential():
+    # sigmoid's exp(-g) through 2^t is capped before it overflows: 1 + exp(-g) = inf would make its Newton step
+    # 0 x inf = NaN
+    import torch.nn.functional as F
+
+    builds = [ops for ops in layer_builds() if ops.silu_mul is not None]
+    if not builds:
+        pytest.skip("needs csrc/layer_ops.c's AVX-512 BF16 build")
+    g = torch.tensor([-1e4, -300.0, -200.0, -120.0, -90.0, -88.0, -50.0, -1.0, 0.0, 1.0, 50.0, 90.0, 200.0, 1e4] + [0.5] * 18)
+    gate_up = torch.cat([g, torch.full_like(g, 1.5)]).bfloat16()[None]
+    with torch.no_grad():
+        got = cpu_kernels.silu_mul(gate_up)
+    want = F.silu(gate_up[:, :32].float()) * gate_up[:, 32:].float()
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.float(), want, rtol=2**-7, atol=1e-30)
+
+
 @pytest.mark.parametrize("n", [576, 67])
 def test_fp32_layer_ops_equal_the_torch_ops(n):
     import torch.nn.functional as F

@@ -1,4 +1,5 @@
 import copy
+import math
 
 import pytest
 import torch
@@ -54,6 +55,30 @@ def test_fused_terms_and_their_gradients_equal_the_unfused_ops(dtype, T, with_te
     if not with_teacher:
         assert (results[1][2] == 0).all()
     assert used == [native]  # the path under test is the one that ran
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_terms_without_a_teacher_hold_for_peaked_and_flat_rows(dtype):
+    # the two-pass path (entropy = log s - u / s from the shifted sums): a row dominated by one logit, a flat row, and
+    # logits far from 0, against log_softmax in float64
+    from opd import cpu_kernels
+
+    if cpu_kernels._vocab_library() is None:
+        pytest.skip("csrc/vocab_terms.c needs x86 AVX2 + a C compiler")
+    V = 16 * 40 + 7
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(4, V, generator=g)
+    logits[0, 5] = 60.0  # peaked: p ~ 1 on one token
+    logits[1] = 0.0  # flat: entropy log V
+    logits[2] = logits[2] * 30 + 400.0  # large and spread
+    logits = logits.to(dtype)
+    targets = torch.tensor([5, 7, 11, 13])
+    with torch.no_grad():
+        tok, ent, kl = fused.token_terms(logits, None, targets, 1.0)
+    logp = F.log_softmax(logits.double(), -1)
+    torch.testing.assert_close(tok.double(), logp.gather(1, targets[:, None]).squeeze(1), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(ent.double(), -(logp.exp() * logp).sum(-1), rtol=1e-5, atol=1e-4)
+    assert float(ent[1]) == pytest.approx(math.log(V), rel=1e-5) and (kl == 0).all()
 
 
 def test_the_native_vocabulary_terms_take_only_what_they_can_index():
