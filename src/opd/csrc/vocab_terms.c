@@ -145,7 +145,7 @@ WIDE static float max_sum16(const void *row, int bf16, int64_t V, float scale, f
     const __m512 vm = _mm512_set1_ps(m);
     __m512 sa = _mm512_setzero_ps(), ua = _mm512_setzero_ps(), sb = _mm512_setzero_ps(), ub = _mm512_setzero_ps();
     int64_t i = 0;
-    for (; i + 32 <= V16; i += 32) {  /* two chains: the sums' add latency, not the exp, would bound one */
+    for (; i + 32 <= V16; i += 32) {  /* two vectors an iteration, each into its own sums */
         const __m512 da = _mm512_sub_ps(load_z16(row, bf16, i, vs), vm), db = _mm512_sub_ps(load_z16(row, bf16, i + 16, vs), vm);
         const __m512 ea = exp16_scalef(da), eb = exp16_scalef(db);
         sa = _mm512_add_ps(sa, ea);
