@@ -196,7 +196,7 @@ def test_the_kernel_is_built_once_per_source(tmp_path, monkeypatch):
     from importlib import resources
 
     source = tmp_path / "int8_gemv.c"
-    for name in ("int8_gemv.c", "simd.h", "quantize.h"):  # the source and the headers it includes
+    for name in ("int8_gemv.c", "simd.h", "quantize.h", "amx.h"):  # the source and the headers it includes
         (tmp_path / name).write_bytes((resources.files("opd") / "csrc" / name).read_bytes())
     built = cpu_kernels.build(source, tmp_path / "cache")
     assert built.exists() and built.parent == tmp_path / "cache"

@@ -98,7 +98,7 @@ T512 void opd_causal_attention_f32(const float *qkv, float *out, float *kt, int6
                     __m512 mx = _mm512_set1_ps(-INFINITY);
                     for (int g = 0; g < ng; g++) {
                         const int64_t left = valid - 16 * g;
-                        const __mmask16 keep = left >= 16 ? 0xFFFF : (left <= 0 ? 0 : (__mmask16)((1u << left) - 1));
+                        const __mmask16 keep = first16(left);
                         s[g] = _mm512_mask_mul_ps(_mm512_set1_ps(-INFINITY), keep, _mm512_loadu_ps(S[r] + 16 * g),
                                                   _mm512_set1_ps(scale));
                         mx = _mm512_max_ps(mx, s[g]);
@@ -150,23 +150,17 @@ T512 void opd_causal_attention_f32(const float *qkv, float *out, float *kt, int6
  * the end (as torch's flash kernel rounds). The products' right operands are packed once per (batch, key head) in
  * the tile unit's layout (pairs of consecutive k for each column): K^T per 16 keys, V per 32 keys and 16 columns.
  * A task is one block of 16 query rows of every query head of a key head. D = 64; the tile state needs
- * opd_attention_amx_request (ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA). */
+ * opd_attention_amx_request (amx.h). */
 #include <string.h>
-#include <sys/syscall.h>
-#include <unistd.h>
+
+#include "amx.h"
 
 #define AMXBF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,amx-tile,amx-bf16")))
-
-typedef struct {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} AttTileConfig;
 
 static int att_amx_granted = 0;
 
 int opd_attention_amx_request(void) {
-    att_amx_granted = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+    att_amx_granted = amx_request_state();
     return att_amx_granted;
 }
 
@@ -174,7 +168,7 @@ int opd_attention_amx_request(void) {
 int64_t opd_attention_bf16_packed_bytes(int64_t L) { return ((L + 31) & ~(int64_t)31) * D * 2 * 2; }
 int64_t opd_attention_bf16_scratch_bytes(int64_t L) {
     const int64_t Lp = (L + 31) & ~(int64_t)31;
-    return 16 * Lp * 4 + 16 * Lp * 2 + 16 * D * 2 + 16 * D * 4 + 4 * 64;
+    return 16 * Lp * 4 + 16 * Lp * 2 + 16 * D * 2 + 16 * D * 4;  /* S, P, Q, O (attention_rows_amx) */
 }
 
 /* kp: [Lp / 16][32 rows][16 keys x 2]: K^T of keys k0 .. k0 + 15, rows 0-15 the pairs of d 0..31, 16-31 of d 32..63.
@@ -188,7 +182,7 @@ AMXBF16 static void pack_kv_bf16(const uint16_t *qkv, uint16_t *kp, uint16_t *vp
     const __m512i stride = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                               _mm512_set1_epi32((int)(NH * D / 2)));  /* key n's row, in pairs */
     for (int64_t t0 = 0; t0 < Lp; t0 += 16) {
-        const __mmask16 real = L - t0 >= 16 ? 0xFFFF : (L - t0 <= 0 ? 0 : (__mmask16)((1u << (L - t0)) - 1));
+        const __mmask16 real = first16(L - t0);
         const int *base = (const int *)(k0 + t0 * NH * D);
         uint32_t *dst = (uint32_t *)kp + t0 * 32;
         for (int64_t dp = 0; dp < D / 2; dp++)
@@ -246,24 +240,16 @@ AMXBF16 static void attention_rows_amx(const uint16_t *qkv, uint16_t *out, const
         const float *s = S + r * Lp;
         uint16_t *p = P + r * Lp;
         const int64_t valid = r < rows ? q0 + r + 1 : 0;  /* keys this row sees */
-        const int64_t full = valid & ~(int64_t)15;
-        const __mmask16 last = (__mmask16)((1u << (valid - full)) - 1);
-        __m512 mx = _mm512_mask_loadu_ps(ninf, last, s + full);
-        for (int64_t k = 0; k < full; k += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(s + k));
+        __m512 mx = ninf;
+        for (int64_t k = 0; k < valid; k += 16) mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(ninf, first16(valid - k), s + k));
         const __m512 shift = _mm512_set1_ps(valid ? -k2 * _mm512_reduce_max_ps(mx) : 0.0f);
         __m512 sum = _mm512_setzero_ps();
         int64_t k = 0;
-        for (; k < full; k += 16) {
-            const __m512 e = _mm512_cvtpbh_ps(_mm512_cvtneps_pbh(exp2_16(_mm512_fmadd_ps(_mm512_loadu_ps(s + k), vk, shift))));
-            _mm256_storeu_si256((__m256i *)(p + k), (__m256i)_mm512_cvtneps_pbh(e));
-            sum = _mm512_add_ps(sum, e);
-        }
-        if (last) {
-            const __m512 e = _mm512_maskz_mov_ps(last, _mm512_cvtpbh_ps(_mm512_cvtneps_pbh(
-                                 exp2_16(_mm512_fmadd_ps(_mm512_loadu_ps(s + full), vk, shift)))));
-            _mm256_storeu_si256((__m256i *)(p + k), (__m256i)_mm512_cvtneps_pbh(e));
-            sum = _mm512_add_ps(sum, e);
-            k += 16;
+        for (; k < valid; k += 16) {  /* past `valid` in the last vector: zeros */
+            const __m512 e = _mm512_maskz_mov_ps(first16(valid - k), exp2_16(_mm512_fmadd_ps(_mm512_loadu_ps(s + k), vk, shift)));
+            const __m256bh eb = _mm512_cvtneps_pbh(e);
+            _mm256_storeu_si256((__m256i *)(p + k), (__m256i)eb);
+            sum = _mm512_add_ps(sum, _mm512_cvtpbh_ps(eb));  /* the sum of the probabilities as rounded */
         }
         for (; k < kb32 * 32; k += 16) _mm256_storeu_si256((__m256i *)(p + k), _mm256_setzero_si256());
         inv[r] = valid ? 1.0f / _mm512_reduce_add_ps(sum) : 0.0f;
@@ -313,7 +299,7 @@ AMXBF16 int opd_causal_attention_bf16_amx(const uint16_t *qkv, uint16_t *out, ui
         }
     #pragma omp parallel num_threads(threads)
     {
-        AttTileConfig cfg __attribute__((aligned(64)));
+        TileConfig cfg __attribute__((aligned(64)));
         memset(&cfg, 0, sizeof cfg);
         cfg.palette = 1;
         for (int t = 0; t < 8; t++) cfg.rows[t] = 16, cfg.colsb[t] = 64;

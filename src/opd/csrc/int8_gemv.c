@@ -245,16 +245,9 @@ VNNI_TARGET static void gemv_vnni(const float *x, int B, const int8_t *q, const 
  * within s2 / 2 = max |x| / 64516, as fine as the VNNI build's int16. Up to 8 rows a pass: columns 0..nb-1 hold
  * the rows' hi terms, nb..2nb-1 their lo terms. Needs N % 16 == 0 and K % 64 == 0, and the tile state, which
  * Linux hands out only to processes that ask (opd_amx_request: ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA). */
-#include <sys/syscall.h>
-#include <unistd.h>
+#include "amx.h"
 #define AMX_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,amx-tile,amx-int8")))
 
-
-typedef struct {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} TileConfig;
 
 /* x rows [b0, b0 + nb) -> the right operand for every 64 of K: [K / 64][16 rows][2 nb columns x 4 bytes],
  * and the two scales of each row. 16 values of k at a time (K % 64 == 0 here): their 16 hi bytes are 4 tile
@@ -373,7 +366,7 @@ void opd_amx_set_min_rows(int rows) { amx_min_rows = rows; }
 int opd_amx_get_min_rows(void) { return amx_granted ? amx_min_rows : -1; }
 
 int opd_amx_request(void) {
-    amx_granted = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+    amx_granted = amx_request_state();
     return amx_granted;
 }
 

@@ -342,11 +342,8 @@ void opd_silu_mul_f32(const float *gate_up, float *y, int64_t rows, int64_t inte
  * their backward ds = bf16(scale x p * (dp - sum_j dp_j p_j)) in one more (with a power-of-two scale, as head size
  * 64 gives, scaling the product is exactly scaling the queries: the same bits), from the saved bf16 probabilities
  * (autograd keeps the fp32 ones: the product differs by a bf16 rounding of p, below the bf16 rounding of ds
- * itself). scores / probs are
- * [rows, Lk] with row r the query at position r % Lq + (Lk - Lq) (a group's query heads stacked as rows). */
-BF16_TARGET static inline __mmask16 first16(int64_t left) {
-    return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
-}
+ * itself). scores / probs are [rows, Lk] with row r the query at position r % Lq + (Lk - Lq) (a group's query heads
+ * stacked as rows). */
 
 BF16_TARGET static inline __m512 load16m(const uint16_t *p, __mmask16 m) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));

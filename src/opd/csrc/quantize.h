@@ -10,6 +10,8 @@
 #include <math.h>
 #include <stdint.h>
 
+#include "simd.h"
+
 static inline __m256 load8(const void *w, int bf16, int64_t i) {
     if (bf16) {
         const __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)w + i));
@@ -71,7 +73,7 @@ QUANT16 static inline __m512 load16(const void *w, int bf16, int64_t i, __mmask1
 QUANT16 static void quantize_row16(const void *w, int bf16, int8_t *qn, float *scale, int64_t K) {
     __m512 m = _mm512_setzero_ps();
     for (int64_t k = 0; k < K; k += 16) {
-        const __mmask16 in = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
+        const __mmask16 in = first16(K - k);
         m = _mm512_max_ps(m, _mm512_abs_ps(load16(w, bf16, k, in)));
     }
     float s = _mm512_reduce_max_ps(m) / 127.0f;
@@ -80,7 +82,7 @@ QUANT16 static void quantize_row16(const void *w, int bf16, int8_t *qn, float *s
     const __m512 sv = _mm512_set1_ps(1.0f / s);
     const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
     for (int64_t k = 0; k < K; k += 16) {
-        const __mmask16 in = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
+        const __mmask16 in = first16(K - k);
         const __m512i v = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(load16(w, bf16, k, in), sv)), lo), hi);
         _mm_mask_storeu_epi8(qn + k, in, _mm512_cvtepi32_epi8(v));
     }

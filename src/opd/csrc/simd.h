@@ -14,6 +14,11 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+/* the mask of an AVX-512 vector's first `left` lanes (all 16 from 16 on, none from 0 down): the tail of a row */
+static inline __mmask16 first16(int64_t left) {
+    return left >= 16 ? (__mmask16)0xFFFF : (left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1));
+}
+
 /* this OpenMP thread's part of a scratch buffer holding `bytes` for each thread */
 static inline void *thread_part(void *scratch, int64_t bytes) {
 #ifdef _OPENMP
