@@ -86,8 +86,9 @@ class AppThread:
         import uvicorn
 
         self.port = free_port()
+        # lifespan on: opd's app ends its model thread at shutdown (a thread left behind slows this process's torch)
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="error",
-                                                    lifespan="off"))
+                                                    lifespan="on"))
         self.thread = None
 
     @property

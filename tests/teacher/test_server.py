@@ -2,6 +2,7 @@
 
 import asyncio
 import re
+import threading
 
 import httpx
 import pytest
@@ -48,6 +49,27 @@ def test_concurrent_requests_share_forward_passes(teacher_model, tokenizer):
     assert metric(text, "opd_teacher_batch_sequences_sum") == 8 and batches < 8  # several sequences per pass
     assert metric(text, 'opd_teacher_requests_total{endpoint="completions",status="200"}') == 8
     assert metric(text, "opd_teacher_tokens_scored_total") == 8 * 12
+
+
+def model_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("opd-teacher")]
+
+
+def test_scoring_generation_and_weight_loads_share_one_model_thread_that_ends_with_the_app(
+        teacher_model, tokenizer, tmp_path):
+    # Each thread that runs torch's parallel ops keeps an OpenMP team; more teams than cores slow every op of the
+    # process (server.py's docstring), so the app uses one thread for the model and ends it when it stops.
+    teacher_model.save_pretrained(tmp_path / "w")
+    before = set(model_threads())
+    with AppThread(build_app(teacher_model, tokenizer, name="tiny")) as srv:
+        with httpx.Client(base_url=srv.url, timeout=30) as c:
+            assert c.post("/v1/completions", json={"prompt": [1, 20, 21], "max_tokens": 0,
+                                                   "prompt_logprobs": 1}).status_code == 200
+            assert c.post("/v1/completions", json={"prompt": [1, 20, 21], "max_tokens": 3}).status_code == 200
+            assert c.post("/v1/load_weights", json={"path": str(tmp_path / "w"), "version": 1}).status_code == 200
+            used = set(model_threads()) - before
+            assert len(used) == 1
+    assert not (set(model_threads()) - before)
 
 
 @pytest.fixture

@@ -20,11 +20,18 @@ on-policy distillation needs, so the same client talks to it in tests and to vLL
 
 Dynamic batching: concurrent scoring requests wait in one queue; a worker takes what is there (up
 to `max_batch_tokens`, waiting at most `max_wait_ms` for more) and scores it in one forward pass.
+
+Every use of the model (scoring, generation, loading weights) runs on one thread, which the app's shutdown
+ends. Why one: torch's OpenMP runtime (libgomp) keeps a team of worker threads for every thread that has run a
+parallel op; once a process holds more of them than it has cores, every team's workers sleep instead of spinning
+between ops, and each op pays a futex wake-up. A second model thread (or one left behind by a stopped app in a
+long-lived process) made a tiny model's training step 1.8-10x slower on 2 cores (bench/NOTES.md, session 20).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 import uuid
@@ -40,16 +47,22 @@ from opd.teacher.scorer import GenerateJob, GenerateResult, ScoreJob, ScoreResul
 
 
 class DynamicBatcher:
-    """Collects concurrent jobs into batches and runs them on one worker thread (the model is not re-entrant)."""
+    """Collects concurrent jobs into batches and runs them on the model's thread (`executor`, one worker: the model
+    is not re-entrant)."""
 
-    def __init__(self, fn, *, max_batch_tokens: int, max_wait_ms: float, on_batch=None):
+    def __init__(self, fn, executor: ThreadPoolExecutor, *, max_batch_tokens: int, max_wait_ms: float, on_batch=None):
         self.fn = fn
+        self.executor = executor
         self.max_batch_tokens = max_batch_tokens
         self.max_wait_s = max_wait_ms / 1000
         self.on_batch = on_batch
         self.queue: asyncio.Queue | None = None
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="opd-teacher")
         self.task: asyncio.Task | None = None
+
+    def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            self.task = None
 
     def start(self) -> None:
         self.queue = asyncio.Queue()
@@ -226,9 +239,19 @@ def build_app(model, tokenizer, *, name: str = "teacher", max_batch_tokens: int 
             r.policy_version = version
         return results
 
-    scorer = DynamicBatcher(score_jobs, max_batch_tokens=max_batch_tokens, max_wait_ms=max_wait_ms, on_batch=on_batch)
-    generator = DynamicBatcher(generate_jobs, max_batch_tokens=1, max_wait_ms=0)
-    app = FastAPI(title=f"opd teacher: {name}")
+    model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="opd-teacher")  # see the module docstring
+    scorer = DynamicBatcher(score_jobs, model_thread, max_batch_tokens=max_batch_tokens, max_wait_ms=max_wait_ms,
+                            on_batch=on_batch)
+    generator = DynamicBatcher(generate_jobs, model_thread, max_batch_tokens=1, max_wait_ms=0)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        scorer.stop()
+        generator.stop()
+        model_thread.shutdown(wait=True)  # the thread ends, and with it its OpenMP team
+
+    app = FastAPI(title=f"opd teacher: {name}", lifespan=lifespan)
 
     def error(status: int, message: str, endpoint: str) -> JSONResponse:
         requests.labels(endpoint, str(status)).inc()
@@ -274,7 +297,8 @@ def build_app(model, tokenizer, *, name: str = "teacher", max_batch_tokens: int 
     async def load_weights(req: LoadWeightsRequest):
         t0 = time.perf_counter()
         try:
-            await asyncio.to_thread(weights.write, lambda: load_weights_from(model, req.path), req.version)
+            await asyncio.get_running_loop().run_in_executor(
+                model_thread, weights.write, lambda: load_weights_from(model, req.path), req.version)
         except (ValueError, OSError) as e:
             return error(400, str(e), "load_weights")
         requests.labels("load_weights", "200").inc()
