@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT / "src"))
 import httpx  # noqa: E402
 import torch  # noqa: E402
 
+from opd.matmul import cpu_lacks_bf16  # noqa: E402
 from opd.models import count_params, load_model, resolve_model_path  # noqa: E402
 from opd.teacher import LocalTeacher  # noqa: E402
 from opd.types import Prompt, Rollout  # noqa: E402
@@ -157,7 +158,11 @@ def main() -> None:
         can flatter or wrong the shapes timed later, and one from just before a shape still moved ~10% during it."""
         return max(measure_matmul_limit(dtype, size=s, min_seconds=1.0)["flops_per_s"] for s in (512, 2048))
 
-    for dtype in ("float32", "bfloat16"):
+    # bf16 only where the CPU has bf16 instructions: elsewhere oneDNN emulates it at a fifth of fp32's speed or less
+    # (an Ice Lake Xeon: 66 GFLOP/s against 332, session 20) and opd itself warns against it (matmul.cpu_lacks_bf16).
+    dtypes = ("float32",) if cpu_lacks_bf16() else ("float32", "bfloat16")
+    bf16_note = None if "bfloat16" in dtypes else "bfloat16 skipped: this CPU has neither avx512_bf16 nor amx_bf16"
+    for dtype in dtypes:
         model = fp32 if dtype == "float32" else load_model(MODEL, dtype=dtype, device="cpu").eval()
         teacher = LocalTeacher(model, batch_size=64)
         with contextlib.ExitStack() as stack:
@@ -233,7 +238,7 @@ def main() -> None:
                 f"{repeats}, opd and vLLM taking turns shape by shape; fraction_of_matmul_limit = 2 x params x tokens forwarded / s / the dtype's matmul limit, measured again before and after each shape (the row's matmul_limit_flops_per_s: their mean; the top-level one is the run's start)",
         "model": MODEL, "params": params, "prompt_tokens": PROMPT_TOKENS,
         "matmul_limit_flops_per_s": limits, "vllm_python": str(py) if py else None, "vllm_note": vllm_note,
-        "goal": goal, "rows": rows,
+        "bf16_note": bf16_note, "goal": goal, "rows": rows,
     }, headline=headline)
 
 
