@@ -24,8 +24,9 @@ to `max_batch_tokens`, waiting at most `max_wait_ms` for more) and scores it in 
 Every use of the model (scoring, generation, loading weights) runs on one thread, which the app's shutdown
 ends. Why one: torch's OpenMP runtime (libgomp) keeps a team of worker threads for every thread that has run a
 parallel op; once a process holds more of them than it has cores, every team's workers sleep instead of spinning
-between ops, and each op pays a futex wake-up. A second model thread (or one left behind by a stopped app in a
-long-lived process) made a tiny model's training step 1.8-10x slower on 2 cores (bench/NOTES.md, session 20).
+between ops, and each op pays a futex wake-up. A thread left behind by a stopped app made the rest of its process's
+training steps 1.8-10x slower on 2 cores (bench/NOTES.md, session 20); one model thread also keeps a server that
+both generates and scores to one team.
 """
 
 from __future__ import annotations
