@@ -52,7 +52,8 @@ def test_concurrent_requests_share_forward_passes(teacher_model, tokenizer):
 
 
 def model_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name.startswith("opd-teacher")]
+    """The app's model thread, and asyncio's default-executor threads (asyncio.to_thread) that would be a second."""
+    return [t for t in threading.enumerate() if t.name.startswith(("opd-teacher", "asyncio_"))]
 
 
 def test_scoring_generation_and_weight_loads_share_one_model_thread_that_ends_with_the_app(
