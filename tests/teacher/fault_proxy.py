@@ -5,8 +5,10 @@
   "hang"        answer nothing for `hang_s` (the client times out)
   "malformed"   200 with a body that is not JSON
   "wrong_count" 200 with the upstream answer minus its last position (a partial answer)
-Requests that reach a dead upstream are answered 502 ("upstream"). Every outcome is counted, so a
-test can check that the client's metrics show exactly the faults that happened.
+Requests that reach a dead upstream are answered 502 ("upstream"). A request whose client hung up before its
+answer was ready (the client timed out on a slow upstream) is counted as "client_gone", whatever upstream said:
+the client saw a timeout. Every outcome is counted, so a test can check that the client's metrics show exactly
+the faults that happened.
 """
 
 from __future__ import annotations
@@ -78,6 +80,13 @@ class FaultProxy:
                     resp = await client.request(request.method, f"{self.upstream}/{path}", content=raw,
                                                 headers={"content-type": "application/json"})
             except httpx.HTTPError:
+                resp = None
+            # Under load a request can wait on upstream past the client's timeout: the client counted a timeout
+            # and retried, so counting this one as "upstream" or "ok" would count the same attempt twice.
+            if await request.is_disconnected():
+                self.counts["client_gone"] += 1
+                return Response(status_code=499)
+            if resp is None:
                 self.counts["upstream"] += 1
                 return JSONResponse({"error": "upstream down"}, 502)
             if resp.status_code != 200:

@@ -89,6 +89,23 @@ def test_every_fault_is_retried_and_counted(teacher_server, arith, api):
     assert scores.failures == got["teacher/retries"] == 6 and got["teacher/dropped"] == 0
 
 
+def test_an_answer_that_comes_after_the_clients_timeout_counts_once_as_a_timeout(teacher_server, arith):
+    # The fault accounting of the service tests rests on this: an upstream that answers after the client gave up
+    # (here an inner proxy that hangs each sequence's first attempt) is a timeout for the client and "client_gone"
+    # for the outer proxy, not an extra "upstream" failure.
+    tokenizer, _, roll = arith
+    inner = FaultProxy(teacher_server.url, first_attempt_fails(["hang"]), hang_s=1.5).start()
+    outer = FaultProxy(inner.url).start()
+    try:
+        scores = RemoteTeacher(settings(outer.url, timeout_s=0.75)).score(roll)
+    finally:
+        outer.stop()
+        inner.stop()
+    assert torch.equal(scores.scored_mask, roll.completion_mask)
+    assert scores.metrics["teacher/failures/timeout"] == outer.faults["client_gone"] == inner.faults["hang"] == 6
+    assert outer.faults["upstream"] == 0 and scores.failures == 6
+
+
 def test_a_sequence_that_never_gets_an_answer_is_dropped_not_half_scored(teacher_server, arith):
     tokenizer, _, roll = arith
     victim = roll.prompt_ids[2][roll.prompt_mask[2].bool()].tolist()

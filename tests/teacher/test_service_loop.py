@@ -117,7 +117,7 @@ def test_run_survives_a_killed_server_and_20_percent_faulty_answers(tmp_path):
     assert min(faults[k] for k in kinds) > 0
     # Every fault shows in the metrics, once: the client's counts match what the proxy did.
     assert last["teacher/failures/http_total"] == faults["http500"] + faults["upstream"]
-    assert last["teacher/failures/timeout_total"] == faults["hang"]
+    assert last["teacher/failures/timeout_total"] == faults["hang"] + faults["client_gone"]
     assert last["teacher/failures/malformed_total"] == faults["malformed"]
     assert last["teacher/failures/mismatch_total"] == faults["wrong_count"]
     assert last["teacher/failures_total"] == sum(faults.values())
