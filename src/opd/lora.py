@@ -10,12 +10,14 @@ trainer state (`adapter_state` / `load_adapter_state`).
 from __future__ import annotations
 
 import copy
+import sys
 
 import torch
-from peft import LoraConfig, inject_adapter_in_model
-from peft.tuners.tuners_utils import BaseTunerLayer
 
 from opd.config import ConfigError
+
+# peft (and the parts of transformers it pulls in) is imported on first use: it is ~1 s of every `opd` process's
+# start, and most runs have no adapters.
 
 
 def add_lora(model, *, rank: int, alpha: float, target_modules: list[str]):
@@ -25,11 +27,17 @@ def add_lora(model, *, rank: int, alpha: float, target_modules: list[str]):
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
         raise ConfigError(f"student.lora_target_modules: {unknown} match no module of {type(model).__name__}; "
                           f"its linear layers are: {', '.join(linear)}")
+    from peft import LoraConfig, inject_adapter_in_model
+
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(target_modules), lora_dropout=0.0)
     return inject_adapter_in_model(config, model)
 
 
 def has_lora(model) -> bool:
+    if "peft" not in sys.modules:  # no adapter can have been injected in this process
+        return False
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
     return any(isinstance(m, BaseTunerLayer) for m in model.modules())
 
 
@@ -37,6 +45,8 @@ def merged_copy(model):
     """A plain copy of the model with every adapter folded into its base weight (the model itself is unchanged)."""
     if not has_lora(model):
         return model
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
     plain = copy.deepcopy(model)
     for name, module in list(plain.named_modules()):
         if isinstance(module, BaseTunerLayer):
