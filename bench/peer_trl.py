@@ -18,7 +18,9 @@ torch threads. Peers:
 - opd-int8: as opd-bf16 with rollout.dtype = "int8" (the sampling copy's decode steps read int8 weights);
 - opd-int8-fp32: for CPUs without bf16 instructions: rollout.dtype = "int8" (int8 decode steps, the fp32
   student prefilling), teacher and update fp32 (not in the default --peers; add it on such a machine);
-- opd-int8-batch16: opd-int8 at batch 16, opd's own best settings here (not an equal-settings row).
+- opd-int8-batch16: opd-int8 at batch 16, opd's own best settings here (not an equal-settings row);
+- opd-int8-fp32-batch16: opd-int8-fp32 at batch 16, opd's own best settings on CPUs without bf16 instructions
+  (not in the default --peers either).
 Every side runs in this one process, so all share the allocator settings of bench/common.py (opd.allocator).
 Each side trains for the same wall-clock budget (counted from its first training step); then each final
 student is evaluated by one shared evaluator: completions sampled at temperature 1 on the held-out prompts
@@ -207,7 +209,10 @@ OPD_VARIANTS = {"opd": {}, "opd-bf16": {"rollout": {"dtype": "bfloat16"}, "teach
                 # opd's own best settings: the same at batch 16 (decoding is bound by reading the weights, so 4x the
                 # rows cost little more per step); not an equal-settings comparison, and reported apart
                 "opd-int8-batch16": {"prompts": {"batch_size": 16}, "rollout": {"dtype": "int8"},
-                                     "teacher": {"dtype": "bfloat16"}, "train": {"bf16_weights": True, "micro_batch_size": 16}}}
+                                     "teacher": {"dtype": "bfloat16"}, "train": {"bf16_weights": True, "micro_batch_size": 16}},
+                # the same for CPUs without bf16 instructions
+                "opd-int8-fp32-batch16": {"prompts": {"batch_size": 16}, "rollout": {"dtype": "int8"},
+                                          "train": {"micro_batch_size": 16}}}
 
 # variant -> (its keys' prefix in the summary, its name in the headline table, the figure of its ratio to GKD)
 OPD_OWN_CHOICES = {
@@ -217,6 +222,8 @@ OPD_OWN_CHOICES = {
                       "peer: opd-int8-fp32 / TRL GKDTrainer student tokens/s"),
     "opd-int8-batch16": ("opd_int8_batch16", "opd at its own best settings (int8 decode, bf16, batch 16)",
                          "peer: opd-int8 at batch 16 / TRL GKDTrainer at batch 4 student tokens/s"),
+    "opd-int8-fp32-batch16": ("opd_int8_fp32_batch16", "opd at its own best settings without bf16 (int8 decode, fp32, batch 16)",
+                              "peer: opd-int8-fp32 at batch 16 / TRL GKDTrainer at batch 4 student tokens/s"),
 }
 
 

@@ -96,8 +96,8 @@ def test_peer_benchmark_splits_prompts_and_configures_opd_like_the_peers(tmp_pat
     assert not {json.dumps(r) for r in train} & {json.dumps(r) for r in held_out}
     for name, variant in peer_trl.OPD_VARIANTS.items():
         cfg = peer_trl.opd_config(tmp_path / "student", tmp_path / "train.jsonl", variant)
-        # Every variant at the peers' batch but the one named for opd's own best settings.
-        want_batch = 16 if name == "opd-int8-batch16" else peer_trl.BATCH
+        # Every variant at the peers' batch but the ones named for opd's own best settings.
+        want_batch = 16 if name.endswith("-batch16") else peer_trl.BATCH
         assert cfg.prompts.batch_size == want_batch and peer_trl.BATCH == 4
         assert cfg.rollout.max_new_tokens == peer_trl.NEW_TOKENS == 64
         assert cfg.rollout.temperature == 1.0 and cfg.objective.name == "reverse_kl"
@@ -108,6 +108,8 @@ def test_peer_benchmark_splits_prompts_and_configures_opd_like_the_peers(tmp_pat
     assert peer_trl.opd_config(tmp_path, tmp_path / "t.jsonl", peer_trl.OPD_VARIANTS["opd-int8"]).rollout.dtype == "int8"
     fp32 = peer_trl.opd_config(tmp_path, tmp_path / "t.jsonl", peer_trl.OPD_VARIANTS["opd-int8-fp32"])
     assert fp32.rollout.dtype == "int8" and fp32.teacher.dtype == "float32" and fp32.train.autocast == "none"
+    best_fp32 = peer_trl.opd_config(tmp_path, tmp_path / "t.jsonl", peer_trl.OPD_VARIANTS["opd-int8-fp32-batch16"])
+    assert best_fp32.teacher.dtype == "float32" and not best_fp32.train.bf16_weights and best_fp32.rollout.dtype == "int8"
     assert not fp32.train.bf16_weights and peer_trl.opd_config(tmp_path, tmp_path / "t.jsonl", peer_trl.OPD_VARIANTS["opd-int8"]).train.bf16_weights
     assert set(peer_trl.OPD_OWN_CHOICES) == set(peer_trl.OPD_VARIANTS) - {"opd"}  # each reported in the summary
     # a round's seed reaches both sides: opd's config and TRL's training arguments
