@@ -10,7 +10,10 @@ A floor, measured in this run, for the SmolLM2-135M teacher and its half-depth s
   The streaming read rate of the memory (a sum over 1 GiB) is measured too: weights / that rate is the bound
   a decoder with hand-written batch-4 kernels (or 8-bit weights) could approach;
 - the student's prompt prefill, the teacher's scoring forward and the update (forward + backward) at the
-  matmul limit measured in this run (2 x params x tokens, resp. 6 x params x tokens).
+  matmul limit measured in this run (2 x params x tokens, resp. 6 x params x tokens);
+- one more row, for CPUs without bf16 instructions (where torch's bf16 and int8-on-bf16 kernels are emulated):
+  int8 weights read at the memory's rate for decoding, fp32 at the limit for the rest: the floor of
+  rollout.dtype = "int8" with an fp32 teacher and update, for any kernel.
 
 The floor step's student tokens/s bounds any implementation built on torch's matmuls here; divided by TRL
 GKDTrainer's measured student tokens/s (bench/results/peer_trl.json, another run on this machine: its date
@@ -81,6 +84,9 @@ def decode_floor_s(model, dtype: torch.dtype | str, reps: int = 20) -> float:
     return best
 
 
+READ_RATE_ROW = "int8 decode at the memory read rate, float32 prefill, teacher and update"
+
+
 def main() -> None:
     torch.set_num_threads(threads())
     limit = {d: measure_matmul_limit(d)["flops_per_s"] for d in ("float32", "bfloat16")}
@@ -110,6 +116,19 @@ def main() -> None:
                       "student_tokens_per_s": round(BATCH * NEW_TOKENS / step, 1),
                       "decode_share": round(decode / step, 3)}
         print(name, rows[name])
+    # Without bf16 instructions (bf16 products emulated, torch's int8 kernel on bf16 activations with them) the
+    # rows above say little; the floor there is int8 decoding at the memory's read rate (what opd's own int8
+    # kernels approach) and everything else in fp32 at the limit: rollout.dtype = "int8" with fp32 otherwise.
+    decode = NEW_TOKENS * linear_params / (bandwidth * 1e9)
+    prefill = forward_flops(student_params, BATCH * prompt_len) / limit["float32"]
+    teacher = forward_flops(teacher_params, tokens) / limit["float32"]
+    update = train_flops(student_params, tokens) / limit["float32"]
+    step = decode + prefill + teacher + update
+    rows[READ_RATE_ROW] = {"decode_s": round(decode, 3), "prefill_s": round(prefill, 3), "teacher_s": round(teacher, 3),
+                           "update_s": round(update, 3), "step_s": round(step, 3),
+                           "student_tokens_per_s": round(BATCH * NEW_TOKENS / step, 1),
+                           "decode_share": round(decode / step, 3)}
+    print(READ_RATE_ROW, rows[READ_RATE_ROW])
 
     peer_file = RESULTS / "peer_trl.json"
     peer = json.loads(peer_file.read_text()) if peer_file.is_file() else {}
@@ -121,7 +140,8 @@ def main() -> None:
                 "here with torch's kernels: decode = the student's linear-weight matmuls at batch 4 per token "
                 "(measured), prefill/teacher/update = FLOPs at the matmul limit (measured in this run); the ratio over "
                 "TRL GKDTrainer that this floor allows; and the memory's streaming read rate, the bound for "
-                "hand-written decode kernels",
+                "hand-written decode kernels (row '" + READ_RATE_ROW + "': that bound for any kernel, fp32 "
+                "otherwise, the floor of rollout.dtype = 'int8' on CPUs without bf16 instructions)",
         "matmul_limit_flops_per_s": limit,
         "read_bandwidth_gb_s": round(bandwidth, 1),
         "decode_bytes_per_token": bytes_per_step,
@@ -132,8 +152,8 @@ def main() -> None:
         "trl_student_tokens_per_s": trl,
         "trl_measured": {"file": "bench/results/peer_trl.json", "date": peer.get("date")},
         "max_ratio_over_trl": bounds,
-    }, headline=[{"figure": f"floor (torch kernels): max opd / TRL GKD ratio at batch 4, 64 new ({k})", "value": v,
-                  "unit": "x"} for k, v in bounds.items()]
+    }, headline=[{"figure": f"floor ({'any kernel' if k == READ_RATE_ROW else 'torch kernels'}): max opd / TRL GKD "
+                            f"ratio at batch 4, 64 new ({k})", "value": v, "unit": "x"} for k, v in bounds.items()]
              + [{"figure": "floor: memory read rate (decode bound for hand-written kernels)", "value": round(bandwidth, 1),
                  "unit": "GB/s"}])
 
