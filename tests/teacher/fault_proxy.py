@@ -14,6 +14,7 @@ the faults that happened.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 from collections import Counter
@@ -47,6 +48,7 @@ class FaultProxy:
         self.counts: Counter = Counter()
         self.lock = threading.Lock()
         self.on_request = None  # optional hook(n) run before each request (e.g. to kill the server)
+        self.client: httpx.AsyncClient | None = None  # to upstream, made when the app starts
         self.served = AppThread(self._build())
 
     @property
@@ -54,7 +56,16 @@ class FaultProxy:
         return self.served.url
 
     def _build(self) -> FastAPI:
-        app = FastAPI()
+        @contextlib.asynccontextmanager
+        async def lifespan(app):
+            # One client for the proxy's life: making one per request (an SSL context each, 25-65 ms here) pushed
+            # answers past a client's timeout on a loaded host. No keep-alive, so that each request still meets
+            # upstream on a fresh connection (a pooled one left over from before a server's restart would fail).
+            async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_keepalive_connections=0)) as client:
+                self.client = client
+                yield
+
+        app = FastAPI(lifespan=lifespan)
 
         @app.api_route("/{path:path}", methods=["GET", "POST"])
         async def forward(path: str, request: Request):
@@ -76,9 +87,8 @@ class FaultProxy:
             if kind == "malformed":
                 return Response(b'{"choices": [', media_type="application/json")
             try:
-                async with httpx.AsyncClient(timeout=60) as client:
-                    resp = await client.request(request.method, f"{self.upstream}/{path}", content=raw,
-                                                headers={"content-type": "application/json"})
+                resp = await self.client.request(request.method, f"{self.upstream}/{path}", content=raw,
+                                                 headers={"content-type": "application/json"})
             except httpx.HTTPError:
                 resp = None
             # Under load a request can wait on upstream past the client's timeout: the client counted a timeout

@@ -94,10 +94,10 @@ def test_an_answer_that_comes_after_the_clients_timeout_counts_once_as_a_timeout
     # (here an inner proxy that hangs each sequence's first attempt) is a timeout for the client and "client_gone"
     # for the outer proxy, not an extra "upstream" failure.
     tokenizer, _, roll = arith
-    inner = FaultProxy(teacher_server.url, first_attempt_fails(["hang"]), hang_s=1.5).start()
+    inner = FaultProxy(teacher_server.url, first_attempt_fails(["hang"]), hang_s=3.0).start()
     outer = FaultProxy(inner.url).start()
     try:
-        scores = RemoteTeacher(settings(outer.url, timeout_s=0.75)).score(roll)
+        scores = RemoteTeacher(settings(outer.url, timeout_s=1.5)).score(roll)
     finally:
         outer.stop()
         inner.stop()
