@@ -106,6 +106,20 @@ def test_an_answer_that_comes_after_the_clients_timeout_counts_once_as_a_timeout
     assert outer.faults["upstream"] == 0 and scores.failures == 6
 
 
+def test_scoring_calls_share_one_tls_context(teacher_server, arith, monkeypatch):
+    # Each call makes its own client; building TLS settings for each (httpx's default) cost 25-90 ms a call.
+    import ssl
+
+    made = []
+    real = ssl.create_default_context
+    monkeypatch.setattr(ssl, "create_default_context", lambda *a, **k: made.append(1) or real(*a, **k))
+    tokenizer, _, roll = arith
+    teacher = RemoteTeacher(settings(teacher_server.url))
+    for _ in range(3):
+        assert torch.equal(teacher.score(roll).scored_mask, roll.completion_mask)
+    assert len(made) <= 1  # none where an earlier test already made the shared context
+
+
 def test_a_sequence_that_never_gets_an_answer_is_dropped_not_half_scored(teacher_server, arith):
     tokenizer, _, roll = arith
     victim = roll.prompt_ids[2][roll.prompt_mask[2].bool()].tolist()
