@@ -120,6 +120,22 @@ def test_scoring_calls_share_one_tls_context(teacher_server, arith, monkeypatch)
     assert len(made) <= 1  # none where an earlier test already made the shared context
 
 
+def test_a_scoring_call_searches_no_module_path(teacher_server, arith, monkeypatch):
+    # A module imported on every request and not installed is a search of sys.path each time (httpcore's sniffio:
+    # ~10 ms a call): after its first call, scoring must import nothing it has not already.
+    import importlib.machinery
+
+    tokenizer, _, roll = arith
+    teacher = RemoteTeacher(settings(teacher_server.url))
+    teacher.score(roll)
+    searched = []
+    real = importlib.machinery.PathFinder.find_spec
+    monkeypatch.setattr(importlib.machinery.PathFinder, "find_spec",
+                        classmethod(lambda cls, name, *a, **k: searched.append(name) or real(name, *a, **k)))
+    assert torch.equal(teacher.score(roll).scored_mask, roll.completion_mask)
+    assert searched == []
+
+
 def test_a_sequence_that_never_gets_an_answer_is_dropped_not_half_scored(teacher_server, arith):
     tokenizer, _, roll = arith
     victim = roll.prompt_ids[2][roll.prompt_mask[2].bool()].tolist()
