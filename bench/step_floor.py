@@ -102,32 +102,26 @@ def main() -> None:
     prompt_len = sum(len(tok(p.text)["input_ids"]) for p in prompts) / len(prompts)
     tokens = BATCH * (prompt_len + NEW_TOKENS)  # scored by the teacher and trained on, per step
 
-    rows = {}
-    for name, dt_decode, dt_rest in (("float32", torch.float32, "float32"),
-                                     ("bfloat16 (decode, teacher and update)", torch.bfloat16, "bfloat16"),
-                                     ("int8 decode, bfloat16 teacher and update", "int8", "bfloat16")):
-        decode = NEW_TOKENS * decode_floor_s(student, dt_decode)
+    def floor_row(decode: float, dt_rest: str) -> dict:
+        """A step of `decode` seconds of decoding, the prefill, teacher and update at the dt_rest matmul limit."""
         prefill = forward_flops(student_params, BATCH * prompt_len) / limit[dt_rest]
         teacher = forward_flops(teacher_params, tokens) / limit[dt_rest]
         update = train_flops(student_params, tokens) / limit[dt_rest]
         step = decode + prefill + teacher + update
-        rows[name] = {"decode_s": round(decode, 3), "prefill_s": round(prefill, 3), "teacher_s": round(teacher, 3),
-                      "update_s": round(update, 3), "step_s": round(step, 3),
-                      "student_tokens_per_s": round(BATCH * NEW_TOKENS / step, 1),
-                      "decode_share": round(decode / step, 3)}
+        return {"decode_s": round(decode, 3), "prefill_s": round(prefill, 3), "teacher_s": round(teacher, 3),
+                "update_s": round(update, 3), "step_s": round(step, 3),
+                "student_tokens_per_s": round(BATCH * NEW_TOKENS / step, 1), "decode_share": round(decode / step, 3)}
+
+    rows = {}
+    for name, dt_decode, dt_rest in (("float32", torch.float32, "float32"),
+                                     ("bfloat16 (decode, teacher and update)", torch.bfloat16, "bfloat16"),
+                                     ("int8 decode, bfloat16 teacher and update", "int8", "bfloat16")):
+        rows[name] = floor_row(NEW_TOKENS * decode_floor_s(student, dt_decode), dt_rest)
         print(name, rows[name])
     # Without bf16 instructions (bf16 products emulated, torch's int8 kernel on bf16 activations with them) the
     # rows above say little; the floor there is int8 decoding at the memory's read rate (what opd's own int8
     # kernels approach) and everything else in fp32 at the limit: rollout.dtype = "int8" with fp32 otherwise.
-    decode = NEW_TOKENS * linear_params / (bandwidth * 1e9)
-    prefill = forward_flops(student_params, BATCH * prompt_len) / limit["float32"]
-    teacher = forward_flops(teacher_params, tokens) / limit["float32"]
-    update = train_flops(student_params, tokens) / limit["float32"]
-    step = decode + prefill + teacher + update
-    rows[READ_RATE_ROW] = {"decode_s": round(decode, 3), "prefill_s": round(prefill, 3), "teacher_s": round(teacher, 3),
-                           "update_s": round(update, 3), "step_s": round(step, 3),
-                           "student_tokens_per_s": round(BATCH * NEW_TOKENS / step, 1),
-                           "decode_share": round(decode / step, 3)}
+    rows[READ_RATE_ROW] = floor_row(NEW_TOKENS * linear_params / (bandwidth * 1e9), "float32")
     print(READ_RATE_ROW, rows[READ_RATE_ROW])
 
     peer_file = RESULTS / "peer_trl.json"
