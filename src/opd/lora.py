@@ -16,8 +16,8 @@ import torch
 
 from opd.config import ConfigError
 
-# peft (and the parts of transformers it pulls in) is imported on first use: it is ~1 s of every `opd` process's
-# start, and most runs have no adapters.
+# peft (and the parts of transformers it pulls in) is imported on first use: ~0.5 s of every `opd` process's start
+# otherwise, and most runs have no adapters.
 
 
 def add_lora(model, *, rank: int, alpha: float, target_modules: list[str]):
