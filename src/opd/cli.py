@@ -5,12 +5,12 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, get_args
 
 import typer
 from rich.console import Console
 
-from opd.config import ConfigError, load_config, reference_markdown, to_toml, Config
+from opd.config import ConfigError, load_config, reference_markdown, to_toml, Config, TeacherConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="opd: on-policy distillation of language models.")
@@ -64,12 +64,15 @@ def offline(
 
 
 def _run(config, set_, max_steps, out, resume, mode: str) -> None:
-    from opd.loop import RunAborted, run as run_loop
-
     try:
         if resume is not None and not resume.is_dir():
             raise ConfigError(f"--resume {resume}: no such run folder")
         cfg = resolve_run_config(config, set_, max_steps, resume)
+    except ConfigError as e:
+        fail(str(e))  # before the loop's imports (torch, transformers: seconds), so a typo is answered at once
+    from opd.loop import RunAborted, run as run_loop
+
+    try:
         run_dir = resume or out or default_run_dir("run" if mode == "onpolicy" else "offline")
         result = run_loop(cfg, run_dir, resume=resume is not None, console=console, log=console.print, mode=mode)
     except ConfigError as e:
@@ -217,11 +220,11 @@ def serve_teacher(
 ):
     """Serve a teacher with the vLLM/SGLang API subset opd uses: prompt logprobs with top-k, echo, plain
     generation, SGLang /generate scoring, /health and Prometheus /metrics."""
-    from opd.models import DTYPES
+    dtypes = get_args(TeacherConfig.model_fields["dtype"].annotation)  # checked before torch is imported
+    if dtype not in dtypes:
+        fail(f"--dtype {dtype!r}: use one of {', '.join(dtypes)}")
     from opd.teacher.server import serve
 
-    if dtype not in DTYPES:
-        fail(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}")
     try:
         serve(model, host=host, port=port, dtype=dtype, device=device, max_batch_tokens=max_batch_tokens,
               max_wait_ms=max_wait_ms, announce=console.print)
