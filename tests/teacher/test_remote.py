@@ -122,7 +122,7 @@ def test_scoring_calls_share_one_tls_context(teacher_server, arith, monkeypatch)
 
 def test_a_scoring_call_searches_no_module_path(teacher_server, arith, monkeypatch):
     # A module imported on every request and not installed is a search of sys.path each time (httpcore's sniffio:
-    # ~10 ms a call): after its first call, scoring must import nothing it has not already.
+    # ~3.5 ms of a 48 ms call of 8 sequences): after its first call, scoring must import nothing it has not already.
     import importlib.machinery
 
     tokenizer, _, roll = arith
