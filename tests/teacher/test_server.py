@@ -103,3 +103,30 @@ def test_echo_generation_and_sglang_shapes(client):
 def test_bad_requests_are_400_with_a_reason(client, path, body, message):
     r = client.post(path, json=body)
     assert r.status_code == 400 and message in r.json()["error"]["message"]
+
+
+def test_a_refused_weight_load_leaves_the_served_weights_as_they_were(tokenizer, tmp_path):
+    # A folder whose first layers fit the served model and whose extra layer does not: torch's load_state_dict copies
+    # the tensors that fit before it raises on the rest, so a refusal must be decided before anything is copied.
+    from fastapi.testclient import TestClient
+    from transformers import LlamaForCausalLM
+
+    from opd.teacher.builtin import STUDENT_SHAPE, llama_config
+
+    def model(seed: int, layers: int):
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(llama_config(tokenizer, {**STUDENT_SHAPE, "num_hidden_layers": layers})).eval()
+
+    served = model(1, layers=1)
+    before = {k: v.clone() for k, v in served.state_dict().items()}
+    model(2, layers=2).save_pretrained(tmp_path / "deeper")
+    body = {"prompt": [1, 20, 21, 22], "max_tokens": 0, "prompt_logprobs": 1}
+
+    with TestClient(build_app(served, tokenizer, name="tiny")) as c:
+        scored_before = c.post("/v1/completions", json=body).json()["choices"][0]["prompt_logprobs"]
+        r = c.post("/v1/load_weights", json={"path": str(tmp_path / "deeper"), "version": 3})
+        assert r.status_code == 400 and "does not fit" in r.json()["error"]["message"]
+        assert c.get("/health").json()["policy_version"] == 0
+        assert c.post("/v1/completions", json=body).json()["choices"][0]["prompt_logprobs"] == scored_before
+    for k, v in served.state_dict().items():
+        assert torch.equal(v, before[k]), k

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -115,46 +114,6 @@ class DynamicBatcher:
                     f.set_result(r)
 
 
-class WeightsLock:
-    """Many readers (scoring, generation) or one writer (loading new weights): no forward pass ever sees
-    half-loaded weights, and the version a reader reads is the version of the weights it ran on."""
-
-    def __init__(self, version: int = 0):
-        self.version = version
-        self._cond = threading.Condition()
-        self._readers = 0
-        self._writing = False
-
-    def read(self):
-        lock = self
-
-        class _Read:
-            def __enter__(self):
-                with lock._cond:
-                    lock._cond.wait_for(lambda: not lock._writing)
-                    lock._readers += 1
-                return lock.version
-
-            def __exit__(self, *exc):
-                with lock._cond:
-                    lock._readers -= 1
-                    lock._cond.notify_all()
-
-        return _Read()
-
-    def write(self, load, version: int) -> None:
-        with self._cond:
-            self._writing = True  # new readers wait; the ones running finish first
-            self._cond.wait_for(lambda: self._readers == 0)
-        try:
-            load()
-            self.version = version
-        finally:
-            with self._cond:
-                self._writing = False
-                self._cond.notify_all()
-
-
 def load_weights_from(model, folder: str) -> None:
     """Copy the weights of a save_pretrained folder into `model` in place (same architecture and shapes)."""
     from pathlib import Path
@@ -163,11 +122,17 @@ def load_weights_from(model, folder: str) -> None:
 
     if not (Path(folder) / "config.json").is_file():
         raise ValueError(f"{folder}: not a save_pretrained model folder (no config.json)")
-    new = AutoModelForCausalLM.from_pretrained(folder, dtype=next(model.parameters()).dtype)
-    try:
-        model.load_state_dict(new.state_dict(), strict=True)
-    except RuntimeError as e:
-        raise ValueError(f"{folder} does not fit the served model: {str(e)[:300]}") from None
+    new = AutoModelForCausalLM.from_pretrained(folder, dtype=next(model.parameters()).dtype).state_dict()
+    # Checked before anything is copied: load_state_dict copies every tensor that fits and only then raises on the
+    # rest, which would leave a refused load's first layers in the served model.
+    own = model.state_dict()
+    misfits = sorted(own.keys() ^ new.keys()) + [k for k in own.keys() & new.keys() if own[k].shape != new[k].shape]
+    if misfits:
+        shown = ", ".join(f"{k} {tuple(own[k].shape) if k in own else '(absent)'} <- "
+                          f"{tuple(new[k].shape) if k in new else '(absent)'}" for k in misfits[:4])
+        raise ValueError(f"{folder} does not fit the served model: {len(misfits)} tensor(s) differ in name or shape "
+                         f"(served <- folder): {shown}{', ...' if len(misfits) > 4 else ''}")
+    model.load_state_dict(new, strict=True)
 
 
 # ---------------------------------------------------------------------------------- request bodies
@@ -227,18 +192,23 @@ def build_app(model, tokenizer, *, name: str = "teacher", max_batch_tokens: int 
         batch_size.observe(n)
         batch_seconds.observe(seconds)
 
-    weights = WeightsLock()
+    # Scoring, generation and weight loads all run on the one model thread (below), so no forward pass sees
+    # half-loaded weights and a batch's version is the version of the weights it ran on.
+    served_version = 0
 
     def score_jobs(jobs: list[ScoreJob]) -> list[ScoreResult]:
-        with weights.read():
-            return score_batch(model, jobs, chunk_size=chunk_size, pad_id=pad_id)
+        return score_batch(model, jobs, chunk_size=chunk_size, pad_id=pad_id)
 
     def generate_jobs(jobs: list[GenerateJob]) -> list[GenerateResult]:
-        with weights.read() as version:
-            results = [generate_one(model, tokenizer, j) for j in jobs]
+        results = [generate_one(model, tokenizer, j) for j in jobs]
         for r in results:
-            r.policy_version = version
+            r.policy_version = served_version
         return results
+
+    def load_weights_on_model_thread(path: str, version: int) -> None:
+        nonlocal served_version
+        load_weights_from(model, path)
+        served_version = version
 
     model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="opd-teacher")  # see the module docstring
     scorer = DynamicBatcher(score_jobs, model_thread, max_batch_tokens=max_batch_tokens, max_wait_ms=max_wait_ms,
@@ -283,7 +253,7 @@ def build_app(model, tokenizer, *, name: str = "teacher", max_batch_tokens: int 
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "model": name, "policy_version": weights.version}
+        return {"status": "ok", "model": name, "policy_version": served_version}
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -299,11 +269,11 @@ def build_app(model, tokenizer, *, name: str = "teacher", max_batch_tokens: int 
         t0 = time.perf_counter()
         try:
             await asyncio.get_running_loop().run_in_executor(
-                model_thread, weights.write, lambda: load_weights_from(model, req.path), req.version)
+                model_thread, load_weights_on_model_thread, req.path, req.version)
         except (ValueError, OSError) as e:
             return error(400, str(e), "load_weights")
         requests.labels("load_weights", "200").inc()
-        return {"policy_version": weights.version, "path": req.path, "load_s": time.perf_counter() - t0}
+        return {"policy_version": served_version, "path": req.path, "load_s": time.perf_counter() - t0}
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest):
@@ -346,7 +316,7 @@ def build_app(model, tokenizer, *, name: str = "teacher", max_batch_tokens: int 
                 choice["logprobs"] = _echo_logprobs(ids, ps, vocab, req.return_tokens_as_token_ids)
             elif g is not None and g.logprobs is not None:
                 choice["logprobs"] = _sampled_logprobs(g, vocab, req.return_tokens_as_token_ids)
-            choice["policy_version"] = g.policy_version if g and g.policy_version is not None else weights.version
+            choice["policy_version"] = g.policy_version if g and g.policy_version is not None else served_version
             if req.return_token_ids:
                 choice["prompt_token_ids"] = ids
                 choice["token_ids"] = out_ids
@@ -356,7 +326,7 @@ def build_app(model, tokenizer, *, name: str = "teacher", max_batch_tokens: int 
         requests.labels("completions", "200").inc()
         latency.labels("completions").observe(time.perf_counter() - t0)
         return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                "model": req.model or name, "choices": choices, "policy_version": weights.version,
+                "model": req.model or name, "choices": choices, "policy_version": served_version,
                 "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_gen, "total_tokens": n_prompt + n_gen}}
 
     @app.post("/generate")
