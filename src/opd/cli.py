@@ -10,7 +10,7 @@ from typing import Optional, get_args
 import typer
 from rich.console import Console
 
-from opd.config import ConfigError, load_config, reference_markdown, to_toml, Config, TeacherConfig
+from opd.config import ConfigError, load_config, reference_markdown, to_toml, Config, ModelDtype
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="opd: on-policy distillation of language models.")
@@ -220,7 +220,7 @@ def serve_teacher(
 ):
     """Serve a teacher with the vLLM/SGLang API subset opd uses: prompt logprobs with top-k, echo, plain
     generation, SGLang /generate scoring, /health and Prometheus /metrics."""
-    dtypes = get_args(TeacherConfig.model_fields["dtype"].annotation)  # checked before torch is imported
+    dtypes = get_args(ModelDtype)  # checked before torch is imported
     if dtype not in dtypes:
         fail(f"--dtype {dtype!r}: use one of {', '.join(dtypes)}")
     from opd.teacher.server import serve

