@@ -29,6 +29,14 @@ def test_batched_scoring_matches_one_sequence_at_a_time(teacher_model, tokenizer
         assert all(r >= 1 for r in got.ranks)
 
 
+def test_a_job_that_starts_past_its_end_is_refused_before_it_shifts_its_batch_mates_answers(teacher_model):
+    # n = len(ids) - start < 0 would move every later job's slice of the batch's logprobs backwards
+    good = ScoreJob([1, 20, 21, 22, 23], 2)
+    with pytest.raises(ValueError, match="outside its 3 tokens"):
+        score_batch(teacher_model, [ScoreJob([1, 30, 31], 5), good])
+    assert len(score_batch(teacher_model, [ScoreJob([1, 30, 31], 3), good])[1].logprobs) == 3  # start at the end: 0
+
+
 def test_concurrent_requests_share_forward_passes(teacher_model, tokenizer):
     app = build_app(teacher_model, tokenizer, name="tiny", max_wait_ms=200)
     seqs = [[1] + [20 + (i * 7 + j) % 60 for j in range(12)] for i in range(8)]
@@ -99,6 +107,8 @@ def test_echo_generation_and_sglang_shapes(client):
     ("/v1/completions", {"prompt": [1, 10_000], "max_tokens": 0, "prompt_logprobs": 1}, "token ids"),
     ("/v1/completions", {"prompt": [1, 2], "max_tokens": 0, "prompt_logprobs": 21}, "at most 20"),
     ("/generate", {"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 4}}, "scores only"),
+    ("/generate", {"input_ids": [1, 30, 31], "return_logprob": True, "logprob_start_len": 5,
+                   "sampling_params": {"max_new_tokens": 0}}, "past the end"),
 ])
 def test_bad_requests_are_400_with_a_reason(client, path, body, message):
     r = client.post(path, json=body)

@@ -340,6 +340,9 @@ def build_app(model, tokenizer, *, name: str = "teacher", max_batch_tokens: int 
         if req.sampling_params.get("max_new_tokens", 128) != 0:
             return error(400, "this server scores only: set sampling_params.max_new_tokens = 0 "
                               "(use /v1/completions to generate)", "generate")
+        if req.return_logprob and (short := [len(ids) for ids in ids_list if req.logprob_start_len >= len(ids)]):
+            return error(400, f"logprob_start_len {req.logprob_start_len} is past the end of a sequence of "
+                              f"{short[0]} tokens (the last position to score is len(input_ids) - 1)", "generate")
         out = []
         if req.return_logprob:
             temperature = float(req.sampling_params.get("temperature", 1.0)) or 1.0
