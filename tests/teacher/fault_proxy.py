@@ -4,6 +4,7 @@
   "http500"     answer 500 without asking upstream
   "hang"        answer nothing for `hang_s` (the client times out)
   "malformed"   200 with a body that is not JSON
+  "cut_utf8"    200 with a body cut inside a multi-byte UTF-8 character (not JSON, and not even UTF-8)
   "wrong_count" 200 with the upstream answer minus its last position (a partial answer)
 Requests that reach a dead upstream are answered 502 ("upstream"). A request whose client hung up before its
 answer was ready (the client timed out on a slow upstream) is counted as "client_gone", whatever upstream said:
@@ -77,7 +78,7 @@ class FaultProxy:
             if self.on_request:
                 await asyncio.get_running_loop().run_in_executor(None, self.on_request, n)
             kind = self.schedule(n, body) if request.method == "POST" else None
-            if kind in ("http500", "hang", "malformed"):  # these never reach upstream
+            if kind in ("http500", "hang", "malformed", "cut_utf8"):  # these never reach upstream
                 self.counts[kind] += 1
             if kind == "http500":
                 return JSONResponse({"error": "injected"}, 500)
@@ -86,6 +87,8 @@ class FaultProxy:
                 return JSONResponse({"error": "too late"}, 504)
             if kind == "malformed":
                 return Response(b'{"choices": [', media_type="application/json")
+            if kind == "cut_utf8":
+                return Response('{"choices": [{"text": "Ġ'.encode()[:-1], media_type="application/json")
             try:
                 resp = await self.client.request(request.method, f"{self.upstream}/{path}", content=raw,
                                                  headers={"content-type": "application/json"})

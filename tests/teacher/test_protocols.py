@@ -94,6 +94,29 @@ def test_pooling_reads_one_reward_and_non_finite_answers_are_rejected():
     assert pooling_parse({"data": [{"index": 0, "data": [0.1, [0.2, 0.75]]}]}, REQ).reward == 0.75
     with pytest.raises(BadResponse):
         pooling_parse({"data": []}, REQ)
-    s = vllm_parse(vllm_body(lp={p: float("nan") for p in range(5)}), REQ)
     with pytest.raises(BadResponse, match="non-finite"):
-        check_finite(s)
+        check_finite(vllm_parse(vllm_body(lp={p: float("nan") for p in range(5)}), REQ))
+
+
+@pytest.mark.parametrize("where, value", [("sent", float("nan")), ("sent", float("inf")), ("sent", float("-inf")),
+                                          ("topk", float("nan")), ("topk", float("inf"))])
+def test_any_non_finite_value_in_an_answer_is_rejected(where, value):
+    # vLLM clamps -inf to -9999, so any infinity or NaN is a broken server; in the top-k it would reach topk_kl
+    lp = {p: -0.1 * p for p in range(5)}
+    body = vllm_body(lp={**lp, 4: value} if where == "sent" else lp)
+    if where == "topk":
+        body["choices"][0]["prompt_logprobs"][4]["8"]["logprob"] = value
+    with pytest.raises(BadResponse, match="non-finite"):
+        check_finite(vllm_parse(body, REQ))
+    # an entry that -inf keeps out of the top-k reaches no loss: accepted
+    body = vllm_body()
+    body["choices"][0]["prompt_logprobs"][4]["8"]["logprob"] = float("-inf")
+    check_finite(vllm_parse(body, REQ))
+
+
+def test_a_top_logprob_whose_token_id_is_not_an_integer_is_a_malformed_answer():
+    entries = [[-0.1 * p, IDS[p], None] for p in range(2, 5)]
+    tops = [[[-0.01, "7", None], [-0.5, 8, None]] for _ in range(2, 5)]
+    with pytest.raises(BadResponse, match="expected a token id") as e:
+        sglang_parse({"meta_info": {"input_token_logprobs": entries, "input_top_logprobs": tops}}, REQ)
+    assert e.value.kind == "malformed"

@@ -71,7 +71,7 @@ def first_attempt_fails(kinds):
 @pytest.mark.parametrize("api", ["vllm", "sglang"])
 def test_every_fault_is_retried_and_counted(teacher_server, arith, api):
     tokenizer, teacher, roll = arith
-    kinds = ["http500", "hang", "malformed", "wrong_count"]
+    kinds = ["http500", "hang", "malformed", "wrong_count", "cut_utf8", "http500"]
     proxy = FaultProxy(teacher_server.url, first_attempt_fails(kinds), hang_s=3.0).start()
     try:
         scores = RemoteTeacher(settings(proxy.url, api=api, timeout_s=1.0)).score(roll)
@@ -83,8 +83,8 @@ def test_every_fault_is_retried_and_counted(teacher_server, arith, api):
     torch.testing.assert_close(scores.token_logprobs[m], local.token_logprobs[m], rtol=1e-5, atol=1e-5)
     got = scores.metrics
     assert got["teacher/failures/http"] == proxy.faults["http500"] == 2
-    assert got["teacher/failures/timeout"] == proxy.faults["hang"] == 2
-    assert got["teacher/failures/malformed"] == proxy.faults["malformed"] == 1
+    assert got["teacher/failures/timeout"] == proxy.faults["hang"] == 1
+    assert got["teacher/failures/malformed"] == proxy.faults["malformed"] + proxy.faults["cut_utf8"] == 2
     assert got["teacher/failures/mismatch"] == proxy.faults["wrong_count"] == 1
     assert scores.failures == got["teacher/retries"] == 6 and got["teacher/dropped"] == 0
 

@@ -58,7 +58,15 @@ class ScoreRequest:
 def _number(x: Any, where: str) -> float:
     if isinstance(x, bool) or not isinstance(x, (int, float)):
         raise BadResponse("malformed", f"{where}: expected a number, got {x!r}")
+    if x != x:  # NaN: anywhere in an answer a broken server (and it would sort anywhere in a top-k)
+        raise BadResponse("malformed", f"{where}: non-finite value nan in the teacher's answer")
     return float(x)
+
+
+def _integer(x: Any, where: str) -> int:
+    if isinstance(x, bool) or not isinstance(x, int):
+        raise BadResponse("malformed", f"{where}: expected a token id, got {x!r}")
+    return x
 
 
 def _get(d: Any, key: str | int, where: str) -> Any:
@@ -205,7 +213,7 @@ def sglang_parse(body: Any, req: ScoreRequest) -> SequenceScore:
             top = tops[j]
             if not isinstance(top, list) or not all(isinstance(t, list) and len(t) >= 2 for t in top):
                 raise BadResponse("malformed", f"input_top_logprobs[{j}]: expected a list of [logprob, token_id, ...]")
-            ids, lps = _topk_of([(int(t[1]), _number(t[0], where)) for t in top], req.topk, where)
+            ids, lps = _topk_of([(_integer(t[1], where), _number(t[0], where)) for t in top], req.topk, where)
             out.topk_ids.append(ids)
             out.topk_logprobs.append(lps)
     return out
@@ -235,8 +243,10 @@ PROTOCOLS = {
 
 
 def check_finite(score: SequenceScore) -> None:
-    """vLLM clamps -inf to -9999; NaN or +inf can only be a broken server."""
+    """vLLM clamps -inf to -9999 and SGLang's log-softmax of finite logits is finite: a NaN or an infinity anywhere
+    (a token's logprob, its top-k, a reward) can only come from a broken server, and would cost the whole step."""
     values = (score.logprobs or []) + ([score.reward] if score.reward is not None else [])
+    values += [v for row in score.topk_logprobs or [] for v in row]
     for v in values:
-        if math.isnan(v) or v == math.inf:
+        if not math.isfinite(v):
             raise BadResponse("malformed", f"non-finite value {v} in the teacher's answer")

@@ -153,11 +153,16 @@ class ResilientRequests:
         if resp.status_code != 200:
             return "http", f"HTTP {resp.status_code}: {resp.text[:200]}"
         try:
-            return None, parse(json.loads(resp.content))
-        except json.JSONDecodeError as e:
+            body = json.loads(resp.content)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:  # e.g. a body cut inside a multi-byte character
             return "malformed", f"not JSON: {e}"
+        try:
+            return None, parse(body)
         except BadResponse as e:
             return e.kind, str(e)
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
+            # a shape the parser's checks did not foresee: one failed answer (retried, counted), not a crashed run
+            return "malformed", f"unexpected answer ({type(e).__name__}: {e})"
 
     def _backoff(self, attempt: int) -> float:
         # Exponential with full jitter, so clients retrying together do not arrive together.
