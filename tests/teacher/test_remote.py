@@ -1,6 +1,8 @@
 """RemoteTeacher against a real `opd serve-teacher` process: same logprobs as the local teacher through
 every protocol; retries, drops, the circuit breaker and the cache, with faults injected by a proxy."""
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -167,6 +169,24 @@ def test_open_breaker_holds_requests_back_from_a_dead_server(arith):
     assert teacher.breaker.opened >= 1 and scores.metrics["teacher/breaker_rejections"] > 0
     # Without the breaker all 6 x 4 attempts would be sent; with it, attempts made while it is open are not.
     assert proxy.counts["upstream"] == scores.failures < 6 * 4
+
+
+def test_requests_wait_for_a_slow_half_open_probe_without_spending_their_retries(teacher_server, arith):
+    # The server is healthy again but takes 0.5 s an answer: while the probe is out, the other sequences wait for
+    # its verdict; spending attempts on that wait used to drop them without their ever being sent.
+    tokenizer, _, roll = arith
+    proxy = FaultProxy(teacher_server.url).start()
+    proxy.on_request = lambda n: time.sleep(0.5)
+    try:
+        teacher = RemoteTeacher(settings(proxy.url, retries=1, breaker_threshold=2, breaker_cooldown_s=0.3))
+        teacher.breaker.record(False)
+        teacher.breaker.record(False)  # opened by earlier failures ...
+        teacher.breaker.open_until = 0  # ... and its cooldown is over: the next attempt is the probe
+        scores = teacher.score(roll)
+    finally:
+        proxy.stop()
+    assert torch.equal(scores.scored_mask, roll.completion_mask) and scores.metrics["teacher/dropped"] == 0
+    assert proxy.counts["requests"] == 6 and scores.failures == 0
 
 
 def test_breaker_states():

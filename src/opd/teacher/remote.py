@@ -4,7 +4,8 @@ Each sequence (prompt + completion token ids, exactly as the student saw them) i
 Requests run concurrently, at most `max_in_flight` at once; each has a timeout and is retried
 with exponential backoff and jitter. A circuit breaker stops hammering a server that keeps
 failing: after `breaker_threshold` consecutive failures it opens for `breaker_cooldown_s`, during
-which attempts are not sent (they wait, and count as spent), then lets one probe through.
+which attempts are not sent (they wait, and count as spent), then lets one probe through; the other
+requests wait for the probe's verdict without spending attempts.
 
 A sequence is never trained on with partial scores: its answer is accepted whole (every
 completion token, ids checked) or, once retries are spent, the sequence is dropped — its
@@ -51,7 +52,7 @@ class CircuitBreaker:
         now = time.monotonic()
         if now < self.open_until:
             return self.open_until - now
-        if self.probing:
+        if self.probing:  # a probe is out; ResilientRequests waits for its verdict before asking
             return min(0.05 + self.cooldown_s / 10, 1.0)
         self.probing = True
         return 0.0
@@ -124,6 +125,11 @@ class ResilientRequests:
             if attempt:
                 stats["retries"] += 1
                 await asyncio.sleep(self._backoff(attempt))
+            while self.breaker.probing:
+                # Half-open: another request is the probe. Its verdict (success closes the circuit, failure reopens
+                # it) is what this request waits for, and the wait spends no attempt: a slow but healthy server's
+                # probe would otherwise use up the others' retries before any of them was sent.
+                await asyncio.sleep(0.02)
             if (wait := self.breaker.wait_s()) > 0:
                 # Open circuit: this attempt is not sent; it is spent waiting for the breaker to let a probe through.
                 stats["breaker_rejections"] += 1
