@@ -79,9 +79,14 @@ def test_top_p_distribution():
     torch.testing.assert_close(sampling_logprobs(logits, 2.0, 1.0), torch.log_softmax(logits / 2.0, -1))
 
 
-def test_prompt_truncation_keeps_the_end(tokenizer):
-    ids, mask = encode_prompts(tokenizer, [Prompt(text="abcdefgh", source="t")], max_prompt_tokens=3)
-    assert tokenizer.decode(ids[0]) == "fgh" and mask.sum() == 3
+@pytest.mark.parametrize("text", ["abcdefgh", "<s>abcdefgh"])  # BOS added by the tokenizer, or by a chat template
+def test_prompt_truncation_keeps_the_end_and_the_bos(tokenizer, text):
+    # A model reads a prompt without its BOS as something else (Gemma: ~1 nat a token), so truncation keeps it.
+    ids, mask = encode_prompts(tokenizer, [Prompt(text=text, source="t")], max_prompt_tokens=3)
+    assert ids[0].tolist() == [tokenizer.bos_token_id] + tokenizer("gh", add_special_tokens=False)["input_ids"]
+    assert mask.sum() == 3
+    ids, _ = encode_prompts(tokenizer, [Prompt(text=text, source="t")], max_prompt_tokens=1)
+    assert tokenizer.decode(ids[0]) == "h"  # no room for it: the end wins
 
 
 def test_bos_not_doubled_for_templated_prompts(tokenizer):

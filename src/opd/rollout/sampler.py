@@ -43,12 +43,17 @@ class SamplingParams:
 
 
 def encode_prompts(tokenizer, prompts: list[Prompt], max_prompt_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokenise and left-pad. A prompt that already starts with BOS (chat templates) gets no second one."""
+    """Tokenise and left-pad. A prompt that already starts with BOS (chat templates) gets no second one. A prompt
+    longer than max_prompt_tokens keeps its end (what the completion continues) and its BOS: a model reads text
+    without its BOS as something else (Gemma's logprobs moved by ~1 nat a token)."""
     rows = []
     for p in prompts:
         has_bos = tokenizer.bos_token is not None and p.text.startswith(tokenizer.bos_token)
         ids = tokenizer(p.text, add_special_tokens=not has_bos)["input_ids"]
-        rows.append(ids[-max_prompt_tokens:])  # keep the end: it is what the completion continues
+        if len(ids) > max_prompt_tokens:
+            keep_bos = max_prompt_tokens > 1 and tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id
+            ids = ids[:1] + ids[len(ids) - max_prompt_tokens + 1:] if keep_bos else ids[-max_prompt_tokens:]
+        rows.append(ids)
     width = max(len(r) for r in rows)
     pad = tokenizer.pad_token_id
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
