@@ -1,6 +1,8 @@
 """Cross-tokenizer scoring: chunk advantages against a naive per-prefix teacher, exact reduction to the
 same-tokenizer teacher, and the config checks that route a run to it."""
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -152,3 +154,43 @@ def test_full_distribution_objectives_refuse_a_batch_that_does_not_fit(tokenizer
     check_full_distribution_memory(big, 100)  # a small vocabulary fits
     with pytest.raises(ConfigError, match=r"262144 vocabulary.*objective.name = 'pg' or 'topk_kl'"):
         check_full_distribution_memory(big, 262144)
+
+
+def dummy_prefix_tokenizer() -> PreTrainedTokenizerFast:
+    """A Llama-2-style SentencePiece BPE (tokenizer.json of Llama-2, Mistral v0.1, Phi-3): a Prepend('▁') normalizer
+    that starts every text with a space, byte fallback, and a decoder that strips that space again."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    trainer_tk = Tokenizer(models.BPE(unk_token="<unk>"))
+    trainer_tk.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    trainer_tk.pre_tokenizer = pre_tokenizers.Split("▁", "merged_with_next")
+    trainer_tk.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"]))
+    # rebuilt without the pre-tokenizer (as Llama-2's tokenizer.json has none), with byte fallback
+    trained = json.loads(trainer_tk.to_str())["model"]
+    vocab = dict(trained["vocab"])
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in trained["merges"]]
+    for i in range(256):
+        vocab.setdefault(f"<0x{i:02X}>", len(vocab))
+    tk = Tokenizer(models.BPE(vocab, merges, byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tk.normalizer = trainer_tk.normalizer
+    tk.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                    decoders.Strip(" ", 1, 0)])
+    tk.add_special_tokens([AddedToken(t, special=True) for t in ["<unk>", "<s>", "</s>"]])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="</s>")
+
+
+@pytest.mark.parametrize("completion", ["hello world", " hello", "\n\nthe cat"])
+def test_a_dummy_prefix_tokenizer_scores_the_completion_as_it_continues_the_prompt(bpe, completion):
+    # Tokenised on its own, "hello world" became "▁hello ▁world": a space the student never wrote, which the
+    # decoder's strip hid from the alignment. The teacher must read the ids it would give prompt + completion.
+    llama = dummy_prefix_tokenizer()
+    cross = CrossTokenizerTeacher(None, bpe, llama)
+    prompt = "the cat sat on the mat\n"
+    student_ids = bpe(completion, add_special_tokens=False)["input_ids"] + [bpe.eos_token_id]
+    t_body, chunks, covered, n_bytes = cross.align_sequence(student_ids)
+    whole = llama(prompt + completion, add_special_tokens=False)["input_ids"]
+    prompt_ids = llama(prompt, add_special_tokens=False)["input_ids"]
+    assert whole[: len(prompt_ids)] == prompt_ids  # the prompt's ids do not change at the seam
+    assert t_body[:-1] == whole[len(prompt_ids):] and t_body[-1] == llama.eos_token_id
+    assert covered == n_bytes == len(completion.encode())

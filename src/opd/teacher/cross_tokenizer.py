@@ -49,6 +49,7 @@ class CrossTokenizerTeacher:
         self.student_end_ids = set(end_token_ids(student_tokenizer))
         self.teacher_end_id = self._teacher_end_id()
         self.max_prompt_tokens = max_prompt_tokens
+        self.anchor_ids = self._dummy_prefix_anchor()
 
     @property
     def batch_size(self) -> int:
@@ -62,6 +63,37 @@ class CrossTokenizerTeacher:
             if token_id is not None and token_id != self.teacher_tok.unk_token_id:
                 return token_id
         return self.teacher_tok.eos_token_id
+
+    ANCHOR = "\n"
+
+    def _dummy_prefix_anchor(self) -> list[int] | None:
+        """The anchor's ids where the teacher's tokenizer starts every text it tokenises with a dummy '▁' (the
+        SentencePiece tokenizers of Llama-2, Mistral v0.1, Phi-3: a Prepend('▁') normalizer), else None. Tokenised on
+        its own, a completion would begin with a space the student never wrote; after the anchor it does not."""
+        tok, a = self.teacher_tok, self.ANCHOR
+        anchor = tok(a, add_special_tokens=False)["input_ids"]
+        joint = tok(a + "a", add_special_tokens=False)["input_ids"]
+        if joint[: len(anchor)] != anchor or joint[len(anchor):] == tok("a", add_special_tokens=False)["input_ids"]:
+            return None
+        return anchor
+
+    def continuation_ids(self, text: str) -> list[int]:
+        """The teacher's ids for `text` as it continues a prompt (with no dummy prefix)."""
+        if self.anchor_ids is None:
+            return self.teacher_tok(text, add_special_tokens=False)["input_ids"]
+        n = len(self.anchor_ids)
+        joint = self.teacher_tok(self.ANCHOR + text, add_special_tokens=False)["input_ids"]
+        if joint[:n] == self.anchor_ids:
+            return joint[n:]
+        return self.teacher_tok(text, add_special_tokens=False)["input_ids"]  # merged with the anchor: as it was
+
+    def _teacher_prefixes(self, ids: list[int]) -> list[str]:
+        """The text of each prefix of the teacher's completion ids, decoded after the anchor where there is one: such a
+        decoder strips the dummy space from the start of what it decodes, which would hide a space the student wrote."""
+        if self.anchor_ids is None:
+            return self._decode_prefixes(self.teacher_tok, ids)
+        n = len(self.teacher_tok.decode(self.anchor_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False))
+        return [t[n:] for t in self._decode_prefixes(self.teacher_tok, self.anchor_ids + ids)[len(self.anchor_ids):]]
 
     def _decode_prefixes(self, tokenizer, ids: list[int]) -> list[str]:
         return tokenizer.batch_decode([ids[: k + 1] for k in range(len(ids))], skip_special_tokens=True,
@@ -79,9 +111,9 @@ class CrossTokenizerTeacher:
             chunks = [Chunk(0, n_bytes, range(k, k + 1), range(k, k + 1)) for k in range(len(body))]  # spans unused
             covered = n_bytes
         else:
-            t_body = self.teacher_tok(text, add_special_tokens=False)["input_ids"]
+            t_body = self.continuation_ids(text)
             t_end = self.teacher_end_id
-            chunks = align(token_ends(prefixes, text), token_ends(self._decode_prefixes(self.teacher_tok, t_body), text))
+            chunks = align(token_ends(prefixes, text), token_ends(self._teacher_prefixes(t_body), text))
             covered = covered_bytes(chunks)
         if ends_with_end and covered == n_bytes:  # both end right after the same text: pair the end tokens
             chunks.append(Chunk(n_bytes, n_bytes, range(len(body), len(body) + 1), range(len(t_body), len(t_body) + 1)))
