@@ -220,3 +220,20 @@ def test_the_run_log_warns_of_bf16_on_a_cpu_without_it(tmp_path, monkeypatch):
     run(small_config("train.max_steps=1", "teacher.dtype='bfloat16'", "eval.every=0", "student.warm_start_steps=0"),
         tmp_path, log=said.append)
     assert any(m.startswith("warning: teacher.dtype = 'bfloat16' on a CPU without bf16 instructions") for m in said)
+
+
+def test_a_resume_trains_with_the_configs_lr_betas_and_weight_decay(tmp_path):
+    # The optimizer's and the scheduler's load_state_dict bring back the values they were made with; a resume whose
+    # config changed them must train with the new ones (its config.toml says so), and say what changed.
+    base = ["train.schedule='constant'", "train.warmup_steps=0", "student.warm_start_steps=0", "eval.every=0",
+            "train.checkpoint_every=1", "monitor.tensorboard=false"]
+    run(small_config("train.max_steps=2", "train.lr=1e-3", *base), tmp_path, log=quiet)
+    said = []
+    run(small_config("train.max_steps=3", "train.lr=1e-5", "train.weight_decay=0.25", "train.betas=[0.5, 0.9]", *base),
+        tmp_path, resume=True, log=lambda *a, **k: said.append(" ".join(map(str, a))))
+    assert [r["train/lr"] for r in read_metrics(tmp_path) if r["step"] > 0] == pytest.approx([1e-3, 1e-3, 1e-5])
+    from opd.checkpoint import load_trainer_state
+
+    group = load_trainer_state(list_checkpoints(tmp_path)[-1])["optimizer"]["param_groups"][0]
+    assert group["lr"] == pytest.approx(1e-5) and group["weight_decay"] == 0.25 and tuple(group["betas"]) == (0.5, 0.9)
+    assert any("train.lr 0.001 -> 1e-05" in line and "train.weight_decay" in line for line in said)

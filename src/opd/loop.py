@@ -43,7 +43,7 @@ from opd.teacher import LocalTeacher
 from opd.teacher.build import build_teachers, check_tokenizers
 from opd.teacher.cross_tokenizer import CrossTokenizerTeacher, same_vocabulary
 from opd.types import Rollout, TeacherScores
-from opd.update import make_optimizer, make_scheduler, supervised_train, update_student
+from opd.update import make_optimizer, make_scheduler, supervised_train, update_student, use_config_hyperparameters
 from opd.update.bf16 import Bf16Weights
 
 
@@ -284,6 +284,8 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
             student.load_state_dict(load_model(str(ckpt), dtype=cfg.student.dtype, device=cfg.student.device).state_dict())
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if changed := use_config_hyperparameters(optimizer, scheduler, cfg.train):
+            log(f"resume: {'; '.join(changed)} (from the config)")
         rng, pending = state["rng"], state.get("pending", [])  # pending: batches a pipelined run had made ahead
         ranks = state.get("ranks")  # a data-parallel run's per-rank sampler, RNG and batches made ahead
         if dp is not None and ranks is not None and len(ranks) == dp.world:

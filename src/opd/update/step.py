@@ -43,6 +43,24 @@ def adamw(model, **kwargs) -> torch.optim.AdamW:
     return torch.optim.AdamW(params, fused=fused or None, **kwargs)
 
 
+def use_config_hyperparameters(optimizer, scheduler, cfg: TrainConfig) -> list[str]:
+    """On resume, after the optimizer's and the scheduler's load_state_dict: the config's lr, betas and weight decay
+    in place of the checkpoint's (load_state_dict restores the values they were made with; the moments, the step
+    counts and the schedule's position stay). Returns what changed, for the log."""
+    changed = []
+    for name, new in (("lr", cfg.lr), ("betas", tuple(cfg.betas)), ("weight_decay", cfg.weight_decay)):
+        old = scheduler.base_lrs[0] if name == "lr" else optimizer.param_groups[0][name]
+        if tuple(old) != new if name == "betas" else old != new:
+            changed.append(f"train.{name} {old} -> {new}")
+    for group in optimizer.param_groups:
+        group["betas"], group["weight_decay"], group["initial_lr"] = tuple(cfg.betas), cfg.weight_decay, cfg.lr
+    scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):  # the schedule at its current step
+        group["lr"] = cfg.lr * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]  # what get_last_lr() reports
+    return changed
+
+
 def step_optimizer(optimizer: torch.optim.Optimizer) -> None:
     """optimizer.step(), then mark the parameters it wrote as written in place: the fused AdamW kernel does not move
     their version counters, and opd.llama's caches of fused / int8 weights use them to see that a weight changed (a
