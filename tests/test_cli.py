@@ -45,12 +45,13 @@ def test_config_prints_default_toml():
     assert r.returncode == 0 and "[rollout]" in r.stdout and 'model = "builtin:arith-teacher"' in r.stdout
 
 
-def test_bad_input_is_answered_before_torch_is_imported():
+def test_bad_input_is_answered_before_torch_is_imported(tmp_path):
     # A typo in a config or an option costs no import of torch and transformers (seconds on a small machine).
     code = ("import sys; from opd.cli import app\n"
             "try:\n    app(sys.argv[1:])\nexcept SystemExit as e:\n    print(e.code, 'torch' in sys.modules)")
     for args in (["run", "--set", "rollout.temperature=0"], ["offline", "--set", "prompts.batch_size=0"],
-                 ["serve-teacher", "builtin:arith-teacher", "--dtype", "float64"]):
+                 ["serve-teacher", "builtin:arith-teacher", "--dtype", "float64"],
+                 ["run", "--resume", str(tmp_path), "--out", str(tmp_path / "branch")]):  # --out would be ignored
         r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
         assert r.stdout.split() == ["2", "False"], (args, r.stdout, r.stderr)
         assert "error:" in r.stderr

@@ -237,3 +237,28 @@ def test_a_resume_trains_with_the_configs_lr_betas_and_weight_decay(tmp_path):
     group = load_trainer_state(list_checkpoints(tmp_path)[-1])["optimizer"]["param_groups"][0]
     assert group["lr"] == pytest.approx(1e-5) and group["weight_decay"] == 0.25 and tuple(group["betas"]) == (0.5, 0.9)
     assert any("train.lr 0.001 -> 1e-05" in line and "train.weight_decay" in line for line in said)
+
+
+def test_a_run_folder_holds_one_run(tmp_path):
+    # A second fresh run in a used folder would prune the first one's checkpoints by step number and make a later
+    # --resume continue the first run's weights under the second one's config; an offline run or a LoRA run is
+    # continued only as what it is; and a resume that fails leaves the run's config.toml as it was.
+    from opd.config import ConfigError
+
+    base = ["student.warm_start_steps=0", "eval.every=0", "train.checkpoint_every=1", "monitor.tensorboard=false",
+            "train.max_steps=1"]
+    run(small_config(*base), tmp_path / "a", log=quiet)
+    with pytest.raises(ConfigError, match="already holds a run.*--resume"):
+        run(small_config(*base, "seed=1"), tmp_path / "a", log=quiet)
+    with pytest.raises(ConfigError, match="on-policy run.*opd run --resume"):
+        run(small_config(*base), tmp_path / "a", resume=True, log=quiet, mode="offline")
+    with pytest.raises(ConfigError, match="without LoRA.*lora_rank = 4"):
+        run(small_config(*base, "student.lora_rank=4"), tmp_path / "a", resume=True, log=quiet)
+    recorded = (tmp_path / "a" / "config.toml").read_text()
+    with pytest.raises(ConfigError, match="nowhere"):
+        run(small_config(*base, "train.max_steps=2", "teacher.model='nowhere/model'"), tmp_path / "a", resume=True,
+            log=quiet)
+    assert (tmp_path / "a" / "config.toml").read_text() == recorded
+    run(small_config(*base, "train.max_steps=2"), tmp_path / "a", resume=True, log=quiet)  # its own settings: goes on
+    assert [r["step"] for r in read_metrics(tmp_path / "a")] == [0, 1, 2]
+    assert "max_steps = 2" in (tmp_path / "a" / "config.toml").read_text()

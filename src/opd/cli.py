@@ -67,6 +67,9 @@ def _run(config, set_, max_steps, out, resume, mode: str) -> None:
     try:
         if resume is not None and not resume.is_dir():
             raise ConfigError(f"--resume {resume}: no such run folder")
+        if resume is not None and out is not None and out.resolve() != resume.resolve():
+            raise ConfigError(f"--resume {resume} continues that run in its own folder; --out {out} does not apply "
+                              "(to branch a run, copy its folder and resume the copy)")
         cfg = resolve_run_config(config, set_, max_steps, resume)
     except ConfigError as e:
         fail(str(e))  # before the loop's imports (torch, transformers: seconds), so a typo is answered at once

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from opd import matmul
-from opd.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
+from opd.checkpoint import latest_checkpoint, list_checkpoints, load_trainer_state, save_checkpoint
 from opd.config import Config, ConfigError, ObjectiveConfig, to_toml
 from opd.engine import LocalRollout, ScoredBatch, make_batches
 from opd.engine.distributed import DataParallel, run_counters as sum_run_counters
@@ -119,6 +119,19 @@ def check_cross_tokenizer_config(cfg: Config, mode: str) -> None:
                           "set student.warm_start_steps = 0 (start from a pretrained student)")
 
 
+def check_resumable(state: dict, cfg: Config, mode: str, run_dir: Path, *, lora: bool) -> None:
+    """A checkpoint continues only the kind of run that wrote it: same loop (on-policy or offline), LoRA or not."""
+    wrote = state.get("mode", mode)  # checkpoints from before the mode was saved: not checked
+    if wrote != mode:
+        command = "opd run" if wrote == "onpolicy" else "opd offline"
+        raise ConfigError(f"{run_dir} is an {wrote.replace('onpolicy', 'on-policy')} run: continue it with "
+                          f"`{command} --resume {run_dir}`")
+    if lora != ("adapter" in state):
+        raise ConfigError(f"{run_dir} was trained {'with' if 'adapter' in state else 'without'} LoRA adapters and the "
+                          f"config says student.lora_rank = {cfg.student.lora_rank}: a resume cannot add or remove "
+                          "them; resume with the run's own setting, or start a new run from its final/ model")
+
+
 def check_full_distribution_memory(cfg: Config, vocab_size: int) -> None:
     if cfg.objective.name not in ("reverse_kl", "gkd"):
         return
@@ -202,9 +215,14 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
     dp = DataParallel.from_env(resolve_device(cfg.student.device))
     main = dp is None or dp.is_main
     check_engine(cfg, mode, dp)
+    if main and not resume and (list_checkpoints(run_dir) or (run_dir / "final").is_dir()):
+        # a second run here would prune the first one's checkpoints by step number and a later resume would mix them
+        raise ConfigError(f"{run_dir} already holds a run (checkpoints/ or final/): continue it with --resume {run_dir}, "
+                          "or give the new run another folder (--out)")
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.toml").write_text(to_toml(cfg))
+        if not resume:  # a resume writes its config once its checkpoint has loaded: a failed one leaves the old
+            (run_dir / "config.toml").write_text(to_toml(cfg))
     seed_everything(cfg.seed)
 
     # ---- build the parts
@@ -278,6 +296,7 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
     if ckpt is not None:
         # ---- resume: weights, optimizer, scheduler, RNG, prompt position, counters
         state = load_trainer_state(ckpt)
+        check_resumable(state, cfg, mode, run_dir, lora=has_lora(student))
         if has_lora(student):  # the checkpoint's weights are merged; the adapters themselves are in its state
             load_adapter_state(student, state["adapter"])
         else:
@@ -303,6 +322,8 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
         if (run_dir / "reference").is_dir():
             ref_model = load_model(str(run_dir / "reference"), dtype=cfg.student.dtype, device=cfg.student.device)
         log(f"resumed from {ckpt} (step {start})")
+    if resume and main:
+        (run_dir / "config.toml").write_text(to_toml(cfg))
     else:
         start, version, pending = 0, 0, []
         counters_before = {}
@@ -407,7 +428,7 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
         if not main:
             return
         state = {
-            "step": step, "version": version, "budget": budget, "first_eval": first_eval, "skips": skips, "elapsed_s": time.time() - t_start,
+            "mode": mode, "step": step, "version": version, "budget": budget, "first_eval": first_eval, "skips": skips, "elapsed_s": time.time() - t_start,
             "counters": counters,
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "rng": {"sampler": made["sampler"], "torch": torch.get_rng_state()},
