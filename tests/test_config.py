@@ -224,6 +224,13 @@ def test_invalid_toml(tmp_path):
     assert "bad.toml" in str(e.value) and "not valid TOML" in str(e.value)
 
 
+def test_a_config_that_is_not_utf8_is_invalid_toml_with_the_byte(tmp_path):
+    p = tmp_path / "latin1.toml"
+    p.write_bytes("# café\nseed = 1\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1.toml is not valid TOML: not UTF-8 text \(byte 5"):
+        load_config(p)
+
+
 def test_topk_kl_needs_teacher_topk():
     msg = _error({"objective": {"name": "topk_kl"}})
     assert "topk_kl" in msg and "teacher.topk" in msg
@@ -278,6 +285,22 @@ def test_several_errors_are_all_reported():
 # -------------------------------------------------------------------------------------- to_toml
 def _roundtrip(cfg: Config) -> Config:
     return validate_config(tomllib.loads(to_toml(cfg)))
+
+
+def test_a_source_with_a_path_reads_it_whatever_its_kind_was_left_at():
+    # Left at its default (builtin), a source with a path silently trained on the built-in task instead.
+    sources = validate_config({"prompts": {"sources": [{"path": "d/x.jsonl"}, {"path": "d/folder"}]}}).prompts.sources
+    assert [s.kind for s in sources] == ["jsonl", "hf"]
+    msg = _error({"prompts": {"sources": [{"kind": "builtin", "path": "d/x.jsonl"}]}})
+    assert "reads no file" in msg and "kind = 'jsonl'" in msg
+
+
+def test_a_teacher_name_with_a_dot_round_trips_as_one_key(tmp_path):
+    p = tmp_path / "named.toml"
+    p.write_text('[teachers."qwen2.5-math"]\nmodel = "builtin:arith-teacher"\n\n'
+                 '[[prompts.sources]]\ntask = "arith"\nteacher = "qwen2.5-math"\n')
+    cfg = load_config(p)
+    assert list(cfg.teachers) == ["qwen2.5-math"] and _roundtrip(cfg) == cfg
 
 
 def test_to_toml_roundtrips_the_default():

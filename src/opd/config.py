@@ -142,8 +142,13 @@ class SourceConfig(Section):
 
     @model_validator(mode="after")
     def _needs_path(self) -> "SourceConfig":
+        if self.path and "kind" not in self.model_fields_set:  # a path says what it is: read it, not the default task
+            self.kind = "jsonl" if self.path.endswith(".jsonl") else "hf"
         if self.kind in ("jsonl", "hf") and not self.path:
             raise ValueError(f"a `{self.kind}` source needs `path` (the file or folder to read)")
+        if self.kind == "builtin" and self.path:
+            raise ValueError(f"kind = 'builtin' reads no file, but `path` is {self.path!r}: set kind = 'jsonl' (a .jsonl "
+                             "file) or 'hf' (a datasets folder, .json, .parquet or .csv), or remove path")
         return self
 
 
@@ -648,9 +653,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not p.is_file():
             raise ConfigError(f"config file not found: {p} (give the path of a .toml file, or none for the default)")
         try:
-            data = tomllib.loads(p.read_text())
+            data = tomllib.loads(p.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{p} is not valid TOML: {e}") from None
+        except UnicodeDecodeError as e:  # TOML is UTF-8, whatever the locale
+            raise ConfigError(f"{p} is not valid TOML: not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r}); "
+                              "save it as UTF-8") from None
     data = apply_overrides(data, overrides or [])
     return validate_config(data)
 
@@ -693,21 +701,26 @@ def _toml_char(c: str) -> str:
     return c
 
 
+def _toml_key(k: str) -> str:
+    """A bare key where TOML allows one, else a quoted one (a teacher named `qwen2.5` is one key, not two tables)."""
+    return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else _toml_value(k)
+
+
 def _emit(d: dict, prefix: list[str], out: list[str]) -> None:
     # None means "unset": TOML has no null, and leaving the key out reads back as the same default.
     scalars = {k: v for k, v in d.items() if v is not None and not isinstance(v, dict) and not _is_table_list(v)}
     if prefix and scalars:
-        out.append(f"\n[{'.'.join(prefix)}]")
+        out.append(f"\n[{'.'.join(map(_toml_key, prefix))}]")
     for k, v in scalars.items():
-        out.append(f"{k} = {_toml_value(v)}")
+        out.append(f"{_toml_key(k)} = {_toml_value(v)}")
     for k, v in d.items():
         if isinstance(v, dict):
             _emit(v, prefix + [k], out)
         elif _is_table_list(v):
             for item in v:
-                out.append(f"\n[[{'.'.join(prefix + [k])}]]")
+                out.append(f"\n[[{'.'.join(map(_toml_key, prefix + [k]))}]]")
                 for ik, iv in item.items():
-                    out.append(f"{ik} = {_toml_value(iv)}")
+                    out.append(f"{_toml_key(ik)} = {_toml_value(iv)}")
 
 
 def _is_table_list(v: Any) -> bool:

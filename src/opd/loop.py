@@ -322,8 +322,6 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
         if (run_dir / "reference").is_dir():
             ref_model = load_model(str(run_dir / "reference"), dtype=cfg.student.dtype, device=cfg.student.device)
         log(f"resumed from {ckpt} (step {start})")
-    if resume and main:
-        (run_dir / "config.toml").write_text(to_toml(cfg))
     else:
         start, version, pending = 0, 0, []
         counters_before = {}
@@ -332,6 +330,8 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
         if cfg.student.warm_start_steps > 0:
             warm_start(cfg, student, teacher_model or teacher.teachers["default"], tokenizer, stream, params,
                        budget, log)
+    if resume and main:  # the parts are built and the checkpoint has loaded: the config is one that runs
+        (run_dir / "config.toml").write_text(to_toml(cfg))
     objective = cfg.objective
     offline_data = None
     if mode == "offline":

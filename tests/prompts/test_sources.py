@@ -210,6 +210,29 @@ def test_jsonl_chat_records_without_a_renderer_are_a_config_error(tmp_path):
         PromptStream(cfg({"kind": "jsonl", "path": str(path)}), seed=0)
 
 
+def test_chat_records_the_template_refuses_or_without_content_are_bad_records(tmp_path):
+    # A chat template may raise on a record (Mistral's: roles must alternate): that record is bad, with its line,
+    # and on_bad_record = "skip" skips it; a conversation with no content at all is an empty prompt.
+    def strict(messages):
+        if messages[0]["role"] == "system":
+            raise ValueError("Conversation roles must alternate user/assistant/user/assistant/...")
+        return render(messages)
+
+    records = [{"messages": [{"role": "user", "content": f"q{i}"}]} for i in range(3)]
+    records += [{"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]},
+                {"messages": [{"role": "user", "content": " "}]}, {"messages": []}]
+    path = write_jsonl(tmp_path / "chat.jsonl", records)
+    with pytest.raises(ConfigError, match="chat.jsonl:4: the student's chat template refuses .* roles must alternate"):
+        PromptStream(cfg({"kind": "jsonl", "path": str(path)}), seed=0, render_chat=strict)
+    stream = PromptStream(cfg({"kind": "jsonl", "path": str(path)}, on_bad_record="skip", eval_size=1), seed=0,
+                          render_chat=strict)
+    assert len(stream.sources[0].train) + len(stream.sources[0].eval) == 3
+    assert stream.sources[0].counts["skipped_records"] == 3
+    records[3] = {"messages": [{"role": "user", "content": ""}]}
+    with pytest.raises(ConfigError, match="chat.jsonl:4: empty prompt"):
+        PromptStream(cfg({"kind": "jsonl", "path": str(write_jsonl(path, records))}), seed=0, render_chat=strict)
+
+
 def test_jsonl_record_without_the_field(tmp_path):
     path = write_jsonl(tmp_path / "x.jsonl", [{"prompt": "a"}, {"question": "b"}])
     with pytest.raises(ConfigError) as e:

@@ -158,7 +158,14 @@ def _to_prompt(rec: dict, cfg: SourceConfig, name: str, render_chat: ChatRendere
     if isinstance(value, list):
         if not all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
             raise BadRecord(f"`{field}` must be a list of {{'role': ..., 'content': ...}} messages")
-        text = render_chat(value)
+        if not any(isinstance(m["content"], str) and m["content"].strip() for m in value):
+            raise BadRecord("empty prompt (no message has any content)")
+        try:
+            text = render_chat(value)
+        except ConfigError:
+            raise
+        except Exception as e:  # the tokenizer's chat template refuses it (jinja2 raise_exception, e.g. roles order)
+            raise BadRecord(f"the student's chat template refuses these messages: {str(e).splitlines()[0][:200]}") from None
         messages = tuple({"role": m["role"], "content": m["content"]} for m in value)
     elif isinstance(value, str):
         text = value
