@@ -284,3 +284,42 @@ def test_long_prompts_are_truncated_or_skipped_and_counted(tmp_path):
         assert len(src.train) + len(src.eval) == kept
         c = stream.load_counts()
         assert {k: c[k] for k in counts} == counts
+
+
+def test_sigterm_during_the_warm_start_stops_it_at_its_next_step_and_says_how_to_start_again(tmp_path, monkeypatch):
+    # The warm start runs before the training loop's handler; without its own, Ctrl-C / SIGTERM killed the run with
+    # nothing said (and a long warm start is minutes of a real model's time).
+    import os
+
+    import opd.update.sft as sft
+    from opd.config import load_config
+    from opd.loop import run
+
+    calls = {"n": 0}
+    real_loss = sft.sft_loss
+
+    def loss_then_sigterm(model, batch):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_loss(model, batch)
+
+    monkeypatch.setattr(sft, "sft_loss", loss_then_sigterm)
+    caught_outside = []
+
+    def outside(*_):  # the test process's own handler (the default one would end pytest if the run did not catch it)
+        caught_outside.append(1)
+
+    previous = signal.signal(signal.SIGTERM, outside)
+    said = []
+    cfg = load_config(None, ["student.warm_start_steps=500", "student.warm_start_samples=16", "prompts.batch_size=4",
+                             "monitor.live='off'", "monitor.tensorboard=false", "train.max_steps=2"])
+    try:
+        result = run(cfg, tmp_path / "run", log=lambda *a, **k: said.append(" ".join(map(str, a))))
+        handler_after = signal.getsignal(signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert result.interrupted and result.steps == 0 and calls["n"] == 3 and not caught_outside
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert any("interrupted during the warm start" in s and f"opd run --resume {tmp_path / 'run'}" in s for s in said)
+    assert handler_after is outside  # the run's handler is gone with the warm start

@@ -119,13 +119,16 @@ def check_cross_tokenizer_config(cfg: Config, mode: str) -> None:
                           "set student.warm_start_steps = 0 (start from a pretrained student)")
 
 
+def resume_command(mode: str, run_dir: Path) -> str:
+    return f"{'opd run' if mode == 'onpolicy' else 'opd offline'} --resume {run_dir}"
+
+
 def check_resumable(state: dict, cfg: Config, mode: str, run_dir: Path, *, lora: bool) -> None:
     """A checkpoint continues only the kind of run that wrote it: same loop (on-policy or offline), LoRA or not."""
     wrote = state.get("mode", mode)  # checkpoints from before the mode was saved: not checked
     if wrote != mode:
-        command = "opd run" if wrote == "onpolicy" else "opd offline"
         raise ConfigError(f"{run_dir} is an {wrote.replace('onpolicy', 'on-policy')} run: continue it with "
-                          f"`{command} --resume {run_dir}`")
+                          f"`{resume_command(wrote, run_dir)}`")
     if lora != ("adapter" in state):
         raise ConfigError(f"{run_dir} was trained {'with' if 'adapter' in state else 'without'} LoRA adapters and the "
                           f"config says student.lora_rank = {cfg.student.lora_rank}: a resume cannot add or remove "
@@ -328,8 +331,13 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
         budget = {"teacher_tokens": 0, "student_tokens": 0, "flops": 0.0}
         skips = {"total": 0, "consecutive": 0}
         if cfg.student.warm_start_steps > 0:
-            warm_start(cfg, student, teacher_model or teacher.teachers["default"], tokenizer, stream, params,
-                       budget, log)
+            with _StopFlag() as stop:  # Ctrl-C / SIGTERM: the warm start stops at its next step, and the run with it
+                warm_start(cfg, student, teacher_model or teacher.teachers["default"], tokenizer, stream, params,
+                           budget, log, should_stop=lambda: stop.raised)
+            if stop.raised:
+                log(f"interrupted during the warm start, before the first checkpoint: `{resume_command(mode, run_dir)}` "
+                    "starts the run again")
+                return RunResult(run_dir=run_dir, steps=0, interrupted=True)
     if resume and main:  # the parts are built and the checkpoint has loaded: the config is one that runs
         (run_dir / "config.toml").write_text(to_toml(cfg))
     objective = cfg.objective
@@ -538,7 +546,7 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
             if stop.raised or (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0):
                 checkpoint(step)
             if stop.raised:
-                log(f"interrupted: checkpoint written at step {step}; continue with `opd run --resume {run_dir}`")
+                log(f"interrupted: checkpoint written at step {step}; continue with `{resume_command(mode, run_dir)}`")
                 interrupted = True
                 break
 
@@ -556,7 +564,7 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
 
 
 def warm_start(cfg: Config, student, teacher_model, tokenizer, stream: PromptStream, params: SamplingParams,
-               budget: dict, log) -> None:
+               budget: dict, log, should_stop=lambda: False) -> None:
     """A short supervised phase on teacher completions, so on-policy samples start out readable."""
     t0 = time.time()
     prompts = stream.extra_prompts(cfg.student.warm_start_samples, key=1)
@@ -569,8 +577,10 @@ def warm_start(cfg: Config, student, teacher_model, tokenizer, stream: PromptStr
                                          batch_size=cfg.teacher.batch_size, max_prompt_tokens=cfg.prompts.max_prompt_tokens)
     data = concat_rollouts(batches, tokenizer.pad_token_id)
     crash_point("warm_start", 0)
-    losses = supervised_train(student, data, steps=cfg.student.warm_start_steps,
-                              batch_size=cfg.student.warm_start_batch_size, lr=cfg.student.warm_start_lr, seed=cfg.seed)
+    losses = supervised_train(student, data, steps=cfg.student.warm_start_steps, batch_size=cfg.student.warm_start_batch_size,
+                              lr=cfg.student.warm_start_lr, seed=cfg.seed, should_stop=should_stop)
+    if not losses:  # stopped before its first step
+        return
     trained_tokens = data.num_tokens * cfg.student.warm_start_steps * cfg.student.warm_start_batch_size / len(prompts)
     budget["teacher_tokens"] += data.num_tokens
     n_teacher = count_params(teacher_model) if local else 0

@@ -16,8 +16,9 @@ def sft_loss(model, batch: Rollout, chunk_size: int = 1024) -> torch.Tensor:
     return -sampled_logprobs(model, batch, 1.0, chunk_size).mean()
 
 
-def supervised_train(model, data: Rollout, *, steps: int, batch_size: int, lr: float, seed: int) -> list[float]:
-    """AdamW on random mini-batches of `data` for `steps` steps; returns the loss curve."""
+def supervised_train(model, data: Rollout, *, steps: int, batch_size: int, lr: float, seed: int,
+                     should_stop=lambda: False) -> list[float]:
+    """AdamW on random mini-batches of `data` for `steps` steps (fewer once should_stop() is true); the loss curve."""
     if steps == 0:
         return []
     model.train()
@@ -27,6 +28,8 @@ def supervised_train(model, data: Rollout, *, steps: int, batch_size: int, lr: f
     losses = []
     with matmul.onednn_fp32(model):  # fp32 matmuls, forward and backward, through the faster kernel
         for _ in range(steps):
+            if should_stop():
+                break
             rows = rng.choice(n, size=min(batch_size, n), replace=False)
             loss = sft_loss(model, data.select(rows.tolist()))
             opt.zero_grad(set_to_none=True)
