@@ -251,6 +251,11 @@ def _bad_cases(tmp: Path) -> list[tuple[str, list[str], str]]:
         ("drop_layers beyond the depth", ["run", "--set", "student.model='builtin:arith-teacher'", "--set",
                                           "student.init='drop_layers'", "--set", "student.keep_every=9"], "keep_every = 9"),
         ("unknown student init", ["run", "--set", "student.init='prune'"], "student.init"),
+        ("config not UTF-8", ["run", str(_write(tmp / "latin1.toml", "# caf\xe9\nseed = 1\n".encode("latin-1")))],
+         "not UTF-8 text"),
+        ("builtin source with a path", ["run", "--set", 'prompts.sources=[{kind="builtin", path="d.jsonl"}]'],
+         "reads no file"),
+        ("resume into another folder", ["run", "--resume", str(empty_dir)], "does not apply"),  # the runner adds --out
     ]
 
 

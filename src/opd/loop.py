@@ -478,7 +478,8 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
                 rewards = torch.where(torch.isfinite(scores.rewards), scores.rewards, rewards)
             feedback = compute_feedback(rollout, scores, cfg.feedback, rewards=rewards,
                                         reward_weight=cfg.objective.reward_weight, opd_weight=cfg.objective.opd_weight,
-                                        group_size=cfg.rollout.samples_per_prompt)
+                                        group_size=cfg.rollout.samples_per_prompt,
+                                        sum_over_ranks=None if dp is None else dp.sums)  # whitening: the whole batch's
             # 5. update the student near its own rollout distribution
             finite = _finite(scores, feedback)
             if dp is not None:  # every rank updates, or none does

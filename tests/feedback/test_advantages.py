@@ -73,3 +73,34 @@ def test_group_normalised_rewards_and_hybrid():
     fb = compute_feedback(*make(behaviour, teacher, torch.ones(4, 2, dtype=torch.long)), FeedbackConfig(),
                           rewards=r, reward_weight=2.0, opd_weight=0.5, group_size=2)
     torch.testing.assert_close(fb.advantages[:, 0], 0.5 * -1.0 + 2.0 * g)
+
+
+def test_discount_runs_on_through_an_unscored_token_inside_a_completion():
+    # A cross-tokenizer teacher can leave a token unscored mid-completion; the tokens before it still get the
+    # discounted credit of the later ones (the docstring's sum over k >= t), and the unscored token itself gets 0.
+    v = torch.tensor([[0.0, 0.0, 7.0, -5.0, -5.0]])
+    m = torch.tensor([[1.0, 1.0, 0.0, 1.0, 1.0]])
+    g = 0.9
+    later = -5 + g * -5  # G at position 3
+    expected = torch.tensor([[g**3 * later, g**2 * later, 0.0, later, -5.0]])
+    torch.testing.assert_close(discounted_returns(v, m, g), expected)
+
+
+def test_whitening_under_data_parallelism_uses_the_whole_batchs_statistics():
+    # Each rank holds its share of the batch; whitening each share by its own mean and std would make A_t depend
+    # on the world size. sum_over_ranks hands whiten the sums of every rank's statistics.
+    torch.manual_seed(0)
+    values = torch.randn(6, 5) * 2 + 0.5
+    mask = (torch.rand(6, 5) > 0.3).float()
+    whole = whiten(values, mask)
+    shares = [(values[:3], mask[:3]), (values[3:], mask[3:])]
+
+    def stats(v, m):
+        sel = v[m.bool()].double()
+        return [float(m.sum()), float(sel.sum()), float((sel * sel).sum())]
+
+    totals = [a + b for a, b in zip(*(stats(v, m) for v, m in shares))]
+    per_rank = torch.cat([whiten(v, m, sum_over_ranks=lambda mine: totals) for v, m in shares])
+    torch.testing.assert_close(per_rank, whole, rtol=1e-5, atol=1e-6)
+    alone = torch.cat([whiten(v, m) for v, m in shares])
+    assert (alone - whole).abs().max() > 1e-3  # the rank-local statistics differ: the test can fail

@@ -412,3 +412,84 @@ def test_a_small_embedding_keeps_its_dense_backward(student):
     assert emb.weight.numel() < step.EMBEDDING_ROWS_MIN_WEIGHTS
     with step.embedding_rows_grad(student) as rows:
         assert rows.emb is None and "forward" not in vars(emb)
+
+
+def test_sequence_norm_averages_over_the_rows_with_tokens_in_the_loss(student, batch):
+    # A row the teacher dropped (scored_mask 0) adds nothing to the loss; counting it shrank the step by
+    # scored rows / rows, and a mini-batch of dropped rows only stepped AdamW on a zero gradient.
+    roll, scores = batch
+    B = roll.completion_ids.shape[0]
+    dropped, kept = list(range(1, B, 2)), list(range(0, B, 2))
+    with_drops = copy.deepcopy(scores)
+    with_drops.scored_mask[dropped] = 0
+    a, b = copy.deepcopy(student), copy.deepcopy(student)
+    for model, (r, s) in ((a, (roll, with_drops)), (b, (roll.select(kept), scores.select(kept)))):
+        fb = compute_feedback(r, s, FeedbackConfig())
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)
+        train = TrainConfig(grad_clip=0.0)
+        update_student(model, opt, make_scheduler(opt, train, 10), r, s, fb, version=0, chunk_size=7, train=train,
+                       objective=ObjectiveConfig(name="reverse_kl", loss_norm="sequence"))
+    step_a, step_b = params_of(a) - params_of(student), params_of(b) - params_of(student)
+    assert step_b.abs().max() > 0
+    torch.testing.assert_close(step_a, step_b, rtol=1e-4, atol=1e-7)
+    # all rows dropped: nothing to train on, so no step (as with token norm)
+    none = copy.deepcopy(scores)
+    none.scored_mask[:] = 0
+    c = copy.deepcopy(student)
+    fb = compute_feedback(roll, none, FeedbackConfig())
+    opt = make_optimizer(c, TrainConfig())
+    _, version = update_student(c, opt, make_scheduler(opt, TrainConfig(), 10), roll, none, fb, version=3, chunk_size=7,
+                                train=TrainConfig(), objective=ObjectiveConfig(name="reverse_kl", loss_norm="sequence"))
+    assert version == 3 and torch.equal(params_of(c), params_of(student))
+
+
+@pytest.mark.parametrize("loss_norm", ["token", "sequence"])
+@pytest.mark.parametrize("handling", ["keep", "truncate", "downweight"])
+def test_update_metrics_are_over_the_tokens_in_the_loss(student, batch, loss_norm, handling):
+    # update/loss is the objective as minimised; distribution_loss and clip_frac are means over the tokens that
+    # train, not over the truncated ones (whose teacher distribution is zeroed: a reverse KL of -H there).
+    roll, scores = copy.deepcopy(batch[0]), copy.deepcopy(batch[1])
+    scores.token_logprobs[:, :2] = -0.1
+    scores.token_logprobs[:, 2:] = -20.0
+    fcfg = FeedbackConfig(break_window=1, broken_prefix=handling, keep_after_break=1)
+    fb = compute_feedback(roll, scores, fcfg)
+    model = copy.deepcopy(student)
+    obj = ObjectiveConfig(name="reverse_kl", loss_norm=loss_norm)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # the metrics of the weights as they are
+    m, _ = update_student(model, opt, make_scheduler(opt, TrainConfig(), 10), roll, scores, fb, objective=obj,
+                          train=TrainConfig(), version=0, chunk_size=7)
+    with torch.no_grad():  # the reference: the full-distribution reverse KL of every completion token, by hand
+        ids = torch.cat([roll.prompt_ids, roll.completion_ids], 1)
+        attn = torch.cat([roll.prompt_mask, roll.completion_mask], 1)
+        logits = student(input_ids=ids, attention_mask=attn).logits[:, roll.prompt_ids.shape[1] - 1 : -1].float()
+        logp = torch.log_softmax(logits / roll.temperature, -1)
+        kl = (logp.exp() * (logp - scores.full_logprobs)).sum(-1)
+    w = fb.loss_mask
+    if loss_norm == "token":
+        expected = float((kl * w).sum() / w.sum())
+    else:
+        rows = w.sum(1) > 0
+        expected = float(((kl * w).sum(1)[rows] / w.sum(1)[rows].clamp(min=1)).mean())
+    assert m["update/loss"] == pytest.approx(expected, rel=1e-3)
+    in_loss = w > 0
+    assert m["update/distribution_loss"] == pytest.approx(float(kl[in_loss].mean()), rel=1e-3)
+    assert m["update/distribution_loss"] >= 0
+
+
+def test_clip_fraction_is_over_the_tokens_in_the_loss(student, batch, monkeypatch):
+    # Truncated tokens have A_t = 0 and cannot be clipped; counting them diluted the Stability signal by their share.
+    import opd.update.step as step
+
+    real_pg_loss = step.pg_loss
+
+    def every_ratio_clipped(new_lp, old_lp, adv, clip_eps):  # as if every token with a signal had been clipped
+        loss, ratio, clipped = real_pg_loss(new_lp, old_lp, adv, clip_eps)
+        return loss, ratio, adv != 0  # a truncated token has A_t = 0 and cannot be clipped
+
+    monkeypatch.setattr(step, "pg_loss", every_ratio_clipped)
+    roll, scores = copy.deepcopy(batch[0]), copy.deepcopy(batch[1])
+    scores.token_logprobs[:, 2:] = -20.0
+    truncate = FeedbackConfig(break_window=1, broken_prefix="truncate", keep_after_break=1)
+    assert (compute_feedback(roll, scores, truncate).loss_mask == 0)[roll.completion_mask.bool()].any()
+    m, _ = run_update(copy.deepcopy(student), roll, scores, "pg", feedback=truncate)
+    assert m["stability/clip_frac"] == 1.0

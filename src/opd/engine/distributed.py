@@ -46,9 +46,12 @@ class DataParallel:
         return slice(self.rank * size, (self.rank + 1) * size)
 
     def sum(self, x: float) -> float:
-        t = torch.tensor([x], dtype=torch.float64, device=self.device)
+        return self.sums([x])[0]
+
+    def sums(self, xs: list[float]) -> list[float]:
+        t = torch.tensor(xs, dtype=torch.float64, device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        return float(t.item())
+        return t.tolist()
 
     def all_true(self, flag: bool) -> bool:
         t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=self.device)

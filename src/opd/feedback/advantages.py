@@ -25,21 +25,30 @@ from opd.types import Feedback, Rollout, TeacherScores
 
 
 def discounted_returns(values: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
-    """G_t = sum_{k >= t} gamma^(k-t) * v_k within each sequence (masked tokens contribute 0)."""
+    """G_t = sum_{k >= t} gamma^(k-t) * v_k within each sequence (masked tokens contribute 0, and the sum runs on
+    through them: an unscored token inside a completion does not cut earlier tokens off from later feedback).
+    Masked positions get G = 0."""
     out = torch.zeros_like(values)
     running = torch.zeros(values.shape[0], dtype=values.dtype)
     for t in range(values.shape[1] - 1, -1, -1):
-        running = values[:, t] * mask[:, t] + gamma * running * mask[:, t]
-        out[:, t] = running
+        running = values[:, t] * mask[:, t] + gamma * running
+        out[:, t] = running * mask[:, t]
     return out
 
 
-def whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+def whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-6, sum_over_ranks=None) -> torch.Tensor:
+    """(values - mean) / (std + eps) over the masked tokens; with data parallelism `sum_over_ranks` (list of floats ->
+    their sums over every rank) makes the mean and std the whole batch's, not each rank's share's."""
     m = mask.bool()
-    if m.sum() < 2:
+    sel = values[m].double()
+    n, s, ss = float(m.sum()), float(sel.sum()), float((sel * sel).sum())
+    if sum_over_ranks is not None:
+        n, s, ss = sum_over_ranks([n, s, ss])
+    if n < 2:
         return values * mask
-    sel = values[m]
-    return ((values - sel.mean()) / (sel.std() + eps)) * mask
+    mean = s / n
+    std = max((ss - n * mean * mean) / (n - 1), 0.0) ** 0.5  # unbiased, as torch.std
+    return ((values - mean) / (std + eps)) * mask
 
 
 def group_normalised_rewards(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
@@ -57,6 +66,7 @@ def compute_feedback(
     reward_weight: float = 1.0,
     opd_weight: float = 1.0,
     group_size: int = 1,
+    sum_over_ranks=None,
 ) -> Feedback:
     # A token enters the loss only if it is a real completion token the teacher scored.
     mask = (rollout.completion_mask * scores.scored_mask).float()
@@ -80,7 +90,7 @@ def compute_feedback(
     if cfg.gamma > 0:
         adv = discounted_returns(adv, train_mask, cfg.gamma)
     if cfg.normalize:
-        adv = whiten(adv, train_mask)
+        adv = whiten(adv, train_mask, sum_over_ranks=sum_over_ranks)
     if rewards is not None:
         shaped = group_normalised_rewards(rewards.float(), group_size)
         if scores.rewards is not None:

@@ -340,7 +340,10 @@ def update_student(
           layer_ops(model)):
         for mb in np.array_split(np.arange(B), min(train.updates_per_batch, B)):
             mb_mask = feedback.loss_mask[mb]
-            denom = float(mb_mask.sum()) if objective.loss_norm == "token" else float(len(mb))
+            # token: the (weighted) tokens in the loss; sequence: the rows with any token in the loss (a row the
+            # teacher dropped adds nothing to the loss, so it must not shrink the step by adding to the count)
+            local_denom = float(mb_mask.sum()) if objective.loss_norm == "token" else float((mb_mask.sum(1) > 0).sum())
+            denom = local_denom
             if dp is not None:  # token-mean over the global mini-batch, not a mean of per-rank means
                 denom = dp.sum(denom)
             if denom == 0:
@@ -348,6 +351,7 @@ def update_student(
             optimizer.zero_grad(set_to_none=True)
             micro = train.micro_batch_size or len(mb)
             finite = True
+            mb_loss = 0.0  # this rank's share of the objective times denom
             for start in range(0, len(mb), micro):
                 rows = mb[start : start + micro].tolist()
                 r, s, f = rollout.select(rows), scores.select(rows), feedback.select(rows)
@@ -358,6 +362,7 @@ def update_student(
                     break
                 loss.backward()
                 embedding_rows.add_to_grad()
+                mb_loss += stats.pop("loss")
                 acc.add(stats)
             params = [p for p in model.parameters() if p.requires_grad]
             for p in params:  # fused AdamW needs dense gradients (a model may bring its own sparse embedding)
@@ -367,6 +372,9 @@ def update_student(
                 finite = dp.all_true(finite)
                 if finite:
                     dp.all_reduce_grads(params)
+            if finite:  # update/loss: the objective this step minimised, over this rank's share
+                acc.loss_sum += mb_loss
+                acc.loss_weight += local_denom
             grad_norm = clip_gradients(params, train.grad_clip, optimizer)
             if not finite or not torch.isfinite(grad_norm):
                 skipped += 1  # never apply a non-finite step; the batch is counted and dropped
@@ -446,6 +454,7 @@ def _micro_batch_loss(model, r, s, f, objective, chunk_size, version, ref_model,
         kl_ref = kl_to_reference(terms.new_logprobs, ref_lp)
         tok_loss = tok_loss + objective.kl_ref_coef * kl_ref
     tok_loss = tok_loss * weight
+    in_loss = weight > 0  # the tokens that train (the rest: truncated after a broken prefix, or unscored)
     if objective.loss_norm == "token":
         loss = tok_loss.sum() / denom
     else:
@@ -456,15 +465,15 @@ def _micro_batch_loss(model, r, s, f, objective, chunk_size, version, ref_model,
     lag = torch.where(sampled, (version - r.policy_version).float()[token_rows].to(dev), 0.0)
     fresh = lag == 0
     stats = {
-        "loss": (float(loss.detach()) * denom, 0),  # summed back; the accumulator re-normalises per token
+        "loss": float(loss.detach()) * denom,  # summed back; update_student divides by its share's denominator
         "ratio": ratio.detach(),
-        "clipped": clipped.float(),
+        "clipped": clipped.float()[in_loss],
         "entropy": terms.entropy,
         "new_lp": terms.new_logprobs.detach(),
         "lag": lag,
         "drift": (terms.new_logprobs.detach() - own_lp).abs()[fresh],
         "kl_ref": None if kl_ref is None else kl_ref.detach(),
-        "dist": None if terms.distribution_loss is None else terms.distribution_loss.detach(),
+        "dist": None if terms.distribution_loss is None else terms.distribution_loss.detach()[in_loss],
     }
     return loss, stats
 
@@ -485,16 +494,14 @@ def _stale_weighted(tok_loss, clipped, stale, ratio, new_lp, adv, objective):
 class _Accumulator:
     def __init__(self):
         self.parts: dict[str, list[torch.Tensor]] = {}
-        self.loss_sum = 0.0
-        self.tokens = 0
+        self.loss_sum = 0.0  # the mini-batches' objectives times their denominators
+        self.loss_weight = 0.0  # those denominators: update/loss is the objective as minimised, whatever loss_norm
         self.grad_norms: list[float] = []
 
     def add(self, stats: dict) -> None:
-        self.loss_sum += stats["loss"][0]
         for k, v in stats.items():
-            if k != "loss" and v is not None:
+            if v is not None:
                 self.parts.setdefault(k, []).append(v.float().cpu())
-        self.tokens += int(stats["ratio"].numel())
 
     def summary(self) -> dict[str, float]:
         cat = {k: torch.cat(v) for k, v in self.parts.items()}
@@ -504,7 +511,7 @@ class _Accumulator:
             return float(t.mean()) if t is not None and t.numel() else 0.0
 
         out = {
-            "update/loss": self.loss_sum / max(1, self.tokens),
+            "update/loss": self.loss_sum / self.loss_weight if self.loss_weight else 0.0,
             "freshness/ratio_mean": mean("ratio"),
             "freshness/ratio_max": float(cat["ratio"].max()) if "ratio" in cat and cat["ratio"].numel() else 1.0,
             "freshness/ratio_min": float(cat["ratio"].min()) if "ratio" in cat and cat["ratio"].numel() else 1.0,
