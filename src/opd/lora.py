@@ -27,10 +27,22 @@ def add_lora(model, *, rank: int, alpha: float, target_modules: list[str]):
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
         raise ConfigError(f"student.lora_target_modules: {unknown} match no module of {type(model).__name__}; "
                           f"its linear layers are: {', '.join(linear)}")
+    tied = _tied_to_the_embedding(model, target_modules)
+    if tied:
+        raise ConfigError(f"student.lora_target_modules: {tied} shares its weight with the input embedding "
+                          "(tie_word_embeddings), so a merged adapter would change the embedding too and the exported "
+                          "model would not be the one trained; leave it out of the targets")
     from peft import LoraConfig, inject_adapter_in_model
 
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(target_modules), lora_dropout=0.0)
     return inject_adapter_in_model(config, model)
+
+
+def _tied_to_the_embedding(model, target_modules: list[str]) -> list[str]:
+    """The targets whose weight is the input embedding's own tensor (a tied LM head)."""
+    embedding = model.get_input_embeddings().weight
+    return [name for name, m in model.named_modules() if name.rsplit(".", 1)[-1] in target_modules
+            and getattr(m, "weight", None) is embedding]
 
 
 def has_lora(model) -> bool:
