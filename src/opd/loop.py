@@ -594,13 +594,17 @@ def prepare_offline(cfg: Config, run_dir: Path, teacher_model, tokenizer, stream
                     log) -> tuple[OfflineData, ObjectiveConfig]:
     """The offline baseline's data (generated now, or reused from offline.data) and its imitation objective."""
     folder = Path(cfg.offline.data) if cfg.offline.data else run_dir / "offline-data"
+    # Everything the stored data depends on: which prompts (num_prompts and the prompt settings, not the training
+    # batch size), how the teacher wrote them, and the generation batches (rows of a batch share one generator).
     meta = {"teacher": cfg.teacher.model, "teacher_dtype": cfg.teacher.dtype, "temperature": params.temperature,
             "top_p": params.top_p, "max_new_tokens": params.max_new_tokens, "stop": params.stop,
-            "topk": cfg.offline.topk, "seed": cfg.seed, "prompts": cfg.prompts.model_dump(mode="json")}
+            "topk": cfg.offline.topk, "seed": cfg.seed, "num_prompts": cfg.offline.num_prompts,
+            "generate_batch_size": cfg.offline.generate_batch_size,
+            "prompts": cfg.prompts.model_dump(mode="json", exclude={"batch_size"})}
     teacher = LocalTeacher(teacher_model, batch_size=cfg.teacher.batch_size, chunk_size=cfg.teacher.chunk_size,
                            topk=cfg.offline.topk, fast=cfg.teacher.forward == "auto")
     generate_offline_data(folder, teacher, tokenizer, stream.extra_prompts(cfg.offline.num_prompts, key=2), params,
-                          meta=meta, topk=cfg.offline.topk, seed=cfg.seed,
+                          meta=meta, topk=cfg.offline.topk, seed=cfg.seed, batch_size=cfg.offline.generate_batch_size,
                           max_prompt_tokens=cfg.prompts.max_prompt_tokens, log=log)
     data = OfflineData(folder, tokenizer, temperature=params.temperature, max_prompt_tokens=cfg.prompts.max_prompt_tokens)
     # sequence_kd = cross-entropy on the teacher's text; token_kd = forward KL to its stored top-k.
@@ -659,9 +663,10 @@ def _step_metrics(rollout, scores, feedback, correct, times: dict, offline: bool
         **scores.metrics,
         **{f"time/{k}": v for k, v in times.items()},
     }
-    if offline:
-        for k in ("rollout/tokens_per_s", "teacher/tokens_per_s", "teacher/latency_s"):
-            out.pop(k)
+    if offline:  # the rows are the teacher's own text: their "behaviour" logprobs are the teacher's, not the student's
+        for k in ("rollout/tokens_per_s", "teacher/tokens_per_s", "teacher/latency_s", "student/logprob_mean",
+                  "opd/reverse_kl", "opd/advantage_mean", "opd/advantage_pos_frac"):
+            out.pop(k, None)
     if rollout.teacher_share is not None and n:  # guided rollouts: tokens that are not the student's own
         out["rollout/teacher_token_frac"] = float(rollout.teacher_share[mask].mean())
     if checked:

@@ -80,8 +80,8 @@ def test_offline_run_reuses_stored_data_and_counts_its_budget(tmp_path, loss):
     logs = []
     run(load_config(None, sets), tmp_path / "a", mode="offline", log=logs.append)
     content = (data / "data.jsonl").read_text()
-    run(load_config(None, sets), tmp_path / "b", mode="offline", log=logs.append)
-    assert (data / "data.jsonl").read_text() == content
+    run(load_config(None, [*sets, "prompts.batch_size=4"]), tmp_path / "b", mode="offline", log=logs.append)
+    assert (data / "data.jsonl").read_text() == content  # the training batch size is not a setting of the data
     assert any("generated 16" in str(x) for x in logs) and any("reused all 16" in str(x) for x in logs)
     rows_a, rows_b = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
     stored = sum(len(json.loads(x)["completion_ids"]) for x in content.splitlines())
@@ -89,6 +89,16 @@ def test_offline_run_reuses_stored_data_and_counts_its_budget(tmp_path, loss):
     assert rows_a[-1]["budget/teacher_tokens"] == stored and rows_a[-1]["budget/student_tokens"] == 0
     assert all(math.isfinite(r["update/loss"]) for r in rows_a[1:])
     assert not any(k.startswith("freshness/") for k in rows_a[-1])
+    # teacher-written rows have no student behaviour logprobs: no student logprob, reverse KL or advantage is made up
+    assert not {"student/logprob_mean", "opd/reverse_kl", "opd/advantage_mean"} & set(rows_a[-1])
+    # what the data depends on is checked: fewer prompts, or other generation batches, are other data
+    for other in ("offline.num_prompts=8", "offline.generate_batch_size=4"):
+        with pytest.raises(ConfigError, match="other settings.*" + other.split("=")[0].split(".")[1]):
+            run(load_config(None, [*sets, other]), tmp_path / other, mode="offline", log=logs.append)
+    # ... and the generation batches are offline.generate_batch_size's (rows of a batch share one generator)
+    small = [*sets, "offline.generate_batch_size=4", f"offline.data='{tmp_path / 'data4'}'"]
+    run(load_config(None, small), tmp_path / "c", mode="offline", log=logs.append)
+    assert (tmp_path / "data4" / "data.jsonl").read_text() != content
 
 
 def test_sequence_kd_is_plain_cross_entropy_at_every_step(tmp_path):
