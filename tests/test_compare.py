@@ -113,3 +113,38 @@ def test_compare_writes_the_report(tmp_path):
     # A second call reuses every finished run instead of training again.
     again = run_compare(None, TINY, tmp_path, seeds=[0, 1], log=lambda *a: None)
     assert again["onpolicy"]["eval/accuracy"] == summary["onpolicy"]["eval/accuracy"]
+
+
+def test_the_reports_evaluations_read_chat_records_and_stop_strings_like_the_runs(tmp_path):
+    # The report's teacher ceiling and final-student rows built their prompt stream without the student's chat
+    # template (a chat dataset failed after every run had trained) and sampled without the run's stop strings.
+    import json
+
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from opd.demo import teacher_accuracy
+    from opd.evaluate import eval_sampling
+    from opd.models import build_char_tokenizer
+    from opd.prompts import prompt_stream
+    from opd.teacher.builtin import STUDENT_SHAPE, llama_config
+
+    tok = build_char_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    torch.manual_seed(0)
+    LlamaForCausalLM(llama_config(tok, STUDENT_SHAPE)).save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"{i}+{i}="}], "answer": str(2 * i)})
+                            + "\n" for i in range(12)))
+    cfg = load_config(None, [f"student.model='{tmp_path / 'm'}'", f"teacher.model='{tmp_path / 'm'}'",
+                             "student.init='pretrained'", f"prompts.sources=[{{path='{data}'}}]", "eval.size=4",
+                             "eval.max_new_tokens=4", "rollout.stop=['|']"])
+    from opd.models import load_tokenizer
+
+    held_out = prompt_stream(cfg, load_tokenizer(cfg.student.model)).eval_prompts(4)
+    assert held_out and all(p.text.startswith("<|im_start|>user") for p in held_out)
+    assert eval_sampling(cfg).stop == ["|"]
+    assert 0.0 <= teacher_accuracy(cfg) <= 1.0

@@ -165,12 +165,11 @@ def eval_cmd(
     accuracy by length, error by position (free-running vs teacher-forced), recovery from a planted error."""
     import json
 
-    from opd.evaluate import detailed_eval
-    from opd.loop import chat_renderer, make_teacher
+    from opd.evaluate import detailed_eval, eval_sampling
+    from opd.loop import make_teacher
+    from opd.prompts import prompt_stream
     from opd.models import load_model, load_tokenizer
-    from opd.prompts import PromptStream
     from opd.recovery import RecoverySettings
-    from opd.rollout import SamplingParams
     from opd.teacher.build import build_one, check_tokenizers
 
     try:
@@ -187,9 +186,8 @@ def eval_cmd(
         else:
             teacher = make_teacher(cfg, load_model(cfg.teacher.model, dtype=cfg.teacher.dtype, device=cfg.teacher.device),
                                    tokenizer, load_tokenizer(cfg.teacher.model), mode="eval")
-        prompts = PromptStream(cfg.prompts, cfg.seed, chat_renderer(tokenizer)).eval_prompts(cfg.eval.size)
-        params = SamplingParams(cfg.eval.temperature, 1.0, cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
-                                cfg.rollout.stop, cfg.rollout.decoder)
+        prompts = prompt_stream(cfg, tokenizer).eval_prompts(cfg.eval.size)
+        params = eval_sampling(cfg)
         result = detailed_eval(student, teacher, tokenizer, prompts, params, seed=cfg.seed,
                                max_prompt_tokens=cfg.prompts.max_prompt_tokens,
                                recovery=RecoverySettings.from_config(cfg))

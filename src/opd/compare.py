@@ -23,15 +23,14 @@ import numpy as np
 
 from opd.config import Config, ConfigError, load_config, to_toml
 from opd.demo import teacher_accuracy
-from opd.evaluate import detailed_eval
+from opd.evaluate import detailed_eval, eval_sampling
 from opd.handling_study import fmt_mean_std, mean_std, run_handling_study, study_lines, study_plot
 from opd.jobs import RunJob, run_jobs
 from opd.loop import run
 from opd.models import load_model, load_tokenizer
 from opd.monitor import read_metrics
-from opd.prompts import PromptStream
+from opd.prompts import prompt_stream
 from opd.recovery import planted_error_recovery
-from opd.rollout import SamplingParams
 from opd.teacher import LocalTeacher
 
 METHODS = ("onpolicy", "offline", "control")
@@ -160,10 +159,9 @@ def final_students(cfg: Config, run_dir: Path, seeds: list[int], methods) -> dic
     tokenizer = load_tokenizer(cfg.teacher.model)
     teacher = LocalTeacher(load_model(cfg.teacher.model, dtype=cfg.teacher.dtype, device=cfg.teacher.device),
                            batch_size=cfg.teacher.batch_size)
-    params = SamplingParams(cfg.eval.temperature, 1.0, cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
-                            decoder=cfg.rollout.decoder)
+    params = eval_sampling(cfg)
     n_recovery = max(cfg.eval.size, cfg.eval.recovery_size) if cfg.eval.recovery_size else 0
-    stream = PromptStream(cfg.prompts, cfg.seed)
+    stream = prompt_stream(cfg, load_tokenizer(cfg.student.model))
     eval_prompts, recovery_prompts = stream.eval_prompts(cfg.eval.size), stream.eval_prompts(n_recovery)
     folders = {"warm start": [run_dir / "warm-start" / "final"]}
     folders.update({m: [run_dir / m / f"seed-{s}" / "final" for s in seeds] for m in methods})

@@ -5,27 +5,29 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
 from opd.config import load_config
-from opd.evaluate import accuracy, generate
+from opd.evaluate import accuracy, eval_sampling, generate
 from opd.models import load_model, load_tokenizer
 from opd.monitor import read_metrics
-from opd.prompts import PromptStream
-from opd.rollout import SamplingParams
+from opd.prompts import prompt_stream
+from opd.teacher.cross_tokenizer import render_for_teacher
 
 
 def teacher_accuracy(cfg, seed: int = 0) -> float | None:
     """The teacher's own accuracy on the held-out prompts, at the eval temperature: the ceiling."""
     tokenizer = load_tokenizer(cfg.teacher.model)
     teacher = load_model(cfg.teacher.model, dtype=cfg.teacher.dtype, device=cfg.teacher.device)
-    prompts = PromptStream(cfg.prompts, cfg.seed).eval_prompts(cfg.eval.size)
-    params = SamplingParams(cfg.eval.temperature, 1.0, cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
-                            decoder=cfg.rollout.decoder)
-    return accuracy(generate(teacher, tokenizer, prompts, params, seed=seed, batch_size=cfg.teacher.batch_size))
+    # the runs' held-out prompts (chat records in the student's template), each in the teacher's own template
+    prompts = [replace(p, text=render_for_teacher(p, tokenizer))
+               for p in prompt_stream(cfg, load_tokenizer(cfg.student.model)).eval_prompts(cfg.eval.size)]
+    return accuracy(generate(teacher, tokenizer, prompts, eval_sampling(cfg), seed=seed,
+                             batch_size=cfg.teacher.batch_size))
 
 
 DEMO_STEPS = 200  # a small budget: on-policy is near its plateau by then (`opd compare` runs the full default)

@@ -19,6 +19,13 @@ from opd.rollout import SamplingParams, sample
 from opd.types import Prompt
 
 
+def eval_sampling(cfg) -> SamplingParams:
+    """How every evaluation samples (in a run, `opd eval`, `opd compare`'s report): eval.temperature, no top-p, the
+    run's stop strings and decoder."""
+    return SamplingParams(cfg.eval.temperature, 1.0, cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
+                          cfg.rollout.stop, cfg.rollout.decoder)
+
+
 def generate(model, tokenizer, prompts: list[Prompt], params: SamplingParams, *, seed: int, batch_size: int = 64,
              version: int = 0, max_prompt_tokens: int = 256):
     """Sample completions for many prompts in batches, with a generator of its own (training RNG untouched)."""

@@ -28,14 +28,14 @@ from opd.checkpoint import latest_checkpoint, list_checkpoints, load_trainer_sta
 from opd.config import Config, ConfigError, ObjectiveConfig, to_toml
 from opd.engine import LocalRollout, ScoredBatch, make_batches
 from opd.engine.distributed import DataParallel, run_counters as sum_run_counters
-from opd.evaluate import evaluate, generate
+from opd.evaluate import eval_sampling, evaluate, generate
 from opd.faults import crash_point
 from opd.offline.data import OfflineData, generate_offline_data
 from opd.feedback import compute_feedback
 from opd.lora import adapter_state, has_lora, load_adapter_state, merged_copy, save_plain
 from opd.models import count_params, load_model, load_student, load_tokenizer, resolve_device
 from opd.monitor import MetricsLog, RunDisplay, assess, health_metrics
-from opd.prompts import PromptStream, verify
+from opd.prompts import PromptStream, prompt_stream, verify
 from opd.recovery import RecoverySettings
 from opd.rollout import SamplingParams, int8_decode_unsupported, make_guide, sampling_copy_for
 from opd.rollout.backend import make_server_backend
@@ -198,18 +198,6 @@ class _NoMetrics:
         pass
 
 
-def chat_renderer(tokenizer):
-    def render(messages: list[dict]) -> str:
-        if not getattr(tokenizer, "chat_template", None):
-            raise ConfigError(
-                "a chat record ({'messages': [...]}) needs a tokenizer with a chat template, and the student's has none; "
-                "give plain {'prompt': '...'} records instead"
-            )
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-
-    return render
-
-
 def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=print, mode: str = "onpolicy") -> RunResult:
     """mode "onpolicy": the student writes, the teacher scores. mode "offline": the teacher writes once
     (stored under offline.data), the student imitates; everything else is shared."""
@@ -240,8 +228,7 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
     # The local [teacher] may use another tokenizer: then it scores through the cross-tokenizer alignment.
     local_teacher = None if teacher_model is None else make_teacher(cfg, teacher_model, tokenizer,
                                                                    load_tokenizer(cfg.teacher.model), mode)
-    stream = PromptStream(cfg.prompts, cfg.seed, chat_renderer(tokenizer),
-                          count_tokens=lambda text: len(tokenizer(text)["input_ids"]))
+    stream = prompt_stream(cfg, tokenizer)
     teacher = build_teachers(cfg, [s.name for s in stream.sources], default_model=teacher_model,
                              default_teacher=local_teacher, log=log)
     prompt_counts = {f"prompts/{k}": v for k, v in stream.load_counts().items()}
@@ -250,8 +237,7 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
     eval_prompts = stream.eval_prompts(cfg.eval.size)
     params = SamplingParams(cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.max_new_tokens, cfg.rollout.stop,
                             cfg.rollout.decoder, int8=cfg.rollout.dtype == "int8")
-    eval_params = SamplingParams(cfg.eval.temperature, 1.0, cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
-                                 cfg.rollout.stop, cfg.rollout.decoder)
+    eval_params = eval_sampling(cfg)
     device = resolve_device(cfg.student.device)
     gen = torch.Generator(device=device).manual_seed(cfg.seed + (0 if dp is None else 7919 * dp.rank))
     total_updates = cfg.train.max_steps * cfg.train.updates_per_batch

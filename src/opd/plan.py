@@ -370,13 +370,12 @@ def workload_from_config(cfg, *, prompt_tokens: float | None = None, completion_
     """The config's step: batch_size x samples_per_prompt sequences; prompt length measured on its prompts
     (left-padded width of a batch) unless given; completion length max_new_tokens unless given."""
     if prompt_tokens is None:
-        from opd.loop import chat_renderer
         from opd.models import load_tokenizer
-        from opd.prompts import PromptStream
+        from opd.prompts import prompt_stream
         from opd.rollout import encode_prompts
 
         tokenizer = load_tokenizer(cfg.student.model)
-        stream = PromptStream(cfg.prompts, cfg.seed, chat_renderer(tokenizer))
+        stream = prompt_stream(cfg, tokenizer)
         widths = [encode_prompts(tokenizer, stream.batch(s), cfg.prompts.max_prompt_tokens)[0].shape[1]
                   for s in range(1, 5)]
         prompt_tokens = sum(widths) / len(widths)

@@ -235,3 +235,23 @@ class PromptStream:
 
     def load_state_dict(self, state: dict) -> None:
         self.draws.update(state["draws"])
+
+
+def chat_renderer(tokenizer):
+    """Chat records ({'messages': [...]}) rendered with the student tokenizer's chat template."""
+    def render(messages: list[dict]) -> str:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ConfigError(
+                "a chat record ({'messages': [...]}) needs a tokenizer with a chat template, and the student's has none; "
+                "give plain {'prompt': '...'} records instead"
+            )
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    return render
+
+
+def prompt_stream(cfg, tokenizer) -> PromptStream:
+    """A run's prompt stream (cfg: opd.config.Config): chat records in the student's template, prompt lengths in its
+    tokens. Training, `opd eval` and `opd compare`'s report build it the same way, so they hold out the same prompts."""
+    return PromptStream(cfg.prompts, cfg.seed, chat_renderer(tokenizer),
+                        count_tokens=lambda text: len(tokenizer(text)["input_ids"]))
