@@ -4,7 +4,7 @@ import pytest
 
 from opd.compare import _markdown_to_html, _targets, run_compare
 from opd.handling_study import OPTIONS, study_lines, verdict
-from opd.config import load_config
+from opd.config import ConfigError, load_config
 from opd.loop import run
 from opd.monitor import read_metrics
 from opd.teacher.local import LocalTeacher
@@ -113,6 +113,9 @@ def test_compare_writes_the_report(tmp_path):
     # A second call reuses every finished run instead of training again.
     again = run_compare(None, TINY, tmp_path, seeds=[0, 1], log=lambda *a: None)
     assert again["onpolicy"]["eval/accuracy"] == summary["onpolicy"]["eval/accuracy"]
+    # ... but not runs made with other settings: the report would state settings they never had
+    with pytest.raises(ConfigError, match=r"other settings \(train.lr: 0.001 -> 0.01"):
+        run_compare(None, [*TINY, "train.lr=0.01"], tmp_path, seeds=[0, 1], log=lambda *a: None)
 
 
 def test_the_reports_evaluations_read_chat_records_and_stop_strings_like_the_runs(tmp_path):

@@ -14,7 +14,28 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
-from opd.config import Config
+from opd.config import Config, ConfigError, load_config
+
+
+def check_reusable(out: Path, cfg: Config) -> None:
+    """A run folder made earlier is reused (finished) or resumed (interrupted) only if it ran these settings: a
+    report would otherwise describe settings its runs never had."""
+    recorded = Path(out) / "config.toml"
+    if not recorded.is_file():
+        return
+    old, new = load_config(recorded).model_dump(mode="json"), cfg.model_dump(mode="json")
+    if old != new:
+        diff = [f"{k}: {old_v!r} -> {new_v!r}" for k, old_v, new_v in _differences(old, new)]
+        raise ConfigError(f"{out} holds a run with other settings ({'; '.join(diff[:5])}{'; ...' if len(diff) > 5 else ''}); "
+                          "give this comparison another --out, or delete that folder to run it again")
+
+
+def _differences(old, new, prefix: str = ""):
+    if isinstance(old, dict) and isinstance(new, dict):
+        for k in dict.fromkeys([*old, *new]):
+            yield from _differences(old.get(k), new.get(k), f"{prefix}{k}.")
+    elif old != new:
+        yield prefix.rstrip("."), old, new
 
 
 @dataclass
@@ -32,6 +53,8 @@ class RunJob:
 def run_jobs(jobs: list[RunJob], n_jobs: int, log=print) -> None:
     """Runs every unfinished job: in this process when n_jobs <= 1, else on n_jobs worker processes, each
     with cores // n_jobs torch threads and its console output in RUN/console.log."""
+    for j in jobs:
+        check_reusable(j.out, j.cfg)
     todo = [j for j in jobs if not j.done]
     if n_jobs <= 1 or len(todo) <= 1:
         from opd.loop import run
