@@ -37,10 +37,23 @@ def arith_setup():
 
 def test_teacher_forced_errors_of_the_teacher_are_near_zero_and_a_random_model_errs(arith_setup, student):
     tok, teacher, task, prompts = arith_setup
-    errs = teacher_forced_step_errors(teacher, tok, prompts)
+    errs = teacher_forced_step_errors(teacher, tok, prompts, temperature=1.0)
     assert all(len(e) == len(task.segments(task.solution(p.text))) for e, p in zip(errs, prompts))
     assert np.mean(errs) < 0.05
-    assert np.mean(teacher_forced_step_errors(student, tok, prompts)) > 0.9  # an untrained model misses nearly all
+    assert np.mean(teacher_forced_step_errors(student, tok, prompts, 1.0)) > 0.9  # an untrained model misses nearly all
+
+
+def test_at_the_first_step_free_running_and_teacher_forced_errors_agree(arith_setup):
+    # Both see the same prefix (the prompt) there, so no error can have accumulated: the teacher-forced side must
+    # be the error of the distribution the free-running side samples from (it was the greedy choice's: 0.00
+    # against 0.09 sampled at temperature 1.5, so excess_error was positive where nothing had accumulated).
+    tok, teacher, task, _ = arith_setup
+    prompts = [task.sample(np.random.default_rng([5, i])) for i in range(96)]
+    res = detailed_eval(teacher, LocalTeacher(teacher), tok, prompts,
+                        SamplingParams(temperature=1.5, max_new_tokens=64), seed=0)
+    free, forced = res["error_by_step"]["free_running"][0], res["error_by_step"]["teacher_forced"][0]
+    assert forced > 0.02  # sampling at 1.5 does miss: the greedy choice's rate (0) would fail here
+    assert abs(free - forced) < 0.1  # ~3 standard errors of 96 samples
 
 
 def test_detailed_eval_of_the_teacher_against_itself(arith_setup):

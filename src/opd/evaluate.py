@@ -79,9 +79,11 @@ def _bins(values, width: int) -> dict[int, list]:
 
 
 @torch.no_grad()
-def teacher_forced_step_errors(model, tokenizer, prompts: list[Prompt]) -> list[list[bool]]:
-    """Per segment of the reference answer (each step, then the final answer): does the model's greedy choice miss any token of it when
-    it is fed the *correct* prefix (an oracle prefix, so no error can accumulate)?"""
+def teacher_forced_step_errors(model, tokenizer, prompts: list[Prompt], temperature: float) -> list[list[float]]:
+    """Per segment of the reference answer (each step, then the final answer): the probability that sampling at
+    `temperature` misses a token of it when the model is fed the *correct* prefix (an oracle prefix, so no error can
+    accumulate): 1 - prod_t p(y_t | correct prefix). The free-running side samples from that same distribution, so
+    at the first step, where both see the same prefix, the two agree in expectation."""
     from opd.logprobs import completion_hidden, lm_logits
     from opd.prompts.tasks import get_task
     from opd.teacher.builtin import reference_batch
@@ -89,15 +91,15 @@ def teacher_forced_step_errors(model, tokenizer, prompts: list[Prompt]) -> list[
     task = get_task(prompts[0].task)
     batch = reference_batch(tokenizer, prompts, task.solution)
     hidden = completion_hidden(model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask)
-    pred = lm_logits(model, hidden, 1.0).argmax(-1).cpu()
     mask = batch.completion_mask.bool()
-    hit = torch.zeros_like(batch.completion_ids, dtype=torch.bool)
-    hit[mask] = pred == batch.completion_ids[mask]
+    logp = torch.log_softmax(lm_logits(model, hidden, 1.0).float() / temperature, -1)
+    right = torch.zeros(batch.completion_ids.shape, dtype=torch.float64)
+    right[mask] = logp.gather(-1, batch.completion_ids[mask][:, None].to(logp.device))[:, 0].double().cpu()
     out = []
     for i, p in enumerate(prompts):
         errs, pos = [], 0
         for seg in task.segments(task.solution(p.text)):
-            errs.append(not bool(hit[i, pos : pos + len(seg)].all()))
+            errs.append(1.0 - float(right[i, pos : pos + len(seg)].sum().exp()))
             pos += len(seg) + 1  # the separator
         out.append(errs)
     return out
@@ -140,7 +142,7 @@ def detailed_eval(student, teacher, tokenizer, prompts: list[Prompt], params: Sa
         texts = {p.text: c for r in rollouts for p, c in zip(r.prompts, r.texts)}
         task = TASKS[arith[0].task]
         free = [task.step_errors(p, texts[p.text]) for p in arith]
-        forced = teacher_forced_step_errors(student, tokenizer, arith)
+        forced = teacher_forced_step_errors(student, tokenizer, arith, params.temperature)
         width = max(len(e) for e in free)
         free_rate = [float(np.mean([e[i] for e in free if i < len(e)])) for i in range(width)]
         forced_rate = [float(np.mean([e[i] for e in forced if i < len(e)])) for i in range(width)]
