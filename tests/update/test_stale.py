@@ -37,6 +37,9 @@ def test_stale_tokens_get_the_truncated_importance_weight(student, teacher_model
     torch.testing.assert_close(stale, fresh, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(capped, 0.5 * fresh, rtol=1e-4, atol=1e-6)
     assert m_fresh["freshness/policy_lag"] == 0 and m_stale["freshness/policy_lag"] == 1
+    # the drift check compares the current policy with its own sampling: with no fresh token it is not measured,
+    # and a 0.0 would read as "no drift"
+    assert m_fresh["freshness/logprob_drift"] < 1e-4 and "freshness/logprob_drift" not in m_stale
 
 
 def test_a_stale_token_whose_ratio_left_the_clip_range_still_learns(student, teacher_model, tokenizer, prompts):

@@ -517,12 +517,13 @@ class _Accumulator:
             "freshness/ratio_min": float(cat["ratio"].min()) if "ratio" in cat and cat["ratio"].numel() else 1.0,
             "freshness/policy_lag": mean("lag"),
             "freshness/policy_lag_max": float(cat["lag"].max()) if "lag" in cat and cat["lag"].numel() else 0.0,
-            "freshness/logprob_drift": mean("drift"),
             "stability/clip_frac": mean("clipped"),
             "stability/entropy": mean("entropy"),
             "stability/grad_norm": float(np.mean(self.grad_norms)) if self.grad_norms else float("nan"),
             "update/new_logprob_mean": mean("new_lp"),
         }
+        if "drift" in cat and cat["drift"].numel():  # measured on tokens of the current policy only: none, no figure
+            out["freshness/logprob_drift"] = mean("drift")
         if "kl_ref" in cat:
             out["stability/kl_ref"] = mean("kl_ref")
         if "dist" in cat:
