@@ -32,9 +32,8 @@ import torch  # noqa: E402
 
 from opd.config import FeedbackConfig, ObjectiveConfig, TrainConfig, load_config  # noqa: E402
 from opd.feedback import compute_feedback  # noqa: E402
-from opd.loop import chat_renderer  # noqa: E402
 from opd.models import load_model, load_student, load_tokenizer  # noqa: E402
-from opd.prompts import PromptStream  # noqa: E402
+from opd.prompts import PromptStream, chat_renderer  # noqa: E402
 from opd.prompts.tasks import get_task  # noqa: E402
 from opd.rollout import SamplingCopy, SamplingParams, sample  # noqa: E402
 from opd.teacher import LocalTeacher  # noqa: E402

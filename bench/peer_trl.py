@@ -101,9 +101,9 @@ def prompt_records() -> tuple[list[dict], list[dict]]:
 def warm_student(out_root: Path, log=print) -> Path:
     """The half-depth student after opd's warm start (supervised, on teacher completions), made once and
     reused: every peer starts from this same folder."""
-    from opd.loop import chat_renderer, warm_start
+    from opd.loop import warm_start
     from opd.models import load_student
-    from opd.prompts import PromptStream
+    from opd.prompts import PromptStream, chat_renderer
 
     data = base_config()
     data["student"].update(warm_start_steps=WARM_STEPS, warm_start_samples=WARM_SAMPLES)

@@ -37,9 +37,9 @@ import torch  # noqa: E402
 
 from opd import cpu_kernels, matmul  # noqa: E402
 from opd.config import load_config  # noqa: E402
-from opd.loop import chat_renderer, run  # noqa: E402
+from opd.loop import run  # noqa: E402
 from opd.models import count_params, load_model, load_student, load_tokenizer  # noqa: E402
-from opd.prompts import PromptStream  # noqa: E402
+from opd.prompts import PromptStream, chat_renderer  # noqa: E402
 from opd.rollout import SamplingCopy, SamplingParams, sample  # noqa: E402
 
 CONFIG = ROOT / "configs/smollm2-halfdepth.toml"

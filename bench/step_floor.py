@@ -38,9 +38,8 @@ sys.path.insert(0, str(ROOT / "src"))
 import torch  # noqa: E402
 
 from opd.config import load_config  # noqa: E402
-from opd.loop import chat_renderer  # noqa: E402
 from opd.models import count_params, load_model, load_student, load_tokenizer  # noqa: E402
-from opd.prompts import PromptStream  # noqa: E402
+from opd.prompts import PromptStream, chat_renderer  # noqa: E402
 
 CONFIG = ROOT / "configs/smollm2-halfdepth.toml"
 BATCH, NEW_TOKENS = 4, 64
