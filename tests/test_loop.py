@@ -262,3 +262,27 @@ def test_a_run_folder_holds_one_run(tmp_path):
     run(small_config(*base, "train.max_steps=2"), tmp_path / "a", resume=True, log=quiet)  # its own settings: goes on
     assert [r["step"] for r in read_metrics(tmp_path / "a")] == [0, 1, 2]
     assert "max_steps = 2" in (tmp_path / "a" / "config.toml").read_text()
+
+
+def test_joined_rollouts_keep_the_students_own_logprobs_and_the_teachers_share():
+    # The Ray engine joins its workers' rollouts; dropping a guided rollout's student logprobs made A_t compare the
+    # teacher with the guided mixture instead of the student (and lost rollout/teacher_token_frac).
+    from opd.loop import concat_rollouts
+    from opd.types import Prompt, Rollout
+
+    def rollout(T, guided):
+        lp = -torch.rand(2, T)
+        return Rollout(prompts=[Prompt("a", "s")] * 2, prompt_ids=torch.ones(2, 3, dtype=torch.long),
+                       prompt_mask=torch.ones(2, 3, dtype=torch.long), completion_ids=torch.ones(2, T, dtype=torch.long),
+                       completion_mask=torch.ones(2, T, dtype=torch.long), behaviour_logprobs=lp,
+                       policy_version=torch.zeros(2, dtype=torch.long), texts=["x", "y"],
+                       finished=torch.ones(2, dtype=torch.bool),
+                       student_logprobs=lp - 1 if guided else None, teacher_share=torch.rand(2, T) if guided else None)
+
+    parts = [rollout(4, True), rollout(3, False)]
+    joined = concat_rollouts(parts, pad_id=0)
+    assert torch.equal(joined.policy_logprobs[:2], parts[0].student_logprobs)
+    assert torch.equal(joined.policy_logprobs[2:, :3], parts[1].behaviour_logprobs)  # unguided: its own sampling
+    assert torch.equal(joined.teacher_share[:2], parts[0].teacher_share) and not joined.teacher_share[2:].any()
+    plain = concat_rollouts([rollout(4, False), rollout(3, False)], pad_id=0)
+    assert plain.student_logprobs is None and plain.teacher_share is None

@@ -620,6 +620,13 @@ def concat_rollouts(rollouts: list[Rollout], pad_id: int) -> Rollout:
         texts=[t for r in rollouts for t in r.texts],
         finished=torch.cat([r.finished for r in rollouts]),
         temperature=rollouts[0].temperature,
+        # guided rollouts: the student's own logprobs (what A_t compares the teacher with) and the teacher's share;
+        # a part sampled without guidance has its behaviour logprobs as its own, and no teacher share
+        student_logprobs=None if all(r.student_logprobs is None for r in rollouts) else torch.cat(
+            [pad(r.policy_logprobs, T, False, 0.0) for r in rollouts]),
+        teacher_share=None if all(r.teacher_share is None for r in rollouts) else torch.cat(
+            [pad(r.teacher_share if r.teacher_share is not None else torch.zeros_like(r.behaviour_logprobs), T, False, 0.0)
+             for r in rollouts]),
     )
 
 

@@ -96,3 +96,24 @@ def test_rollout_workers_sample_with_rollout_dtype_like_the_local_loop(dtype, la
                   generator=torch.Generator().manual_seed(11), max_prompt_tokens=cfg.prompts.max_prompt_tokens)
     assert torch.equal(got.completion_ids, want.completion_ids)
     assert torch.equal(got.behaviour_logprobs, want.behaviour_logprobs)
+
+
+def test_a_worker_restarted_while_idle_loads_the_latest_weights_it_is_handed(monkeypatch):
+    # Ray restarts a worker that died between calls blank; no call failed, so the trainer did not re-send weights
+    # and its next rollout tripped "sampled before it was sent weights". Every rollout call now carries the latest
+    # weights (as an object ref in a list, fetched only by a blank worker).
+    import numpy as np
+    import torch
+
+    from opd.engine.ray_workers import RolloutWorker
+    from opd.prompts.tasks import get_task
+
+    cfg = load_config(None, TINY + RAY)
+    worker = RolloutWorker(cfg.model_dump(mode="json"))
+    state = {k: v + 0.01 for k, v in worker.model.state_dict().items()}
+    prompts = [get_task("arith").sample(np.random.default_rng(0)) for _ in range(2)]
+    got = worker.rollout(prompts, step=3, seed=1, latest=([state], 7))
+    assert (got.policy_version == 7).all() and worker.version == 7
+    assert torch.equal(worker.model.state_dict()["lm_head.weight"], state["lm_head.weight"])
+    worker.load_weights({k: v - 0.01 for k, v in state.items()}, 8)
+    assert (worker.rollout(prompts, step=4, seed=1, latest=([state], 7)).policy_version == 8).all()  # not blank: kept

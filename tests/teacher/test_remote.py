@@ -2,6 +2,7 @@
 every protocol; retries, drops, the circuit breaker and the cache, with faults injected by a proxy."""
 
 import time
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -215,3 +216,15 @@ def test_identical_sequences_are_scored_once(teacher_server, arith):
     assert again.metrics["teacher/cache_hits"] == 3 and again.metrics["teacher/cache_hit_rate"] == 3 / 9
     assert torch.equal(again.token_logprobs, first.token_logprobs[[5, 0, 3]])
     assert torch.equal(again.topk_ids, first.topk_ids[[5, 0, 3]]) and again.tokens_scored == 0
+
+
+def test_a_probe_cut_short_by_an_exception_does_not_hold_the_next_call():
+    # The half-open wait lasts while a probe is out; a call that ended with its probe's flag still set (an exception
+    # in the middle of it) must not leave the next call waiting for that probe forever.
+    from opd.teacher.remote import ResilientRequests
+
+    requests = ResilientRequests(settings("http://127.0.0.1:9", retries=0))
+    requests.breaker.probing = True  # as left by a call cut short
+    stats = Counter()
+    assert requests.run([("/v1/completions", {}, lambda body: body)], stats, []) == [None]  # refused port: dropped
+    assert stats["failures/connect"] == 1 and not requests.breaker.probing

@@ -73,11 +73,18 @@ class RolloutWorker:
         return version
 
     def rollout(self, prompts: list[Prompt], step: int, seed: int, state: dict | None = None,
-                version: int | None = None) -> Rollout:
-        """`state`/`version`: weights to load first (a re-issued call to a restarted, blank worker)."""
+                version: int | None = None, latest: tuple | None = None) -> Rollout:
+        """`state`/`version`: weights to load first (a re-issued call to a restarted, blank worker). `latest`:
+        ([weights or their object ref], version), loaded only by a worker that has none: one that died while idle
+        was restarted blank by Ray, and no failed call told the trainer so. In a list, the ref is not fetched by
+        the workers that do not need it."""
         from opd.faults import worker_crash_point
         from opd.rollout import sample
 
+        if state is None and self.version < 0 and latest is not None:
+            state, version = latest[0][0], latest[1]
+            if isinstance(state, ray.ObjectRef):
+                state = ray.get(state)
         if state is not None:
             self.load_weights(state, version)
         assert self.version >= 0, "a rollout worker sampled before it was sent weights"
@@ -177,7 +184,8 @@ class RayWorkers:
 
         self._step = step  # the step score() is called for next (fault injection only)
         shares = [s for s in np.array_split(np.arange(len(prompts)), len(self.rollout_workers)) if len(s)]
-        calls = [(w, "rollout", ([prompts[i] for i in idx], step, self._seed(step, k)))
+        latest = ([self._weights], self.version)
+        calls = [(w, "rollout", ([prompts[i] for i in idx], step, self._seed(step, k), None, None, latest))
                  for k, (w, idx) in enumerate(zip(self.rollout_workers, shares))]
         return concat_rollouts(self._gather(calls), self.pad_id)
 

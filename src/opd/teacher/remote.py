@@ -111,6 +111,9 @@ class ResilientRequests:
     async def _run_all(self, calls: list, stats: Counter, latencies: list[float]) -> list:
         """Run the calls concurrently (None = nothing to ask: answered None); answers in call order."""
         s = self.settings
+        # No probe outlives the call that sent it: one cut short by an exception must not hold the next call's
+        # requests waiting for a verdict that never comes.
+        self.breaker.probing = False
         limits = httpx.Limits(max_connections=s.max_in_flight, max_keepalive_connections=s.max_in_flight)
         gate = asyncio.Semaphore(s.max_in_flight)
         async with httpx.AsyncClient(base_url=s.url, timeout=s.timeout_s, limits=limits, verify=tls_context()) as client:
