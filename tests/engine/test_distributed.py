@@ -147,6 +147,14 @@ def test_rank_metrics_merge_into_the_whole_batchs():
     assert merged == {"rollout/tokens": 80, "rollout/length_mean": 20.0, "time/step_s": 1.5, "freshness/ratio_max": 1.2,
                       "teacher/failures/http": 3.0, "update/grad_norm": 2.0, "rollout/accuracy": 0.5}
     assert list(merged) == list(rank0)  # rank 0's key order
+    # a named teacher's counts and the score cache's hits add up too, and a minimum is the smallest
+    named0 = {"teacher/math/tokens": 12.0, "teacher/math/failures/http": 1.0, "teacher/cache_hits": 3.0,
+              "freshness/ratio_min": 0.8, "teacher/math/latency_s": 0.2}
+    named1 = {"teacher/math/tokens": 13.0, "teacher/math/failures/http": 1.0, "teacher/cache_hits": 1.0,
+              "freshness/ratio_min": 0.95, "teacher/math/latency_s": 0.4}
+    assert merge_rank_metrics([named0, named1]) == {
+        "teacher/math/tokens": 25.0, "teacher/math/failures/http": 2.0, "teacher/cache_hits": 4.0,
+        "freshness/ratio_min": 0.8, "teacher/math/latency_s": pytest.approx(0.3)}
 
 
 def test_run_counters_add_every_ranks_counts_to_those_before_the_resume():

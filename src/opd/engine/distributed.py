@@ -92,7 +92,7 @@ class DataParallel:
 
 
 # Counts and throughputs add up over ranks (they run side by side); the slowest rank bounds a step's time and the
-# largest value is the maximum; everything else (per-token and per-row means of equal shares, losses and grad
+# largest value is the maximum and the smallest the minimum; everything else (per-token and per-row means of equal shares, losses and grad
 # norms that every rank already shares) is the mean over the ranks that report it.
 # Cumulative run counters (teacher/*_total, engine/worker_retries) are summed over the ranks' clients by
 # run_counters, every rank taking part, and saved as that sum with rank 0's checkpoint.
@@ -100,11 +100,20 @@ SUMMED = ("rollout/tokens", "rollout/tokens_per_s", "teacher/tokens_per_s", "tea
           "teacher/retries", "teacher/requests", "teacher/breaker_rejections")
 
 
+# The same counts of one named teacher ([teachers.NAME] -> teacher/NAME/...) and of the score cache.
+TEACHER_COUNTS = ("tokens", "tokens_per_s", "failures", "dropped", "retries", "requests", "breaker_rejections",
+                  "cache_hits")
+
+
 def _merge_rule(key: str) -> str:
     if key in SUMMED or key.startswith("teacher/failures/"):
         return "sum"
+    if key.startswith("teacher/") and (key.rsplit("/", 1)[-1] in TEACHER_COUNTS or "/failures/" in key):
+        return "sum"
     if key.startswith("time/") or key.endswith("_max") or "_p99" in key:
         return "max"
+    if key.endswith("_min"):
+        return "min"
     return "mean"
 
 
@@ -120,6 +129,8 @@ def merge_rank_metrics(rows: list[dict[str, float]]) -> dict[str, float]:
             out[key] = sum(values)
         elif rule == "max":
             out[key] = max(values)
+        elif rule == "min":
+            out[key] = min(values)
         else:
             out[key] = sum(values) / len(values)
     return out
