@@ -358,7 +358,7 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
         backend, score = workers, (workers.score if local_scoring else teacher.score)
     elif cfg.rollout.backend == "server" and offline_data is None:  # an inference server samples for the student
         backend = make_server_backend(cfg, student, tokenizer, params, version=version, run_dir=run_dir,
-                                      private_copy=ahead > 0)
+                                      private_copy=ahead > 0, rank=0 if dp is None else dp.rank)
         score = teacher.score
     else:
         backend = LocalRollout(student if ahead == 0 else copy.deepcopy(student), tokenizer, params, version=version,

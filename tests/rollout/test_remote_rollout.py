@@ -81,6 +81,27 @@ def test_server_samples_carry_the_students_own_logprobs(served, prompts, tmp_pat
     assert roll.temperature == temperature
 
 
+def test_server_seeds_follow_the_step_and_the_rank_not_a_count_of_calls(served, prompts, tmp_path):
+    # A resumed run makes a new client whose count of calls starts at 0: seeds keyed on that count made its
+    # samples differ from an uninterrupted run's. And data-parallel ranks drew the same completions of a prompt.
+    server, tokenizer = served
+    params = SamplingParams(max_new_tokens=16)
+    uninterrupted = backend(server.url, tmp_path / "a", tokenizer)
+    uninterrupted.publish(student_model(0), 0)
+    for step in (1, 2):
+        uninterrupted.sample(prompts, params, version=0, step=step)
+    third = uninterrupted.sample(prompts, params, version=0, step=3)
+    resumed = backend(server.url, tmp_path / "b", tokenizer)
+    assert resumed.sample(prompts, params, version=0, step=3).texts == third.texts
+    from opd.config import load_config
+    from opd.rollout.backend import make_server_backend
+
+    cfg = load_config(None, ["rollout.backend='server'", f"rollout.url='{server.url}'"])
+    texts = [make_server_backend(cfg, student_model(0), tokenizer, params, version=0, run_dir=tmp_path / f"r{rank}",
+                                 private_copy=False, rank=rank).rollout(prompts, step=3).texts for rank in (0, 1)]
+    assert texts[0] != texts[1]
+
+
 def test_after_a_weight_sync_the_server_samples_from_the_new_weights(served, prompts, tmp_path):
     server, tokenizer = served
     rollouts = backend(server.url, tmp_path, tokenizer)

@@ -33,7 +33,7 @@ class ServerBackend:
         self.server.publish(self.model, version)  # the warm-started (or resumed) student
 
     def rollout(self, prompts: list[Prompt], step: int) -> Rollout:
-        return self.server.sample(prompts, self.params, self.version)
+        return self.server.sample(prompts, self.params, self.version, step=step)
 
     def load_weights(self, state: dict[str, torch.Tensor] | None, version: int) -> None:
         if state is not None:
@@ -49,10 +49,14 @@ class ServerBackend:
 
 
 def make_server_backend(cfg: Config, student, tokenizer, params: SamplingParams, *, version: int, run_dir: Path,
-                        private_copy: bool) -> ServerBackend:
+                        private_copy: bool, rank: int = 0) -> ServerBackend:
+    """`rank`: a data-parallel rank samples with its own seeds (as the local backend's generator does), else every
+    rank would draw the same completions of its prompts."""
     from opd.rollout.remote import ServerRollout, server_settings
 
     weights_dir = Path(cfg.rollout.weights_dir) if cfg.rollout.weights_dir else Path(run_dir) / "rollout-weights"
-    server = ServerRollout(server_settings(cfg.rollout), tokenizer, weights_dir=weights_dir, seed=cfg.seed,
+    if rank:  # each rank publishes (and prunes) its own folders: ranks writing one vN folder at once would race
+        weights_dir = weights_dir / f"rank-{rank}"
+    server = ServerRollout(server_settings(cfg.rollout), tokenizer, weights_dir=weights_dir, seed=cfg.seed + 7919 * rank,
                            max_prompt_tokens=cfg.prompts.max_prompt_tokens)
     return ServerBackend(server, student, params, version=version, private_copy=private_copy)

@@ -56,16 +56,19 @@ class ServerRollout:
         self.requests = ResilientRequests(settings, seed=seed)
         self.end_ids = end_token_ids(tokenizer)
         self.synced_version: int | None = None  # the version the server last confirmed loading
-        self.calls = 0
+        self.calls = 0  # for calls that name no step
         self._metrics: dict[str, float] = {}
 
     # ---------------------------------------------------------------------------------- sampling
-    def sample(self, prompts: list[Prompt], params: SamplingParams, version: int) -> Rollout:
-        """`version` is the trainer's current version; each row's policy_version is what the server reports."""
+    def sample(self, prompts: list[Prompt], params: SamplingParams, version: int, step: int | None = None) -> Rollout:
+        """`version` is the trainer's current version; each row's policy_version is what the server reports.
+        `step`: the training step the rollout is for."""
         t0 = time.perf_counter()
         prompt_ids, prompt_mask = encode_prompts(self.tokenizer, prompts, self.max_prompt_tokens)
-        # Per-sequence seeds: reproducible, and different at every call.
-        seeds = np.random.default_rng([self.seed, 0x5A3B, version, self.calls]).integers(2**31, size=len(prompts))
+        # Per-sequence seeds: reproducible, and different at every step. Keyed on the step, not on a count of calls,
+        # so that a resumed run (whose count would start again at 0) samples what an uninterrupted one does.
+        key = step if step is not None else 2**40 + self.calls
+        seeds = np.random.default_rng([self.seed, 0x5A3B, version, key]).integers(2**31, size=len(prompts))
         self.calls += 1
         calls = []
         for i in range(len(prompts)):
