@@ -60,6 +60,8 @@ def test_bad_input_is_answered_before_torch_is_imported(tmp_path):
 def test_serve_teacher_bad_input_exits_2_with_a_message():
     r = opd("serve-teacher", "builtin:arith-teacher", "--dtype", "float64")
     assert r.returncode == 2 and "--dtype 'float64'" in r.stderr and "Traceback" not in r.stderr
+    r = opd("serve-teacher", "builtin:arith-teacher", "--device", "gpu")
+    assert r.returncode == 2 and "--device 'gpu'" in r.stderr and "Traceback" not in r.stderr
     r = opd("serve-teacher", "nowhere/model")
     assert r.returncode == 2 and "model not found: 'nowhere/model'" in r.stderr and "Traceback" not in r.stderr
     r = opd("run", "--set", "teacher.url='http://127.0.0.1:9'")  # a server cannot give reverse_kl its distribution

@@ -88,6 +88,24 @@ def test_opd_eval_command_writes_json(tmp_path):
     assert data["eval/recovery_clean_accuracy"] >= 0.75 and "recovery by corrupted step" in res.output
     res = CliRunner().invoke(app, ["eval", str(tmp_path / "missing")])
     assert res.exit_code == 2 and "model not found" in res.output
+    # an --out whose folder is missing is found out before the evaluation, not after it
+    res = CliRunner().invoke(app, ["eval", str(resolve_model_path("builtin:arith-teacher")), "--out",
+                                   str(tmp_path / "no" / "x.json")])
+    assert res.exit_code == 2 and "no folder" in res.output and "Traceback" not in res.output
+
+
+def test_opd_eval_refuses_a_damaged_checkpoint(tmp_path):
+    from typer.testing import CliRunner
+
+    from opd.checkpoint import save_checkpoint
+    from opd.cli import app
+
+    model, tok = load_model("builtin:arith-teacher", device="cpu"), load_tokenizer("builtin:arith-teacher")
+    save_checkpoint(tmp_path, 3, model, tok, {"step": 3}, keep=2)
+    weights = tmp_path / "checkpoints" / "step-3" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
+    res = CliRunner().invoke(app, ["eval", str(weights.parent)])
+    assert res.exit_code == 2 and "damaged checkpoint" in res.output and "checksum" in res.output
 
 
 def test_evaluate_adds_recovery_scalars_only(arith_setup):

@@ -262,6 +262,13 @@ def test_a_run_folder_holds_one_run(tmp_path):
     run(small_config(*base, "train.max_steps=2"), tmp_path / "a", resume=True, log=quiet)  # its own settings: goes on
     assert [r["step"] for r in read_metrics(tmp_path / "a")] == [0, 1, 2]
     assert "max_steps = 2" in (tmp_path / "a" / "config.toml").read_text()
+    with pytest.raises(ConfigError, match="at step 2 already, past train.max_steps = 1"):
+        run(small_config(*base, "train.max_steps=1"), tmp_path / "a", resume=True, log=quiet)
+    assert "max_steps = 2" in (tmp_path / "a" / "config.toml").read_text()
+    # resumed with nothing left to run: the summary's latest evaluation is the run's, not step 0's
+    result = run(small_config(*base, "train.max_steps=2", "eval.every=1"), tmp_path / "a", resume=True, log=quiet)
+    evals = [r for r in read_metrics(tmp_path / "a") if "eval/reverse_kl" in r]
+    assert result.last_eval["eval/reverse_kl"] == evals[-1]["eval/reverse_kl"]
 
 
 def test_joined_rollouts_keep_the_students_own_logprobs_and_the_teachers_share():

@@ -177,6 +177,7 @@ def _bad_cases(tmp: Path) -> list[tuple[str, list[str], str]]:
     def src(path, kind="jsonl", extra=""):
         return ["--set", f'prompts.sources=[{{kind="{kind}", path="{path}"{extra}}}]']
 
+    _write(tmp / "runs" / "--out_is_a_file", "not a folder")
     bad_toml = _write(tmp / "bad.toml", "[rollout\ntemperature = 1")
     no_weights = tmp / "noweights"
     from opd.models import load_tokenizer
@@ -256,6 +257,13 @@ def _bad_cases(tmp: Path) -> list[tuple[str, list[str], str]]:
         ("builtin source with a path", ["run", "--set", 'prompts.sources=[{kind="builtin", path="d.jsonl"}]'],
          "reads no file"),
         ("resume into another folder", ["run", "--resume", str(empty_dir)], "does not apply"),  # the runner adds --out
+        ("unknown device", ["run", "--set", "student.device='gpu'"], "student.device"),
+        ("builtin: without a name", ["run", "--set", "teacher.model='builtin:'"], "unknown built-in model"),
+        ("pypi: without a package", ["run", "--set", "teacher.model='pypi:'"], "name the PyPI package"),
+        ("a model file that is not GGUF", ["run", "--set", f"teacher.model='{_write(tmp / 'm.txt', 'x')}'"],
+         "not a .gguf one"),
+        ("--out is a file", ["run"], "is a file"),  # the runner's --out: made a file below
+        ("compare without seeds", ["compare", "--seeds", ""], "at least one seed"),
     ]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Optional, get_args
 import typer
 from rich.console import Console
 
-from opd.config import ConfigError, load_config, reference_markdown, to_toml, Config, ModelDtype
+from opd.config import DEVICE_PATTERN, ConfigError, load_config, reference_markdown, to_toml, Config, ModelDtype
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="opd: on-policy distillation of language models.")
@@ -137,6 +138,8 @@ def compare(
         study_seed_list = [int(s) for s in study_seeds.split(",") if s.strip()] or None
     except ValueError:
         fail(f"--seeds and --study-seeds expect comma-separated integers, got {seeds!r} / {study_seeds!r}")
+    if not seed_list:
+        fail("--seeds: give at least one seed (e.g. --seeds 0,1,2)")
     overrides = list(set_) + ([f"train.max_steps={max_steps}"] if max_steps is not None else [])
     run_dir = out or default_run_dir("compare")
     try:
@@ -169,9 +172,14 @@ def eval_cmd(
     from opd.loop import make_teacher
     from opd.prompts import prompt_stream
     from opd.models import load_model, load_tokenizer
+    from opd.checkpoint import MANIFEST, verify_checkpoint
     from opd.recovery import RecoverySettings
     from opd.teacher.build import build_one, check_tokenizers
 
+    if out is not None and not out.parent.is_dir():  # found out before the evaluation, not after it
+        fail(f"--out {out}: no folder {out.parent}")
+    if (model / MANIFEST).is_file() and (problem := verify_checkpoint(model)) is not None:
+        fail(f"{model} is a damaged checkpoint ({problem}); evaluate an intact one (or RUN/final)")
     try:
         if config is None and (model.parent / "config.toml").is_file():
             config = model.parent / "config.toml"  # RUN/final -> RUN/config.toml
@@ -224,6 +232,8 @@ def serve_teacher(
     dtypes = get_args(ModelDtype)  # checked before torch is imported
     if dtype not in dtypes:
         fail(f"--dtype {dtype!r}: use one of {', '.join(dtypes)}")
+    if not re.fullmatch(DEVICE_PATTERN, device):
+        fail(f"--device {device!r}: use auto, cpu or cuda[:N]")
     from opd.teacher.server import serve
 
     try:

@@ -49,6 +49,11 @@ def method_overrides(method: str, cfg: Config, warm: Path, control_advantage: fl
     return common + [f"eval.every={max(cfg.eval.every // 2, 1)}"] if cfg.eval.every else common
 
 
+def _percent(x: float | None, digits: int) -> str:
+    """A ratio as a percentage; none (the teacher's accuracy was 0) as a dash."""
+    return "—" if x is None else f"{x:.{digits}%}"
+
+
 def run_compare(config: Path | None, overrides: list[str], run_dir: Path, *, seeds: list[int],
                 control_advantage: float = -0.5, methods: tuple[str, ...] = METHODS, study_steps: int = 0,
                 study_seeds: list[int] | None = None, weak_warm_start_steps: int = 800, jobs: int = 1,
@@ -308,7 +313,7 @@ def _write_report(report: Path, summary: dict, errors: dict) -> None:
         "",
         "## The claims, measured",
         "",
-        f"- On-policy reaches {t['onpolicy_over_teacher_accuracy']:.1%} of the teacher's accuracy "
+        f"- On-policy reaches {_percent(t['onpolicy_over_teacher_accuracy'], 1)} of the teacher's accuracy "
         f"(target ≥ 95%: {'met' if t['meets_95pct_of_teacher'] else 'not met'}).",
         "- On-policy reaches (and stays at or above) offline's final accuracy with "
         + (f"{frac:.1%} of offline's teacher tokens" if frac is not None else "— (not reached within the budget)")

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 # The dtypes a student or teacher can hold; opd.models maps these names to torch dtypes (this module imports no torch).
 ModelDtype = Literal["float32", "bfloat16", "float16"]
+DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?)$"
 
 
 class ConfigError(Exception):
@@ -49,7 +50,7 @@ class StudentConfig(Section):
         description="Names of the linear layers that get LoRA adapters (merged into the weights on export).",
     )
     dtype: ModelDtype = Field("float32", description="Parameter dtype of the student.")
-    device: str = Field("auto", description="`auto` (CUDA when present, else CPU), `cpu` or `cuda[:N]`.")
+    device: str = Field("auto", pattern=DEVICE_PATTERN, description="`auto` (CUDA when present, else CPU), `cpu` or `cuda[:N]`.")
     warm_start_steps: int = Field(
         1000, ge=0, description="Supervised steps on teacher-generated completions before distillation (0 = none)."
     )
@@ -69,7 +70,7 @@ class TeacherConfig(Section):
     dtype: ModelDtype = Field(
         "float32", description="Dtype the teacher runs in (its own, independent of the student's)."
     )
-    device: str = Field("auto", description="`auto`, `cpu` or `cuda[:N]`.")
+    device: str = Field("auto", pattern=DEVICE_PATTERN, description="`auto`, `cpu` or `cuda[:N]`.")
     topk: int = Field(
         0, ge=0, description="Also return the teacher's top-k logprobs per position (needed by `topk_kl`; 0 = off)."
     )

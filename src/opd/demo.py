@@ -34,7 +34,7 @@ DEMO_STEPS = 200  # a small budget: on-policy is near its plateau by then (`opd 
 
 
 def run_demo(run_dir: Path, console: Console | None = None, overrides: list[str] | None = None) -> dict:
-    from opd.compare import run_compare  # compare builds on the demo's teacher_accuracy
+    from opd.compare import _percent, run_compare  # compare builds on the demo's teacher_accuracy
 
     console = console or Console()
     run_dir = Path(run_dir)
@@ -65,7 +65,7 @@ def run_demo(run_dir: Path, console: Console | None = None, overrides: list[str]
     frac = targets["fraction_of_offline_tokens"]
     console.print("on-policy reached offline's final accuracy with "
                   + (f"{frac:.0%} of offline's teacher tokens" if frac is not None else "— not within this budget")
-                  + f"; on-policy / teacher accuracy {targets['onpolicy_over_teacher_accuracy']:.0%}")
+                  + f"; on-policy / teacher accuracy {_percent(targets['onpolicy_over_teacher_accuracy'], 0)}")
     summary = {
         "teacher_accuracy": report["teacher"]["eval/accuracy"],
         "before": before,

