@@ -196,3 +196,19 @@ def test_unrelated_folders_are_not_checkpoints(tmp_path, tok):
     (tmp_path / "checkpoints" / "step-9").write_text("a file, not a folder")
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-1"]
     assert latest_checkpoint(tmp_path).name == "step-1"
+
+
+def test_the_checkpoint_just_written_is_never_pruned_and_damaged_later_ones_are_set_aside(tmp_path, tok):
+    # Damaged step-4 and step-6 (a resume falls back past them and starts again): pruning by number deleted each new
+    # step-0, step-2 straight after writing it, so the run never had an intact checkpoint to resume from.
+    from opd.checkpoint import set_aside_after
+
+    save_steps(tmp_path, tok, [4, 6])
+    for step in (4, 6):
+        _flip_bytes(tmp_path / "checkpoints" / f"step-{step}" / "model.safetensors")
+    save_checkpoint(tmp_path, 0, make_model(tok), tok, state_for(0), keep=1)
+    assert (tmp_path / "checkpoints" / "step-0").is_dir()  # kept, whatever later-numbered folders hold
+    moved = set_aside_after(tmp_path, 0)
+    assert [p.name for p in moved] == ["step-4", "step-6"] and all(p.parent.name == "damaged" for p in moved)
+    save_checkpoint(tmp_path, 2, make_model(tok), tok, state_for(2), keep=1)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-2"] and latest_checkpoint(tmp_path).name == "step-2"

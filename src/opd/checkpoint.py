@@ -48,9 +48,24 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, state: dict, kee
         shutil.rmtree(final)
     os.replace(tmp, final)
     _fsync_dir(root)
-    for old in list_checkpoints(run_dir)[:-keep]:
+    # the `keep` newest up to this one; never this one, whatever a later-numbered folder holds
+    for old in [p for p in list_checkpoints(run_dir) if int(p.name[5:]) <= step][:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def set_aside_after(run_dir: Path, step: int | None) -> list[Path]:
+    """Move the checkpoints numbered after `step` (None: all of them) to checkpoints/damaged/: a resume that fell back
+    past them (they failed their checks) writes those step numbers again, and pruning goes by number."""
+    moved = []
+    for path in list_checkpoints(run_dir):
+        if step is None or int(path.name[5:]) > step:
+            target = Path(run_dir) / "checkpoints" / "damaged" / path.name
+            target.parent.mkdir(exist_ok=True)
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(path, target)
+            moved.append(target)
+    return moved
 
 
 def _fsync_dir(path: Path) -> None:
