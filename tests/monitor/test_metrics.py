@@ -131,7 +131,7 @@ def test_display_off_prints_lines_every_log_every_steps():
     line = out[1]
     assert "Freshness: policy lag=0" in line
     assert "Teacher access: coverage=1" in line
-    assert "Stability: reverse KL=1.5 grad norm=250" in line
+    assert "Stability (red): reverse KL=1.5 grad norm=250" in line  # the level in words: no colour in a log file
     assert "eval:" not in line
     assert "eval: accuracy=0.5" in out[3]
     assert "[" not in buf.getvalue()  # markup rendered, not printed

@@ -63,7 +63,9 @@ class RunDisplay:
         parts = [f"step {row['step']}/{self.total}"]
         for s in self.signals:
             vals = " ".join(f"{label}={_fmt(v)}" for label, v, _ in s.items if v is not None)
-            parts.append(f"[{s.colour}]{s.name}[/{s.colour}]: {vals}")
+            # the level in words too: colour is lost in a log file or CI output, where these lines go
+            level = "" if s.level == 0 else f" ({s.colour})"
+            parts.append(f"[{s.colour}]{s.name}{level}[/{s.colour}]: {vals}")
         if any(k.startswith("eval/") for k in row):
             parts.append("eval: " + " ".join(f"{k[5:]}={_fmt(v)}" for k, v in row.items() if k.startswith("eval/")))
         return " | ".join(parts)
