@@ -180,3 +180,15 @@ def test_calibration_times_the_real_stages():
         rate = getattr(r, stage)
         assert rate.overhead_s >= 0 and rate.flops_per_s > 0 and not rate.overlap
         assert rate.overhead_s > 0 or rate.flops_per_s < math.inf or rate.bytes_per_s  # something costs time
+
+
+def test_a_drop_layers_student_is_planned_at_the_depth_it_trains_at():
+    # student.init = "drop_layers" keeps layers 0, k, 2k, ...: the plan sized it at the full depth (1.65x its FLOPs).
+    from opd.config import load_config
+    from opd.models import load_student
+
+    cfg = load_config(None, ["student.model='builtin:arith-teacher'", "student.init='drop_layers'",
+                             "student.keep_every=2"])
+    planned, real = ModelShape.student_of(cfg), load_student(cfg.student, 0)
+    assert planned.layers == real.config.num_hidden_layers < ModelShape.from_spec("builtin:arith-teacher").layers
+    assert planned.params == sum(p.numel() for p in real.parameters())

@@ -288,7 +288,8 @@ def plan(
         else:
             raise ConfigError("opd plan needs rates: --calibrate (measure this machine), --calibration FILE "
                               "(a file --calibrate wrote) or --gpu a100|h100|h200 (assumed efficiencies)")
-        s_shape = planning.ModelShape.from_spec(student or cfg.student.model, cfg.student.dtype)
+        s_shape = (planning.ModelShape.from_spec(student, cfg.student.dtype) if student
+                   else planning.ModelShape.student_of(cfg))
         t_shape = planning.ModelShape.from_spec(teacher or cfg.teacher.model, cfg.teacher.dtype)
         work = planning.workload_from_config(cfg, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                                              decode_steps=decode_steps, padded=not packed)

