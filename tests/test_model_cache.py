@@ -98,3 +98,30 @@ def test_real_gguf_converts_once_into_a_plain_folder(tmp_path, monkeypatch):
     tok = AutoTokenizer.from_pretrained(folder)
     assert model.config.num_hidden_layers == 30 and tok.eos_token == "<|im_end|>" and tok.chat_template
     model.save_pretrained(tmp_path / "again")  # a plain model: save_pretrained no longer refuses
+
+
+def test_a_cache_folder_that_is_not_a_whole_conversion_is_made_again(tmp_path, monkeypatch):
+    # The cache was trusted on config.json alone: a folder left without its weights (or without config.json, then
+    # renamed onto: "Directory not empty") failed every later load. Only a whole conversion (its last file written,
+    # then the folder renamed into place) counts; anything else is converted again.
+    monkeypatch.setenv("OPD_MODEL_CACHE", str(tmp_path / "cache"))
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF fake")
+    conversions = []
+
+    def fake_convert(gguf_dir, gguf_name, out):
+        conversions.append(gguf_name)
+        out.mkdir()
+        (out / "config.json").write_text("{}")
+        (out / "model.safetensors").write_bytes(b"weights")
+
+    monkeypatch.setattr(model_cache, "convert", fake_convert)
+    src = model_cache.gguf_file(gguf)
+    folder = model_cache.plain_model_folder(src)
+    assert model_cache.plain_model_folder(src) == folder and len(conversions) == 1  # cached
+    (folder / "model.safetensors").unlink()  # as a hand-emptied folder would be
+    assert model_cache.plain_model_folder(src) == folder and len(conversions) == 2
+    assert (folder / "model.safetensors").is_file()
+    (folder / "config.json").unlink()
+    (folder / "opd_source.json").unlink()
+    assert model_cache.plain_model_folder(src) == folder and len(conversions) == 3 and (folder / "config.json").is_file()

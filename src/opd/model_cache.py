@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -103,8 +104,10 @@ def cached_folder(src: GgufSource) -> Path:
 def plain_model_folder(src: GgufSource, log=None) -> Path:
     """The cached plain Hugging Face folder of a GGUF model, converting it first if needed."""
     folder = cached_folder(src)
-    if (folder / "config.json").is_file():
-        return folder
+    if all((folder / f).is_file() for f in ("config.json", "opd_source.json")) and any(folder.glob("*.safetensors")):
+        return folder  # a whole conversion: opd_source.json is the last file it writes
+    if folder.exists():  # not a whole conversion (emptied or edited by hand since): made again, not trusted
+        shutil.rmtree(folder, ignore_errors=True)
     folder.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     # Build in a private folder and rename it into place: a crash or a concurrent run never sees half a cache.
