@@ -399,10 +399,19 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
                                    rollout.completion_mask.clone())
         return ScoredBatch(step, rollout, scores, rollout_s=t1 - t0, teacher_s=time.perf_counter() - t1)
 
-    if pending and ahead == 0:
-        log(f"dropping {len(pending)} batches made ahead of the checkpoint (max_policy_lag is now 0)")
-        pending = []
-    if ckpt is not None and ahead > 0 and len(pending) < min(ahead, cfg.train.max_steps - start):
+    # max_policy_lag lowered since the checkpoint: a batch made ahead that would train past the new bound (and every
+    # one after it) is made again with newer weights
+    within = 0
+    for j, made in enumerate(pending[:ahead]):
+        if version + j * cfg.train.updates_per_batch - int(made.rollout.policy_version.min()) > cfg.max_policy_lag:
+            break
+        within = j + 1
+    dropped = len(pending) - within
+    if dropped:
+        log(f"dropping {dropped} of the {len(pending)} batches made ahead of the checkpoint "
+            f"(max_policy_lag is now {cfg.max_policy_lag}): they are sampled again with newer weights")
+        pending = pending[:within]
+    if ckpt is not None and not dropped and ahead > 0 and len(pending) < min(ahead, cfg.train.max_steps - start):
         # A run that reached its own max_steps made nothing past it, so the batches the extension would have made
         # ahead (with weights older than these) are sampled now: fresher than an uninterrupted longer run's.
         log(f"the checkpoint holds {len(pending)} of the {ahead} batches made ahead (the run had reached its "

@@ -111,3 +111,24 @@ def test_extending_a_finished_pipelined_run_says_its_next_batches_are_fresher(tm
     assert any("holds 0 of the 2 batches made ahead" in m and "steps 4-5" in m for m in said), said
     per_step = [max(version - v for v in rows) for version, rows in updates[3:]]
     assert per_step == [0, 1, 2]  # then the bound again
+
+
+def test_a_resume_with_a_lower_max_policy_lag_never_trains_past_the_new_bound(tmp_path, updates, monkeypatch):
+    # The checkpoint holds batches made ahead under max_policy_lag = 2; resumed with 1, those that would train
+    # at lag 2 are made again (and said so), instead of training past the new bound.
+    class Stop(Exception):
+        pass
+
+    def crash_at_step_3(phase, step):
+        if (phase, step) == ("update", 3):
+            raise Stop
+
+    monkeypatch.setattr(opd.loop, "crash_point", crash_at_step_3)
+    with pytest.raises(Stop):
+        run(tiny("train.max_steps=6", "max_policy_lag=2", "train.checkpoint_every=2"), tmp_path, log=quiet)
+    monkeypatch.setattr(opd.loop, "crash_point", lambda *a: None)
+    said, before = [], len(updates)
+    run(tiny("train.max_steps=6", "max_policy_lag=1", "train.checkpoint_every=2"), tmp_path, resume=True,
+        log=said.append)
+    assert max(lags(updates[before:])) <= 1 and len(updates) - before == 4  # steps 3-6
+    assert any("dropping" in m and "max_policy_lag is now 1" in m for m in said), said
