@@ -63,6 +63,22 @@ def test_pooling_teacher_gives_rewards(tokenizer):
     assert s.rewards.tolist() == [0.0, 1.0, 0.0, 0.0] and s.scored_mask.sum() == 0 and s.tokens_scored == 0
 
 
+def test_a_score_only_teachers_rewards_are_cached_like_token_scores(tokenizer):
+    # A reward answer scores no token (scored_mask 0), and the cache stored only rows with every token scored:
+    # identical sequences were sent to a reward model again at every step.
+    from opd.teacher.cache import CachingTeacher
+
+    roll = tiny_rollout()
+    roll.completion_ids[1, 1] = tokenizer.convert_tokens_to_ids("|")
+    app = judge_app(tokenizer)
+    with AppThread(app) as srv:
+        teacher = CachingTeacher(RemoteTeacher(RemoteSettings(srv.url, api="pooling", retries=0)))
+        first = teacher.score(roll)
+        again = teacher.score(roll)
+    assert len(app.state.seen) == 4 and again.metrics["teacher/cache_hits"] == 4
+    assert again.rewards.tolist() == first.rewards.tolist() == [0.0, 1.0, 0.0, 0.0] and again.scored_mask.sum() == 0
+
+
 def test_hybrid_run_with_a_score_only_teacher_warns_and_learns_from_its_reward(tmp_path):
     from opd.models import load_tokenizer
 

@@ -52,7 +52,9 @@ class CachingTeacher:
         if fresh is not None:
             for j, i in enumerate(miss_rows):
                 _copy_row(out, i, fresh, j)
-                if bool((fresh.scored_mask[j] == rollout.completion_mask[i]).all()) and _complete(fresh, j):
+                # a whole answer: every token scored, or (a score-only teacher) a finite reward for the sequence
+                by_reward = fresh.rewards is not None and bool(torch.isfinite(fresh.rewards[j]))
+                if by_reward or bool((fresh.scored_mask[j] == rollout.completion_mask[i]).all()):
                     self._store(keys[i], fresh, j, rollout.completion_mask[i].bool())
             out.latency_s, out.failures = fresh.latency_s, fresh.failures
             out.metrics = dict(fresh.metrics)
@@ -69,7 +71,7 @@ class CachingTeacher:
 
     def _store(self, key: tuple, s: TeacherScores, j: int, cols: torch.Tensor) -> None:
         pick = lambda t: None if t is None else t[j, cols].clone()  # noqa: E731
-        reward = None if s.rewards is None else float(s.rewards[j])
+        reward = None if s.rewards is None or not torch.isfinite(s.rewards[j]) else float(s.rewards[j])
         self.entries[key] = _Entry(pick(s.token_logprobs), pick(s.topk_ids), pick(s.topk_logprobs), pick(s.entropy),
                                    reward)
         if len(self.entries) > self.max_entries:
@@ -86,10 +88,6 @@ class CachingTeacher:
             val = getattr(e, name)
             if val is not None and getattr(out, name) is not None:
                 getattr(out, name)[i, cols] = val
-
-
-def _complete(s: TeacherScores, j: int) -> bool:
-    return s.rewards is None or bool(torch.isfinite(s.rewards[j]))
 
 
 def _empty_like(rollout: Rollout, fresh: TeacherScores | None, cached: _Entry | None) -> TeacherScores:
