@@ -166,6 +166,8 @@ def test_opd_plan_cli_with_a_calibration_file(tmp_path):
     assert plan["sync_step_s"] == pytest.approx(sum(plan["stages"].values()))
     r = CliRunner().invoke(app, ["plan"])
     assert r.exit_code == 2 and "needs rates" in r.output
+    r = CliRunner().invoke(app, ["plan", "--calibration", str(cal), "--gpu", "h100"])  # one would be ignored
+    assert r.exit_code == 2 and "use one" in r.output
 
 
 def test_calibration_times_the_real_stages():

@@ -280,6 +280,8 @@ def plan(
             console.print(f"calibration written to {out}")
             rates = planning.Rates.from_json(data["rates"])
         elif calibration is not None:
+            if gpu is not None:
+                raise ConfigError("--gpu and --calibration both give rates: use one")
             rates = planning.load_rates(calibration)
         elif gpu is not None:
             if gpu not in planning.GPU_PRESETS:
@@ -322,7 +324,8 @@ def config_cmd(
 
 @teacher_app.command("train")
 def teacher_train(
-    out: Path = typer.Option(Path("src/opd/assets/arith-teacher"), "--out", help="Output model folder."),
+    out: Path = typer.Option(Path(__file__).parent / "assets" / "arith-teacher", "--out",
+                             help="Output model folder (default: the built-in teacher's own folder, wherever opd runs)."),
     steps: int = typer.Option(2000, "--steps", min=1, help="Training steps (batch 64)."),
     seed: int = typer.Option(1234, "--seed"),
     task: str = typer.Option("arith", "--task", help="Built-in task to train on."),
