@@ -33,9 +33,22 @@ def seq(*values):
 def test_windowed_mean_by_hand():
     v = seq(1.0, 2.0, 3.0, 4.0, 100.0)
     m = torch.tensor([[1, 1, 1, 1, 0]])
-    # window 2, trailing: [1], [1,2], [2,3], [3,4], [4] (the masked 100 never counts)
-    torch.testing.assert_close(windowed_mean(v, m, 2), seq(1.0, 1.5, 2.5, 3.5, 4.0))
+    # window 2, the last two scored values: [1], [1,2], [2,3], [3,4], [3,4] (the masked 100 never counts)
+    torch.testing.assert_close(windowed_mean(v, m, 2), seq(1.0, 1.5, 2.5, 3.5, 3.5))
     torch.testing.assert_close(windowed_mean(v, m, 10), seq(1.0, 1.5, 2.0, 2.5, 2.5))
+
+
+def test_the_window_counts_scored_tokens_and_survives_an_infinite_logprob():
+    # Holes in the scored mask (a cross-tokenizer teacher's unaligned tokens) shrank a window counted in positions,
+    # so one unlikely token broke a sequence the window should have smoothed; and a scored -inf made every later
+    # window -inf - (-inf) = NaN, so recovery after it was never seen.
+    g = -0.1
+    v = seq(g, 0, g, 0, g, 0, -9.0, 0, g, 0, g, 0, g)
+    m = torch.tensor([[1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1]])
+    assert float(windowed_mean(v, m, 4)[0, 12]) == pytest.approx((-9.0 + 3 * g) / 4)  # the last 4 scored tokens
+    assert bool((windowed_mean(v, m, 4)[0][m[0].bool()] > -3.0).all())  # never below the default threshold
+    w = windowed_mean(seq(float("-inf"), *[g] * 7), torch.ones(1, 8, dtype=torch.long), 4)
+    assert bool(torch.isfinite(w).all()) and float(w[0, 0]) < -1000 and w[0, 4:].tolist() == pytest.approx([g] * 4)
 
 
 @pytest.mark.parametrize(

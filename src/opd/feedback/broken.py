@@ -32,19 +32,25 @@ from opd.types import TeacherScores
 NO_BREAK = -1
 
 
+# Logprobs below this count as this in a window's mean: a -inf (or a huge negative) still pulls its own windows far
+# below any break threshold, but cannot turn every later window into -inf - (-inf) = NaN or lose it to rounding.
+LOGPROB_FLOOR = -1e4
+
+
 def windowed_mean(values: torch.Tensor, mask: torch.Tensor, window: int) -> torch.Tensor:
-    """[B, T] mean of the masked values in the trailing window of `window` positions ending at each t
-    (fewer at the start of a sequence); 0 where the window holds no masked value."""
-    m = mask.to(values.dtype)
-    v = torch.where(m > 0, values, torch.zeros_like(values))  # a -inf at a masked position must not leak in
-    csum = torch.nn.functional.pad(v.cumsum(1), (1, 0))
-    ccnt = torch.nn.functional.pad(m.cumsum(1), (1, 0))
-    T = values.shape[1]
-    end = torch.arange(1, T + 1)
-    start = (end - window).clamp(min=0)
-    total = csum[:, end] - csum[:, start]
-    count = ccnt[:, end] - ccnt[:, start]
-    return torch.where(count > 0, total / count.clamp(min=1), torch.zeros_like(total))
+    """[B, T] mean of the last `window` masked (scored) values up to and including position t (fewer at the start of
+    a sequence); 0 where there is none. The window counts scored tokens, not positions: holes in the mask (tokens a
+    cross-tokenizer teacher left unscored) do not shrink it."""
+    m = mask > 0
+    v = torch.where(m, values.double().clamp(min=LOGPROB_FLOOR), 0.0)  # NaN/-inf at a masked position stays out
+    csum = torch.nn.functional.pad(v.cumsum(1), (1, 0))  # csum[:, k]: sum of the scored values before position k
+    ccnt = torch.nn.functional.pad(m.long().cumsum(1), (1, 0))  # ccnt[:, k]: how many were scored before k
+    seen = ccnt[:, 1:]  # scored up to and including t
+    # The window starts after the (seen - window)-th scored value: the first k where ccnt reaches that count.
+    start = torch.searchsorted(ccnt.contiguous(), (seen - window).clamp(min=0).contiguous())
+    total = csum[:, 1:] - csum.gather(1, start)
+    count = seen.clamp(max=window)
+    return torch.where(count > 0, total / count.clamp(min=1), 0.0).to(values.dtype)
 
 
 def find_breaks(
