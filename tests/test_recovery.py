@@ -88,3 +88,24 @@ def test_a_teacher_without_weights_here_skips_only_the_likelihood_recovery(arith
     assert "eval/recovery_rate" in out and "eval/recovery_rate_likelihood" not in out
     given = recovery_eval(teacher, ScoreOnly(), tok, prompts, params, settings, seed=3, teacher_model=teacher)
     assert given == recovery_eval(teacher, local, tok, prompts, params, settings, seed=3)
+
+
+def test_likelihood_recovery_keeps_the_question_in_the_teachers_and_students_context(arith, monkeypatch):
+    # The teacher's state is prompt + its first j tokens; limited to max_prompt_tokens (the prompt's own limit),
+    # encode_prompts kept only the end of it and dropped the question. Both sides now get the prefix's room.
+    import opd.recovery as recovery
+
+    tok, teacher, prompts = arith
+    seen = []
+    real = recovery._next_token_logprobs
+
+    def spy(model, tokenizer, texts, temperature, max_prompt_tokens):
+        seen.extend(len(tokenizer(t)["input_ids"]) <= max_prompt_tokens for t in texts)
+        return real(model, tokenizer, texts, temperature, max_prompt_tokens)
+
+    monkeypatch.setattr(recovery, "_next_token_logprobs", spy)
+    longest = max(len(tok(p.text)["input_ids"]) for p in prompts[:6])
+    recovery.likelihood_recovery(teacher, LocalTeacher(teacher), tok, prompts[:6], SamplingParams(max_new_tokens=64),
+                                 RecoverySettings(size=6, horizon=8, window=4, threshold=-3.0), seed=0,
+                                 max_prompt_tokens=longest)
+    assert seen and all(seen)  # no context cut

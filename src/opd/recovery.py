@@ -135,7 +135,9 @@ def likelihood_recovery(student, teacher, tokenizer, prompts: list[Prompt], para
             bases.append(p)
             prefix_ids.append(ids[:j])
     texts = [p.text + tokenizer.decode(ids) for p, ids in zip(bases, prefix_ids)]
-    teacher_lp = _next_token_logprobs(teacher_model, tokenizer, texts, params.temperature, max_prompt_tokens)
+    # room for the teacher's prefix after the prompt (as planted_error_recovery leaves): a cut would drop the question
+    room = max_prompt_tokens + params.max_new_tokens
+    teacher_lp = _next_token_logprobs(teacher_model, tokenizer, texts, params.temperature, room)
     allowed = torch.ones(teacher_lp.shape[1], dtype=torch.bool)
     allowed[len(tokenizer):] = False  # ids past the tokenizer are padding of the LM head
     allowed[list(special)] = False
@@ -153,7 +155,7 @@ def likelihood_recovery(student, teacher, tokenizer, prompts: list[Prompt], para
     cont_params = SamplingParams(params.temperature, params.top_p, settings.horizon, params.stop, params.decoder)
     took = []
     for r in _continue(student, tokenizer, conts, cont_params, seed=seed + 2, batch_size=batch_size,
-                       max_prompt_tokens=max_prompt_tokens + settings.horizon + 1):
+                       max_prompt_tokens=room + 1):
         s = teacher.score(r)
         took.append(recovered_within(s.token_logprobs, r.completion_mask * s.scored_mask, settings.window,
                                      settings.threshold))

@@ -184,3 +184,22 @@ def test_corrupt_plants_single_digit_slips_and_keeps_the_true_continuation(a, b,
 def test_corrupt_rate_zero_is_clean():
     text, planted = ArithTask.corrupt("47213+38581=", np.random.default_rng(0), rate=0.0)
     assert text == ArithTask.solution("47213+38581=") and not any(planted)
+
+
+@pytest.mark.parametrize("answer, completion, right", [
+    ("234", "The total is 1,234.", False),  # read as 234 after the comma: a wrong answer rewarded
+    ("1234", "The total is 1,234.", True),
+    ("1,234", "1234", True),
+    ("7", "It lies between 5-7", True),  # a range's hyphen is no minus sign
+    ("-5", "x = \u22125", True),  # the unicode minus
+    ("-10", "x=-10", True),
+    ("10", "x=-10", False),
+    ("5", "3,5", False),
+    ("12", "I got 12 then 13", False),  # the last number counts
+    ("2", "1.2", False),
+])
+def test_a_reference_answer_is_checked_against_the_last_number_as_written(answer, completion, right):
+    from opd.prompts.tasks import verify
+    from opd.types import Prompt
+
+    assert verify(Prompt("q", "s", answer=answer), completion) is right

@@ -142,7 +142,9 @@ def get_task(name: str) -> ArithTask:
     return TASKS[name]
 
 
-_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+# A number: thousands separated by commas (1,234,567) or not, an optional decimal part, and a minus sign only where
+# it cannot be a hyphen between two numbers ("5-7" is a range; "x = -7" and "-7" are negative).
+_NUMBER = re.compile(r"(?<![\w.,])(?:(?<=\s)-|(?<=^)-|(?<=[=(:])-)?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?![\d,]\d)")
 
 
 def verify(prompt: Prompt, completion: str) -> bool | None:
@@ -151,11 +153,18 @@ def verify(prompt: Prompt, completion: str) -> bool | None:
         return TASKS[prompt.task].verify(prompt, completion)
     if prompt.answer is None:
         return None
-    ans = prompt.answer.strip()
-    text = completion.strip()
+    ans, text = _plain_minus(prompt.answer.strip()), _plain_minus(completion.strip())
     if text == ans:
         return True
     if _NUMBER.fullmatch(ans):
-        nums = _NUMBER.findall(text)
-        return bool(nums) and float(nums[-1]) == float(ans)
+        nums = [m.group(0) for m in _NUMBER.finditer(text)]
+        return bool(nums) and _value(nums[-1]) == _value(ans)
     return False
+
+
+def _plain_minus(text: str) -> str:
+    return text.replace("\u2212", "-")  # the unicode minus sign
+
+
+def _value(number: str) -> float:
+    return float(number.replace(",", ""))
