@@ -264,7 +264,7 @@ class FeedbackConfig(Section):
         "loss; `downweight`: each token's loss weighted by the teacher's confidence exp(-entropy) at that state.",
     )
     keep_after_break: int = Field(
-        0, ge=0, description="`truncate`: tokens after the break position that still enter the loss (0 = up to the break)."
+        0, ge=0, description="`truncate`: scored tokens after the break position that still enter the loss (0 = up to the break)."
     )
 
 

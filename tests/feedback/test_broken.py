@@ -120,6 +120,16 @@ def test_truncate_drops_every_token_past_the_cut():
     assert fb0.loss_mask[0].tolist() == [1, 1, 1, 0, 0, 0]  # keep_after_break = 0 keeps the breaking token itself
 
 
+def test_keep_after_break_counts_scored_tokens_past_holes_in_the_mask():
+    # A cross-tokenizer teacher leaves some student tokens unscored; keep_after_break = 2 keeps two scored tokens
+    # after the break, not two positions (which here would have kept one).
+    teacher = torch.tensor([[GOOD, GOOD, BAD, 0.0, GOOD, 0.0, GOOD, GOOD]])
+    roll, scores = make(teacher)
+    scores.scored_mask = torch.tensor([[1, 1, 1, 0, 1, 0, 1, 1]])
+    fb = compute_feedback(roll, scores, FeedbackConfig(break_window=1, broken_prefix="truncate", keep_after_break=2))
+    assert fb.loss_mask.tolist() == [[1, 1, 1, 0, 1, 0, 1, 0]]  # the break at 2, then the scored 4 and 6
+
+
 def test_truncated_tokens_cannot_reach_earlier_advantages_through_returns_or_whitening():
     cfg = FeedbackConfig(break_window=1, broken_prefix="truncate", gamma=0.9, normalize=True, clip=5.0)
     teacher = torch.tensor([[GOOD, -1.0, BAD, -2.0, -3.0, -4.0], [GOOD, -0.3, -0.7, -1.0, -0.2, -0.4]])

@@ -114,8 +114,12 @@ def handle_broken_prefixes(scores: TeacherScores, mask: torch.Tensor, cfg) -> Br
 
     weight = torch.ones_like(mask, dtype=torch.float32)
     if cfg.broken_prefix == "truncate":
-        cut = torch.where(broken, pos + cfg.keep_after_break, torch.full_like(pos, mask.shape[1]))
-        weight = (torch.arange(mask.shape[1])[None, :] <= cut[:, None]).float()
+        # up to the break, and keep_after_break *scored* tokens after it (holes in the mask do not use them up)
+        scored = (mask > 0).long().cumsum(1)
+        at_break = scored.gather(1, pos.clamp(min=0)[:, None])
+        t = torch.arange(mask.shape[1])[None, :]
+        kept = (t <= pos[:, None]) | (scored - at_break <= cfg.keep_after_break)
+        weight = torch.where(broken[:, None], kept, True).float()
     elif cfg.broken_prefix == "downweight":
         if entropy is None:
             raise ConfigError("feedback.broken_prefix = 'downweight' weights tokens by the teacher's entropy, which this "
