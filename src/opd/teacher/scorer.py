@@ -42,6 +42,9 @@ class ScoreResult:
 
 @torch.no_grad()
 def score_batch(model, jobs: list[ScoreJob], *, chunk_size: int = 1024, pad_id: int = 0) -> list[ScoreResult]:
+    if bad := [j for j in jobs if not 1 <= j.start <= len(j.ids)]:  # refused before the forward pass, not after it
+        # a start past the end would shift every later job's slice of the batch's answers onto the wrong positions
+        raise ValueError(f"a scoring job starts at {bad[0].start}, outside its {len(bad[0].ids)} tokens")
     dev = next(model.parameters()).device
     width = max(len(j.ids) for j in jobs)
     input_ids = torch.full((len(jobs), width), pad_id, dtype=torch.long)
@@ -56,9 +59,6 @@ def score_batch(model, jobs: list[ScoreJob], *, chunk_size: int = 1024, pad_id: 
         hidden = model.base_model(input_ids=input_ids.to(dev), attention_mask=attention.to(dev), use_cache=False)
         hidden = hidden.last_hidden_state
     # The state at position p - 1 predicts token p.
-    if bad := [j for j in jobs if not 1 <= j.start <= len(j.ids)]:
-        # a start past the end would shift every later job's slice of the batch's answers onto the wrong positions
-        raise ValueError(f"a scoring job starts at {bad[0].start}, outside its {len(bad[0].ids)} tokens")
     rows, cols, targets, temps = [], [], [], []
     for b, j in enumerate(jobs):
         n = len(j.ids) - j.start
