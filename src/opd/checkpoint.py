@@ -49,7 +49,7 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, state: dict, kee
     os.replace(tmp, final)
     _fsync_dir(root)
     # the `keep` newest up to this one; never this one, whatever a later-numbered folder holds
-    for old in [p for p in list_checkpoints(run_dir) if int(p.name[5:]) <= step][:-keep]:
+    for old in [p for p in list_checkpoints(run_dir) if checkpoint_step(p) <= step][:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -59,7 +59,7 @@ def set_aside_after(run_dir: Path, step: int | None) -> list[Path]:
     past them (they failed their checks) writes those step numbers again, and pruning goes by number."""
     moved = []
     for path in list_checkpoints(run_dir):
-        if step is None or int(path.name[5:]) > step:
+        if step is None or checkpoint_step(path) > step:
             target = Path(run_dir) / "checkpoints" / "damaged" / path.name
             target.parent.mkdir(exist_ok=True)
             shutil.rmtree(target, ignore_errors=True)
@@ -80,7 +80,12 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[5:]))
+    return sorted(found, key=checkpoint_step)
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step of a checkpoints/step-N folder."""
+    return int(Path(path).name[5:])
 
 
 def verify_checkpoint(path: Path) -> str | None:

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from opd import matmul
-from opd.checkpoint import latest_checkpoint, list_checkpoints, load_trainer_state, save_checkpoint, set_aside_after
+from opd.checkpoint import (checkpoint_step, latest_checkpoint, list_checkpoints, load_trainer_state, save_checkpoint,
+                            set_aside_after)
 from opd.config import Config, ConfigError, ObjectiveConfig, to_toml
 from opd.engine import LocalRollout, ScoredBatch, make_batches
 from opd.engine.distributed import DataParallel, run_counters as sum_run_counters
@@ -284,7 +285,7 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
     if resume and ckpt is None:
         log(f"no intact checkpoint in {run_dir}; starting from the beginning")
     if resume and main:
-        for moved in set_aside_after(run_dir, None if ckpt is None else int(ckpt.name[5:])):
+        for moved in set_aside_after(run_dir, None if ckpt is None else checkpoint_step(ckpt)):
             log(f"set aside {moved} (damaged): this run writes its step number again")
     first_eval: dict = {}
     if ckpt is not None:
