@@ -92,23 +92,19 @@ class DataParallel:
 
 
 # Counts and throughputs add up over ranks (they run side by side); the slowest rank bounds a step's time and the
-# largest value is the maximum and the smallest the minimum; everything else (per-token and per-row means of equal shares, losses and grad
-# norms that every rank already shares) is the mean over the ranks that report it.
+# largest value is the maximum and the smallest the minimum; everything else (per-token and per-row means of equal
+# shares, losses and grad norms that every rank already shares) is the mean over the ranks that report it.
 # Cumulative run counters (teacher/*_total, engine/worker_retries) are summed over the ranks' clients by
 # run_counters, every rank taking part, and saved as that sum with rank 0's checkpoint.
-SUMMED = ("rollout/tokens", "rollout/tokens_per_s", "teacher/tokens_per_s", "teacher/failures", "teacher/dropped",
-          "teacher/retries", "teacher/requests", "teacher/breaker_rejections")
-
-
-# The same counts of one named teacher ([teachers.NAME] -> teacher/NAME/...) and of the score cache.
+SUMMED = ("rollout/tokens", "rollout/tokens_per_s")
+# The teacher's counts, summed too: teacher/<count>, one named teacher's teacher/NAME/<count> ([teachers.NAME]), and
+# failures by kind (teacher/failures/http, teacher/NAME/failures/http).
 TEACHER_COUNTS = ("tokens", "tokens_per_s", "failures", "dropped", "retries", "requests", "breaker_rejections",
                   "cache_hits")
 
 
 def _merge_rule(key: str) -> str:
-    if key in SUMMED or key.startswith("teacher/failures/"):
-        return "sum"
-    if key.startswith("teacher/") and (key.rsplit("/", 1)[-1] in TEACHER_COUNTS or "/failures/" in key):
+    if key in SUMMED or (key.startswith("teacher/") and (key.rsplit("/", 1)[-1] in TEACHER_COUNTS or "/failures/" in key)):
         return "sum"
     if key.startswith("time/") or key.endswith("_max") or "_p99" in key:
         return "max"
@@ -118,7 +114,7 @@ def _merge_rule(key: str) -> str:
 
 
 def merge_rank_metrics(rows: list[dict[str, float]]) -> dict[str, float]:
-    """Merge one step's metrics from every rank into the whole batch's (see SUMMED and _merge_rule)."""
+    """Merge one step's metrics from every rank into the whole batch's (see _merge_rule)."""
     out: dict[str, float] = {}
     for key in dict.fromkeys(k for r in rows for k in r):  # first-seen order
         values = [r[key] for r in rows if key in r]
