@@ -25,8 +25,7 @@ from opd.config import Config, ConfigError, load_config, to_toml
 from opd.demo import teacher_accuracy
 from opd.evaluate import detailed_eval, eval_sampling
 from opd.handling_study import fmt_mean_std, mean_std, run_handling_study, study_lines, study_plot
-from opd.jobs import RunJob, check_reusable, run_jobs
-from opd.loop import run
+from opd.jobs import RunJob, run_jobs
 from opd.models import load_model, load_tokenizer
 from opd.monitor import read_metrics
 from opd.prompts import prompt_stream
@@ -65,10 +64,7 @@ def run_compare(config: Path | None, overrides: list[str], run_dir: Path, *, see
     t0 = time.time()
     # One warm start shared by every method and seed.
     warm_run = run_dir / "warm-start"
-    warm_cfg = load_config(config, overrides + ["train.max_steps=0"])
-    check_reusable(warm_run, warm_cfg)
-    if not (warm_run / "final" / "model.safetensors").is_file():
-        run(warm_cfg, warm_run, log=log)
+    run_jobs([RunJob("warm start", load_config(config, overrides + ["train.max_steps=0"]), warm_run)], 1, log)
     warm = warm_run / "final"
 
     unknown = set(methods) - set(METHODS)

@@ -14,8 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from opd.config import load_config
-from opd.jobs import RunJob, check_reusable, run_jobs
-from opd.loop import run
+from opd.jobs import RunJob, run_jobs
 from opd.monitor import read_metrics
 
 # Each option's overrides on top of the compare config. The guided options keep the default broken_prefix.
@@ -36,10 +35,8 @@ def run_handling_study(config: Path | None, overrides: list[str], run_dir: Path,
     run_dir = Path(run_dir)
     weak = run_dir / "weak-start"
     weak_sets = overrides + [f"student.warm_start_steps={weak_warm_start_steps}"]
-    weak_cfg = load_config(config, weak_sets + ["train.max_steps=0"])
-    check_reusable(weak, weak_cfg)
-    if not (weak / "final" / "model.safetensors").is_file():
-        run(weak_cfg, weak, log=log)
+    run_jobs([RunJob("broken-prefix study: weak start", load_config(config, weak_sets + ["train.max_steps=0"]), weak)],
+             1, log)
     start = next(r for r in read_metrics(weak) if "eval/accuracy" in r)
     common = [f"student.model='{weak / 'final'}'", "student.init='pretrained'", "student.warm_start_steps=0",
               f"train.max_steps={steps}", f"eval.every={max(steps // 4, 1)}"]
