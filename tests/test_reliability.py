@@ -131,7 +131,6 @@ def test_non_finite_teacher_scores_are_skipped_then_the_run_stops_with_a_checkpo
                              "eval.size=4", "eval.every=0", "train.max_steps=20", "train.max_consecutive_skips=3",
                              "eval.recovery_size=0",  # one teacher call per eval, so the count above holds
                              "rollout.max_new_tokens=16", "monitor.tensorboard=false"])
-    before = None
     with pytest.raises(RunAborted, match="3 steps in a row"):
         run(cfg, tmp_path, log=lambda *a: None)
     rows = read_metrics(tmp_path)
