@@ -411,6 +411,7 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
     if dropped:
         log(f"dropping {dropped} of the {len(pending)} batches made ahead of the checkpoint "
             f"(max_policy_lag is now {cfg.max_policy_lag}): they are sampled again with newer weights")
+        stream.rewind([made.step for made in pending[within:]])  # their prompts are drawn again, not skipped
         pending = pending[:within]
     if ckpt is not None and not dropped and ahead > 0 and len(pending) < min(ahead, cfg.train.max_steps - start):
         # A run that reached its own max_steps made nothing past it, so the batches the extension would have made

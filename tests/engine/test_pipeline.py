@@ -132,3 +132,7 @@ def test_a_resume_with_a_lower_max_policy_lag_never_trains_past_the_new_bound(tm
         log=said.append)
     assert max(lags(updates[before:])) <= 1 and len(updates) - before == 4  # steps 3-6
     assert any("dropping" in m and "max_policy_lag is now 1" in m for m in said), said
+    # the dropped batch's prompts are drawn again, not skipped: the stream ends where an uninterrupted run's does
+    cfg = tiny()
+    state = torch.load(tmp_path / "checkpoints" / "step-6" / "trainer_state.pt", weights_only=False)
+    assert sum(state["prompts"]["draws"].values()) == 6 * cfg.prompts.batch_size

@@ -103,7 +103,7 @@ def test_jsonl_eval_split_and_epochs(numbers_jsonl):
     for epoch in range(3):
         assert sorted(draws[15 * epoch : 15 * (epoch + 1)]) == sorted(train)  # each epoch: every prompt once
     assert draws[:15] != draws[15:30]  # a fresh permutation per epoch
-    assert stream.state_dict() == {"draws": {"numbers": 45}}
+    assert stream.state_dict()["draws"] == {"numbers": 45}
 
 
 def test_record_source_keeps_at_least_half_for_training(tmp_path):
@@ -126,8 +126,70 @@ def test_extra_prompts_come_from_training_and_leave_the_position_alone(numbers_j
     held_out = set(texts(stream.eval_prompts(5)))
     extra = stream.extra_prompts(40, key=1)
     assert len(extra) == 40 and not set(texts(extra)) & held_out
-    assert stream.state_dict() == {"draws": {"numbers": 0}}
+    assert stream.state_dict()["draws"] == {"numbers": 0}
     assert texts(extra) == texts(stream.extra_prompts(40, key=1))
+
+
+def test_extra_prompts_walk_each_sources_epochs_over_a_mixture(tmp_path):
+    # The position in the whole mixture was passed as each source's position: sources jumped around their epochs
+    # and 200 draws over two 100-prompt pools gave ~148 distinct prompts.
+    a = write_jsonl(tmp_path / "a.jsonl", [{"prompt": f"a{i}"} for i in range(104)])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"prompt": f"b{i}"} for i in range(104)])
+    stream = PromptStream(cfg({"kind": "jsonl", "path": str(a)}, {"kind": "jsonl", "path": str(b)}), seed=0)
+    extra = texts(stream.extra_prompts(150, key=2))
+    per_source = Counter(t[0] for t in extra)
+    assert len(set(extra)) == len(extra)  # fewer than 100 from each: no repeats within the epoch
+    assert max(per_source.values()) <= 100
+
+
+def test_prompts_held_out_by_one_source_are_never_trained_through_another(tmp_path, tiny_task):
+    shared = [{"prompt": f"s{i}"} for i in range(40)]
+    a = write_jsonl(tmp_path / "a.jsonl", shared)
+    b = write_jsonl(tmp_path / "b.jsonl", shared[::-1])
+    stream = PromptStream(cfg({"kind": "jsonl", "path": str(a)}, {"kind": "jsonl", "path": str(b)}, eval_size=10),
+                          seed=0)
+    held_out = {p.text for s in stream.sources for p in s.eval}
+    drawn = {p.text for step in range(1, 30) for p in stream.batch(step)}
+    assert len(held_out) > 10 and drawn and not drawn & held_out
+    # a file repeating a built-in task's prompts: the task's held-out ones stay out of the file's training draws
+    task = PromptStream(cfg({"kind": "builtin", "task": tiny_task}, eval_size=20), seed=0)
+    task_eval = [{"prompt": p.text} for p in task.sources[0].eval] + [{"prompt": f"x{i}"} for i in range(40)]
+    both = PromptStream(cfg({"kind": "builtin", "task": tiny_task},
+                            {"kind": "jsonl", "path": str(write_jsonl(tmp_path / "t.jsonl", task_eval))},
+                            eval_size=20), seed=0)
+    held_out = {p.text for s in both.sources for p in s.eval}
+    drawn = {p.text for step in range(1, 60) for p in both.batch(step)}
+    assert not drawn & held_out
+    assert {p.text for p in both.sources[0].eval} <= held_out
+
+
+def test_a_source_left_without_training_prompts_is_a_config_error(tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", [{"prompt": f"s{i}"} for i in range(8)])
+    a_eval = PromptStream(cfg({"kind": "jsonl", "path": str(a)}, eval_size=4), seed=0).sources[0].eval
+    b = write_jsonl(tmp_path / "b.jsonl", [{"prompt": p.text} for p in a_eval[:2]])  # all of b's are a's held-out
+    with pytest.raises(ConfigError, match="every training prompt is held out"):
+        PromptStream(cfg({"kind": "jsonl", "path": str(a)}, {"kind": "jsonl", "path": str(b)}, eval_size=4), seed=0)
+
+
+def test_eval_prompts_keep_to_the_size_asked_for(tmp_path):
+    small = write_jsonl(tmp_path / "small.jsonl", [{"prompt": f"s{i}"} for i in range(10)])  # holds out 5
+    big = write_jsonl(tmp_path / "big.jsonl", [{"prompt": f"b{i}"} for i in range(400)])
+    sources = ({"kind": "builtin", "task": "arith"}, {"kind": "jsonl", "path": str(small)},
+               {"kind": "jsonl", "path": str(big)})
+    stream = PromptStream(cfg(*sources, eval_size=100), seed=0)
+    assert len(stream.eval_prompts(1)) == 1 and len(stream.eval_prompts(2)) == 2
+    three = stream.eval_prompts(3)
+    assert {p.source for p in three} == {"arith", "small", "big"}  # at least one each while the size allows
+    many = stream.eval_prompts(150)  # small's share (50) is more than its 5: the others fill in
+    by = Counter(p.source for p in many)
+    assert len(many) == 150 and by["small"] == 5 and by["arith"] + by["big"] == 145
+    assert abs(by["arith"] - by["big"]) <= 1  # equal weights: the shortfall is shared as the weights say
+    assert len(stream.eval_prompts(500)) == 205  # all there are
+
+
+def test_single_source_eval_prompts_are_its_first_held_out_ones(numbers_jsonl):
+    stream = PromptStream(cfg({"kind": "jsonl", "path": str(numbers_jsonl)}, eval_size=6), seed=0)
+    assert texts(stream.eval_prompts(4)) == texts(stream.sources[0].eval[:4])
 
 
 # ------------------------------------------------------------------------------------ mixture
@@ -327,6 +389,25 @@ def test_hf_data_files(tmp_path, hf_cache, suffix):
     assert sorted((p.text, p.answer) for p in src.eval + src.train) == [(f"r{i}", str(i)) for i in range(6)]
 
 
+def test_non_utf8_lines_are_bad_records_and_a_bom_is_not(tmp_path, hf_cache):
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"prompt": "first"}\n{"prompt": "caf\xe9"}\n{"prompt": "third"}\n')
+    with pytest.raises(ConfigError, match=r"p.jsonl:2: not UTF-8"):
+        PromptStream(cfg({"kind": "jsonl", "path": str(path)}, eval_size=1), seed=0)
+    stream = PromptStream(cfg({"kind": "jsonl", "path": str(path)}, eval_size=1, on_bad_record="skip"), seed=0)
+    src = stream.sources[0]
+    assert sorted(texts(src.eval + src.train)) == ["first", "third"]  # the BOM's record is kept
+    assert stream.load_counts()["skipped_records"] == 1
+    # the `hf` reader finds the bad bytes while iterating: a clear error, not pyarrow's traceback
+    with pytest.raises(ConfigError, match="cannot be read as a dataset"):
+        PromptStream(cfg({"kind": "hf", "path": str(path)}, eval_size=1), seed=0)
+
+
+def test_duplicates_are_counted(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": t} for t in "aabcca"])
+    assert PromptStream(cfg({"kind": "jsonl", "path": str(path)}, eval_size=1), seed=0).load_counts()["duplicates"] == 3
+
+
 def test_hf_unsupported_file_type(tmp_path, hf_cache):
     path = tmp_path / "data.txt"
     path.write_text("r1\nr2\n")
@@ -357,12 +438,39 @@ def test_resume_from_state_dict_continues_the_stream(numbers_jsonl, tmp_path, k)
     assert resumed.state_dict() == uninterrupted.state_dict()
 
 
+def test_resume_with_changed_data_or_eval_size_is_refused(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"p{i}"} for i in range(40)])
+    stream = PromptStream(cfg({"kind": "jsonl", "path": str(path)}, eval_size=8), seed=0)
+    stream.batch(1)
+    state = json.loads(json.dumps(stream.state_dict()))
+    PromptStream(cfg({"kind": "jsonl", "path": str(path)}, eval_size=8), seed=0).load_state_dict(state)  # unchanged
+    with pytest.raises(ConfigError, match="prompts.eval_size"):
+        PromptStream(cfg({"kind": "jsonl", "path": str(path)}, eval_size=10), seed=0).load_state_dict(state)
+    write_jsonl(path, [{"prompt": f"p{i}"} for i in range(41)])  # one record more reshuffles the split
+    with pytest.raises(ConfigError, match="prompts changed since the checkpoint: p"):
+        PromptStream(cfg({"kind": "jsonl", "path": str(path)}, eval_size=8), seed=0).load_state_dict(state)
+    old = {"draws": state["draws"]}  # a checkpoint from before the check resumes as it did
+    PromptStream(cfg({"kind": "jsonl", "path": str(path)}, eval_size=8), seed=0).load_state_dict(old)
+
+
+def test_rewind_draws_the_dropped_steps_prompts_again(numbers_jsonl):
+    sources = ({"kind": "builtin", "task": "arith"}, {"kind": "jsonl", "path": str(numbers_jsonl)})
+    a = PromptStream(cfg(*sources), seed=3)
+    b = PromptStream(cfg(*sources), seed=3)
+    a.batch(1)
+    b.batch(1)
+    expected = [texts(a.batch(s)) for s in (2, 3)]
+    b.batch(2), b.batch(3)
+    b.rewind([2, 3])  # made ahead, then dropped: drawn again as if never drawn
+    assert [texts(b.batch(s)) for s in (2, 3)] == expected
+
+
 def test_state_dict_is_a_snapshot(numbers_jsonl):
     stream = PromptStream(cfg({"kind": "jsonl", "path": str(numbers_jsonl)}), seed=0)
     stream.batch(1)
     state = stream.state_dict()
     stream.batch(2)
-    assert state == {"draws": {"numbers": 8}}
+    assert state["draws"] == {"numbers": 8}
 
 
 # --------------------------------------------------------------------------------- property
@@ -397,3 +505,21 @@ def test_property_jsonl_split_is_a_partition_and_training_stays_in_train(
     assert set(drawn) <= train
     n = len(train)
     assert set(drawn[:n]) == train and set(drawn[n : 2 * n]) == train  # each epoch visits every prompt once
+
+
+def test_prompt_lengths_count_as_the_sampler_tokenises_a_template_bos(tmp_path):
+    # A chat template that writes the BOS itself (Gemma-3-it's {{ bos_token }}): the sampler adds no second one,
+    # so the length check must not count one either (a prompt that fitted was skipped as too long).
+    from opd.config import load_config
+    from opd.models import load_tokenizer
+    from opd.prompts import prompt_stream
+    from opd.rollout.sampler import encode_prompts
+
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"<s>{i}+{i}="} for i in range(10, 20)])
+    cfg = load_config(None, [f"prompts.sources=[{{kind='jsonl', path='{path}'}}]", "prompts.eval_size=2",
+                             "prompts.on_long_prompt='skip'"])
+    tokenizer = load_tokenizer(cfg.student.model)
+    ids, _ = encode_prompts(tokenizer, [PromptStream(cfg.prompts, 0).sources[0].train[0]], 10_000)
+    cfg.prompts.max_prompt_tokens = ids.shape[1]  # exactly what the sampler feeds the model
+    stream = prompt_stream(cfg, tokenizer)
+    assert stream.load_counts()["skipped_long"] == 0 and len(stream.sources[0].train) == 8

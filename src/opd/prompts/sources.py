@@ -8,6 +8,7 @@ part of every checkpoint, so a resumed run continues with exactly the prompts it
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Callable
@@ -43,7 +44,7 @@ class TaskSource:
             if p.text not in seen:
                 seen.add(p.text)
                 self.eval.append(p)
-        self._eval_texts = seen
+        self.held_out = seen  # every source's held-out texts after PromptStream joins them (a shared prompt stays out)
 
     def _named(self, p: Prompt) -> Prompt:
         return Prompt(text=p.text, source=self.name, answer=p.answer, task=p.task)
@@ -51,8 +52,11 @@ class TaskSource:
     def draw(self, rng: np.random.Generator, n_drawn: int) -> Prompt:
         while True:
             p = self._named(self.task.sample(rng))
-            if p.text not in self._eval_texts:
+            if p.text not in self.held_out:
                 return p
+
+    def fingerprint(self) -> str:
+        return f"builtin:{self.task.name}"
 
 
 class BadRecord(Exception):
@@ -70,7 +74,7 @@ class RecordSource:
     def __init__(self, cfg: SourceConfig, prompts_cfg: PromptsConfig, seed: int, render_chat: ChatRenderer,
                  count_tokens: TokenCounter | None = None):
         self.name = cfg.name or Path(cfg.path).stem
-        self.counts = {"skipped_records": 0, "truncated": 0, "skipped_long": 0}
+        self.counts = {"skipped_records": 0, "truncated": 0, "skipped_long": 0, "duplicates": 0}
         prompts: list[Prompt] = []
         for where, rec in _read_records(cfg):
             try:
@@ -92,7 +96,10 @@ class RecordSource:
         unique: dict[str, Prompt] = {}
         for p in prompts:
             unique.setdefault(p.text, p)
+        self.counts["duplicates"] = len(prompts) - len(unique)
         prompts = list(unique.values())
+        # what the split was drawn from: a resume checks it, since changed data reshuffles the split
+        self._fingerprint = hashlib.sha256("\0".join(p.text for p in prompts).encode()).hexdigest()[:16]
         if len(prompts) < 2:
             raise ConfigError(f"prompts source {cfg.path}: needs at least 2 usable prompts, found {len(prompts)}")
         order = np.random.default_rng([seed, 0x5EED]).permutation(len(prompts))
@@ -100,6 +107,17 @@ class RecordSource:
         self.eval = [prompts[i] for i in order[:n_eval]]
         self.train = [prompts[i] for i in order[n_eval:]]
         self.seed = seed
+        self.where = cfg.path
+
+    def exclude(self, held_out: set[str]) -> None:
+        """Leaves out training prompts another source holds out (sources that share prompts)."""
+        self.train = [p for p in self.train if p.text not in held_out]
+        if not self.train:
+            raise ConfigError(f"prompts source {self.where}: every training prompt is held out by another source; "
+                              "give it other prompts, or lower prompts.eval_size")
+
+    def fingerprint(self) -> str:
+        return f"{len(self.train) + len(self.eval)}:{self._fingerprint}"
 
     def draw(self, rng: np.random.Generator, n_drawn: int) -> Prompt:
         epoch, pos = divmod(n_drawn, len(self.train))
@@ -115,11 +133,17 @@ def _read_records(cfg: SourceConfig):
     if cfg.kind == "jsonl":
         if path.is_dir():
             raise ConfigError(f"{path} is a folder; a `jsonl` source needs a .jsonl file (use kind = 'hf' for a datasets folder)")
-        with path.open(encoding="utf-8", errors="replace") as f:  # JSON Lines is UTF-8, whatever the locale
-            for lineno, line in enumerate(f, 1):
+        with path.open("rb") as f:  # JSON Lines is UTF-8, whatever the locale; a line that is not is a bad record
+            for lineno, raw in enumerate(f, 1):
+                where = f"{path}:{lineno}"
+                try:
+                    line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # an editor's BOM is not the record's
+                except UnicodeDecodeError as e:
+                    yield where, BadRecord(f"not UTF-8 (byte {e.start + 1}: {raw[e.start:e.start + 1]!r}); "
+                                           "save the file as UTF-8")
+                    continue
                 if not line.strip():
                     continue
-                where = f"{path}:{lineno}"
                 try:
                     rec = json.loads(line)
                 except json.JSONDecodeError as e:
@@ -141,12 +165,19 @@ def _read_records(cfg: SourceConfig):
             if fmt is None:
                 raise ConfigError(f"{path}: unsupported data file type; use .jsonl, .json, .parquet or .csv")
             ds = datasets.load_dataset(fmt, data_files=str(path), split="train")
+        records = iter(ds)
+        i = 0
+        while True:
+            try:  # an Arrow-backed dataset may find unreadable input (e.g. a non-UTF-8 file) only while iterated
+                r = next(records)
+            except StopIteration:
+                return
+            i += 1
+            yield f"{path}: record {i}", dict(r)
     except ConfigError:
         raise
     except Exception as e:  # datasets raises many types for unreadable input
         raise ConfigError(f"{path}: cannot be read as a dataset ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-    for i, r in enumerate(ds):
-        yield f"{path}: record {i + 1}", dict(r)
 
 
 def _to_prompt(rec: dict, cfg: SourceConfig, name: str, render_chat: ChatRenderer) -> Prompt:
@@ -193,6 +224,14 @@ class PromptStream:
         names = [s.name for s in self.sources]
         if len(set(names)) != len(names):
             raise ConfigError(f"prompts.sources: names must differ, got {names} (set prompts.sources[].name)")
+        # A prompt one source holds out is held out everywhere: two sources that share prompts (or a file that
+        # repeats a built-in task's) must not train on another's evaluation prompts.
+        held_out = {p.text for s in self.sources for p in s.eval}
+        for src in self.sources:
+            if isinstance(src, RecordSource):
+                src.exclude(held_out)
+            else:
+                src.held_out = held_out
         w = np.array([sc.weight for sc in cfg.sources], dtype=np.float64)
         self.weights = w / w.sum()
         self.draws = {s.name: 0 for s in self.sources}
@@ -212,28 +251,66 @@ class PromptStream:
         """Training-pool prompts for side phases (the warm start) that leave the stream's position alone."""
         rng = np.random.default_rng([self.seed, 0x3A17, key])
         choice = rng.choice(len(self.sources), size=n, p=self.weights)
-        return [self.sources[int(j)].draw(rng, i) for i, j in enumerate(choice)]
-
-    def eval_prompts(self, size: int) -> list[Prompt]:
-        """Up to `size` held-out prompts, split across sources by weight (at least one each)."""
-        out: list[Prompt] = []
-        for src, w in zip(self.sources, self.weights):
-            n = max(1, int(round(size * w)))
-            out.extend(src.eval[:n])
+        drawn = [0] * len(self.sources)  # each source walks its own epochs, as batch() does
+        out = []
+        for j in choice:
+            out.append(self.sources[int(j)].draw(rng, drawn[j]))
+            drawn[j] += 1
         return out
 
+    def batch_sources(self, step: int, size: int | None = None) -> list[str]:
+        """The source of each prompt batch(step) draws: it depends on the step alone, not on the draws so far."""
+        rng = np.random.default_rng([self.seed, 0xBA7C, step])
+        choice = rng.choice(len(self.sources), size=size or self.cfg.batch_size, p=self.weights)
+        return [self.sources[int(j)].name for j in choice]
+
+    def rewind(self, steps: list[int]) -> None:
+        """Undoes the draws of these steps' batches, so that they are drawn again (batches made ahead and dropped)."""
+        for step in steps:
+            for name in self.batch_sources(step):
+                self.draws[name] -= 1
+
+    def eval_prompts(self, size: int) -> list[Prompt]:
+        """Up to `size` held-out prompts, split across sources by weight (at least one each while size allows);
+        a source with fewer held-out prompts than its share leaves the rest to the others."""
+        room = [len(src.eval) for src in self.sources]
+        share = [0] * len(self.sources)
+        for j in sorted(range(len(self.sources)), key=lambda j: -self.weights[j])[:size]:
+            share[j] = min(1, room[j])
+        while sum(share) < size:  # largest deficit first: the weights' split, as far as each source's room allows
+            open_ = [j for j in range(len(share)) if share[j] < room[j]]
+            if not open_:
+                break
+            j = max(open_, key=lambda j: (size * self.weights[j] - share[j], -j))
+            share[j] += 1
+        return [p for src, n in zip(self.sources, share) for p in src.eval[:n]]
+
     def load_counts(self) -> dict[str, int]:
-        """Records skipped or truncated while loading, summed over sources (prompts/* metrics)."""
-        out = {"skipped_records": 0, "truncated": 0, "skipped_long": 0}
+        """Records skipped, truncated or merged as duplicates while loading, summed over sources (prompts/* metrics)."""
+        out = {"skipped_records": 0, "truncated": 0, "skipped_long": 0, "duplicates": 0}
         for src in self.sources:
             for k, v in getattr(src, "counts", {}).items():
                 out[k] += v
         return out
 
     def state_dict(self) -> dict:
-        return {"draws": dict(self.draws)}
+        return {"draws": dict(self.draws), "eval_size": self.cfg.eval_size,
+                "fingerprints": {s.name: s.fingerprint() for s in self.sources}}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restores the position; refuses when the held-out split would differ from the checkpoint's (changed data or
+        prompts.eval_size): prompts already trained on would be evaluated, and held-out ones trained on."""
+        then = state.get("fingerprints")  # absent in checkpoints written before the check
+        if then is not None:
+            now = {s.name: s.fingerprint() for s in self.sources}
+            changed = [n for n in now if n in then and then[n] != now[n]]
+            if state.get("eval_size", self.cfg.eval_size) != self.cfg.eval_size:
+                changed.append(f"prompts.eval_size ({state['eval_size']} then, {self.cfg.eval_size} now)")
+            if changed:
+                raise ConfigError(
+                    f"the prompts changed since the checkpoint: {', '.join(changed)}. The held-out split is drawn from "
+                    "the data, so a resume would evaluate on prompts it trained on; restore the data and settings, or "
+                    "start a new run")
         self.draws.update(state["draws"])
 
 
@@ -253,5 +330,8 @@ def chat_renderer(tokenizer):
 def prompt_stream(cfg, tokenizer) -> PromptStream:
     """A run's prompt stream (cfg: opd.config.Config): chat records in the student's template, prompt lengths in its
     tokens. Training, `opd eval` and `opd compare`'s report build it the same way, so they hold out the same prompts."""
-    return PromptStream(cfg.prompts, cfg.seed, chat_renderer(tokenizer),
-                        count_tokens=lambda text: len(tokenizer(text)["input_ids"]))
+    def count_tokens(text: str) -> int:  # as encode_prompts tokenises: no second BOS after a template's own
+        has_bos = tokenizer.bos_token is not None and text.startswith(tokenizer.bos_token)
+        return len(tokenizer(text, add_special_tokens=not has_bos)["input_ids"])
+
+    return PromptStream(cfg.prompts, cfg.seed, chat_renderer(tokenizer), count_tokens=count_tokens)
