@@ -494,6 +494,10 @@ class Config(Section):
             raise ValueError(f"rollout.dtype = {r.dtype!r} sets the local sampler's copy of the student; with "
                              "rollout.backend = 'server' the server samples in the dtype it serves: leave rollout.dtype "
                              "= 'same' and start the server in the dtype you want (e.g. vLLM --dtype bfloat16)")
+        if r.backend == "server" and r.top_p < 1:
+            raise ValueError(f"rollout.top_p = {r.top_p} with rollout.backend = 'server': a server returns the logprobs of "
+                             "the nucleus it sampled from, not the student's own softmax, which A_t and the update's "
+                             "trust region compare with; use rollout.top_p = 1.0, or rollout.backend = 'local'")
         if r.backend == "server" and self.engine == "ray":
             raise ValueError("engine = 'ray' samples in its own rollout actors; rollout.backend = 'server' samples on an "
                              "inference server instead: pick one (an inference server already scales on its own)")

@@ -49,8 +49,9 @@ class Rollout:
     texts: list[str]  # decoded completions (special tokens removed)
     finished: torch.Tensor  # [B] bool: ended by EOS or a stop string (False = hit max_new_tokens)
     temperature: float = 1.0
-    # Teacher-guided rollouts only (rollout.teacher_mix / teacher_correct_topk); None for plain student sampling.
-    student_logprobs: torch.Tensor | None = None  # [B, T] log pi_theta(a_t) at sampling time (behaviour = the guided distribution)
+    # Where the distribution sampled from is not the student's softmax: teacher-guided rollouts (rollout.teacher_mix /
+    # teacher_correct_topk) and top-p sampling (rollout.top_p < 1). None for plain student sampling.
+    student_logprobs: torch.Tensor | None = None  # [B, T] log pi_theta(a_t) at sampling time, untruncated
     teacher_share: torch.Tensor | None = None  # [B, T] 1 = a token the teacher replaced; mixture: P(teacher component | a_t)
 
     @property

@@ -195,6 +195,7 @@ def test_bad_sampled_answers_are_rejected():
     (["rollout.backend='server'", "rollout.url='http://127.0.0.1:1'", "rollout.teacher_mix=0.5"], "teacher-guided"),
     (["rollout.backend='server'", "rollout.url='http://127.0.0.1:1'", "engine='ray'"], "pick one"),
     (["rollout.backend='server'", "rollout.url='http://127.0.0.1:1'", "rollout.dtype='int8'"], "dtype it serves"),
+    (["rollout.backend='server'", "rollout.url='http://127.0.0.1:1'", "rollout.top_p=0.9"], "rollout.top_p = 1.0"),
 ])
 def test_rollout_backend_config_errors_say_what_to_set(sets, message):
     with pytest.raises(ConfigError, match=message):

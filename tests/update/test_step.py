@@ -81,6 +81,55 @@ def test_first_step_is_on_policy(student, batch):
     assert m["stability/grad_norm"] > 0 and m["stability/entropy"] > 0
 
 
+@pytest.mark.parametrize("objective", ["pg", "reverse_kl"])
+def test_a_top_p_rollout_is_on_policy_at_its_first_step(student, teacher_model, tokenizer, prompts, objective):
+    # The behaviour logprob of a top-p rollout is the nucleus's (renormalised: larger than the softmax's). The
+    # ratio, PPO's clip and the drift compared it with the update's untruncated softmax: at top_p = 0.5 the ratio
+    # was ~0.5 on a fresh batch and 77% of the tokens were clipped. They compare with the student's own softmax now,
+    # and A_t is the teacher's logprob minus that one (the teacher's is untruncated too).
+    roll = sample(student, tokenizer, prompts, SamplingParams(max_new_tokens=10, top_p=0.5),
+                  generator=torch.Generator().manual_seed(4))
+    mask = roll.completion_mask.bool()
+    assert roll.student_logprobs is not None and roll.teacher_share is None
+    assert bool((roll.behaviour_logprobs[mask] > roll.student_logprobs[mask] + 1e-3).any())  # the nucleus renormalises
+    scores = LocalTeacher(teacher_model, topk=4).score(roll, full=True)
+    fb = compute_feedback(roll, scores, FeedbackConfig())
+    torch.testing.assert_close(fb.advantages[mask], (scores.token_logprobs - roll.student_logprobs)[mask])
+    m, _ = run_update(copy.deepcopy(student), roll, scores, objective)
+    assert m["freshness/ratio_min"] == pytest.approx(1.0, abs=1e-4) and m["stability/clip_frac"] == 0
+    assert m["freshness/logprob_drift"] < 1e-4
+
+
+def importance_weighted_pg_step(model, roll, scores):
+    """One SGD(lr=1) step on -(pi_own / q) A log pi_theta, token-normalised: what the pg objective's gradient is on
+    a fresh batch (the ratio to the old student is 1, so PPO's clip takes nothing out)."""
+    fb = compute_feedback(roll, scores, FeedbackConfig())
+    mask = roll.completion_mask.bool()
+    ids = torch.cat([roll.prompt_ids, roll.completion_ids], 1)
+    attn = torch.cat([roll.prompt_mask, roll.completion_mask], 1)
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=attn, position_ids=pos).logits[:, roll.prompt_ids.shape[1] - 1:-1]
+    lp = torch.log_softmax(logits.float(), -1).gather(-1, roll.completion_ids[..., None]).squeeze(-1)
+    w = torch.exp(roll.student_logprobs - roll.behaviour_logprobs)
+    loss = -(w * fb.advantages * lp)[mask].sum() / fb.loss_mask[mask].sum()
+    loss.backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            p -= p.grad
+
+
+def test_the_pg_step_on_a_top_p_rollout_weights_tokens_by_pi_over_q(student, teacher_model, tokenizer, prompts):
+    # pi_theta / q, split as (pi_theta / pi_own) x (pi_own / q): on a fresh batch the gradient is that of
+    # -(pi_own / q) A log pi_theta, the importance-weighted policy gradient, with nothing clipped.
+    roll = sample(student, tokenizer, prompts, SamplingParams(max_new_tokens=8, top_p=0.6),
+                  generator=torch.Generator().manual_seed(1))
+    scores = LocalTeacher(teacher_model, topk=4).score(roll)
+    a, b = copy.deepcopy(student), copy.deepcopy(student)
+    run_update(a, roll, scores, "pg", sgd=True, grad_clip=0, warmup_steps=0, updates_per_batch=1)
+    importance_weighted_pg_step(b, roll, scores)
+    torch.testing.assert_close(params_of(a), params_of(b), rtol=0, atol=2e-5)
+
+
 def test_several_updates_per_batch_count_policy_lag(student, batch):
     roll, scores = batch
     m, version = run_update(student, roll, scores, updates_per_batch=2)
@@ -160,21 +209,24 @@ def test_truncation_never_lets_a_token_past_the_cut_reach_the_loss(student, batc
     assert torch.equal(params_of(d), params_of(student))  # kept garbage: the step is skipped, never applied
 
 
-def test_guided_rollout_ratios_are_against_the_guided_distribution(student, teacher_model, tokenizer, prompts):
+def test_guided_rollouts_weight_by_pi_over_q_and_read_fresh(student, teacher_model, tokenizer, prompts):
     from opd.rollout import TeacherGuide
 
     roll = sample(student, tokenizer, prompts, SamplingParams(max_new_tokens=10),
                   generator=torch.Generator().manual_seed(4), guide=TeacherGuide(teacher_model, mix=0.5))
     scores = LocalTeacher(teacher_model).score(roll)
-    m, _ = run_update(student, roll, scores, "pg")
-    # The student's own sampling-time logprob agrees with the recomputed one (drift ~ 0) ...
-    assert m["freshness/logprob_drift"] < 1e-4
-    # ... while the importance ratio pi_theta / q is not 1: q mixes in the teacher.
     mask = roll.completion_mask.bool()
-    expected = torch.exp(roll.student_logprobs - roll.behaviour_logprobs)[mask]
-    assert m["freshness/ratio_min"] == pytest.approx(float(expected.min()), abs=1e-4)
-    assert m["freshness/ratio_max"] == pytest.approx(float(expected.max()), abs=1e-4)
-    assert m["freshness/ratio_max"] - m["freshness/ratio_min"] > 0.05  # (its mean under q is 1 by construction)
+    w = torch.exp(roll.student_logprobs - roll.behaviour_logprobs)[mask]
+    assert float(w.max() - w.min()) > 0.05  # q mixes in the teacher: pi_own / q is not 1
+    a, b = copy.deepcopy(student), copy.deepcopy(student)
+    m, _ = run_update(a, roll, scores, "pg", sgd=True, grad_clip=0, warmup_steps=0, updates_per_batch=1)
+    # Freshness reads the student against the student that sampled: a fresh batch, ratio 1, nothing clipped (the
+    # ratio to q, reported before, is not 1 even on a fresh batch) ...
+    assert m["freshness/logprob_drift"] < 1e-4 and m["stability/clip_frac"] == 0
+    assert m["freshness/ratio_min"] == pytest.approx(1.0, abs=1e-4) == m["freshness/ratio_max"]
+    # ... and the gradient weights every token, replaced or not, by pi_theta / q
+    importance_weighted_pg_step(b, roll, scores)
+    torch.testing.assert_close(params_of(a), params_of(b), rtol=0, atol=2e-5)
 
 
 @pytest.mark.parametrize("objective", ["reverse_kl", "pg"])

@@ -144,8 +144,12 @@ def sample(
     mask = torch.zeros((B, params.max_new_tokens), dtype=torch.long, device=dev)
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     finished = torch.zeros(B, dtype=torch.bool, device=dev)
-    if guide is not None:
+    # The student's own log pi_theta(a_t), where the distribution sampled from is another: a guided mixture, or the
+    # top-p nucleus (renormalised). A_t and the update's trust region compare with this one, the model's softmax.
+    track_own = guide is not None or params.top_p < 1.0
+    if track_own:
         own_logprobs = torch.zeros_like(logprobs)
+    if guide is not None:
         teacher_share = torch.zeros_like(logprobs)
     steps = 0
     for t in range(params.max_new_tokens):
@@ -157,8 +161,13 @@ def sample(
                                              params.temperature, params.top_p)
             pick = choose(guide, logp, teacher_logp, generator)
             tok, tok_lp = pick.tokens, pick.behaviour_logprobs
-            own_logprobs[:, t] = torch.where(done, 0.0, pick.student_logprobs)
+            own_lp = pick.student_logprobs
             teacher_share[:, t] = torch.where(done, 0.0, pick.teacher_share)
+        if params.top_p < 1.0:  # the untruncated softmax's logprob, not the nucleus's
+            scaled = logits.float() if params.temperature == 1.0 else logits.float() / params.temperature
+            own_lp = F.log_softmax(scaled, dim=-1).gather(1, tok[:, None]).squeeze(1)
+        if track_own:
+            own_logprobs[:, t] = torch.where(done, 0.0, own_lp)
         tok = torch.where(done, torch.full_like(tok, pad), tok)
         tokens[:, t] = tok
         logprobs[:, t] = torch.where(done, 0.0, tok_lp)
@@ -182,8 +191,10 @@ def sample(
     tokens, logprobs, mask = tokens[:, :steps].cpu(), logprobs[:, :steps].cpu(), mask[:, :steps].cpu()
     texts = tokenizer.batch_decode(tokens.masked_fill(mask == 0, pad), skip_special_tokens=True)
     guided = {}
+    if track_own:
+        guided["student_logprobs"] = own_logprobs[:, :steps].cpu()
     if guide is not None:
-        guided = {"student_logprobs": own_logprobs[:, :steps].cpu(), "teacher_share": teacher_share[:, :steps].cpu()}
+        guided["teacher_share"] = teacher_share[:, :steps].cpu()
     return Rollout(
         prompts=list(prompts),
         prompt_ids=prompt_ids,

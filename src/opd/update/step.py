@@ -425,18 +425,24 @@ def _micro_batch_loss(model, r, s, f, objective, chunk_size, version, ref_model,
     with update_autocast(model, autocast), training_attention(model, r, autocast):
         terms = student_token_terms(model, r, s, objective, chunk_size)
     dev = terms.new_logprobs.device
-    # Importance ratios are against the distribution the tokens were drawn from (for a teacher-guided
-    # rollout, the mixture / corrected distribution q: pi_theta / q weights every token, replaced or
-    # not, exactly). Full-distribution objectives (reverse_kl, gkd, topk_kl) are exact at each visited
-    # state whoever chose the token, so guided states enter them unweighted, as in GKD / speculative KD.
+    # The tokens were drawn from q (behaviour_logprobs): the student's softmax, or for a teacher-guided rollout the
+    # mixture / corrected distribution, or for top-p the nucleus. The policy gradient weights every token by
+    # pi_theta / q, split as (pi_theta / pi_own) x (pi_own / q), pi_own the student's own softmax at sampling time:
+    # PPO's clip acts on the first factor, the student's move since it sampled (1 on a fresh batch, so nothing is
+    # clipped before the student has moved), the second is a fixed importance weight (1 without guidance or top-p).
+    # Full-distribution objectives (reverse_kl, gkd, topk_kl) are exact at each visited state whoever chose the
+    # token, so guided states enter them unweighted, as in GKD / speculative KD.
     old_lp = r.behaviour_logprobs[mask].to(dev)
     own_lp = r.policy_logprobs[mask].to(dev)  # the student's own sampling-time logprob: what drift checks
     adv = f.advantages[mask].to(dev)
     weight = f.loss_mask[mask].to(dev)
-    ratio = torch.exp(terms.new_logprobs.detach() - old_lp)
+    ratio = torch.exp(terms.new_logprobs.detach() - old_lp)  # pi_theta / q: the stale tokens' truncated IS weight
+    policy_ratio = ratio if r.student_logprobs is None else torch.exp(terms.new_logprobs.detach() - own_lp)
     clipped = torch.zeros_like(ratio, dtype=torch.bool)
     if objective.name in PG_FAMILY:
-        tok_loss, ratio, clipped = pg_loss(terms.new_logprobs, old_lp, adv, objective.clip_eps)
+        tok_loss, policy_ratio, clipped = pg_loss(terms.new_logprobs, own_lp, adv, objective.clip_eps)
+        if r.student_logprobs is not None:
+            tok_loss = tok_loss * torch.exp(own_lp - old_lp)
     elif objective.name == "sft":  # the offline baseline's sequence-level KD: cross-entropy on teacher text
         tok_loss = -terms.new_logprobs
     else:
@@ -466,7 +472,7 @@ def _micro_batch_loss(model, r, s, f, objective, chunk_size, version, ref_model,
     fresh = lag == 0
     stats = {
         "loss": float(loss.detach()) * denom,  # summed back; update_student divides by its share's denominator
-        "ratio": ratio.detach(),
+        "ratio": policy_ratio.detach(),  # freshness: how far the student moved since it sampled
         "clipped": clipped.float()[in_loss],
         "entropy": terms.entropy,
         "new_lp": terms.new_logprobs.detach(),
