@@ -27,6 +27,18 @@ def test_teacher_free_control_never_asks_the_teacher_during_training(tmp_path, m
     assert not any(k.startswith("teacher/") for k in rows[-1])
 
 
+def test_the_control_drops_the_base_configs_feedback_shaping(tmp_path):
+    # opd compare builds its control from the user's config: whitening, discounting, clipping or broken-prefix
+    # handling there would change (or refuse) the constant A_t
+    from opd.compare import method_overrides
+
+    base = ["feedback.normalize=true", "feedback.gamma=0.9", "feedback.clip=0.1", "feedback.broken_prefix='truncate'"]
+    cfg = load_config(None, base)
+    control = load_config(None, base + method_overrides("control", cfg, tmp_path, -0.5))
+    f = control.feedback
+    assert (f.constant_advantage, f.normalize, f.gamma, f.clip, f.broken_prefix) == (-0.5, False, 0.0, 0.0, "keep")
+
+
 def test_control_needs_pg():
     with pytest.raises(Exception, match="constant_advantage"):
         load_config(None, ["feedback.constant_advantage=-1.0"])

@@ -43,7 +43,10 @@ def method_overrides(method: str, cfg: Config, warm: Path, control_advantage: fl
         topk = ["offline.topk=0"] if cfg.offline.loss == "sequence_kd" else []
         return common + [f"offline.num_prompts={cfg.train.max_steps * cfg.prompts.batch_size}"] + topk
     if method == "control":
-        return common + ["objective.name='pg'", f"feedback.constant_advantage={control_advantage}"]
+        # A_t = c exactly: nothing of the base config's feedback shaping applies to a teacher-free constant
+        return common + ["objective.name='pg'", f"feedback.constant_advantage={control_advantage}",
+                         "feedback.broken_prefix='keep'", "feedback.normalize=false", "feedback.gamma=0.0",
+                         "feedback.clip=0.0"]
     # On-policy is evaluated twice as often: the step where it reaches offline's final accuracy is read off it.
     return common + [f"eval.every={max(cfg.eval.every // 2, 1)}"] if cfg.eval.every else common
 

@@ -446,6 +446,12 @@ class Config(Section):
             raise ValueError("objective.name = 'topk_kl' needs teacher.topk > 0 (e.g. teacher.topk = 20)")
         if self.feedback.constant_advantage is not None and self.objective.name not in ("pg", "hybrid"):
             raise ValueError("feedback.constant_advantage (the teacher-free control) needs objective.name = 'pg'")
+        c = self.feedback.constant_advantage
+        if c is not None and (self.feedback.normalize or self.feedback.gamma > 0 or 0 < self.feedback.clip < abs(c)):
+            raise ValueError(
+                f"feedback.constant_advantage = {c} (the teacher-free control) sets A_t = {c} on every token, but "
+                "feedback.normalize, feedback.gamma or feedback.clip would change it (whitening a constant leaves "
+                "rounding noise); set feedback.normalize = false, feedback.gamma = 0 and feedback.clip = 0")
         if self.offline.loss == "token_kd" and self.offline.topk == 0:
             raise ValueError("offline.loss = 'token_kd' needs offline.topk > 0 (e.g. offline.topk = 20)")
         if self.feedback.broken_prefix != "keep" and self.feedback.constant_advantage is not None:

@@ -104,3 +104,25 @@ def test_whitening_under_data_parallelism_uses_the_whole_batchs_statistics():
     torch.testing.assert_close(per_rank, whole, rtol=1e-5, atol=1e-6)
     alone = torch.cat([whiten(v, m) for v, m in shares])
     assert (alone - whole).abs().max() > 1e-3  # the rank-local statistics differ: the test can fail
+
+
+def test_the_teacher_free_control_is_exactly_the_constant():
+    # The control's "scores" are behaviour + c; behaviour + c - behaviour is c only up to fp32 rounding (and, for a
+    # top-p rollout, the student's own logprob is not the behaviour one): A_t is set to c itself.
+    behaviour = torch.tensor([[-1e-3, -17.3, -0.123456], [-3.7, -1e-7, -9.1]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    roll, scores = make(behaviour, behaviour - 0.5, mask)
+    roll.student_logprobs = behaviour - 0.25
+    fb = compute_feedback(roll, scores, FeedbackConfig(constant_advantage=-0.5))
+    assert fb.advantages[mask.bool()].tolist() == [-0.5] * 5
+
+
+@pytest.mark.parametrize("shaping", [{"normalize": True}, {"gamma": 0.9}, {"clip": 0.2}])
+def test_the_control_refuses_settings_that_would_change_its_constant(shaping):
+    from opd.config import ConfigError, load_config
+
+    sets = ["objective.name='pg'", "feedback.constant_advantage=-0.5"] + [f"feedback.{k}={str(v).lower()}"
+                                                                         for k, v in shaping.items()]
+    with pytest.raises(ConfigError, match="feedback.normalize = false"):
+        load_config(None, sets)
+    load_config(None, sets[:2] + ["feedback.clip=1.0"])  # a clip the constant stays inside is fine

@@ -74,6 +74,8 @@ def compute_feedback(
     # A cross-tokenizer teacher hands over A_t itself (one advantage per aligned chunk of text).
     teacher_adv = (scores.advantages if scores.advantages is not None
                    else scores.token_logprobs - rollout.policy_logprobs)
+    if cfg.constant_advantage is not None:  # the teacher-free control: exactly c, not its "scores" minus a logprob
+        teacher_adv = torch.full_like(mask, cfg.constant_advantage)
     # where, not a product: a NaN/inf teacher number at a masked-out token must stay out (NaN * 0 = NaN).
     raw = torch.where(mask > 0, teacher_adv, 0.0)
     metrics: dict[str, float] = {}

@@ -466,8 +466,10 @@ def _micro_batch_loss(model, r, s, f, objective, chunk_size, version, ref_model,
     else:
         seq_id = token_rows.to(dev)
         per_seq = torch.zeros(mask.shape[0], device=dev).index_add(0, seq_id, tok_loss)
-        lengths = torch.zeros(mask.shape[0], device=dev).index_add(0, seq_id, weight).clamp(min=1)
-        loss = (per_seq / lengths).sum() / denom
+        # a weighted mean within each sequence: divided by its summed weights, which broken_prefix = "downweight"
+        # makes fractional (a clamp at 1 turned rows weighing less than 1 into sums); rows without weight add 0
+        lengths = torch.zeros(mask.shape[0], device=dev).index_add(0, seq_id, weight)
+        loss = (per_seq / torch.where(lengths > 0, lengths, 1.0)).sum() / denom
     lag = torch.where(sampled, (version - r.policy_version).float()[token_rows].to(dev), 0.0)
     fresh = lag == 0
     stats = {
