@@ -293,3 +293,53 @@ def test_joined_rollouts_keep_the_students_own_logprobs_and_the_teachers_share()
     assert torch.equal(joined.teacher_share[:2], parts[0].teacher_share) and not joined.teacher_share[2:].any()
     plain = concat_rollouts([rollout(4, False), rollout(3, False)], pad_id=0)
     assert plain.student_logprobs is None and plain.teacher_share is None
+
+
+@pytest.mark.parametrize("extra", [[], ["teacher.topk=8", "objective.name='topk_kl'"]])
+def test_a_same_tokenizer_teacher_with_a_wider_lm_head_trains(tmp_path, extra):
+    # Model families pad their LM heads to different widths with one tokenizer (Qwen2.5-0.5B 151,936, 7B 152,064):
+    # the full-distribution objectives crashed on the width mismatch, topk_kl indexed past the student's head.
+    from opd.models import load_model, load_tokenizer
+
+    wide = load_model("builtin:arith-teacher")
+    width = wide.get_output_embeddings().weight.shape[0]
+    wide.resize_token_embeddings(width + 64)
+    with torch.no_grad():  # make the extra ids likely enough to reach the top-k
+        wide.get_output_embeddings().weight[width:] = wide.get_output_embeddings().weight[:64]
+    wide.save_pretrained(tmp_path / "wide")
+    load_tokenizer("builtin:arith-teacher").save_pretrained(tmp_path / "wide")
+    run(small_config("train.max_steps=2", "eval.every=0", "student.warm_start_steps=0", "train.checkpoint_every=0",
+                     f"teacher.model='{tmp_path / 'wide'}'", *extra), tmp_path / "run", log=quiet)
+    rows = [r for r in read_metrics(tmp_path / "run") if r["step"] >= 1]
+    assert len(rows) == 2 and all(r["stability/skipped_batches"] == 0 for r in rows)
+    assert all(math.isfinite(r["update/distribution_loss"]) and r["update/distribution_loss"] >= 0 for r in rows)
+
+
+def test_fit_vocab_narrows_or_widens_the_teachers_distribution():
+    from opd.objectives.losses import topk_kl
+    from opd.types import TeacherScores
+
+    g = torch.Generator().manual_seed(0)
+    full = torch.log_softmax(torch.randn(2, 3, 12, generator=g), -1)
+    s = TeacherScores(token_logprobs=torch.zeros(2, 3), scored_mask=torch.ones(2, 3), full_logprobs=full,
+                      topk_ids=full.topk(4, -1).indices, topk_logprobs=full.topk(4, -1).values)
+    narrow = s.fit_vocab(10)
+    torch.testing.assert_close(narrow.full_logprobs.exp().sum(-1), torch.ones(2, 3))
+    torch.testing.assert_close(narrow.full_logprobs, torch.log_softmax(full[..., :10], -1))
+    past = s.topk_ids >= 10
+    assert past.any() and torch.equal(torch.isneginf(narrow.topk_logprobs), past) and narrow.topk_ids.max() < 10
+    wider = s.fit_vocab(15)
+    assert torch.isfinite(wider.full_logprobs).all() and wider.full_logprobs.shape[-1] == 15
+    torch.testing.assert_close(wider.full_logprobs.exp().sum(-1), torch.ones(2, 3))
+    assert s.fit_vocab(12) is s  # the common case: nothing copied
+    # an emptied top-k entry is no bin: finite loss and gradients, equal to the K-bin KL without it
+    for direction in ("forward", "reverse"):
+        student = torch.log_softmax(torch.randn(6, 10, generator=g), -1).requires_grad_()
+        ids, lp = narrow.topk_ids.reshape(6, 4), narrow.topk_logprobs.reshape(6, 4)
+        loss = topk_kl(student, ids, lp, direction)
+        loss.sum().backward()
+        assert torch.isfinite(loss).all() and torch.isfinite(student.grad).all()
+        row = int(torch.nonzero(torch.isneginf(lp).any(-1))[0])
+        keep = ~torch.isneginf(lp[row])
+        alone = topk_kl(student.detach()[row:row + 1], ids[row:row + 1, keep], lp[row:row + 1, keep], direction)
+        torch.testing.assert_close(loss[row:row + 1].detach(), alone)

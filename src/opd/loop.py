@@ -378,6 +378,8 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
     publish_weights = (lambda: None) if backend is not workers and ahead == 0 else (lambda: weights_of(student))
     backend_metrics = getattr(backend, "metrics", dict)  # e.g. the server backend's weight-sync time
 
+    student_width = student.get_output_embeddings().weight.shape[0]  # a same-tokenizer teacher's head may differ
+
     def produce(step: int, backend) -> ScoredBatch:
         if offline_data is not None:  # offline baseline: stored teacher completions and their teacher logprobs
             rollout, scores = offline_data.batch(step, cfg.prompts.batch_size, cfg.seed)
@@ -394,7 +396,7 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
         # 3. teacher scores the student's own prefixes
         if cfg.feedback.constant_advantage is None:
             with teacher_lock:
-                scores = score(rollout, full=needs_full)
+                scores = score(rollout, full=needs_full).fit_vocab(student_width)
         else:  # teacher-free control: A_t = c exactly, no teacher call, no teacher tokens spent
             scores = TeacherScores(rollout.behaviour_logprobs + cfg.feedback.constant_advantage,
                                    rollout.completion_mask.clone())

@@ -7,6 +7,7 @@ so no prompt or padding token can reach a loss by construction.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -116,6 +117,29 @@ class TeacherScores:
             rewards=pick(self.rewards),
             advantages=pick(self.advantages),
         )
+
+    def fit_vocab(self, width: int) -> "TeacherScores":
+        """The distributions over the student's LM head of `width` ids. One tokenizer, but heads padded to different
+        widths (Qwen2.5-0.5B 151,936 vs 7B 152,064): ids past the tokenizer are never real tokens. A wider teacher's
+        extra ids are dropped (and its distribution renormalised over the student's); a narrower one gives the
+        student's extra ids its least likely token's logprob (finite: a reverse KL against -inf is infinite). Top-k
+        entries past the student's head are emptied (id 0, logprob -inf: no mass, opd.objectives.topk_kl)."""
+        out = self
+        full = self.full_logprobs
+        if full is not None and full.shape[-1] != width:
+            if full.shape[-1] > width:
+                full = full[..., :width]
+            else:
+                floor = full.min(-1, keepdim=True).values
+                full = torch.cat([full, floor.expand(*full.shape[:-1], width - full.shape[-1])], -1)
+            out = copy.copy(out)
+            out.full_logprobs = full - torch.logsumexp(full, -1, keepdim=True)
+        if self.topk_ids is not None and bool((self.topk_ids >= width).any()):
+            past = self.topk_ids >= width
+            out = copy.copy(out)
+            out.topk_ids = self.topk_ids.masked_fill(past, 0)
+            out.topk_logprobs = self.topk_logprobs.masked_fill(past, float("-inf"))
+        return out
 
 
 @dataclass

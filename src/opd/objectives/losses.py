@@ -60,11 +60,20 @@ def _log1mexp(lse: torch.Tensor) -> torch.Tensor:
 def topk_kl(
     student_logp: torch.Tensor, topk_ids: torch.Tensor, topk_logp: torch.Tensor, direction: str = "forward"
 ) -> torch.Tensor:
-    """KL over K+1 bins: the teacher's top-k tokens and one tail bin with the rest of the mass."""
-    s_k = student_logp.gather(-1, topk_ids)
+    """KL over K+1 bins: the teacher's top-k tokens and one tail bin with the rest of the mass. An entry with a
+    -inf teacher logprob is empty (TeacherScores.fit_vocab: an id past the student's head): it is no bin."""
     t_k = topk_logp.to(student_logp.dtype)
+    empty = torch.isneginf(t_k)
+    s_k = student_logp.gather(-1, topk_ids)
+    if bool(empty.any()):
+        s_k = s_k.masked_fill(empty, float("-inf"))
     s = torch.cat([s_k, _log1mexp(torch.logsumexp(s_k, -1))[..., None]], -1)
     t = torch.cat([t_k, _log1mexp(torch.logsumexp(t_k, -1))[..., None]], -1)
+    if bool(empty.any()):  # finite stand-ins where a bin is empty, and no term: 0 * (-inf) is NaN, also in backward
+        keep = torch.cat([~empty, torch.ones_like(empty[..., :1])], -1)
+        s, t = torch.where(keep, s, 0.0), torch.where(keep, t, 0.0)
+        p = (t if direction == "forward" else s).exp()
+        return torch.where(keep, p * ((t - s) if direction == "forward" else (s - t)), 0.0).sum(-1)
     if direction == "forward":
         return (t.exp() * (t - s)).sum(-1)
     return (s.exp() * (s - t)).sum(-1)
