@@ -70,6 +70,27 @@ def test_detailed_eval_of_the_teacher_against_itself(arith_setup):
     json.dumps(res)  # serialisable as the CLI writes it
 
 
+def test_detailed_eval_leaves_unscored_tokens_out_of_the_teachers_nll(arith_setup, student):
+    # A teacher that drops sequences (a server) or leaves holes (cross-tokenizer): their tokens hold 0, which
+    # detailed_eval counted as an NLL of 0 (5.07 against the run's own evaluate's 10.3 on the same rollouts).
+    from opd.evaluate import evaluate
+
+    tok, teacher, _, prompts = arith_setup
+
+    class Holes(LocalTeacher):
+        def score(self, rollout, full=False):
+            s = super().score(rollout, full=full)
+            s.scored_mask[1::2] = 0
+            s.token_logprobs[1::2] = 0.0
+            return s
+
+    params = SamplingParams(max_new_tokens=24)
+    detailed = detailed_eval(student, Holes(teacher), tok, prompts, params, seed=0)
+    plain = evaluate(student, Holes(teacher), tok, prompts, params, seed=0)
+    assert detailed["eval/teacher_nll"] == pytest.approx(plain["eval/teacher_nll"], rel=1e-6)
+    assert plain["eval/teacher_nll"] > 1.0
+
+
 def test_opd_eval_command_writes_json(tmp_path):
     from typer.testing import CliRunner
 

@@ -142,6 +142,35 @@ def test_non_finite_teacher_scores_are_skipped_then_the_run_stops_with_a_checkpo
     assert state["version"] == 1  # only step 1 was applied
 
 
+def test_a_teacher_that_scores_nothing_stops_the_run_saying_so_and_no_figure_is_made_up(tmp_path, monkeypatch):
+    # Every sequence dropped (a teacher server down): the run stopped blaming "non-finite teacher logprobs" with
+    # skipped_batches 0, and its rows reported entropy 0, ratio_mean 0 and a loss of 0 that nothing had measured.
+    from opd.loop import RunAborted, run
+    from opd.teacher.local import LocalTeacher
+
+    real_score = LocalTeacher.score
+
+    def nothing(self, rollout, full=False):
+        s = real_score(self, rollout, full=full)
+        s.scored_mask = torch.zeros_like(s.scored_mask)
+        s.tokens_scored = 0
+        return s
+
+    monkeypatch.setattr(LocalTeacher, "score", nothing)
+    cfg = load_config(None, ["student.warm_start_steps=0", "prompts.batch_size=4", "eval.every=0",
+                             "train.max_steps=20", "train.max_consecutive_skips=3", "rollout.max_new_tokens=16",
+                             "monitor.tensorboard=false", "eval.recovery_size=0", "eval.size=4"])
+    with pytest.raises(RunAborted, match="3 steps in a row trained on nothing: the teacher scored no token"):
+        run(cfg, tmp_path, log=lambda *a: None)
+    rows = [r for r in read_metrics(tmp_path) if r["step"] > 0]
+    assert len(rows) == 3 and all(r["stability/skipped_batches"] == 0 for r in rows)
+    made_up = ("stability/entropy", "freshness/ratio_mean", "update/loss", "opd/reverse_kl", "stability/grad_norm",
+               "teacher/logprob_mean", "opd/advantage_mean")
+    assert not [k for r in rows for k in made_up if k in r]
+    assert all(r["teacher/coverage"] == 0 and r["health/teacher_access"] == 2 for r in rows)
+    assert all(r["health/stability"] == 0 for r in rows)  # the teacher's fault, not the update's
+
+
 # ------------------------------------------------------------------------------------ bad input
 def _write(path: Path, text: str | bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -52,7 +52,7 @@ def evaluate(student, teacher, tokenizer, prompts: list[Prompt], params: Samplin
     for r in rollouts:
         s = teacher.score(r)
         m = (r.completion_mask * s.scored_mask).bool()
-        diff.append((r.behaviour_logprobs - s.token_logprobs)[m])
+        diff.append((r.policy_logprobs - s.token_logprobs)[m])  # the student's own logprob (top-p: untruncated)
         t_lp.append(s.token_logprobs[m])
         lengths.append(r.completion_mask.sum(1).float())
     out = {
@@ -120,10 +120,11 @@ def detailed_eval(student, teacher, tokenizer, prompts: list[Prompt], params: Sa
     for r in rollouts:
         s = teacher.score(r)
         m = (r.completion_mask * s.scored_mask).bool()
-        diff.append((r.behaviour_logprobs - s.token_logprobs)[m])
+        diff.append((r.policy_logprobs - s.token_logprobs)[m])
         for i in range(len(r.texts)):
             n = int(r.completion_mask[i].sum())
-            nll_pos += [(t, -float(s.token_logprobs[i, t])) for t in range(n)]
+            # scored tokens only: an unscored one (a dropped sequence, a cross-tokenizer hole) holds 0, not an NLL
+            nll_pos += [(t, -float(s.token_logprobs[i, t])) for t in range(n) if m[i, t]]
             ok = verify(r.prompts[i], r.texts[i])
             if ok is not None:
                 acc_len.append((n, float(ok)))

@@ -502,11 +502,15 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
                                                   ref_model=ref_model, chunk_size=cfg.teacher.chunk_size, dp=dp)
             else:  # a non-finite teacher logprob or advantage: never train on it
                 upd, new_version = {"stability/skipped_batches": float(cfg.train.updates_per_batch)}, version
+            # no step applied: for non-finite numbers (counted in skipped_batches), or for want of any token to train on
+            # (the teacher scored none, or every one was truncated after a broken prefix)
             skipped_all = new_version == version
+            nothing_to_train = skipped_all and upd["stability/skipped_batches"] == 0
             version = new_version
             batches.publish(step, version, publish_weights)  # the weights later batches are sampled with
             skips["total"] += int(upd["stability/skipped_batches"])
             skips["consecutive"] = skips["consecutive"] + 1 if skipped_all else 0
+            skips["empty"] = skips.get("empty", 0) + 1 if nothing_to_train else 0
             t3 = time.perf_counter()
             crash_point("update", step)
 
@@ -520,7 +524,9 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
                 if guide is not None:  # the teacher also ran a forward for every token it helped choose
                     budget["teacher_tokens"] += n_tok
                     budget["flops"] += 2 * n_teacher * n_tok
-            budget["flops"] += 6 * n_student * n_tok * cfg.train.updates_per_batch
+            # forward and backward once per token: updates_per_batch splits the batch into mini-batches, each
+            # trained once; the reference model's forward (kl_ref_coef) on top
+            budget["flops"] += 6 * n_student * n_tok + (2 * n_student * n_tok if ref_model is not None else 0)
             if offline_data is not None:  # teacher-written data: no student policy to be fresh against, no scoring
                 upd = {k: v for k, v in upd.items() if not k.startswith("freshness/")}
             if cfg.feedback.constant_advantage is not None:  # the control never asked the teacher
@@ -547,6 +553,15 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
             metrics.write(row)
             display.update(row)
             crash_point("metrics", step)
+            if skips["consecutive"] >= cfg.train.max_consecutive_skips and skips["empty"] == skips["consecutive"]:
+                checkpoint(step)
+                metrics.close()
+                cause = ("the teacher scored no token (teacher/coverage 0: is the teacher up? see teacher/failures and "
+                         "teacher/dropped)" if n_scored == 0 else
+                         "no token was left in the loss (feedback.broken_prefix = 'truncate' cut every sequence: "
+                         "raise feedback.break_logprob or feedback.keep_after_break)")
+                raise RunAborted(f"{skips['consecutive']} steps in a row trained on nothing: {cause} (step {step}); a "
+                                 f"checkpoint is in {run_dir}/checkpoints; continue with --resume once it is fixed.")
             if skips["consecutive"] >= cfg.train.max_consecutive_skips:
                 checkpoint(step)
                 metrics.close()
@@ -670,17 +685,23 @@ def _step_metrics(rollout, scores, feedback, correct, times: dict, offline: bool
         "rollout/length_mean": n / max(1, len(rollout.texts)),
         "rollout/finished_frac": float(rollout.finished.float().mean()),
         "rollout/tokens_per_s": n / max(times["rollout_s"], 1e-9),
-        "teacher/logprob_mean": float(scores.token_logprobs[scored].mean()) if scored.any() else float("nan"),
         "teacher/coverage": scores.coverage if scores.coverage is not None else float(scored.sum()) / max(1, n),
         "teacher/failures": scores.failures,
         "teacher/tokens_per_s": scores.tokens_scored / max(times["teacher_s"], 1e-9),
         "teacher/latency_s": scores.latency_s,
-        "student/logprob_mean": float(rollout.policy_logprobs[mask].mean()) if n else float("nan"),
-        "opd/reverse_kl": float((rollout.policy_logprobs - scores.token_logprobs)[scored].mean()) if scored.any() else float("nan"),
         **feedback.metrics,
         **scores.metrics,
         **{f"time/{k}": v for k, v in times.items()},
     }
+    # what the teacher's scores measure: left out of a step where it scored no token, not reported as NaN or 0
+    if scored.any():
+        out["teacher/logprob_mean"] = float(scores.token_logprobs[scored].mean())
+        out["opd/reverse_kl"] = float((rollout.policy_logprobs - scores.token_logprobs)[scored].mean())
+    else:
+        for k in ("opd/advantage_mean", "opd/advantage_pos_frac"):
+            out.pop(k, None)
+    if n:
+        out["student/logprob_mean"] = float(rollout.policy_logprobs[mask].mean())
     if offline:  # the rows are the teacher's own text: their "behaviour" logprobs are the teacher's, not the student's
         for k in ("rollout/tokens_per_s", "teacher/tokens_per_s", "teacher/latency_s", "student/logprob_mean",
                   "opd/reverse_kl", "opd/advantage_mean", "opd/advantage_pos_frac"):

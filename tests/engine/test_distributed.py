@@ -157,6 +157,22 @@ def test_rank_metrics_merge_into_the_whole_batchs():
         "freshness/ratio_min": 0.8, "teacher/math/latency_s": pytest.approx(0.3)}
 
 
+def test_rank_metrics_sum_feedback_counts_and_weight_token_means_by_tokens():
+    # tokens_dropped (a count) was averaged; per-token means were means of the ranks' means, which is the batch's
+    # only when every rank has as many tokens
+    from opd.engine.distributed import merge_rank_metrics
+
+    rank0 = {"rollout/tokens": 30, "feedback/tokens_dropped": 4.0, "reward/teacher_rows": 1.0, "opd/reverse_kl": 0.2,
+             "stability/entropy": 1.0, "rollout/finished_frac": 0.5}
+    rank1 = {"rollout/tokens": 10, "feedback/tokens_dropped": 6.0, "reward/teacher_rows": 2.0, "opd/reverse_kl": 0.6,
+             "stability/entropy": 3.0, "rollout/finished_frac": 1.0}
+    merged = merge_rank_metrics([rank0, rank1])
+    assert merged["feedback/tokens_dropped"] == 10.0 and merged["reward/teacher_rows"] == 3.0
+    assert merged["opd/reverse_kl"] == pytest.approx((0.2 * 30 + 0.6 * 10) / 40)
+    assert merged["stability/entropy"] == pytest.approx((30 + 30) / 40)
+    assert merged["rollout/finished_frac"] == 0.75  # a per-row mean of equal row shares
+
+
 def test_run_counters_add_every_ranks_counts_to_those_before_the_resume():
     from opd.engine.distributed import run_counters
 

@@ -130,6 +130,15 @@ def test_the_pg_step_on_a_top_p_rollout_weights_tokens_by_pi_over_q(student, tea
     torch.testing.assert_close(params_of(a), params_of(b), rtol=0, atol=2e-5)
 
 
+def test_train_lr_is_the_rate_the_step_used(student, batch):
+    # it read the scheduler after its step: the next step's rate (1e-4 for a step that used 5e-5 in warmup)
+    roll, scores = batch
+    m, _ = run_update(copy.deepcopy(student), roll, scores, lr=1e-2, warmup_steps=20, updates_per_batch=1)
+    assert m["train/lr"] == pytest.approx(1e-2 / 20)
+    m, _ = run_update(copy.deepcopy(student), roll, scores, lr=1e-2, warmup_steps=20, updates_per_batch=2)
+    assert m["train/lr"] == pytest.approx(2e-2 / 20)  # the second optimizer step's
+
+
 def test_several_updates_per_batch_count_policy_lag(student, batch):
     roll, scores = batch
     m, version = run_update(student, roll, scores, updates_per_batch=2)

@@ -92,11 +92,17 @@ class DataParallel:
 
 
 # Counts and throughputs add up over ranks (they run side by side); the slowest rank bounds a step's time and the
-# largest value is the maximum and the smallest the minimum; everything else (per-token and per-row means of equal
-# shares, losses and grad norms that every rank already shares) is the mean over the ranks that report it.
+# largest value is the maximum and the smallest the minimum; a mean over tokens is weighted by each rank's completion
+# tokens (ranks' completions differ in length); everything else (per-row means of equal shares, losses and grad norms
+# that every rank already shares) is the mean over the ranks that report it.
 # Cumulative run counters (teacher/*_total, engine/worker_retries) are summed over the ranks' clients by
 # run_counters, every rank taking part, and saved as that sum with rank 0's checkpoint.
-SUMMED = ("rollout/tokens", "rollout/tokens_per_s")
+SUMMED = ("rollout/tokens", "rollout/tokens_per_s", "feedback/tokens_dropped", "reward/teacher_rows")
+TOKEN_MEANS = ("opd/reverse_kl", "opd/advantage_mean", "opd/advantage_pos_frac", "teacher/logprob_mean",
+               "teacher/entropy", "student/logprob_mean", "stability/entropy", "stability/clip_frac", "stability/kl_ref",
+               "freshness/ratio_mean", "freshness/policy_lag", "freshness/logprob_drift", "update/new_logprob_mean",
+               "update/distribution_loss", "feedback/loss_weight_mean", "feedback/clip_frac",
+               "rollout/teacher_token_frac")
 # The teacher's counts, summed too: teacher/<count>, one named teacher's teacher/NAME/<count> ([teachers.NAME]), and
 # failures by kind (teacher/failures/http, teacher/NAME/failures/http).
 TEACHER_COUNTS = ("tokens", "tokens_per_s", "failures", "dropped", "retries", "requests", "breaker_rejections",
@@ -110,7 +116,7 @@ def _merge_rule(key: str) -> str:
         return "max"
     if key.endswith("_min"):
         return "min"
-    return "mean"
+    return "token_mean" if key in TOKEN_MEANS else "mean"
 
 
 def merge_rank_metrics(rows: list[dict[str, float]]) -> dict[str, float]:
@@ -119,6 +125,10 @@ def merge_rank_metrics(rows: list[dict[str, float]]) -> dict[str, float]:
     for key in dict.fromkeys(k for r in rows for k in r):  # first-seen order
         values = [r[key] for r in rows if key in r]
         rule = _merge_rule(key)
+        weights = [r.get("rollout/tokens", 0) for r in rows if key in r]
+        if rule == "token_mean" and sum(weights) > 0:
+            out[key] = sum(v * w for v, w in zip(values, weights)) / sum(weights)
+            continue
         if not all(isinstance(v, (int, float)) for v in values):
             out[key] = values[0]
         elif rule == "sum":

@@ -334,6 +334,7 @@ def update_student(
     B = rollout.completion_ids.shape[0]
     acc = _Accumulator()
     skipped = 0
+    used_lr = None
     # fp32 training: the student's matmuls, forward and backward, through oneDNN where that is the faster kernel
     # (under bf16 autocast they already are); bf16 weights: the norms and SiLU x up in C (opd.update.layer_ops).
     with (matmul.onednn_fp32(model, active=train.autocast == "none"), embedding_rows_grad(model) as embedding_rows,
@@ -381,12 +382,15 @@ def update_student(
                 optimizer.zero_grad(set_to_none=True)
                 continue
             acc.grad_norms.append(float(grad_norm))
+            used_lr = optimizer.param_groups[0]["lr"]  # the rate this step takes (the scheduler then sets the next)
             step_optimizer(optimizer)
             scheduler.step()
             version += 1
     metrics = acc.summary()
+    if skipped and "stability/grad_norm" not in metrics:
+        metrics["stability/grad_norm"] = float("nan")  # every mini-batch was non-finite: never healthy (Stability red)
     metrics["stability/skipped_batches"] = float(skipped)
-    metrics["train/lr"] = float(scheduler.get_last_lr()[0])
+    metrics["train/lr"] = float(used_lr if version > batch_version else optimizer.param_groups[0]["lr"])
     return metrics, version
 
 
@@ -514,26 +518,21 @@ class _Accumulator:
     def summary(self) -> dict[str, float]:
         cat = {k: torch.cat(v) for k, v in self.parts.items()}
 
-        def mean(k: str) -> float:
-            t = cat.get(k)
-            return float(t.mean()) if t is not None and t.numel() else 0.0
-
-        out = {
-            "update/loss": self.loss_sum / self.loss_weight if self.loss_weight else 0.0,
-            "freshness/ratio_mean": mean("ratio"),
-            "freshness/ratio_max": float(cat["ratio"].max()) if "ratio" in cat and cat["ratio"].numel() else 1.0,
-            "freshness/ratio_min": float(cat["ratio"].min()) if "ratio" in cat and cat["ratio"].numel() else 1.0,
-            "freshness/policy_lag": mean("lag"),
-            "freshness/policy_lag_max": float(cat["lag"].max()) if "lag" in cat and cat["lag"].numel() else 0.0,
-            "stability/clip_frac": mean("clipped"),
-            "stability/entropy": mean("entropy"),
-            "stability/grad_norm": float(np.mean(self.grad_norms)) if self.grad_norms else float("nan"),
-            "update/new_logprob_mean": mean("new_lp"),
-        }
-        if "drift" in cat and cat["drift"].numel():  # measured on tokens of the current policy only: none, no figure
-            out["freshness/logprob_drift"] = mean("drift")
-        if "kl_ref" in cat:
-            out["stability/kl_ref"] = mean("kl_ref")
-        if "dist" in cat:
-            out["update/distribution_loss"] = mean("dist")
+        # a figure for what was measured; none (not a made-up 0 or 1) where no token was (nothing in the loss)
+        out = {}
+        if self.loss_weight:
+            out["update/loss"] = self.loss_sum / self.loss_weight
+        for key, part, reduce in (
+            ("freshness/ratio_mean", "ratio", torch.mean), ("freshness/ratio_max", "ratio", torch.max),
+            ("freshness/ratio_min", "ratio", torch.min), ("freshness/policy_lag", "lag", torch.mean),
+            ("freshness/policy_lag_max", "lag", torch.max), ("stability/clip_frac", "clipped", torch.mean),
+            ("stability/entropy", "entropy", torch.mean), ("update/new_logprob_mean", "new_lp", torch.mean),
+            ("freshness/logprob_drift", "drift", torch.mean),  # tokens of the current policy only
+            ("stability/kl_ref", "kl_ref", torch.mean), ("update/distribution_loss", "dist", torch.mean),
+        ):
+            t = cat.get(part)
+            if t is not None and t.numel():
+                out[key] = float(reduce(t))
+        if self.grad_norms:
+            out["stability/grad_norm"] = float(np.mean(self.grad_norms))
         return out
