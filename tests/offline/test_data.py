@@ -65,6 +65,21 @@ def test_interrupted_generation_resumes_without_regenerating(tmp_path, teacher_m
     assert info == {"generated": 0, "reused": len(prompts), "tokens": 0}
 
 
+def test_a_partly_written_batch_is_made_again_whole(tmp_path, teacher_model, tokenizer, prompts, monkeypatch):
+    # A kill while a batch's rows were being written left some of them; the rest were regrouped into new batches
+    # with other generators, so the stored data differed from an uninterrupted generation's (39 of 40 rows).
+    whole = tmp_path / "whole"
+    _gen(whole, teacher_model, tokenizer, prompts)
+    lines = (whole / "data.jsonl").read_text().splitlines(keepends=True)
+    part = tmp_path / "part"
+    part.mkdir()
+    (part / "meta.json").write_text((whole / "meta.json").read_text())
+    (part / "data.jsonl").write_text("".join(lines[:3]))  # batch 0 whole (2 rows), one row of batch 1
+    info = _gen(part, teacher_model, tokenizer, prompts)
+    assert info["reused"] == 2 and info["generated"] == len(prompts) - 2
+    assert (part / "data.jsonl").read_text() == (whole / "data.jsonl").read_text()
+
+
 def test_other_settings_refuse_the_stored_data(tmp_path, teacher_model, tokenizer, prompts):
     _gen(tmp_path, teacher_model, tokenizer, prompts[:2])
     with pytest.raises(ConfigError, match="other settings"):

@@ -2,8 +2,9 @@
 imitates them. On disk: `meta.json` (what generated it) and `data.jsonl`, one completion a line
 with the teacher's per-token logprobs and top-k, readable by `datasets.load_dataset("json", ...)`.
 
-Generation appends one batch at a time and is resumable: a rerun keeps every complete line,
-drops a torn last one, and generates only the prompts still missing. Stored data is reused by
+Generation appends one batch at a time and is resumable: a rerun keeps every batch stored whole,
+drops a partly written one (its rows share one generator, so they are made again together), and
+generates only the batches still missing: the data equals an uninterrupted generation's. Stored data is reused by
 any later run that points at the same folder with the same generation settings.
 """
 
@@ -51,19 +52,22 @@ def generate_offline_data(folder: Path, teacher, tokenizer, prompts: list[Prompt
                               "point offline.data at another folder or delete this one")
     else:
         meta_path.write_text(json.dumps(meta, indent=1))
-    rows = _read_rows(folder / DATA)
-    # Rewrite without a torn tail so appends start on a clean line.
-    (folder / DATA).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    done = {r["index"] for r in rows}
-    todo = [i for i in range(len(prompts)) if i not in done]
-    reused = len(prompts) - len(todo)
-    tokens = 0
     # Generation batches may be larger than scoring batches: a small model's decode step costs about the
     # same at 64 or 256 rows (per-step overhead dominates), so bigger batches write data faster.
     batch_size = batch_size or teacher.batch_size
+    batches = [list(range(start, min(start + batch_size, len(prompts)))) for start in range(0, len(prompts), batch_size)]
+    rows = _read_rows(folder / DATA)
+    done = {r["index"] for r in rows}
+    whole = {i for idx in batches if all(i in done for i in idx) for i in idx}
+    rows = [r for r in rows if r["index"] in whole]
+    # Rewrite without a torn tail or a partly written batch, so appends start on a clean line.
+    (folder / DATA).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    todo_batches = [(b, idx) for b, idx in enumerate(batches) if idx[0] not in whole]
+    todo = [i for _, idx in todo_batches for i in idx]
+    reused = len(prompts) - len(todo)
+    tokens = 0
     with (folder / DATA).open("a", encoding="utf-8") as f:
-        for b, start in enumerate(range(0, len(todo), batch_size)):
-            idx = todo[start : start + batch_size]
+        for b, idx in todo_batches:
             gen = torch.Generator(device=next(teacher.model.parameters()).device).manual_seed(seed * 100003 + idx[0])
             roll = sample(teacher.model, tokenizer, [prompts[i] for i in idx], params, generator=gen,
                           max_prompt_tokens=max_prompt_tokens)
