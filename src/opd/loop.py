@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import random
+import shutil
 import signal
 import threading
 import time
@@ -338,7 +339,12 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
     objective = cfg.objective
     offline_data = None
     if mode == "offline":
-        offline_data, objective = prepare_offline(cfg, run_dir, teacher_model, tokenizer, stream, params, log)
+        with _StopFlag() as stop:  # Ctrl-C / SIGTERM: generation stops after its current batch (what is stored stays)
+            offline_data, objective = prepare_offline(cfg, run_dir, teacher_model, tokenizer, stream, params, log,
+                                                      should_stop=lambda: stop.raised)
+        if offline_data is None:
+            log(f"interrupted during the offline data generation: `{resume_command(mode, run_dir)}` continues it")
+            return RunResult(run_dir=run_dir, steps=0, interrupted=True)
         needs_full = False
         if ckpt is None:  # the stored data is what the teacher spent, whether made now or earlier
             budget["teacher_tokens"] += offline_data.num_tokens
@@ -581,9 +587,13 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
                 and step > start:
             checkpoint(step)
     if not interrupted and main:
-        final = run_dir / "final"
-        save_plain(student, final)
-        tokenizer.save_pretrained(final)
+        # written beside, then renamed: an interrupted write leaves no half final/ that loads as the trained model
+        final, partial = run_dir / "final", run_dir / "final.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        save_plain(student, partial)
+        tokenizer.save_pretrained(partial)
+        shutil.rmtree(final, ignore_errors=True)
+        partial.rename(final)
     metrics.close()
     if dp is not None:
         dp.close()
@@ -617,8 +627,9 @@ def warm_start(cfg: Config, student, teacher_model, tokenizer, stream: PromptStr
 
 
 def prepare_offline(cfg: Config, run_dir: Path, teacher_model, tokenizer, stream: PromptStream, params: SamplingParams,
-                    log) -> tuple[OfflineData, ObjectiveConfig]:
-    """The offline baseline's data (generated now, or reused from offline.data) and its imitation objective."""
+                    log, should_stop=lambda: False) -> tuple[OfflineData | None, ObjectiveConfig]:
+    """The offline baseline's data (generated now, or reused from offline.data) and its imitation objective; no data
+    (None) when `should_stop` interrupted the generation."""
     folder = Path(cfg.offline.data) if cfg.offline.data else run_dir / "offline-data"
     # Everything the stored data depends on: which prompts (num_prompts and the prompt settings, not the training
     # batch size), how the teacher wrote them, and the generation batches (rows of a batch share one generator).
@@ -629,14 +640,17 @@ def prepare_offline(cfg: Config, run_dir: Path, teacher_model, tokenizer, stream
             "prompts": cfg.prompts.model_dump(mode="json", exclude={"batch_size"})}
     teacher = LocalTeacher(teacher_model, batch_size=cfg.teacher.batch_size, chunk_size=cfg.teacher.chunk_size,
                            topk=cfg.offline.topk, fast=cfg.teacher.forward == "auto")
-    generate_offline_data(folder, teacher, tokenizer, stream.extra_prompts(cfg.offline.num_prompts, key=2), params,
-                          meta=meta, topk=cfg.offline.topk, seed=cfg.seed, batch_size=cfg.offline.generate_batch_size,
-                          max_prompt_tokens=cfg.prompts.max_prompt_tokens, log=log)
-    data = OfflineData(folder, tokenizer, temperature=params.temperature, max_prompt_tokens=cfg.prompts.max_prompt_tokens)
+    made = generate_offline_data(folder, teacher, tokenizer, stream.extra_prompts(cfg.offline.num_prompts, key=2),
+                                 params, meta=meta, topk=cfg.offline.topk, seed=cfg.seed,
+                                 batch_size=cfg.offline.generate_batch_size,
+                                 max_prompt_tokens=cfg.prompts.max_prompt_tokens, log=log, should_stop=should_stop)
     # sequence_kd = cross-entropy on the teacher's text; token_kd = forward KL to its stored top-k.
     name = "sft" if cfg.offline.loss == "sequence_kd" else "topk_kl"
     objective = ObjectiveConfig.model_construct(**{**cfg.objective.model_dump(), "name": name,
                                                    "topk_direction": "forward", "kl_ref_coef": 0.0})
+    if made.get("interrupted"):
+        return None, objective
+    data = OfflineData(folder, tokenizer, temperature=params.temperature, max_prompt_tokens=cfg.prompts.max_prompt_tokens)
     return data, objective
 
 

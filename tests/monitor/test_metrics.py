@@ -57,6 +57,20 @@ def test_a_fresh_run_starts_a_fresh_file(tmp_path):
     assert read_metrics(tmp_path) == [{"step": 0, "new": 1}]
 
 
+def test_a_fresh_start_drops_earlier_tensorboard_events_too(tmp_path):
+    # A resume that finds no intact checkpoint starts at step 0 with a fresh metrics.jsonl; TensorBoard kept the
+    # earlier start's events, showing step 0 twice.
+    log = MetricsLog(tmp_path)
+    for step in range(3):
+        log.write({"step": step, "loss": float(step)})
+    log.close()
+    time.sleep(1.1)  # event files are named by the second
+    log = MetricsLog(tmp_path)
+    log.write({"step": 0, "loss": 10.0})
+    log.close()
+    assert tb_scalars(tmp_path, "loss") == [(0, 10.0)]
+
+
 def test_resume_drops_rows_after_the_checkpoint(tmp_path):
     log = MetricsLog(tmp_path, tensorboard=False)
     for step in range(6):

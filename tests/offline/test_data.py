@@ -80,6 +80,34 @@ def test_a_partly_written_batch_is_made_again_whole(tmp_path, teacher_model, tok
     assert (part / "data.jsonl").read_text() == (whole / "data.jsonl").read_text()
 
 
+def test_ctrl_c_during_the_offline_generation_stops_between_batches_and_resume_goes_on(tmp_path, monkeypatch):
+    # Ctrl-C / SIGTERM there ended the process with no word (exit 130 or 143); it now stops after the batch it is
+    # writing, says how to continue, and the continued run's data equals an uninterrupted generation's.
+    import os
+    import signal
+
+    sets = ["student.warm_start_steps=0", "prompts.batch_size=4", "eval.size=4", "eval.every=0", "train.max_steps=1",
+            "rollout.max_new_tokens=24", "offline.num_prompts=12", "offline.generate_batch_size=4",
+            "monitor.tensorboard=false", "train.checkpoint_every=0", "eval.recovery_size=0"]
+    run(load_config(None, sets), tmp_path / "whole", mode="offline", log=lambda *a: None)
+
+    def ctrl_c_in_batch_0(phase, step):
+        if (phase, step) == ("offline_generate", 0):
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(offline_data, "crash_point", ctrl_c_in_batch_0)
+    said = []
+    result = run(load_config(None, sets), tmp_path / "part", mode="offline", log=said.append)
+    assert result.interrupted and result.steps == 0
+    assert any("interrupted during the offline data generation" in m and "opd offline --resume" in m for m in said)
+    assert len((tmp_path / "part" / "offline-data" / "data.jsonl").read_text().splitlines()) == 4
+    monkeypatch.undo()
+    run(load_config(None, sets), tmp_path / "part", mode="offline", resume=True, log=lambda *a: None)
+    stored = lambda run_dir: (run_dir / "offline-data" / "data.jsonl").read_text()  # noqa: E731
+    assert stored(tmp_path / "part") == stored(tmp_path / "whole")
+    assert (tmp_path / "part" / "final" / "config.json").is_file() and not (tmp_path / "part" / "final.partial").exists()
+
+
 def test_other_settings_refuse_the_stored_data(tmp_path, teacher_model, tokenizer, prompts):
     _gen(tmp_path, teacher_model, tokenizer, prompts[:2])
     with pytest.raises(ConfigError, match="other settings"):

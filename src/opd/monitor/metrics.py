@@ -22,8 +22,9 @@ class MetricsLog:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            # purge_step drops events with step >= it: keep the checkpoint step itself, as metrics.jsonl does.
-            purge = None if resume_after_step is None else resume_after_step + 1
+            # purge_step drops events with step >= it: keep the checkpoint step itself, as metrics.jsonl does; a
+            # fresh start (a resume that found no intact checkpoint among them) keeps none, as its new file does.
+            purge = 0 if resume_after_step is None else resume_after_step + 1
             self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"), purge_step=purge)
 
     def write(self, row: dict) -> None:

@@ -39,8 +39,9 @@ def _read_rows(path: Path) -> list[dict]:
 
 def generate_offline_data(folder: Path, teacher, tokenizer, prompts: list[Prompt], params: SamplingParams, *,
                           meta: dict, topk: int, seed: int, max_prompt_tokens: int, batch_size: int = 0,
-                          log=print) -> dict:
-    """Make sure `folder` holds teacher completions for all `prompts`; returns {"generated", "reused", "tokens"}."""
+                          log=print, should_stop=lambda: False) -> dict:
+    """Make sure `folder` holds teacher completions for all `prompts`; returns {"generated", "reused", "tokens"}, and
+    "interrupted": True when `should_stop` ended it between two batches (what is stored is kept; a rerun goes on)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     meta_path = folder / META
@@ -86,6 +87,10 @@ def generate_offline_data(folder: Path, teacher, tokenizer, prompts: list[Prompt
             f.flush()
             os.fsync(f.fileno())
             crash_point("offline_generate", b)
+            if should_stop() and b != todo_batches[-1][0]:
+                made = sum(len(i) for c, i in todo_batches if c <= b)
+                log(f"offline data: interrupted after {reused + made} of {len(prompts)} teacher completions")
+                return {"generated": made, "reused": reused, "tokens": tokens, "interrupted": True}
     if todo:
         log(f"offline data: generated {len(todo)} teacher completions ({tokens} tokens), reused {reused}")
     else:
