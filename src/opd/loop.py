@@ -553,7 +553,9 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
                 row.update(last_eval)
                 crash_point("eval", step)
             # cumulative teacher faults (evaluation scoring included) and calls re-issued after a Ray worker died
-            row.update(run_counters())
+            row.update(counters := run_counters())
+            if counters.get("teacher/cache_lookups_total"):  # over the whole run, a resumed one's included
+                row["teacher/cache_hit_rate"] = counters["teacher/cache_hits_total"] / counters["teacher/cache_lookups_total"]
             row.update(backend_metrics())
             row.update(health_metrics(assess(row, cfg.monitor)))
             metrics.write(row)

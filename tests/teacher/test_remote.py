@@ -216,6 +216,10 @@ def test_identical_sequences_are_scored_once(teacher_server, arith):
     assert again.metrics["teacher/cache_hits"] == 3 and again.metrics["teacher/cache_hit_rate"] == 3 / 9
     assert torch.equal(again.token_logprobs, first.token_logprobs[[5, 0, 3]])
     assert torch.equal(again.topk_ids, first.topk_ids[[5, 0, 3]]) and again.tokens_scored == 0
+    # the cache's counts are run counters (saved with every checkpoint), so a resumed run's hit rate is the run's
+    counts = teacher.counters()
+    assert counts["teacher/cache_hits_total"] == 3 and counts["teacher/cache_lookups_total"] == 9
+    assert teacher.teacher.counters().items() <= counts.items()  # the wrapped client's still come through
 
 
 def test_a_probe_cut_short_by_an_exception_does_not_hold_the_next_call():

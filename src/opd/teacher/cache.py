@@ -33,8 +33,15 @@ class CachingTeacher:
         self.hits = 0
         self.lookups = 0
 
-    def __getattr__(self, name):  # batch_size, topk, counters(), ... of the wrapped teacher
+    def __getattr__(self, name):  # batch_size, topk, ... of the wrapped teacher
         return getattr(self.teacher, name)
+
+    def counters(self) -> dict[str, float]:
+        """The wrapped teacher's run counts and the cache's: run counters are saved with every checkpoint, so the hit
+        rate over the run (the loop's teacher/cache_hit_rate) goes on across a resume. The entries themselves are
+        not saved (up to max_entries sequences with their top-k): a resumed run asks the teacher again for them."""
+        inner = self.teacher.counters() if hasattr(self.teacher, "counters") else {}
+        return {**inner, "teacher/cache_hits_total": float(self.hits), "teacher/cache_lookups_total": float(self.lookups)}
 
     def score(self, rollout: Rollout, *, full: bool = False) -> TeacherScores:
         if full:
@@ -63,7 +70,7 @@ class CachingTeacher:
             self.entries.move_to_end(keys[i])
         out.tokens_scored = fresh.tokens_scored if fresh is not None else 0  # cached rows cost the teacher nothing
         out.metrics["teacher/cache_hits"] = float(len(hit_rows))
-        out.metrics["teacher/cache_hit_rate"] = self.hits / max(1, self.lookups)  # over the run so far
+        out.metrics["teacher/cache_hit_rate"] = self.hits / max(1, self.lookups)  # this process's; the loop: the run's
         return out
 
     def _template(self) -> _Entry | None:
