@@ -77,3 +77,27 @@ def test_a_tied_lm_head_is_refused_as_a_target_and_an_untied_one_exports_exactly
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, untied(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_a_bf16_students_export_is_base_plus_delta_exactly(tokenizer, tmp_path):
+    # Folded into bf16 weights, most of a small trained delta rounded away: the export was not the trained model.
+    base = tiny_model(tokenizer, 0).to(torch.bfloat16)
+    frozen = {k: v.float().clone() for k, v in base.state_dict().items()}
+    model = add_lora(base, rank=4, alpha=8.0, target_modules=TARGETS)
+    with torch.no_grad():  # a trained-looking adapter: small, as a few steps at a usual lr leave it
+        for name, p in model.named_parameters():
+            if ".lora_" in name:
+                p.copy_(torch.randn_like(p.float()).to(p.dtype) * 0.02)
+    save_plain(model, tmp_path / "export")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "export", torch_dtype="auto")
+    assert next(loaded.parameters()).dtype == torch.float32
+    plain = loaded.state_dict()
+    checked = 0
+    for name, module in model.named_modules():
+        if hasattr(module, "lora_A") and "default" in module.lora_A:
+            key = name.replace("base_model.model.", "") + ".weight"
+            delta = (module.lora_B["default"].weight.float() @ module.lora_A["default"].weight.float()) * module.scaling["default"]
+            torch.testing.assert_close(plain[key] - frozen[key], delta, rtol=1e-5, atol=1e-6)
+            assert ((frozen[key] + delta).to(torch.bfloat16).float() == frozen[key]).any()  # bf16 would lose some
+            checked += 1
+    assert checked > 0

@@ -53,13 +53,18 @@ def has_lora(model) -> bool:
     return any(isinstance(m, BaseTunerLayer) for m in model.modules())
 
 
-def merged_copy(model):
-    """A plain copy of the model with every adapter folded into its base weight (the model itself is unchanged)."""
+def merged_copy(model, *, exact: bool = False):
+    """A plain copy of the model with every adapter folded into its base weight (the model itself is unchanged).
+    exact: a half-precision (bf16/fp16) base is merged and kept in float32. Folded into a bf16 weight, most of a
+    trained adapter's delta is below bf16's spacing there and rounds away (half the delta's entries, in a run
+    measured here), so the merged bf16 model is not the one that was trained; base + delta is exact in float32."""
     if not has_lora(model):
         return model
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     plain = copy.deepcopy(model)
+    if exact and any(p.dtype in (torch.bfloat16, torch.float16) for p in plain.parameters()):
+        plain = plain.float()
     for name, module in list(plain.named_modules()):
         if isinstance(module, BaseTunerLayer):
             module.merge()
@@ -71,8 +76,9 @@ def merged_copy(model):
 
 
 def save_plain(model, folder) -> None:
-    """save_pretrained of the merged model: what transformers and vLLM load, with or without LoRA."""
-    merged_copy(model).save_pretrained(folder, safe_serialization=True)
+    """save_pretrained of the merged model: what transformers and vLLM load, with or without LoRA (a half-precision
+    LoRA student is saved in float32: merged exactly, see merged_copy)."""
+    merged_copy(model, exact=True).save_pretrained(folder, safe_serialization=True)
 
 
 def adapter_state(model) -> dict[str, torch.Tensor]:
