@@ -57,6 +57,20 @@ def test_bad_input_is_answered_before_torch_is_imported(tmp_path):
         assert "error:" in r.stderr
 
 
+def test_serve_teacher_on_a_taken_port_says_so_and_announces_nothing():
+    import socket
+
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    try:
+        r = opd("serve-teacher", "builtin:arith-teacher", "--port", str(holder.getsockname()[1]))
+    finally:
+        holder.close()
+    assert r.returncode == 2 and "cannot listen on 127.0.0.1" in r.stderr and "--port" in r.stderr
+    assert "serving" not in r.stdout and "Traceback" not in r.stderr
+
+
 def test_serve_teacher_bad_input_exits_2_with_a_message():
     r = opd("serve-teacher", "builtin:arith-teacher", "--dtype", "float64")
     assert r.returncode == 2 and "--dtype 'float64'" in r.stderr and "Traceback" not in r.stderr

@@ -164,7 +164,7 @@ def test_unknown_key_without_a_close_match_has_no_suggestion():
 
 def test_unknown_key_inside_a_prompt_source():
     msg = _error({"prompts": {"sources": [{"kind": "jsonl", "pathh": "x.jsonl"}]}})
-    assert "prompts.sources.0.pathh" in msg and "did you mean `path`?" in msg
+    assert "prompts.sources[0].pathh" in msg and "did you mean `path`?" in msg
     assert "answer_field" in msg.split("allowed here:")[1]
 
 
@@ -201,7 +201,7 @@ def test_wrong_type_names_the_key_and_what_is_allowed(data, key, hint):
         ({"train": {"keep_checkpoints": 0}}, "train.keep_checkpoints", "greater than or equal to 1"),
         ({"feedback": {"gamma": 1.5}}, "feedback.gamma", "less than or equal to 1"),
         ({"objective": {"beta": -0.1}}, "objective.beta", "greater than or equal to 0"),
-        ({"prompts": {"sources": [{"weight": 0}]}}, "prompts.sources.0.weight", "greater than 0"),
+        ({"prompts": {"sources": [{"weight": 0}]}}, "prompts.sources[0].weight", "greater than 0"),
         ({"prompts": {"sources": []}}, "prompts.sources", "at least 1"),
     ],
 )
@@ -273,7 +273,7 @@ def test_guided_rollouts_and_handling_validate():
 @pytest.mark.parametrize("kind", ["jsonl", "hf"])
 def test_file_sources_need_a_path(kind):
     msg = _error({"prompts": {"sources": [{"kind": kind}]}})
-    assert "prompts.sources.0" in msg and "`path`" in msg and kind in msg
+    assert "prompts.sources[0]" in msg and "`path`" in msg and kind in msg
     assert validate_config({"prompts": {"sources": [{"kind": kind, "path": "x"}]}}).prompts.sources[0].path == "x"
 
 

@@ -130,7 +130,8 @@ class SourceConfig(Section):
     kind: Literal["builtin", "jsonl", "hf"] = Field(
         "builtin", description="`builtin` task, `jsonl` file, or `hf` (a local `datasets` folder or data file)."
     )
-    name: str = Field("", description="Name of the source in metrics; defaults to the task name or file stem.")
+    name: str = Field("", description="Name of the source (a prompt's `source`: teacher routing, offline data rows); "
+                      "defaults to the task name or file stem.")
     task: str = Field("arith", description="Built-in task name (kind = builtin).")
     path: str = Field("", description="File or folder (kind = jsonl / hf).")
     field: str = Field(
@@ -315,7 +316,8 @@ class TrainConfig(Section):
     updates_per_batch: int = Field(
         1, ge=1, description="Optimizer steps per rollout batch (mini-batches); > 1 makes later steps off-policy."
     )
-    checkpoint_every: int = Field(100, ge=0, description="Write a checkpoint every N steps (0 = only at the end).")
+    checkpoint_every: int = Field(100, ge=0, description="Write a checkpoint every N steps (0 = only at the end); "
+                                  "a fresh run also writes step 0, after its warm start, so a resume never repeats it.")
     keep_checkpoints: int = Field(2, ge=1, description="Number of most recent checkpoints kept.")
     max_consecutive_skips: int = Field(
         5, ge=1, description="Stop (with a checkpoint) after this many steps in a row skipped for non-finite numbers."
@@ -551,7 +553,8 @@ class Config(Section):
 def _format_validation_error(err: ValidationError, cls: type[BaseModel]) -> str:
     lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        # a list entry as --set writes it: prompts.sources[0].weight, not prompts.sources.0.weight
+        loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in e["loc"]).lstrip(".") or "(top level)"
         if e["type"] == "extra_forbidden":
             allowed = _allowed_keys(cls, e["loc"][:-1])
             hint = difflib.get_close_matches(str(e["loc"][-1]), allowed, n=1)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -43,6 +44,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, Field
 
+from opd.config import ConfigError
 from opd.teacher.scorer import GenerateJob, GenerateResult, ScoreJob, ScoreResult, generate_one, score_batch
 
 
@@ -418,6 +420,17 @@ def serve(model_spec: str, *, host: str, port: int, dtype: str = "float32", devi
     tokenizer = load_tokenizer(model_spec)
     model = load_model(model_spec, dtype=dtype, device=device).eval()
     app = build_app(model, tokenizer, name=model_spec, max_batch_tokens=max_batch_tokens, max_wait_ms=max_wait_ms)
-    announce(f"serving {model_spec} ({dtype}) on http://{host}:{port} (/v1/completions, /generate, /health, /metrics)")
+    # The port is taken before anything is announced: a port another server holds is a clear error, not a "serving"
+    # line followed by uvicorn's bind error (a client polling /health there would reach the other server).
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e} (another server holds the port? "
+                          "choose another with --port)") from None
     # A stuck request must not keep a stopping server alive forever.
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5))
+    announce(f"serving {model_spec} ({dtype}) on http://{host}:{port} (/v1/completions, /generate, /health, /metrics)")
+    server.run(sockets=[sock])
