@@ -101,3 +101,17 @@ def test_a_bf16_students_export_is_base_plus_delta_exactly(tokenizer, tmp_path):
             assert ((frozen[key] + delta).to(torch.bfloat16).float() == frozen[key]).any()  # bf16 would lose some
             checked += 1
     assert checked > 0
+
+
+def test_exported_weights_are_readable_as_the_umask_allows(tokenizer, tmp_path):
+    # safetensors creates its files 0600: a server running as another user could not read final/
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        save_plain(tiny_model(tokenizer, 0), tmp_path / "export")
+    finally:
+        os.umask(old)
+    modes = [stat.S_IMODE(f.stat().st_mode) for f in (tmp_path / "export").glob("*.safetensors")]
+    assert modes and all(m == 0o644 for m in modes)

@@ -10,7 +10,9 @@ trainer state (`adapter_state` / `load_adapter_state`).
 from __future__ import annotations
 
 import copy
+import os
 import sys
+from pathlib import Path
 
 import torch
 
@@ -79,6 +81,12 @@ def save_plain(model, folder) -> None:
     """save_pretrained of the merged model: what transformers and vLLM load, with or without LoRA (a half-precision
     LoRA student is saved in float32: merged exactly, see merged_copy)."""
     merged_copy(model, exact=True).save_pretrained(folder, safe_serialization=True)
+    # safetensors writes its files owner-only (0600); the folder is meant for other readers too (a vLLM server under
+    # another user on shared storage): the modes the user's umask gives any other file
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in Path(folder).glob("*.safetensors"):
+        f.chmod(0o666 & ~umask)
 
 
 def adapter_state(model) -> dict[str, torch.Tensor]:
