@@ -239,7 +239,7 @@ def _bad_cases(tmp: Path) -> list[tuple[str, list[str], str]]:
         ("--set without =", ["run", "--set", "rollout.temperature"], "section.key=value"),
         ("--set into a value", ["run", "--set", "seed.x=1"], "`seed`: Input should be a valid integer"),
         ("jsonl source without path", ["run", "--set", 'prompts.sources=[{kind="jsonl"}]'], "needs `path`"),
-        ("unknown source kind", ["run", "--set", 'prompts.sources=[{kind="csv"}]'], "prompts.sources.0.kind"),
+        ("unknown source kind", ["run", "--set", 'prompts.sources=[{kind="csv"}]'], "prompts.sources[0].kind"),
         ("no sources", ["run", "--set", "prompts.sources=[]"], "prompts.sources"),
         ("eval size zero", ["run", "--set", "eval.size=0"], "eval.size"),
         ("zero updates per batch", ["run", "--set", "train.updates_per_batch=0"], "train.updates_per_batch"),
