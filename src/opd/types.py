@@ -96,6 +96,7 @@ class TeacherScores:
     rewards: torch.Tensor | None = None  # [B] sequence-level reward from a score-only teacher, NaN where none
     advantages: torch.Tensor | None = None  # [B, T] A_t computed by the teacher (cross-tokenizer: its chunk's advantage)
     coverage: float | None = None  # fraction of the completion text the teacher scored, when not every token maps 1:1
+    coverage_bytes: tuple[int, int] | None = None  # (covered, total) text bytes behind `coverage`, for joining shares
     latency_s: float = 0.0
     failures: int = 0
     tokens_scored: int = 0

@@ -117,3 +117,20 @@ def test_a_worker_restarted_while_idle_loads_the_latest_weights_it_is_handed(mon
     assert torch.equal(worker.model.state_dict()["lm_head.weight"], state["lm_head.weight"])
     worker.load_weights({k: v - 0.01 for k, v in state.items()}, 8)
     assert (worker.rollout(prompts, step=4, seed=1, latest=([state], 7)).policy_version == 8).all()  # not blank: kept
+
+
+def test_joined_shares_coverage_is_the_fraction_of_their_text_bytes():
+    # weighted by each share's scored tokens, a share whose alignment failed (0 scored) vanished: 0.0 and 1.0 over
+    # equal bytes joined to 1.0, and Teacher access could not turn red
+    from opd.engine.ray_workers import concat_scores
+    from opd.types import TeacherScores
+
+    def share(covered, total, scored):
+        mask = torch.zeros(2, 5, dtype=torch.long)
+        mask.view(-1)[:scored] = 1
+        return TeacherScores(token_logprobs=torch.zeros(2, 5), scored_mask=mask, coverage=covered / total,
+                             coverage_bytes=(covered, total))
+
+    joined = concat_scores([share(0, 40, 0), share(40, 40, 10)])
+    assert joined.coverage == 0.5 and joined.coverage_bytes == (40, 80)
+    assert concat_scores([share(4, 40, 1), share(20, 20, 10)]).coverage == pytest.approx(24 / 60)

@@ -102,13 +102,18 @@ def test_chunk_advantages_equal_teacher_sums_minus_student_sums(tokenizer, bpe):
     assert roll.finished.any() and not roll.finished.all()
     teacher = CrossTokenizerTeacher(LocalTeacher(teacher_model, batch_size=3, chunk_size=5), tokenizer, bpe)
     scores = teacher.score(roll)
-    assert scores.coverage == 1.0 and torch.equal(scores.scored_mask, roll.completion_mask)
+    # rows cut by max_new_tokens leave their last chunk unscored (it may end inside a word); finished rows are whole
+    done = roll.finished
+    assert torch.equal(scores.scored_mask[done], roll.completion_mask[done]) and scores.coverage < 1.0
     feedback = compute_feedback(roll, scores, FeedbackConfig())
     saw_end = saw_merge = False
     for i, p in enumerate(prompts):
         n = int(roll.completion_mask[i].sum())
         ids = roll.completion_ids[i, :n].tolist()
-        t_ids, chunks, _, _ = teacher.align_sequence(ids)
+        t_ids, chunks, _, _ = teacher.align_sequence(ids, bool(done[i]))
+        if not done[i]:
+            whole = teacher.align_sequence(ids)[1]
+            assert chunks == whole[:-1] and not scores.scored_mask[i, list(whole[-1].student)].any()
         want_t = naive_logprobs(teacher_model, bpe(p.text)["input_ids"], t_ids)
         for c in chunks:
             a = sum(want_t[k] for k in c.teacher) - float(roll.behaviour_logprobs[i, list(c.student)].sum())
@@ -121,6 +126,31 @@ def test_chunk_advantages_equal_teacher_sums_minus_student_sums(tokenizer, bpe):
             saw_end = True
             assert t_ids[-1] == bpe.eos_token_id and list(chunks[-1].student) == [n - 1]
     assert saw_merge and saw_end  # the case exercised merged chunks and paired end tokens
+
+
+def test_a_special_tokens_string_written_as_text_stays_text_to_the_teacher(tokenizer, bpe):
+    # "</s>" typed by the student (as characters) became the teacher's end token, which decodes to nothing: the
+    # alignment stopped there and the rest of the completion went unscored (coverage 0.31 on Gemma with "<eos>")
+    text = "ab </s> cd"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(ids) == text
+    t_ids, chunks, covered, n_bytes = CrossTokenizerTeacher(None, tokenizer, bpe).align_sequence(ids)
+    assert bpe.eos_token_id not in t_ids and covered == n_bytes
+
+
+def test_the_cross_tokenizer_advantage_uses_the_students_own_logprob(tokenizer, bpe, prompts):
+    # top-p rollouts: behaviour_logprobs are the nucleus's; A_chunk compares the teacher with the student's softmax
+    student = tiny_model(tokenizer, 0)
+    teacher = CrossTokenizerTeacher(LocalTeacher(tiny_model(bpe, 1, hidden_size=32, num_hidden_layers=1)), tokenizer,
+                                    bpe)
+    roll = sample(student, tokenizer, prompts, SamplingParams(max_new_tokens=12, top_p=0.5),
+                  generator=torch.Generator().manual_seed(0))
+    scores = teacher.score(roll)
+    m = scores.scored_mask.bool()
+    plain = roll.select(list(range(len(prompts))))
+    plain.behaviour_logprobs = roll.student_logprobs.clone()  # the same rollout, its own logprobs as behaviour
+    plain.student_logprobs = None
+    torch.testing.assert_close(scores.advantages[m], teacher.score(plain).advantages[m])
 
 
 def test_prompts_are_rendered_with_the_teachers_own_template(bpe):

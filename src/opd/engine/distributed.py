@@ -102,7 +102,7 @@ TOKEN_MEANS = ("opd/reverse_kl", "opd/advantage_mean", "opd/advantage_pos_frac",
                "teacher/entropy", "student/logprob_mean", "stability/entropy", "stability/clip_frac", "stability/kl_ref",
                "freshness/ratio_mean", "freshness/policy_lag", "freshness/logprob_drift", "update/new_logprob_mean",
                "update/distribution_loss", "feedback/loss_weight_mean", "feedback/clip_frac",
-               "rollout/teacher_token_frac")
+               "rollout/teacher_token_frac", "teacher/coverage")
 # The teacher's counts, summed too: teacher/<count>, one named teacher's teacher/NAME/<count> ([teachers.NAME]), and
 # failures by kind (teacher/failures/http, teacher/NAME/failures/http).
 TEACHER_COUNTS = ("tokens", "tokens_per_s", "failures", "dropped", "retries", "requests", "breaker_rejections",

@@ -79,13 +79,16 @@ class CrossTokenizerTeacher:
 
     def continuation_ids(self, text: str) -> list[int]:
         """The teacher's ids for `text` as it continues a prompt (with no dummy prefix)."""
+        # split_special_tokens: a special token's string the student wrote as text ("<eos>" in Gemma's vocabulary) is
+        # text to the teacher too, not its end token (which decodes to nothing and stopped the alignment there)
+        enc = lambda t: self.teacher_tok(t, add_special_tokens=False, split_special_tokens=True)["input_ids"]  # noqa: E731
         if self.anchor_ids is None:
-            return self.teacher_tok(text, add_special_tokens=False)["input_ids"]
+            return enc(text)
         n = len(self.anchor_ids)
-        joint = self.teacher_tok(self.ANCHOR + text, add_special_tokens=False)["input_ids"]
+        joint = enc(self.ANCHOR + text)
         if joint[:n] == self.anchor_ids:
             return joint[n:]
-        return self.teacher_tok(text, add_special_tokens=False)["input_ids"]  # merged with the anchor: as it was
+        return enc(text)  # merged with the anchor: as it was
 
     def _teacher_prefixes(self, ids: list[int]) -> list[str]:
         """The text of each prefix of the teacher's completion ids, decoded after the anchor where there is one: such a
@@ -99,8 +102,11 @@ class CrossTokenizerTeacher:
         return tokenizer.batch_decode([ids[: k + 1] for k in range(len(ids))], skip_special_tokens=True,
                                       clean_up_tokenization_spaces=False)
 
-    def align_sequence(self, student_ids: list[int]) -> tuple[list[int], list[Chunk], int, int]:
-        """(teacher completion ids, chunks over student/teacher token indices, covered bytes, text bytes)."""
+    def align_sequence(self, student_ids: list[int], finished: bool = True) -> tuple[list[int], list[Chunk], int, int]:
+        """(teacher completion ids, chunks over student/teacher token indices, covered bytes, text bytes).
+        finished = False (cut by max_new_tokens): the last chunk is left unscored. Its text may end inside a word or a
+        character the student had not finished writing; the teacher, reading it as a whole token (a cut UTF-8 byte
+        as U+FFFD), gave it an advantage of -9 to -14 on text it would continue with probability ~0.95."""
         ends_with_end = bool(student_ids) and student_ids[-1] in self.student_end_ids
         body = student_ids[:-1] if ends_with_end else student_ids
         prefixes = self._decode_prefixes(self.student_tok, body)
@@ -114,6 +120,8 @@ class CrossTokenizerTeacher:
             t_body = self.continuation_ids(text)
             t_end = self.teacher_end_id
             chunks = align(token_ends(prefixes, text), token_ends(self._teacher_prefixes(t_body), text))
+            if not finished and not ends_with_end and chunks:
+                chunks = chunks[:-1]
             covered = covered_bytes(chunks)
         if ends_with_end and covered == n_bytes:  # both end right after the same text: pair the end tokens
             chunks.append(Chunk(n_bytes, n_bytes, range(len(body), len(body) + 1), range(len(t_body), len(t_body) + 1)))
@@ -142,15 +150,15 @@ class CrossTokenizerTeacher:
         if full:
             raise ValueError("full-distribution objectives need one shared vocabulary; use objective.name = 'pg'")
         t0 = time.perf_counter()
-        aligned = [self.align_sequence(row[m.bool()].tolist())
-                   for row, m in zip(rollout.completion_ids, rollout.completion_mask)]
+        aligned = [self.align_sequence(row[m.bool()].tolist(), bool(done))
+                   for row, m, done in zip(rollout.completion_ids, rollout.completion_mask, rollout.finished)]
         t_scores = self.teacher.score(self.teacher_rollout(rollout, [a[0] for a in aligned]))
         B, T = rollout.completion_ids.shape
         token_lp = torch.zeros((B, T))
         adv = torch.zeros((B, T))
         ent = torch.zeros((B, T))
         scored = torch.zeros((B, T), dtype=torch.long)
-        behaviour = rollout.behaviour_logprobs
+        behaviour = rollout.policy_logprobs  # the student's own (top-p: untruncated), as A_t is for one tokenizer
         for i, (_, chunks, _, _) in enumerate(aligned):
             for c in chunks:
                 s_idx, t_idx = list(c.student), list(c.teacher)
@@ -168,6 +176,7 @@ class CrossTokenizerTeacher:
             entropy=ent,
             advantages=adv,
             coverage=sum(a[2] for a in aligned) / total if total else 1.0,
+            coverage_bytes=(sum(a[2] for a in aligned), total),
             latency_s=time.perf_counter() - t0,
             tokens_scored=t_scores.tokens_scored,
         )
