@@ -122,6 +122,8 @@ def test_a_worker_restarted_while_idle_loads_the_latest_weights_it_is_handed(mon
 def test_joined_shares_coverage_is_the_fraction_of_their_text_bytes():
     # weighted by each share's scored tokens, a share whose alignment failed (0 scored) vanished: 0.0 and 1.0 over
     # equal bytes joined to 1.0, and Teacher access could not turn red
+    import torch
+
     from opd.engine.ray_workers import concat_scores
     from opd.types import TeacherScores
 
