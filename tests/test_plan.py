@@ -1,7 +1,10 @@
 """The sizing cost model (`opd plan`) on numbers that can be checked by hand."""
 
+import dataclasses
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 
@@ -194,3 +197,55 @@ def test_a_drop_layers_student_is_planned_at_the_depth_it_trains_at():
     planned, real = ModelShape.student_of(cfg), load_student(cfg.student, 0)
     assert planned.layers == real.config.num_hidden_layers < ModelShape.from_spec("builtin:arith-teacher").layers
     assert planned.params == sum(p.numel() for p in real.parameters())
+
+
+def test_calibrating_a_drop_layers_config_times_the_student_at_its_trained_depth(monkeypatch):
+    # The calibration runs force a random student, which loaded at full depth while the fit used the dropped
+    # depth's FLOPs: rates ~1.65x too slow for the half-depth SmolLM2 config.
+    import opd.loop
+    from opd.config import load_config
+    from opd.models import resolve_model_path
+    from opd.plan import calibrate
+    from transformers import AutoConfig
+
+    depths, real = [], opd.loop.run
+
+    def spy(cfg, *a, **k):
+        depths.append(AutoConfig.from_pretrained(resolve_model_path(cfg.student.model)).num_hidden_layers)
+        return real(cfg, *a, **k)
+
+    monkeypatch.setattr(opd.loop, "run", spy)
+    cfg = load_config(None, ["objective.name='pg'", "student.model='builtin:arith-teacher'",
+                             "student.init='drop_layers'", "student.keep_every=2"])
+    data = calibrate(cfg, sizes=((2, 4), (2, 8)), steps=3, log=lambda *a: None)
+    assert depths == [ModelShape.student_of(cfg).layers] * 2 == [data["student"]["layers"]] * 2
+    assert depths[0] < ModelShape.from_spec("builtin:arith-teacher").layers
+
+
+def test_lags_count_policy_versions_and_the_reference_forward_costs_train_time():
+    # max_policy_lag counts versions: with updates_per_batch = 4 a lag of 2 makes no batch ahead (the loop:
+    # 2 // 4 = 0), and a batch made one step ahead trains at lag 4; kl_ref_coef adds the reference's forward.
+    s = ModelShape.from_spec("params=1e8,layers=12,hidden=768,vocab=50000")
+    rates = Rates(*(StageRate(1e-3, 1e12, None, False) for _ in range(3)))
+    work = Workload(batch=8, prompt_tokens=64, completion_tokens=64, decode_steps=64, updates_per_batch=4)
+    strict = predict(s, s, work, rates, max_policy_lag=2)
+    assert strict.overlap_step_s == strict.pipelined_step_s == strict.sync_step_s
+    loose = predict(s, s, work, rates, max_policy_lag=8)
+    assert (loose.overlap_lag, loose.pipelined_lag) == (4, 8) and loose.pipelined_step_s < loose.sync_step_s
+    with_ref = predict(s, s, dataclasses.replace(work, reference=True), rates)
+    plain = predict(s, s, work, rates)
+    assert with_ref.stages["train"] > plain.stages["train"] and with_ref.stages["rollout"] == plain.stages["rollout"]
+
+
+def test_a_numeric_shape_takes_the_dtypes_bytes_and_infinite_rates_write_null():
+    assert ModelShape.from_spec("params=1e9,layers=2,hidden=8,vocab=8", "bfloat16").bytes_per_param == 2
+    assert ModelShape.from_spec("params=1e9,layers=2,hidden=8,vocab=8,bytes=4", "bfloat16").bytes_per_param == 4
+    rates = Rates(StageRate(1e-3, math.inf, None, False), StageRate(0, 1e9), StageRate(0, 1e9))
+    text = json.dumps(rates.to_json())
+    assert "Infinity" not in text and Rates.from_json(json.loads(text)) == rates
+
+
+def test_calibrate_with_a_gpu_preset_is_refused():
+    r = subprocess.run([sys.executable, "-m", "opd.cli", "plan", "--calibrate", "--gpu", "h100"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and "--calibrate" in r.stderr and "--gpu" in r.stderr

@@ -273,6 +273,8 @@ def plan(
 
     try:
         cfg = load_config(config, set_)
+        if calibrate and gpu is not None:
+            raise ConfigError("--calibrate measures this machine's rates and --gpu assumes a GPU's: use one")
         if calibrate:
             out = calibration or Path("plan-calibration.json")
             data = planning.calibrate(cfg, log=console.print)

