@@ -39,6 +39,16 @@ def test_the_control_drops_the_base_configs_feedback_shaping(tmp_path):
     assert (f.constant_advantage, f.normalize, f.gamma, f.clip, f.broken_prefix) == (-0.5, False, 0.0, 0.0, "keep")
 
 
+def test_offline_gets_as_many_completions_as_on_policy_scores_with_several_samples_per_prompt(tmp_path):
+    # with rollout.samples_per_prompt = 2 on-policy scored twice offline's completions (1,276 vs 832 tokens)
+    from opd.compare import method_overrides
+
+    cfg = load_config(None, ["rollout.samples_per_prompt=2", "prompts.batch_size=4", "train.max_steps=10"])
+    offline = load_config(None, ["rollout.samples_per_prompt=2", "prompts.batch_size=4", "train.max_steps=10"]
+                          + method_overrides("offline", cfg, tmp_path, -0.5))
+    assert offline.offline.num_prompts == 10 * 4 * 2
+
+
 def test_control_needs_pg():
     with pytest.raises(Exception, match="constant_advantage"):
         load_config(None, ["feedback.constant_advantage=-1.0"])
@@ -62,6 +72,12 @@ def test_targets_on_a_hand_made_case():
     assert _targets(summary, curves, 1.0)["onpolicy_tokens_to_reach_offline_final"] == 300
     curves["onpolicy"][0][-1]["eval/accuracy"] = 0.45
     assert _targets(summary, curves, 1.0)["onpolicy_tokens_to_reach_offline_final"] is None
+    # offline ending at or below the shared warm start (step 0): nothing reached with "0% of its tokens"
+    flat = {"onpolicy": [[{"step": 0, "eval/accuracy": 0.5, "budget/teacher_tokens": 0},
+                          {"step": 2, "eval/accuracy": 0.5, "budget/teacher_tokens": 200}]]}
+    t = _targets(summary, flat, 1.0)
+    assert t["offline_improved"] is False and t["fraction_of_offline_tokens"] is None
+    assert not t["meets_quarter_of_offline_tokens"]
 
 
 def test_study_verdict_needs_a_difference_beyond_the_spread():

@@ -30,3 +30,38 @@ def test_a_failing_run_is_named(tmp_path):
     jobs = [RunJob("good", load_config(None, TINY), tmp_path / "good"), RunJob("bad", bad, tmp_path / "bad")]
     with pytest.raises(RuntimeError, match="bad failed"):
         run_jobs(jobs, 2, log=lambda *a: None)
+
+
+def test_an_interrupted_run_stops_the_jobs_instead_of_passing_for_finished(tmp_path, monkeypatch):
+    # Ctrl-C stopped one run (checkpoint written) and the jobs went on: the broken-prefix study reported the stopped
+    # run's step-20 evaluation as its final one, and compare failed later on its missing final/.
+    import opd.loop
+    from opd.jobs import JobsInterrupted
+    from opd.loop import RunResult
+
+    ran = []
+
+    def stopped(cfg, out, **k):
+        ran.append(out.name)
+        return RunResult(run_dir=out, steps=3, interrupted=True)
+
+    monkeypatch.setattr(opd.loop, "run", stopped)
+    jobs = [RunJob(name, load_config(None), tmp_path / name) for name in ("a", "b")]
+    with pytest.raises(JobsInterrupted, match="a was interrupted"):
+        run_jobs(jobs, 1, log=lambda *a: None)
+    assert ran == ["a"]
+
+
+def test_opd_compare_interrupted_exits_130_saying_how_to_continue(monkeypatch):
+    from typer.testing import CliRunner
+
+    import opd.compare
+    from opd.cli import app
+    from opd.jobs import JobsInterrupted
+
+    def stopped(*a, **k):
+        raise JobsInterrupted("onpolicy, seed 0 was interrupted (its checkpoint is in X)")
+
+    monkeypatch.setattr(opd.compare, "run_compare", stopped)
+    r = CliRunner().invoke(app, ["compare", "--out", "/tmp/somewhere"])
+    assert r.exit_code == 130 and "--out /tmp/somewhere" in r.output and "Traceback" not in r.output

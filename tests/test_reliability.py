@@ -292,6 +292,7 @@ def _bad_cases(tmp: Path) -> list[tuple[str, list[str], str]]:
          "not a .gguf one"),
         ("--out is a file", ["run"], "is a file"),  # the runner's --out: made a file below
         ("compare without seeds", ["compare", "--seeds", ""], "at least one seed"),
+        ("compare with a repeated seed", ["compare", "--seeds", "0,0"], "each seed once"),
     ]
 
 

@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 
 from opd.config import DEVICE_PATTERN, ConfigError, load_config, reference_markdown, to_toml, Config, ModelDtype
+from opd.jobs import JobsInterrupted
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="opd: on-policy distillation of language models.")
@@ -89,6 +90,14 @@ def _run(config, set_, max_steps, out, resume, mode: str) -> None:
     _summary(result)
 
 
+def interrupted(e: BaseException, again: str) -> None:
+    """Ctrl-C / SIGTERM in a command of many runs: no report from runs that did not finish; exit 130."""
+    what = str(e) or "interrupted"
+    err_console.print(f"interrupted: {what}. Finished runs are kept and an interrupted one resumes: run {again} "
+                      "to continue.", highlight=False, soft_wrap=True)
+    raise typer.Exit(130)
+
+
 def _summary(result) -> None:
     f, l = result.first_eval, result.last_eval
     for key in ("eval/accuracy", "eval/reverse_kl"):
@@ -103,13 +112,15 @@ def demo(
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
 ):
     """The built-in default end to end: a small char-level teacher distilled into a smaller student,
-    on-policy and offline on the same teacher-token budget."""
+    on-policy and offline on the same budget of teacher completions."""
     from opd.demo import run_demo
 
     try:
         run_demo(out or default_run_dir("demo"), console=console, overrides=list(set_))
     except ConfigError as e:
         fail(str(e))
+    except (JobsInterrupted, KeyboardInterrupt) as e:
+        interrupted(e, "opd demo --out RUN")
 
 
 @app.command()
@@ -130,7 +141,7 @@ def compare(
                              "small models finish sooner side by side, large ones need the memory of one)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default runs/compare-TIMESTAMP)."),
 ):
-    """On-policy vs offline distillation vs a teacher-free control, matched teacher-token budgets, several seeds."""
+    """On-policy vs offline distillation vs a teacher-free control, budgets matched in teacher completions, several seeds."""
     from opd.compare import run_compare
 
     try:
@@ -140,6 +151,9 @@ def compare(
         fail(f"--seeds and --study-seeds expect comma-separated integers, got {seeds!r} / {study_seeds!r}")
     if not seed_list:
         fail("--seeds: give at least one seed (e.g. --seeds 0,1,2)")
+    if len(set(seed_list)) != len(seed_list) or len(set(study_seed_list or [])) != len(study_seed_list or []):
+        fail(f"--seeds / --study-seeds: each seed once (got {seeds!r} / {study_seeds!r}): a repeated seed is the same "
+             "run counted twice")
     overrides = list(set_) + ([f"train.max_steps={max_steps}"] if max_steps is not None else [])
     run_dir = out or default_run_dir("compare")
     try:
@@ -149,6 +163,8 @@ def compare(
                               weak_warm_start_steps=weak_warm_start, jobs=jobs, log=console.print)
     except ConfigError as e:
         fail(str(e))
+    except (JobsInterrupted, KeyboardInterrupt) as e:
+        interrupted(e, f"the same command with --out {run_dir}")
     for m in ("teacher", "onpolicy", "offline", "control"):
         if m not in summary:
             continue

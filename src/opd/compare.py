@@ -1,9 +1,9 @@
 """`opd compare`: on-policy vs offline distillation vs a teacher-free control, from one warm start,
-on matched teacher-token budgets, over several seeds; writes RUN/report/{summary.json, report.md,
+on budgets matched in teacher completions, over several seeds; writes RUN/report/{summary.json, report.md,
 report.html, *.png}.
 
-Matched budgets: on-policy spends batch_size x steps completions of teacher scoring; offline gets
-the teacher to write the same number of completions (offline.num_prompts = batch_size x steps) and
+Matched budgets: on-policy spends batch_size x samples_per_prompt x steps completions of teacher scoring;
+offline gets the teacher to write the same number of completions (offline.num_prompts = that) and
 trains the same number of steps on them. The control runs the on-policy loop with a constant
 negative advantage on every sampled token and never asks the teacher (0 teacher tokens).
 
@@ -41,7 +41,9 @@ def method_overrides(method: str, cfg: Config, warm: Path, control_advantage: fl
     if method == "offline":
         # sequence_kd imitates the teacher's text only: storing top-k would cost a second teacher pass.
         topk = ["offline.topk=0"] if cfg.offline.loss == "sequence_kd" else []
-        return common + [f"offline.num_prompts={cfg.train.max_steps * cfg.prompts.batch_size}"] + topk
+        # the completions on-policy has scored by the end: batch_size x samples_per_prompt a step
+        rows = cfg.train.max_steps * cfg.prompts.batch_size * cfg.rollout.samples_per_prompt
+        return common + [f"offline.num_prompts={rows}"] + topk
     if method == "control":
         # A_t = c exactly: nothing of the base config's feedback shaping applies to a teacher-free constant
         return common + ["objective.name='pg'", f"feedback.constant_advantage={control_advantage}",
@@ -134,7 +136,9 @@ def _targets(summary: dict, curves: dict, t_acc: float) -> dict:
     offline's final accuracy with <= 1/4 of offline's teacher tokens.
 
     "Reaching" is the first eval step from which the seed-mean accuracy stays at or above offline's final mean
-    for every later eval: one lucky eval on a still-noisy curve does not count."""
+    for every later eval: one lucky eval on a still-noisy curve does not count. Step 0 (the shared warm start,
+    0 teacher tokens) does not count: if offline ends at or below it, offline never improved on the start and
+    there is nothing to reach ("offline_improved": False, the token target not met)."""
     on_final = summary["onpolicy"]["eval/accuracy"]["mean"]
     off_final = summary["offline"]["eval/accuracy"]["mean"]
     off_tokens = summary["offline"]["teacher_tokens"]["mean"]
@@ -142,8 +146,10 @@ def _targets(summary: dict, curves: dict, t_acc: float) -> dict:
     mean_acc = {s: np.mean([r["eval/accuracy"] for rows in curves["onpolicy"] for r in rows if r["step"] == s])
                 for s in steps}
     reach = None
-    for i, s in enumerate(steps):
-        if all(mean_acc[later] >= off_final for later in steps[i:]):
+    offline_improved = not (steps and steps[0] == 0 and off_final <= mean_acc[0])
+    trained = [s for s in steps if s > 0] if offline_improved else []
+    for i, s in enumerate(trained):
+        if all(mean_acc[later] >= off_final for later in trained[i:]):
             reach = float(np.mean([r["budget/teacher_tokens"] for rows in curves["onpolicy"] for r in rows if r["step"] == s]))
             break
     return {
@@ -152,6 +158,7 @@ def _targets(summary: dict, curves: dict, t_acc: float) -> dict:
         "onpolicy_tokens_to_reach_offline_final": reach,
         "fraction_of_offline_tokens": None if reach is None else reach / off_tokens,
         "meets_quarter_of_offline_tokens": bool(reach is not None and reach <= off_tokens / 4),
+        "offline_improved": offline_improved,
     }
 
 
@@ -297,7 +304,9 @@ def _write_report(report: Path, summary: dict, errors: dict) -> None:
         f"{summary['seconds']:.0f} s in all"
         + (f" ({summary['reused_runs']} finished runs reused from an earlier invocation, their time not included)"
            if summary.get("reused_runs") else "")
-        + f". Teacher accuracy: {summary['teacher']['eval/accuracy']:.3f}.",
+        + f". Teacher accuracy: {summary['teacher']['eval/accuracy']:.3f}. Every ± is the population standard "
+        "deviation over the seeds (numpy's default, ddof = 0; the sample standard deviation is sqrt(n / (n - 1)) "
+        "times larger).",
         "",
         "| method | eval accuracy | eval reverse KL / token | teacher tokens |",
         "|---|---|---|---|",
@@ -315,7 +324,9 @@ def _write_report(report: Path, summary: dict, errors: dict) -> None:
         f"- On-policy reaches {_percent(t['onpolicy_over_teacher_accuracy'], 1)} of the teacher's accuracy "
         f"(target ≥ 95%: {'met' if t['meets_95pct_of_teacher'] else 'not met'}).",
         "- On-policy reaches (and stays at or above) offline's final accuracy with "
-        + (f"{frac:.1%} of offline's teacher tokens" if frac is not None else "— (not reached within the budget)")
+        + (f"{frac:.1%} of offline's teacher tokens" if frac is not None else
+           "— (offline did not improve on the warm start: nothing to reach)" if not t.get("offline_improved", True)
+           else "— (not reached within the budget)")
         + f" (target ≤ 25%: {'met' if t['meets_quarter_of_offline_tokens'] else 'not met'}).",
         "",
         "![curves](curves.png)",

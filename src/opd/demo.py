@@ -1,5 +1,5 @@
 """`opd demo`: the built-in default end to end — one warm start, then on-policy distillation (the main
-job) and the offline baseline on the same teacher-token budget — and a short table of what each did."""
+job) and the offline baseline on the same budget of teacher completions — and a short table of what each did."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def run_demo(run_dir: Path, console: Console | None = None, overrides: list[str]
     t0 = time.time()
     console.print(f"[bold]opd demo[/bold]: distilling {cfg.teacher.model} into {cfg.student.model}, "
                   f"{cfg.train.max_steps} steps of {cfg.prompts.batch_size} prompts, on-policy and offline "
-                  "on the same teacher-token budget")
+                  "on the same budget of teacher completions")
     report = run_compare(None, overrides, run_dir, seeds=[cfg.seed], methods=("onpolicy", "offline"),
                          log=console.print)
     runs = {m: read_metrics(run_dir / m / f"seed-{cfg.seed}") for m in ("onpolicy", "offline")}
@@ -64,7 +64,9 @@ def run_demo(run_dir: Path, console: Console | None = None, overrides: list[str]
     console.print(table)
     frac = targets["fraction_of_offline_tokens"]
     console.print("on-policy reached offline's final accuracy with "
-                  + (f"{frac:.0%} of offline's teacher tokens" if frac is not None else "— not within this budget")
+                  + (f"{frac:.0%} of offline's teacher tokens" if frac is not None else
+                     "— offline did not improve on the warm start" if not targets.get("offline_improved", True)
+                     else "— not within this budget")
                   + f"; on-policy / teacher accuracy {_percent(targets['onpolicy_over_teacher_accuracy'], 0)}")
     summary = {
         "teacher_accuracy": report["teacher"]["eval/accuracy"],

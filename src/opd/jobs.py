@@ -38,6 +38,11 @@ def _differences(old, new, prefix: str = ""):
         yield prefix.rstrip("."), old, new
 
 
+class JobsInterrupted(Exception):
+    """A run stopped on Ctrl-C / SIGTERM (checkpoint written): the jobs after it are not run, and nothing may read
+    the stopped run as finished."""
+
+
 @dataclass
 class RunJob:
     name: str
@@ -61,7 +66,8 @@ def run_jobs(jobs: list[RunJob], n_jobs: int, log=print) -> None:
 
         for j in todo:
             log(f"--- {j.name}")
-            run(j.cfg, j.out, log=log, mode=j.mode, resume=(j.out / "checkpoints").is_dir())
+            if run(j.cfg, j.out, log=log, mode=j.mode, resume=(j.out / "checkpoints").is_dir()).interrupted:
+                raise JobsInterrupted(f"{j.name} was interrupted (its checkpoint is in {j.out})")
         return
     threads = max(1, (os.cpu_count() or 1) // n_jobs)
     # spawn: a forked torch process can deadlock in its thread pool; workers start clean instead.
@@ -72,6 +78,9 @@ def run_jobs(jobs: list[RunJob], n_jobs: int, log=print) -> None:
         while pending:
             finished, pending = wait(pending, return_when=FIRST_COMPLETED)
             for f in finished:
+                if f.exception() is None and f.result():  # interrupted: stop, the others stop at their next step
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    raise JobsInterrupted(f"{futures[f].name} was interrupted (its checkpoint is in {futures[f].out})")
                 if f.exception() is not None:
                     # Runs already under way finish (and stay reusable); queued ones are dropped.
                     pool.shutdown(wait=True, cancel_futures=True)
@@ -80,7 +89,8 @@ def run_jobs(jobs: list[RunJob], n_jobs: int, log=print) -> None:
                 log(f"--- done: {futures[f].name} ({len(futures) - len(pending)}/{len(futures)})")
 
 
-def _run_one(cfg: Config, out: Path, mode: str, threads: int) -> None:
+def _run_one(cfg: Config, out: Path, mode: str, threads: int) -> bool:
+    """Runs one job in a worker process; True if it was interrupted."""
     import torch
 
     from opd.loop import run
@@ -88,4 +98,4 @@ def _run_one(cfg: Config, out: Path, mode: str, threads: int) -> None:
     torch.set_num_threads(threads)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "console.log", "a", buffering=1) as f, redirect_stdout(f), redirect_stderr(f):
-        run(cfg, out, log=print, mode=mode, resume=(out / "checkpoints").is_dir())
+        return run(cfg, out, log=print, mode=mode, resume=(out / "checkpoints").is_dir()).interrupted

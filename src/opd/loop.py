@@ -388,7 +388,8 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
 
     def produce(step: int, backend) -> ScoredBatch:
         if offline_data is not None:  # offline baseline: stored teacher completions and their teacher logprobs
-            rollout, scores = offline_data.batch(step, cfg.prompts.batch_size, cfg.seed)
+            # as many rows a step as on-policy trains on (batch_size x samples_per_prompt), so the two compare step for step
+            rollout, scores = offline_data.batch(step, cfg.prompts.batch_size * cfg.rollout.samples_per_prompt, cfg.seed)
             return ScoredBatch(step, rollout, scores)
         # 1. prompts (a data-parallel rank takes its share)
         prompts = [p for p in stream.batch(step) for _ in range(cfg.rollout.samples_per_prompt)]
