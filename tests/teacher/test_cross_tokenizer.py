@@ -138,6 +138,20 @@ def test_a_special_tokens_string_written_as_text_stays_text_to_the_teacher(token
     assert bpe.eos_token_id not in t_ids and covered == n_bytes
 
 
+def test_a_special_tokens_string_in_a_prompt_is_text_to_a_teacher_without_a_template(tokenizer, bpe):
+    # "What does </s> do?" gave a template-less teacher its real end token mid-prompt: it scored the completion
+    # as if a document had ended
+    student = tiny_model(tokenizer, 0)
+    teacher = CrossTokenizerTeacher(LocalTeacher(tiny_model(bpe, 1, hidden_size=32, num_hidden_layers=1)), tokenizer,
+                                    bpe)
+    prompts = [Prompt(text="what does </s> do? ", source="t"),
+               Prompt(text="x", source="t", messages=({"role": "user", "content": "say </s> now"},))]
+    roll = rollout_of(student, tokenizer, prompts, n=4)
+    t_roll = teacher.teacher_rollout(roll, [[5], [5]])
+    ids = t_roll.prompt_ids[t_roll.prompt_mask.bool()].tolist()
+    assert bpe.eos_token_id not in ids
+
+
 def test_the_cross_tokenizer_advantage_uses_the_students_own_logprob(tokenizer, bpe, prompts):
     # top-p rollouts: behaviour_logprobs are the nucleus's; A_chunk compares the teacher with the student's softmax
     student = tiny_model(tokenizer, 0)

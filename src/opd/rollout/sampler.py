@@ -42,14 +42,18 @@ class SamplingParams:
     int8: bool = False  # rollout.dtype = "int8": the fast decoder's decode steps read int8 weights (fp32/bf16 models on CPU)
 
 
-def encode_prompts(tokenizer, prompts: list[Prompt], max_prompt_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_prompts(tokenizer, prompts: list[Prompt], max_prompt_tokens: int,
+                   as_text: list[bool] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokenise and left-pad. A prompt that already starts with BOS (chat templates) gets no second one. A prompt
     longer than max_prompt_tokens keeps its end (what the completion continues) and its BOS: a model reads text
-    without its BOS as something else (Gemma's logprobs moved by ~1 nat a token)."""
+    without its BOS as something else (Gemma's logprobs moved by ~1 nat a token). as_text[i]: prompt i holds no
+    template markup, so a special token's string in it is text (split_special_tokens), not that token."""
     rows = []
-    for p in prompts:
+    for i, p in enumerate(prompts):
         has_bos = tokenizer.bos_token is not None and p.text.startswith(tokenizer.bos_token)
-        ids = tokenizer(p.text, add_special_tokens=not has_bos)["input_ids"]
+        split = bool(as_text and as_text[i])
+        ids = tokenizer(p.text, add_special_tokens=not has_bos, **({"split_special_tokens": True} if split else {}))[
+            "input_ids"]
         if len(ids) > max_prompt_tokens:
             keep_bos = max_prompt_tokens > 1 and tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id
             ids = ids[:1] + ids[len(ids) - max_prompt_tokens + 1:] if keep_bos else ids[-max_prompt_tokens:]

@@ -133,7 +133,11 @@ class CrossTokenizerTeacher:
             prompt_ids, prompt_mask = rollout.prompt_ids, rollout.prompt_mask
         else:
             prompts = [Prompt(text=render_for_teacher(p, self.teacher_tok), source=p.source) for p in rollout.prompts]
-            prompt_ids, prompt_mask = encode_prompts(self.teacher_tok, prompts, self.max_prompt_tokens)
+            # no template of the teacher's in the text (a plain prompt, or messages a base model reads as text): a
+            # special token's string a user wrote ("What does <eos> do?") is text, not the teacher's end token
+            templated = bool(getattr(self.teacher_tok, "chat_template", None))
+            as_text = [p.messages is None or not templated for p in rollout.prompts]
+            prompt_ids, prompt_mask = encode_prompts(self.teacher_tok, prompts, self.max_prompt_tokens, as_text)
         B, T = len(teacher_ids), max(1, max(len(t) for t in teacher_ids))
         ids = torch.full((B, T), self.teacher_tok.pad_token_id, dtype=torch.long)
         mask = torch.zeros((B, T), dtype=torch.long)
