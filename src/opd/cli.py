@@ -289,8 +289,9 @@ def plan(
 
     try:
         cfg = load_config(config, set_)
-        if calibrate and gpu is not None:
-            raise ConfigError("--calibrate measures this machine's rates and --gpu assumes a GPU's: use one")
+        if gpu is not None and (calibrate or calibration is not None):
+            other = "--calibrate measures" if calibrate else "--calibration gives"
+            raise ConfigError(f"{other} this machine's rates and --gpu assumes a GPU's: use one")
         if calibrate:
             out = calibration or Path("plan-calibration.json")
             data = planning.calibrate(cfg, log=console.print)
@@ -298,8 +299,6 @@ def plan(
             console.print(f"calibration written to {out}")
             rates = planning.Rates.from_json(data["rates"])
         elif calibration is not None:
-            if gpu is not None:
-                raise ConfigError("--gpu and --calibration both give rates: use one")
             rates = planning.load_rates(calibration)
         elif gpu is not None:
             if gpu not in planning.GPU_PRESETS:

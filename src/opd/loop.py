@@ -562,18 +562,16 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
             metrics.write(row)
             display.update(row)
             crash_point("metrics", step)
-            if skips["consecutive"] >= cfg.train.max_consecutive_skips and skips["empty"] == skips["consecutive"]:
-                checkpoint(step)
-                metrics.close()
-                cause = ("the teacher scored no token (teacher/coverage 0: is the teacher up? see teacher/failures and "
-                         "teacher/dropped)" if n_scored == 0 else
-                         "no token was left in the loss (feedback.broken_prefix = 'truncate' cut every sequence: "
-                         "raise feedback.break_logprob or feedback.keep_after_break)")
-                raise RunAborted(f"{skips['consecutive']} steps in a row trained on nothing: {cause} (step {step}); a "
-                                 f"checkpoint is in {run_dir}/checkpoints; continue with --resume once it is fixed.")
             if skips["consecutive"] >= cfg.train.max_consecutive_skips:
                 checkpoint(step)
                 metrics.close()
+                if skips["empty"] == skips["consecutive"]:
+                    cause = ("the teacher scored no token (teacher/coverage 0: is the teacher up? see teacher/failures "
+                             "and teacher/dropped)" if n_scored == 0 else
+                             "no token was left in the loss (feedback.broken_prefix = 'truncate' cut every sequence: "
+                             "raise feedback.break_logprob or feedback.keep_after_break)")
+                    raise RunAborted(f"{skips['consecutive']} steps in a row trained on nothing: {cause} (step {step}); "
+                                     f"a checkpoint is in {run_dir}/checkpoints; continue with --resume once it is fixed.")
                 raise RunAborted(
                     f"{skips['consecutive']} steps in a row were skipped for non-finite teacher logprobs, advantages, "
                     f"losses or gradients (step {step}); a checkpoint is in {run_dir}/checkpoints. Lower train.lr, set "
@@ -714,9 +712,6 @@ def _step_metrics(rollout, scores, feedback, correct, times: dict, offline: bool
     if scored.any():
         out["teacher/logprob_mean"] = float(scores.token_logprobs[scored].mean())
         out["opd/reverse_kl"] = float((rollout.policy_logprobs - scores.token_logprobs)[scored].mean())
-    else:
-        for k in ("opd/advantage_mean", "opd/advantage_pos_frac"):
-            out.pop(k, None)
     if n:
         out["student/logprob_mean"] = float(rollout.policy_logprobs[mask].mean())
     if offline:  # the rows are the teacher's own text: their "behaviour" logprobs are the teacher's, not the student's

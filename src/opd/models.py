@@ -105,20 +105,27 @@ def load_student(cfg: StudentConfig, seed: int):
 _LAYER_KEY = re.compile(r"^(.*\.layers\.)(\d+)(\..*)$")
 
 
+def dropped_config(config, keep_every: int):
+    """A copy of a model config with decoder layers 0, k, 2k, ... only (k = keep_every): their number and, where the
+    config lists them, their attention types (Gemma's sliding/full pattern). A multimodal config's text config."""
+    config = copy.deepcopy(config)
+    text = getattr(config, "text_config", config)
+    text.num_hidden_layers = len(range(0, text.num_hidden_layers, keep_every))
+    if getattr(text, "layer_types", None):
+        text.layer_types = text.layer_types[::keep_every]
+    return config
+
+
 def drop_layers(model, keep_every: int):
     """A copy of `model` with decoder layers 0, k, 2k, ... only (k = keep_every), renumbered 0, 1, 2, ...
 
     Built as a fresh model from the reduced config and loaded with the kept weights, so the config,
     KV-cache layout and per-layer attention types (Gemma's sliding/full pattern) all match the new depth.
     """
-    config = copy.deepcopy(model.config)
-    n = config.num_hidden_layers
-    keep = list(range(0, n, keep_every))
+    n = model.config.num_hidden_layers
     if keep_every > n:
         raise ConfigError(f"student.keep_every = {keep_every} but the model has only {n} layers")
-    config.num_hidden_layers = len(keep)
-    if getattr(config, "layer_types", None):
-        config.layer_types = [config.layer_types[i] for i in keep]
+    config = dropped_config(model.config, keep_every)
     state = {}
     for key, value in model.state_dict().items():
         m = _LAYER_KEY.match(key)

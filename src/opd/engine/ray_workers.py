@@ -253,9 +253,6 @@ def concat_scores(parts: list[TeacherScores]) -> TeacherScores:
     if all(p.coverage_bytes is not None for p in parts):  # a fraction of the text: the shares' bytes add up
         coverage_bytes = (sum(p.coverage_bytes[0] for p in parts), sum(p.coverage_bytes[1] for p in parts))
         coverage = coverage_bytes[0] / coverage_bytes[1] if coverage_bytes[1] else 1.0
-    elif all(p.coverage is not None for p in parts):  # weighted by the shares' rows (a share's scored tokens would
-        rows = [p.scored_mask.shape[0] for p in parts]  # drop a share whose alignment failed from the weights)
-        coverage = sum(p.coverage * n for p, n in zip(parts, rows)) / max(1, sum(rows))
     return TeacherScores(
         token_logprobs=cat("token_logprobs"), scored_mask=cat("scored_mask"), topk_ids=cat("topk_ids"),
         topk_logprobs=cat("topk_logprobs"), full_logprobs=cat("full_logprobs"), entropy=cat("entropy"),

@@ -104,8 +104,9 @@ def compute_feedback(
             metrics["reward/teacher_rows"] = float(by_reward.sum())
         adv = opd_weight * adv + reward_weight * shaped[:, None] * train_mask
         metrics["reward/mean"] = float(rewards.float().mean())
-    metrics["opd/advantage_mean"] = _masked_mean(raw, scored)
-    metrics["opd/advantage_pos_frac"] = _masked_mean((raw > 0).float(), scored)
+    if bool((scored > 0).any()):  # no scored token (a teacher that answered nothing): no figure, not a made-up 0
+        metrics["opd/advantage_mean"] = _masked_mean(raw, scored)
+        metrics["opd/advantage_pos_frac"] = _masked_mean((raw > 0).float(), scored)
     return Feedback(advantages=adv.detach(), loss_mask=train_mask * loss_weight, raw_advantages=raw.detach(),
                     rewards=rewards, metrics=metrics)
 

@@ -64,12 +64,13 @@ def topk_kl(
     -inf teacher logprob is empty (TeacherScores.fit_vocab: an id past the student's head): it is no bin."""
     t_k = topk_logp.to(student_logp.dtype)
     empty = torch.isneginf(t_k)
+    any_empty = bool(empty.any())
     s_k = student_logp.gather(-1, topk_ids)
-    if bool(empty.any()):
+    if any_empty:
         s_k = s_k.masked_fill(empty, float("-inf"))
     s = torch.cat([s_k, _log1mexp(torch.logsumexp(s_k, -1))[..., None]], -1)
     t = torch.cat([t_k, _log1mexp(torch.logsumexp(t_k, -1))[..., None]], -1)
-    if bool(empty.any()):  # finite stand-ins where a bin is empty, and no term: 0 * (-inf) is NaN, also in backward
+    if any_empty:  # finite stand-ins where a bin is empty, and no term: 0 * (-inf) is NaN, also in backward
         keep = torch.cat([~empty, torch.ones_like(empty[..., :1])], -1)
         s, t = torch.where(keep, s, 0.0), torch.where(keep, t, 0.0)
         p = (t if direction == "forward" else s).exp()

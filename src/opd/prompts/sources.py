@@ -44,7 +44,11 @@ class TaskSource:
             if p.text not in seen:
                 seen.add(p.text)
                 self.eval.append(p)
-        self.held_out = seen  # every source's held-out texts after PromptStream joins them (a shared prompt stays out)
+        self.held_out = seen
+
+    def exclude(self, held_out: set[str]) -> None:
+        """Never draws a prompt any source holds out (a file repeating this task's prompts holds some out)."""
+        self.held_out = held_out
 
     def _named(self, p: Prompt) -> Prompt:
         return Prompt(text=p.text, source=self.name, answer=p.answer, task=p.task)
@@ -228,10 +232,7 @@ class PromptStream:
         # repeats a built-in task's) must not train on another's evaluation prompts.
         held_out = {p.text for s in self.sources for p in s.eval}
         for src in self.sources:
-            if isinstance(src, RecordSource):
-                src.exclude(held_out)
-            else:
-                src.held_out = held_out
+            src.exclude(held_out)
         w = np.array([sc.weight for sc in cfg.sources], dtype=np.float64)
         self.weights = w / w.sum()
         self.draws = {s.name: 0 for s in self.sources}
@@ -330,8 +331,7 @@ def chat_renderer(tokenizer):
 def prompt_stream(cfg, tokenizer) -> PromptStream:
     """A run's prompt stream (cfg: opd.config.Config): chat records in the student's template, prompt lengths in its
     tokens. Training, `opd eval` and `opd compare`'s report build it the same way, so they hold out the same prompts."""
-    def count_tokens(text: str) -> int:  # as encode_prompts tokenises: no second BOS after a template's own
-        has_bos = tokenizer.bos_token is not None and text.startswith(tokenizer.bos_token)
-        return len(tokenizer(text, add_special_tokens=not has_bos)["input_ids"])
+    from opd.rollout.sampler import prompt_token_ids  # as the sampler tokenises: no second BOS after a template's own
 
-    return PromptStream(cfg.prompts, cfg.seed, chat_renderer(tokenizer), count_tokens=count_tokens)
+    return PromptStream(cfg.prompts, cfg.seed, chat_renderer(tokenizer),
+                        count_tokens=lambda text: len(prompt_token_ids(tokenizer, text)))

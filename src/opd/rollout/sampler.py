@@ -42,18 +42,22 @@ class SamplingParams:
     int8: bool = False  # rollout.dtype = "int8": the fast decoder's decode steps read int8 weights (fp32/bf16 models on CPU)
 
 
+def prompt_token_ids(tokenizer, text: str, as_text: bool = False) -> list[int]:
+    """A prompt's ids: a prompt that already starts with BOS (chat templates) gets no second one. as_text: the prompt
+    holds no template markup, so a special token's string in it is text (split_special_tokens), not that token."""
+    has_bos = tokenizer.bos_token is not None and text.startswith(tokenizer.bos_token)
+    return tokenizer(text, add_special_tokens=not has_bos, **({"split_special_tokens": True} if as_text else {}))[
+        "input_ids"]
+
+
 def encode_prompts(tokenizer, prompts: list[Prompt], max_prompt_tokens: int,
                    as_text: list[bool] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokenise and left-pad. A prompt that already starts with BOS (chat templates) gets no second one. A prompt
-    longer than max_prompt_tokens keeps its end (what the completion continues) and its BOS: a model reads text
-    without its BOS as something else (Gemma's logprobs moved by ~1 nat a token). as_text[i]: prompt i holds no
-    template markup, so a special token's string in it is text (split_special_tokens), not that token."""
+    """Tokenise (prompt_token_ids; as_text[i] for prompt i) and left-pad. A prompt longer than max_prompt_tokens keeps
+    its end (what the completion continues) and its BOS: a model reads text without its BOS as something else
+    (Gemma's logprobs moved by ~1 nat a token)."""
     rows = []
     for i, p in enumerate(prompts):
-        has_bos = tokenizer.bos_token is not None and p.text.startswith(tokenizer.bos_token)
-        split = bool(as_text and as_text[i])
-        ids = tokenizer(p.text, add_special_tokens=not has_bos, **({"split_special_tokens": True} if split else {}))[
-            "input_ids"]
+        ids = prompt_token_ids(tokenizer, p.text, bool(as_text and as_text[i]))
         if len(ids) > max_prompt_tokens:
             keep_bos = max_prompt_tokens > 1 and tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id
             ids = ids[:1] + ids[len(ids) - max_prompt_tokens + 1:] if keep_bos else ids[-max_prompt_tokens:]
@@ -168,8 +172,7 @@ def sample(
             own_lp = pick.student_logprobs
             teacher_share[:, t] = torch.where(done, 0.0, pick.teacher_share)
         if params.top_p < 1.0:  # the untruncated softmax's logprob, not the nucleus's
-            scaled = logits.float() if params.temperature == 1.0 else logits.float() / params.temperature
-            own_lp = F.log_softmax(scaled, dim=-1).gather(1, tok[:, None]).squeeze(1)
+            own_lp = sampling_logprobs(logits, params.temperature, 1.0).gather(1, tok[:, None]).squeeze(1)
         if track_own:
             own_logprobs[:, t] = torch.where(done, 0.0, own_lp)
         tok = torch.where(done, torch.full_like(tok, pad), tok)
