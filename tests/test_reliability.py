@@ -365,3 +365,60 @@ def test_sigterm_during_the_warm_start_stops_it_at_its_next_step_and_says_how_to
     assert not (tmp_path / "run" / "checkpoints").exists()
     assert any("interrupted during the warm start" in s and f"opd run --resume {tmp_path / 'run'}" in s for s in said)
     assert handler_after is outside  # the run's handler is gone with the warm start
+
+
+@pytest.mark.parametrize("at", ["LocalRollout", "evaluate"])
+def test_ctrl_c_after_the_warm_start_keeps_it_in_checkpoint_0_and_the_resume_equals_a_straight_run(tmp_path, monkeypatch,
+                                                                                                    at):
+    # Between the warm start's end and the training loop (the rollout backend built, a reference copy, Ray actors
+    # starting) no handler was installed: a Ctrl-C there ended the run with a traceback and lost the warm start. One
+    # during the step-0 evaluation trained a step before it stopped.
+    import os
+
+    import opd.loop as loop
+    from opd.loop import run
+
+    sets = ["student.warm_start_steps=4", "student.warm_start_samples=16", "prompts.batch_size=4", "eval.size=4",
+            "monitor.live='off'", "monitor.tensorboard=false", "train.max_steps=2", "rollout.max_new_tokens=24",
+            "eval.recovery_size=0"]
+    run(load_config(None, sets), tmp_path / "straight", log=lambda *a: None)
+    real, calls = getattr(loop, at), {"n": 0}
+
+    def ctrl_c_on_the_first_call(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*a, **k)
+
+    monkeypatch.setattr(loop, at, ctrl_c_on_the_first_call)
+    said = []
+    result = run(load_config(None, sets), tmp_path / "split", log=lambda *a: said.append(" ".join(map(str, a))))
+    assert result.interrupted and result.steps == 0 and calls["n"] == 1
+    assert [p.name for p in (tmp_path / "split" / "checkpoints").iterdir()] == ["step-0"]
+    assert not (tmp_path / "split" / "final").exists()
+    assert any("interrupted before step 1" in s and "opd run --resume" in s for s in said)
+    monkeypatch.undo()
+    run(load_config(None, sets), tmp_path / "split", resume=True, log=lambda *a: None)
+    a = load_file(tmp_path / "straight" / "final" / "model.safetensors")
+    b = load_file(tmp_path / "split" / "final" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ctrl_c_while_the_parts_are_built_interrupts_at_once(tmp_path, monkeypatch):
+    # Before there is work to keep (loading models, prompts) the run's handler passes a signal on as before.
+    import os
+
+    import opd.loop as loop
+    from opd.loop import run
+
+    real_stream = loop.prompt_stream
+
+    def ctrl_c_while_loading(*a, **k):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real_stream(*a, **k)
+
+    monkeypatch.setattr(loop, "prompt_stream", ctrl_c_while_loading)
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        run(load_config(None, ["monitor.live='off'", "train.max_steps=1"]), tmp_path / "run", log=lambda *a: None)
+    assert signal.getsignal(signal.SIGINT) is before and not (tmp_path / "run" / "checkpoints").exists()

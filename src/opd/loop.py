@@ -63,10 +63,13 @@ class RunResult:
 
 
 class _StopFlag:
-    """SIGINT/SIGTERM finish the current step, write a checkpoint, then stop."""
+    """SIGINT/SIGTERM, once armed: the warm start, the offline generation or the training step under way finishes,
+    what resumes is written, then the run stops. Unarmed (building the parts, loading a checkpoint: nothing to lose)
+    a signal does what it did before the flag was installed (KeyboardInterrupt, termination)."""
 
     def __init__(self):
         self.raised = False
+        self.armed = False
         self._old = {}
 
     def __enter__(self):
@@ -78,7 +81,16 @@ class _StopFlag:
         return self
 
     def _handle(self, signum, frame):
-        self.raised = True
+        if self.armed:
+            self.raised = True
+            return
+        old = self._old[signum]
+        if callable(old):
+            old(signum, frame)
+        else:  # SIG_DFL or SIG_IGN: let the process's own disposition act, then listen again
+            signal.signal(signum, old)
+            signal.raise_signal(signum)
+            signal.signal(signum, self._handle)
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():
@@ -203,7 +215,13 @@ class _NoMetrics:
 def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=print, mode: str = "onpolicy") -> RunResult:
     """mode "onpolicy": the student writes, the teacher scores. mode "offline": the teacher writes once
     (stored under offline.data), the student imitates; everything else is shared."""
-    run_dir = Path(run_dir)
+    # One handler from start to end, armed once there is work to keep: a Ctrl-C between two phases (the warm start
+    # done, the loop not yet begun: Ray actors starting, the first evaluation) stops at the loop's first step too
+    with _StopFlag() as stop:
+        return _run(cfg, Path(run_dir), resume, console, log, mode, stop)
+
+
+def _run(cfg: Config, run_dir: Path, resume: bool, console, log, mode: str, stop: _StopFlag) -> RunResult:
     # Data-parallel training under torchrun: every rank trains on its share; rank 0 writes files and evaluates.
     dp = DataParallel.from_env(resolve_device(cfg.student.device))
     main = dp is None or dp.is_main
@@ -289,6 +307,11 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
         for moved in set_aside_after(run_dir, None if ckpt is None else checkpoint_step(ckpt)):
             log(f"set aside {moved} (damaged): this run writes its step number again")
     first_eval: dict = {}
+    stop.armed = True  # from here a Ctrl-C waits for the next point where the work done so far is kept
+
+    def stopping() -> bool:  # every data-parallel rank stops at the same step, or their collectives part ways
+        return stop.raised if dp is None else not dp.all_true(not stop.raised)
+
     if ckpt is not None:
         # ---- resume: weights, optimizer, scheduler, RNG, prompt position, counters
         state = load_trainer_state(ckpt)
@@ -327,10 +350,10 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
         budget = {"teacher_tokens": 0, "student_tokens": 0, "flops": 0.0}
         skips = {"total": 0, "consecutive": 0}
         if cfg.student.warm_start_steps > 0:
-            with _StopFlag() as stop:  # Ctrl-C / SIGTERM: the warm start stops at its next step, and the run with it
-                warm_start(cfg, student, teacher_model or teacher.teachers["default"], tokenizer, stream, params,
-                           budget, log, should_stop=lambda: stop.raised)
-            if stop.raised:
+            # Ctrl-C / SIGTERM: the warm start stops at its next step, and the run with it
+            finished = warm_start(cfg, student, teacher_model or teacher.teachers["default"], tokenizer, stream, params,
+                                  budget, log, should_stop=stopping)
+            if not finished:  # a finished one is kept: the loop writes checkpoint 0 before it stops
                 log(f"interrupted during the warm start, before the first checkpoint: `{resume_command(mode, run_dir)}` "
                     "starts the run again")
                 return RunResult(run_dir=run_dir, steps=0, interrupted=True)
@@ -339,9 +362,9 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
     objective = cfg.objective
     offline_data = None
     if mode == "offline":
-        with _StopFlag() as stop:  # Ctrl-C / SIGTERM: generation stops after its current batch (what is stored stays)
-            offline_data, objective = prepare_offline(cfg, run_dir, teacher_model, tokenizer, stream, params, log,
-                                                      should_stop=lambda: stop.raised)
+        # Ctrl-C / SIGTERM: generation stops after its current batch (what is stored stays)
+        offline_data, objective = prepare_offline(cfg, run_dir, teacher_model, tokenizer, stream, params, log,
+                                                  should_stop=stopping)
         if offline_data is None:
             log(f"interrupted during the offline data generation: `{resume_command(mode, run_dir)}` continues it")
             return RunResult(run_dir=run_dir, steps=0, interrupted=True)
@@ -470,7 +493,7 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
     step = start
     interrupted = False
     display_cfg = cfg.monitor if main else cfg.monitor.model_copy(update={"live": "off", "log_every": 10**9})
-    with RunDisplay(display_cfg, cfg.train.max_steps, start, console=console) as display, _StopFlag() as stop, \
+    with RunDisplay(display_cfg, cfg.train.max_steps, start, console=console) as display, \
             closing(batches), closing(workers) if workers is not None else nullcontext():
         if ckpt is None:
             first_eval = eval_row(0, version) if main else {}
@@ -481,7 +504,12 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
             display.update(row)
             checkpoint(0)
 
-        for step in range(start + 1, cfg.train.max_steps + 1):
+        steps_left = range(start + 1, cfg.train.max_steps + 1)
+        if stopping():  # a Ctrl-C while the run was set up (after the warm start: Ray actors starting, the step-0 eval)
+            log(f"interrupted before step {start + 1}: the checkpoint of step {start} stands; continue with "
+                f"`{resume_command(mode, run_dir)}`")
+            interrupted, steps_left = True, range(0)
+        for step in steps_left:
             t0 = time.perf_counter()
             # 1-3. prompts, rollout, teacher scores: this step's batch (made now, or ahead while earlier steps trained)
             batch = batches.get(step)
@@ -577,9 +605,10 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
                     f"losses or gradients (step {step}); a checkpoint is in {run_dir}/checkpoints. Lower train.lr, set "
                     "feedback.clip, or check the teacher's outputs, then continue with --resume."
                 )
-            if stop.raised or (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0):
+            halt = stopping()
+            if halt or (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0):
                 checkpoint(step)
-            if stop.raised:
+            if halt:
                 log(f"interrupted: checkpoint written at step {step}; continue with `{resume_command(mode, run_dir)}`")
                 interrupted = True
                 break
@@ -602,8 +631,9 @@ def run(cfg: Config, run_dir: Path, *, resume: bool = False, console=None, log=p
 
 
 def warm_start(cfg: Config, student, teacher_model, tokenizer, stream: PromptStream, params: SamplingParams,
-               budget: dict, log, should_stop=lambda: False) -> None:
-    """A short supervised phase on teacher completions, so on-policy samples start out readable."""
+               budget: dict, log, should_stop=lambda: False) -> bool:
+    """A short supervised phase on teacher completions, so on-policy samples start out readable; False when
+    should_stop() cut it short."""
     t0 = time.time()
     prompts = stream.extra_prompts(cfg.student.warm_start_samples, key=1)
     local = isinstance(teacher_model, torch.nn.Module)
@@ -618,13 +648,14 @@ def warm_start(cfg: Config, student, teacher_model, tokenizer, stream: PromptStr
     losses = supervised_train(student, data, steps=cfg.student.warm_start_steps, batch_size=cfg.student.warm_start_batch_size,
                               lr=cfg.student.warm_start_lr, seed=cfg.seed, should_stop=should_stop)
     if not losses:  # stopped before its first step
-        return
+        return False
     trained_tokens = data.num_tokens * cfg.student.warm_start_steps * cfg.student.warm_start_batch_size / len(prompts)
     budget["teacher_tokens"] += data.num_tokens
     n_teacher = count_params(teacher_model) if local else 0
     budget["flops"] += 2 * n_teacher * data.num_tokens + 6 * count_params(student) * trained_tokens
     log(f"warm start: {data.num_tokens} teacher tokens, {len(losses)} steps, "
         f"loss {losses[0]:.3f} -> {losses[-1]:.3f} ({time.time() - t0:.0f}s)")
+    return len(losses) == cfg.student.warm_start_steps
 
 
 def prepare_offline(cfg: Config, run_dir: Path, teacher_model, tokenizer, stream: PromptStream, params: SamplingParams,
