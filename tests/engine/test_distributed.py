@@ -136,6 +136,40 @@ def test_a_torchrun_run_with_two_gloo_ranks_writes_the_whole_batch_and_resumes_e
         assert r["rollout/length_mean"] == pytest.approx(r["rollout/tokens"] / 4)
 
 
+RANK_1_CTRL_C = textwrap.dedent("""
+    import os, signal, sys
+    import opd.loop
+    from opd.cli import app
+
+    def ctrl_c_on_rank_1(phase, step):  # Ctrl-C reaches one rank only, in step 2's update
+        if (phase, step) == ("update", 2) and os.environ["RANK"] == "1":
+            os.kill(os.getpid(), signal.SIGINT)
+
+    opd.loop.crash_point = ctrl_c_on_rank_1
+    sys.argv = ["opd", *sys.argv[1:]]
+    app()
+""")
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    """A rank that stopped alone left the others in a collective of the next step (hung, or a gloo error)."""
+    from opd.monitor import read_metrics
+
+    (tmp_path / "ctrl_c.py").write_text(RANK_1_CTRL_C)
+    sets = ["prompts.batch_size=4", "eval.size=4", "eval.every=0", "eval.recovery_size=0", "student.warm_start_steps=0",
+            "rollout.max_new_tokens=12", "monitor.tensorboard=false", "train.checkpoint_every=0"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2", "--master-addr",
+           "127.0.0.1", "--master-port", str(free_port()), str(tmp_path / "ctrl_c.py"), "run", "--out",
+           str(tmp_path / "run"), "--max-steps", "4", *[a for s in sets for a in ("--set", s)]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)  # ~40 s; hung before
+    assert p.returncode != 0 and "exitcode  : 130" in p.stderr, p.stdout[-2000:] + p.stderr[-3000:]  # both ranks stopped
+    assert "interrupted: checkpoint written at step 2" in p.stdout + p.stderr
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [0, 1, 2]
+    assert sorted(c.name for c in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-0", "step-2"]
+
+
 def test_rank_metrics_merge_into_the_whole_batchs():
     from opd.engine.distributed import merge_rank_metrics
 

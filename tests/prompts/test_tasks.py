@@ -106,6 +106,20 @@ def test_verify_with_a_numeric_answer_uses_the_last_number():
     assert verify(Prompt(text="q", source="r", answer="2.5"), "so 2.50") is True
 
 
+@pytest.mark.parametrize("completion", ["\\boxed{-5}", "$-5$", "**-5**", "[-5]", "'-5'", "<answer>-5</answer>",
+                                        "####-12 is wrong, -5", "x = -5", "(-5)", "-5"])
+def test_a_minus_after_markup_is_the_numbers_sign(completion):
+    # Only whitespace, "=", "(" or ":" let a minus count: "\boxed{-5}" read as 5 (right against "5", wrong against "-5")
+    assert verify(Prompt(text="q", source="r", answer="-5"), completion) is True
+    assert verify(Prompt(text="q", source="r", answer="5"), completion) is False
+
+
+def test_a_hyphen_after_a_word_or_number_is_no_sign():
+    assert verify(Prompt(text="q", source="r", answer="7"), "pages 5-7") is True
+    assert verify(Prompt(text="q", source="r", answer="7"), "item-7") is True
+    assert verify(Prompt(text="q", source="r", answer="-7"), "1.5-7") is False
+
+
 def test_verify_with_a_text_answer_needs_an_exact_match():
     p = Prompt(text="Capital of France?", source="r", answer="Paris")
     assert verify(p, " Paris\n") is True

@@ -142,9 +142,10 @@ def get_task(name: str) -> ArithTask:
     return TASKS[name]
 
 
-# A number: thousands separated by commas (1,234,567) or not, an optional decimal part, and a minus sign only where
-# it cannot be a hyphen between two numbers ("5-7" is a range; "x = -7" and "-7" are negative).
-_NUMBER = re.compile(r"(?<![\w.,])(?:(?<=\s)-|(?<=^)-|(?<=[=(:])-)?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?![\d,]\d)")
+# A number: thousands separated by commas (1,234,567) or not, an optional decimal part, and a minus sign unless a
+# word or number comes right before it, where it is a hyphen ("5-7" is a range; "x = -7", "\\boxed{-7}", "**-7**",
+# "<answer>-7" and "-7" are negative).
+_NUMBER = re.compile(r"(?<![\w.,])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?![\d,]\d)")
 
 
 def verify(prompt: Prompt, completion: str) -> bool | None:
