@@ -163,9 +163,14 @@ def test_ctrl_c_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
            "127.0.0.1", "--master-port", str(free_port()), str(tmp_path / "ctrl_c.py"), "run", "--out",
            str(tmp_path / "run"), "--max-steps", "4", *[a for s in sets for a in ("--set", s)]]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)  # ~40 s; hung before
-    assert p.returncode != 0 and "exitcode  : 130" in p.stderr, p.stdout[-2000:] + p.stderr[-3000:]  # both ranks stopped
-    assert "interrupted: checkpoint written at step 2" in p.stdout + p.stderr
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=300)  # ~40 s; the ranks hung before
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, 9)  # torchrun and both ranks
+        raise
+    assert p.returncode != 0 and "exitcode  : 130" in err, out[-2000:] + err[-3000:]  # both ranks stopped
+    assert "interrupted: checkpoint written at step 2" in out + err
     assert [r["step"] for r in read_metrics(tmp_path / "run")] == [0, 1, 2]
     assert sorted(c.name for c in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-0", "step-2"]
 
