@@ -343,3 +343,25 @@ def test_fit_vocab_narrows_or_widens_the_teachers_distribution():
         keep = ~torch.isneginf(lp[row])
         alone = topk_kl(student.detach()[row:row + 1], ids[row:row + 1, keep], lp[row:row + 1, keep], direction)
         torch.testing.assert_close(loss[row:row + 1].detach(), alone)
+
+
+def test_a_resume_that_adds_the_reference_penalty_takes_checkpoint_0_or_is_refused(tmp_path):
+    # The reference was made only by a run that began with kl_ref_coef > 0: a resume adding it trained without it
+    # (no stability/kl_ref, nothing said) although config.toml recorded the penalty.
+    from opd.config import ConfigError
+
+    run(small_config("train.max_steps=2", "train.keep_checkpoints=5"), tmp_path / "kept", log=quiet)
+    said = []
+    run(small_config("train.max_steps=3", "train.keep_checkpoints=5", "objective.kl_ref_coef=0.5"), tmp_path / "kept",
+        resume=True, log=said.append)
+    assert any("the reference is checkpoint 0's student" in m for m in said)
+    assert "stability/kl_ref" in read_metrics(tmp_path / "kept")[-1] and (tmp_path / "kept" / "reference").is_dir()
+    step0 = AutoModelForCausalLM.from_pretrained(tmp_path / "kept" / "checkpoints" / "step-0").state_dict()
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path / "kept" / "reference").state_dict()
+    assert all(torch.equal(step0[k], ref[k]) for k in step0)
+
+    run(small_config("train.max_steps=2", "train.keep_checkpoints=1"), tmp_path / "pruned", log=quiet)
+    before = (tmp_path / "pruned" / "config.toml").read_text()
+    with pytest.raises(ConfigError, match="resume with objective.kl_ref_coef = 0"):
+        run(small_config("train.max_steps=3", "objective.kl_ref_coef=0.5"), tmp_path / "pruned", resume=True, log=quiet)
+    assert (tmp_path / "pruned" / "config.toml").read_text() == before

@@ -289,7 +289,8 @@ class ObjectiveConfig(Section):
         "forward", description="`topk_kl` direction over the K+1 bins: forward = KL(teacher||student)."
     )
     kl_ref_coef: float = Field(
-        0.0, ge=0, description="Weight of the KL-to-reference penalty (reference = the student after warm start)."
+        0.0, ge=0, description="Weight of the KL-to-reference penalty (reference = the student after warm start; a "
+        "resume that adds it takes checkpoint 0's student, refused once that checkpoint is pruned)."
     )
     reward_weight: float = Field(1.0, ge=0, description="`hybrid`: weight of the group-normalised task reward.")
     opd_weight: float = Field(1.0, ge=0, description="`hybrid`: weight of the OPD advantage A_t.")

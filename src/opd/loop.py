@@ -26,7 +26,7 @@ import torch
 
 from opd import matmul
 from opd.checkpoint import (checkpoint_step, latest_checkpoint, list_checkpoints, load_trainer_state, save_checkpoint,
-                            set_aside_after)
+                            set_aside_after, verify_checkpoint)
 from opd.config import Config, ConfigError, ObjectiveConfig, to_toml
 from opd.engine import LocalRollout, ScoredBatch, make_batches
 from opd.engine.distributed import DataParallel, run_counters as sum_run_counters
@@ -341,8 +341,21 @@ def _run(cfg: Config, run_dir: Path, resume: bool, console, log, mode: str, stop
         skips = state["skips"]
         counters_before = state.get("counters", {})
         t_start -= state.get("elapsed_s", 0.0)
-        if (run_dir / "reference").is_dir():
-            ref_model = load_model(str(run_dir / "reference"), dtype=cfg.student.dtype, device=cfg.student.device)
+        if cfg.objective.kl_ref_coef > 0 and mode == "onpolicy":
+            # the reference is the student after its warm start: in reference/ where the run began with the penalty,
+            # else checkpoint 0's weights while that checkpoint is kept (a resume that adds the penalty)
+            ref_dir = run_dir / "reference"
+            if not ref_dir.is_dir():
+                ref_dir = run_dir / "checkpoints" / "step-0"
+                if not ref_dir.is_dir() or verify_checkpoint(ref_dir):
+                    raise ConfigError(
+                        f"objective.kl_ref_coef = {cfg.objective.kl_ref_coef}, but {run_dir} began without the penalty "
+                        "and its reference (the student after the warm start, checkpoint 0) is no longer kept: resume "
+                        "with objective.kl_ref_coef = 0, or start a new run with the penalty")
+                log("objective.kl_ref_coef: the reference is checkpoint 0's student (the run began without the penalty)")
+            ref_model = load_model(str(ref_dir), dtype=cfg.student.dtype, device=cfg.student.device)
+            if main and ref_dir.name != "reference":
+                save_plain(ref_model, run_dir / "reference")
         log(f"resumed from {ckpt} (step {start})")
     else:
         start, version, pending = 0, 0, []
@@ -374,7 +387,8 @@ def _run(cfg: Config, run_dir: Path, resume: bool, console, log, mode: str, stop
             budget["flops"] += 2 * n_teacher * offline_data.num_tokens
     if ckpt is None and objective.kl_ref_coef > 0:
         ref_model = copy.deepcopy(merged_copy(student)).eval().requires_grad_(False)
-        save_plain(ref_model, run_dir / "reference")
+        if main:  # every rank keeps its copy; one writes it
+            save_plain(ref_model, run_dir / "reference")
     if ref_model is not None:
         ref_model.eval().requires_grad_(False)
     if dp is not None:  # every rank starts from rank 0's weights
