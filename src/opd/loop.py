@@ -324,17 +324,28 @@ def _run(cfg: Config, run_dir: Path, resume: bool, console, log, mode: str, stop
         scheduler.load_state_dict(state["scheduler"])
         if changed := use_config_hyperparameters(optimizer, scheduler, cfg.train):
             log(f"resume: {'; '.join(changed)} (from the config)")
+        start, version, budget, first_eval = state["step"], state["version"], state["budget"], state["first_eval"]
         rng, pending = state["rng"], state.get("pending", [])  # pending: batches a pipelined run had made ahead
         ranks = state.get("ranks")  # a data-parallel run's per-rank sampler, RNG and batches made ahead
+        remade = []
         if dp is not None and ranks is not None and len(ranks) == dp.world:
             rng, pending = ranks[dp.rank], ranks[dp.rank]["pending"]
-        elif not main:  # another world size (or an older checkpoint): rank 0's share; this rank makes its own again
-            pending = []
-        if rng["sampler"] is not None:  # None: the run sampled on Ray workers, seeded per step
+        elif dp is not None or ranks is not None:
+            # Another number of processes: a saved sampler state or batch made ahead belongs to another split (with
+            # rank 0's sampler every rank drew the same completions). Each rank seeds its sampler from the step and
+            # its rank, and the batches made ahead are made again (their prompts drawn again, not skipped).
+            remade = [made.step for made in (pending or (ranks[0]["pending"] if ranks else []))]
+            rank = 0 if dp is None else dp.rank
+            rng, pending = {**rng, "sampler": None}, []
+            gen.manual_seed(int(np.random.default_rng([cfg.seed, start, rank, 0x5EED]).integers(2**62)))
+        if rng["sampler"] is not None:  # None: the run sampled on Ray workers, seeded per step (or seeded just above)
             gen.set_state(rng["sampler"])
         torch.set_rng_state(rng["torch"])
         stream.load_state_dict(state["prompts"])
-        start, version, budget, first_eval = state["step"], state["version"], state["budget"], state["first_eval"]
+        if remade:
+            stream.rewind(remade)
+            log(f"resumed on {1 if dp is None else dp.world} process(es), not the checkpoint's "
+                f"{1 if ranks is None else len(ranks)}: the {len(remade)} batch(es) made ahead are made again")
         if start > cfg.train.max_steps:
             raise ConfigError(f"{run_dir} is at step {start} already, past train.max_steps = {cfg.train.max_steps}: "
                               "give a larger --max-steps to continue it")
@@ -358,7 +369,7 @@ def _run(cfg: Config, run_dir: Path, resume: bool, console, log, mode: str, stop
                 save_plain(ref_model, run_dir / "reference")
         log(f"resumed from {ckpt} (step {start})")
     else:
-        start, version, pending = 0, 0, []
+        start, version, pending, remade = 0, 0, [], []
         counters_before = {}
         budget = {"teacher_tokens": 0, "student_tokens": 0, "flops": 0.0}
         skips = {"total": 0, "consecutive": 0}
@@ -459,7 +470,8 @@ def _run(cfg: Config, run_dir: Path, resume: bool, console, log, mode: str, stop
             f"(max_policy_lag is now {cfg.max_policy_lag}): they are sampled again with newer weights")
         stream.rewind([made.step for made in pending[within:]])  # their prompts are drawn again, not skipped
         pending = pending[:within]
-    if ckpt is not None and not dropped and ahead > 0 and len(pending) < min(ahead, cfg.train.max_steps - start):
+    if ckpt is not None and not dropped and not remade and ahead > 0 and \
+            len(pending) < min(ahead, cfg.train.max_steps - start):
         # A run that reached its own max_steps made nothing past it, so the batches the extension would have made
         # ahead (with weights older than these) are sampled now: fresher than an uninterrupted longer run's.
         log(f"the checkpoint holds {len(pending)} of the {ahead} batches made ahead (the run had reached its "

@@ -175,6 +175,65 @@ def test_ctrl_c_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     assert sorted(c.name for c in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-0", "step-2"]
 
 
+RECORD_TRAINED = textwrap.dedent("""
+    import json, os, sys
+    import opd.loop
+    from opd.cli import app
+
+    real = opd.loop.verify
+
+    def recorded(prompt, completion):  # the training rows this process drew, in order
+        with open(os.environ["RECORD"] + "." + os.environ.get("RANK", "0"), "a") as f:
+            f.write(json.dumps([prompt.text, completion]) + "\\n")
+        return real(prompt, completion)
+
+    opd.loop.verify = recorded
+    sys.argv = ["opd", *sys.argv[1:]]
+    app()
+""")
+
+
+@pytest.mark.slow
+def test_a_pipelined_single_process_run_resumed_on_two_ranks_samples_each_ranks_own_share(tmp_path):
+    """A resume on another number of processes gave every rank rank 0's sampler state (both ranks drew the same
+    completions), rank 0 trained the whole batch the single process had made ahead, and that batch's prompts were
+    never drawn again."""
+    import json
+
+    from opd.monitor import read_metrics
+
+    (tmp_path / "record.py").write_text(RECORD_TRAINED)
+    (tmp_path / "sums.jsonl").write_text("".join(json.dumps({"prompt": f"{a}+{b}=", "answer": str(a + b)}) + "\n"
+                                                 for a, b in zip(range(100, 160), range(900, 840, -1))))
+    sets = ["prompts.batch_size=1", "rollout.samples_per_prompt=2", "max_policy_lag=1", "student.warm_start_steps=0",
+            "eval.every=0", "eval.size=2", "eval.recovery_size=0", "prompts.eval_size=2", "train.checkpoint_every=2",
+            "rollout.max_new_tokens=12", "monitor.tensorboard=false", "prompts.sources[0].kind='jsonl'",
+            f"prompts.sources[0].path='{tmp_path / 'sums.jsonl'}'"]
+    config = ["--max-steps", "5", *[a for s in sets for a in ("--set", s)]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+
+    def opd(*args: str, crash_at: str = "", record: str = "", ranks: int = 0) -> None:
+        launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(ranks),
+                  "--master-addr", "127.0.0.1", "--master-port", str(free_port())] if ranks else [sys.executable]
+        p = subprocess.run([*launch, str(tmp_path / "record.py"), "run", *args], capture_output=True, text=True,
+                           env={**env, "OPD_CRASH_AT": crash_at, "RECORD": str(tmp_path / record)}, timeout=300)
+        assert (p.returncode != 0) == bool(crash_at), p.stderr[-3000:]
+        return p.stdout + p.stderr
+
+    opd("--out", str(tmp_path / "straight"), *config, record="straight")
+    opd("--out", str(tmp_path / "split"), *config, crash_at="update:3", record="before")  # batch 3 made ahead
+    said = opd("--resume", str(tmp_path / "split"), record="after", ranks=2)
+    assert "the 1 batch(es) made ahead are made again" in " ".join(said.split())
+    straight = [json.loads(line)[0] for line in (tmp_path / "straight.0").read_text().splitlines()]
+    ranks = [[json.loads(line) for line in (tmp_path / f"after.{r}").read_text().splitlines()] for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 3  # steps 3-5, one row each: rank 0 did not train the whole batch 3
+    for i, step in enumerate((3, 4, 5)):
+        assert ranks[0][i][0] == ranks[1][i][0] == straight[2 * (step - 1)]  # each step's prompt, batch 3's too
+        assert ranks[0][i][1] != ranks[1][i][1]  # the two samples of a prompt, not one drawn twice
+    for r in read_metrics(tmp_path / "split")[1:]:
+        assert r["rollout/length_mean"] == pytest.approx(r["rollout/tokens"] / 2)
+
+
 def test_rank_metrics_merge_into_the_whole_batchs():
     from opd.engine.distributed import merge_rank_metrics
 
