@@ -42,6 +42,25 @@ def test_stale_tokens_get_the_truncated_importance_weight(student, teacher_model
     assert m_fresh["freshness/logprob_drift"] < 1e-4 and "freshness/logprob_drift" not in m_stale
 
 
+@pytest.mark.parametrize("name", ["pg", "reverse_kl"])
+@pytest.mark.parametrize("how", ["top_p", "guided"])
+def test_an_unchanged_student_weights_stale_guided_or_top_p_tokens_as_fresh(student, teacher_model, tokenizer, prompts,
+                                                                            name, how):
+    # Such tokens were drawn from q != pi_own. A distribution objective weighted a stale one by pi_theta / q: with the
+    # weights unchanged that is pi_own / q, not 1 (a guided reverse_kl step's gradient halved, cosine 0.75).
+    from opd.rollout.guidance import TeacherGuide
+
+    params = SamplingParams(max_new_tokens=10, top_p=0.8 if how == "top_p" else 1.0)
+    guide = TeacherGuide(teacher_model, topk=3) if how == "guided" else None
+    roll = sample(student, tokenizer, prompts, params, generator=torch.Generator().manual_seed(1), guide=guide)
+    assert roll.student_logprobs is not None and not torch.equal(roll.student_logprobs, roll.behaviour_logprobs)
+    scores = LocalTeacher(teacher_model).score(roll, full=True)
+    fresh, _ = change(student, roll, scores, name=name, version=0, cap=2.0)
+    stale, _ = change(student, roll, scores, name=name, version=1, cap=2.0)
+    assert fresh.abs().max() > 0
+    torch.testing.assert_close(stale, fresh, rtol=1e-4, atol=1e-6)
+
+
 def test_a_stale_token_whose_ratio_left_the_clip_range_still_learns(student, teacher_model, tokenizer, prompts):
     """PPO's clip around the behaviour policy would zero such a token's gradient; the truncated weight keeps it."""
     roll = sample(student, tokenizer, prompts, SamplingParams(max_new_tokens=10), generator=torch.Generator().manual_seed(1))

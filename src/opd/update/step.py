@@ -457,7 +457,10 @@ def _micro_batch_loss(model, r, s, f, objective, chunk_size, version, ref_model,
     sampled = (r.policy_version != TEACHER_WRITTEN)[token_rows].to(dev)
     stale = ((batch_version - r.policy_version)[token_rows] > 0).to(dev) & sampled
     if bool(stale.any()):
-        tok_loss, clipped = _stale_weighted(tok_loss, clipped, stale, ratio, terms.new_logprobs, adv, objective)
+        # pg's stale token: the whole importance weight pi_theta / q. A distribution objective, exact at each state
+        # whoever chose the token: the student's own move since sampling, pi_theta / pi_own (1 while unchanged)
+        moved = ratio if objective.name in PG_FAMILY else policy_ratio
+        tok_loss, clipped = _stale_weighted(tok_loss, clipped, stale, moved, terms.new_logprobs, adv, objective)
     kl_ref = None
     if ref_model is not None and objective.kl_ref_coef > 0:
         ref_lp = reference_logprobs(ref_model, r, chunk_size).to(dev)
@@ -491,7 +494,8 @@ def _micro_batch_loss(model, r, s, f, objective, chunk_size, version, ref_model,
 
 
 def _stale_weighted(tok_loss, clipped, stale, ratio, new_lp, adv, objective):
-    """Tokens an older policy sampled (pipelined loop): weight w = min(pi_theta / pi_behaviour, cap), detached.
+    """Tokens an older policy sampled (pipelined loop): weight w = min(ratio, cap), detached (the caller's ratio:
+    pi_theta / q for pg, pi_theta / pi_own for a distribution objective).
     pg / hybrid: the truncated-importance-sampling policy gradient -w A grad log pi_theta (the PPO clip around the
     behaviour policy would freeze a stale token's gradient outright); distribution objectives: w times the loss
     at that state. Tokens of the current policy keep their loss unchanged."""
