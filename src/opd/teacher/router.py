@@ -57,13 +57,15 @@ def _per_teacher(name: str, s: TeacherScores) -> dict[str, float]:
 
 
 def merge(rollout: Rollout, parts: dict[str, tuple[list[int], TeacherScores]]) -> TeacherScores:
-    """Put each teacher's rows back in place. A field only some teachers give is filled where given."""
+    """Put each teacher's rows back in place. A field only some teachers give is filled where given; top-k lists
+    of different lengths are padded to the longest with empty (-inf) entries (topk_kl, which compares bins, needs
+    equal ones: the config refuses others there)."""
+    from opd.feedback.broken import teacher_entropy  # the estimate the feedback stage would make of each part
+
     B, T = rollout.completion_ids.shape
     answers = [s for _, s in parts.values()]
-    ks = {s.topk_ids.shape[-1] for s in answers if s.topk_ids is not None}
-    if len(ks) > 1:
-        raise ValueError(f"routed teachers return different top-k ({sorted(ks)}); give them the same `topk`")
-    k = ks.pop() if ks else 0
+    k = max((s.topk_ids.shape[-1] for s in answers if s.topk_ids is not None), default=0)
+    entropies = {name: teacher_entropy(s) for name, (_, s) in parts.items()}
     full_v = next((s.full_logprobs.shape[-1] for s in answers if s.full_logprobs is not None), None)
     out = TeacherScores(
         token_logprobs=torch.zeros((B, T)),
@@ -71,7 +73,9 @@ def merge(rollout: Rollout, parts: dict[str, tuple[list[int], TeacherScores]]) -
         topk_ids=torch.zeros((B, T, k), dtype=torch.long) if k else None,
         topk_logprobs=torch.full((B, T, k), float("-inf")) if k else None,
         full_logprobs=torch.zeros((B, T, full_v)) if full_v else None,
-        entropy=torch.zeros((B, T)) if any(s.entropy is not None for s in answers) else None,
+        # each part's own or estimated entropy (a teacher that returns none had read 0: no break, weight 1); NaN
+        # where a part has no way to it, which the feedback stage refuses where entropy is needed
+        entropy=torch.full((B, T), float("nan")) if any(e is not None for e in entropies.values()) else None,
         rewards=torch.full((B,), float("nan")) if any(s.rewards is not None for s in answers) else None,
         # a cross-tokenizer teacher hands over A_t itself; the others' rows get theirs from token logprobs
         advantages=torch.zeros((B, T)) if any(s.advantages is not None for s in answers) else None,
@@ -79,14 +83,19 @@ def merge(rollout: Rollout, parts: dict[str, tuple[list[int], TeacherScores]]) -
     metrics: dict[str, float] = {}
     for name, (rows, s) in parts.items():
         idx = torch.as_tensor(rows, dtype=torch.long)
-        for field in ("token_logprobs", "scored_mask", "topk_ids", "topk_logprobs", "full_logprobs", "entropy",
-                      "rewards"):
+        for field in ("token_logprobs", "scored_mask", "full_logprobs", "rewards"):
             src, dst = getattr(s, field), getattr(out, field)
             if src is not None and dst is not None:
                 dst[idx] = src.to(dst.dtype)
-        if out.advantages is not None:
+        if s.topk_ids is not None:
+            width = s.topk_ids.shape[-1]
+            out.topk_ids[idx, :, :width] = s.topk_ids
+            out.topk_logprobs[idx, :, :width] = s.topk_logprobs.to(out.topk_logprobs.dtype)
+        if entropies[name] is not None:
+            out.entropy[idx] = entropies[name].to(out.entropy.dtype)
+        if out.advantages is not None:  # A_t against the student's own logprob, as compute_feedback's
             out.advantages[idx] = (s.advantages if s.advantages is not None
-                                   else s.token_logprobs - rollout.behaviour_logprobs[idx]).to(torch.float32)
+                                   else s.token_logprobs - rollout.policy_logprobs[idx]).to(torch.float32)
         out.latency_s = max(out.latency_s, s.latency_s)
         out.failures += s.failures
         out.tokens_scored += s.tokens_scored
