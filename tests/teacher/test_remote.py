@@ -232,3 +232,25 @@ def test_a_probe_cut_short_by_an_exception_does_not_hold_the_next_call():
     stats = Counter()
     assert requests.run([("/v1/completions", {}, lambda body: body)], stats, []) == [None]  # refused port: dropped
     assert stats["failures/connect"] == 1 and not requests.breaker.probing
+
+
+def test_a_request_the_server_refuses_is_not_retried_and_its_answer_is_named(teacher_server, arith, caplog):
+    # A wrong served_model (HTTP 404) was retried like a server fault, the breaker waited it out, and the server's
+    # words reached no one: the warm start's generation then ended in a traceback minutes later.
+    from opd.config import ConfigError
+
+    tokenizer, _, roll = arith
+    teacher = RemoteTeacher(settings(teacher_server.url, served_model="no-such-model", retries=3, breaker_threshold=2))
+    with caplog.at_level("WARNING", logger="opd.teacher.remote"):
+        scores = teacher.score(roll)
+    assert scores.tokens_scored == 0 and scores.metrics["teacher/dropped"] == len(roll.prompts)
+    assert scores.metrics["teacher/failures/rejected"] == len(roll.prompts) and scores.metrics["teacher/retries"] == 0
+    assert scores.metrics["teacher/breaker_rejections"] == 0  # the server is healthy: it answered
+    assert "does not exist" in caplog.text and "6 of 6 requests dropped" in caplog.text
+    with pytest.raises(ConfigError, match="wrote none of 4 completions .*no-such-model.* does not exist"):
+        teacher.generate(tokenizer, roll.prompts, SamplingParams(max_new_tokens=8), seed=1, batch_size=4)
+    # nothing listening: the first batch's failures end the generation with the cause (was 16 batches, minutes)
+    down = RemoteTeacher(settings("http://127.0.0.1:9", retries=0))
+    with pytest.raises(ConfigError, match="127.0.0.1:9 wrote none of 4 completions .*connect"):
+        down.generate(tokenizer, roll.prompts * 3, SamplingParams(max_new_tokens=8), seed=1, batch_size=4)
+    assert down.totals["dropped"] == 4

@@ -7,6 +7,9 @@ failing: after `breaker_threshold` consecutive failures it opens for `breaker_co
 which attempts are not sent (they wait, and count as spent), then lets one probe through; the other
 requests wait for the probe's verdict without spending attempts.
 
+A request the server refuses as such (HTTP 4xx but 408/429: a wrong model name, a sequence too long) is not
+retried: it would be refused again. Dropped requests are logged with the server's last answer.
+
 A sequence is never trained on with partial scores: its answer is accepted whole (every
 completion token, ids checked) or, once retries are spent, the sequence is dropped — its
 `scored_mask` row stays 0, so none of its tokens reaches a loss — and counted.
@@ -27,6 +30,7 @@ import httpx
 import numpy as np
 import torch
 
+from opd.config import ConfigError
 from opd.rollout.sampler import SamplingParams, encode_prompts
 from opd.teacher.protocols import PROTOCOLS, BadResponse, ScoreRequest, SequenceScore, check_finite
 from opd.types import Prompt, Rollout, TeacherScores
@@ -103,10 +107,15 @@ class ResilientRequests:
         self.settings = settings
         self.breaker = CircuitBreaker(settings.breaker_threshold, settings.breaker_cooldown_s)
         self.rng = random.Random(seed)
+        self.last_failure = ""  # the latest failed attempt's kind and the server's words, for messages
 
     def run(self, calls: list, stats: Counter, latencies: list[float]) -> list:
         """The answers in call order (a None call is answered None); `stats` and `latencies` are filled in."""
-        return asyncio.run(self._run_all(calls, stats, latencies))
+        answers = asyncio.run(self._run_all(calls, stats, latencies))
+        if stats["dropped"]:  # said where a user reads it: the metrics count drops, this says why
+            log.warning("%s: %d of %d requests dropped (last failure: %s)", self.settings.url, stats["dropped"],
+                        sum(1 for c in calls if c), self.last_failure)
+        return answers
 
     async def _run_all(self, calls: list, stats: Counter, latencies: list[float]) -> list:
         """Run the calls concurrently (None = nothing to ask: answered None); answers in call order."""
@@ -142,12 +151,16 @@ class ResilientRequests:
                 t0 = time.perf_counter()
                 kind, detail = await self._attempt(client, path, body, parse)
                 latencies.append(time.perf_counter() - t0)
-            self.breaker.record(ok=kind is None)
+            # a refusal is the server's verdict on this request, not a sign that the server is failing
+            self.breaker.record(ok=kind in (None, "rejected"))
             if kind is None:
                 return detail
             stats["failures"] += 1
             stats[f"failures/{kind}"] += 1
+            self.last_failure = f"{kind}: {detail}"
             log.debug("teacher request failed (%s): %s", kind, detail)
+            if kind == "rejected":  # asked again, it would be refused again
+                break
         stats["dropped"] += 1
         return None
 
@@ -159,6 +172,8 @@ class ResilientRequests:
             return "timeout", repr(e)
         except httpx.TransportError as e:  # refused, reset, server gone mid-answer
             return "connect", repr(e)
+        if 400 <= resp.status_code < 500 and resp.status_code not in (408, 429):  # not timeout / rate limit
+            return "rejected", f"HTTP {resp.status_code}: {resp.text[:300]}"
         if resp.status_code != 200:
             return "http", f"HTTP {resp.status_code}: {resp.text[:200]}"
         try:
@@ -243,11 +258,13 @@ class RemoteTeacher:
             results = self.requests.run(calls, stats, [])
             self.totals.update(stats)
             keep = [i for i, r in enumerate(results) if r is not None]
+            if not out and not keep:  # the first batch: every request failed after its retries; the rest would too
+                raise ConfigError(f"the teacher server at {self.settings.url} wrote none of {len(chunk)} completions "
+                                  f"(last failure: {self.requests.last_failure}): is it up, and are teacher.url and "
+                                  "teacher.served_model right?")
             if keep:
                 out.append(generated_rollout([chunk[i] for i in keep], prompt_ids[keep], prompt_mask[keep],
                                              [results[i] for i in keep], tokenizer, params))
-        if not out:
-            raise RuntimeError(f"the teacher server at {self.settings.url} wrote no completion (all requests failed)")
         return out
 
     def counters(self) -> dict[str, float]:

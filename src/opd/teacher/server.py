@@ -280,6 +280,8 @@ def build_app(model, tokenizer, *, name: str = "teacher", max_batch_tokens: int 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest):
         t0 = time.perf_counter()
+        if req.model and req.model != name:  # as vLLM answers: a client naming another model learns it at once
+            return error(404, f"The model `{req.model}` does not exist.", "completions")
         try:
             ids_list = token_ids(req.prompt, req.add_special_tokens)
         except ValueError as e:
