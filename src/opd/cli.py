@@ -101,7 +101,7 @@ def interrupted(e: BaseException, again: str) -> None:
 def _summary(result) -> None:
     f, l = result.first_eval, result.last_eval
     for key in ("eval/accuracy", "eval/reverse_kl"):
-        if key in f and key in l:
+        if f.get(key) is not None and l.get(key) is not None:  # a figure nothing measured is left out
             console.print(f"{key}: {f[key]:.3f} (step 0) -> {l[key]:.3f} (step {result.steps})")
     console.print(f"outputs in {result.run_dir}: metrics.jsonl, tensorboard/, checkpoints/, final/")
 
@@ -184,7 +184,7 @@ def eval_cmd(
     accuracy by length, error by position (free-running vs teacher-forced), recovery from a planted error."""
     import json
 
-    from opd.evaluate import detailed_eval, eval_sampling
+    from opd.evaluate import detailed_eval, eval_sampling, eval_seed
     from opd.loop import make_teacher
     from opd.prompts import prompt_stream
     from opd.models import load_model, load_tokenizer
@@ -212,11 +212,22 @@ def eval_cmd(
                                    tokenizer, load_tokenizer(cfg.teacher.model), mode="eval")
         prompts = prompt_stream(cfg, tokenizer).eval_prompts(cfg.eval.size)
         params = eval_sampling(cfg)
-        result = detailed_eval(student, teacher, tokenizer, prompts, params, seed=cfg.seed,
+        # a run's own weights (RUN/final, RUN/checkpoints/step-N) are sampled as the run evaluated them at that step,
+        # so its metrics row is reproduced; any other model with the config's seed
+        step = None
+        if model.parent.name == "checkpoints" and model.name.startswith("step-") and model.name[5:].isdigit():
+            step = int(model.name[5:])
+        elif model.name == "final" and (model.parent / "config.toml").is_file():
+            step = cfg.train.max_steps
+        result = detailed_eval(student, teacher, tokenizer, prompts, params,
+                               seed=cfg.seed if step is None else eval_seed(cfg.seed, step),
                                max_prompt_tokens=cfg.prompts.max_prompt_tokens,
                                recovery=RecoverySettings.from_config(cfg))
     except ConfigError as e:
         fail(str(e))
+    if step is not None:
+        console.print(f"sampled as the run evaluated step {step} (its seed): the same figures as its metrics row",
+                      highlight=False)
     for k, v in result.items():
         if k.startswith("eval/"):
             console.print(f"{k}: {v:.4f}")

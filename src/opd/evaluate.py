@@ -43,6 +43,11 @@ def accuracy(rollouts) -> float | None:
     return float(np.mean(checks)) if checks else None
 
 
+def eval_seed(seed: int, step: int) -> int:
+    """The sampling seed of a run's evaluation at `step` (`opd eval` of that step's weights draws the same)."""
+    return int(np.random.default_rng([seed, 0xE7A1, step]).integers(2**31))
+
+
 def evaluate(student, teacher, tokenizer, prompts: list[Prompt], params: SamplingParams, *, seed: int,
              version: int = 0, max_prompt_tokens: int = 256, recovery: RecoverySettings | None = None,
              teacher_model=None) -> dict[str, float]:
@@ -55,11 +60,10 @@ def evaluate(student, teacher, tokenizer, prompts: list[Prompt], params: Samplin
         diff.append((r.policy_logprobs - s.token_logprobs)[m])  # the student's own logprob (top-p: untruncated)
         t_lp.append(s.token_logprobs[m])
         lengths.append(r.completion_mask.sum(1).float())
-    out = {
-        "eval/reverse_kl": float(torch.cat(diff).mean()),
-        "eval/teacher_nll": float(-torch.cat(t_lp).mean()),
-        "eval/length": float(torch.cat(lengths).mean()),
-    }
+    out = {"eval/length": float(torch.cat(lengths).mean())}
+    if sum(len(d) for d in diff):  # left out when the teacher scored nothing (a server down), not written as NaN
+        out["eval/reverse_kl"] = float(torch.cat(diff).mean())
+        out["eval/teacher_nll"] = float(-torch.cat(t_lp).mean())
     acc = accuracy(rollouts)
     if acc is not None:
         out["eval/accuracy"] = acc
@@ -129,11 +133,12 @@ def detailed_eval(student, teacher, tokenizer, prompts: list[Prompt], params: Sa
             if ok is not None:
                 acc_len.append((n, float(ok)))
     out: dict = {
-        "eval/reverse_kl": float(torch.cat(diff).mean()),
-        "eval/teacher_nll": float(np.mean([v for _, v in nll_pos])),
         "eval/length": float(np.mean([int(r.completion_mask.sum(1)[i]) for r in rollouts for i in range(len(r.texts))])),
         "teacher_nll_by_position": {k: float(np.mean(v)) for k, v in _bins(nll_pos, position_bin).items()},
     }
+    if nll_pos:  # left out when the teacher scored nothing (a server down), not written as NaN
+        out["eval/reverse_kl"] = float(torch.cat(diff).mean())
+        out["eval/teacher_nll"] = float(np.mean([v for _, v in nll_pos]))
     acc = accuracy(rollouts)
     if acc is not None:
         out["eval/accuracy"] = acc

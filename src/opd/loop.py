@@ -30,7 +30,7 @@ from opd.checkpoint import (checkpoint_step, latest_checkpoint, list_checkpoints
 from opd.config import Config, ConfigError, ObjectiveConfig, to_toml
 from opd.engine import LocalRollout, ScoredBatch, make_batches
 from opd.engine.distributed import DataParallel, run_counters as sum_run_counters
-from opd.evaluate import eval_sampling, evaluate, generate
+from opd.evaluate import eval_sampling, eval_seed, evaluate, generate
 from opd.faults import crash_point
 from opd.offline.data import OfflineData, generate_offline_data
 from opd.feedback import compute_feedback
@@ -293,9 +293,9 @@ def _run(cfg: Config, run_dir: Path, resume: bool, console, log, mode: str, stop
     ref_model = None
 
     def eval_row(step: int, version: int) -> dict:
-        seed = int(np.random.default_rng([cfg.seed, 0xE7A1, step]).integers(2**31))
         with teacher_lock:
-            return evaluate(student, teacher, tokenizer, eval_prompts, eval_params, seed=seed, version=version,
+            return evaluate(student, teacher, tokenizer, eval_prompts, eval_params, seed=eval_seed(cfg.seed, step),
+                            version=version,
                             max_prompt_tokens=cfg.prompts.max_prompt_tokens, recovery=RecoverySettings.from_config(cfg),
                             teacher_model=teacher_model)
 
@@ -513,7 +513,7 @@ def _run(cfg: Config, run_dir: Path, resume: bool, console, log, mode: str, stop
 
     last_eval = dict(first_eval)
     if ckpt is not None and main:  # a resumed run's latest evaluation so far: its summary if no step is left to run
-        evals = [r for r in read_metrics(run_dir) if "eval/reverse_kl" in r]  # rows up to the checkpoint (MetricsLog)
+        evals = [r for r in read_metrics(run_dir) if "eval/length" in r]  # rows up to the checkpoint (MetricsLog)
         if evals:
             last_eval = {k: v for k, v in evals[-1].items() if k.startswith("eval/")}
     step = start
