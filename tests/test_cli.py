@@ -80,3 +80,20 @@ def test_serve_teacher_bad_input_exits_2_with_a_message():
     assert r.returncode == 2 and "model not found: 'nowhere/model'" in r.stderr and "Traceback" not in r.stderr
     r = opd("run", "--set", "teacher.url='http://127.0.0.1:9'")  # a server cannot give reverse_kl its distribution
     assert r.returncode == 2 and "objective.name = 'pg'" in r.stderr.replace("\n", " ")
+
+
+def test_a_run_folder_with_brackets_keeps_its_name_in_every_message(tmp_path):
+    # Messages went through rich markup: "runs/sweep[lr]" printed as "runs/sweep" in the resume command and
+    # "outputs in" line; a path with "[/x]" raised a MarkupError. Piped output also hard-wrapped the command.
+    from typer.testing import CliRunner
+
+    from opd.cli import app
+
+    run_dir = tmp_path / "sweep[lr]" / "a-rather-long-folder-name-so-that-the-line-is-past-eighty-columns"
+    res = CliRunner().invoke(app, ["run", "--out", str(run_dir), "--max-steps", "1", "--set", "eval.size=4",
+                                   "--set", "student.warm_start_steps=1", "--set", "student.warm_start_samples=4",
+                                   "--set", "monitor.live='off'", "--set", "eval.recovery_size=0"])
+    assert res.exit_code == 0, res.output
+    assert f"outputs in {run_dir}: metrics.jsonl" in res.output
+    res = CliRunner().invoke(app, ["run", "--out", str(run_dir)])  # a second run there: refused, naming the folder
+    assert res.exit_code == 2 and f"continue it with --resume {run_dir}," in res.output

@@ -10,6 +10,7 @@ from typing import Optional, get_args
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from opd.config import DEVICE_PATTERN, ConfigError, load_config, reference_markdown, to_toml, Config, ModelDtype
 from opd.jobs import JobsInterrupted
@@ -23,8 +24,14 @@ console = Console()
 err_console = Console(stderr=True)
 
 
+def say(*parts) -> None:
+    """A line as written: no rich markup (a folder runs/sweep[lr] keeps its name) and no hard wraps (a command to
+    copy stays on one line)."""
+    console.print(*parts, markup=False, highlight=False, soft_wrap=True)
+
+
 def fail(message: str) -> None:
-    err_console.print(f"[bold red]error:[/bold red] {message}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -79,11 +86,11 @@ def _run(config, set_, max_steps, out, resume, mode: str) -> None:
 
     try:
         run_dir = resume or out or default_run_dir("run" if mode == "onpolicy" else "offline")
-        result = run_loop(cfg, run_dir, resume=resume is not None, console=console, log=console.print, mode=mode)
+        result = run_loop(cfg, run_dir, resume=resume is not None, console=console, log=say, mode=mode)
     except ConfigError as e:
         fail(str(e))
     except RunAborted as e:
-        err_console.print(f"[bold red]stopped:[/bold red] {e}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]stopped:[/bold red] {escape(str(e))}", highlight=False, soft_wrap=True)
         raise typer.Exit(3)
     if result.interrupted:
         raise typer.Exit(130)
@@ -93,7 +100,7 @@ def _run(config, set_, max_steps, out, resume, mode: str) -> None:
 def interrupted(e: BaseException, again: str) -> None:
     """Ctrl-C / SIGTERM in a command of many runs: no report from runs that did not finish; exit 130."""
     what = str(e) or "interrupted"
-    err_console.print(f"interrupted: {what}. Finished runs are kept and an interrupted one resumes: run {again} "
+    err_console.print(f"interrupted: {escape(what)}. Finished runs are kept and an interrupted one resumes: run {again} "
                       "to continue.", highlight=False, soft_wrap=True)
     raise typer.Exit(130)
 
@@ -102,8 +109,8 @@ def _summary(result) -> None:
     f, l = result.first_eval, result.last_eval
     for key in ("eval/accuracy", "eval/reverse_kl"):
         if f.get(key) is not None and l.get(key) is not None:  # a figure nothing measured is left out
-            console.print(f"{key}: {f[key]:.3f} (step 0) -> {l[key]:.3f} (step {result.steps})")
-    console.print(f"outputs in {result.run_dir}: metrics.jsonl, tensorboard/, checkpoints/, final/")
+            say(f"{key}: {f[key]:.3f} (step 0) -> {l[key]:.3f} (step {result.steps})")
+    say(f"outputs in {result.run_dir}: metrics.jsonl, tensorboard/, checkpoints/, final/")
 
 
 @app.command()
@@ -160,7 +167,7 @@ def compare(
         summary = run_compare(config, overrides, run_dir, seeds=seed_list, control_advantage=control_advantage,
                               methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
                               study_steps=study_steps, study_seeds=study_seed_list,
-                              weak_warm_start_steps=weak_warm_start, jobs=jobs, log=console.print)
+                              weak_warm_start_steps=weak_warm_start, jobs=jobs, log=say)
     except ConfigError as e:
         fail(str(e))
     except (JobsInterrupted, KeyboardInterrupt) as e:
@@ -170,7 +177,7 @@ def compare(
             continue
         acc = summary[m]["eval/accuracy"]
         console.print(f"{m:9s} accuracy {acc if isinstance(acc, float) else acc['mean']:.3f}")
-    console.print(f"report: {run_dir}/report/report.md (and report.html, summary.json, *.png)")
+    say(f"report: {run_dir}/report/report.md (and report.html, summary.json, *.png)")
 
 
 @app.command("eval")
@@ -240,7 +247,7 @@ def eval_cmd(
             f"{int(k) + 1}:{v:.2f}" for k, v in result["recovery_by_step"].items()))
     if out is not None:
         out.write_text(json.dumps(result, indent=1))
-        console.print(f"written to {out}")
+        say(f"written to {out}")
 
 
 @app.command("serve-teacher")
@@ -265,7 +272,7 @@ def serve_teacher(
 
     try:
         serve(model, host=host, port=port, dtype=dtype, device=device, max_batch_tokens=max_batch_tokens,
-              max_wait_ms=max_wait_ms, announce=console.print)
+              max_wait_ms=max_wait_ms, announce=say)
     except ConfigError as e:
         fail(str(e))
 
@@ -305,9 +312,9 @@ def plan(
             raise ConfigError(f"{other} this machine's rates and --gpu assumes a GPU's: use one")
         if calibrate:
             out = calibration or Path("plan-calibration.json")
-            data = planning.calibrate(cfg, log=console.print)
+            data = planning.calibrate(cfg, log=say)
             out.write_text(json.dumps(data, indent=1))
-            console.print(f"calibration written to {out}")
+            say(f"calibration written to {out}")
             rates = planning.Rates.from_json(data["rates"])
         elif calibration is not None:
             rates = planning.load_rates(calibration)
@@ -366,8 +373,8 @@ def teacher_train(
 
     if task not in TASKS:
         fail(f"unknown task {task!r}; available: {', '.join(sorted(TASKS))}")
-    result = train_builtin_teacher(out, task=task, steps=steps, seed=seed, slip_rate=slip_rate, log=console.print)
-    console.print(f"saved to {out} (accuracy {result['accuracy']:.3f})")
+    result = train_builtin_teacher(out, task=task, steps=steps, seed=seed, slip_rate=slip_rate, log=say)
+    say(f"saved to {out} (accuracy {result['accuracy']:.3f})")
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ def run_demo(run_dir: Path, console: Console | None = None, overrides: list[str]
                   f"{cfg.train.max_steps} steps of {cfg.prompts.batch_size} prompts, on-policy and offline "
                   "on the same budget of teacher completions")
     report = run_compare(None, overrides, run_dir, seeds=[cfg.seed], methods=("onpolicy", "offline"),
-                         log=console.print)
+                         log=lambda *a: console.print(*a, markup=False, highlight=False, soft_wrap=True))
     runs = {m: read_metrics(run_dir / m / f"seed-{cfg.seed}") for m in ("onpolicy", "offline")}
     evals = {m: [r for r in rows if "eval/accuracy" in r] for m, rows in runs.items()}
     before = evals["onpolicy"][0]
@@ -80,5 +80,5 @@ def run_demo(run_dir: Path, console: Console | None = None, overrides: list[str]
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     console.print(f"took {summary['seconds']:.0f}s. Outputs in {run_dir}/: onpolicy/seed-{cfg.seed}/ (the main run: "
                   "metrics.jsonl, tensorboard/, checkpoints/, final/ = the distilled student), offline/, warm-start/, "
-                  "report/ (report.md, plots), summary.json")
+                  "report/ (report.md, plots), summary.json", markup=False, highlight=False)
     return summary

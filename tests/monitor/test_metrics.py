@@ -176,3 +176,21 @@ def test_number_format(value, shown):
     from opd.monitor.display import _fmt
 
     assert _fmt(value) == shown
+
+
+def test_display_auto_on_a_dumb_terminal_prints_lines_and_step_0_names_no_empty_signal():
+    # TERM=dumb is a terminal rich never redraws: the live panel showed nothing until the run ended.
+    import io
+
+    con = Console(file=io.StringIO(), force_terminal=True, force_interactive=False, width=200)
+    with RunDisplay(MonitorConfig(live="auto", log_every=1), total_steps=2, console=con) as display:
+        assert display._live is None
+        display.update({"step": 0, "eval/accuracy": 0.25})
+    assert "step 0/2 | eval: accuracy=0.25" in con.file.getvalue()  # not "| Freshness:  | Teacher access:  | ..."
+
+
+def test_display_on_into_a_file_ends_its_last_line():
+    con, buf = console()
+    with RunDisplay(MonitorConfig(live="on", log_every=1), total_steps=1, console=con) as display:
+        display.update(step_row(1))
+    assert buf.getvalue().endswith("\n")

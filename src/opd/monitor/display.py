@@ -27,7 +27,8 @@ class RunDisplay:
     def __init__(self, cfg: MonitorConfig, total_steps: int, start_step: int = 0, console: Console | None = None):
         self.cfg = cfg
         self.console = console or Console()
-        live = cfg.live == "on" or (cfg.live == "auto" and self.console.is_terminal)
+        # a dumb terminal (TERM=dumb: Emacs shells, some CI) is a terminal rich never redraws: lines there
+        live = cfg.live == "on" or (cfg.live == "auto" and self.console.is_interactive)
         self.progress = Progress(
             TextColumn("[bold]opd[/bold]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
             console=self.console,
@@ -47,6 +48,8 @@ class RunDisplay:
     def __exit__(self, *exc):
         if self._live:
             self._live.__exit__(*exc)
+            if not self.console.is_terminal:  # written once into a file or pipe: end its last line
+                self.console.line()
 
     def update(self, row: dict) -> None:
         self.signals = assess(row, self.cfg)
@@ -63,6 +66,8 @@ class RunDisplay:
         parts = [f"step {row['step']}/{self.total}"]
         for s in self.signals:
             vals = " ".join(f"{label}={_fmt(v)}" for label, v, _ in s.items if v is not None)
+            if not vals:  # nothing measured yet (step 0's row holds the first evaluation only)
+                continue
             # the level in words too: colour is lost in a log file or CI output, where these lines go
             level = "" if s.level == 0 else f" ({s.colour})"
             parts.append(f"[{s.colour}]{s.name}{level}[/{s.colour}]: {vals}")
