@@ -510,3 +510,17 @@ def test_an_fp32_teachers_forward_attends_with_rotated_keys_whichever_ops_run(to
     scale = float(plain.abs().max())
     torch.testing.assert_close(native, plain, rtol=1e-5, atol=1e-5 * scale)
     torch.testing.assert_close(torch_rope, plain, rtol=1e-5, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("width", [16, 72, 40, 8])
+def test_torch_int8_products_of_any_input_width(width):
+    # torch's weight-only int8 kernel (bf16 models where opd's kernel is its AVX2 build, OPD_INT8_KERNEL=torch, no
+    # compiler) sums 16 inputs at a time: at widths off that step it gave wrong products (5.9 relative at 72) or
+    # crashed the process (100).
+    g = torch.Generator().manual_seed(width)
+    w = torch.randn(24, width, generator=g)
+    q = quantize_int8(w)
+    bf16_scaled = type(q)(q.q, q.scale.bfloat16())  # torch's kernel, whatever this machine builds
+    x = torch.randn(3, width, generator=g).bfloat16()
+    want = x.float() @ (q.q.float() * bf16_scaled.scale.float()[:, None]).T
+    torch.testing.assert_close(int8_linear(x, bf16_scaled).float(), want, rtol=3e-2, atol=3e-2)

@@ -295,6 +295,9 @@ def int8_linear(x: torch.Tensor, w: Int8Weight) -> torch.Tensor:
     if w.scale.dtype == torch.float32 and cpu_kernels.int8_gemv_available():  # opd's own kernel (int8_kernel_dtype)
         return cpu_kernels.int8_gemv(rows.float(), w.q, w.scale).to(x.dtype).view(*x.shape[:-1], w.q.shape[0])
     scale = w.scale if w.scale.dtype != torch.float32 else w.scale.bfloat16()  # torch's kernel has no fast fp32 path
+    if rows.shape[-1] % 16:  # torch's kernel reads 16 (AVX2: 8) inputs at a time: other widths gave wrong sums or a crash
+        dequantised = w.q.float() * scale.float()[:, None]
+        return torch.nn.functional.linear(rows.float(), dequantised).to(x.dtype).view(*x.shape[:-1], w.q.shape[0])
     out = torch._weight_int8pack_mm(rows.to(scale.dtype), w.q, scale)
     return out.to(x.dtype).view(*x.shape[:-1], w.q.shape[0])
 
