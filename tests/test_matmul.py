@@ -75,6 +75,11 @@ def test_unknown_choice_is_a_clear_error(kernel):
     kernel("fast")
     with pytest.raises(ValueError, match="OPD_FP32_MATMUL='fast'.*auto, onednn, blas"):
         matmul.fp32_kernel()
+    kernel("fast", min_dim=256)  # a product too small to reroute still says so (it ran, the setting unread)
+    with pytest.raises(ValueError, match="OPD_FP32_MATMUL='fast'"):
+        matmul.linear(torch.randn(4, 16), torch.randn(8, 16))
+    kernel("")  # set but empty: the default, as unset
+    assert matmul.fp32_kernel() in ("onednn", "blas")
 
 
 @pytest.mark.parametrize("vendor, works, want", [("AuthenticAMD", True, "onednn"), ("AuthenticAMD", False, "blas"),

@@ -86,7 +86,7 @@ ARGTYPES = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, cty
 
 
 def _choice() -> str:
-    choice = os.environ.get("OPD_INT8_KERNEL", "auto").strip().lower()
+    choice = (os.environ.get("OPD_INT8_KERNEL") or "auto").strip().lower()  # empty: unset
     if choice not in CHOICES:
         raise ValueError(f"OPD_INT8_KERNEL={choice!r}: expected one of {', '.join(CHOICES)}")
     return choice

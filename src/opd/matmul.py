@@ -117,15 +117,16 @@ def _onednn_runs_fp32() -> bool:
 
 
 def _fp32_choice() -> str:
-    return os.environ.get("OPD_FP32_MATMUL", "auto").strip().lower()
+    choice = (os.environ.get("OPD_FP32_MATMUL") or "auto").strip().lower()  # empty: unset
+    if choice not in CHOICES:  # checked at first use, whatever the product's size
+        raise ValueError(f"OPD_FP32_MATMUL={choice!r}: expected one of {', '.join(CHOICES)}")
+    return choice
 
 
 @functools.cache
 def fp32_kernel() -> str:
     """"onednn" or "blas": what float32 matmuls on the CPU use in this process (OPD_FP32_MATMUL, see above)."""
     choice = _fp32_choice()
-    if choice not in CHOICES:
-        raise ValueError(f"OPD_FP32_MATMUL={choice!r}: expected one of {', '.join(CHOICES)}")
     if choice == "blas" or not onednn_available():
         return "blas"
     if choice == "onednn":
