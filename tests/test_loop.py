@@ -365,3 +365,17 @@ def test_a_resume_that_adds_the_reference_penalty_takes_checkpoint_0_or_is_refus
     with pytest.raises(ConfigError, match="resume with objective.kl_ref_coef = 0"):
         run(small_config("train.max_steps=3", "objective.kl_ref_coef=0.5"), tmp_path / "pruned", resume=True, log=quiet)
     assert (tmp_path / "pruned" / "config.toml").read_text() == before
+
+
+def test_the_warm_starts_flops_count_the_rows_it_trains(tmp_path):
+    # A mini-batch larger than the warm-start data trains every row once a step, not batch_size / n times its tokens.
+    from opd.models import count_params, load_model
+
+    cfg = small_config("train.max_steps=0", "student.warm_start_samples=8", "student.warm_start_batch_size=32",
+                       "student.warm_start_steps=3", "monitor.tensorboard=false")
+    run(cfg, tmp_path, log=quiet)
+    row = read_metrics(tmp_path)[0]
+    tokens = row["budget/teacher_tokens"]
+    n_teacher = count_params(load_model("builtin:arith-teacher", device="cpu"))
+    n_student = count_params(load_model("builtin:arith-student", init="random", device="cpu"))
+    assert row["budget/flops"] == pytest.approx(2 * n_teacher * tokens + 6 * n_student * tokens * 3, rel=1e-9)

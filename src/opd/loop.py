@@ -12,6 +12,7 @@ max_policy_lag > 0 a producer makes batches ahead of the trainer, with engine = 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import random
 import shutil
 import signal
@@ -259,6 +260,7 @@ def _run(cfg: Config, run_dir: Path, resume: bool, console, log, mode: str, stop
     eval_prompts = stream.eval_prompts(cfg.eval.size)
     params = SamplingParams(cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.max_new_tokens, cfg.rollout.stop,
                             cfg.rollout.decoder, int8=cfg.rollout.dtype == "int8")
+    teacher_params = dataclasses.replace(params, int8=False)  # rollout.dtype is the student's; the teacher writes as is
     eval_params = eval_sampling(cfg)
     device = resolve_device(cfg.student.device)
     gen = torch.Generator(device=device).manual_seed(cfg.seed + (0 if dp is None else 7919 * dp.rank))
@@ -375,8 +377,8 @@ def _run(cfg: Config, run_dir: Path, resume: bool, console, log, mode: str, stop
         skips = {"total": 0, "consecutive": 0}
         if cfg.student.warm_start_steps > 0:
             # Ctrl-C / SIGTERM: the warm start stops at its next step, and the run with it
-            finished = warm_start(cfg, student, teacher_model or teacher.teachers["default"], tokenizer, stream, params,
-                                  budget, log, should_stop=stopping)
+            finished = warm_start(cfg, student, teacher_model or teacher.teachers["default"], tokenizer, stream,
+                                  teacher_params, budget, log, should_stop=stopping)
             if not finished:  # a finished one is kept: the loop writes checkpoint 0 before it stops
                 log(f"interrupted during the warm start, before the first checkpoint: `{resume_command(mode, run_dir)}` "
                     "starts the run again")
@@ -387,7 +389,7 @@ def _run(cfg: Config, run_dir: Path, resume: bool, console, log, mode: str, stop
     offline_data = None
     if mode == "offline":
         # Ctrl-C / SIGTERM: generation stops after its current batch (what is stored stays)
-        offline_data, objective = prepare_offline(cfg, run_dir, teacher_model, tokenizer, stream, params, log,
+        offline_data, objective = prepare_offline(cfg, run_dir, teacher_model, tokenizer, stream, teacher_params, log,
                                                   should_stop=stopping)
         if offline_data is None:
             log(f"interrupted during the offline data generation: `{resume_command(mode, run_dir)}` continues it")
@@ -395,7 +397,11 @@ def _run(cfg: Config, run_dir: Path, resume: bool, console, log, mode: str, stop
         needs_full = False
         if ckpt is None:  # the stored data is what the teacher spent, whether made now or earlier
             budget["teacher_tokens"] += offline_data.num_tokens
-            budget["flops"] += 2 * n_teacher * offline_data.num_tokens
+            # its forward over every token it wrote, and a second (scoring) pass for the stored top-k
+            budget["flops"] += 2 * n_teacher * offline_data.num_tokens * (2 if cfg.offline.topk else 1)
+    # teacher-written text is no broken student prefix: the offline baseline imitates all of it
+    feedback_cfg = cfg.feedback if offline_data is None else \
+        cfg.feedback.model_copy(update={"broken_prefix": "keep", "break_entropy": None})
     if ckpt is None and objective.kl_ref_coef > 0:
         ref_model = copy.deepcopy(merged_copy(student)).eval().requires_grad_(False)
         if main:  # every rank keeps its copy; one writes it
@@ -548,7 +554,7 @@ def _run(cfg: Config, run_dir: Path, resume: bool, console, log, mode: str, stop
             rewards = torch.tensor([float(c or 0) for c in correct]) if objective.name == "hybrid" else None
             if rewards is not None and scores.rewards is not None:  # score-only teachers give the reward themselves
                 rewards = torch.where(torch.isfinite(scores.rewards), scores.rewards, rewards)
-            feedback = compute_feedback(rollout, scores, cfg.feedback, rewards=rewards,
+            feedback = compute_feedback(rollout, scores, feedback_cfg, rewards=rewards,
                                         reward_weight=cfg.objective.reward_weight, opd_weight=cfg.objective.opd_weight,
                                         group_size=cfg.rollout.samples_per_prompt,
                                         sum_over_ranks=None if dp is None else dp.sums)  # whitening: the whole batch's
@@ -675,7 +681,8 @@ def warm_start(cfg: Config, student, teacher_model, tokenizer, stream: PromptStr
                               lr=cfg.student.warm_start_lr, seed=cfg.seed, should_stop=should_stop)
     if not losses:  # stopped before its first step
         return False
-    trained_tokens = data.num_tokens * cfg.student.warm_start_steps * cfg.student.warm_start_batch_size / len(prompts)
+    rows_a_step = min(cfg.student.warm_start_batch_size, len(prompts))  # supervised_train's mini-batch
+    trained_tokens = data.num_tokens * cfg.student.warm_start_steps * rows_a_step / len(prompts)
     budget["teacher_tokens"] += data.num_tokens
     n_teacher = count_params(teacher_model) if local else 0
     budget["flops"] += 2 * n_teacher * data.num_tokens + 6 * count_params(student) * trained_tokens

@@ -156,3 +156,39 @@ def test_sequence_kd_is_plain_cross_entropy_at_every_step(tmp_path):
     for r in rows:  # token-mean cross-entropy = minus the mean logprob of the teacher's tokens
         assert r["update/loss"] == pytest.approx(-r["update/new_logprob_mean"], rel=1e-5)
         assert r.get("freshness/policy_lag", 0) == 0
+
+
+def test_the_offline_baseline_imitates_all_of_the_teachers_text_and_counts_what_it_cost(tmp_path):
+    # broken_prefix = "downweight" (a setting for the student's prefixes) stopped an offline run (no entropy
+    # without offline.topk) or reweighted the teacher's text; finished_frac read 1 for rows cut by max_new_tokens;
+    # rollout.dtype = "int8" made the teacher write its data with int8 weights (not in the data's settings); the
+    # stored top-k's second teacher pass was in no budget.
+    from opd.models import count_params, load_model
+
+    sets = ["student.warm_start_steps=0", "prompts.batch_size=4", "eval.size=4", "eval.every=0", "train.max_steps=1",
+            "rollout.max_new_tokens=6", "offline.num_prompts=8", "monitor.tensorboard=false", "eval.recovery_size=0",
+            "train.checkpoint_every=0"]
+    run(load_config(None, [*sets, "offline.topk=0", "feedback.broken_prefix='downweight'"]), tmp_path / "dw",
+        mode="offline", log=lambda *a: None)
+    row = read_metrics(tmp_path / "dw")[-1]
+    assert row["update/loss"] == pytest.approx(-row["update/new_logprob_mean"], rel=1e-5)  # unweighted
+    assert row["rollout/finished_frac"] == 0.0  # every arithmetic answer is longer than 6 tokens
+    stored = [json.loads(x) for x in (tmp_path / "dw" / "offline-data" / "data.jsonl").read_text().splitlines()]
+    assert not any(r["finished"] for r in stored)
+    n_teacher = count_params(load_model("builtin:arith-teacher", device="cpu"))
+    tokens = read_metrics(tmp_path / "dw")[0]["budget/teacher_tokens"]
+    assert read_metrics(tmp_path / "dw")[0]["budget/flops"] == 2 * n_teacher * tokens
+    run(load_config(None, [*sets, "offline.topk=3"]), tmp_path / "topk", mode="offline", log=lambda *a: None)
+    assert read_metrics(tmp_path / "topk")[0]["budget/flops"] == 2 * 2 * n_teacher * tokens  # written, then scored
+    run(load_config(None, [*sets, "offline.topk=3", "rollout.dtype='int8'"]), tmp_path / "int8", mode="offline",
+        log=lambda *a: None)
+    data = lambda run_dir: (run_dir / "offline-data" / "data.jsonl").read_text()  # noqa: E731
+    assert data(tmp_path / "int8") == data(tmp_path / "topk")
+
+
+def test_old_stored_rows_without_finished_read_it_from_their_end(tmp_path, teacher_model, tokenizer, prompts):
+    _gen(tmp_path, teacher_model, tokenizer, prompts)
+    data = OfflineData(tmp_path, tokenizer, temperature=1.0, max_prompt_tokens=64)
+    eos = tokenizer.eos_token_id
+    assert data._finished({"completion_ids": [5, 6, eos]}) and not data._finished({"completion_ids": [5, 6, 7]})
+    assert not data._finished({"completion_ids": [5, eos], "finished": False})  # a row that says so is believed

@@ -78,6 +78,7 @@ def generate_offline_data(folder: Path, teacher, tokenizer, prompts: list[Prompt
                 p = prompts[i]
                 row = {"index": i, "prompt": p.text, "source": p.source, "answer": p.answer, "task": p.task,
                        "completion": roll.texts[j], "completion_ids": roll.completion_ids[j, :n].tolist(),
+                       "finished": bool(roll.finished[j]),  # ended by EOS / a stop string, not cut by max_new_tokens
                        "logprobs": [round(x, 6) for x in roll.behaviour_logprobs[j, :n].tolist()]}
                 if scores is not None:
                     row["topk_ids"] = scores.topk_ids[j, :n].tolist()
@@ -110,6 +111,11 @@ class OfflineData:
         self.max_prompt_tokens = max_prompt_tokens
         self.num_tokens = sum(len(r["completion_ids"]) for r in self.rows)
 
+    def _finished(self, row: dict) -> bool:
+        """Data stored before rows said so: a completion that ends on EOS finished."""
+        ids = row["completion_ids"]
+        return row.get("finished", bool(ids) and ids[-1] == self.tokenizer.eos_token_id)
+
     def batch(self, step: int, size: int, seed: int) -> tuple[Rollout, TeacherScores]:
         rng = np.random.default_rng([seed, 0x0FF1, step])
         rows = [self.rows[i] for i in rng.choice(len(self.rows), size=min(size, len(self.rows)), replace=False)]
@@ -134,7 +140,7 @@ class OfflineData:
         rollout = Rollout(prompts=prompts, prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=ids,
                           completion_mask=mask, behaviour_logprobs=lp,
                           policy_version=torch.full((B,), TEACHER_WRITTEN, dtype=torch.long),
-                          texts=[r["completion"] for r in rows], finished=torch.ones(B, dtype=torch.bool),
+                          texts=[r["completion"] for r in rows], finished=torch.tensor([self._finished(r) for r in rows]),
                           temperature=self.temperature)
         # The teacher's logprob of its own token is its behaviour logprob: nothing to score again.
         scores = TeacherScores(token_logprobs=lp.clone(), scored_mask=mask.clone(), topk_ids=tk_ids, topk_logprobs=tk_lp)

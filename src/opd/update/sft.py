@@ -13,7 +13,8 @@ from opd.update.step import adamw, step_optimizer
 
 
 def sft_loss(model, batch: Rollout, chunk_size: int = 1024) -> torch.Tensor:
-    return -sampled_logprobs(model, batch, 1.0, chunk_size).mean()
+    # at the temperature the data was written at, as the offline baseline's sft objective and every logprob in opd
+    return -sampled_logprobs(model, batch, batch.temperature, chunk_size).mean()
 
 
 def supervised_train(model, data: Rollout, *, steps: int, batch_size: int, lr: float, seed: int,
