@@ -379,3 +379,37 @@ def test_the_warm_starts_flops_count_the_rows_it_trains(tmp_path):
     n_teacher = count_params(load_model("builtin:arith-teacher", device="cpu"))
     n_student = count_params(load_model("builtin:arith-student", init="random", device="cpu"))
     assert row["budget/flops"] == pytest.approx(2 * n_teacher * tokens + 6 * n_student * tokens * 3, rel=1e-9)
+
+
+def test_reverse_kl_of_guided_rollouts_is_weighted_back_to_the_student_or_left_out():
+    # Tokens drawn from q (a teacher mixture, a nucleus) averaged unweighted gave E_q[log pi_theta - log pi_T], not
+    # KL(pi_theta || pi_T): 4.57 for an exact 6.79 at teacher_mix = 0.25, negative at teacher_mix = 1.
+    from opd.config import FeedbackConfig
+    from opd.feedback import compute_feedback
+    from opd.loop import _step_metrics
+    from opd.rollout import SamplingParams, sample
+    from opd.rollout.guidance import TeacherGuide
+    from opd.teacher import LocalTeacher
+
+    import numpy as np
+
+    from opd.models import load_model, load_tokenizer
+    from opd.prompts.tasks import get_task
+
+    tokenizer, teacher_model = load_tokenizer("builtin:arith-teacher"), load_model("builtin:arith-teacher", device="cpu")
+    student = load_model("builtin:arith-student", init="random", device="cpu")  # far from the teacher: KL ~ 8
+    rng = np.random.default_rng(0)
+    many = [get_task("arith").sample(rng) for _ in range(32)]
+    times = {"rollout_s": 1.0, "teacher_s": 1.0}
+    roll = sample(student, tokenizer, many, SamplingParams(max_new_tokens=24), generator=torch.Generator().manual_seed(0),
+                  guide=TeacherGuide(teacher_model, mix=0.25))
+    scores = LocalTeacher(teacher_model).score(roll, full=True)
+    got = _step_metrics(roll, scores, compute_feedback(roll, scores, FeedbackConfig()), [None] * 32, times)
+    ids = torch.cat([roll.prompt_ids, roll.completion_ids], 1)
+    with torch.no_grad():
+        logits = student(input_ids=ids, attention_mask=torch.cat([roll.prompt_mask, roll.completion_mask], 1)).logits
+    lp = torch.log_softmax(logits[:, roll.prompt_ids.shape[1] - 1 : -1].double(), -1)
+    exact = (lp.exp() * (lp - scores.full_logprobs.double())).sum(-1)[roll.completion_mask.bool()].mean()
+    assert got["opd/reverse_kl"] == pytest.approx(float(exact), rel=0.1)
+    assert "opd/reverse_kl" not in _step_metrics(roll, scores, compute_feedback(roll, scores, FeedbackConfig()),
+                                                 [None] * 32, times, kl_estimable=False)

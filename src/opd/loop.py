@@ -399,6 +399,10 @@ def _run(cfg: Config, run_dir: Path, resume: bool, console, log, mode: str, stop
             budget["teacher_tokens"] += offline_data.num_tokens
             # its forward over every token it wrote, and a second (scoring) pass for the stored top-k
             budget["flops"] += 2 * n_teacher * offline_data.num_tokens * (2 if cfg.offline.topk else 1)
+    # A per-token estimate of KL(pi_theta || pi_T) needs draws that cover the student's own choices: teacher_mix < 1
+    # does (q >= (1 - mix) pi_theta); teacher_correct_topk and teacher_mix = 1 never draw the student's tokens that
+    # the teacher ranks low, the ones that make the KL large (it read 2.5 or -4.6 where the exact value was 9.8)
+    kl_estimable = cfg.rollout.teacher_correct_topk == 0 and cfg.rollout.teacher_mix < 1
     # teacher-written text is no broken student prefix: the offline baseline imitates all of it
     feedback_cfg = cfg.feedback if offline_data is None else \
         cfg.feedback.model_copy(update={"broken_prefix": "keep", "break_entropy": None})
@@ -602,7 +606,8 @@ def _run(cfg: Config, run_dir: Path, resume: bool, console, log, mode: str, stop
                 row_drop = ()
             times = {"rollout_s": batch.rollout_s, "teacher_s": batch.teacher_s, "wait_s": t2 - t0, "update_s": t3 - t2,
                      "step_s": t3 - t0}
-            step_metrics = {**_step_metrics(rollout, scores, feedback, correct, times, offline_data is not None), **upd}
+            step_metrics = {**_step_metrics(rollout, scores, feedback, correct, times, offline_data is not None,
+                                            kl_estimable), **upd}
             if dp is not None:  # the whole global batch's figures, not rank 0's share
                 step_metrics = dp.merged_metrics(step_metrics)
             row = {"step": step, **step_metrics,
@@ -754,7 +759,8 @@ def _finite(scores, feedback) -> bool:
     return bool(torch.isfinite(scores.token_logprobs[m]).all() and torch.isfinite(feedback.advantages[m]).all())
 
 
-def _step_metrics(rollout, scores, feedback, correct, times: dict, offline: bool = False) -> dict:
+def _step_metrics(rollout, scores, feedback, correct, times: dict, offline: bool = False,
+                  kl_estimable: bool = True) -> dict:
     mask = rollout.completion_mask.bool()
     n = int(mask.sum())
     scored = (rollout.completion_mask * scores.scored_mask).bool()
@@ -775,7 +781,12 @@ def _step_metrics(rollout, scores, feedback, correct, times: dict, offline: bool
     # what the teacher's scores measure: left out of a step where it scored no token, not reported as NaN or 0
     if scored.any():
         out["teacher/logprob_mean"] = float(scores.token_logprobs[scored].mean())
-        out["opd/reverse_kl"] = float((rollout.policy_logprobs - scores.token_logprobs)[scored].mean())
+        gap = (rollout.policy_logprobs - scores.token_logprobs)[scored]
+        if rollout.student_logprobs is None:
+            out["opd/reverse_kl"] = float(gap.mean())
+        elif kl_estimable:  # drawn from q (teacher_mix < 1, top-p), not pi_theta: weighted by pi_own / q, self-normalised
+            w = (rollout.student_logprobs - rollout.behaviour_logprobs)[scored].double().exp()
+            out["opd/reverse_kl"] = float((w * gap).sum() / w.sum())
     if n:
         out["student/logprob_mean"] = float(rollout.policy_logprobs[mask].mean())
     if offline:  # the rows are the teacher's own text: their "behaviour" logprobs are the teacher's, not the student's
