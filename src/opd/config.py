@@ -397,7 +397,7 @@ class OfflineConfig(Section):
 
 class RayConfig(Section):
     address: str = Field(
-        "", description="Address of a running Ray cluster (`auto`, `ray://...`); empty = start a local one on 127.0.0.1."
+        "", description="Address of a running Ray cluster (`auto`, `ray://...`); empty = start a local one (this machine only)."
     )
     num_cpus: int = Field(2, ge=1, description="CPUs of the local Ray cluster opd starts (unused with `address`).")
     rollout_workers: int = Field(1, ge=1, description="Rollout actors; each samples its share of every batch.")

@@ -530,7 +530,8 @@ def _run(cfg: Config, run_dir: Path, resume: bool, console, log, mode: str, stop
     interrupted = False
     display_cfg = cfg.monitor if main else cfg.monitor.model_copy(update={"live": "off", "log_every": 10**9})
     with RunDisplay(display_cfg, cfg.train.max_steps, start, console=console) as display, \
-            closing(batches), closing(workers) if workers is not None else nullcontext():
+            closing(workers) if workers is not None else nullcontext(), closing(batches):
+        # (closed in reverse: the producer stops before the Ray workers it calls go away)
         if ckpt is None:
             first_eval = eval_row(0, version) if main else {}
             last_eval = dict(first_eval)

@@ -1,4 +1,4 @@
-"""engine = "ray": rollout and teacher workers as Ray actors on a local 127.0.0.1 cluster (2 CPUs, 2 workers)."""
+"""engine = "ray": rollout and teacher workers as Ray actors on a local cluster (2 CPUs, 2 workers)."""
 
 from __future__ import annotations
 
@@ -136,3 +136,41 @@ def test_joined_shares_coverage_is_the_fraction_of_their_text_bytes():
     joined = concat_scores([share(0, 40, 0), share(40, 40, 10)])
     assert joined.coverage == 0.5 and joined.coverage_bytes == (40, 80)
     assert concat_scores([share(4, 40, 1), share(20, 20, 10)]).coverage == pytest.approx(24 / 60)
+
+
+def test_sigterm_stops_a_pipelined_ray_run_at_a_step_with_a_checkpoint(tmp_path, monkeypatch):
+    # ray.init replaced the run's SIGTERM handler with its own (exit at once: steps since the last checkpoint lost);
+    # the workers were shut down before the producer, whose call in flight then failed, was "re-issued", and started
+    # a second Ray cluster that outlived the run.
+    import os
+    import signal
+
+    import ray
+
+    import opd.loop as loop
+
+    def sigterm_in_update_2(phase, step):
+        if (phase, step) == ("update", 2):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(loop, "crash_point", sigterm_in_update_2)
+    said = []
+    before = opd_ray_folders()
+    result = run(load_config(None, TINY + RAY + ["train.max_steps=4", "max_policy_lag=1"]), tmp_path / "run",
+                 log=lambda *a: said.append(" ".join(map(str, a))))
+    assert result.interrupted and (tmp_path / "run" / "checkpoints" / "step-2").is_dir()
+    assert any("interrupted: checkpoint written at step 2" in s for s in said)
+    assert not any("re-issuing" in s for s in said)
+    assert not ray.is_initialized() and opd_ray_folders() == before
+
+
+def test_actors_the_cluster_cannot_place_are_refused(tmp_path):
+    # They waited forever for CPUs, deaf to Ctrl-C and SIGTERM.
+    import ray
+
+    from opd.config import ConfigError
+
+    cfg = load_config(None, TINY + RAY + ["train.max_steps=1", "ray.rollout_workers=2"])  # 3 actors, 2 CPUs
+    with pytest.raises(ConfigError, match="3 Ray actors x ray.cpus_per_worker = 1.0 need 3 CPUs.*has 2"):
+        run(cfg, tmp_path / "run", log=quiet)
+    assert not ray.is_initialized()

@@ -8,15 +8,17 @@ object store once and every rollout worker loads them, with their version: each 
 Failures: actors are created with `max_restarts` and no automatic task retries, so a worker that dies
 (SIGKILL, OOM) fails its call in flight with RayActorError; Ray restarts it (its __init__ runs again) and
 opd re-sends the current weights and re-issues the call. Only the answer that arrives is used, so no
-rollout or score is counted twice. Local Ray runs on 127.0.0.1 with no dashboard, in a session folder
-that is removed at the end.
+rollout or score is counted twice. Local Ray runs with no dashboard, in a session folder that is removed at the
+end (Ray resolves 127.0.0.1 to the machine's address for its own processes).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -26,7 +28,7 @@ import torch
 from ray.exceptions import RayActorError
 
 import opd
-from opd.config import Config, RayConfig, validate_config
+from opd.config import Config, ConfigError, RayConfig, validate_config
 from opd.types import Prompt, Rollout, TeacherScores
 
 try:
@@ -121,7 +123,7 @@ class TeacherWorker:
 
 # ------------------------------------------------------------------------------------------- driver
 class RaySession:
-    """A local Ray cluster on 127.0.0.1 (or a connection to `address`); close() shuts it down and removes
+    """A local Ray cluster (or a connection to `address`); close() shuts it down and removes
     the session folder of a cluster it started."""
 
     def __init__(self, rc: RayConfig):
@@ -134,12 +136,19 @@ class RaySession:
         env["PYTHONPATH"] = os.pathsep.join([src] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
         common = dict(include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False,
                       logging_level="warning")
-        if rc.address:
-            ray.init(address=rc.address, **common)
-        else:
-            self.temp_dir = tempfile.mkdtemp(prefix="opd-ray-", dir="/tmp")  # short: Ray's socket paths must fit
-            ray.init(_node_ip_address="127.0.0.1", num_cpus=rc.num_cpus, object_store_memory=rc.object_store_mb * 2**20,
-                     _temp_dir=self.temp_dir, **common)
+        # ray.init installs its own SIGTERM handler (exit at once): the run's, which stops after the step under way
+        # and writes a checkpoint, is put back
+        term = signal.getsignal(signal.SIGTERM)
+        try:
+            if rc.address:
+                ray.init(address=rc.address, **common)
+            else:
+                self.temp_dir = tempfile.mkdtemp(prefix="opd-ray-", dir="/tmp")  # short: Ray's socket paths must fit
+                ray.init(_node_ip_address="127.0.0.1", num_cpus=rc.num_cpus,
+                         object_store_memory=rc.object_store_mb * 2**20, _temp_dir=self.temp_dir, **common)
+        finally:
+            if term is not None and threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGTERM, term)
 
     def close(self) -> None:
         if self.owned:
@@ -154,8 +163,10 @@ class RayWorkers:
     def __init__(self, cfg: Config, *, version: int, weights: dict[str, torch.Tensor], log=print,
                  teacher_actors: bool = True):
         self.cfg, self.log = cfg, log
+        self.closed = False
         self.session = RaySession(cfg.ray)
         try:
+            check_resources(cfg.ray, cfg.ray.rollout_workers + (cfg.ray.teacher_workers if teacher_actors else 0))
             data = cfg.model_dump(mode="json")
             opts = dict(num_cpus=cfg.ray.cpus_per_worker, num_gpus=cfg.ray.gpus_per_worker,
                         max_restarts=cfg.ray.max_restarts, max_task_retries=0)
@@ -202,6 +213,7 @@ class RayWorkers:
         return {"engine/worker_retries": float(self.retries)}
 
     def close(self) -> None:
+        self.closed = True  # a call still in flight fails now: not a worker to restart and re-issue to
         for w in getattr(self, "rollout_workers", []) + getattr(self, "teacher_workers", []):
             ray.kill(w, no_restart=True)
         self.session.close()
@@ -224,6 +236,8 @@ class RayWorkers:
             try:
                 return ray.get(ref)
             except RayActorError as e:
+                if self.closed:
+                    raise
                 if deadline is None:  # the first failure of this call
                     self.retries += 1
                     self.log(f"ray: a worker failed during {method} ({type(e).__name__}); re-issuing the call")
@@ -238,6 +252,16 @@ class RayWorkers:
             if method == "rollout":  # a restarted worker starts blank: the call brings the current weights along
                 args = (*args[:3], self._weights, self.version)
             ref = getattr(worker, method).remote(*args)
+
+
+def check_resources(rc: RayConfig, actors: int) -> None:
+    """Actors the cluster can never place wait forever, deaf to Ctrl-C: refused up front."""
+    have = ray.cluster_resources()
+    for kind, each, key in (("CPU", rc.cpus_per_worker, "cpus_per_worker"), ("GPU", rc.gpus_per_worker, "gpus_per_worker")):
+        if each and actors * each > have.get(kind, 0):
+            raise ConfigError(f"{actors} Ray actors x ray.{key} = {each} need {actors * each:g} {kind}s, and the Ray "
+                              f"cluster has {have.get(kind, 0):g} (ray.num_cpus for the local one): lower "
+                              f"ray.rollout_workers / ray.teacher_workers or ray.{key}, or raise ray.num_cpus")
 
 
 def concat_scores(parts: list[TeacherScores]) -> TeacherScores:
