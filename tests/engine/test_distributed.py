@@ -34,6 +34,7 @@ WORKER = textwrap.dedent("""
                                 chunk_size=7, dp=dp)
     if dp.rank == 0:
         torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, sys.argv[2])
+        torch.save(metrics, sys.argv[2] + ".metrics")
     dp.close()
 """)
 
@@ -76,8 +77,10 @@ def test_two_gloo_ranks_equal_one_process_on_the_combined_batch(tmp_path, studen
     order = [int(i) + r * half for j in range(updates_per_batch) for r in range(2) for i in local_mbs[r][j]]
     single = copy.deepcopy(student)
     opt = torch.optim.SGD(single.parameters(), lr=1.0)
-    update_student(single, opt, make_scheduler(opt, train, 10), roll.select(order), scores.select(order),
-                   fb.select(order), objective=objective, train=train, version=0, chunk_size=7)
+    metrics, _ = update_student(single, opt, make_scheduler(opt, train, 10), roll.select(order), scores.select(order),
+                                fb.select(order), objective=objective, train=train, version=0, chunk_size=7)
+    # the objective as minimised, of the global batch (a mean of the ranks' own losses differed with uneven lengths)
+    assert torch.load(tmp_path / "dp.pt.metrics")["update/loss"] == pytest.approx(metrics["update/loss"], rel=1e-5)
     before = student.state_dict()
     moved = 0
     for k, v in single.state_dict().items():
@@ -232,6 +235,14 @@ def test_a_pipelined_single_process_run_resumed_on_two_ranks_samples_each_ranks_
         assert ranks[0][i][1] != ranks[1][i][1]  # the two samples of a prompt, not one drawn twice
     for r in read_metrics(tmp_path / "split")[1:]:
         assert r["rollout/length_mean"] == pytest.approx(r["rollout/tokens"] / 2)
+
+
+def test_the_mean_break_position_is_over_every_ranks_broken_rows():
+    from opd.engine.distributed import merge_rank_metrics
+
+    merged = merge_rank_metrics([{"teacher/broken_rows": 1.0, "teacher/break_pos_mean": 2.0, "rollout/tokens": 10},
+                                 {"teacher/broken_rows": 3.0, "teacher/break_pos_mean": 10.0, "rollout/tokens": 10}])
+    assert merged["teacher/break_pos_mean"] == 8.0 and merged["teacher/broken_rows"] == 4.0  # was 6, a mean of means
 
 
 def test_rank_metrics_merge_into_the_whole_batchs():

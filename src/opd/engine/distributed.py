@@ -97,7 +97,10 @@ class DataParallel:
 # that every rank already shares) is the mean over the ranks that report it.
 # Cumulative run counters (teacher/*_total, engine/worker_retries) are summed over the ranks' clients by
 # run_counters, every rank taking part, and saved as that sum with rank 0's checkpoint.
-SUMMED = ("rollout/tokens", "rollout/tokens_per_s", "feedback/tokens_dropped", "reward/teacher_rows")
+SUMMED = ("rollout/tokens", "rollout/tokens_per_s", "feedback/tokens_dropped", "reward/teacher_rows",
+          "teacher/broken_rows")
+# a mean over some rows of each rank's: weighted by how many each rank had
+ROW_MEANS = {"teacher/break_pos_mean": "teacher/broken_rows"}
 TOKEN_MEANS = ("opd/reverse_kl", "opd/advantage_mean", "opd/advantage_pos_frac", "teacher/logprob_mean",
                "teacher/entropy", "student/logprob_mean", "stability/entropy", "stability/clip_frac", "stability/kl_ref",
                "freshness/ratio_mean", "freshness/policy_lag", "freshness/logprob_drift", "update/new_logprob_mean",
@@ -125,8 +128,8 @@ def merge_rank_metrics(rows: list[dict[str, float]]) -> dict[str, float]:
     for key in dict.fromkeys(k for r in rows for k in r):  # first-seen order
         values = [r[key] for r in rows if key in r]
         rule = _merge_rule(key)
-        weights = [r.get("rollout/tokens", 0) for r in rows if key in r]
-        if rule == "token_mean" and sum(weights) > 0:
+        weights = [r.get(ROW_MEANS.get(key, "rollout/tokens"), 0) for r in rows if key in r]
+        if (rule == "token_mean" or key in ROW_MEANS) and sum(weights) > 0:
             out[key] = sum(v * w for v, w in zip(values, weights)) / sum(weights)
             continue
         if not all(isinstance(v, (int, float)) for v in values):

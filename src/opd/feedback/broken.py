@@ -109,6 +109,7 @@ def handle_broken_prefixes(scores: TeacherScores, mask: torch.Tensor, cfg) -> Br
     has_tokens = mask.sum(1) > 0
     broken = pos != NO_BREAK
     metrics = {"teacher/broken_frac": float(broken[has_tokens].float().mean()) if has_tokens.any() else 0.0}
+    metrics["teacher/broken_rows"] = float(broken.sum())
     if broken.any():
         metrics["teacher/break_pos_mean"] = float(pos[broken].float().mean())
     if entropy is not None and mask.bool().any():

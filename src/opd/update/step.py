@@ -386,6 +386,8 @@ def update_student(
             step_optimizer(optimizer)
             scheduler.step()
             version += 1
+    if dp is not None:  # update/loss of the global batch: its ranks' objectives over their summed denominators
+        acc.loss_sum, acc.loss_weight = dp.sums([acc.loss_sum, acc.loss_weight])
     metrics = acc.summary()
     if skipped and "stability/grad_norm" not in metrics:
         metrics["stability/grad_norm"] = float("nan")  # every mini-batch was non-finite: never healthy (Stability red)
