@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 import time
@@ -94,7 +95,8 @@ def _run(config, set_, max_steps, out, resume, mode: str) -> None:
         raise typer.Exit(3)
     if result.interrupted:
         raise typer.Exit(130)
-    _summary(result)
+    if os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 reports
+        _summary(result)
 
 
 def interrupted(e: BaseException, again: str) -> None:

@@ -189,10 +189,12 @@ def check_engine(cfg: Config, mode: str, dp: DataParallel | None) -> None:
         raise ConfigError("engine = 'ray' with several torchrun processes is not supported: use engine = 'local' "
                           "under torchrun, or one trainer process with engine = 'ray'")
     if dp is not None:
+        if mode == "offline":
+            raise ConfigError("opd offline runs in one process: start it without torchrun")
         rows = cfg.prompts.batch_size * cfg.rollout.samples_per_prompt
-        if rows % dp.world or mode == "offline":
-            raise ConfigError(f"data-parallel training over {dp.world} processes needs an on-policy run whose batch "
-                              f"(prompts.batch_size x rollout.samples_per_prompt = {rows}) splits evenly over them")
+        if rows % dp.world:
+            raise ConfigError(f"data-parallel training over {dp.world} processes needs a batch (prompts.batch_size x "
+                              f"rollout.samples_per_prompt = {rows}) that splits evenly over them")
         if cfg.objective.name == "hybrid" and (rows // dp.world) % cfg.rollout.samples_per_prompt:
             raise ConfigError("objective.name = 'hybrid' normalises rewards within a group: each rank's share must "
                               "hold whole groups (prompts.batch_size divisible by the number of processes)")
@@ -226,10 +228,12 @@ def _run(cfg: Config, run_dir: Path, resume: bool, console, log, mode: str, stop
     # Data-parallel training under torchrun: every rank trains on its share; rank 0 writes files and evaluates.
     dp = DataParallel.from_env(resolve_device(cfg.student.device))
     main = dp is None or dp.is_main
+    if not main:  # rank 0 says it (every rank would print the same lines)
+        log = lambda *a, **k: None  # noqa: E731
     check_engine(cfg, mode, dp)
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"{run_dir} is a file; give the run a folder (--out)")
-    if main and not resume and (list_checkpoints(run_dir) or (run_dir / "final").is_dir()):
+    if not resume and (list_checkpoints(run_dir) or (run_dir / "final").is_dir()):  # all ranks: none hangs
         # a second run here would prune the first one's checkpoints by step number and a later resume would mix them
         raise ConfigError(f"{run_dir} already holds a run (checkpoints/ or final/): continue it with --resume {run_dir}, "
                           "or give the new run another folder (--out)")
