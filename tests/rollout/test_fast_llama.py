@@ -397,3 +397,21 @@ def test_native_step_refuses_what_would_read_outside_its_buffers(tokenizer):
     with pytest.raises(ValueError, match="must cover every cached position"):
         dec.step(torch.tensor([5, 6]), torch.ones(2, 5, dtype=torch.long), torch.tensor([[2], [2]]))
     assert dec.step(torch.tensor([5, 6]), torch.ones(2, 3, dtype=torch.long), torch.tensor([[2], [2]])).shape == (2, len(tokenizer))
+
+
+def test_an_int8_decoder_prefills_a_one_token_prompt_with_the_models_own_weights():
+    # A forward of length 1 was taken for a decode step: a 1-token prompt's prefill read the int8 weights.
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from opd.rollout.fast_llama import build_decoder
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=2, head_dim=32, pad_token_id=0)
+    model = LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(1, 64, (1, 1))
+    with torch.no_grad():
+        int8, plain = build_decoder(model, 1, 3, int8=True), build_decoder(model, 1, 3)
+        for d in (int8, plain):
+            d.prefill(ids, torch.ones_like(ids), torch.zeros_like(ids))
+    assert torch.equal(int8.cache[:, :, :, :, :1], plain.cache[:, :, :, :, :1])

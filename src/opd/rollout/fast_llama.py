@@ -98,7 +98,7 @@ class FastLlamaDecoder:
         eye = torch.eye(P, dtype=torch.bool, device=self.device)
         mask = ((causal & real[:, None, :]) | eye)[:, None]  # [B, 1, P, P]
         self.filled = 0
-        return self._forward(input_ids, position_ids, mask)
+        return self._forward(input_ids, position_ids, mask, decode=False)
 
     def step(self, tokens: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """One new token per row; `attention_mask` covers every cached position plus this one."""
@@ -107,14 +107,14 @@ class FastLlamaDecoder:
             self.filled += 1
             return logits
         mask = attention_mask.bool()[:, None, None, :]  # [B, 1, 1, filled + 1]
-        return self._forward(tokens[:, None], position_ids, mask)
+        return self._forward(tokens[:, None], position_ids, mask, decode=True)
 
-    def _forward(self, ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _forward(self, ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor, decode: bool) -> torch.Tensor:
         B, T = ids.shape
         start, end = self.filled, self.filled + T
         H, KV, D = self.heads, self.kv_heads, self.head_dim
-        q8 = self.int8 if T == 1 else None
-        step = q8 is not None  # a decode step (T = 1) with int8 products: in step_dtype
+        q8 = self.int8 if decode else None  # the prefill keeps the model's own weights, a 1-token prompt's too
+        step = q8 is not None  # a decode step with int8 products: in step_dtype
         cos_table, sin_table = (self.step_cos, self.step_sin) if step else (self.cos, self.sin)
         gathered = cos_table[position_ids][:, :, None], sin_table[position_ids][:, :, None]  # [B, T, 1, D]
         positions = position_ids.to(torch.int64).contiguous()
