@@ -92,8 +92,9 @@ def test_a_run_folder_with_brackets_keeps_its_name_in_every_message(tmp_path):
     run_dir = tmp_path / "sweep[lr]" / "a-rather-long-folder-name-so-that-the-line-is-past-eighty-columns"
     res = CliRunner().invoke(app, ["run", "--out", str(run_dir), "--max-steps", "1", "--set", "eval.size=4",
                                    "--set", "student.warm_start_steps=1", "--set", "student.warm_start_samples=4",
-                                   "--set", "monitor.live='off'", "--set", "eval.recovery_size=0"])
+                                   "--set", "monitor.live='off'", "--set", "eval.recovery_size=0",
+                                   "--set", "monitor.tensorboard=false"])
     assert res.exit_code == 0, res.output
-    assert f"outputs in {run_dir}: metrics.jsonl" in res.output
+    assert f"outputs in {run_dir}: metrics.jsonl, checkpoints/, final/" in res.output  # no tensorboard/ written
     res = CliRunner().invoke(app, ["run", "--out", str(run_dir)])  # a second run there: refused, naming the folder
     assert res.exit_code == 2 and f"continue it with --resume {run_dir}," in res.output

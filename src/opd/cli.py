@@ -112,7 +112,9 @@ def _summary(result) -> None:
     for key in ("eval/accuracy", "eval/reverse_kl"):
         if f.get(key) is not None and l.get(key) is not None:  # a figure nothing measured is left out
             say(f"{key}: {f[key]:.3f} (step 0) -> {l[key]:.3f} (step {result.steps})")
-    say(f"outputs in {result.run_dir}: metrics.jsonl, tensorboard/, checkpoints/, final/")
+    outputs = [name for name in ("metrics.jsonl", "tensorboard/", "checkpoints/", "final/")
+               if (result.run_dir / name.rstrip("/")).exists()]  # tensorboard/ only with monitor.tensorboard
+    say(f"outputs in {result.run_dir}: {', '.join(outputs)}")
 
 
 @app.command()
