@@ -1,4 +1,4 @@
-"""Crash points for the reliability tests. OPD_CRASH_AT="phase:step" makes the process SIGKILL
+"""RunAborted (a run that cannot go on), and crash points for the reliability tests. OPD_CRASH_AT="phase:step" makes the process SIGKILL
 itself when it reaches that point, so a test can stop a real run in every phase (rollout,
 teacher scoring, update, metrics, in the middle of writing a checkpoint, ...) and check that
 --resume ends exactly where an uninterrupted run ends. Unset, it costs one string compare."""
@@ -9,6 +9,10 @@ import os
 import signal
 
 _CRASH_AT = os.environ.get("OPD_CRASH_AT", "")
+
+
+class RunAborted(Exception):
+    """The run cannot go on (numbers stayed non-finite, a worker was lost for good); what resumes was written."""
 
 
 def crash_point(phase: str, step: int) -> None:

@@ -32,7 +32,7 @@ from opd.config import Config, ConfigError, ObjectiveConfig, to_toml
 from opd.engine import LocalRollout, ScoredBatch, make_batches
 from opd.engine.distributed import DataParallel, run_counters as sum_run_counters
 from opd.evaluate import eval_sampling, eval_seed, evaluate, generate
-from opd.faults import crash_point
+from opd.faults import RunAborted, crash_point
 from opd.offline.data import OfflineData, generate_offline_data
 from opd.feedback import compute_feedback
 from opd.lora import adapter_state, has_lora, load_adapter_state, merged_copy, save_plain
@@ -48,10 +48,6 @@ from opd.teacher.cross_tokenizer import CrossTokenizerTeacher, same_vocabulary
 from opd.types import Rollout, TeacherScores
 from opd.update import make_optimizer, make_scheduler, supervised_train, update_student, use_config_hyperparameters
 from opd.update.bf16 import Bf16Weights
-
-
-class RunAborted(Exception):
-    """The run cannot go on (e.g. numbers stayed non-finite); a checkpoint was written first."""
 
 
 @dataclass
@@ -553,7 +549,14 @@ def _run(cfg: Config, run_dir: Path, resume: bool, console, log, mode: str, stop
         for step in steps_left:
             t0 = time.perf_counter()
             # 1-3. prompts, rollout, teacher scores: this step's batch (made now, or ahead while earlier steps trained)
-            batch = batches.get(step)
+            try:
+                batch = batches.get(step)
+            except RunAborted:  # e.g. a Ray worker lost for good: the steps trained so far are kept
+                if ahead == 0 and step - 1 > start and not (cfg.train.checkpoint_every and
+                                                           (step - 1) % cfg.train.checkpoint_every == 0):
+                    stream.rewind([step])  # this step's prompts were drawn: a resume draws them again
+                    checkpoint(step - 1)
+                raise
             rollout, scores = batch.rollout, batch.scores
             crash_point("rollout", step)
             t2 = time.perf_counter()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 
 import pytest
+import torch
 
 pytest.importorskip("ray")
 
@@ -174,3 +175,26 @@ def test_actors_the_cluster_cannot_place_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="3 Ray actors x ray.cpus_per_worker = 1.0 need 3 CPUs.*has 2"):
         run(cfg, tmp_path / "run", log=quiet)
     assert not ray.is_initialized()
+
+
+def test_a_worker_lost_for_good_stops_the_run_with_its_steps_checkpointed(tmp_path, monkeypatch):
+    # With its restarts spent, the call ended in a raw ActorDiedError traceback (after a "re-issuing the call" line
+    # that did not happen) and the steps since the last checkpoint were lost.
+    from safetensors.torch import load_file
+
+    from opd.faults import RunAborted
+
+    sets = TINY + RAY + ["train.max_steps=4", "ray.max_restarts=0"]
+    run(load_config(None, sets), tmp_path / "straight", log=quiet)
+    monkeypatch.setenv("OPD_WORKER_CRASH_AT", "rollout:3")
+    monkeypatch.setenv("OPD_WORKER_CRASH_ONCE", str(tmp_path / "killed"))
+    said = []
+    with pytest.raises(RunAborted, match="ray.max_restarts = 0 restarts are spent"):
+        run(load_config(None, sets), tmp_path / "split", log=lambda *a: said.append(" ".join(map(str, a))))
+    assert not any("re-issuing" in s for s in said)
+    assert sorted(p.name for p in (tmp_path / "split" / "checkpoints").iterdir()) == ["step-0", "step-2"]
+    monkeypatch.delenv("OPD_WORKER_CRASH_AT")
+    run(load_config(None, sets), tmp_path / "split", resume=True, log=quiet)
+    a = load_file(tmp_path / "straight" / "final" / "model.safetensors")
+    b = load_file(tmp_path / "split" / "final" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)

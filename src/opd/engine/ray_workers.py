@@ -29,6 +29,7 @@ from ray.exceptions import RayActorError
 
 import opd
 from opd.config import Config, ConfigError, RayConfig, validate_config
+from opd.faults import RunAborted
 from opd.types import Prompt, Rollout, TeacherScores
 
 try:
@@ -238,16 +239,20 @@ class RayWorkers:
             except RayActorError as e:
                 if self.closed:
                     raise
+                if not isinstance(e, ActorUnavailableError):
+                    deaths += 1
+                    if deaths > self.cfg.ray.max_restarts:
+                        raise RunAborted(f"a Ray worker died during {method} and ray.max_restarts = "
+                                         f"{self.cfg.ray.max_restarts} restarts are spent ({type(e).__name__}): continue "
+                                         "with --resume from the run's last checkpoint (check the worker's memory, "
+                                         "or raise ray.max_restarts)") from e
                 if deadline is None:  # the first failure of this call
                     self.retries += 1
                     self.log(f"ray: a worker failed during {method} ({type(e).__name__}); re-issuing the call")
                     deadline = time.monotonic() + restart_timeout_s
-                if not isinstance(e, ActorUnavailableError):
-                    deaths += 1
-                    if deaths > self.cfg.ray.max_restarts:
-                        raise
                 if time.monotonic() > deadline:
-                    raise
+                    raise RunAborted(f"a Ray worker failed during {method} and was not back within "
+                                     f"{restart_timeout_s:.0f} s; continue with --resume") from e
             time.sleep(0.5)
             if method == "rollout":  # a restarted worker starts blank: the call brings the current weights along
                 args = (*args[:3], self._weights, self.version)
