@@ -112,7 +112,7 @@ def _summary(result) -> None:
     for key in ("eval/accuracy", "eval/reverse_kl"):
         if f.get(key) is not None and l.get(key) is not None:  # a figure nothing measured is left out
             say(f"{key}: {f[key]:.3f} (step 0) -> {l[key]:.3f} (step {result.steps})")
-    outputs = [name for name in ("metrics.jsonl", "tensorboard/", "checkpoints/", "final/")
+    outputs = [name for name in ("metrics.jsonl", "tensorboard/", "checkpoints/", "final/", "offline-data/", "reference/")
                if (result.run_dir / name.rstrip("/")).exists()]  # tensorboard/ only with monitor.tensorboard
     say(f"outputs in {result.run_dir}: {', '.join(outputs)}")
 
@@ -237,8 +237,7 @@ def eval_cmd(
     except ConfigError as e:
         fail(str(e))
     if step is not None:
-        console.print(f"sampled as the run evaluated step {step} (its seed): the same figures as its metrics row",
-                      highlight=False)
+        say(f"sampled as the run evaluated step {step} (its seed): the same figures as its metrics row")
     for k, v in result.items():
         if k.startswith("eval/"):
             console.print(f"{k}: {v:.4f}")

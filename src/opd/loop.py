@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from rich.console import Console
 
 from opd import matmul
 from opd.checkpoint import (checkpoint_step, latest_checkpoint, list_checkpoints, load_trainer_state, save_checkpoint,
@@ -528,8 +529,8 @@ def _run(cfg: Config, run_dir: Path, resume: bool, console, log, mode: str, stop
             last_eval = {k: v for k, v in evals[-1].items() if k.startswith("eval/")}
     step = start
     interrupted = False
-    display_cfg = cfg.monitor if main else cfg.monitor.model_copy(update={"live": "off", "log_every": 10**9})
-    with RunDisplay(display_cfg, cfg.train.max_steps, start, console=console) as display, \
+    display_console = console if main else Console(quiet=True)  # rank 0 shows the run
+    with RunDisplay(cfg.monitor, cfg.train.max_steps, start, console=display_console) as display, \
             closing(workers) if workers is not None else nullcontext(), closing(batches):
         # (closed in reverse: the producer stops before the Ray workers it calls go away)
         if ckpt is None:
@@ -586,7 +587,11 @@ def _run(cfg: Config, run_dir: Path, resume: bool, console, log, mode: str, stop
             skipped_all = new_version == version
             nothing_to_train = skipped_all and upd["stability/skipped_batches"] == 0
             version = new_version
-            batches.publish(step, version, publish_weights)  # the weights later batches are sampled with
+            lost = None  # a Ray worker lost for good while this step trained: the step is kept, then the run stops
+            try:
+                batches.publish(step, version, publish_weights)  # the weights later batches are sampled with
+            except RunAborted as e:
+                lost = e
             skips["total"] += int(upd["stability/skipped_batches"])
             skips["consecutive"] = skips["consecutive"] + 1 if skipped_all else 0
             skips["empty"] = skips.get("empty", 0) + 1 if nothing_to_train else 0
@@ -635,6 +640,11 @@ def _run(cfg: Config, run_dir: Path, resume: bool, console, log, mode: str, stop
             metrics.write(row)
             display.update(row)
             crash_point("metrics", step)
+            if lost is not None:
+                if ahead == 0:
+                    checkpoint(step)
+                metrics.close()
+                raise lost
             if skips["consecutive"] >= cfg.train.max_consecutive_skips:
                 checkpoint(step)
                 metrics.close()

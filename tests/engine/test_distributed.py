@@ -174,6 +174,7 @@ def test_ctrl_c_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
         raise
     assert p.returncode != 0 and "exitcode  : 130" in err, out[-2000:] + err[-3000:]  # both ranks stopped
     assert (out + err).count("interrupted: checkpoint written at step 2") == 1  # rank 0 says it, once
+    assert out.count("step 0/4") == 1  # and shows the run (rank 1 printed its step-0 and last lines too)
     assert [r["step"] for r in read_metrics(tmp_path / "run")] == [0, 1, 2]
     assert sorted(c.name for c in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-0", "step-2"]
 

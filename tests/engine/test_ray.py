@@ -198,3 +198,28 @@ def test_a_worker_lost_for_good_stops_the_run_with_its_steps_checkpointed(tmp_pa
     a = load_file(tmp_path / "straight" / "final" / "model.safetensors")
     b = load_file(tmp_path / "split" / "final" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_worker_lost_while_the_trainer_updates_keeps_that_step(tmp_path, monkeypatch):
+    # Found when the new weights are handed out (not by a rollout): the run stopped with only checkpoint 0.
+    import psutil
+
+    import opd.loop as loop
+    from opd.faults import RunAborted
+
+    real, updates = loop.update_student, {"n": 0}
+
+    def update_then_lose_the_rollout_worker(*a, **k):
+        out = real(*a, **k)
+        updates["n"] += 1
+        if updates["n"] == 3:  # as the OOM killer would, while step 3 trains
+            for p in psutil.process_iter(["cmdline"]):
+                if any("RolloutWorker" in c for c in (p.info["cmdline"] or [])):
+                    p.kill()
+        return out
+
+    monkeypatch.setattr(loop, "update_student", update_then_lose_the_rollout_worker)
+    with pytest.raises(RunAborted, match="restarts are spent"):
+        run(load_config(None, TINY + RAY + ["train.max_steps=4", "ray.max_restarts=0"]), tmp_path / "run", log=quiet)
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-0", "step-3"]
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [0, 1, 2, 3]

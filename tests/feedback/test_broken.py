@@ -175,3 +175,17 @@ def test_handle_broken_prefixes_needs_entropy_to_downweight():
     scores = TeacherScores(token_logprobs=seq(GOOD, GOOD), scored_mask=torch.ones(1, 2))
     with pytest.raises(ConfigError, match="teacher.topk > 0"):
         handle_broken_prefixes(scores, torch.ones(1, 2), FeedbackConfig(broken_prefix="downweight"))
+
+
+def test_a_nan_here_and_there_is_no_missing_entropy_but_a_row_without_any_is():
+    # An overflow's NaN at one position was taken for "this teacher returns no entropy" (exit 2, "a server"), where
+    # the non-finite guard skips the step; a routed teacher without entropy leaves its whole rows NaN.
+    lp = torch.full((2, 3), GOOD)
+    spotty = TeacherScores(token_logprobs=lp, scored_mask=torch.ones(2, 3),
+                           entropy=torch.tensor([[0.5, float("nan"), 0.5], [0.5, 0.5, 0.5]]))
+    out = handle_broken_prefixes(spotty, torch.ones(2, 3), FeedbackConfig(broken_prefix="downweight"))
+    assert out.loss_weight[1].tolist() == pytest.approx([math.exp(-0.5)] * 3)
+    missing = TeacherScores(token_logprobs=lp, scored_mask=torch.ones(2, 3),
+                            entropy=torch.tensor([[0.5, 0.5, 0.5], [float("nan")] * 3]))
+    with pytest.raises(ConfigError, match="teacher.topk > 0"):
+        handle_broken_prefixes(missing, torch.ones(2, 3), FeedbackConfig(broken_prefix="downweight"))

@@ -102,8 +102,11 @@ class BrokenPrefixes:
 def handle_broken_prefixes(scores: TeacherScores, mask: torch.Tensor, cfg) -> BrokenPrefixes:
     """Detect breaks in the scored tokens (`mask`) and turn feedback.broken_prefix into per-token loss weights."""
     entropy = teacher_entropy(scores)  # None only for a teacher without entropy, top-k or full distribution
-    if entropy is not None and bool(entropy[mask.bool()].isnan().any()):
-        entropy = None  # a routed teacher without it (NaN rows): what needs entropy says so, not reads NaN as no break
+    scored = mask.bool()
+    if entropy is not None and bool((entropy.isnan() | ~scored).all(1)[scored.any(1)].any()):
+        # a routed teacher without it (whole rows NaN): what needs entropy says so, not reads NaN as no break. A NaN
+        # here and there (an overflow) is the non-finite numbers' guard's to skip
+        entropy = None
     pos = find_breaks(scores.token_logprobs, mask, window=cfg.break_window, threshold=cfg.break_logprob,
                       entropy=entropy, entropy_threshold=cfg.break_entropy)
     has_tokens = mask.sum(1) > 0
