@@ -1,5 +1,5 @@
-"""RunAborted (a run that cannot go on), and crash points for the reliability tests. OPD_CRASH_AT="phase:step" makes the process SIGKILL
-itself when it reaches that point, so a test can stop a real run in every phase (rollout,
+"""RunAborted (a run that cannot go on), and crash points for the reliability tests. OPD_CRASH_AT="phase:step"
+makes the process SIGKILL itself when it reaches that point, so a test can stop a real run in every phase (rollout,
 teacher scoring, update, metrics, in the middle of writing a checkpoint, ...) and check that
 --resume ends exactly where an uninterrupted run ends. Unset, it costs one string compare."""
 

@@ -298,9 +298,8 @@ def _run(cfg: Config, run_dir: Path, resume: bool, console, log, mode: str, stop
     def eval_row(step: int, version: int) -> dict:
         with teacher_lock:
             return evaluate(student, teacher, tokenizer, eval_prompts, eval_params, seed=eval_seed(cfg.seed, step),
-                            version=version,
-                            max_prompt_tokens=cfg.prompts.max_prompt_tokens, recovery=RecoverySettings.from_config(cfg),
-                            teacher_model=teacher_model)
+                            version=version, max_prompt_tokens=cfg.prompts.max_prompt_tokens,
+                            recovery=RecoverySettings.from_config(cfg), teacher_model=teacher_model)
 
     t_start = time.time()  # wall time includes the warm start and offline data generation (what a user waits for)
     ckpt = latest_checkpoint(run_dir, warn=log) if resume else None
@@ -501,6 +500,9 @@ def _run(cfg: Config, run_dir: Path, resume: bool, console, log, mode: str, stop
         now = {**teacher.counters(), **(workers.counters() if workers is not None else {})}
         return sum_run_counters(counters_before, [now] if dp is None else dp.gathered(now))
 
+    def periodic(step: int) -> bool:  # a step train.checkpoint_every writes a checkpoint at
+        return bool(cfg.train.checkpoint_every) and step % cfg.train.checkpoint_every == 0
+
     def checkpoint(step: int) -> None:
         made = batches.state_dict(step)  # sampler and prompt position after the batches made ahead, and those batches
         ranks = None
@@ -529,8 +531,10 @@ def _run(cfg: Config, run_dir: Path, resume: bool, console, log, mode: str, stop
             last_eval = {k: v for k, v in evals[-1].items() if k.startswith("eval/")}
     step = start
     interrupted = False
-    display_console = console if main else Console(quiet=True)  # rank 0 shows the run
-    with RunDisplay(cfg.monitor, cfg.train.max_steps, start, console=display_console) as display, \
+    # rank 0 shows the run; the others' display prints nothing and runs no live panel's refresh thread
+    display_cfg, display_console = (cfg.monitor, console) if main else \
+        (cfg.monitor.model_copy(update={"live": "off"}), Console(quiet=True))
+    with RunDisplay(display_cfg, cfg.train.max_steps, start, console=display_console) as display, \
             closing(workers) if workers is not None else nullcontext(), closing(batches):
         # (closed in reverse: the producer stops before the Ray workers it calls go away)
         if ckpt is None:
@@ -553,8 +557,7 @@ def _run(cfg: Config, run_dir: Path, resume: bool, console, log, mode: str, stop
             try:
                 batch = batches.get(step)
             except RunAborted:  # e.g. a Ray worker lost for good: the steps trained so far are kept
-                if ahead == 0 and step - 1 > start and not (cfg.train.checkpoint_every and
-                                                           (step - 1) % cfg.train.checkpoint_every == 0):
+                if ahead == 0 and step - 1 > start and not periodic(step - 1):
                     stream.rewind([step])  # this step's prompts were drawn: a resume draws them again
                     checkpoint(step - 1)
                 raise
@@ -661,15 +664,14 @@ def _run(cfg: Config, run_dir: Path, resume: bool, console, log, mode: str, stop
                     "feedback.clip, or check the teacher's outputs, then continue with --resume."
                 )
             halt = stopping()
-            if halt or (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0):
+            if halt or periodic(step):
                 checkpoint(step)
             if halt:
                 log(f"interrupted: checkpoint written at step {step}; continue with `{resume_command(mode, run_dir)}`")
                 interrupted = True
                 break
 
-        if not interrupted and not (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0) \
-                and step > start:
+        if not interrupted and not periodic(step) and step > start:
             checkpoint(step)
     if not interrupted and main:
         # written beside, then renamed: an interrupted write leaves no half final/ that loads as the trained model

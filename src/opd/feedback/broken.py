@@ -115,8 +115,8 @@ def handle_broken_prefixes(scores: TeacherScores, mask: torch.Tensor, cfg) -> Br
     metrics["teacher/broken_rows"] = float(broken.sum())
     if broken.any():
         metrics["teacher/break_pos_mean"] = float(pos[broken].float().mean())
-    if entropy is not None and mask.bool().any():
-        metrics["teacher/entropy"] = float(entropy[mask.bool()].mean())
+    if entropy is not None and scored.any():
+        metrics["teacher/entropy"] = float(entropy[scored].mean())
 
     weight = torch.ones_like(mask, dtype=torch.float32)
     if cfg.broken_prefix == "truncate":
