@@ -527,3 +527,139 @@ def test_torch_int8_products_of_any_input_width(width):
     x = torch.randn(3, width, generator=g).bfloat16()
     want = x.float() @ (q.q.float() * bf16_scaled.scale.float()[:, None]).T
     torch.testing.assert_close(int8_linear(x, bf16_scaled).float(), want, rtol=3e-2, atol=3e-2)
+
+
+# ------------------------------------------------------------------------------------- bf16 products on AMX
+def needs_amx_gemm():
+    if not cpu_kernels.gemm_amx():
+        pytest.skip("opd's AMX products need a CPU with AMX (amx_bf16), Linux's grant of its state, a C compiler")
+
+
+# rows: a multiple of 32, an odd count of 16-row tiles, and rows the wrapper pads; K and N: one tile, several
+@pytest.mark.parametrize("M,K,N", [(64, 64, 32), (48, 576, 960), (37, 192, 384), (1, 32, 64), (300, 1536, 576)])
+def test_amx_products_equal_torchs_bf16_linear(M, K, N):
+    needs_amx_gemm()
+    g = torch.Generator().manual_seed(M)
+    x = torch.randn(M, K, generator=g).bfloat16()
+    w = (torch.randn(N, K, generator=g) * 0.05).bfloat16()
+    ref = torch.nn.functional.linear(x, w)
+    got = cpu_kernels.amx_linear(x.view(1, M, K), cpu_kernels.AmxWeight(w))
+    assert got.shape == (1, M, N) and got.dtype == torch.bfloat16
+    # fp32 sums rounded once to bf16 as oneDNN's: the same bits but where the summation order tips a rounding
+    assert (got[0] == ref).float().mean() > 0.999
+    torch.testing.assert_close(got[0].float(), ref.float(), rtol=2**-7, atol=1e-3)
+
+
+@pytest.mark.parametrize("M,K,inter", [(64, 64, 192), (21, 576, 1536)])
+def test_amx_gate_up_product_returns_silu_of_gate_times_up(M, K, inter):
+    import torch.nn.functional as F
+
+    needs_amx_gemm()
+    g = torch.Generator().manual_seed(inter)
+    x = torch.randn(M, K, generator=g).bfloat16()
+    gate_up = (torch.randn(2 * inter, K, generator=g) * 0.1).bfloat16()
+    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)  # bf16 products, as the unfused forward rounds them
+    ref = F.silu(gate) * up
+    got = cpu_kernels.amx_linear(x, cpu_kernels.AmxWeight(gate_up, silu_mul=True))
+    assert got.shape == (M, inter)
+    assert (got == ref).float().mean() > 0.999
+    # where the sums' order tips gate's or up's rounding, the three roundings after it may move by two steps
+    torch.testing.assert_close(got.float(), ref.float(), rtol=2**-6, atol=1e-3)
+
+
+# B x L rows: a multiple of 16, and 3 x 7 (padded by the wrapper); D 64 and 128; grouped and plain heads
+@pytest.mark.parametrize("B,L,H,KV,D", [(2, 48, 9, 3, 64), (3, 7, 2, 2, 128)])
+def test_amx_qkv_product_rotates_queries_and_keys_as_the_rope_pass(B, L, H, KV, D):
+    from opd.llama import apply_rope
+
+    needs_amx_gemm()
+    g = torch.Generator().manual_seed(L)
+    K = 96
+    x = torch.randn(B, L, K, generator=g).bfloat16()
+    w = (torch.randn((H + 2 * KV) * D, K, generator=g) * 0.1).bfloat16()
+    freqs = torch.arange(L)[:, None] * (1e4 ** (-torch.arange(0, D, 2) / D))[None, :]
+    cos, sin = torch.cat([freqs, freqs], -1).cos().bfloat16(), torch.cat([freqs, freqs], -1).sin().bfloat16()
+    got = cpu_kernels.amx_linear(x, cpu_kernels.AmxWeight(w, rope_heads=H + KV, head_dim=D), rope=(cos, sin))
+    ref = torch.nn.functional.linear(x, w).view(B, L, H + 2 * KV, D)
+    positions = torch.arange(L).expand(B, L).contiguous()
+    expect = ref.clone()
+    if not cpu_kernels.rope_(expect, H + KV, cos, sin, positions):  # the unfused forward's C pass, else torch's ops
+        expect[:, :, : H + KV] = apply_rope(ref[:, :, : H + KV], cos[:, None], sin[:, None])
+    got = got.view(B, L, H + 2 * KV, D)
+    assert (got == expect).float().mean() > 0.998  # the same roundings but where the sums' order tips one
+    torch.testing.assert_close(got.float(), expect.float(), rtol=2**-6, atol=2e-3)
+    assert (got[:, :, H + KV :] == ref[:, :, H + KV :]).float().mean() > 0.999  # the values: not rotated
+
+
+@pytest.mark.parametrize("n,K,V,temperature", [(48, 64, 64, 1.0), (37, 576, 4096, 0.7), (300, 192, 1024, 2.0)])
+def test_amx_head_terms_equal_the_log_softmax_of_the_bf16_logits(n, K, V, temperature):
+    needs_amx_gemm()
+    g = torch.Generator().manual_seed(n)
+    h = torch.randn(n, K, generator=g).bfloat16()
+    head = (torch.randn(V, K, generator=g) * 0.1).bfloat16()
+    head[5] *= 30  # a token far above the rest: the running max moves, the sums rescale
+    targets = torch.randint(0, V, (n,), generator=g)
+    targets[:3] = 5
+    logp = (torch.nn.functional.linear(h, head).double() / temperature).log_softmax(-1)  # bf16 logits, exact after
+    lp, ent = cpu_kernels.amx_head_terms(h, cpu_kernels.AmxWeight(head), targets, temperature)
+    torch.testing.assert_close(lp, logp.gather(1, targets[:, None])[:, 0].float(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(ent, -(logp.exp() * logp).sum(-1).float(), rtol=1e-5, atol=1e-4)
+    with pytest.raises(IndexError, match="outside the LM head"):
+        cpu_kernels.amx_head_terms(h, cpu_kernels.AmxWeight(head), targets + V, temperature)
+
+
+def test_a_frozen_bf16_teacher_scores_through_the_amx_kernels_as_through_onednn(student, tokenizer, prompts,
+                                                                                 monkeypatch):
+    from transformers import LlamaForCausalLM
+
+    from opd.rollout import SamplingParams, sample
+    from opd.teacher import LocalTeacher
+    from opd.teacher.builtin import STUDENT_SHAPE, llama_config
+
+    needs_amx_gemm()
+    config = llama_config(tokenizer, {**STUDENT_SHAPE, "hidden_size": 128, "num_attention_heads": 2})
+    config.vocab_size = 128  # whole tiles of the head's outputs
+    torch.manual_seed(3)
+    model = LlamaForCausalLM(config).eval().bfloat16()
+    roll = sample(student, tokenizer, prompts, SamplingParams(temperature=0.9, max_new_tokens=12),
+                  generator=torch.Generator().manual_seed(3))
+    calls = {"products": 0, "head": 0}
+    products, head = cpu_kernels.amx_linear, cpu_kernels.amx_head_terms
+    monkeypatch.setattr(cpu_kernels, "amx_linear",
+                        lambda *a, **k: calls.__setitem__("products", calls["products"] + 1) or products(*a, **k))
+    monkeypatch.setattr(cpu_kernels, "amx_head_terms", lambda *a: calls.__setitem__("head", calls["head"] + 1) or head(*a))
+    teacher = LocalTeacher(model)
+    first = teacher.score(roll)
+    assert calls == {"products": 0, "head": 0}  # weights seen once: not packed yet (a student's change every step)
+    packed = teacher.score(roll)
+    assert calls == {"products": 4 * config.num_hidden_layers, "head": 1}
+    torch.testing.assert_close(packed.token_logprobs, first.token_logprobs, rtol=0.02, atol=0.05)
+    torch.testing.assert_close(packed.entropy, first.entropy, rtol=0.02, atol=0.05)
+    model.lm_head.weight.data.mul_(1.5)  # a changed weight is packed again (after being seen twice), never reused
+    assert teacher.score(roll).token_logprobs.sub(packed.token_logprobs).abs().max() > 0.01
+
+
+def test_opd_amx_gemm_setting_is_checked(monkeypatch):
+    monkeypatch.setenv("OPD_AMX_GEMM", "fast")
+    cpu_kernels._gemm_library.cache_clear()
+    try:
+        with pytest.raises(ValueError, match="OPD_AMX_GEMM='fast'"):
+            cpu_kernels.gemm_amx()
+        monkeypatch.setenv("OPD_AMX_GEMM", "off")
+        cpu_kernels._gemm_library.cache_clear()
+        assert not cpu_kernels.gemm_amx()
+    finally:
+        monkeypatch.delenv("OPD_AMX_GEMM")
+        cpu_kernels._gemm_library.cache_clear()
+
+
+def test_amx_product_added_to_the_residual_stream_rounds_as_the_add_after_it():
+    needs_amx_gemm()
+    g = torch.Generator().manual_seed(7)
+    x, residual = torch.randn(48, 192, generator=g).bfloat16(), torch.randn(48, 64, generator=g).bfloat16()
+    w = (torch.randn(64, 192, generator=g) * 0.1).bfloat16()
+    expect = residual + torch.nn.functional.linear(x, w)  # the product rounded to bf16, then the bf16 add
+    got = residual.clone()
+    assert cpu_kernels.amx_linear(x, cpu_kernels.AmxWeight(w), add_to=got) is got
+    assert (got == expect).float().mean() > 0.999
+    torch.testing.assert_close(got.float(), expect.float(), rtol=2**-7, atol=2e-2)

@@ -27,7 +27,9 @@ Beside it, smaller C files need only AVX2 + FMA (`_plain_library`) and each has 
 terms), `layer_ops.c` (a no-grad layer's RMSNorm, RoPE and SiLU x up, bf16 with an AVX-512 BF16 build too, and
 fp32) and `sample.c` (the draw of each token); bench/NOTES.md, sessions 14-15. `attention.c` (causal attention
 for the teacher's scoring forward: fp32 with AVX-512F, session 15; bf16 on the AMX tile unit, session 19) needs
-AVX-512F.
+AVX-512F. `gemm_amx.c` (session 25) runs a frozen bf16 model's products on the AMX tile unit with their
+elementwise steps in the epilogue (RoPE, SiLU x up, the residual add) and its LM head straight into the teacher's
+token terms (AmxWeight, amx_linear, amx_head_terms).
 
 OPD_INT8_KERNEL = auto (the default: the VNNI build where the CPU has it, else the AVX-512 one where it has
 AVX-512F, else the AVX2 one) | avx512 (exact fp32 products) | avx2 | torch (torch's kernel, bf16 activations).
@@ -766,6 +768,128 @@ def causal_attention_bf16(qkv: torch.Tensor, heads: int, kv_heads: int, scale: f
                                              B, L, heads, kv_heads, scale, threads)
     assert done, "the AMX tile state was granted at load"
     return out
+
+
+# ------------------------------------------------------------------------------------- bf16 products on AMX
+@functools.cache
+def _gemm_library() -> ctypes.CDLL | None:
+    """csrc/gemm_amx.c: a frozen bf16 model's products, and its LM head with the teacher's token terms, on the AMX
+    tile unit; None where the CPU lacks it, Linux refuses this process the tile state, OPD_AMX_GEMM=off, or the
+    build fails (oneDNN's products and opd.objectives.fused then)."""
+    setting = (os.environ.get("OPD_AMX_GEMM") or "auto").strip().lower()  # empty: unset
+    if setting not in ("auto", "off"):
+        raise ValueError(f"OPD_AMX_GEMM={setting!r}: expected auto or off")
+    lib = _plain_library("gemm_amx.c") if setting == "auto" and AMX_BF16_FLAGS <= matmul.cpu_flags() else None
+    if lib is None:
+        return None
+    lib.opd_gemm_amx_request.restype, lib.opd_gemm_amx_request.argtypes = ctypes.c_int, []
+    lib.opd_amx_linear_bf16.restype = ctypes.c_int
+    lib.opd_amx_linear_bf16.argtypes = [_P, ctypes.c_int64, ctypes.c_int64, _P, ctypes.c_int64, _P, ctypes.c_int64,
+                                        ctypes.c_int, _P, ctypes.c_int64, _P, _P, ctypes.c_int64, ctypes.c_int64,
+                                        ctypes.c_int]
+    lib.opd_amx_head_terms_bf16.restype = ctypes.c_int
+    lib.opd_amx_head_terms_bf16.argtypes = [_P, ctypes.c_int64, ctypes.c_int64, _P, ctypes.c_int64, _P, ctypes.c_float,
+                                            _P, _P, _P, ctypes.c_int]
+    lib.opd_amx_head_scratch_bytes.restype, lib.opd_amx_head_scratch_bytes.argtypes = ctypes.c_int64, [ctypes.c_int64]
+    return lib if lib.opd_gemm_amx_request() else None
+
+
+def gemm_amx() -> bool:
+    """Whether frozen bf16 weights run their products on opd's AMX kernel here (AmxWeight)."""
+    return _gemm_library() is not None
+
+
+class AmxWeight:
+    """A bf16 weight [out, in] of a model that no longer changes (a teacher, a reference model), packed once in the
+    tile unit's layout for csrc/gemm_amx.c: 16-output column tiles, each [in / 32][16 pairs of k][16 outputs x 2],
+    taken by the kernel two at a time. Two layouts put the tiles an epilogue needs side by side:
+    - `silu_mul`: a fused gate/up weight [2 x intermediate, in], its tiles interleaved gate, up, gate, ...: the
+      product returns silu(gate) x up [..., intermediate], the MLP's next input, in the same pass;
+    - `rope_heads` (of `head_dim` outputs each, a multiple of 32): a fused QKV weight whose first rope_heads heads
+      (queries and keys) pair dims d .. d + 15 with d + head_dim / 2 ..: the product rotates them (amx_linear's
+      `rope`); the value heads' tiles stay in order."""
+
+    def __init__(self, w: torch.Tensor, *, silu_mul: bool = False, rope_heads: int = 0, head_dim: int = 0):
+        n, k = w.shape
+        tiles = torch.arange(n // 16)
+        if silu_mul:
+            tiles = tiles.view(2, -1).t().reshape(-1)
+        elif rope_heads:
+            per_head, half = head_dim // 16, head_dim // 32
+            rotated = [h * per_head + j + side * half for h in range(rope_heads) for j in range(half) for side in (0, 1)]
+            tiles = torch.tensor(rotated + list(range(rope_heads * per_head, n // 16)))
+        w = w.detach().reshape(n // 16, 16, k)[tiles]
+        self.tensor = w.reshape(n // 16, 16, k // 32, 16, 2).permute(0, 2, 3, 1, 4).contiguous()
+        self.tile_cols = (tiles * 16).to(torch.int32)  # where each packed tile's outputs go
+        self.shape, self.silu_mul, self.rope_heads, self.head_dim = (n, k), silu_mul, rope_heads, head_dim
+
+    @staticmethod
+    def fits(w: torch.Tensor) -> bool:
+        """`w` is a 2-d bf16 CPU weight of whole tiles (outputs a multiple of 32, inputs of 32) and the kernel runs here."""
+        return (w.dim() == 2 and w.dtype == torch.bfloat16 and w.device.type == "cpu" and w.shape[0] % 32 == 0
+                and w.shape[1] % 32 == 0 and gemm_amx())
+
+
+def _whole_tiles(x2: torch.Tensor) -> torch.Tensor:
+    """x2 [M, K] contiguous, with zero rows added up to a multiple of 16 (the kernel's row tiles)."""
+    x2 = x2.contiguous()
+    if x2.shape[0] % 16:
+        x2 = torch.cat([x2, x2.new_zeros(16 - x2.shape[0] % 16, x2.shape[1])])
+    return x2
+
+
+def amx_linear(x: torch.Tensor, w: AmxWeight, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+               add_to: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ W^T of bf16 rows x [..., in] (no grad); silu(gate) x up of it for a `silu_mul` weight; for a `rope_heads`
+    weight with `rope` = (cos, sin) [L, head_dim] bf16, its query and key heads rotated at positions row % L (rows
+    of whole sequences from position 0, as opd.llama.causal_hidden runs them). With `add_to` (bf16 [..., out],
+    contiguous; rows a multiple of 16): the product is added to it in place (add_to += bf16(x @ W^T)), returned."""
+    n, k = w.shape
+    assert x.dtype == torch.bfloat16 and x.shape[-1] == k and not (torch.is_grad_enabled() and x.requires_grad)
+    lead, m = x.shape[:-1], x.numel() // k
+    x2 = _whole_tiles(x.reshape(m, k))
+    width = n // 2 if w.silu_mul else n
+    if add_to is not None:
+        assert (add_to.dtype == torch.bfloat16 and add_to.is_contiguous() and add_to.numel() == m * n
+                and x2.shape[0] == m and not w.silu_mul and not w.rope_heads)
+        out = add_to
+    else:
+        out = torch.empty(x2.shape[0], width, dtype=torch.bfloat16)
+    rotated = rope is not None and w.rope_heads > 0
+    cos, sin = (t.contiguous() for t in rope) if rotated else (None, None)
+    if rotated:
+        assert cos.dtype == sin.dtype == torch.bfloat16 and cos.shape == sin.shape and cos.shape[1] == w.head_dim
+    done = _gemm_library().opd_amx_linear_bf16(
+        x2.data_ptr(), x2.shape[0], k, w.tensor.data_ptr(), n, out.data_ptr(), width,
+        2 if add_to is not None else int(w.silu_mul),
+        w.tile_cols.data_ptr(), w.rope_heads * w.head_dim // 32 if rotated else 0, cos.data_ptr() if rotated else None,
+        sin.data_ptr() if rotated else None, cos.shape[0] if rotated else 1, w.head_dim or 1, torch.get_num_threads())
+    assert done, "the tile state was granted at load, and AmxWeight.fits checked the shapes"
+    if add_to is not None:
+        return add_to
+    return (out if out.shape[0] == m else out[:m]).view(*lead, width)
+
+
+def amx_head_terms(hidden: torch.Tensor, head: AmxWeight, targets: torch.Tensor,
+                   temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logprob of each target, entropy) [n] fp32 of log_softmax(hidden @ head^T / T) for bf16 rows hidden [n, in],
+    without the [n, vocabulary] logits: each row's log-sum-exp and entropy sums are kept as the head's products come
+    (logits rounded to bf16 first, as the bf16 forward's are)."""
+    n, k = hidden.shape
+    if n and not 0 <= int(targets.min()) <= int(targets.max()) < head.shape[0]:  # as gather would refuse them
+        raise IndexError(f"target ids outside the LM head's {head.shape[0]} outputs")
+    h = _whole_tiles(hidden)
+    tg = targets.to(torch.int64).contiguous()
+    if h.shape[0] != n:
+        tg = torch.cat([tg, tg.new_zeros(h.shape[0] - n)])
+    lib, threads = _gemm_library(), torch.get_num_threads()
+    logprob, entropy = torch.empty(h.shape[0]), torch.empty(h.shape[0])
+    scratch = torch.empty(threads * lib.opd_amx_head_scratch_bytes(k), dtype=torch.uint8)
+    done = lib.opd_amx_head_terms_bf16(h.data_ptr(), h.shape[0], k, head.tensor.data_ptr(), head.shape[0],
+                                       tg.data_ptr(), 1.0 / temperature, logprob.data_ptr(), entropy.data_ptr(),
+                                       scratch.data_ptr(), threads)
+    assert done, "the tile state was granted at load, and AmxWeight.fits checked the shapes"
+    return logprob[:n], entropy[:n]
 
 
 # ------------------------------------------------------------------------------------- drawing a token a row

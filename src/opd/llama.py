@@ -368,26 +368,76 @@ _PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def frozen_layer_weights(model, layers, rows: int) -> list[LayerWeights]:
-    """layer_weights for a forward of `rows` positions, with the fused QKV and gate/up weights as matmul.PackedWeight
-    once the layers' weights were the same in two calls in a row (a teacher's, a reference model's: a model whose
-    weights change every step, the student's, never packs). The packed weights replace the fused copies (dropped
-    from the cache): a frozen model holds its layers' weights twice, not three times."""
+    """layer_weights for a forward of `rows` positions, packed once the layers' weights were the same in two calls
+    in a row (a teacher's, a reference model's: a model whose weights change every step, the student's, never
+    packs): all four products as cpu_kernels.AmxWeight where opd's AMX kernel runs (the gate/up one returning
+    silu(gate) x up), else the fused QKV and gate/up weights as matmul.PackedWeight for oneDNN. The packed weights
+    replace the fused copies (dropped from the cache): a frozen model holds its layers' weights twice, not three
+    times."""
     sources = layer_sources(layers)
     key = _weights_key(sources)
     cached = _PACKED.get(model)
     if cached is not None and cached[0] == key and cached[1] is not None:
         return cached[1]
     weights = layer_weights(model, layers)
-    if not matmul.packs(weights[0].qkv) or not matmul.packs(weights[0].gate_up):
+    amx = all(cpu_kernels.AmxWeight.fits(t) for w in weights[:1] for t in (w.qkv, w.o, w.gate_up, w.down))
+    if not amx and (not matmul.packs(weights[0].qkv) or not matmul.packs(weights[0].gate_up)):
         return weights
     if cached is None or cached[0] != key:
         _PACKED[model] = (key, None)  # seen once: pack if the next call finds the same weights
         return weights
-    packed = [replace(w, qkv=matmul.PackedWeight(w.qkv, rows), gate_up=matmul.PackedWeight(w.gate_up, rows))
-              for w in weights]
+    if amx:
+        cfg = model.config
+        D = head_dim(cfg)  # RoPE in the QKV product's epilogue where a head is whole pairs of tiles
+        rope = dict(rope_heads=cfg.num_attention_heads + cfg.num_key_value_heads, head_dim=D) if D % 32 == 0 else {}
+        packed = [replace(w, qkv=cpu_kernels.AmxWeight(w.qkv, **rope), o=cpu_kernels.AmxWeight(w.o),
+                          gate_up=cpu_kernels.AmxWeight(w.gate_up, silu_mul=True), down=cpu_kernels.AmxWeight(w.down))
+                  for w in weights]
+    else:
+        packed = [replace(w, qkv=matmul.PackedWeight(w.qkv, rows), gate_up=matmul.PackedWeight(w.gate_up, rows))
+                  for w in weights]
     _FUSED.pop(model, None)
     _PACKED[model] = (key, packed)
     return packed
+
+
+_HEAD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def frozen_head(model) -> cpu_kernels.AmxWeight | None:
+    """The model's LM head packed for opd's AMX kernel (cpu_kernels.amx_head_terms), once its weight was the same in
+    two calls in a row, as frozen_layer_weights packs; None before then, for a head with a bias, or where the kernel
+    does not run here. The packed copy is the head's size again (SmolLM2-135M: 57 MB)."""
+    head = model.get_output_embeddings()
+    if type(head) is not nn.Linear or head.bias is not None or not cpu_kernels.AmxWeight.fits(head.weight):
+        return None
+    key = _weights_key([head.weight])
+    cached = _HEAD.get(model)
+    if cached is None or cached[0] != key:
+        _HEAD[model] = (key, None)  # seen once: pack if the next call finds the same weight
+        return None
+    if cached[1] is None:
+        _HEAD[model] = cached = (key, cpu_kernels.AmxWeight(head.weight))
+    return cached[1]
+
+
+def _product(x: torch.Tensor, w) -> torch.Tensor:
+    """x @ w^T: opd's AMX kernel for an AmxWeight, matmul.linear (oneDNN, BLAS) for the rest."""
+    return cpu_kernels.amx_linear(x, w) if isinstance(w, cpu_kernels.AmxWeight) else matmul.linear(x, w)
+
+
+def _add_product_then_norm(x: torch.Tensor, inp: torch.Tensor, w, norm_weight: torch.Tensor | None,
+                           eps: float) -> torch.Tensor | None:
+    """The residual stream x (this forward's own tensor) += inp @ w^T in place, then rms_norm(x) (None without
+    `norm_weight`): the add in the AMX kernel's epilogue, else with the norm in one pass (add_rms_norm_)."""
+    if isinstance(w, cpu_kernels.AmxWeight) and (x.numel() // x.shape[-1]) % 16 == 0:
+        cpu_kernels.amx_linear(inp, w, add_to=x)
+        return rms_norm(x, norm_weight, eps) if norm_weight is not None else None
+    y = _product(inp, w)
+    if norm_weight is None:
+        x.add_(y)
+        return None
+    return add_rms_norm_(x, y, norm_weight, eps)
 
 
 @torch.no_grad()
@@ -407,9 +457,13 @@ def causal_hidden(model, ids: torch.Tensor) -> torch.Tensor:
     eps = cfg.rms_norm_eps
     h = rms_norm(x, layers[0].input_norm, eps) if layers else None
     for i, w in enumerate(layers):
-        qkv = matmul.linear(h, w.qkv).view(B, L, H + 2 * KV, D)
-        # RoPE in the [B, L, heads, D] layout the matmul wrote (contiguous); SDPA takes the transposed views.
-        qk = rope_(qkv, H + KV, (cos, sin), positions, gathered)
+        if isinstance(w.qkv, cpu_kernels.AmxWeight) and w.qkv.rope_heads:  # rotated by the product itself
+            qkv = cpu_kernels.amx_linear(h, w.qkv, rope=(cos, sin)).view(B, L, H + 2 * KV, D)
+            qk = qkv[:, :, : H + KV]
+        else:
+            qkv = _product(h, w.qkv).view(B, L, H + 2 * KV, D)
+            # RoPE in the [B, L, heads, D] layout the matmul wrote (contiguous); SDPA takes the transposed views.
+            qk = rope_(qkv, H + KV, (cos, sin), positions, gathered)
         # on the CPU (fp32 with AVX-512F, bf16 on the AMX tile unit): [B, L, H, D] in one C pass, which reads qkv:
         # only where RoPE rotated it in place (the torch ops' RoPE returns a rotated copy and leaves qkv as it was)
         att = cpu_kernels.causal_attention(qkv, H, KV, D**-0.5) if qk.data_ptr() == qkv.data_ptr() else None
@@ -417,11 +471,8 @@ def causal_hidden(model, ids: torch.Tensor) -> torch.Tensor:
             qk = qk.transpose(1, 2)
             att = F.scaled_dot_product_attention(qk[:, :H], qk[:, H:], qkv[:, :, H + KV :].transpose(1, 2),
                                                  is_causal=True, scale=D**-0.5, **gqa).transpose(1, 2)
-        # each residual add goes with the norm after it (x is this forward's own tensor: added to in place)
-        h = add_rms_norm_(x, matmul.linear(att.reshape(B, L, H * D), w.o), w.post_norm, eps)
-        mlp = matmul.linear(silu_mul(matmul.linear(h, w.gate_up)), w.down)
-        if i + 1 < len(layers):
-            h = add_rms_norm_(x, mlp, layers[i + 1].input_norm, eps)
-        else:
-            x.add_(mlp)
+        h = _add_product_then_norm(x, att.reshape(B, L, H * D), w.o, w.post_norm, eps)
+        up = _product(h, w.gate_up)  # silu(gate) x up already where the AMX kernel made it
+        up = up if isinstance(w.gate_up, cpu_kernels.AmxWeight) else silu_mul(up)
+        h = _add_product_then_norm(x, up, w.down, layers[i + 1].input_norm if i + 1 < len(layers) else None, eps)
     return x

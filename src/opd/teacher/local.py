@@ -11,6 +11,7 @@ import time
 
 import torch
 
+from opd import cpu_kernels, llama
 from opd.logprobs import completion_hidden, entropy_of, per_position, scatter_tokens
 from opd.objectives import fused
 from opd.types import Rollout, TeacherScores
@@ -58,7 +59,11 @@ class LocalTeacher:
                     outs.append(logp)
                 return tuple(outs)
 
-            if not (k or full) and fused.supports(self.model):  # token logprob and entropy: one pass, no [n, V] log-probs
+            head = llama.frozen_head(self.model) if not (k or full) and fused.supports(self.model) else None
+            if head is not None and hidden.dtype == torch.bfloat16 and hidden.device.type == "cpu" and temp > 0:
+                # token logprob and entropy as the AMX kernel's LM head products come: no [n, V] logits at all
+                res = cpu_kernels.amx_head_terms(hidden, head, targets, temp)
+            elif not (k or full) and fused.supports(self.model):  # token logprob and entropy: one pass, no [n, V] log-probs
                 res = per_position(self.model, hidden,
                                    lambda logits, sl: fused.token_terms(logits, None, targets[sl], temp)[:2],
                                    temp, self.chunk_size, raw_logits=True)

@@ -1,0 +1,370 @@
+/* bf16 products of a frozen model's forward on the AMX tile unit: out = x W^T for x [M, K] bf16 rows and a weight
+ * W [N, K] packed once (opd.cpu_kernels.AmxWeight) in the tile unit's layout: 16-output column tiles, each
+ * [K / 32][16 pair rows][16 columns x 2] (1 KB per 32 k). torch's oneDNN path ran the teacher's [2048, 576] x
+ * [576, N] products at about the same rate, but wrote their output in bf16 for separate SiLU x up and RoPE passes
+ * over it, and its LM head wrote [positions, vocabulary] logits for another pass (bench/NOTES.md, session 25).
+ *
+ * The kernel: 32 rows x 32 columns (a pair of column tiles) in four fp32 sum tiles, two row tiles of x (loaded
+ * straight from its rows) and two weight tiles per 32 k, each loaded tile used in two products. A thread takes a
+ * contiguous range of rows; within it, chunks of rows that stay in L2, and for each chunk every pair of column
+ * tiles in turn, over the chunk's row blocks (the pair's weight tiles, 36 KB at K = 576, stay in L1). The blocks
+ * run as a pipeline: block i's products go to the tile unit with block i - 1's epilogue on the vector units, a few
+ * of its rows after each 32 k (run whole between two blocks' products, the epilogues did not overlap them), then
+ * block i's sums are stored to the other of two 4 KB fp32 buffers. Epilogues:
+ *   OUT_BF16:  out = bf16(sums), each column tile to its own output columns (AmxWeight.tile_cols); with RoPE for
+ *              the pairs of a QKV weight's query and key heads (see Epilogue)
+ *   ADD_BF16:  out += bf16(sums), rounded to bf16: the residual stream x takes the attention's and the MLP's output
+ *              in place (the RMSNorm after it is layer_ops.c's pass)
+ *   SILU_MUL:  the pair is a gate tile and its up tile (AmxWeight(silu_mul=True)): out [M, N / 2] =
+ *              bf16(bf16(silu(g)) * u) with g, u the sums rounded to bf16, as the unfused product and layer_ops.c's
+ *              silu_mul round
+ * and opd_amx_head_terms_bf16 below: the LM head's sums straight into the teacher's token terms.
+ * Rows: M a multiple of 16 (a last block of 16 rows runs two tiles; the caller pads). The tile state needs
+ * opd_gemm_amx_request (amx.h). */
+#include <immintrin.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "amx.h"
+#include "exp_poly.h"
+
+#define AMXBF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,amx-tile,amx-bf16")))
+
+enum { OUT_BF16 = 0, SILU_MUL = 1, ADD_BF16 = 2 };
+
+static int gemm_amx_granted = 0;
+
+int opd_gemm_amx_request(void) {
+    gemm_amx_granted = amx_request_state();
+    return gemm_amx_granted;
+}
+
+AMXBF16 static inline __m512 bf16_round16(__m512 x) {  /* to bf16 (nearest even) and back */
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(x)), 16));
+}
+
+AMXBF16 static inline __m512 sigmoid16_amx(__m512 g) {
+    const __m512 t = _mm512_min_ps(_mm512_mul_ps(g, _mm512_set1_ps(-1.44269504088896341f)), _mm512_set1_ps(126.0f));
+    const __m512 d = _mm512_add_ps(_mm512_set1_ps(1.0f), exp2_16(t));
+    const __m512 inv = _mm512_rcp14_ps(d);
+    return _mm512_mul_ps(inv, _mm512_fnmadd_ps(d, inv, _mm512_set1_ps(2.0f)));
+}
+
+/* RoPE in the epilogue of a QKV product: a pair of column tiles holds dims d .. d + 15 (a) and d + D/2 .. d + D/2 + 15
+ * (b) of one query or key head (AmxWeight's rope layout), rotated at the row's position (row % rope_len: rows from
+ * position 0) with the cos / sin tables [rope_len, D] bf16, rounded where layer_ops.c's rope_ rounds:
+ *   lo = bf16(bf16(a c) + bf16(-b s)),  hi = bf16(bf16(b c') + bf16(a s'))    (c, s: dims d..; c', s': d + D/2..) */
+typedef struct {
+    const int32_t *tile_cols;   /* the output column of each packed column tile (NULL: tile i at column 16 i) */
+    int64_t rope_pairs;         /* pairs below this are rotated */
+    const uint16_t *cos, *sin;  /* [rope_len, head_dim] */
+    int64_t rope_len, head_dim;
+} Epilogue;
+
+AMXBF16 static inline __m512 bf16_load16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+AMXBF16 static inline void store_bf16x16(uint16_t *p, __m512 x) {
+    _mm256_storeu_si256((__m256i *)p, (__m256i)_mm512_cvtneps_pbh(x));
+}
+
+/* rows r0 .. r1 - 1 of the sums C [32][32] (fp32) of pair p (two column tiles), rows row0 + r of the output, into out */
+AMXBF16 static inline void epilogue(const float *C, int r0, int r1, uint16_t *out, int64_t ldo, int64_t p, int64_t row0,
+                                    int mode, const Epilogue *e) {
+    const int64_t col_a = e->tile_cols ? e->tile_cols[2 * p] : 32 * p, col_b = e->tile_cols ? e->tile_cols[2 * p + 1] : 32 * p + 16;
+    if (mode == SILU_MUL) {  /* a: gate, b: up of output columns 16 p .. 16 p + 15 */
+        for (int r = r0; r < r1; r++) {
+            const __m512 g = bf16_round16(_mm512_loadu_ps(C + r * 32)), u = bf16_round16(_mm512_loadu_ps(C + r * 32 + 16));
+            const __m512 silu = bf16_round16(_mm512_mul_ps(g, sigmoid16_amx(g)));
+            store_bf16x16(out + r * ldo + 16 * p, _mm512_mul_ps(silu, u));
+        }
+    } else if (p < e->rope_pairs) {
+        const int64_t D = e->head_dim, d = col_a % D;
+        for (int r = r0; r < r1; r++) {
+            const int64_t pos = (row0 + r) % e->rope_len;
+            const uint16_t *c = e->cos + pos * D + d, *s = e->sin + pos * D + d;
+            const __m512 a = bf16_round16(_mm512_loadu_ps(C + r * 32)), b = bf16_round16(_mm512_loadu_ps(C + r * 32 + 16));
+            const __m512 lo = _mm512_add_ps(bf16_round16(_mm512_mul_ps(a, bf16_load16(c))),
+                                            bf16_round16(_mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), b), bf16_load16(s))));
+            const __m512 hi = _mm512_add_ps(bf16_round16(_mm512_mul_ps(b, bf16_load16(c + D / 2))),
+                                            bf16_round16(_mm512_mul_ps(a, bf16_load16(s + D / 2))));
+            store_bf16x16(out + r * ldo + col_a, lo);
+            store_bf16x16(out + r * ldo + col_b, hi);
+        }
+    } else if (mode == ADD_BF16) {  /* the residual stream: out = bf16(out + bf16(sums)), as x.add_(product) rounds */
+        for (int r = r0; r < r1; r++) {
+            uint16_t *o = out + r * ldo;
+            store_bf16x16(o + col_a, _mm512_add_ps(bf16_load16(o + col_a), bf16_round16(_mm512_loadu_ps(C + r * 32))));
+            store_bf16x16(o + col_b, _mm512_add_ps(bf16_load16(o + col_b), bf16_round16(_mm512_loadu_ps(C + r * 32 + 16))));
+        }
+    } else if (col_b == col_a + 16) {
+        for (int r = r0; r < r1; r++)
+            _mm512_storeu_si512(out + r * ldo + col_a, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(C + r * 32 + 16),
+                                                                                      _mm512_loadu_ps(C + r * 32)));
+    } else {
+        for (int r = r0; r < r1; r++) {
+            store_bf16x16(out + r * ldo + col_a, _mm512_loadu_ps(C + r * 32));
+            store_bf16x16(out + r * ldo + col_b, _mm512_loadu_ps(C + r * 32 + 16));
+        }
+    }
+}
+
+/* A block of 32 x 32 sums: pair p of column tiles, rows m .. m + rows - 1 (of a chunk, or of the whole product) */
+typedef struct { int64_t p, m; int rows; } Block;
+
+/* The LM head's sums into each row's terms (opd_amx_head_terms_bf16 below) */
+typedef struct { float m[16], s[16], u[16]; } LaneSums;
+
+AMXBF16 static inline void terms_update(const float *C, int r0, int r1, LaneSums *st, float scale2) {
+    const __m512 sc2 = _mm512_set1_ps(scale2);
+    for (int r = r0; r < r1; r++) {
+        const __m512 za = _mm512_mul_ps(bf16_round16(_mm512_loadu_ps(C + r * 32)), sc2);
+        const __m512 zb = _mm512_mul_ps(bf16_round16(_mm512_loadu_ps(C + r * 32 + 16)), sc2);
+        __m512 m = _mm512_loadu_ps(st[r].m), s = _mm512_loadu_ps(st[r].s), u = _mm512_loadu_ps(st[r].u);
+        const __m512 mnew = _mm512_max_ps(m, _mm512_max_ps(za, zb));
+        if (_mm512_cmp_ps_mask(mnew, m, _CMP_GT_OQ)) {
+            const __m512 d = _mm512_sub_ps(m, mnew), f = exp2_16(d);  /* d <= 0; 0 where a lane's max stayed */
+            u = _mm512_mul_ps(f, _mm512_fmadd_ps(s, d, u));
+            s = _mm512_mul_ps(f, s);
+            m = mnew;
+            _mm512_storeu_ps(st[r].m, m);
+        }
+        const __m512 da = _mm512_sub_ps(za, m), db = _mm512_sub_ps(zb, m);
+        const __m512 ea = exp2_16(da), eb = exp2_16(db);
+        s = _mm512_add_ps(s, _mm512_add_ps(ea, eb));
+        u = _mm512_fmadd_ps(ea, da, _mm512_fmadd_ps(eb, db, u));
+        _mm512_storeu_ps(st[r].s, s);
+        _mm512_storeu_ps(st[r].u, u);
+    }
+}
+
+/* a block's sums into its rows' lane sums, and the logit of each row's target where it is among the block's columns */
+AMXBF16 static inline void terms_block(const float *C, Block b, int r0, int r1, LaneSums *st, float *target_z,
+                                       const int64_t *targets, float scale2) {
+    terms_update(C, r0, r1, st + b.m, scale2);
+    for (int r = r0; r < r1; r++) {
+        const int64_t j = targets[b.m + r] - b.p * 32;
+        if (j >= 0 && j < 32) {
+            union { uint32_t i; float f; } v = { .f = C[r * 32 + j] };
+            v.i = (v.i + 0x7FFF + ((v.i >> 16) & 1)) & 0xFFFF0000u;  /* to bf16, nearest even */
+            target_z[b.m + r] = v.f * scale2;
+        }
+    }
+}
+
+/* Blocks run as a pipeline: block i's products go to the tile unit while block i - 1's epilogue (its sums stored in
+ * the other of two buffers) runs on the vector units, a few rows after each 32 k of block i's products, so that the
+ * two kinds of work interleave in the core's window; then block i's sums are stored. */
+typedef struct {
+    const float *C;
+    Block b;
+    int done;                                  /* rows of the epilogue done so far */
+    uint16_t *out; int64_t ldo; int mode; const Epilogue *e;   /* a product's epilogue, or */
+    LaneSums *st; float *target_z; const int64_t *targets; float scale2;  /* the LM head's terms (st != NULL) */
+} Pending;
+
+AMXBF16 static inline void pending_run(Pending *pd, int upto) {
+    if (upto > pd->b.rows) upto = pd->b.rows;
+    if (upto <= pd->done) return;
+    if (pd->st) terms_block(pd->C, pd->b, pd->done, upto, pd->st, pd->target_z, pd->targets, pd->scale2);
+    else epilogue(pd->C, pd->done, upto, pd->out + pd->b.m * 16 * pd->ldo, pd->ldo, pd->b.p, pd->b.m * 16, pd->mode, pd->e);
+    pd->done = upto;
+}
+
+/* The products of 32 rows of x (from A, row stride lda elements) by column tiles B0, B1 over kbs blocks of 32 k, left
+ * in sum tiles 0-3 (rows 0-15: tiles 0, 1; rows 16-31: tiles 2, 3). `rows` 16: the last 16 rows of an odd count of
+ * row tiles (tiles 0, 1 only). x's tiles are loaded with the streaming hint (used once a pair of column tiles: they
+ * need not push the pair's weight tiles out of L1); after each 32 k, a share of the pending epilogue's rows. */
+AMXBF16 static inline void block_products(const uint16_t *A, int64_t lda, const uint16_t *B0, const uint16_t *B1,
+                                          int64_t kbs, int rows, Pending *pd) {
+    const int step = pd->b.rows ? (int)((pd->b.rows + kbs - 1) / kbs) : 0;
+    _tile_zero(0);
+    _tile_zero(1);
+    if (rows == 32) {
+        _tile_zero(2);
+        _tile_zero(3);
+        const uint16_t *A1 = A + 16 * lda;
+        for (int64_t kb = 0; kb < kbs; kb++) {
+            _tile_stream_loadd(4, A + kb * 32, lda * 2);
+            _tile_loadd(6, B0 + kb * 512, 64);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_stream_loadd(5, A1 + kb * 32, lda * 2);
+            _tile_dpbf16ps(2, 5, 6);
+            _tile_loadd(7, B1 + kb * 512, 64);
+            _tile_dpbf16ps(1, 4, 7);
+            _tile_dpbf16ps(3, 5, 7);
+            if (step) pending_run(pd, pd->done + step);
+        }
+    } else {
+        for (int64_t kb = 0; kb < kbs; kb++) {
+            _tile_stream_loadd(4, A + kb * 32, lda * 2);
+            _tile_loadd(6, B0 + kb * 512, 64);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_loadd(7, B1 + kb * 512, 64);
+            _tile_dpbf16ps(1, 4, 7);
+            if (step) pending_run(pd, pd->done + step);
+        }
+    }
+    if (step) pending_run(pd, pd->b.rows);
+}
+
+/* the sum tiles into C [rows][32] fp32 */
+AMXBF16 static inline void block_store(float *C, int rows) {
+    _tile_stored(0, C, 128);
+    _tile_stored(1, C + 16, 128);
+    if (rows == 32) {
+        _tile_stored(2, C + 16 * 32, 128);
+        _tile_stored(3, C + 16 * 32 + 16, 128);
+    }
+}
+
+/* The weight streams in from memory (a frozen model's layers are used once a forward): while a pair of column tiles
+ * runs over a chunk's row blocks, the next pair's weight tiles are fetched, a share at each block, so that its first
+ * block does not wait on them. */
+static inline void prefetch_share(const uint16_t *next, int64_t kbs, int64_t block, int64_t blocks) {
+    const int64_t lines = kbs * 32, per = (lines + blocks - 1) / blocks;  /* 64-byte lines of two 1 KB tiles a kb */
+    const char *base = (const char *)next;
+    for (int64_t l = block * per; l < (block + 1) * per && l < lines; l++) _mm_prefetch(base + l * 64, _MM_HINT_T1);
+}
+
+/* out = x W^T (mode OUT_BF16: out [M, N], RoPE on the first rope_pairs pairs), out += bf16(x W^T) (ADD_BF16), or
+ * SiLU x up of it (SILU_MUL: out [M, N / 2]); row stride ldo. M % 16 == 0, N % 32 == 0, K % 32 == 0. Returns 0
+ * (nothing done) without the tile state. */
+AMXBF16 int opd_amx_linear_bf16(const uint16_t *A, int64_t M, int64_t K, const uint16_t *Bp, int64_t N,
+                                uint16_t *out, int64_t ldo, int mode, const int32_t *tile_cols, int64_t rope_pairs,
+                                const uint16_t *cos, const uint16_t *sin, int64_t rope_len, int64_t head_dim,
+                                int threads) {
+    const Epilogue e = {tile_cols, rope_pairs, cos, sin, rope_len, head_dim};
+    if (!gemm_amx_granted || M % 16 || N % 32 || K % 32) return 0;
+    const int64_t kbs = K / 32, tiles = M / 16, pairs = N / 32;
+    /* rows of a chunk: ~768 KB of x, which stays in L2 while every pair of column tiles passes over it */
+    int64_t chunk_tiles = (768 * 1024) / (16 * K * 2);
+    chunk_tiles = chunk_tiles < 2 ? 2 : chunk_tiles & ~(int64_t)1;
+    #pragma omp parallel num_threads(threads)
+    {
+#ifdef _OPENMP
+        const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
+#else
+        const int64_t nt = 1, t = 0;
+#endif
+        /* this thread's row tiles [t0, t1): an even split in pairs of tiles */
+        const int64_t tile_pairs = (tiles + 1) / 2;
+        const int64_t p0 = tile_pairs * t / nt, p1 = tile_pairs * (t + 1) / nt;
+        const int64_t t0 = 2 * p0, t1 = 2 * p1 < tiles ? 2 * p1 : tiles;
+        if (t0 < t1) {
+            TileConfig cfg __attribute__((aligned(64)));
+            memset(&cfg, 0, sizeof cfg);
+            cfg.palette = 1;
+            for (int i = 0; i < 8; i++) cfg.rows[i] = 16, cfg.colsb[i] = 64;
+            _tile_loadconfig(&cfg);
+            float C[2][32 * 32] __attribute__((aligned(64)));
+            Pending pd = {.b = {0, 0, 0}, .out = out, .ldo = ldo, .mode = mode, .e = &e};
+            int64_t i = 0;
+            for (int64_t c0 = t0; c0 < t1; c0 += chunk_tiles) {
+                const int64_t c1 = c0 + chunk_tiles < t1 ? c0 + chunk_tiles : t1;
+                for (int64_t p = 0; p < pairs; p++) {
+                    const uint16_t *B0 = Bp + (2 * p) * kbs * 512, *B1 = B0 + kbs * 512;
+                    const uint16_t *next = Bp + (2 * ((p + 1) % pairs)) * kbs * 512;
+                    for (int64_t m = c0; m < c1; m += 2, i++) {
+                        const Block cur = {p, m, m + 1 < c1 ? 32 : 16};
+                        block_products(A + m * 16 * K, K, B0, B1, kbs, cur.rows, &pd);  /* and the last block's epilogue */
+                        prefetch_share(next, kbs, (m - c0) / 2, (c1 - c0 + 1) / 2);
+                        block_store(C[i & 1], cur.rows);
+                        pd.C = C[i & 1], pd.b = cur, pd.done = 0;
+                    }
+                }
+            }
+            pending_run(&pd, pd.b.rows);
+            _tile_release();
+        }
+    }
+    return 1;
+}
+
+/* ------------------------------------------------------------------------------------------- LM head and terms
+ * The teacher's last step without a [positions, vocabulary] logits tensor: for rows h [M, K] of final hidden states,
+ * the LM head's sums (rounded to bf16, as the bf16 forward's logits are) go straight into each row's online
+ * log-sum-exp and entropy sums at temperature T, and the target token's logit is picked on the way:
+ *   logprob = z_t - lse,  entropy = lse - sum p z,  with z = logits / T.
+ * In base 2 (z2 = z log2 e, e = 2^(z2 - m)): each row keeps 16 lanes of (max m, s = sum e, u = sum e (z2 - m)),
+ * rescaled when a lane's max moves (rare after the first blocks), and the lanes are merged at the end. Rows go in
+ * chunks that stay in L2, each chunk over every pair of the head's column tiles (the head's weight streams from L3
+ * once per chunk). */
+/* logprob[r] of targets[r] and entropy[r] (nats, at temperature 1 / inv_temp) of rows h [M, K] under the packed head
+ * Wp [V, K]; M % 16 == 0 (pad with any rows: their results are written too), V % 32 == 0, K % 32 == 0; targets in
+ * [0, V). scratch: threads x opd_amx_head_scratch_bytes(K). Returns 0 without the tile state. */
+int64_t opd_amx_head_chunk_rows(int64_t K) {
+    int64_t rows = (1024 * 1024) / (K * 2);  /* ~1 MB of h a chunk */
+    rows &= ~(int64_t)31;
+    return rows < 32 ? 32 : rows;
+}
+
+int64_t opd_amx_head_scratch_bytes(int64_t K) { return opd_amx_head_chunk_rows(K) * (int64_t)(sizeof(LaneSums) + 4); }
+
+AMXBF16 int opd_amx_head_terms_bf16(const uint16_t *h, int64_t M, int64_t K, const uint16_t *Wp, int64_t V,
+                                    const int64_t *targets, float inv_temp, float *logprob, float *entropy,
+                                    uint8_t *scratch, int threads) {
+    if (!gemm_amx_granted || M % 16 || V % 32 || K % 32) return 0;
+    const int64_t kbs = K / 32, tiles = M / 16, pairs = V / 32, chunk_rows = opd_amx_head_chunk_rows(K);
+    const float log2e = 1.44269504088896341f, ln2 = 0.693147180559945309f, scale2 = inv_temp * log2e;
+    #pragma omp parallel num_threads(threads)
+    {
+#ifdef _OPENMP
+        const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
+#else
+        const int64_t nt = 1, t = 0;
+#endif
+        const int64_t tile_pairs = (tiles + 1) / 2;
+        const int64_t p0 = tile_pairs * t / nt, p1 = tile_pairs * (t + 1) / nt;
+        const int64_t r0 = 32 * p0, r1 = 32 * p1 < M ? 32 * p1 : M;
+        LaneSums *st = (LaneSums *)(scratch + t * opd_amx_head_scratch_bytes(K));
+        float *target_z = (float *)(st + chunk_rows);
+        if (r0 < r1) {
+            TileConfig cfg __attribute__((aligned(64)));
+            memset(&cfg, 0, sizeof cfg);
+            cfg.palette = 1;
+            for (int i = 0; i < 8; i++) cfg.rows[i] = 16, cfg.colsb[i] = 64;
+            _tile_loadconfig(&cfg);
+            float C[2][32 * 32] __attribute__((aligned(64)));
+            for (int64_t c0 = r0; c0 < r1; c0 += chunk_rows) {
+                const int64_t c1 = c0 + chunk_rows < r1 ? c0 + chunk_rows : r1, n = c1 - c0;
+                for (int64_t r = 0; r < n; r++) {
+                    for (int l = 0; l < 16; l++) st[r].m[l] = -1e30f, st[r].s[l] = 0.0f, st[r].u[l] = 0.0f;
+                    target_z[r] = 0.0f;
+                }
+                Pending pd = {.b = {0, 0, 0}, .st = st, .target_z = target_z, .targets = targets + c0, .scale2 = scale2};
+                int64_t i = 0;
+                for (int64_t p = 0; p < pairs; p++) {
+                    const uint16_t *B0 = Wp + (2 * p) * kbs * 512, *B1 = B0 + kbs * 512;
+                    const uint16_t *next = Wp + (2 * ((p + 1) % pairs)) * kbs * 512;
+                    for (int64_t m = 0; m < n; m += 32, i++) {
+                        const Block cur = {p, m, n - m >= 32 ? 32 : 16};
+                        block_products(h + (c0 + m) * K, K, B0, B1, kbs, cur.rows, &pd);
+                        prefetch_share(next, kbs, m / 32, (n + 31) / 32);
+                        block_store(C[i & 1], cur.rows);
+                        pd.C = C[i & 1], pd.b = cur, pd.done = 0;
+                    }
+                }
+                pending_run(&pd, pd.b.rows);
+                for (int64_t r = 0; r < n; r++) {  /* merge the lanes */
+                    float mx = -1e30f;
+                    for (int l = 0; l < 16; l++) mx = st[r].m[l] > mx ? st[r].m[l] : mx;
+                    double s = 0.0, u = 0.0;
+                    for (int l = 0; l < 16; l++) {
+                        const double f = exp2((double)st[r].m[l] - mx), d = (double)st[r].m[l] - mx;
+                        s += f * st[r].s[l];
+                        u += f * (st[r].u[l] + st[r].s[l] * d);
+                    }
+                    const double log2s = log2(s);
+                    logprob[c0 + r] = (float)((target_z[r] - mx - log2s) * ln2);
+                    entropy[c0 + r] = (float)((log2s - u / s) * ln2);
+                }
+            }
+            _tile_release();
+        }
+    }
+    return 1;
+}
