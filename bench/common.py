@@ -63,11 +63,13 @@ def measure_matmul_limit(dtype: str, *, size: int = 2048, min_seconds: float = 2
     """Best sustained FLOP/s of one square matmul (size x size) in `dtype` with the current torch threads: the
     ceiling every stage is measured against. Best of repeated timed calls after a warm-up, over both CPU kernels
     torch ships: its default (`torch.matmul`: MKL for fp32, oneDNN for bf16) and oneDNN's matmul (which opd.matmul
-    uses for fp32 where it is faster: on AMD CPUs MKL runs its AVX2 code, about half of oneDNN's fp32 speed).
-    `kernel` says which one the figure is from; `by_kernel` holds each that runs on this CPU."""
+    uses for fp32 where it is faster: on AMD CPUs MKL runs its AVX2 code, about half of oneDNN's fp32 speed), and
+    for bf16 on CPUs with AMX opd's own kernel (csrc/gemm_amx.c: 3.2 TF/s at 512 where torch's ran 1.3, session
+    25; a limit below what opd itself reaches would flatter every fraction). `kernel` says which one the figure
+    is from; `by_kernel` holds each that runs on this CPU."""
     import torch
 
-    from opd import matmul
+    from opd import cpu_kernels, matmul
 
     dt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     g = torch.Generator().manual_seed(0)
@@ -78,6 +80,9 @@ def measure_matmul_limit(dtype: str, *, size: int = 2048, min_seconds: float = 2
     if matmul.onednn_available():
         bt = b.t()  # a @ b = oneDNN linear(a, b.T)
         kernels["oneDNN"] = lambda: matmul._onednn_linear(a, bt)
+    if dtype == "bfloat16" and cpu_kernels.gemm_amx():  # opd's own tile-unit kernel (the bf16 teacher's forward)
+        packed = cpu_kernels.AmxWeight(b.t().contiguous())
+        kernels["opd AMX"] = lambda: cpu_kernels.amx_linear(a, packed)
     by_kernel, calls = {}, 0
     for name, fn in kernels.items():
         try:
@@ -153,6 +158,23 @@ def cpu_model() -> str:
     import platform
 
     return platform.processor() or platform.machine()
+
+
+def cpu_family_model() -> str | None:
+    """"family F model M, L2 N KB" from /proc/cpuinfo and sysfs (None where there is no such line)."""
+    info = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key = line.split(":", 1)[0].strip()
+            if key in ("cpu family", "model") and key not in info:
+                info[key] = line.split(":", 1)[1].strip()
+    except OSError:
+        return None
+    if len(info) < 2:
+        return None
+    l2 = Path("/sys/devices/system/cpu/cpu0/cache/index2/size")
+    size = l2.read_text().strip() if l2.is_file() else "?"
+    return f"family {info['cpu family']} model {info['model']}, L2 {size}"
 
 
 def cpu_flags(wanted=("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")) -> list[str]:

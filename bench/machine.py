@@ -11,7 +11,7 @@ def machine_facts() -> dict:
     import torch
     import transformers
 
-    from common import cpu_flags, cpu_model
+    from common import cpu_family_model, cpu_flags, cpu_model
 
     mem_gib = None
     try:
@@ -22,6 +22,8 @@ def machine_facts() -> dict:
     return {
         "cpu": platform.processor() or platform.machine(),
         "cpu_model": cpu_model(),
+        # family / model / L2 per core: VMs name every Xeon "Intel(R) Xeon(R) Processor", these tell them apart
+        "cpu_family_model": cpu_family_model(),
         "cpu_flags": cpu_flags(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),

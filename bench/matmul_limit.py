@@ -27,8 +27,8 @@ def main() -> None:
     best = {d: max(r["flops_per_s"] for r in rows if r["dtype"] == d) for d in ("float32", "bfloat16")}
     kernel = {d: max((r for r in rows if r["dtype"] == d), key=lambda r: r["flops_per_s"])["kernel"] for d in best}
     write_result("matmul_limit", {
-        "what": "best sustained FLOP/s of a square matmul (2 n^3 FLOPs) per dtype and size, over torch.matmul and "
-                "oneDNN's matmul (rows: by_kernel)",
+        "what": "best sustained FLOP/s of a square matmul (2 n^3 FLOPs) per dtype and size, over torch.matmul, "
+                "oneDNN's matmul and, for bfloat16 on CPUs with AMX, opd's own kernel (rows: by_kernel)",
         "limit_flops_per_s": best, "limit_kernel": kernel,
         "rows": rows,
     }, headline=[{"figure": f"matmul limit {d}", "value": round(v / 1e9, 1), "unit": f"GFLOP/s ({kernel[d]})"} for d, v in best.items()])

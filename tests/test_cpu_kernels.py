@@ -663,3 +663,20 @@ def test_amx_product_added_to_the_residual_stream_rounds_as_the_add_after_it():
     assert cpu_kernels.amx_linear(x, cpu_kernels.AmxWeight(w), add_to=got) is got
     assert (got == expect).float().mean() > 0.999
     torch.testing.assert_close(got.float(), expect.float(), rtol=2**-7, atol=2e-2)
+
+
+def test_amx_residual_add_with_the_norm_after_it_equals_the_add_then_rms_norm():
+    from opd.llama import rms_norm
+
+    needs_amx_gemm()
+    g = torch.Generator().manual_seed(8)
+    # 2208 rows: more than one chunk of rows per thread (the norm runs chunk by chunk)
+    x, residual = torch.randn(2208, 1536, generator=g).bfloat16(), torch.randn(2208, 64, generator=g).bfloat16()
+    w = (torch.randn(64, 1536, generator=g) * 0.03).bfloat16()
+    weight = (1 + 0.1 * torch.randn(64, generator=g)).bfloat16()
+    got_x = residual.clone()
+    h = cpu_kernels.amx_linear(x, cpu_kernels.AmxWeight(w), add_to=got_x, norm=(weight, 1e-5))
+    expect_x = residual.clone()
+    cpu_kernels.amx_linear(x, cpu_kernels.AmxWeight(w), add_to=expect_x)
+    assert torch.equal(got_x, expect_x)  # the add as without the norm
+    assert torch.equal(h, rms_norm(expect_x, weight, 1e-5))  # and the norm's bits: every row, every chunk

@@ -786,7 +786,7 @@ def _gemm_library() -> ctypes.CDLL | None:
     lib.opd_amx_linear_bf16.restype = ctypes.c_int
     lib.opd_amx_linear_bf16.argtypes = [_P, ctypes.c_int64, ctypes.c_int64, _P, ctypes.c_int64, _P, ctypes.c_int64,
                                         ctypes.c_int, _P, ctypes.c_int64, _P, _P, ctypes.c_int64, ctypes.c_int64,
-                                        ctypes.c_int]
+                                        _P, _P, ctypes.c_float, ctypes.c_int]
     lib.opd_amx_head_terms_bf16.restype = ctypes.c_int
     lib.opd_amx_head_terms_bf16.argtypes = [_P, ctypes.c_int64, ctypes.c_int64, _P, ctypes.c_int64, _P, ctypes.c_float,
                                             _P, _P, _P, ctypes.c_int]
@@ -839,20 +839,25 @@ def _whole_tiles(x2: torch.Tensor) -> torch.Tensor:
 
 
 def amx_linear(x: torch.Tensor, w: AmxWeight, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-               add_to: torch.Tensor | None = None) -> torch.Tensor:
+               add_to: torch.Tensor | None = None, norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
     """x @ W^T of bf16 rows x [..., in] (no grad); silu(gate) x up of it for a `silu_mul` weight; for a `rope_heads`
     weight with `rope` = (cos, sin) [L, head_dim] bf16, its query and key heads rotated at positions row % L (rows
     of whole sequences from position 0, as opd.llama.causal_hidden runs them). With `add_to` (bf16 [..., out],
-    contiguous; rows a multiple of 16): the product is added to it in place (add_to += bf16(x @ W^T)), returned."""
+    contiguous; rows a multiple of 16): the product is added to it in place (add_to += bf16(x @ W^T)) and add_to is
+    returned, or with `norm` = (weight [out] bf16, eps) the RMSNorm of it after the add (opd.llama.rms_norm's bits)."""
     n, k = w.shape
     assert x.dtype == torch.bfloat16 and x.shape[-1] == k and not (torch.is_grad_enabled() and x.requires_grad)
     lead, m = x.shape[:-1], x.numel() // k
     x2 = _whole_tiles(x.reshape(m, k))
     width = n // 2 if w.silu_mul else n
+    normed = None
     if add_to is not None:
         assert (add_to.dtype == torch.bfloat16 and add_to.is_contiguous() and add_to.numel() == m * n
                 and x2.shape[0] == m and not w.silu_mul and not w.rope_heads)
         out = add_to
+        if norm is not None:
+            assert norm[0].dtype == torch.bfloat16 and norm[0].shape == (n,) and norm[0].is_contiguous()
+            normed = torch.empty_like(add_to)
     else:
         out = torch.empty(x2.shape[0], width, dtype=torch.bfloat16)
     rotated = rope is not None and w.rope_heads > 0
@@ -863,10 +868,12 @@ def amx_linear(x: torch.Tensor, w: AmxWeight, rope: tuple[torch.Tensor, torch.Te
         x2.data_ptr(), x2.shape[0], k, w.tensor.data_ptr(), n, out.data_ptr(), width,
         2 if add_to is not None else int(w.silu_mul),
         w.tile_cols.data_ptr(), w.rope_heads * w.head_dim // 32 if rotated else 0, cos.data_ptr() if rotated else None,
-        sin.data_ptr() if rotated else None, cos.shape[0] if rotated else 1, w.head_dim or 1, torch.get_num_threads())
+        sin.data_ptr() if rotated else None, cos.shape[0] if rotated else 1, w.head_dim or 1,
+        norm[0].data_ptr() if normed is not None else None, normed.data_ptr() if normed is not None else None,
+        float(norm[1]) if normed is not None else 0.0, torch.get_num_threads())
     assert done, "the tile state was granted at load, and AmxWeight.fits checked the shapes"
     if add_to is not None:
-        return add_to
+        return normed if normed is not None else add_to
     return (out if out.shape[0] == m else out[:m]).view(*lead, width)
 
 

@@ -33,6 +33,10 @@ def test_matmul_limit_measures_a_positive_rate_for_both_dtypes():
         # the limit is the faster of the kernels measured (torch.matmul, and oneDNN where torch has it)
         assert "torch.matmul" in row["by_kernel"] and row["kernel"] in row["by_kernel"]
         assert row["flops_per_s"] == max(row["by_kernel"].values()) == row["by_kernel"][row["kernel"]]
+        # and in bf16 opd's own tile-unit kernel where it runs: a limit must not sit below what opd itself reaches
+        from opd import cpu_kernels
+
+        assert ("opd AMX" in row["by_kernel"]) == (dtype == "bfloat16" and cpu_kernels.gemm_amx())
 
 
 def test_quick_mode_reads_the_environment(monkeypatch):

@@ -14,7 +14,7 @@
  *   OUT_BF16:  out = bf16(sums), each column tile to its own output columns (AmxWeight.tile_cols); with RoPE for
  *              the pairs of a QKV weight's query and key heads (see Epilogue)
  *   ADD_BF16:  out += bf16(sums), rounded to bf16: the residual stream x takes the attention's and the MLP's output
- *              in place (the RMSNorm after it is layer_ops.c's pass)
+ *              in place; with a norm weight, the RMSNorm after it on each chunk's rows once they are complete
  *   SILU_MUL:  the pair is a gate tile and its up tile (AmxWeight(silu_mul=True)): out [M, N / 2] =
  *              bf16(bf16(silu(g)) * u) with g, u the sums rounded to bf16, as the unfused product and layer_ops.c's
  *              silu_mul round
@@ -22,6 +22,7 @@
  * Rows: M a multiple of 16 (a last block of 16 rows runs two tiles; the caller pads). The tile state needs
  * opd_gemm_amx_request (amx.h). */
 #include <immintrin.h>
+#include <math.h>
 #include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
@@ -61,6 +62,9 @@ typedef struct {
     int64_t rope_pairs;         /* pairs below this are rotated */
     const uint16_t *cos, *sin;  /* [rope_len, head_dim] */
     int64_t rope_len, head_dim;
+    const uint16_t *norm_w;     /* ADD_BF16 with a norm: norm_out = RMSNorm(out) once a chunk's rows are complete */
+    uint16_t *norm_out;
+    float eps;
 } Epilogue;
 
 AMXBF16 static inline __m512 bf16_load16(const uint16_t *p) {
@@ -221,6 +225,24 @@ AMXBF16 static inline void block_store(float *C, int rows) {
     }
 }
 
+/* The RMSNorm after a residual add, on a chunk's rows while they are in L2 (a pass of its own read them from memory):
+ * y = bf16(w * bf16(x * rsqrt(mean(x^2) + eps))), as layer_ops.c's rms_norm (the same sums in the same order). n: a
+ * multiple of 32. */
+AMXBF16 static void norm_rows(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t r0, int64_t r1, int64_t n,
+                              float eps) {
+    for (int64_t r = r0; r < r1; r++) {
+        const uint16_t *xr = x + r * n;
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t i = 0; i < n; i += 16) {
+            const __m512 v = bf16_load16(xr + i);
+            acc = _mm512_fmadd_ps(v, v, acc);
+        }
+        const __m512 inv = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(acc) / (float)n + eps));
+        for (int64_t i = 0; i < n; i += 16)
+            store_bf16x16(y + r * n + i, _mm512_mul_ps(bf16_load16(w + i), bf16_round16(_mm512_mul_ps(bf16_load16(xr + i), inv))));
+    }
+}
+
 /* The weight streams in from memory (a frozen model's layers are used once a forward): while a pair of column tiles
  * runs over a chunk's row blocks, the next pair's weight tiles are fetched, a share at each block, so that its first
  * block does not wait on them. */
@@ -236,8 +258,8 @@ static inline void prefetch_share(const uint16_t *next, int64_t kbs, int64_t blo
 AMXBF16 int opd_amx_linear_bf16(const uint16_t *A, int64_t M, int64_t K, const uint16_t *Bp, int64_t N,
                                 uint16_t *out, int64_t ldo, int mode, const int32_t *tile_cols, int64_t rope_pairs,
                                 const uint16_t *cos, const uint16_t *sin, int64_t rope_len, int64_t head_dim,
-                                int threads) {
-    const Epilogue e = {tile_cols, rope_pairs, cos, sin, rope_len, head_dim};
+                                const uint16_t *norm_w, uint16_t *norm_out, float eps, int threads) {
+    const Epilogue e = {tile_cols, rope_pairs, cos, sin, rope_len, head_dim, norm_w, norm_out, eps};
     if (!gemm_amx_granted || M % 16 || N % 32 || K % 32) return 0;
     const int64_t kbs = K / 32, tiles = M / 16, pairs = N / 32;
     /* rows of a chunk: ~768 KB of x, which stays in L2 while every pair of column tiles passes over it */
@@ -275,6 +297,10 @@ AMXBF16 int opd_amx_linear_bf16(const uint16_t *A, int64_t M, int64_t K, const u
                         block_store(C[i & 1], cur.rows);
                         pd.C = C[i & 1], pd.b = cur, pd.done = 0;
                     }
+                }
+                if (mode == ADD_BF16 && norm_w) {  /* the chunk's rows are complete once its last block is */
+                    pending_run(&pd, pd.b.rows);
+                    norm_rows(out, norm_w, norm_out, c0 * 16, c1 * 16 < M ? c1 * 16 : M, ldo, eps);
                 }
             }
             pending_run(&pd, pd.b.rows);
