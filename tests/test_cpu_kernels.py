@@ -591,7 +591,9 @@ def test_amx_qkv_product_rotates_queries_and_keys_as_the_rope_pass(B, L, H, KV, 
     assert (got[:, :, H + KV :] == ref[:, :, H + KV :]).float().mean() > 0.999  # the values: not rotated
 
 
-@pytest.mark.parametrize("n,K,V,temperature", [(48, 64, 64, 1.0), (37, 576, 4096, 0.7), (300, 192, 1024, 2.0)])
+# the last: more rows a thread than one chunk of rows holds at that K (chunks of equal size, the lane sums reset)
+@pytest.mark.parametrize("n,K,V,temperature", [(48, 64, 64, 1.0), (37, 576, 4096, 0.7), (300, 192, 1024, 2.0),
+                                               (1000, 1536, 512, 1.0)])
 def test_amx_head_terms_equal_the_log_softmax_of_the_bf16_logits(n, K, V, temperature):
     needs_amx_gemm()
     g = torch.Generator().manual_seed(n)

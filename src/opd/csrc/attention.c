@@ -214,12 +214,18 @@ AMXBF16 static void attention_rows_amx(const uint16_t *qkv, uint16_t *out, const
     uint16_t *Q = P + 16 * Lp;                                /* [16][D] bf16 */
     float *O = (float *)(Q + 16 * D);                         /* [16][D] fp32 */
     const int64_t rows = L - q0 < 16 ? L - q0 : 16, keys = q0 + rows;  /* keys 0 .. keys - 1: the last row's */
-    for (int64_t r = 0; r < 16; r++) {
-        if (r < rows) memcpy(Q + r * D, qkv + ((b * L + q0 + r) * NH + h) * D, D * 2);
-        else memset(Q + r * D, 0, D * 2);
+    if (rows == 16) {  /* the queries straight from qkv (a row every NH heads) */
+        const uint16_t *q = qkv + ((b * L + q0) * NH + h) * D;
+        _tile_loadd(0, q, NH * D * 2);       /* queries, d 0..31 */
+        _tile_loadd(1, q + 32, NH * D * 2);  /* d 32..63 */
+    } else {  /* the last rows of a sequence: copied, zeros past L */
+        for (int64_t r = 0; r < 16; r++) {
+            if (r < rows) memcpy(Q + r * D, qkv + ((b * L + q0 + r) * NH + h) * D, D * 2);
+            else memset(Q + r * D, 0, D * 2);
+        }
+        _tile_loadd(0, Q, D * 2);
+        _tile_loadd(1, Q + 32, D * 2);
     }
-    _tile_loadd(0, Q, D * 2);       /* queries, d 0..31 */
-    _tile_loadd(1, Q + 32, D * 2);  /* d 32..63 */
     const int64_t kb16 = (keys + 15) / 16;
     for (int64_t kb = 0; kb < kb16; kb++) {
         _tile_zero(3);

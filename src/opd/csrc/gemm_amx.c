@@ -285,8 +285,10 @@ AMXBF16 int opd_amx_linear_bf16(const uint16_t *A, int64_t M, int64_t K, const u
             float C[2][32 * 32] __attribute__((aligned(64)));
             Pending pd = {.b = {0, 0, 0}, .out = out, .ldo = ldo, .mode = mode, .e = &e};
             int64_t i = 0;
-            for (int64_t c0 = t0; c0 < t1; c0 += chunk_tiles) {
-                const int64_t c1 = c0 + chunk_tiles < t1 ? c0 + chunk_tiles : t1;
+            const int64_t chunks = (t1 - t0 + chunk_tiles - 1) / chunk_tiles;  /* of equal size: no short last one */
+            const int64_t per = (((t1 - t0 + chunks - 1) / chunks) + 1) & ~(int64_t)1;
+            for (int64_t c0 = t0; c0 < t1; c0 += per) {
+                const int64_t c1 = c0 + per < t1 ? c0 + per : t1;
                 for (int64_t p = 0; p < pairs; p++) {
                     const uint16_t *B0 = Bp + (2 * p) * kbs * 512, *B1 = B0 + kbs * 512;
                     const uint16_t *next = Bp + (2 * ((p + 1) % pairs)) * kbs * 512;
@@ -323,12 +325,15 @@ AMXBF16 int opd_amx_linear_bf16(const uint16_t *A, int64_t M, int64_t K, const u
  * Wp [V, K]; M % 16 == 0 (pad with any rows: their results are written too), V % 32 == 0, K % 32 == 0; targets in
  * [0, V). scratch: threads x opd_amx_head_scratch_bytes(K). Returns 0 without the tile state. */
 int64_t opd_amx_head_chunk_rows(int64_t K) {
-    int64_t rows = (1024 * 1024) / (K * 2);  /* ~1 MB of h a chunk */
+    int64_t rows = (1280 * 1024) / (K * 2);  /* up to 1.25 MB of h a chunk (L2: 2 MB a core) */
     rows &= ~(int64_t)31;
     return rows < 32 ? 32 : rows;
 }
 
-int64_t opd_amx_head_scratch_bytes(int64_t K) { return opd_amx_head_chunk_rows(K) * (int64_t)(sizeof(LaneSums) + 4); }
+/* (chunks of equal size, rounded up to 32 rows: the head streams in once per chunk, so no short last chunk) */
+int64_t opd_amx_head_scratch_bytes(int64_t K) {
+    return (opd_amx_head_chunk_rows(K) + 32) * (int64_t)(sizeof(LaneSums) + 4);
+}
 
 AMXBF16 int opd_amx_head_terms_bf16(const uint16_t *h, int64_t M, int64_t K, const uint16_t *Wp, int64_t V,
                                     const int64_t *targets, float inv_temp, float *logprob, float *entropy,
@@ -347,7 +352,7 @@ AMXBF16 int opd_amx_head_terms_bf16(const uint16_t *h, int64_t M, int64_t K, con
         const int64_t p0 = tile_pairs * t / nt, p1 = tile_pairs * (t + 1) / nt;
         const int64_t r0 = 32 * p0, r1 = 32 * p1 < M ? 32 * p1 : M;
         LaneSums *st = (LaneSums *)(scratch + t * opd_amx_head_scratch_bytes(K));
-        float *target_z = (float *)(st + chunk_rows);
+        float *target_z = (float *)(st + chunk_rows + 32);
         if (r0 < r1) {
             TileConfig cfg __attribute__((aligned(64)));
             memset(&cfg, 0, sizeof cfg);
@@ -355,8 +360,10 @@ AMXBF16 int opd_amx_head_terms_bf16(const uint16_t *h, int64_t M, int64_t K, con
             for (int i = 0; i < 8; i++) cfg.rows[i] = 16, cfg.colsb[i] = 64;
             _tile_loadconfig(&cfg);
             float C[2][32 * 32] __attribute__((aligned(64)));
-            for (int64_t c0 = r0; c0 < r1; c0 += chunk_rows) {
-                const int64_t c1 = c0 + chunk_rows < r1 ? c0 + chunk_rows : r1, n = c1 - c0;
+            const int64_t chunks = (r1 - r0 + chunk_rows - 1) / chunk_rows;
+            const int64_t per = ((r1 - r0 + chunks - 1) / chunks + 31) & ~(int64_t)31;
+            for (int64_t c0 = r0; c0 < r1; c0 += per) {
+                const int64_t c1 = c0 + per < r1 ? c0 + per : r1, n = c1 - c0;
                 for (int64_t r = 0; r < n; r++) {
                     for (int l = 0; l < 16; l++) st[r].m[l] = -1e30f, st[r].s[l] = 0.0f, st[r].u[l] = 0.0f;
                     target_z[r] = 0.0f;
