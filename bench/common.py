@@ -184,7 +184,7 @@ def cpu_flags(wanted=("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"))
     return [f for f in wanted if f in flags]
 
 
-BENCH_ENV = ("BENCH_QUICK", "BENCH_THREADS", "BUDGET_S", "VLLM_VENV", "BENCH_RESULTS")  # settings a re-run needs, kept in "command"
+BENCH_ENV = ("BENCH_QUICK", "BENCH_THREADS", "BUDGET_S", "VLLM_VENV", "BENCH_RESULTS", "BENCH_COLD")  # settings a re-run needs, kept in "command"
 
 
 def write_result(name: str, payload: dict, *, headline: list[dict] | None = None) -> Path:

@@ -31,6 +31,8 @@ def machine_line(m: dict) -> str:
     if not m:
         return ""
     model = m.get("cpu_model") or m.get("cpu", "?")
+    if m.get("cpu_family_model"):  # VMs name every Xeon alike
+        model += f" ({m['cpu_family_model']})"
     cores = m.get("cpu_count") or m.get("cores", "?")
     threads = m.get("torch_threads")
     torch_v = m.get("torch", "")

@@ -860,17 +860,16 @@ def amx_linear(x: torch.Tensor, w: AmxWeight, rope: tuple[torch.Tensor, torch.Te
             normed = torch.empty_like(add_to)
     else:
         out = torch.empty(x2.shape[0], width, dtype=torch.bfloat16)
-    rotated = rope is not None and w.rope_heads > 0
-    cos, sin = (t.contiguous() for t in rope) if rotated else (None, None)
-    if rotated:
+    rope_args = (0, None, None, 1)  # pairs rotated, cos, sin, table length
+    if rope is not None and w.rope_heads:
+        cos, sin = (t.contiguous() for t in rope)
         assert cos.dtype == sin.dtype == torch.bfloat16 and cos.shape == sin.shape and cos.shape[1] == w.head_dim
-    done = _gemm_library().opd_amx_linear_bf16(
-        x2.data_ptr(), x2.shape[0], k, w.tensor.data_ptr(), n, out.data_ptr(), width,
-        2 if add_to is not None else int(w.silu_mul),
-        w.tile_cols.data_ptr(), w.rope_heads * w.head_dim // 32 if rotated else 0, cos.data_ptr() if rotated else None,
-        sin.data_ptr() if rotated else None, cos.shape[0] if rotated else 1, w.head_dim or 1,
-        norm[0].data_ptr() if normed is not None else None, normed.data_ptr() if normed is not None else None,
-        float(norm[1]) if normed is not None else 0.0, torch.get_num_threads())
+        rope_args = (w.rope_heads * w.head_dim // 32, cos.data_ptr(), sin.data_ptr(), cos.shape[0])
+    norm_args = (norm[0].data_ptr(), normed.data_ptr(), float(norm[1])) if normed is not None else (None, None, 0.0)
+    mode = 2 if add_to is not None else int(w.silu_mul)  # gemm_amx.c: ADD_BF16, SILU_MUL or OUT_BF16
+    done = _gemm_library().opd_amx_linear_bf16(x2.data_ptr(), x2.shape[0], k, w.tensor.data_ptr(), n, out.data_ptr(),
+                                               width, mode, w.tile_cols.data_ptr(), *rope_args,
+                                               w.head_dim or 1, *norm_args, torch.get_num_threads())
     assert done, "the tile state was granted at load, and AmxWeight.fits checked the shapes"
     if add_to is not None:
         return normed if normed is not None else add_to

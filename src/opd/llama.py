@@ -431,7 +431,8 @@ def _add_product_then_norm(x: torch.Tensor, inp: torch.Tensor, w, norm_weight: t
     """The residual stream x (this forward's own tensor) += inp @ w^T in place, then rms_norm(x) (None without
     `norm_weight`): both in the AMX kernel (the add in the product's epilogue, the norm on each chunk of rows once
     complete), else the add with the norm in one pass (add_rms_norm_)."""
-    if isinstance(w, cpu_kernels.AmxWeight) and (x.numel() // x.shape[-1]) % 16 == 0:
+    if (isinstance(w, cpu_kernels.AmxWeight) and (x.numel() // x.shape[-1]) % 16 == 0
+            and (norm_weight is None or norm_weight.dtype == torch.bfloat16)):
         h = cpu_kernels.amx_linear(inp, w, add_to=x, norm=(norm_weight, eps) if norm_weight is not None else None)
         return h if norm_weight is not None else None
     y = _product(inp, w)

@@ -243,6 +243,27 @@ AMXBF16 static void norm_rows(const uint16_t *x, const uint16_t *w, uint16_t *y,
     }
 }
 
+/* This thread's row tiles [*t0, *t1) of `tiles` (inside a parallel region): an even split in pairs of tiles */
+static inline void thread_tiles(int64_t tiles, int64_t *t0, int64_t *t1) {
+#ifdef _OPENMP
+    const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
+#else
+    const int64_t nt = 1, t = 0;
+#endif
+    const int64_t tile_pairs = (tiles + 1) / 2, p0 = tile_pairs * t / nt, p1 = tile_pairs * (t + 1) / nt;
+    *t0 = 2 * p0;
+    *t1 = 2 * p1 < tiles ? 2 * p1 : tiles;
+}
+
+/* every tile 16 rows of 64 bytes (palette 1) */
+AMXBF16 static inline void tile_config_16x64(void) {
+    TileConfig cfg __attribute__((aligned(64)));
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int i = 0; i < 8; i++) cfg.rows[i] = 16, cfg.colsb[i] = 64;
+    _tile_loadconfig(&cfg);
+}
+
 /* The weight streams in from memory (a frozen model's layers are used once a forward): while a pair of column tiles
  * runs over a chunk's row blocks, the next pair's weight tiles are fetched, a share at each block, so that its first
  * block does not wait on them. */
@@ -267,21 +288,10 @@ AMXBF16 int opd_amx_linear_bf16(const uint16_t *A, int64_t M, int64_t K, const u
     chunk_tiles = chunk_tiles < 2 ? 2 : chunk_tiles & ~(int64_t)1;
     #pragma omp parallel num_threads(threads)
     {
-#ifdef _OPENMP
-        const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
-#else
-        const int64_t nt = 1, t = 0;
-#endif
-        /* this thread's row tiles [t0, t1): an even split in pairs of tiles */
-        const int64_t tile_pairs = (tiles + 1) / 2;
-        const int64_t p0 = tile_pairs * t / nt, p1 = tile_pairs * (t + 1) / nt;
-        const int64_t t0 = 2 * p0, t1 = 2 * p1 < tiles ? 2 * p1 : tiles;
+        int64_t t0, t1;
+        thread_tiles(tiles, &t0, &t1);
         if (t0 < t1) {
-            TileConfig cfg __attribute__((aligned(64)));
-            memset(&cfg, 0, sizeof cfg);
-            cfg.palette = 1;
-            for (int i = 0; i < 8; i++) cfg.rows[i] = 16, cfg.colsb[i] = 64;
-            _tile_loadconfig(&cfg);
+            tile_config_16x64();
             float C[2][32 * 32] __attribute__((aligned(64)));
             Pending pd = {.b = {0, 0, 0}, .out = out, .ldo = ldo, .mode = mode, .e = &e};
             int64_t i = 0;
@@ -343,22 +353,17 @@ AMXBF16 int opd_amx_head_terms_bf16(const uint16_t *h, int64_t M, int64_t K, con
     const float log2e = 1.44269504088896341f, ln2 = 0.693147180559945309f, scale2 = inv_temp * log2e;
     #pragma omp parallel num_threads(threads)
     {
+        int64_t t0, t1;
+        thread_tiles(tiles, &t0, &t1);
+        const int64_t r0 = 16 * t0, r1 = 16 * t1;
 #ifdef _OPENMP
-        const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
+        LaneSums *st = (LaneSums *)(scratch + omp_get_thread_num() * opd_amx_head_scratch_bytes(K));
 #else
-        const int64_t nt = 1, t = 0;
+        LaneSums *st = (LaneSums *)scratch;
 #endif
-        const int64_t tile_pairs = (tiles + 1) / 2;
-        const int64_t p0 = tile_pairs * t / nt, p1 = tile_pairs * (t + 1) / nt;
-        const int64_t r0 = 32 * p0, r1 = 32 * p1 < M ? 32 * p1 : M;
-        LaneSums *st = (LaneSums *)(scratch + t * opd_amx_head_scratch_bytes(K));
         float *target_z = (float *)(st + chunk_rows + 32);
         if (r0 < r1) {
-            TileConfig cfg __attribute__((aligned(64)));
-            memset(&cfg, 0, sizeof cfg);
-            cfg.palette = 1;
-            for (int i = 0; i < 8; i++) cfg.rows[i] = 16, cfg.colsb[i] = 64;
-            _tile_loadconfig(&cfg);
+            tile_config_16x64();
             float C[2][32 * 32] __attribute__((aligned(64)));
             const int64_t chunks = (r1 - r0 + chunk_rows - 1) / chunk_rows;
             const int64_t per = ((r1 - r0 + chunks - 1) / chunks + 31) & ~(int64_t)31;
