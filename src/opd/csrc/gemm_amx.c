@@ -331,20 +331,21 @@ AMXBF16 int opd_amx_linear_bf16(const uint16_t *A, int64_t M, int64_t K, const u
  * rescaled when a lane's max moves (rare after the first blocks), and the lanes are merged at the end. Rows go in
  * chunks that stay in L2, each chunk over every pair of the head's column tiles (the head's weight streams from L3
  * once per chunk). */
-/* logprob[r] of targets[r] and entropy[r] (nats, at temperature 1 / inv_temp) of rows h [M, K] under the packed head
- * Wp [V, K]; M % 16 == 0 (pad with any rows: their results are written too), V % 32 == 0, K % 32 == 0; targets in
- * [0, V). scratch: threads x opd_amx_head_scratch_bytes(K). Returns 0 without the tile state. */
+/* The most rows of a chunk: up to 1.25 MB of h (L2: 2 MB a core). A thread's rows go in chunks of equal size
+ * (rounded up to 32 rows, hence the scratch's 32 more): the head streams in once a chunk, so no short last one. */
 int64_t opd_amx_head_chunk_rows(int64_t K) {
-    int64_t rows = (1280 * 1024) / (K * 2);  /* up to 1.25 MB of h a chunk (L2: 2 MB a core) */
+    int64_t rows = (1280 * 1024) / (K * 2);
     rows &= ~(int64_t)31;
     return rows < 32 ? 32 : rows;
 }
 
-/* (chunks of equal size, rounded up to 32 rows: the head streams in once per chunk, so no short last chunk) */
 int64_t opd_amx_head_scratch_bytes(int64_t K) {
     return (opd_amx_head_chunk_rows(K) + 32) * (int64_t)(sizeof(LaneSums) + 4);
 }
 
+/* logprob[r] of targets[r] and entropy[r] (nats, at temperature 1 / inv_temp) of rows h [M, K] under the packed head
+ * Wp [V, K]; M % 16 == 0 (pad with any rows: their results are written too), V % 32 == 0, K % 32 == 0; targets in
+ * [0, V). scratch: threads x opd_amx_head_scratch_bytes(K). Returns 0 without the tile state. */
 AMXBF16 int opd_amx_head_terms_bf16(const uint16_t *h, int64_t M, int64_t K, const uint16_t *Wp, int64_t V,
                                     const int64_t *targets, float inv_temp, float *logprob, float *entropy,
                                     uint8_t *scratch, int threads) {
