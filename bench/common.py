@@ -149,32 +149,23 @@ def peak_rss_gib() -> float:
 
 
 def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
     import platform
 
-    return platform.processor() or platform.machine()
+    from opd.matmul import _cpuinfo
+
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def cpu_family_model() -> str | None:
     """"family F model M, L2 N KB" from /proc/cpuinfo and sysfs (None where there is no such line)."""
-    info = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key = line.split(":", 1)[0].strip()
-            if key in ("cpu family", "model") and key not in info:
-                info[key] = line.split(":", 1)[1].strip()
-    except OSError:
-        return None
-    if len(info) < 2:
+    from opd.matmul import _cpuinfo
+
+    family, model = _cpuinfo("cpu family"), _cpuinfo("model\t")  # (not "model name")
+    if family is None or model is None:
         return None
     l2 = Path("/sys/devices/system/cpu/cpu0/cache/index2/size")
     size = l2.read_text().strip() if l2.is_file() else "?"
-    return f"family {info['cpu family']} model {info['model']}, L2 {size}"
+    return f"family {family} model {model}, L2 {size}"
 
 
 def cpu_flags(wanted=("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")) -> list[str]:

@@ -88,10 +88,7 @@ ARGTYPES = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, cty
 
 
 def _choice() -> str:
-    choice = (os.environ.get("OPD_INT8_KERNEL") or "auto").strip().lower()  # empty: unset
-    if choice not in CHOICES:
-        raise ValueError(f"OPD_INT8_KERNEL={choice!r}: expected one of {', '.join(CHOICES)}")
-    return choice
+    return matmul.env_choice("OPD_INT8_KERNEL", CHOICES)
 
 
 @dataclass(frozen=True)
@@ -776,9 +773,7 @@ def _gemm_library() -> ctypes.CDLL | None:
     """csrc/gemm_amx.c: a frozen bf16 model's products, and its LM head with the teacher's token terms, on the AMX
     tile unit; None where the CPU lacks it, Linux refuses this process the tile state, OPD_AMX_GEMM=off, or the
     build fails (oneDNN's products and opd.objectives.fused then)."""
-    setting = (os.environ.get("OPD_AMX_GEMM") or "auto").strip().lower()  # empty: unset
-    if setting not in ("auto", "off"):
-        raise ValueError(f"OPD_AMX_GEMM={setting!r}: expected auto or off")
+    setting = matmul.env_choice("OPD_AMX_GEMM", ("auto", "off"))
     lib = _plain_library("gemm_amx.c") if setting == "auto" and AMX_BF16_FLAGS <= matmul.cpu_flags() else None
     if lib is None:
         return None

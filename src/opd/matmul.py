@@ -116,11 +116,17 @@ def _onednn_runs_fp32() -> bool:
         return False
 
 
-def _fp32_choice() -> str:
-    choice = (os.environ.get("OPD_FP32_MATMUL") or "auto").strip().lower()  # empty: unset
-    if choice not in CHOICES:  # checked at first use, whatever the product's size
-        raise ValueError(f"OPD_FP32_MATMUL={choice!r}: expected one of {', '.join(CHOICES)}")
+def env_choice(name: str, choices: tuple[str, ...]) -> str:
+    """The setting of environment variable `name` (a kernel choice, OPD_*), lowercased; the first of `choices`
+    where it is unset or empty; a ValueError naming the choices where it is none of them."""
+    choice = (os.environ.get(name) or choices[0]).strip().lower()
+    if choice not in choices:
+        raise ValueError(f"{name}={choice!r}: expected one of {', '.join(choices)}")
     return choice
+
+
+def _fp32_choice() -> str:
+    return env_choice("OPD_FP32_MATMUL", CHOICES)  # checked at first use, whatever the product's size
 
 
 @functools.cache
