@@ -567,6 +567,20 @@ def test_amx_gate_up_product_returns_silu_of_gate_times_up(M, K, inter):
     torch.testing.assert_close(got.float(), ref.float(), rtol=2**-6, atol=1e-3)
 
 
+# inter 192 and 1536: pairs of column pairs fill whole lines; 208: an odd count of pairs (ordinary stores); 1500 rows
+# at K 576: two chunks of rows a thread (the staged half lines of each chunk's rows)
+@pytest.mark.parametrize("M,K,inter", [(64, 64, 192), (21, 576, 1536), (48, 64, 208), (1500, 576, 192)])
+def test_amx_gate_up_product_streamed_equals_stored(M, K, inter, monkeypatch):
+    needs_amx_gemm()
+    g = torch.Generator().manual_seed(M + inter)
+    x = torch.randn(M, K, generator=g).bfloat16()
+    w = cpu_kernels.AmxWeight((torch.randn(2 * inter, K, generator=g) * 0.1).bfloat16(), silu_mul=True)
+    monkeypatch.setattr(cpu_kernels, "AMX_STREAM_BYTES", 1 << 40)
+    stored = cpu_kernels.amx_linear(x, w)
+    monkeypatch.setattr(cpu_kernels, "AMX_STREAM_BYTES", 0)
+    assert torch.equal(cpu_kernels.amx_linear(x, w), stored)
+
+
 # B x L rows: a multiple of 16, and 3 x 7 (padded by the wrapper); D 64 and 128; grouped and plain heads
 @pytest.mark.parametrize("B,L,H,KV,D", [(2, 48, 9, 3, 64), (3, 7, 2, 2, 128)])
 def test_amx_qkv_product_rotates_queries_and_keys_as_the_rope_pass(B, L, H, KV, D):

@@ -781,7 +781,7 @@ def _gemm_library() -> ctypes.CDLL | None:
     lib.opd_amx_linear_bf16.restype = ctypes.c_int
     lib.opd_amx_linear_bf16.argtypes = [_P, ctypes.c_int64, ctypes.c_int64, _P, ctypes.c_int64, _P, ctypes.c_int64,
                                         ctypes.c_int, _P, ctypes.c_int64, _P, _P, ctypes.c_int64, ctypes.c_int64,
-                                        _P, _P, ctypes.c_float, ctypes.c_int]
+                                        _P, _P, ctypes.c_float, ctypes.c_int, ctypes.c_int]
     lib.opd_amx_head_terms_bf16.restype = ctypes.c_int
     lib.opd_amx_head_terms_bf16.argtypes = [_P, ctypes.c_int64, ctypes.c_int64, _P, ctypes.c_int64, _P, ctypes.c_float,
                                             _P, _P, _P, ctypes.c_int]
@@ -833,6 +833,12 @@ def _whole_tiles(x2: torch.Tensor) -> torch.Tensor:
     return x2
 
 
+# SiLU x up outputs of at least this many bytes a thread are written with streaming stores (no read of each line
+# before its write; the lines go to memory, not into the caches): outputs larger than the L2 leave it anyway, and
+# a small one (the bench's square products) is faster in the cache.
+AMX_STREAM_BYTES = 1 << 20
+
+
 def amx_linear(x: torch.Tensor, w: AmxWeight, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                add_to: torch.Tensor | None = None, norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
     """x @ W^T of bf16 rows x [..., in] (no grad); silu(gate) x up of it for a `silu_mul` weight; for a `rope_heads`
@@ -862,9 +868,11 @@ def amx_linear(x: torch.Tensor, w: AmxWeight, rope: tuple[torch.Tensor, torch.Te
         rope_args = (w.rope_heads * w.head_dim // 32, cos.data_ptr(), sin.data_ptr(), cos.shape[0])
     norm_args = (norm[0].data_ptr(), normed.data_ptr(), float(norm[1])) if normed is not None else (None, None, 0.0)
     mode = 2 if add_to is not None else int(w.silu_mul)  # gemm_amx.c: ADD_BF16, SILU_MUL or OUT_BF16
+    threads = torch.get_num_threads()
+    stream = int(out.numel() * 2 >= AMX_STREAM_BYTES * threads)
     done = _gemm_library().opd_amx_linear_bf16(x2.data_ptr(), x2.shape[0], k, w.tensor.data_ptr(), n, out.data_ptr(),
                                                width, mode, w.tile_cols.data_ptr(), *rope_args,
-                                               w.head_dim or 1, *norm_args, torch.get_num_threads())
+                                               w.head_dim or 1, *norm_args, stream, threads)
     assert done, "the tile state was granted at load, and AmxWeight.fits checked the shapes"
     if add_to is not None:
         return normed if normed is not None else add_to

@@ -17,12 +17,15 @@
  *              in place; with a norm weight, the RMSNorm after it on each chunk's rows once they are complete
  *   SILU_MUL:  the pair is a gate tile and its up tile (AmxWeight(silu_mul=True)): out [M, N / 2] =
  *              bf16(bf16(silu(g)) * u) with g, u the sums rounded to bf16, as the unfused product and layer_ops.c's
- *              silu_mul round
+ *              silu_mul round; with `stream` (an output larger than the L2s), in streaming stores of whole lines:
+ *              an ordinary store first reads each line of the output from memory (the teacher's 6 MB at 8 x 256)
+ *              and waits on it; 91 -> 80 ms of the 8 x 256 forward's gate/up products (bench/NOTES.md, session 26)
  * and opd_amx_head_terms_bf16 below: the LM head's sums straight into the teacher's token terms.
  * Rows: M a multiple of 16 (a last block of 16 rows runs two tiles; the caller pads). The tile state needs
  * opd_gemm_amx_request (amx.h). */
 #include <immintrin.h>
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
@@ -75,15 +78,23 @@ AMXBF16 static inline void store_bf16x16(uint16_t *p, __m512 x) {
     _mm256_storeu_si256((__m256i *)p, (__m256i)_mm512_cvtneps_pbh(x));
 }
 
-/* rows r0 .. r1 - 1 of the sums C [32][32] (fp32) of pair p (two column tiles), rows row0 + r of the output, into out */
+/* rows r0 .. r1 - 1 of the sums C [32][32] (fp32) of pair p (two column tiles), rows row0 + r of the output, into out;
+ * SILU_MUL with `stage` (those rows' 16 bf16 each): an even pair's 32 bytes of a row wait there for the odd pair's,
+ * and the 64-byte line goes out in one streaming store */
 AMXBF16 static inline void epilogue(const float *C, int r0, int r1, uint16_t *out, int64_t ldo, int64_t p, int64_t row0,
-                                    int mode, const Epilogue *e) {
+                                    int mode, const Epilogue *e, uint16_t *stage) {
     const int64_t col_a = e->tile_cols ? e->tile_cols[2 * p] : 32 * p, col_b = e->tile_cols ? e->tile_cols[2 * p + 1] : 32 * p + 16;
     if (mode == SILU_MUL) {  /* a: gate, b: up of output columns 16 p .. 16 p + 15 */
         for (int r = r0; r < r1; r++) {
             const __m512 g = bf16_round16(_mm512_loadu_ps(C + r * 32)), u = bf16_round16(_mm512_loadu_ps(C + r * 32 + 16));
             const __m512 silu = bf16_round16(_mm512_mul_ps(g, sigmoid16_amx(g)));
-            store_bf16x16(out + r * ldo + 16 * p, _mm512_mul_ps(silu, u));
+            if (!stage) store_bf16x16(out + r * ldo + 16 * p, _mm512_mul_ps(silu, u));
+            else if (!(p & 1)) store_bf16x16(stage + r * 16, _mm512_mul_ps(silu, u));
+            else {  /* the even pair's half line and this one's: a whole line, streamed */
+                const __m256i lo = _mm256_load_si256((const __m256i *)(stage + r * 16));
+                const __m256i hi = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(silu, u));
+                _mm512_stream_si512((__m512i *)(out + r * ldo + 16 * (p - 1)), _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1));
+            }
         }
     } else if (p < e->rope_pairs) {
         const int64_t D = e->head_dim, d = col_a % D;
@@ -168,13 +179,15 @@ typedef struct {
     int done;                                  /* rows of the epilogue done so far */
     uint16_t *out; int64_t ldo; int mode; const Epilogue *e;   /* a product's epilogue, or */
     LaneSums *st; float *target_z; const int64_t *targets; float scale2;  /* the LM head's terms (st != NULL) */
+    uint16_t *stage; int64_t stage_row0, stage_rows;  /* SILU_MUL streamed: a chunk's rows x 16, from row0 */
 } Pending;
 
 AMXBF16 static inline void pending_run(Pending *pd, int upto) {
     if (upto > pd->b.rows) upto = pd->b.rows;
     if (upto <= pd->done) return;
     if (pd->st) terms_block(pd->C, pd->b, pd->done, upto, pd->st, pd->target_z, pd->targets, pd->scale2);
-    else epilogue(pd->C, pd->done, upto, pd->out + pd->b.m * 16 * pd->ldo, pd->ldo, pd->b.p, pd->b.m * 16, pd->mode, pd->e);
+    else epilogue(pd->C, pd->done, upto, pd->out + pd->b.m * 16 * pd->ldo, pd->ldo, pd->b.p, pd->b.m * 16, pd->mode, pd->e,
+                  pd->stage ? pd->stage + ((pd->b.m * 16 - pd->stage_row0) % pd->stage_rows) * 16 : NULL);
     pd->done = upto;
 }
 
@@ -274,12 +287,12 @@ static inline void prefetch_share(const uint16_t *next, int64_t kbs, int64_t blo
 }
 
 /* out = x W^T (mode OUT_BF16: out [M, N], RoPE on the first rope_pairs pairs), out += bf16(x W^T) (ADD_BF16), or
- * SiLU x up of it (SILU_MUL: out [M, N / 2]); row stride ldo. M % 16 == 0, N % 32 == 0, K % 32 == 0. Returns 0
- * (nothing done) without the tile state. */
+ * SiLU x up of it (SILU_MUL: out [M, N / 2], in streaming stores with `stream`); row stride ldo. M % 16 == 0,
+ * N % 32 == 0, K % 32 == 0. Returns 0 (nothing done) without the tile state. */
 AMXBF16 int opd_amx_linear_bf16(const uint16_t *A, int64_t M, int64_t K, const uint16_t *Bp, int64_t N,
                                 uint16_t *out, int64_t ldo, int mode, const int32_t *tile_cols, int64_t rope_pairs,
                                 const uint16_t *cos, const uint16_t *sin, int64_t rope_len, int64_t head_dim,
-                                const uint16_t *norm_w, uint16_t *norm_out, float eps, int threads) {
+                                const uint16_t *norm_w, uint16_t *norm_out, float eps, int stream, int threads) {
     const Epilogue e = {tile_cols, rope_pairs, cos, sin, rope_len, head_dim, norm_w, norm_out, eps};
     if (!gemm_amx_granted || M % 16 || N % 32 || K % 32) return 0;
     const int64_t kbs = K / 32, tiles = M / 16, pairs = N / 32;
@@ -297,6 +310,11 @@ AMXBF16 int opd_amx_linear_bf16(const uint16_t *A, int64_t M, int64_t K, const u
             int64_t i = 0;
             const int64_t chunks = (t1 - t0 + chunk_tiles - 1) / chunk_tiles;  /* of equal size: no short last one */
             const int64_t per = (((t1 - t0 + chunks - 1) / chunks) + 1) & ~(int64_t)1;
+            uint16_t *stage = NULL;  /* streamed SILU_MUL: every pair of pairs fills whole 64-byte lines of a row */
+            if (stream && mode == SILU_MUL && pairs % 2 == 0 && (uintptr_t)out % 64 == 0 && ldo % 32 == 0) {
+                stage = aligned_alloc(64, per * 16 * 32);
+                pd.stage = stage, pd.stage_row0 = t0 * 16, pd.stage_rows = per * 16;
+            }
             for (int64_t c0 = t0; c0 < t1; c0 += per) {
                 const int64_t c1 = c0 + per < t1 ? c0 + per : t1;
                 for (int64_t p = 0; p < pairs; p++) {
@@ -317,6 +335,8 @@ AMXBF16 int opd_amx_linear_bf16(const uint16_t *A, int64_t M, int64_t K, const u
             }
             pending_run(&pd, pd.b.rows);
             _tile_release();
+            _mm_sfence();  /* the streamed stores, before the region's barrier */
+            free(stage);
         }
     }
     return 1;
