@@ -80,6 +80,23 @@ def test_targets_on_a_hand_made_case():
     assert not t["meets_quarter_of_offline_tokens"]
 
 
+def test_a_seed_whose_final_eval_has_no_reverse_kl_is_reported_not_a_crash(tmp_path):
+    # An eval where the teacher scored nothing (its server down) writes no eval/reverse_kl (evaluate.py); the
+    # summary, the curves and the table had indexed it in every seed's rows (KeyError).
+    from opd.compare import _fmt_over_seeds, _over_seeds, _plots
+
+    finals = [{"eval/accuracy": 0.5, "eval/reverse_kl": 0.2}, {"eval/accuracy": 0.7}]
+    kl = _over_seeds(finals, "eval/reverse_kl")
+    assert kl["values"] == [0.2] and kl["missing"] == 1 and "1 seed(s) without it" in _fmt_over_seeds(kl)
+    assert _over_seeds(finals, "eval/accuracy")["mean"] == 0.6 and "missing" not in _over_seeds(finals, "eval/accuracy")
+    assert _over_seeds(finals[1:], "eval/reverse_kl") is None and _fmt_over_seeds(None) == "n/a"
+    curves = {"onpolicy": [[{"step": 0, "eval/accuracy": 0.1, "eval/reverse_kl": 0.3}, {"step": 2, **finals[0]}],
+                           [{"step": 0, "eval/accuracy": 0.2}, {"step": 2, **finals[1]}]],
+              "offline": [[{"step": 0, "eval/accuracy": 0.1}, {"step": 2, "eval/accuracy": 0.3}]]}
+    _plots(tmp_path, curves, {"onpolicy": [0.2, 0.1]}, 0.9)
+    assert (tmp_path / "curves.png").stat().st_size > 0
+
+
 def test_study_verdict_needs_a_difference_beyond_the_spread():
     keep = {"mean": 0.50, "std": 0.02}
     assert verdict({"mean": 0.60, "std": 0.03}, keep) == "helps"

@@ -17,6 +17,7 @@ from __future__ import annotations
 import html
 import json
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -104,7 +105,7 @@ def run_compare(config: Path | None, overrides: list[str], run_dir: Path, *, see
     }
     for m in methods:
         summary[m] = {
-            **{k: mean_std([f[k] for f in finals[m]]) for k in ("eval/accuracy", "eval/reverse_kl")},
+            **{k: _over_seeds(finals[m], k) for k in ("eval/accuracy", "eval/reverse_kl")},
             "teacher_tokens": mean_std([f["budget/teacher_tokens"] for f in finals[m]]),
             **{k: mean_std([f[k] for f in finals[m]]) for k in RECOVERY_KEYS if all(k in f for f in finals[m])},
         }
@@ -129,6 +130,21 @@ def run_compare(config: Path | None, overrides: list[str], run_dir: Path, *, see
         study_plot(report, summary["broken_prefix_study"])
     _write_report(report, summary, errors)
     return summary
+
+
+def _over_seeds(rows: list[dict], key: str) -> dict | None:
+    """mean_std of `key` over the seeds' final eval rows that hold it: an eval where the teacher scored nothing (a
+    server down) has no reverse KL. `missing`: how many seeds lacked it; None where every seed did."""
+    values = [r[key] for r in rows if key in r]
+    if not values:
+        return None
+    return {**mean_std(values), **({"missing": len(rows) - len(values)} if len(values) < len(rows) else {})}
+
+
+def _fmt_over_seeds(d: dict | None) -> str:
+    if d is None:
+        return "n/a"
+    return fmt_mean_std(d) + (f" ({d['missing']} seed(s) without it)" if d.get("missing") else "")
 
 
 def _targets(summary: dict, curves: dict, t_acc: float) -> dict:
@@ -219,8 +235,13 @@ def _plots(report: Path, curves: dict, errors: dict, t_acc: float) -> None:
         for m, runs in curves.items():
             steps = sorted({r["step"] for rows in runs for r in rows})
             xs = [np.mean([r.get(xkey, 0.0) or 0.0 for rows in runs for r in rows if r["step"] == s]) for s in steps]
-            ys = np.array([[r[key] for r in rows if r["step"] == s][0] for rows in runs for s in steps]).reshape(len(runs), -1)
-            mean, std = ys.mean(0), ys.std(0)
+            ys = np.array([[r.get(key, np.nan) for r in rows if r["step"] == s][0] for rows in runs
+                           for s in steps]).reshape(len(runs), -1)
+            if np.isnan(ys).all():  # no eval of this method holds it
+                continue
+            with warnings.catch_warnings():  # a step where no seed holds it: a gap in the line, not a warning
+                warnings.simplefilter("ignore", RuntimeWarning)
+                mean, std = np.nanmean(ys, 0), np.nanstd(ys, 0)
             ax.plot(xs, mean, marker="o", color=colours[m], label=m)
             ax.fill_between(xs, mean - std, mean + std, color=colours[m], alpha=0.2)
         if key == "eval/accuracy":
@@ -315,7 +336,8 @@ def _write_report(report: Path, summary: dict, errors: dict) -> None:
         if m not in summary:
             continue
         s = summary[m]
-        lines.append(f"| {m} | {fmt_mean_std(s['eval/accuracy'])} | {fmt_mean_std(s['eval/reverse_kl'])} | {s['teacher_tokens']['mean']:,.0f} |")
+        lines.append(f"| {m} | {_fmt_over_seeds(s['eval/accuracy'])} | {_fmt_over_seeds(s['eval/reverse_kl'])} | "
+                     f"{s['teacher_tokens']['mean']:,.0f} |")
     frac = t["fraction_of_offline_tokens"]
     lines += [
         "",

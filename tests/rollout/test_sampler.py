@@ -189,3 +189,25 @@ def test_draw_token_spends_the_generator_as_draw_does_on_either_path(monkeypatch
         tok, lp = draw_token(logits, 0.8, 1.0, torch.Generator().manual_seed(9))
         assert torch.equal(tok, want)
         torch.testing.assert_close(lp, sampling_logprobs(logits, 0.8, 1.0).gather(1, tok[:, None]).squeeze(1))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_logits_are_refused_on_either_path_not_drawn_from(monkeypatch, bad):
+    # A diverged student: the C pass had taken a NaN logit for a token of mass ~0 and drawn from the rest, torch's
+    # path a token of the NaN distribution; both now name the fault. A last NaN (after the 8-wide part) as well.
+    from opd import cpu_kernels
+    from opd.rollout.sampler import draw_token
+
+    if cpu_kernels._sample_library() is not None:
+        logits = torch.full((2, 64), float("-inf"))
+        logits[0, 3] = 0.0
+        tok, lp = cpu_kernels.sample_rows(logits, 1.0, torch.ones(2, dtype=torch.float64))
+        assert tok[0] == 3 and lp[0] == 0.0 and tok[1] == -1 and lp[1].isnan()  # no finite logit: nothing to draw
+    for native in (True, False):
+        if not native:
+            monkeypatch.setattr(cpu_kernels, "sample_rows", lambda *a: None)
+        for col in (7, 500):
+            logits = torch.randn(3, 501, generator=torch.Generator().manual_seed(1))
+            logits[1, col] = bad
+            with pytest.raises(FloatingPointError, match=r"NaN or infinite in 1 of 3 row\(s\)"):
+                draw_token(logits, 1.0, 1.0, torch.Generator().manual_seed(2))

@@ -109,6 +109,12 @@ def test_echo_generation_and_sglang_shapes(client):
     ("/generate", {"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 4}}, "scores only"),
     ("/generate", {"input_ids": [1, 30, 31], "return_logprob": True, "logprob_start_len": 5,
                    "sampling_params": {"max_new_tokens": 0}}, "past the end"),
+    # past the model's context (max_position_embeddings 256), as vLLM refuses past its max_model_len
+    ("/v1/completions", {"prompt": [[1, 2], [1] * 256], "max_tokens": 1, "prompt_logprobs": 1},
+     "maximum context length is 256 tokens. However, you requested 257 tokens (256 in the prompt, 1 in"),
+    ("/v1/completions", {"prompt": [1] * 250, "max_tokens": 7}, "requested 257 tokens"),
+    ("/generate", {"input_ids": [1] * 257, "return_logprob": True, "sampling_params": {"max_new_tokens": 0}},
+     "maximum context length is 256"),
 ])
 def test_bad_requests_are_400_with_a_reason(client, path, body, message):
     r = client.post(path, json=body)

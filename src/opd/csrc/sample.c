@@ -11,7 +11,8 @@
 
 #define BLOCK 64
 
-/* scratch: per thread, V floats and (V / BLOCK + 1) doubles */
+/* scratch: per thread, V floats and (V / BLOCK + 1) doubles. A row with a NaN logit, a +inf one or none finite:
+ * token -1 and log-prob NaN (the caller refuses them). */
 void opd_sample_rows(const float *logits, int64_t B, int64_t V, float inv_t, const double *u, int64_t *tok,
                      float *tok_logp, void *scratch, int threads) {
     const int64_t blocks = (V + BLOCK - 1) / BLOCK;
@@ -26,12 +27,25 @@ void opd_sample_rows(const float *logits, int64_t B, int64_t V, float inv_t, con
             const float *z = logits + r * V;
             const __m256 vt = _mm256_set1_ps(inv_t);
             const int64_t V8 = V & ~(int64_t)7;
-            __m256 top = _mm256_set1_ps(-INFINITY);
-            for (int64_t i = 0; i < V8; i += 8) top = _mm256_max_ps(top, _mm256_mul_ps(_mm256_loadu_ps(z + i), vt));
+            __m256 top = _mm256_set1_ps(-INFINITY), nan = _mm256_setzero_ps();
+            for (int64_t i = 0; i < V8; i += 8) {
+                const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(z + i), vt);
+                top = _mm256_max_ps(top, v);
+                nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));  /* max_ps passes a NaN by */
+            }
             float lanes[8], m = -INFINITY;
             _mm256_storeu_ps(lanes, top);
             for (int k = 0; k < 8; k++) m = lanes[k] > m ? lanes[k] : m;
-            for (int64_t i = V8; i < V; i++) m = z[i] * inv_t > m ? z[i] * inv_t : m;
+            int bad = _mm256_movemask_ps(nan) != 0;
+            for (int64_t i = V8; i < V; i++) {
+                bad |= isnan(z[i] * inv_t);
+                m = z[i] * inv_t > m ? z[i] * inv_t : m;
+            }
+            if (bad || isinf(m)) {  /* NaN, +inf or no finite logit: no distribution to draw from */
+                tok[r] = -1;
+                tok_logp[r] = NAN;
+                continue;
+            }
             const __m256 vm = _mm256_set1_ps(m);
             double total = 0.0;
             for (int64_t b = 0; b < blocks; b++) {

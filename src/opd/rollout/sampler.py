@@ -93,11 +93,17 @@ def draw_token(logits: torch.Tensor, temperature: float, top_p: float, generator
     (cpu_kernels.sample_rows), where torch's ops cost ~0.5 ms a decode step at batch 4 and a 49k vocabulary; the
     same uniforms either way."""
     u = uniforms(logits.shape[0], generator, logits.device)
-    if top_p >= 1.0 and (out := cpu_kernels.sample_rows(logits, temperature, u)) is not None:
-        return out
-    logp = sampling_logprobs(logits, temperature, top_p)
-    tok = inverse_cdf(logp.exp(), u)  # = draw(logp.exp(), generator): the same uniforms
-    return tok, logp.gather(1, tok[:, None]).squeeze(1)
+    if not (top_p >= 1.0 and (out := cpu_kernels.sample_rows(logits, temperature, u)) is not None):
+        logp = sampling_logprobs(logits, temperature, top_p)
+        tok = inverse_cdf(logp.exp(), u)  # = draw(logp.exp(), generator): the same uniforms
+        out = tok, logp.gather(1, tok[:, None]).squeeze(1)
+    if not torch.isfinite(out[1]).all():  # NaN or inf logits: torch's path drew a NaN "token", the C pass none
+        bad = (~torch.isfinite(out[1])).sum().item()
+        raise FloatingPointError(
+            f"the model's logits are NaN or infinite in {bad} of {len(out[1])} row(s) of a decode step: its weights "
+            "have diverged (or its inputs overflow). Resume from an earlier checkpoint with a lower train.lr or "
+            "train.grad_clip, or check the model's dtype")
+    return out
 
 
 # End-of-turn markers of common chat templates (ChatML/SmolLM/Qwen, Gemma, Llama 3, Phi).

@@ -230,6 +230,18 @@ def build_app(model, tokenizer, *, name: str = "teacher", max_batch_tokens: int 
         requests.labels(endpoint, str(status)).inc()
         return JSONResponse({"error": {"message": message, "type": "BadRequestError", "code": status}}, status)
 
+    # The context the model was trained for; vLLM refuses longer requests (its max_model_len), and so does this
+    # server, instead of scoring positions the model never saw (RoPE runs past it without a word).
+    max_len = getattr(model.config, "max_position_embeddings", None)
+
+    def too_long(ids_list: list[list[int]], new_tokens: int) -> str | None:
+        total = max((len(ids) for ids in ids_list), default=0) + new_tokens
+        if max_len and total > max_len:
+            return (f"This model's maximum context length is {max_len} tokens. However, you requested {total} "
+                    f"tokens ({total - new_tokens} in the prompt, {new_tokens} in the completion). Please reduce "
+                    "the length of the prompt or completion.")
+        return None
+
     def token_ids(prompt, add_special_tokens: bool) -> list[list[int]]:
         if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], int)):
             prompt = [prompt]
@@ -286,6 +298,8 @@ def build_app(model, tokenizer, *, name: str = "teacher", max_batch_tokens: int 
             ids_list = token_ids(req.prompt, req.add_special_tokens)
         except ValueError as e:
             return error(400, str(e), "completions")
+        if message := too_long(ids_list, req.max_tokens):
+            return error(400, message, "completions")
         k_prompt = req.prompt_logprobs if req.prompt_logprobs is not None else (req.logprobs if req.echo else None)
         if k_prompt is not None and k_prompt > max_logprobs:
             return error(400, f"requested {k_prompt} logprobs, at most {max_logprobs}", "completions")
@@ -344,6 +358,8 @@ def build_app(model, tokenizer, *, name: str = "teacher", max_batch_tokens: int 
         if req.sampling_params.get("max_new_tokens", 128) != 0:
             return error(400, "this server scores only: set sampling_params.max_new_tokens = 0 "
                               "(use /v1/completions to generate)", "generate")
+        if message := too_long(ids_list, 0):
+            return error(400, message, "generate")
         if req.return_logprob and (short := [len(ids) for ids in ids_list if req.logprob_start_len >= len(ids)]):
             return error(400, f"logprob_start_len {req.logprob_start_len} is past the end of a sequence of "
                               f"{short[0]} tokens (the last position to score is len(input_ids) - 1)", "generate")
