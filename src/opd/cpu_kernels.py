@@ -834,9 +834,10 @@ def _whole_tiles(x2: torch.Tensor) -> torch.Tensor:
 
 
 # SiLU x up outputs of at least this many bytes a thread are written with streaming stores (no read of each line
-# before its write; the lines go to memory, not into the caches): outputs larger than the L2 leave it anyway, and
-# a small one (the bench's square products) is faster in the cache.
-AMX_STREAM_BYTES = 1 << 20
+# before its write; the lines go to memory, not into the caches): an output larger than the L2 (2 MB a core on
+# every Xeon with AMX) leaves it anyway, and a smaller one is as fast or faster in the caches. The teacher's 8 x 256
+# forward 10 ms faster a call, 16 x 256 60 ms; 4 x 256 (1.5 MB a thread) 5 ms slower (bench/NOTES.md, session 26).
+AMX_STREAM_BYTES = 2 << 20
 
 
 def amx_linear(x: torch.Tensor, w: AmxWeight, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
