@@ -94,6 +94,17 @@ def test_echo_generation_and_sglang_shapes(client):
                                                 "return_tokens_as_token_ids": True}).json()["choices"][0]
     assert echo["logprobs"]["tokens"] == ["token_id:1", "token_id:20", "token_id:21"]
     assert echo["logprobs"]["token_logprobs"][0] is None and len(echo["logprobs"]["top_logprobs"][1]) >= 2
+    # echo with generation: the prompt's entries, then the generated tokens' (vLLM's shape; they had been left out)
+    both = client.post("/v1/completions", json={"prompt": [1, 20, 21], "max_tokens": 3, "echo": True, "logprobs": 2,
+                                                "temperature": 0, "return_tokens_as_token_ids": True,
+                                                "return_token_ids": True}).json()["choices"][0]
+    out = both["token_ids"]
+    assert both["logprobs"]["tokens"] == [f"token_id:{t}" for t in [1, 20, 21, *out]] and 1 <= len(out) <= 3
+    lps = both["logprobs"]["token_logprobs"]
+    assert lps[:3] == echo["logprobs"]["token_logprobs"] and all(v <= 0 for v in lps[3:])
+    assert len(both["logprobs"]["top_logprobs"]) == len(both["logprobs"]["text_offset"]) == 3 + len(out)
+    offsets = both["logprobs"]["text_offset"]
+    assert offsets == sorted(offsets) and offsets[3] > offsets[2]  # the generated text after the prompt's
     gen = client.post("/v1/completions", json={"prompt": [1, 20, 21], "max_tokens": 5, "temperature": 0,
                                                "return_token_ids": True}).json()["choices"][0]
     assert len(gen["token_ids"]) <= 5 and gen["prompt_token_ids"] == [1, 20, 21]

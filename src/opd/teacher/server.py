@@ -6,9 +6,10 @@ on-policy distillation needs, so the same client talks to it in tests and to vLL
                         generation with `max_tokens`, `temperature`, `top_p`, `stop`, `seed`.
                         `temperature` also applies to prompt logprobs (opd's convention; vLLM's
                         are at temperature 1).
-                        With `logprobs: k` and no `echo`: each sampled token's id
-                        (`return_token_ids`) and logprob under the distribution it was drawn from
-                        (logits / T, top-p renormalised), plus that distribution's top-k.
+                        With `logprobs: k`: each sampled token's id (`return_token_ids`) and logprob
+                        under the distribution it was drawn from (logits / T, top-p renormalised), plus
+                        that distribution's top-k; with `echo`, after the prompt's entries (as vLLM).
+                        Prompt + max_tokens past the model's context: 400, as vLLM.
                         Every answer carries `policy_version`: the version of the weights that wrote it.
 - POST /v1/load_weights `{"path": FOLDER, "version": N}`: load a `save_pretrained` folder of the same
                         architecture into the served model and tag what it writes with version N
@@ -303,8 +304,9 @@ def build_app(model, tokenizer, *, name: str = "teacher", max_batch_tokens: int 
         k_prompt = req.prompt_logprobs if req.prompt_logprobs is not None else (req.logprobs if req.echo else None)
         if k_prompt is not None and k_prompt > max_logprobs:
             return error(400, f"requested {k_prompt} logprobs, at most {max_logprobs}", "completions")
-        # vLLM needs max_tokens >= 1 next to prompt_logprobs; that one token comes from the scoring pass.
-        one_token = k_prompt is not None and req.max_tokens == 1 and not req.stop
+        # vLLM needs max_tokens >= 1 next to prompt_logprobs; that one token comes from the scoring pass (unless
+        # echo wants its logprob too: the scoring pass does not keep the sampled token's distribution).
+        one_token = k_prompt is not None and req.max_tokens == 1 and not req.stop and not req.echo
         prompt_scores = await score(ids_list, 1, k_prompt, req.temperature, one_token) if k_prompt is not None else None
         gens = [None] * len(ids_list)
         if one_token:
@@ -314,9 +316,8 @@ def build_app(model, tokenizer, *, name: str = "teacher", max_batch_tokens: int 
             if req.logprobs is not None and not req.echo and req.logprobs > max_logprobs:
                 return error(400, f"requested {req.logprobs} logprobs, at most {max_logprobs}", "completions")
             stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
-            sampled_logprobs = req.logprobs if not req.echo else None
             gens = await generator.submit([GenerateJob(ids, req.max_tokens, req.temperature, req.top_p, stop, req.seed,
-                                                       sampled_logprobs, tuple(req.stop_token_ids or ()))
+                                                       req.logprobs, tuple(req.stop_token_ids or ()))
                                            for ids in ids_list])
             generated.inc(sum(len(g.token_ids) for g in gens))
         choices = []
@@ -329,9 +330,15 @@ def build_app(model, tokenizer, *, name: str = "teacher", max_batch_tokens: int 
                                       "finish_reason": g.finish_reason if g else "length", "stop_reason": None}
             if req.prompt_logprobs is not None:
                 choice["prompt_logprobs"] = [None] + [_vllm_entry(ps, p, ids[p + 1], vocab) for p in range(len(ps.logprobs))]
-            if req.echo and req.logprobs is not None:
+            if req.echo and req.logprobs is not None:  # the prompt's entries, then the generated tokens' (as vLLM)
                 choice["text"] = tokenizer.decode(ids) + text
                 choice["logprobs"] = _echo_logprobs(ids, ps, vocab, req.return_tokens_as_token_ids)
+                if g is not None and g.logprobs is not None:
+                    more = _sampled_logprobs(g, vocab, req.return_tokens_as_token_ids)
+                    end = sum(len(vocab[t]) for t in ids)
+                    for key in ("tokens", "token_logprobs", "top_logprobs"):
+                        choice["logprobs"][key] += more[key] or [None] * len(g.token_ids)
+                    choice["logprobs"]["text_offset"] += [end + o for o in more["text_offset"]]
             elif g is not None and g.logprobs is not None:
                 choice["logprobs"] = _sampled_logprobs(g, vocab, req.return_tokens_as_token_ids)
             choice["policy_version"] = g.policy_version if g and g.policy_version is not None else served_version
