@@ -78,6 +78,8 @@ def test_serve_teacher_bad_input_exits_2_with_a_message():
     assert r.returncode == 2 and "--device 'gpu'" in r.stderr and "Traceback" not in r.stderr
     r = opd("serve-teacher", "nowhere/model")
     assert r.returncode == 2 and "model not found: 'nowhere/model'" in r.stderr and "Traceback" not in r.stderr
+    r = opd("serve-teacher", "builtin:arith-teacher", "--max-model-len", "0")
+    assert r.returncode == 2 and "--max-model-len" in r.stderr and "Traceback" not in r.stderr
     r = opd("run", "--set", "teacher.url='http://127.0.0.1:9'")  # a server cannot give reverse_kl its distribution
     assert r.returncode == 2 and "objective.name = 'pg'" in r.stderr.replace("\n", " ")
 

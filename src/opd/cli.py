@@ -263,6 +263,9 @@ def serve_teacher(
     max_batch_tokens: int = typer.Option(8192, "--max-batch-tokens", min=1,
                                          help="Dynamic batching: tokens per forward pass, at most."),
     max_wait_ms: float = typer.Option(2.0, "--max-wait-ms", min=0, help="Dynamic batching: wait this long for more."),
+    max_model_len: Optional[int] = typer.Option(None, "--max-model-len", min=1,
+                                                help="Longest prompt + completion served, as vLLM's (default: the "
+                                                     "model config's max_position_embeddings); longer requests: 400."),
 ):
     """Serve a teacher with the vLLM/SGLang API subset opd uses: prompt logprobs with top-k, echo, plain
     generation, SGLang /generate scoring, /health and Prometheus /metrics."""
@@ -275,7 +278,7 @@ def serve_teacher(
 
     try:
         serve(model, host=host, port=port, dtype=dtype, device=device, max_batch_tokens=max_batch_tokens,
-              max_wait_ms=max_wait_ms, announce=say)
+              max_wait_ms=max_wait_ms, max_model_len=max_model_len, announce=say)
     except ConfigError as e:
         fail(str(e))
 

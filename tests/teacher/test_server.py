@@ -132,6 +132,20 @@ def test_bad_requests_are_400_with_a_reason(client, path, body, message):
     assert r.status_code == 400 and message in r.json()["error"]["message"]
 
 
+def test_max_model_len_sets_the_context_the_server_accepts(teacher_model, tokenizer):
+    from fastapi.testclient import TestClient
+
+    with TestClient(build_app(teacher_model, tokenizer, name="tiny")) as c:  # the config's 256
+        assert c.get("/v1/models").json()["data"][0]["max_model_len"] == 256
+        ok = c.post("/v1/completions", json={"prompt": [1] * 255, "max_tokens": 1, "prompt_logprobs": 0})
+        assert ok.status_code == 200 and len(ok.json()["choices"][0]["prompt_logprobs"]) == 255
+    with TestClient(build_app(teacher_model, tokenizer, name="tiny", max_model_len=64)) as c:
+        assert c.get("/v1/models").json()["data"][0]["max_model_len"] == 64
+        r = c.post("/v1/completions", json={"prompt": [1] * 60, "max_tokens": 5})
+        assert r.status_code == 400 and "maximum context length is 64 tokens" in r.json()["error"]["message"]
+        assert c.post("/v1/completions", json={"prompt": [1] * 60, "max_tokens": 4}).status_code == 200
+
+
 def test_a_refused_weight_load_leaves_the_served_weights_as_they_were(tokenizer, tmp_path):
     # A folder whose first layers fit the served model and whose extra layer does not: torch's load_state_dict copies
     # the tensors that fit before it raises on the rest, so a refusal must be decided before anything is copied.

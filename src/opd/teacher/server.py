@@ -9,7 +9,8 @@ on-policy distillation needs, so the same client talks to it in tests and to vLL
                         With `logprobs: k`: each sampled token's id (`return_token_ids`) and logprob
                         under the distribution it was drawn from (logits / T, top-p renormalised), plus
                         that distribution's top-k; with `echo`, after the prompt's entries (as vLLM).
-                        Prompt + max_tokens past the model's context: 400, as vLLM.
+                        Prompt + max_tokens past the model's context (`--max-model-len`, else the
+                        config's max_position_embeddings): 400, as vLLM.
                         Every answer carries `policy_version`: the version of the weights that wrote it.
 - POST /v1/load_weights `{"path": FOLDER, "version": N}`: load a `save_pretrained` folder of the same
                         architecture into the served model and tag what it writes with version N
@@ -176,7 +177,7 @@ class SglangRequest(BaseModel):
 
 # ----------------------------------------------------------------------------------------- the app
 def build_app(model, tokenizer, *, name: str = "teacher", max_batch_tokens: int = 8192, max_wait_ms: float = 2.0,
-              chunk_size: int = 1024, max_logprobs: int = 20) -> FastAPI:
+              chunk_size: int = 1024, max_logprobs: int = 20, max_model_len: int | None = None) -> FastAPI:
     registry = CollectorRegistry()
     requests = Counter("opd_teacher_requests", "HTTP requests", ["endpoint", "status"], registry=registry)
     scored = Counter("opd_teacher_tokens_scored", "Positions whose logprob was returned", registry=registry)
@@ -231,9 +232,10 @@ def build_app(model, tokenizer, *, name: str = "teacher", max_batch_tokens: int 
         requests.labels(endpoint, str(status)).inc()
         return JSONResponse({"error": {"message": message, "type": "BadRequestError", "code": status}}, status)
 
-    # The context the model was trained for; vLLM refuses longer requests (its max_model_len), and so does this
-    # server, instead of scoring positions the model never saw (RoPE runs past it without a word).
-    max_len = getattr(model.config, "max_position_embeddings", None)
+    # The context the model was trained for; vLLM refuses longer requests (its max_model_len, by default the config's
+    # max_position_embeddings), and so does this server, instead of scoring positions the model never saw (RoPE runs
+    # past it without a word). `max_model_len` sets it otherwise, as vLLM's --max-model-len.
+    max_len = max_model_len or getattr(model.config, "max_position_embeddings", None)
 
     def too_long(ids_list: list[list[int]], new_tokens: int) -> str | None:
         total = max((len(ids) for ids in ids_list), default=0) + new_tokens
@@ -273,7 +275,7 @@ def build_app(model, tokenizer, *, name: str = "teacher", max_batch_tokens: int 
     @app.get("/v1/models")
     async def models() -> dict:
         return {"object": "list", "data": [{"id": name, "object": "model", "owned_by": "opd",
-                                            "max_model_len": getattr(model.config, "max_position_embeddings", None)}]}
+                                            "max_model_len": max_len}]}
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -437,14 +439,16 @@ def _echo_logprobs(ids: list[int], ps: ScoreResult, vocab: list[str], as_ids: bo
 
 
 def serve(model_spec: str, *, host: str, port: int, dtype: str = "float32", device: str = "auto",
-          max_batch_tokens: int = 8192, max_wait_ms: float = 2.0, log_level: str = "warning", announce=print) -> None:
+          max_batch_tokens: int = 8192, max_wait_ms: float = 2.0, max_model_len: int | None = None,
+          log_level: str = "warning", announce=print) -> None:
     import uvicorn
 
     from opd.models import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(model_spec)
     model = load_model(model_spec, dtype=dtype, device=device).eval()
-    app = build_app(model, tokenizer, name=model_spec, max_batch_tokens=max_batch_tokens, max_wait_ms=max_wait_ms)
+    app = build_app(model, tokenizer, name=model_spec, max_batch_tokens=max_batch_tokens, max_wait_ms=max_wait_ms,
+                    max_model_len=max_model_len)
     # The port is taken before anything is announced: a port another server holds is a clear error, not a "serving"
     # line followed by uvicorn's bind error (a client polling /health there would reach the other server).
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
