@@ -870,7 +870,7 @@ def amx_linear(x: torch.Tensor, w: AmxWeight, rope: tuple[torch.Tensor, torch.Te
     norm_args = (norm[0].data_ptr(), normed.data_ptr(), float(norm[1])) if normed is not None else (None, None, 0.0)
     mode = 2 if add_to is not None else int(w.silu_mul)  # gemm_amx.c: ADD_BF16, SILU_MUL or OUT_BF16
     threads = torch.get_num_threads()
-    stream = int(out.numel() * 2 >= AMX_STREAM_BYTES * threads)
+    stream = int(w.silu_mul and out.numel() * 2 >= AMX_STREAM_BYTES * threads)  # (the kernel streams SiLU x up only)
     done = _gemm_library().opd_amx_linear_bf16(x2.data_ptr(), x2.shape[0], k, w.tensor.data_ptr(), n, out.data_ptr(),
                                                width, mode, w.tile_cols.data_ptr(), *rope_args,
                                                w.head_dim or 1, *norm_args, stream, threads)

@@ -305,11 +305,7 @@ AMXBF16 int opd_causal_attention_bf16_amx(const uint16_t *qkv, uint16_t *out, ui
         }
     #pragma omp parallel num_threads(threads)
     {
-        TileConfig cfg __attribute__((aligned(64)));
-        memset(&cfg, 0, sizeof cfg);
-        cfg.palette = 1;
-        for (int t = 0; t < 8; t++) cfg.rows[t] = 16, cfg.colsb[t] = 64;
-        _tile_loadconfig(&cfg);
+        tile_config_16x64();
 #ifdef _OPENMP
         uint8_t *mine = scratch + per_thread * omp_get_thread_num();
 #else

@@ -32,6 +32,7 @@
 #endif
 
 #include "amx.h"
+#include "bf16_avx512.h"
 #include "exp_poly.h"
 
 #define AMXBF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,amx-tile,amx-bf16")))
@@ -45,17 +46,6 @@ int opd_gemm_amx_request(void) {
     return gemm_amx_granted;
 }
 
-AMXBF16 static inline __m512 bf16_round16(__m512 x) {  /* to bf16 (nearest even) and back */
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(x)), 16));
-}
-
-AMXBF16 static inline __m512 sigmoid16_amx(__m512 g) {
-    const __m512 t = _mm512_min_ps(_mm512_mul_ps(g, _mm512_set1_ps(-1.44269504088896341f)), _mm512_set1_ps(126.0f));
-    const __m512 d = _mm512_add_ps(_mm512_set1_ps(1.0f), exp2_16(t));
-    const __m512 inv = _mm512_rcp14_ps(d);
-    return _mm512_mul_ps(inv, _mm512_fnmadd_ps(d, inv, _mm512_set1_ps(2.0f)));
-}
-
 /* RoPE in the epilogue of a QKV product: a pair of column tiles holds dims d .. d + 15 (a) and d + D/2 .. d + D/2 + 15
  * (b) of one query or key head (AmxWeight's rope layout), rotated at the row's position (row % rope_len: rows from
  * position 0) with the cos / sin tables [rope_len, D] bf16, rounded where layer_ops.c's rope_ rounds:
@@ -65,18 +55,7 @@ typedef struct {
     int64_t rope_pairs;         /* pairs below this are rotated */
     const uint16_t *cos, *sin;  /* [rope_len, head_dim] */
     int64_t rope_len, head_dim;
-    const uint16_t *norm_w;     /* ADD_BF16 with a norm: norm_out = RMSNorm(out) once a chunk's rows are complete */
-    uint16_t *norm_out;
-    float eps;
 } Epilogue;
-
-AMXBF16 static inline __m512 bf16_load16(const uint16_t *p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
-}
-
-AMXBF16 static inline void store_bf16x16(uint16_t *p, __m512 x) {
-    _mm256_storeu_si256((__m256i *)p, (__m256i)_mm512_cvtneps_pbh(x));
-}
 
 /* rows r0 .. r1 - 1 of the sums C [32][32] (fp32) of pair p (two column tiles), rows row0 + r of the output, into out;
  * SILU_MUL with `stage` (those rows' 16 bf16 each): an even pair's 32 bytes of a row wait there for the odd pair's,
@@ -86,10 +65,10 @@ AMXBF16 static inline void epilogue(const float *C, int r0, int r1, uint16_t *ou
     const int64_t col_a = e->tile_cols ? e->tile_cols[2 * p] : 32 * p, col_b = e->tile_cols ? e->tile_cols[2 * p + 1] : 32 * p + 16;
     if (mode == SILU_MUL) {  /* a: gate, b: up of output columns 16 p .. 16 p + 15 */
         for (int r = r0; r < r1; r++) {
-            const __m512 g = bf16_round16(_mm512_loadu_ps(C + r * 32)), u = bf16_round16(_mm512_loadu_ps(C + r * 32 + 16));
-            const __m512 silu = bf16_round16(_mm512_mul_ps(g, sigmoid16_amx(g)));
-            if (!stage) store_bf16x16(out + r * ldo + 16 * p, _mm512_mul_ps(silu, u));
-            else if (!(p & 1)) store_bf16x16(stage + r * 16, _mm512_mul_ps(silu, u));
+            const __m512 g = round16(_mm512_loadu_ps(C + r * 32)), u = round16(_mm512_loadu_ps(C + r * 32 + 16));
+            const __m512 silu = round16(_mm512_mul_ps(g, sigmoid16(g)));
+            if (!stage) store16(out + r * ldo + 16 * p, _mm512_mul_ps(silu, u));
+            else if (!(p & 1)) store16(stage + r * 16, _mm512_mul_ps(silu, u));
             else {  /* the even pair's half line and this one's: a whole line, streamed */
                 const __m256i lo = _mm256_load_si256((const __m256i *)(stage + r * 16));
                 const __m256i hi = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(silu, u));
@@ -101,19 +80,19 @@ AMXBF16 static inline void epilogue(const float *C, int r0, int r1, uint16_t *ou
         for (int r = r0; r < r1; r++) {
             const int64_t pos = (row0 + r) % e->rope_len;
             const uint16_t *c = e->cos + pos * D + d, *s = e->sin + pos * D + d;
-            const __m512 a = bf16_round16(_mm512_loadu_ps(C + r * 32)), b = bf16_round16(_mm512_loadu_ps(C + r * 32 + 16));
-            const __m512 lo = _mm512_add_ps(bf16_round16(_mm512_mul_ps(a, bf16_load16(c))),
-                                            bf16_round16(_mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), b), bf16_load16(s))));
-            const __m512 hi = _mm512_add_ps(bf16_round16(_mm512_mul_ps(b, bf16_load16(c + D / 2))),
-                                            bf16_round16(_mm512_mul_ps(a, bf16_load16(s + D / 2))));
-            store_bf16x16(out + r * ldo + col_a, lo);
-            store_bf16x16(out + r * ldo + col_b, hi);
+            const __m512 a = round16(_mm512_loadu_ps(C + r * 32)), b = round16(_mm512_loadu_ps(C + r * 32 + 16));
+            const __m512 lo = _mm512_add_ps(round16(_mm512_mul_ps(a, load16(c))),
+                                            round16(_mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), b), load16(s))));
+            const __m512 hi = _mm512_add_ps(round16(_mm512_mul_ps(b, load16(c + D / 2))),
+                                            round16(_mm512_mul_ps(a, load16(s + D / 2))));
+            store16(out + r * ldo + col_a, lo);
+            store16(out + r * ldo + col_b, hi);
         }
     } else if (mode == ADD_BF16) {  /* the residual stream: out = bf16(out + bf16(sums)), as x.add_(product) rounds */
         for (int r = r0; r < r1; r++) {
             uint16_t *o = out + r * ldo;
-            store_bf16x16(o + col_a, _mm512_add_ps(bf16_load16(o + col_a), bf16_round16(_mm512_loadu_ps(C + r * 32))));
-            store_bf16x16(o + col_b, _mm512_add_ps(bf16_load16(o + col_b), bf16_round16(_mm512_loadu_ps(C + r * 32 + 16))));
+            store16(o + col_a, _mm512_add_ps(load16(o + col_a), round16(_mm512_loadu_ps(C + r * 32))));
+            store16(o + col_b, _mm512_add_ps(load16(o + col_b), round16(_mm512_loadu_ps(C + r * 32 + 16))));
         }
     } else if (col_b == col_a + 16) {
         for (int r = r0; r < r1; r++)
@@ -121,8 +100,8 @@ AMXBF16 static inline void epilogue(const float *C, int r0, int r1, uint16_t *ou
                                                                                       _mm512_loadu_ps(C + r * 32)));
     } else {
         for (int r = r0; r < r1; r++) {
-            store_bf16x16(out + r * ldo + col_a, _mm512_loadu_ps(C + r * 32));
-            store_bf16x16(out + r * ldo + col_b, _mm512_loadu_ps(C + r * 32 + 16));
+            store16(out + r * ldo + col_a, _mm512_loadu_ps(C + r * 32));
+            store16(out + r * ldo + col_b, _mm512_loadu_ps(C + r * 32 + 16));
         }
     }
 }
@@ -136,8 +115,8 @@ typedef struct { float m[16], s[16], u[16]; } LaneSums;
 AMXBF16 static inline void terms_update(const float *C, int r0, int r1, LaneSums *st, float scale2) {
     const __m512 sc2 = _mm512_set1_ps(scale2);
     for (int r = r0; r < r1; r++) {
-        const __m512 za = _mm512_mul_ps(bf16_round16(_mm512_loadu_ps(C + r * 32)), sc2);
-        const __m512 zb = _mm512_mul_ps(bf16_round16(_mm512_loadu_ps(C + r * 32 + 16)), sc2);
+        const __m512 za = _mm512_mul_ps(round16(_mm512_loadu_ps(C + r * 32)), sc2);
+        const __m512 zb = _mm512_mul_ps(round16(_mm512_loadu_ps(C + r * 32 + 16)), sc2);
         __m512 m = _mm512_loadu_ps(st[r].m), s = _mm512_loadu_ps(st[r].s), u = _mm512_loadu_ps(st[r].u);
         const __m512 mnew = _mm512_max_ps(m, _mm512_max_ps(za, zb));
         if (_mm512_cmp_ps_mask(mnew, m, _CMP_GT_OQ)) {
@@ -238,24 +217,6 @@ AMXBF16 static inline void block_store(float *C, int rows) {
     }
 }
 
-/* The RMSNorm after a residual add, on a chunk's rows while they are in L2 (a pass of its own read them from memory):
- * y = bf16(w * bf16(x * rsqrt(mean(x^2) + eps))), as layer_ops.c's rms_norm (the same sums in the same order). n: a
- * multiple of 32. */
-AMXBF16 static void norm_rows(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t r0, int64_t r1, int64_t n,
-                              float eps) {
-    for (int64_t r = r0; r < r1; r++) {
-        const uint16_t *xr = x + r * n;
-        __m512 acc = _mm512_setzero_ps();
-        for (int64_t i = 0; i < n; i += 16) {
-            const __m512 v = bf16_load16(xr + i);
-            acc = _mm512_fmadd_ps(v, v, acc);
-        }
-        const __m512 inv = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(acc) / (float)n + eps));
-        for (int64_t i = 0; i < n; i += 16)
-            store_bf16x16(y + r * n + i, _mm512_mul_ps(bf16_load16(w + i), bf16_round16(_mm512_mul_ps(bf16_load16(xr + i), inv))));
-    }
-}
-
 /* This thread's row tiles [*t0, *t1) of `tiles` (inside a parallel region): an even split in pairs of tiles */
 static inline void thread_tiles(int64_t tiles, int64_t *t0, int64_t *t1) {
 #ifdef _OPENMP
@@ -266,15 +227,6 @@ static inline void thread_tiles(int64_t tiles, int64_t *t0, int64_t *t1) {
     const int64_t tile_pairs = (tiles + 1) / 2, p0 = tile_pairs * t / nt, p1 = tile_pairs * (t + 1) / nt;
     *t0 = 2 * p0;
     *t1 = 2 * p1 < tiles ? 2 * p1 : tiles;
-}
-
-/* every tile 16 rows of 64 bytes (palette 1) */
-AMXBF16 static inline void tile_config_16x64(void) {
-    TileConfig cfg __attribute__((aligned(64)));
-    memset(&cfg, 0, sizeof cfg);
-    cfg.palette = 1;
-    for (int i = 0; i < 8; i++) cfg.rows[i] = 16, cfg.colsb[i] = 64;
-    _tile_loadconfig(&cfg);
 }
 
 /* The weight streams in from memory (a frozen model's layers are used once a forward): while a pair of column tiles
@@ -293,7 +245,7 @@ AMXBF16 int opd_amx_linear_bf16(const uint16_t *A, int64_t M, int64_t K, const u
                                 uint16_t *out, int64_t ldo, int mode, const int32_t *tile_cols, int64_t rope_pairs,
                                 const uint16_t *cos, const uint16_t *sin, int64_t rope_len, int64_t head_dim,
                                 const uint16_t *norm_w, uint16_t *norm_out, float eps, int stream, int threads) {
-    const Epilogue e = {tile_cols, rope_pairs, cos, sin, rope_len, head_dim, norm_w, norm_out, eps};
+    const Epilogue e = {tile_cols, rope_pairs, cos, sin, rope_len, head_dim};
     if (!gemm_amx_granted || M % 16 || N % 32 || K % 32) return 0;
     const int64_t kbs = K / 32, tiles = M / 16, pairs = N / 32;
     /* rows of a chunk: ~768 KB of x, which stays in L2 while every pair of column tiles passes over it */
@@ -330,7 +282,10 @@ AMXBF16 int opd_amx_linear_bf16(const uint16_t *A, int64_t M, int64_t K, const u
                 }
                 if (mode == ADD_BF16 && norm_w) {  /* the chunk's rows are complete once its last block is */
                     pending_run(&pd, pd.b.rows);
-                    norm_rows(out, norm_w, norm_out, c0 * 16, c1 * 16 < M ? c1 * 16 : M, ldo, eps);
+                    /* the RMSNorm after the add on the chunk's rows while they are in L2 (a pass of its own read
+                     * them from memory), as layer_ops.c's rms_norm */
+                    for (int64_t r = c0 * 16; r < (c1 * 16 < M ? c1 * 16 : M); r++)
+                        rms_norm_row16(out + r * ldo, norm_w, norm_out + r * ldo, ldo, eps);
                 }
             }
             pending_run(&pd, pd.b.rows);

@@ -41,6 +41,7 @@ class LocalTeacher:
         full_lp = None
         temp = rollout.temperature  # (T is the completion length here)
         in_place = False  # full_lp filled row by row by the C pass (below)
+        token_only = not (k or full) and fused.supports(self.model)  # token logprob and entropy, no [n, V] log-probs
         for start in range(0, B, self.batch_size):
             rows = slice(start, min(start + self.batch_size, B))
             cmask = rollout.completion_mask[rows]
@@ -59,11 +60,11 @@ class LocalTeacher:
                     outs.append(logp)
                 return tuple(outs)
 
-            head = llama.frozen_head(self.model) if not (k or full) and fused.supports(self.model) else None
+            head = llama.frozen_head(self.model) if token_only else None
             if head is not None and hidden.dtype == torch.bfloat16 and hidden.device.type == "cpu" and temp > 0:
                 # token logprob and entropy as the AMX kernel's LM head products come: no [n, V] logits at all
                 res = cpu_kernels.amx_head_terms(hidden, head, targets, temp)
-            elif not (k or full) and fused.supports(self.model):  # token logprob and entropy: one pass, no [n, V] log-probs
+            elif token_only:  # one pass over the logits
                 res = per_position(self.model, hidden,
                                    lambda logits, sl: fused.token_terms(logits, None, targets[sl], temp)[:2],
                                    temp, self.chunk_size, raw_logits=True)

@@ -1,0 +1,66 @@
+/* 16-lane bf16 helpers for CPUs with AVX-512 BF16, shared by layer_ops.c (a no-grad layer's and the update's
+ * RMSNorm, SiLU x up) and gemm_amx.c (the same steps in the AMX products' epilogues): loads and stores of bf16
+ * through fp32, rounding to bf16 (the hardware's round-to-nearest-even, vcvtneps2bf16), a row's RMSNorm and the
+ * sigmoid; one copy, so that the fused kernels round where the unfused ops do. */
+#pragma once
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+
+#include "bf16.h"
+#include "exp_poly.h"
+
+/* the scalar ends of rows whose length is not a multiple of the vector width (layer_ops.c's AVX2 build too) */
+static inline void rms_norm_tail(const uint16_t *xr, const uint16_t *w, uint16_t *yr, float inv, int64_t from,
+                                 int64_t n) {
+    for (int64_t i = from; i < n; i++)
+        yr[i] = fp32_to_bf16(bf16_to_fp32(w[i]) * bf16_to_fp32(fp32_to_bf16(bf16_to_fp32(xr[i]) * inv)));
+}
+
+#define BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+
+BF16_TARGET static inline __m512 load16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+BF16_TARGET static inline void store16(uint16_t *p, __m512 x) {
+    _mm256_storeu_si256((__m256i *)p, (__m256i)_mm512_cvtneps_pbh(x));
+}
+
+BF16_TARGET static inline __m512 round16(__m512 x) {  /* to bf16 and back */
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(x)), 16));
+}
+
+/* 1 / sqrt(mean(x^2) + eps) of one bf16 row (the forward's and the backward's scale) */
+BF16_TARGET static inline float inv_rms16(const uint16_t *xr, int64_t n, float eps) {
+    const int64_t n16 = n & ~(int64_t)15;
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n16; i += 16) {
+        const __m512 v = load16(xr + i);
+        acc = _mm512_fmadd_ps(v, v, acc);
+    }
+    float ss = _mm512_reduce_add_ps(acc);
+    for (int64_t i = n16; i < n; i++) ss += bf16_to_fp32(xr[i]) * bf16_to_fp32(xr[i]);
+    return 1.0f / sqrtf(ss / (float)n + eps);
+}
+
+/* one row: yr = bf16(w * bf16(xr * rsqrt(mean(xr^2) + eps))) */
+BF16_TARGET static inline void rms_norm_row16(const uint16_t *xr, const uint16_t *w, uint16_t *yr, int64_t n, float eps) {
+    const int64_t n16 = n & ~(int64_t)15;
+    const float inv = inv_rms16(xr, n, eps);
+    const __m512 vinv = _mm512_set1_ps(inv);
+    for (int64_t i = 0; i < n16; i += 16)
+        store16(yr + i, _mm512_mul_ps(load16(w + i), round16(_mm512_mul_ps(load16(xr + i), vinv))));
+    rms_norm_tail(xr, w, yr, inv, n16, n);
+}
+
+/* sigmoid(g) = 1 / (1 + exp(-g)), the division as a reciprocal estimate refined by one Newton step (~23 bits):
+ * three cheap instructions where the division is one in ~10 cycles a lane group. exp(-g) as exp2_16(-g log2 e),
+ * capped at 2^126 so that d stays finite (the Newton step would make 0 x inf of an infinite d): SiLU x up 809 ->
+ * 637 us at 2048 x 1536, the same bits against torch's (session 19) */
+BF16_TARGET static inline __m512 sigmoid16(__m512 g) {
+    const __m512 t = _mm512_min_ps(_mm512_mul_ps(g, _mm512_set1_ps(-1.44269504088896341f)), _mm512_set1_ps(126.0f));
+    const __m512 d = _mm512_add_ps(_mm512_set1_ps(1.0f), exp2_16(t));
+    const __m512 inv = _mm512_rcp14_ps(d);
+    return _mm512_mul_ps(inv, _mm512_fnmadd_ps(d, inv, _mm512_set1_ps(2.0f)));
+}
