@@ -241,23 +241,35 @@ AMXBF16 static void attention_rows_amx(const uint16_t *qkv, uint16_t *out, const
     const int64_t kb32 = (keys + 31) / 32;
     const float k2 = scale * 1.44269504088896341f;
     const __m512 vk = _mm512_set1_ps(k2), ninf = _mm512_set1_ps(-INFINITY);
+    const __m512bh ones = (__m512bh)_mm512_set1_epi16(0x3F80);
     float inv[16];
     for (int64_t r = 0; r < 16; r++) {
         const float *s = S + r * Lp;
         uint16_t *p = P + r * Lp;
         const int64_t valid = r < rows ? q0 + r + 1 : 0;  /* keys this row sees */
-        __m512 mx = ninf;
-        for (int64_t k = 0; k < valid; k += 16) mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(ninf, first16(valid - k), s + k));
-        const __m512 shift = _mm512_set1_ps(valid ? -k2 * _mm512_reduce_max_ps(mx) : 0.0f);
-        __m512 sum = _mm512_setzero_ps();
+        __m512 mx = ninf, m1 = ninf, m2 = ninf, m3 = ninf;  /* four chains: one waited on each max's latency */
         int64_t k = 0;
-        for (; k < valid; k += 16) {  /* past `valid` in the last vector: zeros */
-            const __m512 e = _mm512_maskz_mov_ps(first16(valid - k), exp2_16(_mm512_fmadd_ps(_mm512_loadu_ps(s + k), vk, shift)));
-            const __m256bh eb = _mm512_cvtneps_pbh(e);
-            _mm256_storeu_si256((__m256i *)(p + k), (__m256i)eb);
-            sum = _mm512_add_ps(sum, _mm512_cvtpbh_ps(eb));  /* the sum of the probabilities as rounded */
+        for (; k + 64 <= valid; k += 64) {
+            mx = _mm512_max_ps(mx, _mm512_loadu_ps(s + k));
+            m1 = _mm512_max_ps(m1, _mm512_loadu_ps(s + k + 16));
+            m2 = _mm512_max_ps(m2, _mm512_loadu_ps(s + k + 32));
+            m3 = _mm512_max_ps(m3, _mm512_loadu_ps(s + k + 48));
         }
-        for (; k < kb32 * 32; k += 16) _mm256_storeu_si256((__m256i *)(p + k), _mm256_setzero_si256());
+        for (; k < valid; k += 16) mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(ninf, first16(valid - k), s + k));
+        mx = _mm512_max_ps(_mm512_max_ps(mx, m1), _mm512_max_ps(m2, m3));
+        const __m512 shift = _mm512_set1_ps(valid ? -k2 * _mm512_reduce_max_ps(mx) : 0.0f);
+        /* 32 keys a step: two vectors rounded into one of 32 bf16, and the sum of the probabilities as rounded
+         * by the bf16 dot product with ones (one instruction where converting back and adding took three) */
+        __m512 sum = _mm512_setzero_ps();
+        for (k = 0; k < valid; k += 32) {  /* past `valid`: zeros */
+            const __m512 e0 = _mm512_maskz_mov_ps(first16(valid - k), exp2_16_bf16(_mm512_fmadd_ps(_mm512_loadu_ps(s + k), vk, shift)));
+            const __m512 e1 = _mm512_maskz_mov_ps(first16(valid - k - 16),
+                                                  exp2_16_bf16(_mm512_fmadd_ps(_mm512_loadu_ps(s + k + 16), vk, shift)));
+            const __m512bh eb = _mm512_cvtne2ps_pbh(e1, e0);
+            _mm512_storeu_si512(p + k, (__m512i)eb);
+            sum = _mm512_dpbf16_ps(sum, eb, ones);
+        }
+        for (; k < kb32 * 32; k += 32) _mm512_storeu_si512(p + k, _mm512_setzero_si512());
         inv[r] = valid ? 1.0f / _mm512_reduce_add_ps(sum) : 0.0f;
     }
     _tile_zero(4);
@@ -289,6 +301,16 @@ AMXBF16 static void attention_rows_amx(const uint16_t *qkv, uint16_t *out, const
     }
 }
 
+/* task: (batch, key head, block of 16 query rows), blocks of a (batch, key head) last first */
+AMXBF16 static inline void attention_task(const uint16_t *qkv, uint16_t *out, const uint8_t *packed, int64_t task,
+                                          int64_t blocks, int64_t KV, int64_t group, int64_t per_head, int64_t L,
+                                          int64_t Lp, int64_t H, float scale, uint8_t *mine) {
+    const int64_t c = blocks - 1 - task % blocks, bj = task / blocks, b = bj / KV, j = bj % KV;
+    const uint16_t *kp = (const uint16_t *)(packed + (b * KV + j) * per_head);
+    for (int64_t h = j * group; h < (j + 1) * group; h++)
+        attention_rows_amx(qkv, out, kp, kp + Lp * D, b, h, c * 16, L, Lp, H, KV, scale, mine);
+}
+
 /* qkv [B, L, H + 2 KV, D] bf16 -> out [B, L, H, D] bf16. packed: B * KV * opd_attention_bf16_packed_bytes(L);
  * scratch: threads * opd_attention_bf16_scratch_bytes(L), 64-byte aligned. Returns 0 (nothing done) without the
  * tile state. A task: one block of 16 query rows of every query head of one key / value head. */
@@ -308,18 +330,25 @@ AMXBF16 int opd_causal_attention_bf16_amx(const uint16_t *qkv, uint16_t *out, ui
         tile_config_16x64();
 #ifdef _OPENMP
         uint8_t *mine = scratch + per_thread * omp_get_thread_num();
+        const int64_t nthreads = omp_get_num_threads();
 #else
         uint8_t *mine = scratch;
+        const int64_t nthreads = 1;
 #endif
         /* the tasks of one (batch, key head) in a row, so that its packed keys and values stay in the caches (they
          * had gone round every (batch, key head) by block: 4-6% slower); within it, the last blocks (the longest
-         * rows) first */
-        #pragma omp for schedule(dynamic, 1)
-        for (int64_t task = 0; task < B * KV * blocks; task++) {
-            const int64_t c = blocks - 1 - task % blocks, bj = task / blocks, b = bj / KV, j = bj % KV;
-            const uint16_t *kp = (const uint16_t *)(packed + (b * KV + j) * per_head);
-            for (int64_t h = j * group; h < (j + 1) * group; h++)
-                attention_rows_amx(qkv, out, kp, kp + Lp * D, b, h, c * 16, L, Lp, H, KV, scale, mine);
+         * rows) first. Where the threads can take whole sequences each (B a multiple of them), thread t takes the
+         * t-th share of the batch, the rows the products before and after (gemm_amx.c) give it: the QKV rows it
+         * reads and the output rows it writes stay in its own core's caches (dynamic scheduling handed half of
+         * them to the other core: attention 45 -> 40 ms, the o product 1 ms less, of the 8 x 256 forward) */
+        if (B % nthreads == 0) {
+            #pragma omp for schedule(static)
+            for (int64_t task = 0; task < B * KV * blocks; task++)
+                attention_task(qkv, out, packed, task, blocks, KV, group, per_head, L, Lp, H, scale, mine);
+        } else {
+            #pragma omp for schedule(dynamic, 1)
+            for (int64_t task = 0; task < B * KV * blocks; task++)
+                attention_task(qkv, out, packed, task, blocks, KV, group, per_head, L, Lp, H, scale, mine);
         }
         _tile_release();
     }
