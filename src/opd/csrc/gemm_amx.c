@@ -184,13 +184,16 @@ AMXBF16 static inline void block_products(const uint16_t *A, int64_t lda, const 
         _tile_zero(3);
         const uint16_t *A1 = A + 16 * lda;
         for (int64_t kb = 0; kb < kbs; kb++) {
+            /* x's first row tile in the first two products, so that it is free (tiles are not renamed: a load
+             * waits until every product reading the tile has read it) two products before the next 32 k need it,
+             * and its load from L2 has that long: the bare loop 3.04 -> 3.2 TF/s a core (bench/NOTES.md, s. 27) */
             _tile_stream_loadd(4, A + kb * 32, lda * 2);
             _tile_loadd(6, B0 + kb * 512, 64);
             _tile_dpbf16ps(0, 4, 6);
-            _tile_stream_loadd(5, A1 + kb * 32, lda * 2);
-            _tile_dpbf16ps(2, 5, 6);
             _tile_loadd(7, B1 + kb * 512, 64);
             _tile_dpbf16ps(1, 4, 7);
+            _tile_stream_loadd(5, A1 + kb * 32, lda * 2);
+            _tile_dpbf16ps(2, 5, 6);
             _tile_dpbf16ps(3, 5, 7);
             if (step) pending_run(pd, pd->done + step);
         }
