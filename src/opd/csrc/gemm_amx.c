@@ -251,8 +251,12 @@ AMXBF16 int opd_amx_linear_bf16(const uint16_t *A, int64_t M, int64_t K, const u
     const Epilogue e = {tile_cols, rope_pairs, cos, sin, rope_len, head_dim};
     if (!gemm_amx_granted || M % 16 || N % 32 || K % 32) return 0;
     const int64_t kbs = K / 32, tiles = M / 16, pairs = N / 32;
-    /* rows of a chunk: ~768 KB of x, which stays in L2 while every pair of column tiles passes over it */
-    int64_t chunk_tiles = (768 * 1024) / (16 * K * 2);
+    /* rows of a chunk: ~768 KB of x, which stays in L2 (2 MB) with the chunk's output while every pair of column
+     * tiles passes over it; 1.25 MB where the output is streamed (it does not stay): the weight, which streams in
+     * once a chunk, then once a thread at 8 x 256 (gate/up 76 -> 72 ms of the forward; QKV, whose output stays,
+     * was 2 ms slower with 1.25 MB chunks, session 27) */
+    const int streamed = stream && mode == SILU_MUL && pairs % 2 == 0 && (uintptr_t)out % 64 == 0 && ldo % 32 == 0;
+    int64_t chunk_tiles = ((streamed ? 1280 : 768) * 1024) / (16 * K * 2);
     chunk_tiles = chunk_tiles < 2 ? 2 : chunk_tiles & ~(int64_t)1;
     #pragma omp parallel num_threads(threads)
     {
@@ -266,7 +270,7 @@ AMXBF16 int opd_amx_linear_bf16(const uint16_t *A, int64_t M, int64_t K, const u
             const int64_t chunks = (t1 - t0 + chunk_tiles - 1) / chunk_tiles;  /* of equal size: no short last one */
             const int64_t per = (((t1 - t0 + chunks - 1) / chunks) + 1) & ~(int64_t)1;
             uint16_t *stage = NULL;  /* streamed SILU_MUL: every pair of pairs fills whole 64-byte lines of a row */
-            if (stream && mode == SILU_MUL && pairs % 2 == 0 && (uintptr_t)out % 64 == 0 && ldo % 32 == 0) {
+            if (streamed) {
                 stage = aligned_alloc(64, per * 16 * 32);
                 pd.stage = stage, pd.stage_row0 = t0 * 16, pd.stage_rows = per * 16;
             }
