@@ -56,34 +56,31 @@ __attribute__((target("avx512f"))) static inline __m512 exp16(__m512 x) {
     return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
 }
 
-/* 2^t on 16 lanes (AVX-512F): t = n + f with n = round(t) and |f| <= 1/2, 2^f by its Taylor polynomial of degree 6
- * (relative error ~1e-7, as exp16's), 2^n applied by scalef, which saturates to 0 and inf without a clamp: nine
- * operations where exp16 takes fifteen. exp(x) = exp2_16(x log2(e)). (session 19) */
-__attribute__((target("avx512f"))) static inline __m512 exp2_16(__m512 t) {
+/* 2^t on 16 lanes (AVX-512F): t = n + f with n = round(t) and |f| <= 1/2, 2^f by a polynomial of degree `deg` with
+ * coefficients c[0] (f^deg) .. c[deg] (Horner), 2^n applied by scalef, which saturates to 0 and inf without a clamp.
+ * Callers pass constant coefficients and degree: inlined, the loop unrolls into the FMAs. */
+__attribute__((target("avx512f"))) static inline __m512 exp2_16_poly(__m512 t, const float *c, int deg) {
     const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m512 f = _mm512_sub_ps(t, n);
-    __m512 p = _mm512_set1_ps(1.5403530393e-4f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108665e-2f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650696e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718056e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    __m512 p = _mm512_set1_ps(c[0]);
+    for (int i = 1; i <= deg; i++) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c[i]));
     return _mm512_scalef_ps(p, n);
 }
 
-/* 2^t on 16 lanes for values rounded to bf16 next (the bf16 attention's probabilities): a degree-4 polynomial
- * (minimax relative error 2.7e-6, against bf16's rounding step of 2^-8: it moves ~0.1% of the roundings by one step),
- * two operations fewer than exp2_16's; the softmax's exp pass ~4% faster (bench/NOTES.md, session 27) */
+/* 2^t by the Taylor polynomial of degree 6 (relative error ~1e-7, as exp16's): nine operations where exp16 takes
+ * fifteen. exp(x) = exp2_16(x log2(e)). (session 19) */
+__attribute__((target("avx512f"))) static inline __m512 exp2_16(__m512 t) {
+    static const float c[7] = {1.5403530393e-4f, 1.3333558146e-3f, 9.6181291076e-3f, 5.5504108665e-2f,
+                               2.4022650696e-1f, 6.9314718056e-1f, 1.0f};
+    return exp2_16_poly(t, c, 6);
+}
+
+/* 2^t for values rounded to bf16 next (the bf16 attention's probabilities): a degree-4 polynomial (minimax relative
+ * error 2.7e-6, against bf16's rounding step of 2^-8: it moves ~0.1% of the roundings by one step), two FMAs fewer
+ * than exp2_16 (attention ~4% faster in a harness, bench/NOTES.md, session 27) */
 __attribute__((target("avx512f"))) static inline __m512 exp2_16_bf16(__m512 t) {
-    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 f = _mm512_sub_ps(t, n);
-    __m512 p = _mm512_set1_ps(9.5701012e-3f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5917859e-2f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4024744e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9312179e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.9999928e-1f));
-    return _mm512_scalef_ps(p, n);
+    static const float c[5] = {9.5701012e-3f, 5.5917859e-2f, 2.4024744e-1f, 6.9312179e-1f, 9.9999928e-1f};
+    return exp2_16_poly(t, c, 4);
 }
 
 /* exp(x) through exp2_16, for x <= 88 (the softmaxes' x - max <= 0): below -87 it goes smoothly to 0, where exp16

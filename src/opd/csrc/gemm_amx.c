@@ -253,7 +253,7 @@ AMXBF16 int opd_amx_linear_bf16(const uint16_t *A, int64_t M, int64_t K, const u
     const int64_t kbs = K / 32, tiles = M / 16, pairs = N / 32;
     /* rows of a chunk: ~768 KB of x, which stays in L2 (2 MB) with the chunk's output while every pair of column
      * tiles passes over it; 1.25 MB where the output is streamed (it does not stay): the weight, which streams in
-     * once a chunk, then once a thread at 8 x 256 (gate/up 76 -> 72 ms of the forward; QKV, whose output stays,
+     * once a chunk, then once a thread at 8 x 256 (gate/up 80.6 -> 76.5 ms of the forward; QKV, whose output stays,
      * was 2 ms slower with 1.25 MB chunks, session 27) */
     const int streamed = stream && mode == SILU_MUL && pairs % 2 == 0 && (uintptr_t)out % 64 == 0 && ldo % 32 == 0;
     int64_t chunk_tiles = ((streamed ? 1280 : 768) * 1024) / (16 * K * 2);
