@@ -242,10 +242,12 @@ AMXBF16 static void attention_rows_amx(const uint16_t *qkv, uint16_t *out, const
     const float k2 = scale * 1.44269504088896341f;
     const __m512 vk = _mm512_set1_ps(k2), ninf = _mm512_set1_ps(-INFINITY);
     const __m512bh ones = (__m512bh)_mm512_set1_epi16(0x3F80);
-    float inv[16];
+    /* every row's max first, then every row's exponentials: sixteen independent reductions in flight together
+     * (one row's max, then its exp pass, waited on each reduction: in the forward attention 110 -> 105 ms at
+     * 8 x 512, 36 -> 33 at 8 x 256; the same bits) */
+    float inv[16], shifts[16];
     for (int64_t r = 0; r < 16; r++) {
         const float *s = S + r * Lp;
-        uint16_t *p = P + r * Lp;
         const int64_t valid = r < rows ? q0 + r + 1 : 0;  /* keys this row sees */
         __m512 mx = ninf, m1 = ninf, m2 = ninf, m3 = ninf;  /* four chains: one waited on each max's latency */
         int64_t k = 0;
@@ -257,7 +259,14 @@ AMXBF16 static void attention_rows_amx(const uint16_t *qkv, uint16_t *out, const
         }
         for (; k < valid; k += 16) mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(ninf, first16(valid - k), s + k));
         mx = _mm512_max_ps(_mm512_max_ps(mx, m1), _mm512_max_ps(m2, m3));
-        const __m512 shift = _mm512_set1_ps(valid ? -k2 * _mm512_reduce_max_ps(mx) : 0.0f);
+        shifts[r] = valid ? -k2 * _mm512_reduce_max_ps(mx) : 0.0f;
+    }
+    for (int64_t r = 0; r < 16; r++) {
+        const float *s = S + r * Lp;
+        uint16_t *p = P + r * Lp;
+        const int64_t valid = r < rows ? q0 + r + 1 : 0;
+        const __m512 shift = _mm512_set1_ps(shifts[r]);
+        int64_t k;
         /* 32 keys a step: two vectors rounded into one of 32 bf16, and the sum of the probabilities as rounded
          * by the bf16 dot product with ones (one instruction where converting back and adding took three) */
         __m512 sum = _mm512_setzero_ps();
