@@ -336,11 +336,10 @@ def build_app(model, tokenizer, *, name: str = "teacher", max_batch_tokens: int 
                 choice["text"] = tokenizer.decode(ids) + text
                 choice["logprobs"] = _echo_logprobs(ids, ps, vocab, req.return_tokens_as_token_ids)
                 if g is not None and g.logprobs is not None:
-                    more = _sampled_logprobs(g, vocab, req.return_tokens_as_token_ids)
-                    end = sum(len(vocab[t]) for t in ids)
-                    for key in ("tokens", "token_logprobs", "top_logprobs"):
+                    more = _sampled_logprobs(g, vocab, req.return_tokens_as_token_ids,
+                                             start=sum(len(vocab[t]) for t in ids))
+                    for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
                         choice["logprobs"][key] += more[key] or [None] * len(g.token_ids)
-                    choice["logprobs"]["text_offset"] += [end + o for o in more["text_offset"]]
             elif g is not None and g.logprobs is not None:
                 choice["logprobs"] = _sampled_logprobs(g, vocab, req.return_tokens_as_token_ids)
             choice["policy_version"] = g.policy_version if g and g.policy_version is not None else served_version
@@ -408,18 +407,24 @@ def _vllm_entry(ps: ScoreResult, p: int, token: int, vocab: list[str]) -> dict:
     return entry
 
 
-def _sampled_logprobs(g: GenerateResult, vocab: list[str], as_ids: bool) -> dict:
-    """OpenAI-legacy logprobs of generated tokens: tokens, token_logprobs, top_logprobs, text_offset."""
+def _text_offsets(ids: list[int], vocab: list[str], start: int = 0) -> list[int]:
+    """Where each token's text starts, from `start`."""
+    offsets, at = [], start
+    for t in ids:
+        offsets.append(at)
+        at += len(vocab[t])
+    return offsets
+
+
+def _sampled_logprobs(g: GenerateResult, vocab: list[str], as_ids: bool, start: int = 0) -> dict:
+    """OpenAI-legacy logprobs of generated tokens: tokens, token_logprobs, top_logprobs, text_offset (from `start`:
+    after an echoed prompt, its text's length)."""
     name = (lambda t: f"token_id:{t}") if as_ids else (lambda t: vocab[t])  # noqa: E731
     tops = None
     if g.topk_ids is not None:
         tops = [{name(t): v for t, v in zip(ts, vs)} for ts, vs in zip(g.topk_ids, g.topk_logprobs)]
-    offsets, at = [], 0
-    for t in g.token_ids:
-        offsets.append(at)
-        at += len(vocab[t])
     return {"tokens": [name(t) for t in g.token_ids], "token_logprobs": list(g.logprobs), "top_logprobs": tops,
-            "text_offset": offsets}
+            "text_offset": _text_offsets(g.token_ids, vocab, start)}
 
 
 def _echo_logprobs(ids: list[int], ps: ScoreResult, vocab: list[str], as_ids: bool) -> dict:
@@ -430,12 +435,8 @@ def _echo_logprobs(ids: list[int], ps: ScoreResult, vocab: list[str], as_ids: bo
         for t, v in zip(ps.topk_ids[p], ps.topk_logprobs[p]):
             top.setdefault(name(t), v)
         tops.append(top)
-    offsets, at = [], 0
-    for t in ids:
-        offsets.append(at)
-        at += len(vocab[t])
     return {"tokens": [name(t) for t in ids], "token_logprobs": [None] + list(ps.logprobs),
-            "top_logprobs": tops, "text_offset": offsets}
+            "top_logprobs": tops, "text_offset": _text_offsets(ids, vocab)}
 
 
 def serve(model_spec: str, *, host: str, port: int, dtype: str = "float32", device: str = "auto",
