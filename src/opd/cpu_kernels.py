@@ -711,9 +711,7 @@ def _attention_library() -> ctypes.CDLL | None:
     lib.opd_causal_attention_f32.restype = None
     lib.opd_causal_attention_f32.argtypes = [_P, _P, _P, *[ctypes.c_int64] * 4, ctypes.c_float, ctypes.c_int]
     lib.opd_causal_attention_bf16_amx.restype = ctypes.c_int
-    lib.opd_causal_attention_bf16_amx.argtypes = [_P, _P, _P, _P, *[ctypes.c_int64] * 4, ctypes.c_float, ctypes.c_int]
-    lib.opd_attention_bf16_packed_bytes.restype = ctypes.c_int64
-    lib.opd_attention_bf16_packed_bytes.argtypes = [ctypes.c_int64]
+    lib.opd_causal_attention_bf16_amx.argtypes = [_P, _P, _P, *[ctypes.c_int64] * 4, ctypes.c_float, ctypes.c_int]
     lib.opd_attention_bf16_scratch_bytes.restype = ctypes.c_int64
     lib.opd_attention_bf16_scratch_bytes.argtypes = [ctypes.c_int64]
     lib.opd_attention_amx_request.restype, lib.opd_attention_amx_request.argtypes = ctypes.c_int, []
@@ -759,10 +757,9 @@ def causal_attention_bf16(qkv: torch.Tensor, heads: int, kv_heads: int, scale: f
     B, L, _, D = qkv.shape
     threads = torch.get_num_threads()
     out = torch.empty(B, L, heads, D, dtype=torch.bfloat16)
-    packed = torch.empty(B * kv_heads * lib.opd_attention_bf16_packed_bytes(L), dtype=torch.uint8)
     scratch = torch.empty(threads * lib.opd_attention_bf16_scratch_bytes(L), dtype=torch.uint8)
-    done = lib.opd_causal_attention_bf16_amx(qkv.data_ptr(), out.data_ptr(), packed.data_ptr(), scratch.data_ptr(),
-                                             B, L, heads, kv_heads, scale, threads)
+    done = lib.opd_causal_attention_bf16_amx(qkv.data_ptr(), out.data_ptr(), scratch.data_ptr(), B, L, heads,
+                                             kv_heads, scale, threads)
     assert done, "the AMX tile state was granted at load"
     return out
 
