@@ -535,8 +535,10 @@ def needs_amx_gemm():
         pytest.skip("opd's AMX products need a CPU with AMX (amx_bf16), Linux's grant of its state, a C compiler")
 
 
-# rows: a multiple of 32, an odd count of 16-row tiles, and rows the wrapper pads; K and N: one tile, several
-@pytest.mark.parametrize("M,K,N", [(64, 64, 32), (48, 576, 960), (37, 192, 384), (1, 32, 64), (300, 1536, 576)])
+# rows: a multiple of 32, an odd count of 16-row tiles, and rows the wrapper pads; K and N: one tile, several; K
+# 1,536 and 1,312: in parts of 512 k (the last one shorter), the sums kept between parts
+@pytest.mark.parametrize("M,K,N", [(64, 64, 32), (48, 576, 960), (37, 192, 384), (1, 32, 64), (300, 1536, 576),
+                                   (48, 1312, 64)])
 def test_amx_products_equal_torchs_bf16_linear(M, K, N):
     needs_amx_gemm()
     g = torch.Generator().manual_seed(M)

@@ -7,7 +7,8 @@
  * The kernel: 32 rows x 32 columns (a pair of column tiles) in four fp32 sum tiles, two row tiles of x (loaded
  * straight from its rows) and two weight tiles per 32 k, each loaded tile used in two products. A thread takes a
  * contiguous range of rows; within it, chunks of rows that stay in L2, and for each chunk every pair of column
- * tiles in turn, over the chunk's row blocks (the pair's weight tiles, 36 KB at K = 576, stay in L1). The blocks
+ * tiles in turn, over the chunk's row blocks (the pair's weight tiles, 36 KB at K = 576, stay in L1; a longer K goes
+ * in parts of 512 k, each part over the chunk's row blocks, their fp32 sums kept between parts). The blocks
  * run as a pipeline: block i's products go to the tile unit with block i - 1's epilogue on the vector units, a few
  * of its rows after each 32 k (run whole between two blocks' products, the epilogues did not overlap them), then
  * block i's sums are stored to the other of two 4 KB fp32 buffers. Epilogues:
@@ -171,17 +172,28 @@ AMXBF16 static inline void pending_run(Pending *pd, int upto) {
 }
 
 /* The products of 32 rows of x (from A, row stride lda elements) by column tiles B0, B1 over kbs blocks of 32 k, left
- * in sum tiles 0-3 (rows 0-15: tiles 0, 1; rows 16-31: tiles 2, 3). `rows` 16: the last 16 rows of an odd count of
+ * in sum tiles 0-3 (rows 0-15: tiles 0, 1; rows 16-31: tiles 2, 3), added to `init` (the sums of the k before, as
+ * block_store left them) where it is not NULL. `rows` 16: the last 16 rows of an odd count of
  * row tiles (tiles 0, 1 only). x's tiles are loaded with the streaming hint (used once a pair of column tiles: they
  * need not push the pair's weight tiles out of L1); after each 32 k, a share of the pending epilogue's rows. */
 AMXBF16 static inline void block_products(const uint16_t *A, int64_t lda, const uint16_t *B0, const uint16_t *B1,
-                                          int64_t kbs, int rows, Pending *pd) {
+                                          int64_t kbs, int rows, const float *init, Pending *pd) {
     const int step = pd->b.rows ? (int)((pd->b.rows + kbs - 1) / kbs) : 0;
-    _tile_zero(0);
-    _tile_zero(1);
+    if (init) {  /* the sums of the k before (block_store's layout) */
+        _tile_loadd(0, init, 128);
+        _tile_loadd(1, init + 16, 128);
+    } else {
+        _tile_zero(0);
+        _tile_zero(1);
+    }
     if (rows == 32) {
-        _tile_zero(2);
-        _tile_zero(3);
+        if (init) {
+            _tile_loadd(2, init + 16 * 32, 128);
+            _tile_loadd(3, init + 16 * 32 + 16, 128);
+        } else {
+            _tile_zero(2);
+            _tile_zero(3);
+        }
         const uint16_t *A1 = A + 16 * lda;
         for (int64_t kb = 0; kb < kbs; kb++) {
             /* x's first row tile in the first two products, so that it is free (tiles are not renamed: a load
@@ -233,12 +245,13 @@ static inline void thread_tiles(int64_t tiles, int64_t *t0, int64_t *t1) {
 }
 
 /* The weight streams in from memory (a frozen model's layers are used once a forward): while a pair of column tiles
- * runs over a chunk's row blocks, the next pair's weight tiles are fetched, a share at each block, so that its first
- * block does not wait on them. */
-static inline void prefetch_share(const uint16_t *next, int64_t kbs, int64_t block, int64_t blocks) {
+ * runs over a chunk's row blocks, the next pair's weight tiles (kbs blocks of 32 k from next0 and from next1) are
+ * fetched, a share at each block, so that its first block does not wait on them. */
+static inline void prefetch_share(const uint16_t *next0, const uint16_t *next1, int64_t kbs, int64_t block,
+                                  int64_t blocks) {
     const int64_t lines = kbs * 32, per = (lines + blocks - 1) / blocks;  /* 64-byte lines of two 1 KB tiles a kb */
-    const char *base = (const char *)next;
-    for (int64_t l = block * per; l < (block + 1) * per && l < lines; l++) _mm_prefetch(base + l * 64, _MM_HINT_T1);
+    for (int64_t l = block * per; l < (block + 1) * per && l < lines; l++)
+        _mm_prefetch(l < kbs * 16 ? (const char *)next0 + l * 64 : (const char *)next1 + (l - kbs * 16) * 64, _MM_HINT_T1);
 }
 
 /* out = x W^T (mode OUT_BF16: out [M, N], RoPE on the first rope_pairs pairs), out += bf16(x W^T) (ADD_BF16), or
@@ -257,6 +270,12 @@ AMXBF16 int opd_amx_linear_bf16(const uint16_t *A, int64_t M, int64_t K, const u
      * was 2 ms slower with 1.25 MB chunks, session 27) */
     const int streamed = stream && mode == SILU_MUL && pairs % 2 == 0 && (uintptr_t)out % 64 == 0 && ldo % 32 == 0;
     int64_t chunk_tiles = ((streamed ? 1280 : 768) * 1024) / (16 * K * 2);
+    /* K in parts of 16 x 32 k where a pair of column tiles' weight (2 KB a 32 k) would not fit L1 (48 KB: the down
+     * product's 96 KB at K = 1,536, whose tiles then all came from L2): the part's 32 KB stays in L1 over the
+     * chunk's row blocks, whose fp32 sums wait in `partial` between parts (the same bits: stored and loaded
+     * exactly). The down product 58.3 -> 53.9 ms of the 8 x 256 forward (session 28); two parts at K = 576 were
+     * slower (their pair's 36 KB fits) */
+    const int64_t kbp = kbs > 24 ? 16 : kbs, parts = (kbs + kbp - 1) / kbp;
     chunk_tiles = chunk_tiles < 2 ? 2 : chunk_tiles & ~(int64_t)1;
     #pragma omp parallel num_threads(threads)
     {
@@ -274,19 +293,32 @@ AMXBF16 int opd_amx_linear_bf16(const uint16_t *A, int64_t M, int64_t K, const u
                 stage = aligned_alloc(64, per * 16 * 32);
                 pd.stage = stage, pd.stage_row0 = t0 * 16, pd.stage_rows = per * 16;
             }
+            float *partial = parts > 1 ? aligned_alloc(64, (per / 2 + 1) * 32 * 32 * 4) : NULL;
             for (int64_t c0 = t0; c0 < t1; c0 += per) {
                 const int64_t c1 = c0 + per < t1 ? c0 + per : t1;
-                for (int64_t p = 0; p < pairs; p++) {
-                    const uint16_t *B0 = Bp + (2 * p) * kbs * 512, *B1 = B0 + kbs * 512;
-                    const uint16_t *next = Bp + (2 * ((p + 1) % pairs)) * kbs * 512;
-                    for (int64_t m = c0; m < c1; m += 2, i++) {
-                        const Block cur = {p, m, m + 1 < c1 ? 32 : 16};
-                        block_products(A + m * 16 * K, K, B0, B1, kbs, cur.rows, &pd);  /* and the last block's epilogue */
-                        prefetch_share(next, kbs, (m - c0) / 2, (c1 - c0 + 1) / 2);
-                        block_store(C[i & 1], cur.rows);
-                        pd.C = C[i & 1], pd.b = cur, pd.done = 0;
+                for (int64_t p = 0; p < pairs; p++)
+                    for (int64_t q = 0; q < parts; q++) {
+                        const int64_t kq = q * kbp, kqn = kbs - kq < kbp ? kbs - kq : kbp;
+                        const uint16_t *B0 = Bp + (2 * p * kbs + kq) * 512, *B1 = B0 + kbs * 512;
+                        /* the next part's weight tiles: this pair's, or the next pair's first */
+                        const int64_t np = q + 1 < parts ? p : (p + 1) % pairs, nq = q + 1 < parts ? kq + kbp : 0;
+                        const int64_t nn = kbs - nq < kbp ? kbs - nq : kbp;
+                        const uint16_t *next0 = Bp + (2 * np * kbs + nq) * 512, *next1 = next0 + kbs * 512;
+                        for (int64_t m = c0; m < c1; m += 2) {
+                            const Block cur = {p, m, m + 1 < c1 ? 32 : 16};
+                            float *sums = partial ? partial + ((m - c0) / 2) * 32 * 32 : NULL;
+                            block_products(A + m * 16 * K + kq * 32, K, B0, B1, kqn, cur.rows, q ? sums : NULL,
+                                           &pd);  /* and the last block's epilogue */
+                            prefetch_share(next0, next1, nn, (m - c0) / 2, (c1 - c0 + 1) / 2);
+                            if (q + 1 < parts) {
+                                block_store(sums, cur.rows);
+                                continue;
+                            }
+                            block_store(C[i & 1], cur.rows);
+                            pd.C = C[i & 1], pd.b = cur, pd.done = 0;
+                            i++;
+                        }
                     }
-                }
                 if (mode == ADD_BF16 && norm_w) {  /* the chunk's rows are complete once its last block is */
                     pending_run(&pd, pd.b.rows);
                     /* the RMSNorm after the add on the chunk's rows while they are in L2 (a pass of its own read
@@ -299,6 +331,7 @@ AMXBF16 int opd_amx_linear_bf16(const uint16_t *A, int64_t M, int64_t K, const u
             _tile_release();
             _mm_sfence();  /* the streamed stores, before the region's barrier */
             free(stage);
+            free(partial);
         }
     }
     return 1;
@@ -363,8 +396,8 @@ AMXBF16 int opd_amx_head_terms_bf16(const uint16_t *h, int64_t M, int64_t K, con
                     const uint16_t *next = Wp + (2 * ((p + 1) % pairs)) * kbs * 512;
                     for (int64_t m = 0; m < n; m += 32, i++) {
                         const Block cur = {p, m, n - m >= 32 ? 32 : 16};
-                        block_products(h + (c0 + m) * K, K, B0, B1, kbs, cur.rows, &pd);
-                        prefetch_share(next, kbs, m / 32, (n + 31) / 32);
+                        block_products(h + (c0 + m) * K, K, B0, B1, kbs, cur.rows, NULL, &pd);
+                        prefetch_share(next, next + kbs * 512, kbs, m / 32, (n + 31) / 32);
                         block_store(C[i & 1], cur.rows);
                         pd.C = C[i & 1], pd.b = cur, pd.done = 0;
                     }
