@@ -314,13 +314,21 @@ AMXBF16 static void attention_rows_amx(const uint16_t *qkv, uint16_t *out, const
         /* 32 keys a step: two vectors rounded into one of 32 bf16, and the sum of the probabilities as rounded
          * by the bf16 dot product with ones (one instruction where converting back and adding took three) */
         __m512 sum = _mm512_setzero_ps();
-        for (k = 0; k < valid; k += 32) {  /* past `valid`: zeros */
+        for (k = 0; k + 32 <= valid; k += 32) {  /* whole steps: no masks (their setting took a fifth of a step) */
+            const __m512 e0 = exp2_16_bf16(_mm512_fmadd_ps(_mm512_load_ps(s + 16 * k), vk, shift));
+            const __m512 e1 = exp2_16_bf16(_mm512_fmadd_ps(_mm512_load_ps(s + 16 * k + 256), vk, shift));
+            const __m512bh eb = _mm512_cvtne2ps_pbh(e1, e0);
+            _mm512_store_si512(p + 16 * k, (__m512i)eb);
+            sum = _mm512_dpbf16_ps(sum, eb, ones);
+        }
+        if (k < valid) {  /* the row's last keys; past `valid`: zeros */
             const __m512 e0 = _mm512_maskz_mov_ps(first16(valid - k), exp2_16_bf16(_mm512_fmadd_ps(_mm512_load_ps(s + 16 * k), vk, shift)));
             const __m512 e1 = _mm512_maskz_mov_ps(first16(valid - k - 16),
                                                   exp2_16_bf16(_mm512_fmadd_ps(_mm512_load_ps(s + 16 * k + 256), vk, shift)));
             const __m512bh eb = _mm512_cvtne2ps_pbh(e1, e0);
             _mm512_store_si512(p + 16 * k, (__m512i)eb);
             sum = _mm512_dpbf16_ps(sum, eb, ones);
+            k += 32;
         }
         for (; k < kb32 * 32; k += 32) _mm512_store_si512(p + 16 * k, _mm512_setzero_si512());
         inv[r] = valid ? 1.0f / _mm512_reduce_add_ps(sum) : 0.0f;
