@@ -425,6 +425,20 @@ def test_causal_attention_declines_what_it_does_not_take():
     assert cpu_kernels.causal_attention(qkv, 4, 1, 0.125) is None  # grad enabled
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_causal_attention_writes_into_a_given_buffer(dtype):
+    if cpu_kernels._attention_library() is None or (dtype == torch.bfloat16 and not cpu_kernels.attention_amx()):
+        pytest.skip("csrc/attention.c needs x86 AVX-512F + a C compiler (bf16: the AMX tile unit)")
+    qkv = (torch.randn(2, 37, 15, 64, generator=torch.Generator().manual_seed(4)) * 2).to(dtype)
+    out = torch.full((2, 37, 9, 64), float("nan"), dtype=dtype)
+    with torch.no_grad():
+        want = cpu_kernels.causal_attention(qkv, 9, 3, 0.125)
+        got = cpu_kernels.causal_attention(qkv, 9, 3, 0.125, out=out)
+        assert got is out and torch.equal(got, want)
+        with pytest.raises(AssertionError, match="out: a contiguous"):
+            cpu_kernels.causal_attention(qkv, 9, 3, 0.125, out=torch.empty(2, 37, 8, 64, dtype=dtype))
+
+
 def exact_attention(qkv: torch.Tensor, H: int, KV: int, scale: float) -> torch.Tensor:
     """Causal grouped-query attention of qkv's values in float64, nothing rounded on the way."""
     L = qkv.shape[1]
@@ -434,9 +448,9 @@ def exact_attention(qkv: torch.Tensor, H: int, KV: int, scale: float) -> torch.T
     return (torch.softmax(scores, -1) @ v).transpose(1, 2)
 
 
-# L: below, at and across the 16-row and 32-key blocks; H / KV: grouped and plain heads
-@pytest.mark.parametrize("B,L,H,KV", [(2, 37, 9, 3), (1, 1, 4, 4), (1, 16, 2, 1), (3, 70, 6, 1), (1, 130, 2, 2),
-                                      (2, 256, 9, 3)])
+# L: below, at and across the 32-row (two row tiles) and 32-key blocks; H / KV: grouped and plain heads
+@pytest.mark.parametrize("B,L,H,KV", [(2, 37, 9, 3), (1, 1, 4, 4), (1, 16, 2, 1), (1, 32, 3, 3), (3, 70, 6, 1),
+                                      (1, 130, 2, 2), (2, 256, 9, 3)])
 def test_bf16_causal_attention_on_the_tile_unit_is_as_close_as_torchs(B, L, H, KV):
     import torch.nn.functional as F
 
@@ -468,10 +482,10 @@ def test_a_bf16_forward_attends_on_the_tile_unit_and_matches_torchs_sdpa(tokeniz
     ids = torch.randint(4, 60, (2, 45), generator=torch.Generator().manual_seed(1))
     calls = []
     real = cpu_kernels.causal_attention_bf16
-    monkeypatch.setattr(cpu_kernels, "causal_attention_bf16", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(cpu_kernels, "causal_attention_bf16", lambda *a, **k: calls.append(1) or real(*a, **k))
     tile = causal_hidden(model, ids)
     assert len(calls) == model.config.num_hidden_layers  # every layer attended on the tile unit
-    monkeypatch.setattr(cpu_kernels, "causal_attention", lambda *a: None)  # torch's SDPA
+    monkeypatch.setattr(cpu_kernels, "causal_attention", lambda *a, **k: None)  # torch's SDPA
     sdpa = causal_hidden(model, ids)
     torch.testing.assert_close(tile.float(), sdpa.float(), rtol=0.02, atol=0.02 * float(sdpa.float().abs().max()))
 
@@ -503,12 +517,12 @@ def test_an_fp32_teachers_forward_attends_with_rotated_keys_whichever_ops_run(to
     ids = torch.randint(4, 60, (2, 23), generator=torch.Generator().manual_seed(1))
     calls = []
     real = cpu_kernels.causal_attention
-    monkeypatch.setattr(cpu_kernels, "causal_attention", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(cpu_kernels, "causal_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
     native = causal_hidden(model, ids)
     assert calls  # the C attention ran
     monkeypatch.setattr(cpu_kernels, "_layer_cpu", lambda *t: False)  # torch's RoPE, norms and SiLU
     torch_rope = causal_hidden(model, ids)
-    monkeypatch.setattr(cpu_kernels, "causal_attention", lambda *a: None)  # and torch's SDPA
+    monkeypatch.setattr(cpu_kernels, "causal_attention", lambda *a, **k: None)  # and torch's SDPA
     plain = causal_hidden(model, ids)
     scale = float(plain.abs().max())
     torch.testing.assert_close(native, plain, rtol=1e-5, atol=1e-5 * scale)
@@ -669,6 +683,26 @@ def test_opd_amx_gemm_setting_is_checked(monkeypatch):
     finally:
         monkeypatch.delenv("OPD_AMX_GEMM")
         cpu_kernels._gemm_library.cache_clear()
+
+
+def test_amx_products_write_into_a_given_buffer():
+    needs_amx_gemm()
+    g = torch.Generator().manual_seed(9)
+    x, w = torch.randn(37, 64, generator=g).bfloat16(), cpu_kernels.AmxWeight((torch.randn(96, 64, generator=g) * 0.1).bfloat16())
+    want = cpu_kernels.amx_linear(x, w)
+    out = torch.full((48, 96), float("nan"), dtype=torch.bfloat16)  # 37 rows in whole tiles of 16: 48
+    got = cpu_kernels.amx_linear(x, w, out=out)
+    assert got.data_ptr() == out.data_ptr() and torch.equal(got, want)
+    with pytest.raises(AssertionError, match=r"out: a contiguous bf16 tensor of shape \(48, 96\)"):
+        cpu_kernels.amx_linear(x, w, out=torch.empty(37, 96, dtype=torch.bfloat16))
+    # with the residual add and the norm after it: the norm's output
+    x, residual = torch.randn(32, 64, generator=g).bfloat16(), torch.randn(32, 96, generator=g).bfloat16()
+    norm = ((1 + 0.1 * torch.randn(96, generator=g)).bfloat16(), 1e-5)
+    want_h = cpu_kernels.amx_linear(x, w, add_to=residual.clone(), norm=norm)
+    out = torch.full((32, 96), float("nan"), dtype=torch.bfloat16)
+    assert cpu_kernels.amx_linear(x, w, add_to=residual.clone(), norm=norm, out=out) is out and torch.equal(out, want_h)
+    with pytest.raises(AssertionError, match="pass norm too"):
+        cpu_kernels.amx_linear(x, w, add_to=residual.clone(), out=out)
 
 
 def test_amx_product_added_to_the_residual_stream_rounds_as_the_add_after_it():

@@ -729,10 +729,12 @@ def attention_amx() -> bool:
 ATTENTION_HEAD_DIM = 64  # the one head size csrc/attention.c is written for (SmolLM2, Llama 3.2 1B)
 
 
-def causal_attention(qkv: torch.Tensor, heads: int, kv_heads: int, scale: float) -> torch.Tensor | None:
+def causal_attention(qkv: torch.Tensor, heads: int, kv_heads: int, scale: float,
+                     out: torch.Tensor | None = None) -> torch.Tensor | None:
     """softmax(Q K^T * scale, causal) V of qkv [B, L, heads + 2 kv_heads, D] (queries, keys, values; contiguous, no
     grad, rows from position 0) as [B, L, heads, D] in one C pass: fp32 with AVX-512F, bf16 on the AMX tile unit
-    (causal_attention_bf16); None where it does not apply."""
+    (causal_attention_bf16); None where it does not apply. `out`: a contiguous [B, L, heads, D] tensor of qkv's
+    dtype to write into instead of a new one."""
     lib = _attention_library()
     if (lib is None or qkv.dtype not in (torch.float32, torch.bfloat16) or qkv.device.type != "cpu"
             or not qkv.is_contiguous() or qkv.dim() != 4 or qkv.shape[3] != ATTENTION_HEAD_DIM or torch.is_grad_enabled()
@@ -740,23 +742,31 @@ def causal_attention(qkv: torch.Tensor, heads: int, kv_heads: int, scale: float)
         return None
     if qkv.dtype == torch.bfloat16:
         # (its softmax takes each row's max of the unscaled scores: a positive scale, as every head size gives)
-        return causal_attention_bf16(qkv, heads, kv_heads, scale) if attention_amx() and scale > 0 else None
+        return causal_attention_bf16(qkv, heads, kv_heads, scale, out) if attention_amx() and scale > 0 else None
     B, L, _, D = qkv.shape
-    out = torch.empty(B, L, heads, D)
+    out = torch.empty(B, L, heads, D) if out is None else _checked_attention_out(out, qkv, heads)
     keys_t = torch.empty(B * kv_heads * D * ((L + 15) // 16 * 16))  # K^T, packed once for every query head
     lib.opd_causal_attention_f32(qkv.data_ptr(), out.data_ptr(), keys_t.data_ptr(), B, L, heads, kv_heads, scale,
                                  torch.get_num_threads())
     return out
 
 
-def causal_attention_bf16(qkv: torch.Tensor, heads: int, kv_heads: int, scale: float) -> torch.Tensor:
+def _checked_attention_out(out: torch.Tensor, qkv: torch.Tensor, heads: int) -> torch.Tensor:
+    B, L, _, D = qkv.shape
+    assert out.dtype == qkv.dtype and out.is_contiguous() and tuple(out.shape) == (B, L, heads, D), (
+        f"out: a contiguous {qkv.dtype} tensor of shape {(B, L, heads, D)}, not {out.dtype} {tuple(out.shape)}")
+    return out
+
+
+def causal_attention_bf16(qkv: torch.Tensor, heads: int, kv_heads: int, scale: float,
+                          out: torch.Tensor | None = None) -> torch.Tensor:
     """causal_attention of bf16 rows on the AMX tile unit (csrc/attention.c): fp32 scores and softmax, unnormalised
     bf16 probabilities and the output divided by their sum, as torch's flash kernel rounds them; the caller has
     checked causal_attention's conditions."""
     lib = _attention_library()
     B, L, _, D = qkv.shape
     threads = torch.get_num_threads()
-    out = torch.empty(B, L, heads, D, dtype=torch.bfloat16)
+    out = torch.empty(B, L, heads, D, dtype=torch.bfloat16) if out is None else _checked_attention_out(out, qkv, heads)
     scratch = torch.empty(threads * lib.opd_attention_bf16_scratch_bytes(L), dtype=torch.uint8)
     done = lib.opd_causal_attention_bf16_amx(qkv.data_ptr(), out.data_ptr(), scratch.data_ptr(), B, L, heads,
                                              kv_heads, scale, threads)
@@ -838,12 +848,15 @@ AMX_STREAM_BYTES = 2 << 20
 
 
 def amx_linear(x: torch.Tensor, w: AmxWeight, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-               add_to: torch.Tensor | None = None, norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
+               add_to: torch.Tensor | None = None, norm: tuple[torch.Tensor, float] | None = None,
+               out: torch.Tensor | None = None) -> torch.Tensor:
     """x @ W^T of bf16 rows x [..., in] (no grad); silu(gate) x up of it for a `silu_mul` weight; for a `rope_heads`
     weight with `rope` = (cos, sin) [L, head_dim] bf16, its query and key heads rotated at positions row % L (rows
     of whole sequences from position 0, as opd.llama.causal_hidden runs them). With `add_to` (bf16 [..., out],
     contiguous; rows a multiple of 16): the product is added to it in place (add_to += bf16(x @ W^T)) and add_to is
-    returned, or with `norm` = (weight [out] bf16, eps) the RMSNorm of it after the add (opd.llama.rms_norm's bits)."""
+    returned, or with `norm` = (weight [out] bf16, eps) the RMSNorm of it after the add (opd.llama.rms_norm's bits).
+    `out`: a contiguous bf16 tensor the result is written into instead of a new one (the product's: [rows rounded
+    up to 16, width]; the norm's: add_to's shape), returned as a view of it."""
     n, k = w.shape
     assert x.dtype == torch.bfloat16 and x.shape[-1] == k and not (torch.is_grad_enabled() and x.requires_grad)
     lead, m = x.shape[:-1], x.numel() // k
@@ -853,12 +866,15 @@ def amx_linear(x: torch.Tensor, w: AmxWeight, rope: tuple[torch.Tensor, torch.Te
     if add_to is not None:
         assert (add_to.dtype == torch.bfloat16 and add_to.is_contiguous() and add_to.numel() == m * n
                 and x2.shape[0] == m and not w.silu_mul and not w.rope_heads)
-        out = add_to
+        assert out is None or norm is not None, "with add_to, out is the norm's output: pass norm too"
         if norm is not None:
             assert norm[0].dtype == torch.bfloat16 and norm[0].shape == (n,) and norm[0].is_contiguous()
-            normed = torch.empty_like(add_to)
-    else:
+            normed = torch.empty_like(add_to) if out is None else _checked_out(out, add_to.shape)
+        out = add_to
+    elif out is None:
         out = torch.empty(x2.shape[0], width, dtype=torch.bfloat16)
+    else:
+        out = _checked_out(out, (x2.shape[0], width))
     rope_args = (0, None, None, 1)  # pairs rotated, cos, sin, table length
     if rope is not None and w.rope_heads:
         cos, sin = (t.contiguous() for t in rope)
@@ -875,6 +891,13 @@ def amx_linear(x: torch.Tensor, w: AmxWeight, rope: tuple[torch.Tensor, torch.Te
     if add_to is not None:
         return normed if normed is not None else add_to
     return (out if out.shape[0] == m else out[:m]).view(*lead, width)
+
+
+def _checked_out(out: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """A caller's output buffer, checked against what the kernel writes (its shape, bf16, contiguous)."""
+    assert out.dtype == torch.bfloat16 and out.is_contiguous() and tuple(out.shape) == tuple(shape), (
+        f"out: a contiguous bf16 tensor of shape {tuple(shape)}, not {out.dtype} {tuple(out.shape)}")
+    return out
 
 
 def amx_head_terms(hidden: torch.Tensor, head: AmxWeight, targets: torch.Tensor,

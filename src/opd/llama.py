@@ -427,14 +427,16 @@ def _product(x: torch.Tensor, w) -> torch.Tensor:
 
 
 def _add_product_then_norm(x: torch.Tensor, inp: torch.Tensor, w, norm_weight: torch.Tensor | None,
-                           eps: float) -> torch.Tensor | None:
+                           eps: float, out: torch.Tensor | None = None) -> torch.Tensor | None:
     """The residual stream x (this forward's own tensor) += inp @ w^T in place, then rms_norm(x) (None without
     `norm_weight`): both in the AMX kernel (the add in the product's epilogue, the norm on each chunk of rows once
-    complete), else the add with the norm in one pass (add_rms_norm_)."""
+    complete; into `out`, x's shape, where given), else the add with the norm in one pass (add_rms_norm_)."""
     if (isinstance(w, cpu_kernels.AmxWeight) and (x.numel() // x.shape[-1]) % 16 == 0
             and (norm_weight is None or norm_weight.dtype == torch.bfloat16)):
-        h = cpu_kernels.amx_linear(inp, w, add_to=x, norm=(norm_weight, eps) if norm_weight is not None else None)
-        return h if norm_weight is not None else None
+        if norm_weight is None:
+            cpu_kernels.amx_linear(inp, w, add_to=x)
+            return None
+        return cpu_kernels.amx_linear(inp, w, add_to=x, norm=(norm_weight, eps), out=out)
     y = _product(inp, w)
     if norm_weight is None:
         x.add_(y)
@@ -457,10 +459,22 @@ def causal_hidden(model, ids: torch.Tensor) -> torch.Tensor:
     x = F.embedding(ids, model.model.embed_tokens.weight.detach())
     gathered = cos[:, None], sin[:, None]  # [L, 1, D]: broadcast over the heads of a [B, L, heads, D] tensor
     eps = cfg.rms_norm_eps
+    # One buffer each for QKV's output, attention's and the normed rows, written layer after layer: each layer
+    # writes the lines the one before wrote, still in the caches, where a new tensor each layer had its lines come
+    # from L3 to be written (bf16 on the AMX kernels at 8 x 256: QKV 42 -> 36 ms, attention 33 -> 28, o 26 -> 24;
+    # bench/NOTES.md, session 28). Each is read before the next layer writes it again.
+    buffers: dict[str, torch.Tensor] = {}
+
+    def buffer(role: str, *shape: int) -> torch.Tensor:
+        if role not in buffers:
+            buffers[role] = torch.empty(shape, dtype=p.dtype, device=p.device)
+        return buffers[role]
+
     h = rms_norm(x, layers[0].input_norm, eps) if layers else None
     for i, w in enumerate(layers):
         if isinstance(w.qkv, cpu_kernels.AmxWeight) and w.qkv.rope_heads:  # rotated by the product itself
-            qkv = cpu_kernels.amx_linear(h, w.qkv, rope=(cos, sin)).view(B, L, H + 2 * KV, D)
+            out = buffer("qkv", (B * L + 15) // 16 * 16, w.qkv.shape[0])  # rows in whole tiles, as the kernel writes
+            qkv = cpu_kernels.amx_linear(h, w.qkv, rope=(cos, sin), out=out).view(B, L, H + 2 * KV, D)
             qk = qkv[:, :, : H + KV]
         else:
             qkv = _product(h, w.qkv).view(B, L, H + 2 * KV, D)
@@ -468,13 +482,15 @@ def causal_hidden(model, ids: torch.Tensor) -> torch.Tensor:
             qk = rope_(qkv, H + KV, (cos, sin), positions, gathered)
         # on the CPU (fp32 with AVX-512F, bf16 on the AMX tile unit): [B, L, H, D] in one C pass, which reads qkv:
         # only where RoPE rotated it in place (the torch ops' RoPE returns a rotated copy and leaves qkv as it was)
-        att = cpu_kernels.causal_attention(qkv, H, KV, D**-0.5) if qk.data_ptr() == qkv.data_ptr() else None
+        att = (cpu_kernels.causal_attention(qkv, H, KV, D**-0.5, out=buffer("attention", B, L, H, D))
+               if qk.data_ptr() == qkv.data_ptr() else None)
         if att is None:
             qk = qk.transpose(1, 2)
             att = F.scaled_dot_product_attention(qk[:, :H], qk[:, H:], qkv[:, :, H + KV :].transpose(1, 2),
                                                  is_causal=True, scale=D**-0.5, **gqa).transpose(1, 2)
-        h = _add_product_then_norm(x, att.reshape(B, L, H * D), w.o, w.post_norm, eps)
+        h = _add_product_then_norm(x, att.reshape(B, L, H * D), w.o, w.post_norm, eps, buffer("normed", *x.shape))
         up = _product(h, w.gate_up)  # silu(gate) x up already where the AMX kernel made it
         up = up if isinstance(w.gate_up, cpu_kernels.AmxWeight) else silu_mul(up)
-        h = _add_product_then_norm(x, up, w.down, layers[i + 1].input_norm if i + 1 < len(layers) else None, eps)
+        h = _add_product_then_norm(x, up, w.down, layers[i + 1].input_norm if i + 1 < len(layers) else None, eps,
+                                   buffer("normed", *x.shape))
     return x
