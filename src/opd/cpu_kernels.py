@@ -844,6 +844,10 @@ def _whole_tiles(x2: torch.Tensor) -> torch.Tensor:
 # before its write; the lines go to memory, not into the caches): an output larger than the L2 (2 MB a core on
 # every Xeon with AMX) leaves it anyway, and a smaller one is as fast or faster in the caches. The teacher's 8 x 256
 # forward 10 ms faster a call, 16 x 256 60 ms; 4 x 256 (1.5 MB a thread) 5 ms slower (bench/NOTES.md, session 26).
+# Into a caller's `out` (opd.llama.causal_hidden's buffer, the same every layer: its lines are in L3, and the down
+# product reads them from there instead of from memory) only from twice that: at 8 x 256 (3 MB a thread) ordinary
+# stores into it took the forward 287 -> 274 ms (the down product 58 -> 51), at 8 x 512 (6 MB) 5 ms longer than
+# streaming (session 28).
 AMX_STREAM_BYTES = 2 << 20
 
 
@@ -856,7 +860,8 @@ def amx_linear(x: torch.Tensor, w: AmxWeight, rope: tuple[torch.Tensor, torch.Te
     contiguous; rows a multiple of 16): the product is added to it in place (add_to += bf16(x @ W^T)) and add_to is
     returned, or with `norm` = (weight [out] bf16, eps) the RMSNorm of it after the add (opd.llama.rms_norm's bits).
     `out`: a contiguous bf16 tensor the result is written into instead of a new one (the product's: [rows rounded
-    up to 16, width]; the norm's: add_to's shape), returned as a view of it."""
+    up to 16, width]; the norm's: add_to's shape), returned as a view of it: a buffer the caller reuses call after
+    call, whose lines the caches still hold (SiLU x up is streamed into it only from twice AMX_STREAM_BYTES)."""
     n, k = w.shape
     assert x.dtype == torch.bfloat16 and x.shape[-1] == k and not (torch.is_grad_enabled() and x.requires_grad)
     lead, m = x.shape[:-1], x.numel() // k
@@ -870,6 +875,8 @@ def amx_linear(x: torch.Tensor, w: AmxWeight, rope: tuple[torch.Tensor, torch.Te
         if norm is not None:
             assert norm[0].dtype == torch.bfloat16 and norm[0].shape == (n,) and norm[0].is_contiguous()
             normed = torch.empty_like(add_to) if out is None else _checked_out(out, add_to.shape)
+    fresh = out is None
+    if add_to is not None:
         out = add_to
     elif out is None:
         out = torch.empty(x2.shape[0], width, dtype=torch.bfloat16)
@@ -883,7 +890,8 @@ def amx_linear(x: torch.Tensor, w: AmxWeight, rope: tuple[torch.Tensor, torch.Te
     norm_args = (norm[0].data_ptr(), normed.data_ptr(), float(norm[1])) if normed is not None else (None, None, 0.0)
     mode = 2 if add_to is not None else int(w.silu_mul)  # gemm_amx.c: ADD_BF16, SILU_MUL or OUT_BF16
     threads = torch.get_num_threads()
-    stream = int(w.silu_mul and out.numel() * 2 >= AMX_STREAM_BYTES * threads)  # (the kernel streams SiLU x up only)
+    stream_from = AMX_STREAM_BYTES * (1 if fresh else 2) * threads
+    stream = int(w.silu_mul and out.numel() * 2 >= stream_from)  # (the kernel streams SiLU x up only)
     done = _gemm_library().opd_amx_linear_bf16(x2.data_ptr(), x2.shape[0], k, w.tensor.data_ptr(), n, out.data_ptr(),
                                                width, mode, w.tile_cols.data_ptr(), *rope_args,
                                                w.head_dim or 1, *norm_args, stream, threads)

@@ -421,9 +421,9 @@ def frozen_head(model) -> cpu_kernels.AmxWeight | None:
     return cached[1]
 
 
-def _product(x: torch.Tensor, w) -> torch.Tensor:
-    """x @ w^T: opd's AMX kernel for an AmxWeight, matmul.linear (oneDNN, BLAS) for the rest."""
-    return cpu_kernels.amx_linear(x, w) if isinstance(w, cpu_kernels.AmxWeight) else matmul.linear(x, w)
+def _product(x: torch.Tensor, w, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ w^T: opd's AMX kernel for an AmxWeight (into `out` where given), matmul.linear (oneDNN, BLAS) for the rest."""
+    return cpu_kernels.amx_linear(x, w, out=out) if isinstance(w, cpu_kernels.AmxWeight) else matmul.linear(x, w)
 
 
 def _add_product_then_norm(x: torch.Tensor, inp: torch.Tensor, w, norm_weight: torch.Tensor | None,
@@ -459,9 +459,10 @@ def causal_hidden(model, ids: torch.Tensor) -> torch.Tensor:
     x = F.embedding(ids, model.model.embed_tokens.weight.detach())
     gathered = cos[:, None], sin[:, None]  # [L, 1, D]: broadcast over the heads of a [B, L, heads, D] tensor
     eps = cfg.rms_norm_eps
-    # One buffer each for QKV's output, attention's and the normed rows, written layer after layer: each layer
-    # writes the lines the one before wrote, still in the caches, where a new tensor each layer had its lines come
-    # from L3 to be written (bf16 on the AMX kernels at 8 x 256: QKV 42 -> 36 ms, attention 33 -> 28, o 26 -> 24;
+    # One buffer each for QKV's output, attention's, the normed rows and SiLU x up, written layer after layer: each
+    # layer writes the lines the one before wrote, still in the caches, where a new tensor each layer had its lines
+    # come from L3 or memory (bf16 on the AMX kernels: the 8 x 512 forward 601 -> 569 ms, QKV 82 -> 68, attention
+    # 93 -> 83; SiLU x up stored, not streamed, at 8 x 256: 287 -> 274 ms, the down product reading it 58 -> 51;
     # bench/NOTES.md, session 28). Each is read before the next layer writes it again.
     buffers: dict[str, torch.Tensor] = {}
 
@@ -489,8 +490,9 @@ def causal_hidden(model, ids: torch.Tensor) -> torch.Tensor:
             att = F.scaled_dot_product_attention(qk[:, :H], qk[:, H:], qkv[:, :, H + KV :].transpose(1, 2),
                                                  is_causal=True, scale=D**-0.5, **gqa).transpose(1, 2)
         h = _add_product_then_norm(x, att.reshape(B, L, H * D), w.o, w.post_norm, eps, buffer("normed", *x.shape))
-        up = _product(h, w.gate_up)  # silu(gate) x up already where the AMX kernel made it
-        up = up if isinstance(w.gate_up, cpu_kernels.AmxWeight) else silu_mul(up)
+        amx_mlp = isinstance(w.gate_up, cpu_kernels.AmxWeight)  # whose product returns silu(gate) x up itself
+        up = _product(h, w.gate_up, buffer("mlp", (B * L + 15) // 16 * 16, w.gate_up.shape[0] // 2) if amx_mlp else None)
+        up = up if amx_mlp else silu_mul(up)
         h = _add_product_then_norm(x, up, w.down, layers[i + 1].input_norm if i + 1 < len(layers) else None, eps,
                                    buffer("normed", *x.shape))
     return x
