@@ -31,16 +31,32 @@ BF16_TARGET static inline __m512 round16(__m512 x) {  /* to bf16 and back */
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(x)), 16));
 }
 
-/* 1 / sqrt(mean(x^2) + eps) of one bf16 row (the forward's and the backward's scale) */
+/* 1 / sqrt(mean(x^2) + eps) of one bf16 row (the forward's and the backward's scale). 32 values a load, as their
+ * even and odd halves in fp32 (a shift and a mask: no widening shuffle), squared into four chains of sums: a row of
+ * 576 in ~28 -> ~13 ns, its whole RMSNorm 132 -> 97 ns; the AMX products' epilogue norms every row of the residual
+ * stream twice a layer (C loop over the kernel, 2,048 rows, three rounds each: o + add + norm 757-799 -> 683-743 us
+ * a call, down + add + norm 1.76-1.83 -> 1.65-1.74 ms; bench/NOTES.md, session 28) */
 BF16_TARGET static inline float inv_rms16(const uint16_t *xr, int64_t n, float eps) {
-    const int64_t n16 = n & ~(int64_t)15;
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t i = 0; i < n16; i += 16) {
-        const __m512 v = load16(xr + i);
-        acc = _mm512_fmadd_ps(v, v, acc);
+    const __m512i high = _mm512_set1_epi32((int)0xFFFF0000);
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    int64_t i = 0;
+    for (; i + 64 <= n; i += 64) {
+        const __m512i v = _mm512_loadu_si512(xr + i), u = _mm512_loadu_si512(xr + i + 32);
+        const __m512 ve = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)), vo = _mm512_castsi512_ps(_mm512_and_si512(v, high));
+        const __m512 ue = _mm512_castsi512_ps(_mm512_slli_epi32(u, 16)), uo = _mm512_castsi512_ps(_mm512_and_si512(u, high));
+        a0 = _mm512_fmadd_ps(ve, ve, a0);
+        a1 = _mm512_fmadd_ps(vo, vo, a1);
+        a2 = _mm512_fmadd_ps(ue, ue, a2);
+        a3 = _mm512_fmadd_ps(uo, uo, a3);
     }
-    float ss = _mm512_reduce_add_ps(acc);
-    for (int64_t i = n16; i < n; i++) ss += bf16_to_fp32(xr[i]) * bf16_to_fp32(xr[i]);
+    for (; i + 32 <= n; i += 32) {
+        const __m512i v = _mm512_loadu_si512(xr + i);
+        const __m512 ve = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)), vo = _mm512_castsi512_ps(_mm512_and_si512(v, high));
+        a0 = _mm512_fmadd_ps(ve, ve, a0);
+        a1 = _mm512_fmadd_ps(vo, vo, a1);
+    }
+    float ss = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+    for (; i < n; i++) ss += bf16_to_fp32(xr[i]) * bf16_to_fp32(xr[i]);
     return 1.0f / sqrtf(ss / (float)n + eps);
 }
 
