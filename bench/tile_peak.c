@@ -3,6 +3,8 @@
  * loaded, then the 2 x 2 blocking opd's kernel uses (four sum tiles, each loaded tile used twice) with its loads
  * from working sets of growing size: every tile from it, or only the row tiles (the column tiles in L1, as the
  * kernel keeps a pair of weight tiles). Every thread runs the same loops on its own core and prints its own rates.
+ * The tiles hold random bf16 values, as a model's do: on zeros the loops with loads ran 15-25% faster (session 28:
+ * row tiles from 32 KB 3,304 against 2,677 GFLOP/s; the products alone do not move).
  *
  *     gcc -O2 -march=native -fopenmp bench/tile_peak.c -o /tmp/tile_peak && OMP_NUM_THREADS=2 /tmp/tile_peak
  */
@@ -34,7 +36,11 @@ TILES static void configure(void) {
 TILES static void run(int thread) {
     const long n = 10000000, bytes = 16L << 20;
     uint16_t *buf = aligned_alloc(64, bytes);
-    memset(buf, 0, bytes);
+    unsigned seed = 12345u + (unsigned)thread;
+    for (long i = 0; i < bytes / 2; i++) {  /* bf16 of magnitude 0.5-1, either sign */
+        seed = seed * 1103515245u + 12345u;
+        buf[i] = (uint16_t)(0x3F00 + ((seed >> 16) & 0xFF) + ((seed >> 8) & 0x8000));
+    }
     configure();
     char line[4096];
     int at = snprintf(line, sizeof line, "thread %d:", thread);
