@@ -462,7 +462,7 @@ def causal_hidden(model, ids: torch.Tensor) -> torch.Tensor:
     # One buffer each for QKV's output, attention's, the normed rows and SiLU x up, written layer after layer: each
     # layer writes the lines the one before wrote, still in the caches, where a new tensor each layer had its lines
     # come from L3 or memory (bf16 on the AMX kernels: the 8 x 512 forward 601 -> 569 ms, QKV 82 -> 68, attention
-    # 93 -> 83; SiLU x up stored, not streamed, at 8 x 256: 287 -> 274 ms, the down product reading it 58 -> 51;
+    # 93 -> 83; SiLU x up stored into its buffer, not streamed, at 8 x 256: the down product reading it 57 -> 51;
     # bench/NOTES.md, session 28). Each is read before the next layer writes it again.
     buffers: dict[str, torch.Tensor] = {}
 
