@@ -744,17 +744,10 @@ def causal_attention(qkv: torch.Tensor, heads: int, kv_heads: int, scale: float,
         # (its softmax takes each row's max of the unscaled scores: a positive scale, as every head size gives)
         return causal_attention_bf16(qkv, heads, kv_heads, scale, out) if attention_amx() and scale > 0 else None
     B, L, _, D = qkv.shape
-    out = torch.empty(B, L, heads, D) if out is None else _checked_attention_out(out, qkv, heads)
+    out = torch.empty(B, L, heads, D) if out is None else _checked_out(out, (B, L, heads, D), qkv.dtype)
     keys_t = torch.empty(B * kv_heads * D * ((L + 15) // 16 * 16))  # K^T, packed once for every query head
     lib.opd_causal_attention_f32(qkv.data_ptr(), out.data_ptr(), keys_t.data_ptr(), B, L, heads, kv_heads, scale,
                                  torch.get_num_threads())
-    return out
-
-
-def _checked_attention_out(out: torch.Tensor, qkv: torch.Tensor, heads: int) -> torch.Tensor:
-    B, L, _, D = qkv.shape
-    assert out.dtype == qkv.dtype and out.is_contiguous() and tuple(out.shape) == (B, L, heads, D), (
-        f"out: a contiguous {qkv.dtype} tensor of shape {(B, L, heads, D)}, not {out.dtype} {tuple(out.shape)}")
     return out
 
 
@@ -766,7 +759,7 @@ def causal_attention_bf16(qkv: torch.Tensor, heads: int, kv_heads: int, scale: f
     lib = _attention_library()
     B, L, _, D = qkv.shape
     threads = torch.get_num_threads()
-    out = torch.empty(B, L, heads, D, dtype=torch.bfloat16) if out is None else _checked_attention_out(out, qkv, heads)
+    out = torch.empty(B, L, heads, D, dtype=torch.bfloat16) if out is None else _checked_out(out, (B, L, heads, D))
     scratch = torch.empty(threads * lib.opd_attention_bf16_scratch_bytes(L), dtype=torch.uint8)
     done = lib.opd_causal_attention_bf16_amx(qkv.data_ptr(), out.data_ptr(), scratch.data_ptr(), B, L, heads,
                                              kv_heads, scale, threads)
@@ -867,7 +860,7 @@ def amx_linear(x: torch.Tensor, w: AmxWeight, rope: tuple[torch.Tensor, torch.Te
     lead, m = x.shape[:-1], x.numel() // k
     x2 = _whole_tiles(x.reshape(m, k))
     width = n // 2 if w.silu_mul else n
-    normed = None
+    normed, fresh = None, out is None  # (fresh: SiLU x up into a new tensor, streamed from AMX_STREAM_BYTES)
     if add_to is not None:
         assert (add_to.dtype == torch.bfloat16 and add_to.is_contiguous() and add_to.numel() == m * n
                 and x2.shape[0] == m and not w.silu_mul and not w.rope_heads)
@@ -875,8 +868,6 @@ def amx_linear(x: torch.Tensor, w: AmxWeight, rope: tuple[torch.Tensor, torch.Te
         if norm is not None:
             assert norm[0].dtype == torch.bfloat16 and norm[0].shape == (n,) and norm[0].is_contiguous()
             normed = torch.empty_like(add_to) if out is None else _checked_out(out, add_to.shape)
-    fresh = out is None
-    if add_to is not None:
         out = add_to
     elif out is None:
         out = torch.empty(x2.shape[0], width, dtype=torch.bfloat16)
@@ -901,10 +892,11 @@ def amx_linear(x: torch.Tensor, w: AmxWeight, rope: tuple[torch.Tensor, torch.Te
     return (out if out.shape[0] == m else out[:m]).view(*lead, width)
 
 
-def _checked_out(out: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """A caller's output buffer, checked against what the kernel writes (its shape, bf16, contiguous)."""
-    assert out.dtype == torch.bfloat16 and out.is_contiguous() and tuple(out.shape) == tuple(shape), (
-        f"out: a contiguous bf16 tensor of shape {tuple(shape)}, not {out.dtype} {tuple(out.shape)}")
+def _checked_out(out: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """A caller's output buffer, checked against what the kernel writes (its shape, dtype, contiguous)."""
+    assert out.dtype == dtype and out.is_contiguous() and tuple(out.shape) == tuple(shape), (
+        f"out: a contiguous {'bf16' if dtype == torch.bfloat16 else dtype} tensor of shape {tuple(shape)}, "
+        f"not {out.dtype} {tuple(out.shape)}")
     return out
 
 

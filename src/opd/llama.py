@@ -471,10 +471,11 @@ def causal_hidden(model, ids: torch.Tensor) -> torch.Tensor:
             buffers[role] = torch.empty(shape, dtype=p.dtype, device=p.device)
         return buffers[role]
 
+    rows = (B * L + 15) // 16 * 16  # in whole tiles of 16, as the AMX kernel writes them
     h = rms_norm(x, layers[0].input_norm, eps) if layers else None
     for i, w in enumerate(layers):
         if isinstance(w.qkv, cpu_kernels.AmxWeight) and w.qkv.rope_heads:  # rotated by the product itself
-            out = buffer("qkv", (B * L + 15) // 16 * 16, w.qkv.shape[0])  # rows in whole tiles, as the kernel writes
+            out = buffer("qkv", rows, w.qkv.shape[0])
             qkv = cpu_kernels.amx_linear(h, w.qkv, rope=(cos, sin), out=out).view(B, L, H + 2 * KV, D)
             qk = qkv[:, :, : H + KV]
         else:
@@ -491,7 +492,7 @@ def causal_hidden(model, ids: torch.Tensor) -> torch.Tensor:
                                                  is_causal=True, scale=D**-0.5, **gqa).transpose(1, 2)
         h = _add_product_then_norm(x, att.reshape(B, L, H * D), w.o, w.post_norm, eps, buffer("normed", *x.shape))
         amx_mlp = isinstance(w.gate_up, cpu_kernels.AmxWeight)  # whose product returns silu(gate) x up itself
-        up = _product(h, w.gate_up, buffer("mlp", (B * L + 15) // 16 * 16, w.gate_up.shape[0] // 2) if amx_mlp else None)
+        up = _product(h, w.gate_up, buffer("mlp", rows, w.gate_up.shape[0] // 2) if amx_mlp else None)
         up = up if amx_mlp else silu_mul(up)
         h = _add_product_then_norm(x, up, w.down, layers[i + 1].input_norm if i + 1 < len(layers) else None, eps,
                                    buffer("normed", *x.shape))

@@ -240,6 +240,18 @@ AMXBF16 static void pack_kv_bf16(const uint16_t *qkv, uint16_t *kp, uint16_t *vp
     }
 }
 
+/* 32 keys of a row: their scores' two tiles' lines s, s + 256 to e = 2^(s k2 + shift) (zeros outside masks m0, m1),
+ * rounded into one vector of 32 bf16 at p, and the sum with their sum as rounded, by the bf16 dot product with ones
+ * (one instruction where converting back and adding took three). Constant masks fold away where inlined. */
+AMXBF16 static inline __m512 exp_step(const float *s, uint16_t *p, __m512 vk, __m512 shift, __mmask16 m0, __mmask16 m1,
+                                      __m512 sum) {
+    const __m512 e0 = _mm512_maskz_mov_ps(m0, exp2_16_bf16(_mm512_fmadd_ps(_mm512_load_ps(s), vk, shift)));
+    const __m512 e1 = _mm512_maskz_mov_ps(m1, exp2_16_bf16(_mm512_fmadd_ps(_mm512_load_ps(s + 256), vk, shift)));
+    const __m512bh eb = _mm512_cvtne2ps_pbh(e1, e0);
+    _mm512_store_si512(p, (__m512i)eb);
+    return _mm512_dpbf16_ps(sum, eb, (__m512bh)_mm512_set1_epi16(0x3F80));
+}
+
 /* Rows q0 .. q0 + 31 of query head h: S, then P, then O (see above). Q: the rows' queries, copied (zeros past L). */
 AMXBF16 static void attention_rows_amx(const uint16_t *qkv, uint16_t *out, const uint16_t *kp, const uint16_t *vp,
                                        int64_t b, int64_t h, int64_t q0, int64_t L, int64_t Lp, int64_t H, int64_t KV,
@@ -285,7 +297,6 @@ AMXBF16 static void attention_rows_amx(const uint16_t *qkv, uint16_t *out, const
     const int64_t kb32 = (keys + 31) / 32;
     const float k2 = scale * 1.44269504088896341f;
     const __m512 vk = _mm512_set1_ps(k2), ninf = _mm512_set1_ps(-INFINITY);
-    const __m512bh ones = (__m512bh)_mm512_set1_epi16(0x3F80);
     /* every row's max first, then every row's exponentials: the rows' independent reductions in flight together
      * (one row's max, then its exp pass, waited on each reduction: in the forward attention 110 -> 105 ms at
      * 8 x 512, 36 -> 33 at 8 x 256; the same bits) */
@@ -311,23 +322,12 @@ AMXBF16 static void attention_rows_amx(const uint16_t *qkv, uint16_t *out, const
         const int64_t valid = r < rows ? q0 + r + 1 : 0;
         const __m512 shift = _mm512_set1_ps(shifts[r]);
         int64_t k;
-        /* 32 keys a step: two vectors rounded into one of 32 bf16, and the sum of the probabilities as rounded
-         * by the bf16 dot product with ones (one instruction where converting back and adding took three) */
+        /* 32 keys a step (exp_step) */
         __m512 sum = _mm512_setzero_ps();
-        for (k = 0; k + 32 <= valid; k += 32) {  /* whole steps: no masks (their setting took a fifth of a step) */
-            const __m512 e0 = exp2_16_bf16(_mm512_fmadd_ps(_mm512_load_ps(s + 16 * k), vk, shift));
-            const __m512 e1 = exp2_16_bf16(_mm512_fmadd_ps(_mm512_load_ps(s + 16 * k + 256), vk, shift));
-            const __m512bh eb = _mm512_cvtne2ps_pbh(e1, e0);
-            _mm512_store_si512(p + 16 * k, (__m512i)eb);
-            sum = _mm512_dpbf16_ps(sum, eb, ones);
-        }
+        for (k = 0; k + 32 <= valid; k += 32)  /* whole steps: no masks (their setting took a fifth of a step) */
+            sum = exp_step(s + 16 * k, p + 16 * k, vk, shift, 0xFFFF, 0xFFFF, sum);
         if (k < valid) {  /* the row's last keys; past `valid`: zeros */
-            const __m512 e0 = _mm512_maskz_mov_ps(first16(valid - k), exp2_16_bf16(_mm512_fmadd_ps(_mm512_load_ps(s + 16 * k), vk, shift)));
-            const __m512 e1 = _mm512_maskz_mov_ps(first16(valid - k - 16),
-                                                  exp2_16_bf16(_mm512_fmadd_ps(_mm512_load_ps(s + 16 * k + 256), vk, shift)));
-            const __m512bh eb = _mm512_cvtne2ps_pbh(e1, e0);
-            _mm512_store_si512(p + 16 * k, (__m512i)eb);
-            sum = _mm512_dpbf16_ps(sum, eb, ones);
+            sum = exp_step(s + 16 * k, p + 16 * k, vk, shift, first16(valid - k), first16(valid - k - 16), sum);
             k += 32;
         }
         for (; k < kb32 * 32; k += 32) _mm512_store_si512(p + 16 * k, _mm512_setzero_si512());

@@ -171,6 +171,25 @@ AMXBF16 static inline void pending_run(Pending *pd, int upto) {
     pd->done = upto;
 }
 
+/* the sum tiles zeroed, or loaded from C [rows][32] fp32 (block_store's layout below) */
+AMXBF16 static inline void block_start(const float *C, int rows) {
+    if (!C) {
+        _tile_zero(0);
+        _tile_zero(1);
+        if (rows == 32) {
+            _tile_zero(2);
+            _tile_zero(3);
+        }
+        return;
+    }
+    _tile_loadd(0, C, 128);
+    _tile_loadd(1, C + 16, 128);
+    if (rows == 32) {
+        _tile_loadd(2, C + 16 * 32, 128);
+        _tile_loadd(3, C + 16 * 32 + 16, 128);
+    }
+}
+
 /* The products of 32 rows of x (from A, row stride lda elements) by column tiles B0, B1 over kbs blocks of 32 k, left
  * in sum tiles 0-3 (rows 0-15: tiles 0, 1; rows 16-31: tiles 2, 3), added to `init` (the sums of the k before, as
  * block_store left them) where it is not NULL. `rows` 16: the last 16 rows of an odd count of
@@ -179,21 +198,8 @@ AMXBF16 static inline void pending_run(Pending *pd, int upto) {
 AMXBF16 static inline void block_products(const uint16_t *A, int64_t lda, const uint16_t *B0, const uint16_t *B1,
                                           int64_t kbs, int rows, const float *init, Pending *pd) {
     const int step = pd->b.rows ? (int)((pd->b.rows + kbs - 1) / kbs) : 0;
-    if (init) {  /* the sums of the k before (block_store's layout) */
-        _tile_loadd(0, init, 128);
-        _tile_loadd(1, init + 16, 128);
-    } else {
-        _tile_zero(0);
-        _tile_zero(1);
-    }
+    block_start(init, rows);
     if (rows == 32) {
-        if (init) {
-            _tile_loadd(2, init + 16 * 32, 128);
-            _tile_loadd(3, init + 16 * 32 + 16, 128);
-        } else {
-            _tile_zero(2);
-            _tile_zero(3);
-        }
         const uint16_t *A1 = A + 16 * lda;
         for (int64_t kb = 0; kb < kbs; kb++) {
             /* x's first row tile in the first two products, so that it is free (tiles are not renamed: a load
