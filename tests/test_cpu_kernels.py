@@ -599,7 +599,7 @@ def test_amx_gate_up_product_streamed_equals_stored(M, K, inter, monkeypatch):
 
 # B x L rows: a multiple of 16, and 3 x 7 (padded by the wrapper); D 64 and 128; grouped and plain heads
 @pytest.mark.parametrize("B,L,H,KV,D", [(2, 48, 9, 3, 64), (3, 7, 2, 2, 128)])
-def test_amx_qkv_product_rotates_queries_and_keys_as_the_rope_pass(B, L, H, KV, D):
+def test_amx_qkv_product_rotates_queries_and_keys_rounding_once(B, L, H, KV, D):
     from opd.llama import apply_rope
 
     needs_amx_gemm()
@@ -609,16 +609,21 @@ def test_amx_qkv_product_rotates_queries_and_keys_as_the_rope_pass(B, L, H, KV, 
     w = (torch.randn((H + 2 * KV) * D, K, generator=g) * 0.1).bfloat16()
     freqs = torch.arange(L)[:, None] * (1e4 ** (-torch.arange(0, D, 2) / D))[None, :]
     cos, sin = torch.cat([freqs, freqs], -1).cos().bfloat16(), torch.cat([freqs, freqs], -1).sin().bfloat16()
-    got = cpu_kernels.amx_linear(x, cpu_kernels.AmxWeight(w, rope_heads=H + KV, head_dim=D), rope=(cos, sin))
-    ref = torch.nn.functional.linear(x, w).view(B, L, H + 2 * KV, D)
-    positions = torch.arange(L).expand(B, L).contiguous()
-    expect = ref.clone()
-    if not cpu_kernels.rope_(expect, H + KV, cos, sin, positions):  # the unfused forward's C pass, else torch's ops
-        expect[:, :, : H + KV] = apply_rope(ref[:, :, : H + KV], cos[:, None], sin[:, None])
-    got = got.view(B, L, H + 2 * KV, D)
-    assert (got == expect).float().mean() > 0.998  # the same roundings but where the sums' order tips one
-    torch.testing.assert_close(got.float(), expect.float(), rtol=2**-6, atol=2e-3)
+    w_amx = cpu_kernels.AmxWeight(w, rope_heads=H + KV, head_dim=D)
+    got = cpu_kernels.amx_linear(x, w_amx, rope=(cos, sin)).view(B, L, H + 2 * KV, D)
+    ref = torch.nn.functional.linear(x, w).view(B, L, H + 2 * KV, D)  # q, k, v rounded to bf16, as HF's
+    # the rotation of those bf16 q and k by the bf16 tables, exact, then rounded once (the kernel's bf16 dot products)
+    exact = apply_rope(ref[:, :, : H + KV].double(), cos[:, None].double(), sin[:, None].double())
+    assert (got[:, :, : H + KV] == exact.bfloat16()).float().mean() > 0.995  # but where the sums' order tips one
+    torch.testing.assert_close(got[:, :, : H + KV].double(), exact, rtol=2**-7, atol=1e-3)
+    # closer to the exact rotation than the rope pass's bf16 ops (HF's, three roundings), never farther by a step
+    hf = apply_rope(ref[:, :, : H + KV], cos[:, None], sin[:, None])
+    err_got, err_hf = (got[:, :, : H + KV].double() - exact).abs(), (hf.double() - exact).abs()
+    assert err_got.mean() < err_hf.mean()
     assert (got[:, :, H + KV :] == ref[:, :, H + KV :]).float().mean() > 0.999  # the values: not rotated
+    # the table made once a forward: the same output
+    table = cpu_kernels.amx_rope_table(cos, sin)
+    assert torch.equal(cpu_kernels.amx_linear(x, w_amx, rope=table).view_as(got), got)
 
 
 # the last: more rows a thread than one chunk of rows holds at that K (chunks of equal size, the lane sums reset)
@@ -695,14 +700,16 @@ def test_amx_products_write_into_a_given_buffer():
     assert got.data_ptr() == out.data_ptr() and torch.equal(got, want)
     with pytest.raises(AssertionError, match=r"out: a contiguous bf16 tensor of shape \(48, 96\)"):
         cpu_kernels.amx_linear(x, w, out=torch.empty(37, 96, dtype=torch.bfloat16))
-    # with the residual add and the norm after it: the norm's output
+    # with the residual add the output is the residual itself; the rows' scales go into a checked buffer
     x, residual = torch.randn(32, 64, generator=g).bfloat16(), torch.randn(32, 96, generator=g).bfloat16()
-    norm = ((1 + 0.1 * torch.randn(96, generator=g)).bfloat16(), 1e-5)
-    want_h = cpu_kernels.amx_linear(x, w, add_to=residual.clone(), norm=norm)
-    out = torch.full((32, 96), float("nan"), dtype=torch.bfloat16)
-    assert cpu_kernels.amx_linear(x, w, add_to=residual.clone(), norm=norm, out=out) is out and torch.equal(out, want_h)
-    with pytest.raises(AssertionError, match="pass norm too"):
-        cpu_kernels.amx_linear(x, w, add_to=residual.clone(), out=out)
+    with pytest.raises(AssertionError, match="the output is add_to"):
+        cpu_kernels.amx_linear(x, w, add_to=residual, out=torch.empty(32, 96, dtype=torch.bfloat16))
+    with pytest.raises(AssertionError, match=r"out: a contiguous torch.float32 tensor of shape \(32,\)"):
+        cpu_kernels.amx_linear(x, w, add_to=residual, scale_out=(torch.empty(32, dtype=torch.bfloat16), 1e-5))
+    with pytest.raises(AssertionError, match="scale_out: with add_to only"):
+        cpu_kernels.amx_linear(x, w, scale_out=(torch.empty(32), 1e-5))
+    with pytest.raises(AssertionError, match=r"row_scale: contiguous fp32 \[32\]"):
+        cpu_kernels.amx_linear(x, w, row_scale=torch.ones(32, dtype=torch.bfloat16))
 
 
 def test_amx_product_added_to_the_residual_stream_rounds_as_the_add_after_it():
@@ -717,18 +724,51 @@ def test_amx_product_added_to_the_residual_stream_rounds_as_the_add_after_it():
     torch.testing.assert_close(got.float(), expect.float(), rtol=2**-7, atol=2e-2)
 
 
-def test_amx_residual_add_with_the_norm_after_it_equals_the_add_then_rms_norm():
-    from opd.llama import rms_norm
-
+def test_amx_residual_add_writes_the_inverse_rms_of_each_row_after_it():
     needs_amx_gemm()
     g = torch.Generator().manual_seed(8)
-    # 2208 rows: more than one chunk of rows per thread (the norm runs chunk by chunk)
+    # 2208 rows: more than one chunk of rows per thread (the scales are made chunk by chunk); K 1536: in parts
     x, residual = torch.randn(2208, 1536, generator=g).bfloat16(), torch.randn(2208, 64, generator=g).bfloat16()
     w = (torch.randn(64, 1536, generator=g) * 0.03).bfloat16()
-    weight = (1 + 0.1 * torch.randn(64, generator=g)).bfloat16()
-    got_x = residual.clone()
-    h = cpu_kernels.amx_linear(x, cpu_kernels.AmxWeight(w), add_to=got_x, norm=(weight, 1e-5))
+    got_x, scales = residual.clone(), torch.full((2208,), float("nan"))
+    assert cpu_kernels.amx_linear(x, cpu_kernels.AmxWeight(w), add_to=got_x, scale_out=(scales, 1e-5)) is got_x
     expect_x = residual.clone()
     cpu_kernels.amx_linear(x, cpu_kernels.AmxWeight(w), add_to=expect_x)
-    assert torch.equal(got_x, expect_x)  # the add as without the norm
-    assert torch.equal(h, rms_norm(expect_x, weight, 1e-5))  # and the norm's bits: every row, every chunk
+    assert torch.equal(got_x, expect_x)  # the add as without the scales
+    want = expect_x.double().pow(2).mean(-1).add(1e-5).rsqrt().float()
+    torch.testing.assert_close(scales, want, rtol=1e-5, atol=0)  # every row, every chunk (the sums' order differs)
+    torch.testing.assert_close(cpu_kernels.row_inv_rms(expect_x, 1e-5), want, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["plain", "silu_mul", "rope"])
+def test_amx_product_of_the_residual_with_the_norm_folded_in_equals_the_norm_then_the_product(kind):
+    """rms_norm(x, g) @ W^T as the folded forward runs it: x itself, W diag(g), each row scaled by 1 / rms(x)."""
+    from opd.llama import _norm_folded, apply_rope, rms_norm
+
+    needs_amx_gemm()
+    g = torch.Generator().manual_seed(11)
+    B, L, K, H, D = 2, 40, 192, 3, 64
+    x = (torch.randn(B * L, K, generator=g) * 3).bfloat16()
+    gain = (1 + 0.3 * torch.randn(K, generator=g)).bfloat16()
+    w = (torch.randn(2 * H * D, K, generator=g) * 0.1).bfloat16()
+    opts, rope = {"silu_mul": dict(silu_mul=True), "rope": dict(rope_heads=H, head_dim=D)}.get(kind, {}), None
+    if kind == "rope":
+        freqs = torch.arange(L)[:, None] * (1e4 ** (-torch.arange(0, D, 2) / D))[None, :]
+        rope = torch.cat([freqs, freqs], -1).cos().bfloat16(), torch.cat([freqs, freqs], -1).sin().bfloat16()
+    got = cpu_kernels.amx_linear(x, cpu_kernels.AmxWeight(_norm_folded(w, gain), **opts), rope=rope,
+                                 row_scale=cpu_kernels.row_inv_rms(x, 1e-5))
+    unfolded = cpu_kernels.amx_linear(rms_norm(x, gain, 1e-5), cpu_kernels.AmxWeight(w, **opts), rope=rope)
+    # the exact product of the exact norm (fp64), as each kind ends
+    h = x.double() * x.double().pow(2).mean(-1, keepdim=True).add(1e-5).rsqrt() * gain.double()
+    exact = h @ w.double().T
+    if kind == "silu_mul":
+        gate, up = exact.chunk(2, -1)
+        exact = torch.nn.functional.silu(gate) * up
+    elif kind == "rope":
+        q = exact.view(B, L, 2 * H, D)
+        exact = torch.cat([apply_rope(q[:, :, :H], rope[0][:, None].double(), rope[1][:, None].double()), q[:, :, H:]], 2)
+        exact = exact.view(B * L, -1)
+    scale = exact.abs().mean()
+    err_folded, err_unfolded = (got.double() - exact).abs().mean(), (unfolded.double() - exact).abs().mean()
+    assert err_folded < 1.3 * err_unfolded, (err_folded / scale, err_unfolded / scale)  # bf16's noise, not more
+    torch.testing.assert_close(got.double(), exact, rtol=2**-6, atol=float(0.03 * scale))

@@ -780,8 +780,11 @@ def _gemm_library() -> ctypes.CDLL | None:
     lib.opd_gemm_amx_request.restype, lib.opd_gemm_amx_request.argtypes = ctypes.c_int, []
     lib.opd_amx_linear_bf16.restype = ctypes.c_int
     lib.opd_amx_linear_bf16.argtypes = [_P, ctypes.c_int64, ctypes.c_int64, _P, ctypes.c_int64, _P, ctypes.c_int64,
-                                        ctypes.c_int, _P, ctypes.c_int64, _P, _P, ctypes.c_int64, ctypes.c_int64,
+                                        ctypes.c_int, _P, ctypes.c_int64, _P, ctypes.c_int64, ctypes.c_int64,
                                         _P, _P, ctypes.c_float, ctypes.c_int, ctypes.c_int]
+    lib.opd_row_inv_rms_bf16.restype = None
+    lib.opd_row_inv_rms_bf16.argtypes = [_P, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_float, _P,
+                                         ctypes.c_int]
     lib.opd_amx_head_terms_bf16.restype = ctypes.c_int
     lib.opd_amx_head_terms_bf16.argtypes = [_P, ctypes.c_int64, ctypes.c_int64, _P, ctypes.c_int64, _P, ctypes.c_float,
                                             _P, _P, _P, ctypes.c_int]
@@ -844,51 +847,82 @@ def _whole_tiles(x2: torch.Tensor) -> torch.Tensor:
 AMX_STREAM_BYTES = 2 << 20
 
 
-def amx_linear(x: torch.Tensor, w: AmxWeight, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-               add_to: torch.Tensor | None = None, norm: tuple[torch.Tensor, float] | None = None,
-               out: torch.Tensor | None = None) -> torch.Tensor:
+def amx_rope_table(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE's cos / sin [L, head_dim] bf16 as csrc/gemm_amx.c's epilogue takes them: [L, 2 head_dim], each position's
+    pairs (cos d, -sin d) for d < head_dim / 2, then (sin d', cos d') for d' = d + head_dim / 2: each rotated value is
+    one bf16 dot product of a pair (q d, q d') with a pair of the table. Make it once a forward (amx_linear's `rope`)."""
+    assert cos.dtype == sin.dtype == torch.bfloat16 and cos.shape == sin.shape and cos.shape[1] % 2 == 0
+    half = cos.shape[1] // 2
+    lo = torch.stack([cos[:, :half], -sin[:, :half]], -1).flatten(1)
+    hi = torch.stack([sin[:, half:], cos[:, half:]], -1).flatten(1)
+    return torch.cat([lo, hi], 1).contiguous()
+
+
+def row_inv_rms(x: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """1 / sqrt(mean(row^2) + eps) [rows] fp32 of bf16 rows x [..., n]: RMSNorm's scale, for amx_linear's `row_scale`
+    (the norm folded into the next product's weight)."""
+    n = x.shape[-1]
+    x2 = x.reshape(-1, n)
+    assert x.dtype == torch.bfloat16 and x2.stride(-1) == 1
+    out = torch.empty(x2.shape[0]) if out is None else _checked_out(out, (x2.shape[0],), torch.float32)
+    _gemm_library().opd_row_inv_rms_bf16(x2.data_ptr(), x2.shape[0], n, x2.stride(0), float(eps), out.data_ptr(),
+                                         torch.get_num_threads())
+    return out
+
+
+def amx_linear(x: torch.Tensor, w: AmxWeight, rope: tuple[torch.Tensor, torch.Tensor] | torch.Tensor | None = None,
+               add_to: torch.Tensor | None = None, row_scale: torch.Tensor | None = None,
+               scale_out: tuple[torch.Tensor, float] | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """x @ W^T of bf16 rows x [..., in] (no grad); silu(gate) x up of it for a `silu_mul` weight; for a `rope_heads`
-    weight with `rope` = (cos, sin) [L, head_dim] bf16, its query and key heads rotated at positions row % L (rows
-    of whole sequences from position 0, as opd.llama.causal_hidden runs them). With `add_to` (bf16 [..., out],
-    contiguous; rows a multiple of 16): the product is added to it in place (add_to += bf16(x @ W^T)) and add_to is
-    returned, or with `norm` = (weight [out] bf16, eps) the RMSNorm of it after the add (opd.llama.rms_norm's bits).
-    `out`: a contiguous bf16 tensor the result is written into instead of a new one (the product's: [rows rounded
-    up to 16, width]; the norm's: add_to's shape), returned as a view of it: a buffer the caller reuses call after
-    call, whose lines the caches still hold (SiLU x up is streamed into it only from twice AMX_STREAM_BYTES)."""
+    weight with `rope` = (cos, sin) [L, head_dim] bf16 or amx_rope_table of them, its query and key heads rotated at
+    positions row % L (rows of whole sequences from position 0, as opd.llama.causal_hidden runs them).
+    `row_scale` (fp32 [rows]): each row of the product times it before anything else (the RMSNorm of x folded into
+    W: rms_norm(x, g) @ W^T = row_scale * (x @ (W diag(g))^T), row_scale = row_inv_rms(x)).
+    With `add_to` (bf16 [..., out], contiguous; rows a multiple of 16): the product is added to it in place (add_to +=
+    bf16(x @ W^T)) and add_to is returned; with `scale_out` = (fp32 [rows] tensor, eps) row_inv_rms of add_to after
+    the add is written there on the way (the next product's row_scale).
+    `out`: a contiguous bf16 tensor [rows rounded up to 16, width] the result is written into instead of a new one,
+    returned as a view of it: a buffer the caller reuses call after call, whose lines the caches still hold (SiLU x
+    up is streamed into it only from twice AMX_STREAM_BYTES)."""
     n, k = w.shape
     assert x.dtype == torch.bfloat16 and x.shape[-1] == k and not (torch.is_grad_enabled() and x.requires_grad)
     lead, m = x.shape[:-1], x.numel() // k
     x2 = _whole_tiles(x.reshape(m, k))
     width = n // 2 if w.silu_mul else n
-    normed, fresh = None, out is None  # (fresh: SiLU x up into a new tensor, streamed from AMX_STREAM_BYTES)
+    fresh = out is None  # SiLU x up into a new tensor: streamed from AMX_STREAM_BYTES
+    scales_out, eps = (None, 0.0) if scale_out is None else scale_out
     if add_to is not None:
         assert (add_to.dtype == torch.bfloat16 and add_to.is_contiguous() and add_to.numel() == m * n
                 and x2.shape[0] == m and not w.silu_mul and not w.rope_heads)
-        assert out is None or norm is not None, "with add_to, out is the norm's output: pass norm too"
-        if norm is not None:
-            assert norm[0].dtype == torch.bfloat16 and norm[0].shape == (n,) and norm[0].is_contiguous()
-            normed = torch.empty_like(add_to) if out is None else _checked_out(out, add_to.shape)
+        assert out is None and row_scale is None, "with add_to, the output is add_to, its rows unscaled"
+        if scales_out is not None:
+            _checked_out(scales_out, (m,), torch.float32)
         out = add_to
-    elif out is None:
-        out = torch.empty(x2.shape[0], width, dtype=torch.bfloat16)
     else:
-        out = _checked_out(out, (x2.shape[0], width))
-    rope_args = (0, None, None, 1)  # pairs rotated, cos, sin, table length
+        assert scales_out is None, "scale_out: with add_to only"
+        out = torch.empty(x2.shape[0], width, dtype=torch.bfloat16) if out is None else _checked_out(out, (x2.shape[0], width))
+    if row_scale is not None:
+        assert row_scale.dtype == torch.float32 and row_scale.is_contiguous() and row_scale.shape[0] >= m, (
+            f"row_scale: contiguous fp32 [{m}] (a scale a row), not {row_scale.dtype} {tuple(row_scale.shape)}")
+        if row_scale.shape[0] < x2.shape[0]:  # the padding rows' products are 0 whatever their scale
+            row_scale = torch.cat([row_scale, row_scale.new_ones(x2.shape[0] - row_scale.shape[0])])
+    rope_args = (0, None, 1)  # pairs rotated, table, table length
     if rope is not None and w.rope_heads:
-        cos, sin = (t.contiguous() for t in rope)
-        assert cos.dtype == sin.dtype == torch.bfloat16 and cos.shape == sin.shape and cos.shape[1] == w.head_dim
-        rope_args = (w.rope_heads * w.head_dim // 32, cos.data_ptr(), sin.data_ptr(), cos.shape[0])
-    norm_args = (norm[0].data_ptr(), normed.data_ptr(), float(norm[1])) if normed is not None else (None, None, 0.0)
+        table = amx_rope_table(*rope) if isinstance(rope, tuple) else rope
+        assert table.dtype == torch.bfloat16 and table.is_contiguous() and table.shape[1] == 2 * w.head_dim, (
+            f"rope: (cos, sin) [L, {w.head_dim}] or amx_rope_table of them [L, {2 * w.head_dim}]")
+        rope_args = (w.rope_heads * w.head_dim // 32, table.data_ptr(), table.shape[0])
     mode = 2 if add_to is not None else int(w.silu_mul)  # gemm_amx.c: ADD_BF16, SILU_MUL or OUT_BF16
     threads = torch.get_num_threads()
     stream_from = AMX_STREAM_BYTES * (1 if fresh else 2) * threads
     stream = int(w.silu_mul and out.numel() * 2 >= stream_from)  # (the kernel streams SiLU x up only)
-    done = _gemm_library().opd_amx_linear_bf16(x2.data_ptr(), x2.shape[0], k, w.tensor.data_ptr(), n, out.data_ptr(),
-                                               width, mode, w.tile_cols.data_ptr(), *rope_args,
-                                               w.head_dim or 1, *norm_args, stream, threads)
+    done = _gemm_library().opd_amx_linear_bf16(
+        x2.data_ptr(), x2.shape[0], k, w.tensor.data_ptr(), n, out.data_ptr(), width, mode, w.tile_cols.data_ptr(),
+        *rope_args, w.head_dim or 1, None if row_scale is None else row_scale.data_ptr(),
+        None if scales_out is None else scales_out.data_ptr(), float(eps), stream, threads)
     assert done, "the tile state was granted at load, and AmxWeight.fits checked the shapes"
     if add_to is not None:
-        return normed if normed is not None else add_to
+        return add_to
     return (out if out.shape[0] == m else out[:m]).view(*lead, width)
 
 

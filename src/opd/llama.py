@@ -367,14 +367,21 @@ def int8_written(model) -> None:
 _PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def _norm_folded(w: torch.Tensor, norm_weight: torch.Tensor) -> torch.Tensor:
+    """W diag(g) in bf16: rms_norm(x, g) @ W^T = inv_rms(x) * (x @ (W diag(g))^T), so a product can take the residual
+    stream x itself and scale each output row (cpu_kernels.amx_linear's row_scale) instead of a normed copy of x."""
+    return (w.float() * norm_weight.float()).to(w.dtype)
+
+
 def frozen_layer_weights(model, layers, rows: int) -> list[LayerWeights]:
     """layer_weights for a forward of `rows` positions, packed once the layers' weights were the same in two calls
     in a row (a teacher's, a reference model's: a model whose weights change every step, the student's, never
     packs): all four products as cpu_kernels.AmxWeight where opd's AMX kernel runs (the gate/up one returning
-    silu(gate) x up), else the fused QKV and gate/up weights as matmul.PackedWeight for oneDNN. The packed weights
-    replace the fused copies (dropped from the cache): a frozen model holds its layers' weights twice, not three
-    times."""
-    sources = layer_sources(layers)
+    silu(gate) x up; QKV and gate/up with their RMSNorm weights folded in, see causal_hidden), else the fused QKV and
+    gate/up weights as matmul.PackedWeight for oneDNN. The packed weights replace the fused copies (dropped from the
+    cache): a frozen model holds its layers' weights twice, not three times."""
+    sources = layer_sources(layers) + [n for layer in layers for n in (layer.input_layernorm.weight,
+                                                                       layer.post_attention_layernorm.weight)]
     key = _weights_key(sources)
     cached = _PACKED.get(model)
     if cached is not None and cached[0] == key and cached[1] is not None:
@@ -390,8 +397,9 @@ def frozen_layer_weights(model, layers, rows: int) -> list[LayerWeights]:
         cfg = model.config
         D = head_dim(cfg)  # RoPE in the QKV product's epilogue where a head is whole pairs of tiles
         rope = dict(rope_heads=cfg.num_attention_heads + cfg.num_key_value_heads, head_dim=D) if D % 32 == 0 else {}
-        packed = [replace(w, qkv=cpu_kernels.AmxWeight(w.qkv, **rope), o=cpu_kernels.AmxWeight(w.o),
-                          gate_up=cpu_kernels.AmxWeight(w.gate_up, silu_mul=True), down=cpu_kernels.AmxWeight(w.down))
+        packed = [replace(w, qkv=cpu_kernels.AmxWeight(_norm_folded(w.qkv, w.input_norm), **rope),
+                          o=cpu_kernels.AmxWeight(w.o), down=cpu_kernels.AmxWeight(w.down),
+                          gate_up=cpu_kernels.AmxWeight(_norm_folded(w.gate_up, w.post_norm), silu_mul=True))
                   for w in weights]
     else:
         packed = [replace(w, qkv=matmul.PackedWeight(w.qkv, rows), gate_up=matmul.PackedWeight(w.gate_up, rows))
@@ -421,27 +429,9 @@ def frozen_head(model) -> cpu_kernels.AmxWeight | None:
     return cached[1]
 
 
-def _product(x: torch.Tensor, w, out: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ w^T: opd's AMX kernel for an AmxWeight (into `out` where given), matmul.linear (oneDNN, BLAS) for the rest."""
-    return cpu_kernels.amx_linear(x, w, out=out) if isinstance(w, cpu_kernels.AmxWeight) else matmul.linear(x, w)
-
-
-def _add_product_then_norm(x: torch.Tensor, inp: torch.Tensor, w, norm_weight: torch.Tensor | None,
-                           eps: float, out: torch.Tensor | None = None) -> torch.Tensor | None:
-    """The residual stream x (this forward's own tensor) += inp @ w^T in place, then rms_norm(x) (None without
-    `norm_weight`): both in the AMX kernel (the add in the product's epilogue, the norm on each chunk of rows once
-    complete; into `out`, x's shape, where given), else the add with the norm in one pass (add_rms_norm_)."""
-    if (isinstance(w, cpu_kernels.AmxWeight) and (x.numel() // x.shape[-1]) % 16 == 0
-            and (norm_weight is None or norm_weight.dtype == torch.bfloat16)):
-        if norm_weight is None:
-            cpu_kernels.amx_linear(inp, w, add_to=x)
-            return None
-        return cpu_kernels.amx_linear(inp, w, add_to=x, norm=(norm_weight, eps), out=out)
-    y = _product(inp, w)
-    if norm_weight is None:
-        x.add_(y)
-        return None
-    return add_rms_norm_(x, y, norm_weight, eps)
+def _product(x: torch.Tensor, w) -> torch.Tensor:
+    """x @ w^T: matmul.linear (oneDNN's packed weights, BLAS)."""
+    return matmul.linear(x, w)
 
 
 @torch.no_grad()
@@ -452,48 +442,73 @@ def causal_hidden(model, ids: torch.Tensor) -> torch.Tensor:
     B, L = ids.shape
     H, KV, D = cfg.num_attention_heads, cfg.num_key_value_heads, head_dim(cfg)
     p = next(model.parameters())
-    gqa = {"enable_gqa": True} if H != KV else {}
     cos, sin = rope_table(model, L, p.dtype, p.device)
-    positions = torch.arange(L, device=p.device).expand(B, L).contiguous()
     layers = frozen_layer_weights(model, model.model.layers[: cfg.num_hidden_layers], B * L)
-    x = F.embedding(ids, model.model.embed_tokens.weight.detach())
+    embed = model.model.embed_tokens.weight.detach()
+    if layers and isinstance(layers[0].o, cpu_kernels.AmxWeight):
+        return _amx_causal_hidden(ids, embed, layers, cos, sin, cfg)
+    x = F.embedding(ids, embed)
+    positions = torch.arange(L, device=p.device).expand(B, L).contiguous()
     gathered = cos[:, None], sin[:, None]  # [L, 1, D]: broadcast over the heads of a [B, L, heads, D] tensor
+    gqa = {"enable_gqa": True} if H != KV else {}
     eps = cfg.rms_norm_eps
-    # One buffer each for QKV's output, attention's, the normed rows and SiLU x up, written layer after layer: each
-    # layer writes the lines the one before wrote, still in the caches, where a new tensor each layer had its lines
-    # come from L3 or memory (bf16 on the AMX kernels: the 8 x 512 forward 601 -> 569 ms, QKV 82 -> 68, attention
-    # 93 -> 83; SiLU x up stored into its buffer, not streamed, at 8 x 256: the down product reading it 57 -> 51;
-    # bench/NOTES.md, session 28). Each is read before the next layer writes it again.
-    buffers: dict[str, torch.Tensor] = {}
-
-    def buffer(role: str, *shape: int) -> torch.Tensor:
-        if role not in buffers:
-            buffers[role] = torch.empty(shape, dtype=p.dtype, device=p.device)
-        return buffers[role]
-
-    rows = (B * L + 15) // 16 * 16  # in whole tiles of 16, as the AMX kernel writes them
     h = rms_norm(x, layers[0].input_norm, eps) if layers else None
+    att_out = None  # one buffer for every layer's attention output (its lines still in the caches)
     for i, w in enumerate(layers):
-        if isinstance(w.qkv, cpu_kernels.AmxWeight) and w.qkv.rope_heads:  # rotated by the product itself
-            out = buffer("qkv", rows, w.qkv.shape[0])
-            qkv = cpu_kernels.amx_linear(h, w.qkv, rope=(cos, sin), out=out).view(B, L, H + 2 * KV, D)
-            qk = qkv[:, :, : H + KV]
-        else:
-            qkv = _product(h, w.qkv).view(B, L, H + 2 * KV, D)
-            # RoPE in the [B, L, heads, D] layout the matmul wrote (contiguous); SDPA takes the transposed views.
-            qk = rope_(qkv, H + KV, (cos, sin), positions, gathered)
+        qkv = _product(h, w.qkv).view(B, L, H + 2 * KV, D)
+        # RoPE in the [B, L, heads, D] layout the matmul wrote (contiguous); SDPA takes the transposed views.
+        qk = rope_(qkv, H + KV, (cos, sin), positions, gathered)
         # on the CPU (fp32 with AVX-512F, bf16 on the AMX tile unit): [B, L, H, D] in one C pass, which reads qkv:
         # only where RoPE rotated it in place (the torch ops' RoPE returns a rotated copy and leaves qkv as it was)
-        att = (cpu_kernels.causal_attention(qkv, H, KV, D**-0.5, out=buffer("attention", B, L, H, D))
-               if qk.data_ptr() == qkv.data_ptr() else None)
+        att = cpu_kernels.causal_attention(qkv, H, KV, D**-0.5, out=att_out) if qk.data_ptr() == qkv.data_ptr() else None
+        att_out = att
         if att is None:
             qk = qk.transpose(1, 2)
             att = F.scaled_dot_product_attention(qk[:, :H], qk[:, H:], qkv[:, :, H + KV :].transpose(1, 2),
                                                  is_causal=True, scale=D**-0.5, **gqa).transpose(1, 2)
-        h = _add_product_then_norm(x, att.reshape(B, L, H * D), w.o, w.post_norm, eps, buffer("normed", *x.shape))
-        amx_mlp = isinstance(w.gate_up, cpu_kernels.AmxWeight)  # whose product returns silu(gate) x up itself
-        up = _product(h, w.gate_up, buffer("mlp", rows, w.gate_up.shape[0] // 2) if amx_mlp else None)
-        up = up if amx_mlp else silu_mul(up)
-        h = _add_product_then_norm(x, up, w.down, layers[i + 1].input_norm if i + 1 < len(layers) else None, eps,
-                                   buffer("normed", *x.shape))
+        h = add_rms_norm_(x, _product(att.reshape(B, L, H * D), w.o), w.post_norm, eps)
+        h = _product(silu_mul(_product(h, w.gate_up)), w.down)
+        h = add_rms_norm_(x, h, layers[i + 1].input_norm, eps) if i + 1 < len(layers) else x.add_(h)
     return x
+
+
+def _amx_causal_hidden(ids: torch.Tensor, embed: torch.Tensor, layers: list[LayerWeights], cos: torch.Tensor,
+                       sin: torch.Tensor, cfg) -> torch.Tensor:
+    """causal_hidden on opd's AMX kernels (frozen_layer_weights packed them, the norms folded into QKV and gate/up):
+    every product takes the residual stream x itself and scales its rows by x's 1 / rms, which the product that last
+    added into x wrote on the way (a norm pass over x and a normed copy of it cost more: o + add + norm 0.71 -> 0.48
+    ms at 2,048 rows, down + add + norm 1.54 -> 1.39; bench/NOTES.md, session 29)."""
+    B, L = ids.shape
+    H, KV, D = cfg.num_attention_heads, cfg.num_key_value_heads, head_dim(cfg)
+    rows = (B * L + 15) // 16 * 16  # in whole tiles of 16, as the kernels take them
+    x = torch.zeros(rows, embed.shape[1], dtype=embed.dtype)
+    torch.index_select(embed, 0, ids.reshape(-1), out=x[: B * L])
+    scale = cpu_kernels.row_inv_rms(x, cfg.rms_norm_eps)
+    scale_out = (scale, cfg.rms_norm_eps)
+    rope = cpu_kernels.amx_rope_table(cos, sin)
+    # One buffer each for QKV's output, attention's and SiLU x up, written layer after layer: each layer writes the
+    # lines the one before wrote, still in the caches, where a new tensor each layer had its lines come from L3 or
+    # memory (the 8 x 512 forward 601 -> 569 ms, QKV 82 -> 68, attention 93 -> 83; SiLU x up stored into its buffer,
+    # not streamed, at 8 x 256: the down product reading it 57 -> 51; bench/NOTES.md, session 28). Each is read
+    # before the next layer writes it again.
+    qkv_out = torch.empty(rows, (H + 2 * KV) * D, dtype=x.dtype)
+    att = torch.zeros(rows, H * D, dtype=x.dtype)  # (its padding rows stay 0: their products are added to x's)
+    mlp = torch.empty(rows, layers[0].gate_up.shape[0] // 2, dtype=x.dtype) if layers else None
+    for i, w in enumerate(layers):
+        if w.qkv.rope_heads:  # rotated by the product itself
+            qkv = cpu_kernels.amx_linear(x, w.qkv, rope=rope, row_scale=scale, out=qkv_out)[: B * L]
+        else:
+            qkv = cpu_kernels.amx_linear(x, w.qkv, row_scale=scale, out=qkv_out)[: B * L]
+            positions = torch.arange(L).expand(B, L).contiguous()
+            rope_(qkv.view(B, L, H + 2 * KV, D), H + KV, (cos, sin), positions, (cos[:, None], sin[:, None]))
+        done = cpu_kernels.causal_attention(qkv.view(B, L, H + 2 * KV, D), H, KV, D**-0.5,
+                                            out=att[: B * L].view(B, L, H, D))
+        if done is None:
+            q, k, v = qkv.view(B, L, H + 2 * KV, D).transpose(1, 2).split([H, KV, KV], dim=1)
+            gqa = {"enable_gqa": True} if H != KV else {}
+            att[: B * L] = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=D**-0.5, **gqa) \
+                .transpose(1, 2).reshape(B * L, H * D)
+        cpu_kernels.amx_linear(att, w.o, add_to=x, scale_out=scale_out)
+        up = cpu_kernels.amx_linear(x, w.gate_up, row_scale=scale, out=mlp)
+        cpu_kernels.amx_linear(up, w.down, add_to=x, scale_out=scale_out if i + 1 < len(layers) else None)
+    return x[: B * L].view(B, L, -1)

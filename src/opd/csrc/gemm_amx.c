@@ -15,12 +15,13 @@
  *   OUT_BF16:  out = bf16(sums), each column tile to its own output columns (AmxWeight.tile_cols); with RoPE for
  *              the pairs of a QKV weight's query and key heads (see Epilogue)
  *   ADD_BF16:  out += bf16(sums), rounded to bf16: the residual stream x takes the attention's and the MLP's output
- *              in place; with a norm weight, the RMSNorm after it on each chunk's rows once they are complete
+ *              in place; with row_scale_out, each row's 1 / rms after it (the next product's folded RMSNorm)
  *   SILU_MUL:  the pair is a gate tile and its up tile (AmxWeight(silu_mul=True)): out [M, N / 2] =
  *              bf16(bf16(silu(g)) * u) with g, u the sums rounded to bf16, as the unfused product and layer_ops.c's
  *              silu_mul round; with `stream` (an output larger than the L2s), in streaming stores of whole lines:
  *              an ordinary store first reads each line of the output from memory (the teacher's 6 MB at 8 x 256)
  *              and waits on it; 91 -> 80 ms of the 8 x 256 forward's gate/up products (bench/NOTES.md, session 26)
+ * OUT_BF16 and SILU_MUL with row_scale: each row's sums times its scale first (the RMSNorm folded into the weight);
  * and opd_amx_head_terms_bf16 below: the LM head's sums straight into the teacher's token terms.
  * Rows: M a multiple of 16 (a last block of 16 rows runs two tiles; the caller pads). The tile state needs
  * opd_gemm_amx_request (amx.h). */
@@ -49,24 +50,47 @@ int opd_gemm_amx_request(void) {
 
 /* RoPE in the epilogue of a QKV product: a pair of column tiles holds dims d .. d + 15 (a) and d + D/2 .. d + D/2 + 15
  * (b) of one query or key head (AmxWeight's rope layout), rotated at the row's position (row % rope_len: rows from
- * position 0) with the cos / sin tables [rope_len, D] bf16, rounded where layer_ops.c's rope_ rounds:
- *   lo = bf16(bf16(a c) + bf16(-b s)),  hi = bf16(bf16(b c') + bf16(a s'))    (c, s: dims d..; c', s': d + D/2..) */
+ * position 0). a and b are rounded to bf16 (the product's output, as HF's q and k), then each rotated value is one
+ * bf16 dot product of the pair (a, b) with a row of the table (cpu_kernels.amx_rope_table: [rope_len][2 D] bf16, the
+ * pairs (cos d, -sin d) then (sin d', cos d'), d' = d + D/2), rounded once:
+ *   lo = bf16(a c - b s),  hi = bf16(b c' + a s')
+ * (the products exact, their sum rounded to fp32: HF's bf16 ops round each product and the sum, three roundings, and
+ * a rope pass that rounds where they do took ~20% of the QKV product's time, bench/NOTES.md session 29).
+ *
+ * The folded RMSNorm: a product whose input rows are the residual stream x itself, with the norm's weight folded
+ * into its own (opd.llama: W diag(w)), scales each output row's sums by row_scale[row] = 1 / rms(x row) before its
+ * epilogue; the product that adds into x (ADD_BF16) writes those scales for the next one (row_scale_out): each
+ * row's squares summed, 16 lanes a row, as its pairs' epilogues store it, and 1 / sqrt(mean + eps) once a chunk's
+ * rows are complete. No pass over the rows, no normed copy of x. */
 typedef struct {
     const int32_t *tile_cols;   /* the output column of each packed column tile (NULL: tile i at column 16 i) */
     int64_t rope_pairs;         /* pairs below this are rotated */
-    const uint16_t *cos, *sin;  /* [rope_len, head_dim] */
+    const uint16_t *rope_tab;   /* [rope_len, 2 head_dim] */
     int64_t rope_len, head_dim;
+    const float *row_scale;     /* NULL, or each output row's scale (the folded norm) */
 } Epilogue;
+
+/* (a[i], b[i]) pairs of the bf16 roundings of a and b, as one vector of 32 bf16 */
+AMXBF16 static inline __m512bh pairs16(__m512 a, __m512 b) {
+    const __m512i ab = (__m512i)_mm512_cvtne2ps_pbh(b, a);  /* a in the low 16 words, b in the high 16 */
+    const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+                                         23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    return (__m512bh)_mm512_permutexvar_epi16(idx, ab);
+}
 
 /* rows r0 .. r1 - 1 of the sums C [32][32] (fp32) of pair p (two column tiles), rows row0 + r of the output, into out;
  * SILU_MUL with `stage` (those rows' 16 bf16 each): an even pair's 32 bytes of a row wait there for the odd pair's,
- * and the 64-byte line goes out in one streaming store */
+ * and the 64-byte line goes out in one streaming store; ADD_BF16 with `ss` (those rows' 16 fp32 lanes each): each
+ * row's squares after the add, summed over its pairs */
 AMXBF16 static inline void epilogue(const float *C, int r0, int r1, uint16_t *out, int64_t ldo, int64_t p, int64_t row0,
-                                    int mode, const Epilogue *e, uint16_t *stage) {
+                                    int mode, const Epilogue *e, uint16_t *stage, float *ss) {
     const int64_t col_a = e->tile_cols ? e->tile_cols[2 * p] : 32 * p, col_b = e->tile_cols ? e->tile_cols[2 * p + 1] : 32 * p + 16;
+    const float *scale = e->row_scale ? e->row_scale + row0 : NULL;
+#define SCALED(v, r) (scale ? _mm512_mul_ps((v), _mm512_set1_ps(scale[r])) : (v))
     if (mode == SILU_MUL) {  /* a: gate, b: up of output columns 16 p .. 16 p + 15 */
         for (int r = r0; r < r1; r++) {
-            const __m512 g = round16(_mm512_loadu_ps(C + r * 32)), u = round16(_mm512_loadu_ps(C + r * 32 + 16));
+            const __m512 g = round16(SCALED(_mm512_loadu_ps(C + r * 32), r));
+            const __m512 u = round16(SCALED(_mm512_loadu_ps(C + r * 32 + 16), r));
             const __m512 silu = round16(_mm512_mul_ps(g, sigmoid16(g)));
             if (!stage) store16(out + r * ldo + 16 * p, _mm512_mul_ps(silu, u));
             else if (!(p & 1)) store16(stage + r * 16, _mm512_mul_ps(silu, u));
@@ -79,32 +103,38 @@ AMXBF16 static inline void epilogue(const float *C, int r0, int r1, uint16_t *ou
     } else if (p < e->rope_pairs) {
         const int64_t D = e->head_dim, d = col_a % D;
         for (int r = r0; r < r1; r++) {
-            const int64_t pos = (row0 + r) % e->rope_len;
-            const uint16_t *c = e->cos + pos * D + d, *s = e->sin + pos * D + d;
-            const __m512 a = round16(_mm512_loadu_ps(C + r * 32)), b = round16(_mm512_loadu_ps(C + r * 32 + 16));
-            const __m512 lo = _mm512_add_ps(round16(_mm512_mul_ps(a, load16(c))),
-                                            round16(_mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), b), load16(s))));
-            const __m512 hi = _mm512_add_ps(round16(_mm512_mul_ps(b, load16(c + D / 2))),
-                                            round16(_mm512_mul_ps(a, load16(s + D / 2))));
+            const uint16_t *t = e->rope_tab + ((row0 + r) % e->rope_len) * 2 * D + 2 * d;
+            const __m512bh ab = pairs16(SCALED(_mm512_loadu_ps(C + r * 32), r), SCALED(_mm512_loadu_ps(C + r * 32 + 16), r));
+            const __m512 lo = _mm512_dpbf16_ps(_mm512_setzero_ps(), ab, (__m512bh)_mm512_loadu_si512(t));
+            const __m512 hi = _mm512_dpbf16_ps(_mm512_setzero_ps(), ab, (__m512bh)_mm512_loadu_si512(t + D));
             store16(out + r * ldo + col_a, lo);
             store16(out + r * ldo + col_b, hi);
         }
     } else if (mode == ADD_BF16) {  /* the residual stream: out = bf16(out + bf16(sums)), as x.add_(product) rounds */
         for (int r = r0; r < r1; r++) {
             uint16_t *o = out + r * ldo;
-            store16(o + col_a, _mm512_add_ps(load16(o + col_a), round16(_mm512_loadu_ps(C + r * 32))));
-            store16(o + col_b, _mm512_add_ps(load16(o + col_b), round16(_mm512_loadu_ps(C + r * 32 + 16))));
+            const __m256i a = (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(load16(o + col_a), round16(_mm512_loadu_ps(C + r * 32))));
+            const __m256i b = (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(load16(o + col_b), round16(_mm512_loadu_ps(C + r * 32 + 16))));
+            _mm256_storeu_si256((__m256i *)(o + col_a), a);
+            _mm256_storeu_si256((__m256i *)(o + col_b), b);
+            if (ss) {
+                const __m512 va = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(a), 16));
+                const __m512 vb = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
+                const __m512 acc = p ? _mm512_load_ps(ss + r * 16) : _mm512_setzero_ps();
+                _mm512_store_ps(ss + r * 16, _mm512_fmadd_ps(va, va, _mm512_fmadd_ps(vb, vb, acc)));
+            }
         }
     } else if (col_b == col_a + 16) {
         for (int r = r0; r < r1; r++)
-            _mm512_storeu_si512(out + r * ldo + col_a, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(C + r * 32 + 16),
-                                                                                      _mm512_loadu_ps(C + r * 32)));
+            _mm512_storeu_si512(out + r * ldo + col_a, (__m512i)_mm512_cvtne2ps_pbh(SCALED(_mm512_loadu_ps(C + r * 32 + 16), r),
+                                                                                      SCALED(_mm512_loadu_ps(C + r * 32), r)));
     } else {
         for (int r = r0; r < r1; r++) {
-            store16(out + r * ldo + col_a, _mm512_loadu_ps(C + r * 32));
-            store16(out + r * ldo + col_b, _mm512_loadu_ps(C + r * 32 + 16));
+            store16(out + r * ldo + col_a, SCALED(_mm512_loadu_ps(C + r * 32), r));
+            store16(out + r * ldo + col_b, SCALED(_mm512_loadu_ps(C + r * 32 + 16), r));
         }
     }
+#undef SCALED
 }
 
 /* A block of 32 x 32 sums: pair p of column tiles, rows m .. m + rows - 1 (of a chunk, or of the whole product) */
@@ -160,6 +190,7 @@ typedef struct {
     uint16_t *out; int64_t ldo; int mode; const Epilogue *e;   /* a product's epilogue, or */
     LaneSums *st; float *target_z; const int64_t *targets; float scale2;  /* the LM head's terms (st != NULL) */
     uint16_t *stage; int64_t stage_row0, stage_rows;  /* SILU_MUL streamed: a chunk's rows x 16, from row0 */
+    float *ss; int64_t ss_row0;                /* ADD_BF16 with row_scale_out: a chunk's rows x 16 lanes, from row0 */
 } Pending;
 
 AMXBF16 static inline void pending_run(Pending *pd, int upto) {
@@ -167,7 +198,8 @@ AMXBF16 static inline void pending_run(Pending *pd, int upto) {
     if (upto <= pd->done) return;
     if (pd->st) terms_block(pd->C, pd->b, pd->done, upto, pd->st, pd->target_z, pd->targets, pd->scale2);
     else epilogue(pd->C, pd->done, upto, pd->out + pd->b.m * 16 * pd->ldo, pd->ldo, pd->b.p, pd->b.m * 16, pd->mode, pd->e,
-                  pd->stage ? pd->stage + ((pd->b.m * 16 - pd->stage_row0) % pd->stage_rows) * 16 : NULL);
+                  pd->stage ? pd->stage + ((pd->b.m * 16 - pd->stage_row0) % pd->stage_rows) * 16 : NULL,
+                  pd->ss ? pd->ss + (pd->b.m * 16 - pd->ss_row0) * 16 : NULL);
     pd->done = upto;
 }
 
@@ -261,13 +293,15 @@ static inline void prefetch_share(const uint16_t *next0, const uint16_t *next1, 
 }
 
 /* out = x W^T (mode OUT_BF16: out [M, N], RoPE on the first rope_pairs pairs), out += bf16(x W^T) (ADD_BF16), or
- * SiLU x up of it (SILU_MUL: out [M, N / 2], in streaming stores with `stream`); row stride ldo. M % 16 == 0,
- * N % 32 == 0, K % 32 == 0. Returns 0 (nothing done) without the tile state. */
+ * SiLU x up of it (SILU_MUL: out [M, N / 2], in streaming stores with `stream`); row stride ldo. row_scale (NULL or
+ * [M]): each row's sums times it first (OUT_BF16, SILU_MUL: the folded RMSNorm); row_scale_out (NULL or [M],
+ * ADD_BF16): 1 / sqrt(mean(out row^2) + eps) of each row after the add. M % 16 == 0, N % 32 == 0, K % 32 == 0.
+ * Returns 0 (nothing done) without the tile state. */
 AMXBF16 int opd_amx_linear_bf16(const uint16_t *A, int64_t M, int64_t K, const uint16_t *Bp, int64_t N,
                                 uint16_t *out, int64_t ldo, int mode, const int32_t *tile_cols, int64_t rope_pairs,
-                                const uint16_t *cos, const uint16_t *sin, int64_t rope_len, int64_t head_dim,
-                                const uint16_t *norm_w, uint16_t *norm_out, float eps, int stream, int threads) {
-    const Epilogue e = {tile_cols, rope_pairs, cos, sin, rope_len, head_dim};
+                                const uint16_t *rope_tab, int64_t rope_len, int64_t head_dim, const float *row_scale,
+                                float *row_scale_out, float eps, int stream, int threads) {
+    const Epilogue e = {tile_cols, rope_pairs, rope_tab, rope_len, head_dim, mode == ADD_BF16 ? NULL : row_scale};
     if (!gemm_amx_granted || M % 16 || N % 32 || K % 32) return 0;
     const int64_t kbs = K / 32, tiles = M / 16, pairs = N / 32;
     /* rows of a chunk: ~768 KB of x, which stays in L2 (2 MB) with the chunk's output while every pair of column
@@ -300,8 +334,10 @@ AMXBF16 int opd_amx_linear_bf16(const uint16_t *A, int64_t M, int64_t K, const u
                 pd.stage = stage, pd.stage_row0 = t0 * 16, pd.stage_rows = per * 16;
             }
             float *partial = parts > 1 ? aligned_alloc(64, (per / 2 + 1) * 32 * 32 * 4) : NULL;
+            float *ss = mode == ADD_BF16 && row_scale_out ? aligned_alloc(64, per * 16 * 16 * 4) : NULL;
             for (int64_t c0 = t0; c0 < t1; c0 += per) {
                 const int64_t c1 = c0 + per < t1 ? c0 + per : t1;
+                pd.ss = ss, pd.ss_row0 = c0 * 16;
                 for (int64_t p = 0; p < pairs; p++)
                     for (int64_t q = 0; q < parts; q++) {
                         const int64_t kq = q * kbp, kqn = kbs - kq < kbp ? kbs - kq : kbp;
@@ -325,12 +361,10 @@ AMXBF16 int opd_amx_linear_bf16(const uint16_t *A, int64_t M, int64_t K, const u
                             i++;
                         }
                     }
-                if (mode == ADD_BF16 && norm_w) {  /* the chunk's rows are complete once its last block is */
+                if (ss) {  /* the chunk's rows are complete once its last block is: their scales */
                     pending_run(&pd, pd.b.rows);
-                    /* the RMSNorm after the add on the chunk's rows while they are in L2 (a pass of its own read
-                     * them from memory), as layer_ops.c's rms_norm */
-                    for (int64_t r = c0 * 16; r < (c1 * 16 < M ? c1 * 16 : M); r++)
-                        rms_norm_row16(out + r * ldo, norm_w, norm_out + r * ldo, ldo, eps);
+                    for (int64_t r = c0 * 16; r < c1 * 16; r++)
+                        row_scale_out[r] = 1.0f / sqrtf(_mm512_reduce_add_ps(_mm512_load_ps(ss + (r - c0 * 16) * 16)) / (float)N + eps);
                 }
             }
             pending_run(&pd, pd.b.rows);
@@ -338,9 +372,18 @@ AMXBF16 int opd_amx_linear_bf16(const uint16_t *A, int64_t M, int64_t K, const u
             _mm_sfence();  /* the streamed stores, before the region's barrier */
             free(stage);
             free(partial);
+            free(ss);
         }
     }
     return 1;
+}
+
+/* 1 / sqrt(mean(x row^2) + eps) of rows x [M, n] bf16 (row stride ld) into scale [M]: the first layer's folded
+ * RMSNorm (opd_amx_linear_bf16's row_scale; the products that add into x write the later ones) */
+BF16_TARGET void opd_row_inv_rms_bf16(const uint16_t *x, int64_t M, int64_t n, int64_t ld, float eps, float *scale,
+                                      int threads) {
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < M; r++) scale[r] = inv_rms16(x + r * ld, n, eps);
 }
 
 /* ------------------------------------------------------------------------------------------- LM head and terms
