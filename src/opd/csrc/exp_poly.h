@@ -75,9 +75,10 @@ __attribute__((target("avx512f"))) static inline __m512 exp2_16(__m512 t) {
     return exp2_16_poly(t, c, 6);
 }
 
-/* 2^t for values rounded to bf16 next (the bf16 attention's probabilities): a degree-4 polynomial (minimax relative
- * error 2.7e-6, against bf16's rounding step of 2^-8: it moves ~0.1% of the roundings by one step), two FMAs fewer
- * than exp2_16 (attention ~4% faster in a harness, bench/NOTES.md, session 27) */
+/* 2^t where bf16's precision is what counts (the bf16 attention's probabilities, rounded to bf16 next; the LM head's
+ * log-sum-exp terms of bf16 logits): a degree-4 polynomial (minimax relative error 2.7e-6, against bf16's rounding
+ * step of 2^-8: it moves ~0.1% of the roundings by one step), two FMAs fewer than exp2_16 (attention ~4% faster in
+ * a harness, bench/NOTES.md, session 27; the head 3.8%, session 29) */
 __attribute__((target("avx512f"))) static inline __m512 exp2_16_bf16(__m512 t) {
     static const float c[5] = {9.5701012e-3f, 5.5917859e-2f, 2.4024744e-1f, 6.9312179e-1f, 9.9999928e-1f};
     return exp2_16_poly(t, c, 4);
