@@ -645,8 +645,10 @@ def test_amx_head_terms_equal_the_log_softmax_of_the_bf16_logits(n, K, V, temper
         cpu_kernels.amx_head_terms(h, cpu_kernels.AmxWeight(head), targets + V, temperature)
 
 
+# heads of 64 (RoPE in the QKV product's epilogue, opd's attention) and of 48 (the RoPE pass, torch's attention)
+@pytest.mark.parametrize("hidden,heads", [(128, 2), (96, 2)])
 def test_a_frozen_bf16_teacher_scores_through_the_amx_kernels_as_through_onednn(student, tokenizer, prompts,
-                                                                                 monkeypatch):
+                                                                                 monkeypatch, hidden, heads):
     from transformers import LlamaForCausalLM
 
     from opd.rollout import SamplingParams, sample
@@ -654,22 +656,24 @@ def test_a_frozen_bf16_teacher_scores_through_the_amx_kernels_as_through_onednn(
     from opd.teacher.builtin import STUDENT_SHAPE, llama_config
 
     needs_amx_gemm()
-    config = llama_config(tokenizer, {**STUDENT_SHAPE, "hidden_size": 128, "num_attention_heads": 2})
+    config = llama_config(tokenizer, {**STUDENT_SHAPE, "hidden_size": hidden, "num_attention_heads": heads})
     config.vocab_size = 128  # whole tiles of the head's outputs
     torch.manual_seed(3)
     model = LlamaForCausalLM(config).eval().bfloat16()
     roll = sample(student, tokenizer, prompts, SamplingParams(temperature=0.9, max_new_tokens=12),
                   generator=torch.Generator().manual_seed(3))
-    calls = {"products": 0, "head": 0}
-    products, head = cpu_kernels.amx_linear, cpu_kernels.amx_head_terms
+    calls = {"products": 0, "mlp": 0, "head": 0}
+    products, mlp, head = cpu_kernels.amx_linear, cpu_kernels.amx_mlp, cpu_kernels.amx_head_terms
     monkeypatch.setattr(cpu_kernels, "amx_linear",
                         lambda *a, **k: calls.__setitem__("products", calls["products"] + 1) or products(*a, **k))
+    monkeypatch.setattr(cpu_kernels, "amx_mlp", lambda *a: calls.__setitem__("mlp", calls["mlp"] + 1) or mlp(*a))
     monkeypatch.setattr(cpu_kernels, "amx_head_terms", lambda *a: calls.__setitem__("head", calls["head"] + 1) or head(*a))
     teacher = LocalTeacher(model)
     first = teacher.score(roll)
-    assert calls == {"products": 0, "head": 0}  # weights seen once: not packed yet (a student's change every step)
+    assert calls == {"products": 0, "mlp": 0, "head": 0}  # weights seen once: not packed yet (a student's change every step)
     packed = teacher.score(roll)
-    assert calls == {"products": 4 * config.num_hidden_layers, "head": 1}
+    # QKV and o as products, gate/up and down as one MLP pass
+    assert calls == {"products": 2 * config.num_hidden_layers, "mlp": config.num_hidden_layers, "head": 1}
     torch.testing.assert_close(packed.token_logprobs, first.token_logprobs, rtol=0.02, atol=0.05)
     torch.testing.assert_close(packed.entropy, first.entropy, rtol=0.02, atol=0.05)
     model.lm_head.weight.data.mul_(1.5)  # a changed weight is packed again (after being seen twice), never reused
@@ -772,3 +776,25 @@ def test_amx_product_of_the_residual_with_the_norm_folded_in_equals_the_norm_the
     err_folded, err_unfolded = (got.double() - exact).abs().mean(), (unfolded.double() - exact).abs().mean()
     assert err_folded < 1.3 * err_unfolded, (err_folded / scale, err_unfolded / scale)  # bf16's noise, not more
     torch.testing.assert_close(got.double(), exact, rtol=2**-6, atol=float(0.03 * scale))
+
+# 2208 rows: several chunks of AMX_MLP_ROWS a thread, the last of them shorter; 48: one block of 32 and one of 16
+@pytest.mark.parametrize("M", [2208, 48])
+def test_amx_mlp_equals_its_two_products_in_turn(M):
+    needs_amx_gemm()
+    g = torch.Generator().manual_seed(M)
+    hidden, inter = 192, 512
+    x = torch.randn(M, hidden, generator=g).bfloat16()
+    gate_up = cpu_kernels.AmxWeight((torch.randn(2 * inter, hidden, generator=g) * 0.1).bfloat16(), silu_mul=True)
+    down = cpu_kernels.AmxWeight((torch.randn(hidden, inter, generator=g) * 0.05).bfloat16())
+    scale = cpu_kernels.row_inv_rms(x, 1e-5)
+    want_x, want_scale = x.clone(), torch.empty(M)
+    up = cpu_kernels.amx_linear(want_x, gate_up, row_scale=scale)
+    cpu_kernels.amx_linear(up, down, add_to=want_x, scale_out=(want_scale, 1e-5))
+    got_x, got_scale = x.clone(), torch.full((M,), float("nan"))
+    assert cpu_kernels.amx_mlp(got_x, gate_up, down, scale, (got_scale, 1e-5)) is got_x
+    assert torch.equal(got_x, want_x) and torch.equal(got_scale, want_scale)  # the same sums in the same order
+    plain = x.clone()
+    cpu_kernels.amx_mlp(plain, gate_up, down, scale)  # without the scales after it
+    assert torch.equal(plain, want_x)
+    with pytest.raises(AssertionError, match="rows a multiple of 16"):
+        cpu_kernels.amx_mlp(x[:-1].contiguous(), gate_up, down, scale[:-1].contiguous())

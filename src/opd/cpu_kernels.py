@@ -782,6 +782,9 @@ def _gemm_library() -> ctypes.CDLL | None:
     lib.opd_amx_linear_bf16.argtypes = [_P, ctypes.c_int64, ctypes.c_int64, _P, ctypes.c_int64, _P, ctypes.c_int64,
                                         ctypes.c_int, _P, ctypes.c_int64, _P, ctypes.c_int64, ctypes.c_int64,
                                         _P, _P, ctypes.c_float, ctypes.c_int, ctypes.c_int]
+    lib.opd_amx_mlp_bf16.restype = ctypes.c_int
+    lib.opd_amx_mlp_bf16.argtypes = [_P, ctypes.c_int64, ctypes.c_int64, _P, _P, ctypes.c_int64, _P, _P, _P, _P,
+                                     ctypes.c_float, ctypes.c_int64, ctypes.c_int]
     lib.opd_row_inv_rms_bf16.restype = None
     lib.opd_row_inv_rms_bf16.argtypes = [_P, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_float, _P,
                                          ctypes.c_int]
@@ -924,6 +927,32 @@ def amx_linear(x: torch.Tensor, w: AmxWeight, rope: tuple[torch.Tensor, torch.Te
     if add_to is not None:
         return add_to
     return (out if out.shape[0] == m else out[:m]).view(*lead, width)
+
+
+# Rows of the MLP a thread takes through both of its products at a time (amx_mlp): SiLU x up of 512 rows (1.5 MB at
+# SmolLM2's 1,536) stays in a core's L2 (2 MB on every Xeon with AMX) between them; the gate/up product's chunks of
+# rows are that size anyway (bench/NOTES.md, session 29)
+AMX_MLP_ROWS = 512
+
+
+def amx_mlp(x: torch.Tensor, gate_up: AmxWeight, down: AmxWeight, row_scale: torch.Tensor,
+            scale_out: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
+    """x += silu(g) u @ down^T in place, (g, u) = row_scale * (x @ gate_up^T), for the residual stream x [rows, hidden]
+    bf16 (contiguous, rows a multiple of 16), a `silu_mul` gate/up weight with the RMSNorm's weight folded in and
+    row_scale = row_inv_rms(x); with `scale_out` = (fp32 [rows], eps) row_inv_rms of x after the add is written there.
+    One pass of chunks of rows through both products, SiLU x up in a buffer a thread that stays in its L2."""
+    m, hidden = x.shape
+    inter = gate_up.shape[0] // 2
+    assert x.dtype == torch.bfloat16 and x.is_contiguous() and m % 16 == 0, "x: contiguous bf16, rows a multiple of 16"
+    assert gate_up.silu_mul and gate_up.shape[1] == hidden and down.shape == (hidden, inter) and not down.silu_mul
+    _checked_out(row_scale, (m,), torch.float32)
+    scales_out, eps = (None, 0.0) if scale_out is None else (_checked_out(scale_out[0], (m,), torch.float32), scale_out[1])
+    done = _gemm_library().opd_amx_mlp_bf16(
+        x.data_ptr(), m, hidden, gate_up.tensor.data_ptr(), gate_up.tile_cols.data_ptr(), inter, down.tensor.data_ptr(),
+        down.tile_cols.data_ptr(), row_scale.data_ptr(), None if scales_out is None else scales_out.data_ptr(),
+        float(eps), AMX_MLP_ROWS, torch.get_num_threads())
+    assert done, "the tile state was granted at load, and AmxWeight.fits checked the shapes"
+    return x
 
 
 def _checked_out(out: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:

@@ -488,14 +488,13 @@ def _amx_causal_hidden(ids: torch.Tensor, embed: torch.Tensor, layers: list[Laye
     scale = cpu_kernels.row_inv_rms(x, cfg.rms_norm_eps)
     scale_out = (scale, cfg.rms_norm_eps)
     rope = cpu_kernels.amx_rope_table(cos, sin)
-    # One buffer each for QKV's output, attention's and SiLU x up, written layer after layer: each layer writes the
-    # lines the one before wrote, still in the caches, where a new tensor each layer had its lines come from L3 or
-    # memory (the 8 x 512 forward 601 -> 569 ms, QKV 82 -> 68, attention 93 -> 83; SiLU x up stored into its buffer,
-    # not streamed, at 8 x 256: the down product reading it 57 -> 51; bench/NOTES.md, session 28). Each is read
-    # before the next layer writes it again.
+    # One buffer each for QKV's output and attention's, written layer after layer: each layer writes the lines the
+    # one before wrote, still in the caches, where a new tensor each layer had its lines come from L3 or memory (the
+    # 8 x 512 forward 601 -> 569 ms, QKV 82 -> 68, attention 93 -> 83; bench/NOTES.md, session 28). Each is read
+    # before the next layer writes it again. The MLP keeps SiLU x up in a buffer of each thread (cpu_kernels.amx_mlp:
+    # as two products it went through L3 or memory, session 29).
     qkv_out = torch.empty(rows, (H + 2 * KV) * D, dtype=x.dtype)
     att = torch.zeros(rows, H * D, dtype=x.dtype)  # (its padding rows stay 0: their products are added to x's)
-    mlp = torch.empty(rows, layers[0].gate_up.shape[0] // 2, dtype=x.dtype) if layers else None
     for i, w in enumerate(layers):
         if w.qkv.rope_heads:  # rotated by the product itself
             qkv = cpu_kernels.amx_linear(x, w.qkv, rope=rope, row_scale=scale, out=qkv_out)[: B * L]
@@ -511,6 +510,5 @@ def _amx_causal_hidden(ids: torch.Tensor, embed: torch.Tensor, layers: list[Laye
             att[: B * L] = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=D**-0.5, **gqa) \
                 .transpose(1, 2).reshape(B * L, H * D)
         cpu_kernels.amx_linear(att, w.o, add_to=x, scale_out=scale_out)
-        up = cpu_kernels.amx_linear(x, w.gate_up, row_scale=scale, out=mlp)
-        cpu_kernels.amx_linear(up, w.down, add_to=x, scale_out=scale_out if i + 1 < len(layers) else None)
+        cpu_kernels.amx_mlp(x, w.gate_up, w.down, scale, scale_out if i + 1 < len(layers) else None)
     return x[: B * L].view(B, L, -1)

@@ -193,13 +193,15 @@ typedef struct {
     LaneSums *st; float *target_z; const int64_t *targets; float scale2;  /* the LM head's terms (st != NULL) */
     uint16_t *stage; int64_t stage_row0, stage_rows;  /* SILU_MUL streamed: a chunk's rows x 16, from row0 */
     float *ss; int64_t ss_row0;                /* ADD_BF16 with row_scale_out: a chunk's rows x 16 lanes, from row0 */
+    int64_t row_base;                          /* the product's row number of block row 0 (RoPE's positions, scales) */
 } Pending;
 
 AMXBF16 static inline void pending_run(Pending *pd, int upto) {
     if (upto > pd->b.rows) upto = pd->b.rows;
     if (upto <= pd->done) return;
     if (pd->st) terms_block(pd->C, pd->b, pd->done, upto, pd->st, pd->target_z, pd->targets, pd->scale2);
-    else epilogue(pd->C, pd->done, upto, pd->out + pd->b.m * 16 * pd->ldo, pd->ldo, pd->b.p, pd->b.m * 16, pd->mode, pd->e,
+    else epilogue(pd->C, pd->done, upto, pd->out + pd->b.m * 16 * pd->ldo, pd->ldo, pd->b.p, pd->row_base + pd->b.m * 16,
+                  pd->mode, pd->e,
                   pd->stage ? pd->stage + ((pd->b.m * 16 - pd->stage_row0) % pd->stage_rows) * 16 : NULL,
                   pd->ss ? pd->ss + (pd->b.m * 16 - pd->ss_row0) * 16 : NULL);
     pd->done = upto;
@@ -294,6 +296,90 @@ static inline void prefetch_share(const uint16_t *next0, const uint16_t *next1, 
         _mm_prefetch(l < kbs * 16 ? (const char *)next0 + l * 64 : (const char *)next1 + (l - kbs * 16) * 64, _MM_HINT_T1);
 }
 
+/* One product's operands and epilogue (opd_amx_linear_bf16's arguments below), shared by the threads running it */
+typedef struct {
+    const uint16_t *Bp;         /* the packed weight [N / 16 column tiles][K / 32][16][32] */
+    int64_t K, N, ldo;
+    int mode, stream;           /* stream: SILU_MUL's output in streaming stores (checked against out's alignment) */
+    Epilogue e;
+    float *row_scale_out;       /* ADD_BF16: each row's 1 / rms after the add, or NULL */
+    float eps;
+} Product;
+
+/* rows row0 .. row0 + 16 tiles - 1 of a product, by the calling thread: A and out at row row0 (x [.., K], out [.., ldo]);
+ * row0 numbers the rows for RoPE's positions and the rows' scales. In chunks of rows that stay in L2, each chunk over
+ * every pair of column tiles (see the top of this file). */
+AMXBF16 static void product_rows(const Product *pr, const uint16_t *A, uint16_t *out, int64_t row0, int64_t tiles) {
+    const int64_t K = pr->K, kbs = K / 32, pairs = pr->N / 32, ldo = pr->ldo;
+    const uint16_t *Bp = pr->Bp;
+    const int mode = pr->mode;
+    /* rows of a chunk: ~768 KB of x, which stays in L2 (2 MB) with the chunk's output while every pair of column
+     * tiles passes over it; 1.25 MB where the output is streamed (it does not stay): the weight, which streams in
+     * once a chunk, then once a thread at 8 x 256 (gate/up 80.6 -> 76.5 ms of the forward; QKV, whose output stays,
+     * was 2 ms slower with 1.25 MB chunks, session 27) */
+    const int streamed = pr->stream && mode == SILU_MUL && pairs % 2 == 0 && (uintptr_t)out % 64 == 0 && ldo % 32 == 0;
+    int64_t chunk_tiles = ((streamed ? 1280 : 768) * 1024) / (16 * K * 2);
+    /* K in parts of 16 x 32 k where a pair of column tiles' weight (2 KB a 32 k) would not fit L1 (48 KB: the down
+     * product's 96 KB at K = 1,536, whose tiles then all came from L2): the part's 32 KB stays in L1 over the
+     * chunk's row blocks, whose fp32 sums wait in `partial` between parts (the same bits: stored and loaded
+     * exactly). The down product 58.3 -> 53.9 ms of the 8 x 256 forward (session 28); two parts at K = 576 were
+     * slower (their pair's 36 KB fits) */
+    const int64_t kbp = kbs > 24 ? 16 : kbs, parts = (kbs + kbp - 1) / kbp;
+    chunk_tiles = chunk_tiles < 2 ? 2 : chunk_tiles & ~(int64_t)1;
+    tile_config_16x64();
+    float C[2][32 * 32] __attribute__((aligned(64)));
+    Pending pd = {.b = {0, 0, 0}, .out = out, .ldo = ldo, .mode = mode, .e = &pr->e, .row_base = row0};
+    int64_t i = 0;
+    const int64_t chunks = (tiles + chunk_tiles - 1) / chunk_tiles;  /* of equal size: no short last one */
+    const int64_t per = (((tiles + chunks - 1) / chunks) + 1) & ~(int64_t)1;
+    uint16_t *stage = NULL;  /* streamed SILU_MUL: every pair of pairs fills whole 64-byte lines of a row */
+    if (streamed) {
+        stage = aligned_alloc(64, per * 16 * 32);
+        pd.stage = stage, pd.stage_row0 = 0, pd.stage_rows = per * 16;
+    }
+    float *partial = parts > 1 ? aligned_alloc(64, (per / 2 + 1) * 32 * 32 * 4) : NULL;
+    float *ss = mode == ADD_BF16 && pr->row_scale_out ? aligned_alloc(64, per * 16 * 16 * 4) : NULL;
+    for (int64_t c0 = 0; c0 < tiles; c0 += per) {
+        const int64_t c1 = c0 + per < tiles ? c0 + per : tiles;
+        pd.ss = ss, pd.ss_row0 = c0 * 16;
+        for (int64_t p = 0; p < pairs; p++)
+            for (int64_t q = 0; q < parts; q++) {
+                const int64_t kq = q * kbp, kqn = kbs - kq < kbp ? kbs - kq : kbp;
+                const uint16_t *B0 = Bp + (2 * p * kbs + kq) * 512, *B1 = B0 + kbs * 512;
+                /* the next part's weight tiles: this pair's, or the next pair's first */
+                const int64_t np = q + 1 < parts ? p : (p + 1) % pairs, nq = q + 1 < parts ? kq + kbp : 0;
+                const int64_t nn = kbs - nq < kbp ? kbs - nq : kbp;
+                const uint16_t *next0 = Bp + (2 * np * kbs + nq) * 512, *next1 = next0 + kbs * 512;
+                for (int64_t m = c0; m < c1; m += 2) {
+                    const Block cur = {p, m, m + 1 < c1 ? 32 : 16};
+                    float *sums = partial ? partial + ((m - c0) / 2) * 32 * 32 : NULL;
+                    block_products(A + m * 16 * K + kq * 32, K, B0, B1, kqn, cur.rows, q ? sums : NULL,
+                                   &pd);  /* and the last block's epilogue */
+                    prefetch_share(next0, next1, nn, (m - c0) / 2, (c1 - c0 + 1) / 2);
+                    if (q + 1 < parts) {
+                        block_store(sums, cur.rows);
+                        continue;
+                    }
+                    block_store(C[i & 1], cur.rows);
+                    pd.C = C[i & 1], pd.b = cur, pd.done = 0;
+                    i++;
+                }
+            }
+        if (ss) {  /* the chunk's rows are complete once its last block is: their scales */
+            pending_run(&pd, pd.b.rows);
+            for (int64_t r = c0 * 16; r < c1 * 16; r++)
+                pr->row_scale_out[row0 + r] =
+                    1.0f / sqrtf(_mm512_reduce_add_ps(_mm512_load_ps(ss + (r - c0 * 16) * 16)) / (float)pr->N + pr->eps);
+        }
+    }
+    pending_run(&pd, pd.b.rows);
+    _tile_release();
+    _mm_sfence();  /* the streamed stores, before the region's barrier */
+    free(stage);
+    free(partial);
+    free(ss);
+}
+
 /* out = x W^T (mode OUT_BF16: out [M, N], RoPE on the first rope_pairs pairs), out += bf16(x W^T) (ADD_BF16), or
  * SiLU x up of it (SILU_MUL: out [M, N / 2], in streaming stores with `stream`); row stride ldo. row_scale (NULL or
  * [M]): each row's sums times it first (OUT_BF16, SILU_MUL: the folded RMSNorm); row_scale_out (NULL or [M],
@@ -303,78 +389,45 @@ AMXBF16 int opd_amx_linear_bf16(const uint16_t *A, int64_t M, int64_t K, const u
                                 uint16_t *out, int64_t ldo, int mode, const int32_t *tile_cols, int64_t rope_pairs,
                                 const uint16_t *rope_tab, int64_t rope_len, int64_t head_dim, const float *row_scale,
                                 float *row_scale_out, float eps, int stream, int threads) {
-    const Epilogue e = {tile_cols, rope_pairs, rope_tab, rope_len, head_dim, mode == ADD_BF16 ? NULL : row_scale};
     if (!gemm_amx_granted || M % 16 || N % 32 || K % 32) return 0;
-    const int64_t kbs = K / 32, tiles = M / 16, pairs = N / 32;
-    /* rows of a chunk: ~768 KB of x, which stays in L2 (2 MB) with the chunk's output while every pair of column
-     * tiles passes over it; 1.25 MB where the output is streamed (it does not stay): the weight, which streams in
-     * once a chunk, then once a thread at 8 x 256 (gate/up 80.6 -> 76.5 ms of the forward; QKV, whose output stays,
-     * was 2 ms slower with 1.25 MB chunks, session 27) */
-    const int streamed = stream && mode == SILU_MUL && pairs % 2 == 0 && (uintptr_t)out % 64 == 0 && ldo % 32 == 0;
-    int64_t chunk_tiles = ((streamed ? 1280 : 768) * 1024) / (16 * K * 2);
-    /* K in parts of 16 x 32 k where a pair of column tiles' weight (2 KB a 32 k) would not fit L1 (48 KB: the down
-     * product's 96 KB at K = 1,536, whose tiles then all came from L2): the part's 32 KB stays in L1 over the
-     * chunk's row blocks, whose fp32 sums wait in `partial` between parts (the same bits: stored and loaded
-     * exactly). The down product 58.3 -> 53.9 ms of the 8 x 256 forward (session 28); two parts at K = 576 were
-     * slower (their pair's 36 KB fits) */
-    const int64_t kbp = kbs > 24 ? 16 : kbs, parts = (kbs + kbp - 1) / kbp;
-    chunk_tiles = chunk_tiles < 2 ? 2 : chunk_tiles & ~(int64_t)1;
+    const Product pr = {Bp, K, N, ldo, mode, stream,
+                        {tile_cols, rope_pairs, rope_tab, rope_len, head_dim, mode == ADD_BF16 ? NULL : row_scale},
+                        mode == ADD_BF16 ? row_scale_out : NULL, eps};
     #pragma omp parallel num_threads(threads)
     {
         int64_t t0, t1;
-        thread_tiles(tiles, &t0, &t1);
+        thread_tiles(M / 16, &t0, &t1);
+        if (t0 < t1) product_rows(&pr, A + t0 * 16 * K, out + t0 * 16 * ldo, t0 * 16, t1 - t0);
+    }
+    return 1;
+}
+
+/* The MLP of a layer, added into the residual stream x [M, hidden] in place: x += silu(g) u W_down^T with
+ * (g, u) = row_scale x W_gate_up^T (the gate/up weight packed with silu_mul, the post-attention RMSNorm folded in;
+ * row_scale: x's 1 / rms), and with row_scale_out (NULL or [M]) x's 1 / rms after it. Each thread takes chunks of
+ * chunk_rows of its rows through both products in turn, SiLU x up in a buffer of its own that stays in its L2: as
+ * two products, SiLU x up went through L3 or memory (12 MB at 8 x 512) between them. M % 16 == 0. */
+AMXBF16 int opd_amx_mlp_bf16(uint16_t *x, int64_t M, int64_t hidden, const uint16_t *Wgu, const int32_t *gu_cols,
+                             int64_t inter, const uint16_t *Wd, const int32_t *d_cols, const float *row_scale,
+                             float *row_scale_out, float eps, int64_t chunk_rows, int threads) {
+    if (!gemm_amx_granted || M % 16 || hidden % 32 || inter % 32) return 0;
+    const Product gu = {Wgu, hidden, 2 * inter, inter, SILU_MUL, 0, {gu_cols, 0, NULL, 1, 1, row_scale}, NULL, 0.0f};
+    const Product dn = {Wd, inter, hidden, hidden, ADD_BF16, 0, {d_cols, 0, NULL, 1, 1, NULL}, row_scale_out, eps};
+    const int64_t chunk_tiles = chunk_rows < 32 ? 2 : (chunk_rows / 16) & ~(int64_t)1;
+    #pragma omp parallel num_threads(threads)
+    {
+        int64_t t0, t1;
+        thread_tiles(M / 16, &t0, &t1);
         if (t0 < t1) {
-            tile_config_16x64();
-            float C[2][32 * 32] __attribute__((aligned(64)));
-            Pending pd = {.b = {0, 0, 0}, .out = out, .ldo = ldo, .mode = mode, .e = &e};
-            int64_t i = 0;
-            const int64_t chunks = (t1 - t0 + chunk_tiles - 1) / chunk_tiles;  /* of equal size: no short last one */
+            const int64_t chunks = (t1 - t0 + chunk_tiles - 1) / chunk_tiles;  /* of equal size */
             const int64_t per = (((t1 - t0 + chunks - 1) / chunks) + 1) & ~(int64_t)1;
-            uint16_t *stage = NULL;  /* streamed SILU_MUL: every pair of pairs fills whole 64-byte lines of a row */
-            if (streamed) {
-                stage = aligned_alloc(64, per * 16 * 32);
-                pd.stage = stage, pd.stage_row0 = t0 * 16, pd.stage_rows = per * 16;
-            }
-            float *partial = parts > 1 ? aligned_alloc(64, (per / 2 + 1) * 32 * 32 * 4) : NULL;
-            float *ss = mode == ADD_BF16 && row_scale_out ? aligned_alloc(64, per * 16 * 16 * 4) : NULL;
+            uint16_t *h = aligned_alloc(64, per * 16 * inter * 2);
             for (int64_t c0 = t0; c0 < t1; c0 += per) {
-                const int64_t c1 = c0 + per < t1 ? c0 + per : t1;
-                pd.ss = ss, pd.ss_row0 = c0 * 16;
-                for (int64_t p = 0; p < pairs; p++)
-                    for (int64_t q = 0; q < parts; q++) {
-                        const int64_t kq = q * kbp, kqn = kbs - kq < kbp ? kbs - kq : kbp;
-                        const uint16_t *B0 = Bp + (2 * p * kbs + kq) * 512, *B1 = B0 + kbs * 512;
-                        /* the next part's weight tiles: this pair's, or the next pair's first */
-                        const int64_t np = q + 1 < parts ? p : (p + 1) % pairs, nq = q + 1 < parts ? kq + kbp : 0;
-                        const int64_t nn = kbs - nq < kbp ? kbs - nq : kbp;
-                        const uint16_t *next0 = Bp + (2 * np * kbs + nq) * 512, *next1 = next0 + kbs * 512;
-                        for (int64_t m = c0; m < c1; m += 2) {
-                            const Block cur = {p, m, m + 1 < c1 ? 32 : 16};
-                            float *sums = partial ? partial + ((m - c0) / 2) * 32 * 32 : NULL;
-                            block_products(A + m * 16 * K + kq * 32, K, B0, B1, kqn, cur.rows, q ? sums : NULL,
-                                           &pd);  /* and the last block's epilogue */
-                            prefetch_share(next0, next1, nn, (m - c0) / 2, (c1 - c0 + 1) / 2);
-                            if (q + 1 < parts) {
-                                block_store(sums, cur.rows);
-                                continue;
-                            }
-                            block_store(C[i & 1], cur.rows);
-                            pd.C = C[i & 1], pd.b = cur, pd.done = 0;
-                            i++;
-                        }
-                    }
-                if (ss) {  /* the chunk's rows are complete once its last block is: their scales */
-                    pending_run(&pd, pd.b.rows);
-                    for (int64_t r = c0 * 16; r < c1 * 16; r++)
-                        row_scale_out[r] = 1.0f / sqrtf(_mm512_reduce_add_ps(_mm512_load_ps(ss + (r - c0 * 16) * 16)) / (float)N + eps);
-                }
+                const int64_t n = (c0 + per < t1 ? c0 + per : t1) - c0;
+                product_rows(&gu, x + c0 * 16 * hidden, h, c0 * 16, n);
+                product_rows(&dn, h, x + c0 * 16 * hidden, c0 * 16, n);
             }
-            pending_run(&pd, pd.b.rows);
-            _tile_release();
-            _mm_sfence();  /* the streamed stores, before the region's barrier */
-            free(stage);
-            free(partial);
-            free(ss);
+            free(h);
         }
     }
     return 1;
