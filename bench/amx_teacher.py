@@ -59,7 +59,8 @@ class StepTimes:
 
     STEPS = [(llama, "_product"), (cpu_kernels, "amx_linear"), (llama, "add_rms_norm_"), (llama, "rope_"),
              (llama, "rms_norm"), (llama, "silu_mul"), (cpu_kernels, "causal_attention"),
-             (cpu_kernels, "amx_mlp"), (cpu_kernels, "amx_head_terms"), (local, "per_position")]
+             (cpu_kernels, "amx_mlp"), (cpu_kernels, "amx_layers"), (cpu_kernels, "amx_head_terms"),
+             (local, "per_position")]
 
     def __init__(self):
         self.seconds = collections.defaultdict(float)

@@ -645,10 +645,21 @@ def test_amx_head_terms_equal_the_log_softmax_of_the_bf16_logits(n, K, V, temper
         cpu_kernels.amx_head_terms(h, cpu_kernels.AmxWeight(head), targets + V, temperature)
 
 
-# heads of 64 (RoPE in the QKV product's epilogue, opd's attention) and of 48 (the RoPE pass, torch's attention)
-@pytest.mark.parametrize("hidden,heads", [(128, 2), (96, 2)])
+@pytest.fixture
+def two_threads():
+    """torch's (and so the kernels') threads at 2 for the test: the split of rows and sequences between threads"""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+# heads of 64: the layers in one call (6 sequences, 3 a thread), or step by step (5: not a multiple of the threads);
+# heads of 48: step by step, RoPE as a pass and torch's attention
+@pytest.mark.parametrize("hidden,heads,n_prompts,one_call", [(128, 2, 6, True), (128, 2, 5, False), (96, 2, 6, False)])
 def test_a_frozen_bf16_teacher_scores_through_the_amx_kernels_as_through_onednn(student, tokenizer, prompts,
-                                                                                 monkeypatch, hidden, heads):
+                                                                                 monkeypatch, two_threads, hidden,
+                                                                                 heads, n_prompts, one_call):
     from transformers import LlamaForCausalLM
 
     from opd.rollout import SamplingParams, sample
@@ -660,24 +671,57 @@ def test_a_frozen_bf16_teacher_scores_through_the_amx_kernels_as_through_onednn(
     config.vocab_size = 128  # whole tiles of the head's outputs
     torch.manual_seed(3)
     model = LlamaForCausalLM(config).eval().bfloat16()
-    roll = sample(student, tokenizer, prompts, SamplingParams(temperature=0.9, max_new_tokens=12),
+    roll = sample(student, tokenizer, prompts[:n_prompts], SamplingParams(temperature=0.9, max_new_tokens=12),
                   generator=torch.Generator().manual_seed(3))
-    calls = {"products": 0, "mlp": 0, "head": 0}
-    products, mlp, head = cpu_kernels.amx_linear, cpu_kernels.amx_mlp, cpu_kernels.amx_head_terms
-    monkeypatch.setattr(cpu_kernels, "amx_linear",
-                        lambda *a, **k: calls.__setitem__("products", calls["products"] + 1) or products(*a, **k))
-    monkeypatch.setattr(cpu_kernels, "amx_mlp", lambda *a: calls.__setitem__("mlp", calls["mlp"] + 1) or mlp(*a))
-    monkeypatch.setattr(cpu_kernels, "amx_head_terms", lambda *a: calls.__setitem__("head", calls["head"] + 1) or head(*a))
+    calls = {"layers": 0, "products": 0, "mlp": 0, "head": 0}
+
+    def counted(name, fn):
+        def call(*a, **k):
+            result = fn(*a, **k)
+            calls[name] += 1 if name != "layers" else int(result)  # (amx_layers: False where it does not apply)
+            return result
+        return call
+
+    for name, fn in (("layers", "amx_layers"), ("products", "amx_linear"), ("mlp", "amx_mlp"), ("head", "amx_head_terms")):
+        monkeypatch.setattr(cpu_kernels, fn, counted(name, getattr(cpu_kernels, fn)))
     teacher = LocalTeacher(model)
     first = teacher.score(roll)
-    assert calls == {"products": 0, "mlp": 0, "head": 0}  # weights seen once: not packed yet (a student's change every step)
+    assert calls == {"layers": 0, "products": 0, "mlp": 0, "head": 0}  # seen once: not packed yet (a student's change every step)
     packed = teacher.score(roll)
-    # QKV and o as products, gate/up and down as one MLP pass
-    assert calls == {"products": 2 * config.num_hidden_layers, "mlp": config.num_hidden_layers, "head": 1}
+    n = config.num_hidden_layers
+    # every layer in one call, or QKV and o as products and gate/up and down as one MLP pass each layer
+    assert calls == ({"layers": 1, "products": 0, "mlp": 0, "head": 1} if one_call
+                     else {"layers": 0, "products": 2 * n, "mlp": n, "head": 1})
     torch.testing.assert_close(packed.token_logprobs, first.token_logprobs, rtol=0.02, atol=0.05)
     torch.testing.assert_close(packed.entropy, first.entropy, rtol=0.02, atol=0.05)
     model.lm_head.weight.data.mul_(1.5)  # a changed weight is packed again (after being seen twice), never reused
     assert teacher.score(roll).token_logprobs.sub(packed.token_logprobs).abs().max() > 0.01
+
+
+# 4 x 48: two sequences a thread; 2 x 40: a thread's 40 rows are not whole tiles, so step by step
+@pytest.mark.parametrize("B,L,one_call", [(4, 48, True), (2, 40, False)])
+def test_amx_layers_in_one_call_equal_the_step_by_step_forward(tokenizer, monkeypatch, two_threads, B, L, one_call):
+    from transformers import LlamaForCausalLM
+
+    from opd import llama
+    from opd.teacher.builtin import STUDENT_SHAPE, llama_config
+
+    needs_amx_gemm()
+    config = llama_config(tokenizer, {**STUDENT_SHAPE, "hidden_size": 192, "num_attention_heads": 3, "num_hidden_layers": 3})
+    config.num_key_value_heads = 1  # grouped-query attention: three query heads a key head
+    torch.manual_seed(5)
+    model = LlamaForCausalLM(config).eval().bfloat16()
+    ids = torch.randint(0, config.vocab_size, (B, L))
+    for _ in range(2):
+        llama.causal_hidden(model, ids)  # seen twice: packed
+    ran, layers = [], cpu_kernels.amx_layers
+    monkeypatch.setattr(cpu_kernels, "amx_layers", lambda *a, **k: ran.append(layers(*a, **k)) or ran[-1])
+    got = llama.causal_hidden(model, ids)
+    assert ran == [one_call]
+    monkeypatch.setattr(cpu_kernels, "amx_layers", lambda *a, **k: False)
+    steps = llama.causal_hidden(model, ids)
+    assert torch.equal(got, steps)  # each row's arithmetic in the same order: only who runs it differs
+    assert torch.isfinite(got).all() and got.abs().max() > 0
 
 
 def test_opd_amx_gemm_setting_is_checked(monkeypatch):

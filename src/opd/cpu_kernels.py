@@ -771,13 +771,20 @@ def causal_attention_bf16(qkv: torch.Tensor, heads: int, kv_heads: int, scale: f
 @functools.cache
 def _gemm_library() -> ctypes.CDLL | None:
     """csrc/gemm_amx.c: a frozen bf16 model's products, and its LM head with the teacher's token terms, on the AMX
-    tile unit; None where the CPU lacks it, Linux refuses this process the tile state, OPD_AMX_GEMM=off, or the
-    build fails (oneDNN's products and opd.objectives.fused then)."""
+    tile unit, built with attention.c as csrc/forward_amx.c (its decoder layers in one call); None where the CPU
+    lacks it, Linux refuses this process the tile state, OPD_AMX_GEMM=off, or the build fails (oneDNN's products and
+    opd.objectives.fused then)."""
     setting = matmul.env_choice("OPD_AMX_GEMM", ("auto", "off"))
-    lib = _plain_library("gemm_amx.c") if setting == "auto" and AMX_BF16_FLAGS <= matmul.cpu_flags() else None
+    lib = _plain_library("forward_amx.c") if setting == "auto" and AMX_BF16_FLAGS <= matmul.cpu_flags() else None
     if lib is None:
         return None
     lib.opd_gemm_amx_request.restype, lib.opd_gemm_amx_request.argtypes = ctypes.c_int, []
+    lib.opd_attention_amx_request.restype, lib.opd_attention_amx_request.argtypes = ctypes.c_int, []
+    lib.opd_attention_bf16_scratch_bytes.restype = ctypes.c_int64
+    lib.opd_attention_bf16_scratch_bytes.argtypes = [ctypes.c_int64]
+    lib.opd_amx_layers_bf16.restype = ctypes.c_int
+    lib.opd_amx_layers_bf16.argtypes = [_P, *[ctypes.c_int64] * 6, _P, ctypes.c_int64, ctypes.c_int64, _P, ctypes.c_float,
+                                        _P, _P, _P, _P, ctypes.c_int64, ctypes.c_int]
     lib.opd_amx_linear_bf16.restype = ctypes.c_int
     lib.opd_amx_linear_bf16.argtypes = [_P, ctypes.c_int64, ctypes.c_int64, _P, ctypes.c_int64, _P, ctypes.c_int64,
                                         ctypes.c_int, _P, ctypes.c_int64, _P, ctypes.c_int64, ctypes.c_int64,
@@ -792,7 +799,7 @@ def _gemm_library() -> ctypes.CDLL | None:
     lib.opd_amx_head_terms_bf16.argtypes = [_P, ctypes.c_int64, ctypes.c_int64, _P, ctypes.c_int64, _P, ctypes.c_float,
                                             _P, _P, _P, ctypes.c_int]
     lib.opd_amx_head_scratch_bytes.restype, lib.opd_amx_head_scratch_bytes.argtypes = ctypes.c_int64, [ctypes.c_int64]
-    return lib if lib.opd_gemm_amx_request() else None
+    return lib if lib.opd_gemm_amx_request() and lib.opd_attention_amx_request() else None
 
 
 def gemm_amx() -> bool:
@@ -953,6 +960,44 @@ def amx_mlp(x: torch.Tensor, gate_up: AmxWeight, down: AmxWeight, row_scale: tor
         float(eps), AMX_MLP_ROWS, torch.get_num_threads())
     assert done, "the tile state was granted at load, and AmxWeight.fits checked the shapes"
     return x
+
+
+class _PackedRef(ctypes.Structure):
+    _fields_ = [("w", ctypes.c_void_p), ("cols", ctypes.c_void_p)]
+
+
+class _AmxLayer(ctypes.Structure):  # csrc/forward_amx.c's AmxLayer
+    _fields_ = [("qkv", _PackedRef), ("o", _PackedRef), ("gate_up", _PackedRef), ("down", _PackedRef)]
+
+
+def amx_layers(x: torch.Tensor, batch: int, layers: list, heads: int, kv_heads: int, rope: torch.Tensor,
+               eps: float, scale: torch.Tensor, qkv: torch.Tensor, att: torch.Tensor) -> bool:
+    """The decoder layers of a frozen bf16 Llama (opd.llama.frozen_layer_weights' AMX weights: QKV with RoPE's
+    layout and the input norm folded in, gate/up with silu_mul and the post-attention norm folded in) over the
+    residual stream x [batch x L, hidden] bf16 in place, in one call: each thread takes its share of the sequences
+    through every layer (csrc/forward_amx.c). False (nothing done) where that does not apply: the batch not a
+    multiple of the threads, a thread's rows not whole tiles, heads other than attention.c's 64.
+    Buffers: scale [rows] fp32 (x's 1 / rms as the layers go), qkv [rows, (heads + 2 kv_heads) 64], att [rows,
+    heads 64]; rope: amx_rope_table [L, 128]."""
+    lib, threads = _gemm_library(), torch.get_num_threads()
+    rows, hidden = x.shape
+    first = layers[0] if layers else None
+    if (first is None or rows % batch or first.qkv.head_dim != ATTENTION_HEAD_DIM or not first.qkv.rope_heads
+            or batch % threads or torch.is_grad_enabled()):
+        return False
+    L = rows // batch
+    assert x.dtype == torch.bfloat16 and x.is_contiguous() and rope.shape == (L, 2 * ATTENTION_HEAD_DIM)
+    _checked_out(scale, (rows,), torch.float32)
+    _checked_out(qkv, (rows, first.qkv.shape[0]))
+    _checked_out(att, (rows, heads * ATTENTION_HEAD_DIM))
+    table = (_AmxLayer * len(layers))(*[
+        _AmxLayer(*[_PackedRef(w.tensor.data_ptr(), w.tile_cols.data_ptr()) for w in (lw.qkv, lw.o, lw.gate_up, lw.down)])
+        for lw in layers])
+    scratch = torch.empty(threads * lib.opd_attention_bf16_scratch_bytes(L), dtype=torch.uint8)
+    return bool(lib.opd_amx_layers_bf16(
+        x.data_ptr(), batch, L, hidden, heads, kv_heads, first.gate_up.shape[0] // 2, ctypes.addressof(table),
+        len(layers), first.qkv.rope_heads, rope.data_ptr(), float(eps), scale.data_ptr(), qkv.data_ptr(), att.data_ptr(),
+        scratch.data_ptr(), AMX_MLP_ROWS, threads))
 
 
 def _checked_out(out: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:

@@ -485,7 +485,7 @@ def _amx_causal_hidden(ids: torch.Tensor, embed: torch.Tensor, layers: list[Laye
     rows = (B * L + 15) // 16 * 16  # in whole tiles of 16, as the kernels take them
     x = torch.zeros(rows, embed.shape[1], dtype=embed.dtype)
     torch.index_select(embed, 0, ids.reshape(-1), out=x[: B * L])
-    scale = cpu_kernels.row_inv_rms(x, cfg.rms_norm_eps)
+    scale = torch.empty(rows)  # x's 1 / rms (each product that adds into x writes the next one's)
     scale_out = (scale, cfg.rms_norm_eps)
     rope = cpu_kernels.amx_rope_table(cos, sin)
     # One buffer each for QKV's output and attention's, written layer after layer: each layer writes the lines the
@@ -495,6 +495,9 @@ def _amx_causal_hidden(ids: torch.Tensor, embed: torch.Tensor, layers: list[Laye
     # as two products it went through L3 or memory, session 29).
     qkv_out = torch.empty(rows, (H + 2 * KV) * D, dtype=x.dtype)
     att = torch.zeros(rows, H * D, dtype=x.dtype)  # (its padding rows stay 0: their products are added to x's)
+    if rows == B * L and cpu_kernels.amx_layers(x, B, layers, H, KV, rope, cfg.rms_norm_eps, scale, qkv_out, att):
+        return x.view(B, L, -1)  # every layer in one call, each thread on its own sequences
+    cpu_kernels.row_inv_rms(x, cfg.rms_norm_eps, out=scale)
     for i, w in enumerate(layers):
         if w.qkv.rope_heads:  # rotated by the product itself
             qkv = cpu_kernels.amx_linear(x, w.qkv, rope=rope, row_scale=scale, out=qkv_out)[: B * L]
