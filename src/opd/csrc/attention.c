@@ -159,7 +159,7 @@ T512 void opd_causal_attention_f32(const float *qkv, float *out, float *kt, int6
 
 #include "amx.h"
 
-#define AMXBF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,amx-tile,amx-bf16")))
+#define AMXBF16 __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx512bf16,amx-tile,amx-bf16")))
 #define QB 32  /* query rows a task: two row tiles */
 
 static int att_amx_granted = 0;

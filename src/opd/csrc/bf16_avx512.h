@@ -17,7 +17,8 @@ static inline void rms_norm_tail(const uint16_t *xr, const uint16_t *w, uint16_t
         yr[i] = fp32_to_bf16(bf16_to_fp32(w[i]) * bf16_to_fp32(fp32_to_bf16(bf16_to_fp32(xr[i]) * inv)));
 }
 
-#define BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+/* (every CPU with avx512_bf16 has AVX-512DQ too: exp_poly.h's _dq exponentials) */
+#define BF16_TARGET __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx512bf16")))
 
 BF16_TARGET static inline __m512 load16(const uint16_t *p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
@@ -76,7 +77,7 @@ BF16_TARGET static inline void rms_norm_row16(const uint16_t *xr, const uint16_t
  * 637 us at 2048 x 1536, the same bits against torch's (session 19) */
 BF16_TARGET static inline __m512 sigmoid16(__m512 g) {
     const __m512 t = _mm512_min_ps(_mm512_mul_ps(g, _mm512_set1_ps(-1.44269504088896341f)), _mm512_set1_ps(126.0f));
-    const __m512 d = _mm512_add_ps(_mm512_set1_ps(1.0f), exp2_16(t));
+    const __m512 d = _mm512_add_ps(_mm512_set1_ps(1.0f), exp2_16_dq(t));
     const __m512 inv = _mm512_rcp14_ps(d);
     return _mm512_mul_ps(inv, _mm512_fnmadd_ps(d, inv, _mm512_set1_ps(2.0f)));
 }

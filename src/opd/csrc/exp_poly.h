@@ -56,32 +56,48 @@ __attribute__((target("avx512f"))) static inline __m512 exp16(__m512 x) {
     return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
 }
 
-/* 2^t on 16 lanes (AVX-512F): t = n + f with n = round(t) and |f| <= 1/2, 2^f by a polynomial of degree `deg` with
- * coefficients c[0] (f^deg) .. c[deg] (Horner), 2^n applied by scalef, which saturates to 0 and inf without a clamp.
- * Callers pass constant coefficients and degree: inlined, the loop unrolls into the FMAs. */
-__attribute__((target("avx512f"))) static inline __m512 exp2_16_poly(__m512 t, const float *c, int deg) {
-    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 f = _mm512_sub_ps(t, n);
+/* 2^f by a polynomial of degree `deg` with coefficients c[0] (f^deg) .. c[deg] (Horner), times 2^n by scalef, which
+ * saturates to 0 and inf without a clamp. Callers pass constant coefficients and degree: inlined, the loop unrolls
+ * into the FMAs. */
+__attribute__((target("avx512f"))) static inline __m512 exp2_16_nf(__m512 n, __m512 f, const float *c, int deg) {
     __m512 p = _mm512_set1_ps(c[0]);
     for (int i = 1; i <= deg; i++) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c[i]));
     return _mm512_scalef_ps(p, n);
 }
 
+/* 2^t on 16 lanes (AVX-512F): t = n + f with n = round(t) and |f| <= 1/2 */
+__attribute__((target("avx512f"))) static inline __m512 exp2_16_poly(__m512 t, const float *c, int deg) {
+    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    return exp2_16_nf(n, _mm512_sub_ps(t, n), c, deg);
+}
+
+/* the same with AVX-512DQ's reduce (f = t - round(t) in one instruction, n = t - f, both exact: the same bits), for
+ * callers built for CPUs with bf16 instructions, which all have it: vrndscaleps is two uops on port 0, where the
+ * exponentials of a softmax are bound (the bf16 attention 4.5% faster, the gate/up product with its SiLU 4.5%,
+ * bench/NOTES.md session 29) */
+__attribute__((target("avx512f,avx512dq"))) static inline __m512 exp2_16_poly_dq(__m512 t, const float *c, int deg) {
+    const __m512 f = _mm512_reduce_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    return exp2_16_nf(_mm512_sub_ps(t, f), f, c, deg);
+}
+
 /* 2^t by the Taylor polynomial of degree 6 (relative error ~1e-7, as exp16's): nine operations where exp16 takes
  * fifteen. exp(x) = exp2_16(x log2(e)). (session 19) */
-__attribute__((target("avx512f"))) static inline __m512 exp2_16(__m512 t) {
-    static const float c[7] = {1.5403530393e-4f, 1.3333558146e-3f, 9.6181291076e-3f, 5.5504108665e-2f,
-                               2.4022650696e-1f, 6.9314718056e-1f, 1.0f};
-    return exp2_16_poly(t, c, 6);
+static const float EXP2_DEG6[7] = {1.5403530393e-4f, 1.3333558146e-3f, 9.6181291076e-3f, 5.5504108665e-2f,
+                                   2.4022650696e-1f, 6.9314718056e-1f, 1.0f};
+
+__attribute__((target("avx512f"))) static inline __m512 exp2_16(__m512 t) { return exp2_16_poly(t, EXP2_DEG6, 6); }
+
+__attribute__((target("avx512f,avx512dq"))) static inline __m512 exp2_16_dq(__m512 t) {
+    return exp2_16_poly_dq(t, EXP2_DEG6, 6);
 }
 
 /* 2^t where bf16's precision is what counts (the bf16 attention's probabilities, rounded to bf16 next; the LM head's
  * log-sum-exp terms of bf16 logits): a degree-4 polynomial (minimax relative error 2.7e-6, against bf16's rounding
  * step of 2^-8: it moves ~0.1% of the roundings by one step), two FMAs fewer than exp2_16 (attention ~4% faster in
- * a harness, bench/NOTES.md, session 27; the head 3.8%, session 29) */
-__attribute__((target("avx512f"))) static inline __m512 exp2_16_bf16(__m512 t) {
+ * a harness, bench/NOTES.md, session 27; the head 3.8%, session 29). Its callers all run on CPUs with bf16: DQ. */
+__attribute__((target("avx512f,avx512dq"))) static inline __m512 exp2_16_bf16(__m512 t) {
     static const float c[5] = {9.5701012e-3f, 5.5917859e-2f, 2.4024744e-1f, 6.9312179e-1f, 9.9999928e-1f};
-    return exp2_16_poly(t, c, 4);
+    return exp2_16_poly_dq(t, c, 4);
 }
 
 /* exp(x) through exp2_16, for x <= 88 (the softmaxes' x - max <= 0): below -87 it goes smoothly to 0, where exp16

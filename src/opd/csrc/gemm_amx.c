@@ -37,7 +37,7 @@
 #include "bf16_avx512.h"
 #include "exp_poly.h"
 
-#define AMXBF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,amx-tile,amx-bf16")))
+#define AMXBF16 __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx512bf16,amx-tile,amx-bf16")))
 
 enum { OUT_BF16 = 0, SILU_MUL = 1, ADD_BF16 = 2 };
 
@@ -151,7 +151,7 @@ AMXBF16 static inline void terms_update(const float *C, int r0, int r1, LaneSums
         __m512 m = _mm512_loadu_ps(st[r].m), s = _mm512_loadu_ps(st[r].s), u = _mm512_loadu_ps(st[r].u);
         const __m512 mnew = _mm512_max_ps(m, _mm512_max_ps(za, zb));
         if (_mm512_cmp_ps_mask(mnew, m, _CMP_GT_OQ)) {
-            const __m512 d = _mm512_sub_ps(m, mnew), f = exp2_16(d);  /* d <= 0; 0 where a lane's max stayed */
+            const __m512 d = _mm512_sub_ps(m, mnew), f = exp2_16_dq(d);  /* d <= 0; 0 where a lane's max stayed */
             u = _mm512_mul_ps(f, _mm512_fmadd_ps(s, d, u));
             s = _mm512_mul_ps(f, s);
             m = mnew;
