@@ -194,7 +194,7 @@ def variant() -> str | None:
 
 VNNI_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_vnni"})
 AMX_FLAGS = VNNI_FLAGS | {"amx_tile", "amx_int8"}
-AMX_BF16_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_bf16", "amx_tile", "amx_bf16"})
+AMX_BF16_FLAGS = frozenset({"avx512f", "avx512dq", "avx512bw", "avx512vl", "avx512_bf16", "amx_tile", "amx_bf16"})
 
 
 def rounding_bound(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, build: str | None) -> torch.Tensor:
@@ -510,7 +510,7 @@ def log_softmax_rows(logits: torch.Tensor, targets: torch.Tensor, temperature: f
 
 
 # ------------------------------------------------------------------------------------- a no-grad layer's elementwise steps
-BF16_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_bf16"})
+BF16_FLAGS = frozenset({"avx512f", "avx512dq", "avx512bw", "avx512vl", "avx512_bf16"})
 
 
 @dataclass(frozen=True)
