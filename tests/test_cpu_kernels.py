@@ -1,3 +1,6 @@
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -842,3 +845,33 @@ def test_amx_mlp_equals_its_two_products_in_turn(M):
     assert torch.equal(plain, want_x)
     with pytest.raises(AssertionError, match="rows a multiple of 16"):
         cpu_kernels.amx_mlp(x[:-1].contiguous(), gate_up, down, scale[:-1].contiguous())
+
+
+SHORT_TEAM = """
+import torch
+from opd import cpu_kernels, llama
+from transformers import LlamaConfig, LlamaForCausalLM
+torch.set_num_threads(2)
+cfg = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=2, max_position_embeddings=256)
+torch.manual_seed(0)
+model = LlamaForCausalLM(cfg).eval().bfloat16()
+ids = torch.randint(0, 256, (4, 32))
+for _ in range(2):
+    llama.causal_hidden(model, ids)
+ran, layers = [], cpu_kernels.amx_layers
+cpu_kernels.amx_layers = lambda *a, **k: ran.append(layers(*a, **k)) or ran[-1]
+got = llama.causal_hidden(model, ids)
+cpu_kernels.amx_layers = lambda *a, **k: False
+print(ran, torch.equal(got, llama.causal_hidden(model, ids)))
+"""
+
+
+def test_amx_layers_step_aside_when_openmp_hands_out_fewer_threads():
+    """Under OMP_THREAD_LIMIT=1 torch still says 2 threads, but the kernels' team has 1: the one-call layers would
+    leave the second thread's sequences out, so they do nothing and the step-by-step path runs (the same result)."""
+    needs_amx_gemm()
+    env = {**os.environ, "OMP_THREAD_LIMIT": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", SHORT_TEAM], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[False] True"
