@@ -850,10 +850,10 @@ def _whole_tiles(x2: torch.Tensor) -> torch.Tensor:
 # before its write; the lines go to memory, not into the caches): an output larger than the L2 (2 MB a core on
 # every Xeon with AMX) leaves it anyway, and a smaller one is as fast or faster in the caches. The teacher's 8 x 256
 # forward 10 ms faster a call, 16 x 256 60 ms; 4 x 256 (1.5 MB a thread) 5 ms slower (bench/NOTES.md, session 26).
-# Into a caller's `out` (opd.llama.causal_hidden's buffer, the same every layer: its lines are in L3, and the down
-# product reads them from there instead of from memory) only from twice that: at 8 x 256 (3 MB a thread) ordinary
-# stores into it took the forward 287 -> 274 ms (the down product 58 -> 51), at 8 x 512 (6 MB) 5 ms longer than
-# streaming (session 28).
+# Into a caller's `out` (a buffer reused call after call: its lines are in L3, and the product after reads them from
+# there instead of from memory) only from twice that: at 8 x 256 (3 MB a thread) ordinary stores into it took the
+# forward 287 -> 274 ms (the down product 58 -> 51), at 8 x 512 (6 MB) 5 ms longer than streaming (session 28). The
+# teacher's forward now keeps SiLU x up in L2 instead (amx_mlp, session 29).
 AMX_STREAM_BYTES = 2 << 20
 
 
