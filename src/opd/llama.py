@@ -498,12 +498,12 @@ def _amx_causal_hidden(ids: torch.Tensor, embed: torch.Tensor, layers: list[Laye
     if rows == B * L and cpu_kernels.amx_layers(x, B, layers, H, KV, rope, cfg.rms_norm_eps, scale, qkv_out, att):
         return x.view(B, L, -1)  # every layer in one call, each thread on its own sequences
     cpu_kernels.row_inv_rms(x, cfg.rms_norm_eps, out=scale)
+    positions = None if layers and layers[0].qkv.rope_heads else torch.arange(L).expand(B, L).contiguous()
     for i, w in enumerate(layers):
         if w.qkv.rope_heads:  # rotated by the product itself
             qkv = cpu_kernels.amx_linear(x, w.qkv, rope=rope, row_scale=scale, out=qkv_out)[: B * L]
         else:
             qkv = cpu_kernels.amx_linear(x, w.qkv, row_scale=scale, out=qkv_out)[: B * L]
-            positions = torch.arange(L).expand(B, L).contiguous()
             rope_(qkv.view(B, L, H + 2 * KV, D), H + KV, (cos, sin), positions, (cos[:, None], sin[:, None]))
         done = cpu_kernels.causal_attention(qkv.view(B, L, H + 2 * KV, D), H, KV, D**-0.5,
                                             out=att[: B * L].view(B, L, H, D))

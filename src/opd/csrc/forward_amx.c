@@ -41,9 +41,8 @@ AMXBF16 static void layers_thread(const LayersCall *c, int64_t t) {
     uint16_t *x = c->x, *qkv = c->qkv, *att = c->att;
     float *scale = c->scale;
     uint8_t *mine = c->att_scratch + opd_attention_bf16_scratch_bytes(L) * t;
-    const int64_t mlp_tiles = c->mlp_rows < 32 ? 2 : (c->mlp_rows / 16) & ~(int64_t)1;
-    const int64_t chunks = (tiles + mlp_tiles - 1) / mlp_tiles, per = (((tiles + chunks - 1) / chunks) + 1) & ~(int64_t)1;
-    uint16_t *h = aligned_alloc(64, per * 16 * inter * 2);
+    const int64_t per = mlp_chunk_tiles(tiles, c->mlp_rows);
+    uint16_t *h = aligned_alloc(64, per * 16 * inter * 2);  /* SiLU x up of a chunk, for every layer's MLP */
     for (int64_t r = r0; r < r0 + tiles * 16; r++) scale[r] = inv_rms16(x + r * hidden, hidden, c->eps);
     for (int64_t i = 0; i < c->n_layers; i++) {
         const AmxLayer *w = c->layers + i;
@@ -51,10 +50,8 @@ AMXBF16 static void layers_thread(const LayersCall *c, int64_t t) {
         const Product pq = {w->qkv.w, hidden, NQ, NQ, OUT_BF16, 0,
                             {w->qkv.cols, c->rope_heads * D / 32, c->rope_tab, L, D, scale}, NULL, 0.0f};
         const Product po = {w->o.w, H * D, hidden, hidden, ADD_BF16, 0, {w->o.cols, 0, NULL, 1, 1, NULL}, scale, c->eps};
-        const Product pg = {w->gate_up.w, hidden, 2 * inter, inter, SILU_MUL, 0,
-                            {w->gate_up.cols, 0, NULL, 1, 1, scale}, NULL, 0.0f};
-        const Product pd = {w->down.w, inter, hidden, hidden, ADD_BF16, 0, {w->down.cols, 0, NULL, 1, 1, NULL},
-                            next_scale, c->eps};
+        const Mlp mlp = mlp_of(w->gate_up.w, w->gate_up.cols, w->down.w, w->down.cols, hidden, inter, scale, next_scale,
+                               c->eps);
         product_rows(&pq, x + r0 * hidden, qkv + r0 * NQ, r0, tiles);
         tile_config_16x64();
         int64_t packed_bj = -1;
@@ -62,11 +59,7 @@ AMXBF16 static void layers_thread(const LayersCall *c, int64_t t) {
             attention_task(qkv, att, mine, &packed_bj, task, blocks, KV, H / KV, L, Lp, H, att_scale);
         _tile_release();
         product_rows(&po, att + r0 * H * D, x + r0 * hidden, r0, tiles);
-        for (int64_t c0 = 0; c0 < tiles; c0 += per) {  /* the MLP, a chunk of rows at a time (opd_amx_mlp_bf16) */
-            const int64_t n = (c0 + per < tiles ? c0 + per : tiles) - c0, row = r0 + c0 * 16;
-            product_rows(&pg, x + row * hidden, h, row, n);
-            product_rows(&pd, h, x + row * hidden, row, n);
-        }
+        mlp_rows(&mlp, x, r0, tiles, per, h);
     }
     free(h);
 }

@@ -296,6 +296,13 @@ static inline void prefetch_share(const uint16_t *next0, const uint16_t *next1, 
         _mm_prefetch(l < kbs * 16 ? (const char *)next0 + l * 64 : (const char *)next1 + (l - kbs * 16) * 64, _MM_HINT_T1);
 }
 
+/* The tiles of each of equal chunks (no short last one; an even count) of `tiles` row tiles, at most about `most` a
+ * chunk: a chunk's rows stream a weight in once, so a short last chunk would cost as much as a whole one */
+static inline int64_t equal_chunk_tiles(int64_t tiles, int64_t most) {
+    const int64_t chunks = (tiles + most - 1) / most;
+    return (((tiles + chunks - 1) / chunks) + 1) & ~(int64_t)1;
+}
+
 /* One product's operands and epilogue (opd_amx_linear_bf16's arguments below), shared by the threads running it */
 typedef struct {
     const uint16_t *Bp;         /* the packed weight [N / 16 column tiles][K / 32][16][32] */
@@ -330,8 +337,7 @@ AMXBF16 static void product_rows(const Product *pr, const uint16_t *A, uint16_t 
     float C[2][32 * 32] __attribute__((aligned(64)));
     Pending pd = {.b = {0, 0, 0}, .out = out, .ldo = ldo, .mode = mode, .e = &pr->e, .row_base = row0};
     int64_t i = 0;
-    const int64_t chunks = (tiles + chunk_tiles - 1) / chunk_tiles;  /* of equal size: no short last one */
-    const int64_t per = (((tiles + chunks - 1) / chunks) + 1) & ~(int64_t)1;
+    const int64_t per = equal_chunk_tiles(tiles, chunk_tiles);
     uint16_t *stage = NULL;  /* streamed SILU_MUL: every pair of pairs fills whole 64-byte lines of a row */
     if (streamed) {
         stage = aligned_alloc(64, per * 16 * 32);
@@ -402,6 +408,35 @@ AMXBF16 int opd_amx_linear_bf16(const uint16_t *A, int64_t M, int64_t K, const u
     return 1;
 }
 
+/* A layer's MLP: gate/up (packed with silu_mul, the post-attention RMSNorm folded in: x's row scales) and down,
+ * added into x (with row_scale_out: x's 1 / rms after it) */
+typedef struct {
+    Product gate_up, down;
+} Mlp;
+
+static inline Mlp mlp_of(const uint16_t *Wgu, const int32_t *gu_cols, const uint16_t *Wd, const int32_t *d_cols,
+                         int64_t hidden, int64_t inter, const float *row_scale, float *row_scale_out, float eps) {
+    const Mlp mlp = {{Wgu, hidden, 2 * inter, inter, SILU_MUL, 0, {gu_cols, 0, NULL, 1, 1, row_scale}, NULL, 0.0f},
+                     {Wd, inter, hidden, hidden, ADD_BF16, 0, {d_cols, 0, NULL, 1, 1, NULL}, row_scale_out, eps}};
+    return mlp;
+}
+
+/* the tiles of a chunk of a thread's `tiles` rows that go through both products in turn, about chunk_rows */
+static inline int64_t mlp_chunk_tiles(int64_t tiles, int64_t chunk_rows) {
+    return equal_chunk_tiles(tiles, chunk_rows < 32 ? 2 : (chunk_rows / 16) & ~(int64_t)1);
+}
+
+/* rows row0 .. row0 + 16 tiles - 1 of x through the MLP by the calling thread, `per` tiles at a time through both
+ * products, SiLU x up in h [16 per, inter] (a buffer of the thread's own, which stays in its L2) */
+AMXBF16 static void mlp_rows(const Mlp *mlp, uint16_t *x, int64_t row0, int64_t tiles, int64_t per, uint16_t *h) {
+    const int64_t hidden = mlp->down.N;
+    for (int64_t c0 = 0; c0 < tiles; c0 += per) {
+        const int64_t n = (c0 + per < tiles ? c0 + per : tiles) - c0, row = row0 + c0 * 16;
+        product_rows(&mlp->gate_up, x + row * hidden, h, row, n);
+        product_rows(&mlp->down, h, x + row * hidden, row, n);
+    }
+}
+
 /* The MLP of a layer, added into the residual stream x [M, hidden] in place: x += silu(g) u W_down^T with
  * (g, u) = row_scale x W_gate_up^T (the gate/up weight packed with silu_mul, the post-attention RMSNorm folded in;
  * row_scale: x's 1 / rms), and with row_scale_out (NULL or [M]) x's 1 / rms after it. Each thread takes chunks of
@@ -411,22 +446,15 @@ AMXBF16 int opd_amx_mlp_bf16(uint16_t *x, int64_t M, int64_t hidden, const uint1
                              int64_t inter, const uint16_t *Wd, const int32_t *d_cols, const float *row_scale,
                              float *row_scale_out, float eps, int64_t chunk_rows, int threads) {
     if (!gemm_amx_granted || M % 16 || hidden % 32 || inter % 32) return 0;
-    const Product gu = {Wgu, hidden, 2 * inter, inter, SILU_MUL, 0, {gu_cols, 0, NULL, 1, 1, row_scale}, NULL, 0.0f};
-    const Product dn = {Wd, inter, hidden, hidden, ADD_BF16, 0, {d_cols, 0, NULL, 1, 1, NULL}, row_scale_out, eps};
-    const int64_t chunk_tiles = chunk_rows < 32 ? 2 : (chunk_rows / 16) & ~(int64_t)1;
+    const Mlp mlp = mlp_of(Wgu, gu_cols, Wd, d_cols, hidden, inter, row_scale, row_scale_out, eps);
     #pragma omp parallel num_threads(threads)
     {
         int64_t t0, t1;
         thread_tiles(M / 16, &t0, &t1);
         if (t0 < t1) {
-            const int64_t chunks = (t1 - t0 + chunk_tiles - 1) / chunk_tiles;  /* of equal size */
-            const int64_t per = (((t1 - t0 + chunks - 1) / chunks) + 1) & ~(int64_t)1;
+            const int64_t per = mlp_chunk_tiles(t1 - t0, chunk_rows);
             uint16_t *h = aligned_alloc(64, per * 16 * inter * 2);
-            for (int64_t c0 = t0; c0 < t1; c0 += per) {
-                const int64_t n = (c0 + per < t1 ? c0 + per : t1) - c0;
-                product_rows(&gu, x + c0 * 16 * hidden, h, c0 * 16, n);
-                product_rows(&dn, h, x + c0 * 16 * hidden, c0 * 16, n);
-            }
+            mlp_rows(&mlp, x, t0 * 16, t1 - t0, per, h);
             free(h);
         }
     }
