@@ -34,9 +34,9 @@ BF16_TARGET static inline __m512 round16(__m512 x) {  /* to bf16 and back */
 
 /* 1 / sqrt(mean(x^2) + eps) of one bf16 row (the forward's and the backward's scale). 32 values a load, as their
  * even and odd halves in fp32 (a shift and a mask: no widening shuffle), squared into four chains of sums: a row of
- * 576 in ~28 -> ~13 ns, its whole RMSNorm 132 -> 97 ns; the AMX products' epilogue norms every row of the residual
- * stream twice a layer (C loop over the kernel, 2,048 rows, three rounds each: o + add + norm 757-799 -> 683-743 us
- * a call, down + add + norm 1.76-1.83 -> 1.65-1.74 ms; bench/NOTES.md, session 28) */
+ * 576 in ~28 -> ~13 ns, its whole RMSNorm 132 -> 97 ns (bench/NOTES.md, session 28: then the AMX products' norm
+ * after each residual add, since folded into the weights, session 29; now layer_ops.c's norms and the folded norm's
+ * first row scales) */
 BF16_TARGET static inline float inv_rms16(const uint16_t *xr, int64_t n, float eps) {
     const __m512i high = _mm512_set1_epi32((int)0xFFFF0000);
     __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
