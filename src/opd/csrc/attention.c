@@ -143,14 +143,16 @@ T512 void opd_causal_attention_f32(const float *qkv, float *out, float *kt, int6
  * forward. torch's flash kernel took ~2.2 ms a layer at 8 x 256 (SmolLM2-135M: 9 query heads, 3 key / value
  * heads) for 0.6 GFLOP of causal products; this one ~1.3 ms (bench/NOTES.md, session 19).
  *
- * For 32 query rows of one head, the scores S = Q K^T for the keys up to the last row go to an fp32 buffer (tile
- * products: tdpbf16ps, a 16 x 32 by 32 x 16 bf16 product into 16 x 16 fp32 sums; each key tile in two products,
- * one per 16 rows); each row's softmax is exact over its keys (the max first: the whole row of scores is at hand,
- * no online rescaling), its exponentials rounded to bf16 unnormalised into P, and O = P V, tile products over the
- * keys in 2 x 2 blocks as gemm_amx.c's, is divided by the row's sum at the end (as torch's flash kernel rounds).
- * S and P are kept tile by tile (each tile's 16 rows in one contiguous 1 KB), so that a tile store or load touches
- * 16 consecutive lines: S's rows at their own stride (2 KB at 512 keys) put a tile's 16 lines in two of L1's sets,
- * and the scores' stores cost twice as long (session 28). The products' right operands are packed per (batch, key
+ * For 32 query rows of one head, 32 keys at a time up to the last row's, the scores S = Q K^T go to a 4 KB fp32
+ * buffer (tile products: tdpbf16ps, a 16 x 32 by 32 x 16 bf16 product into 16 x 16 fp32 sums; each key tile in two
+ * products, one per 16 rows), and each row's exponentials of them, rounded to bf16 unnormalised, into P; then
+ * O = P V, tile products over the keys in 2 x 2 blocks as gemm_amx.c's, is divided by the row's sum at the end (as
+ * torch's flash kernel rounds). The softmax is exact over each row's keys, with no online rescaling: its shift is
+ * the row's score of key 0 rather than its max (softmax_streamed says why that loses nothing, and what happens
+ * where a score is too far above key 0's). P is kept tile by tile (each tile's 16 rows in one contiguous 1 KB), so
+ * that a tile load touches 16 consecutive lines (rows at their own stride, 1 KB at 512 keys, put a tile's 16 lines
+ * in few of L1's sets: the scores' stores had cost twice as long that way, session 28). The products' right
+ * operands are packed per (batch, key
  * head) in the tile unit's layout (pairs of consecutive k for each column): K^T per 16 keys, V per 32 keys and 16
  * columns, by the thread that takes the (batch, key head)'s tasks, into a buffer of its own that stays in its L2.
  * A task is one block of 32 query rows of every query head of a key head. D = 64; the tile state needs
@@ -170,7 +172,8 @@ int opd_attention_amx_request(void) {
 }
 
 /* A thread's buffers, in bytes (Lp = L rounded up to 32): the packed keys and values of one (batch, key head), then
- * S, P, Q, O of attention_rows_amx; each a multiple of 64 bytes. */
+ * S (every score of the rows, for softmax_exact; softmax_streamed uses its first 4 KB), P, Q, O of
+ * attention_rows_amx; each a multiple of 64 bytes. */
 static int64_t packed_bytes(int64_t Lp) { return Lp * D * 2 * 2; }
 int64_t opd_attention_bf16_scratch_bytes(int64_t L) {
     const int64_t Lp = (L + 31) & ~(int64_t)31;
@@ -252,6 +255,109 @@ AMXBF16 static inline __m512 exp_step(const float *s, uint16_t *p, __m512 vk, __
     return _mm512_dpbf16_ps(sum, eb, (__m512bh)_mm512_set1_epi16(0x3F80));
 }
 
+/* the largest of a row's first `valid` scores */
+AMXBF16 static inline float row_max(const float *s, int64_t valid) {
+    const __m512 ninf = _mm512_set1_ps(-INFINITY);
+    __m512 mx = ninf, m1 = ninf, m2 = ninf, m3 = ninf;  /* four chains: one waited on each max's latency */
+    int64_t k = 0;
+    for (; k + 64 <= valid; k += 64) {
+        mx = _mm512_max_ps(mx, _mm512_load_ps(s + 16 * k));
+        m1 = _mm512_max_ps(m1, _mm512_load_ps(s + 16 * k + 256));
+        m2 = _mm512_max_ps(m2, _mm512_load_ps(s + 16 * k + 512));
+        m3 = _mm512_max_ps(m3, _mm512_load_ps(s + 16 * k + 768));
+    }
+    for (; k < valid; k += 16) mx = _mm512_max_ps(mx, _mm512_mask_load_ps(ninf, first16(valid - k), s + 16 * k));
+    return _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(mx, m1), _mm512_max_ps(m2, m3)));
+}
+
+/* a row's e = 2^(k2 s + shift) into P (zeros past `valid` up to kb32 x 32 keys); returns their sum */
+AMXBF16 static inline float row_exp(const float *s, uint16_t *p, int64_t valid, int64_t kb32, __m512 vk, float shift_) {
+    const __m512 shift = _mm512_set1_ps(shift_);
+    __m512 sum = _mm512_setzero_ps();
+    int64_t k;
+    for (k = 0; k + 32 <= valid; k += 32)  /* whole steps: no masks (their setting took a fifth of a step) */
+        sum = exp_step(s + 16 * k, p + 16 * k, vk, shift, 0xFFFF, 0xFFFF, sum);
+    if (k < valid) {  /* the row's last keys; past `valid`: zeros */
+        sum = exp_step(s + 16 * k, p + 16 * k, vk, shift, first16(valid - k), first16(valid - k - 16), sum);
+        k += 32;
+    }
+    for (; k < kb32 * 32; k += 32) _mm512_store_si512(p + 16 * k, _mm512_setzero_si512());
+    return _mm512_reduce_add_ps(sum);
+}
+
+/* S = Q K^T for key tile kt (16 keys) of both row tiles (Q in tiles 0-3) into s0 (rows 0-15) and s1 (16-31) */
+AMXBF16 static inline void score_tile(const uint16_t *kp, int64_t kt, float *s0, float *s1) {
+    _tile_zero(6);
+    _tile_zero(7);
+    _tile_loadd(4, kp + kt * 32 * 32, 64);
+    _tile_loadd(5, kp + (kt * 32 + 16) * 32, 64);
+    _tile_dpbf16ps(6, 0, 4);
+    _tile_dpbf16ps(7, 2, 4);
+    _tile_dpbf16ps(6, 1, 5);
+    _tile_dpbf16ps(7, 3, 5);
+    _tile_stored(6, s0, 64);
+    _tile_stored(7, s1, 64);
+}
+
+/* P and 1 / sum of the rows' exponentials (scale k2 in base 2) in one pass over the keys, 32 at a time: their scores
+ * go through a 4 KB buffer that stays in L1, each step's tile products and exponentials together in the core's
+ * window. The shift is each row's score of key 0, not its max, which would need every score first (a 64 KB buffer
+ * at 512 keys, from L2, and a pass over it: attention 14-17% faster without, bench/NOTES.md, session 30). Softmax
+ * does not depend on the shift, and in fp32 and bf16 a term's relative precision does not depend on its size: only
+ * overflow could lose anything, and nothing underflows that counts (key 0 is among the row's keys, so the largest
+ * term is >= 1). Returns 0 where a row's sum reaches 2^100, i.e. where a score lies more than ~69 / scale above
+ * key 0's (no term has overflowed before 2^128): softmax_exact then redoes the rows with their max. */
+AMXBF16 static int softmax_streamed(const uint16_t *kp, float *Sb, uint16_t *P, int64_t Lp, int64_t rows, int64_t kb32,
+                                    float k2, float inv[QB]) {
+    const __m512 vk = _mm512_set1_ps(k2);
+    float shift[QB];
+    __m512 sum[QB];
+    for (int64_t kb = 0; kb < kb32; kb++) {
+        score_tile(kp, 2 * kb, Sb, Sb + 512);
+        score_tile(kp, 2 * kb + 1, Sb + 256, Sb + 768);  /* row r's 32 keys at Sb + (r >> 4) 512 + (r & 15) 16 (+ 256) */
+        if (kb == 0)
+            for (int r = 0; r < QB; r++) shift[r] = -k2 * Sb[(r >> 4) * 512 + (r & 15) * 16], sum[r] = _mm512_setzero_ps();
+        uint16_t *pk = P + 32 * 16 * kb;  /* row r's keys 32 kb .. at pk + (r >> 4) 16 Lp + (r & 15) 32 */
+        if (kb < kb32 - 1) {
+            for (int r = 0; r < QB; r++)
+                sum[r] = exp_step(Sb + (r >> 4) * 512 + (r & 15) * 16, pk + (r >> 4) * 16 * Lp + (r & 15) * 32, vk,
+                                  _mm512_set1_ps(shift[r]), 0xFFFF, 0xFFFF, sum[r]);
+        } else {  /* the diagonal block (keys q0 .. q0 + 31): row r sees r + 1 of them; rows past L none */
+            for (int r = 0; r < QB; r++) {
+                const int64_t valid = r < rows ? r + 1 : 0;
+                sum[r] = exp_step(Sb + (r >> 4) * 512 + (r & 15) * 16, pk + (r >> 4) * 16 * Lp + (r & 15) * 32, vk,
+                                  _mm512_set1_ps(shift[r]), first16(valid), first16(valid - 16), sum[r]);
+            }
+        }
+    }
+    for (int r = 0; r < QB; r++) {
+        const float total = _mm512_reduce_add_ps(sum[r]);
+        if (r < rows && !(total < 0x1p100f)) return 0;
+        inv[r] = r < rows ? 1.0f / total : 0.0f;
+    }
+    return 1;
+}
+
+/* The same with each row's max as its shift: every score first (S: [2][Lp / 16][16 rows][16 keys]), then each row's
+ * max, then its exponentials. Q in tiles 0-3. The same bits as softmax_streamed where the two shifts agree. */
+AMXBF16 static void softmax_exact(const uint16_t *kp, float *S, uint16_t *P, int64_t Lp, int64_t q0, int64_t rows,
+                                  int64_t keys, float k2, float inv[QB]) {
+    const __m512 vk = _mm512_set1_ps(k2);
+    const int64_t kb32 = (keys + 31) / 32;
+    for (int64_t kt = 0; kt < (keys + 15) / 16; kt++) score_tile(kp, kt, S + kt * 256, S + 16 * Lp + kt * 256);
+    for (int64_t r = 0; r < QB; r++) {
+        const float *s = S + (r >> 4) * 16 * Lp + (r & 15) * 16;  /* keys k .. k + 15 at s + 16 k */
+        uint16_t *p = P + (r >> 4) * 16 * Lp + (r & 15) * 32;      /* keys k .. k + 31 at p + 16 k */
+        const int64_t valid = r < rows ? q0 + r + 1 : 0;          /* keys this row sees */
+        if (!valid) {
+            for (int64_t k = 0; k < kb32 * 32; k += 32) _mm512_store_si512(p + 16 * k, _mm512_setzero_si512());
+            inv[r] = 0.0f;
+            continue;
+        }
+        inv[r] = 1.0f / row_exp(s, p, valid, kb32, vk, -k2 * row_max(s, valid));
+    }
+}
+
 /* Rows q0 .. q0 + 31 of query head h: S, then P, then O (see above). Q: the rows' queries, copied (zeros past L). */
 AMXBF16 static void attention_rows_amx(const uint16_t *qkv, uint16_t *out, const uint16_t *kp, const uint16_t *vp,
                                        int64_t b, int64_t h, int64_t q0, int64_t L, int64_t Lp, int64_t H, int64_t KV,
@@ -278,61 +384,10 @@ AMXBF16 static void attention_rows_amx(const uint16_t *qkv, uint16_t *out, const
         _tile_loadd(2, Q + 16 * D, D * 2);
         _tile_loadd(3, Q + 16 * D + 32, D * 2);
     }
-    const int64_t kb16 = (keys + 15) / 16;
-    for (int64_t kb = 0; kb < kb16; kb++) {  /* each key tile in two products: rows 0-15 and 16-31 */
-        _tile_zero(6);
-        _tile_zero(7);
-        _tile_loadd(4, kp + kb * 32 * 32, 64);
-        _tile_loadd(5, kp + (kb * 32 + 16) * 32, 64);
-        _tile_dpbf16ps(6, 0, 4);
-        _tile_dpbf16ps(7, 2, 4);
-        _tile_dpbf16ps(6, 1, 5);
-        _tile_dpbf16ps(7, 3, 5);
-        _tile_stored(6, S + kb * 256, 64);
-        _tile_stored(7, S + 16 * Lp + kb * 256, 64);
-    }
-    /* softmax(scale s) of each row's keys 0 .. q: the max of s (scale > 0), e = 2^(log2(e) scale (s - max)) rounded
-     * to bf16 into P (keys past q: zeros), and 1 / sum e, which O's row is multiplied by at the end (as flash
-     * attention normalises: one pass over the scores fewer than normalising P first) */
     const int64_t kb32 = (keys + 31) / 32;
-    const float k2 = scale * 1.44269504088896341f;
-    const __m512 vk = _mm512_set1_ps(k2), ninf = _mm512_set1_ps(-INFINITY);
-    /* every row's max first, then every row's exponentials: the rows' independent reductions in flight together
-     * (one row's max, then its exp pass, waited on each reduction: in the forward attention 110 -> 105 ms at
-     * 8 x 512, 36 -> 33 at 8 x 256; the same bits) */
-    float inv[QB], shifts[QB];
-    for (int64_t r = 0; r < QB; r++) {
-        const float *s = S + (r >> 4) * 16 * Lp + (r & 15) * 16;  /* keys k .. k + 15 at s + 16 k */
-        const int64_t valid = r < rows ? q0 + r + 1 : 0;  /* keys this row sees */
-        __m512 mx = ninf, m1 = ninf, m2 = ninf, m3 = ninf;  /* four chains: one waited on each max's latency */
-        int64_t k = 0;
-        for (; k + 64 <= valid; k += 64) {
-            mx = _mm512_max_ps(mx, _mm512_load_ps(s + 16 * k));
-            m1 = _mm512_max_ps(m1, _mm512_load_ps(s + 16 * k + 256));
-            m2 = _mm512_max_ps(m2, _mm512_load_ps(s + 16 * k + 512));
-            m3 = _mm512_max_ps(m3, _mm512_load_ps(s + 16 * k + 768));
-        }
-        for (; k < valid; k += 16) mx = _mm512_max_ps(mx, _mm512_mask_load_ps(ninf, first16(valid - k), s + 16 * k));
-        mx = _mm512_max_ps(_mm512_max_ps(mx, m1), _mm512_max_ps(m2, m3));
-        shifts[r] = valid ? -k2 * _mm512_reduce_max_ps(mx) : 0.0f;
-    }
-    for (int64_t r = 0; r < QB; r++) {
-        const float *s = S + (r >> 4) * 16 * Lp + (r & 15) * 16;
-        uint16_t *p = P + (r >> 4) * 16 * Lp + (r & 15) * 32;  /* keys k .. k + 31 at p + 16 k */
-        const int64_t valid = r < rows ? q0 + r + 1 : 0;
-        const __m512 shift = _mm512_set1_ps(shifts[r]);
-        int64_t k;
-        /* 32 keys a step (exp_step) */
-        __m512 sum = _mm512_setzero_ps();
-        for (k = 0; k + 32 <= valid; k += 32)  /* whole steps: no masks (their setting took a fifth of a step) */
-            sum = exp_step(s + 16 * k, p + 16 * k, vk, shift, 0xFFFF, 0xFFFF, sum);
-        if (k < valid) {  /* the row's last keys; past `valid`: zeros */
-            sum = exp_step(s + 16 * k, p + 16 * k, vk, shift, first16(valid - k), first16(valid - k - 16), sum);
-            k += 32;
-        }
-        for (; k < kb32 * 32; k += 32) _mm512_store_si512(p + 16 * k, _mm512_setzero_si512());
-        inv[r] = valid ? 1.0f / _mm512_reduce_add_ps(sum) : 0.0f;
-    }
+    float inv[QB];
+    if (!softmax_streamed(kp, S, P, Lp, rows, kb32, scale * 1.44269504088896341f, inv))
+        softmax_exact(kp, S, P, Lp, q0, rows, keys, scale * 1.44269504088896341f, inv);
     /* O = P V as two products of 32 rows by 32 columns (the 2 x 2 blocking of gemm_amx.c: each loaded tile in two
      * products) */
     for (int64_t c = 0; c < 2; c++) {

@@ -56,8 +56,8 @@ __attribute__((target("avx512f"))) static inline __m512 exp16(__m512 x) {
     return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
 }
 
-/* 2^f by a polynomial of degree `deg` with coefficients c[0] (f^deg) .. c[deg] (Horner), times 2^n by scalef, which
- * saturates to 0 and inf without a clamp. Callers pass constant coefficients and degree: inlined, the loop unrolls
+/* 2^f by a polynomial of degree `deg` with coefficients c[0] (f^deg) .. c[deg] (Horner), times 2^floor(n) by scalef,
+ * which saturates to 0 and inf without a clamp. Callers pass constant coefficients and degree: inlined, the loop unrolls
  * into the FMAs. */
 __attribute__((target("avx512f"))) static inline __m512 exp2_16_nf(__m512 n, __m512 f, const float *c, int deg) {
     __m512 p = _mm512_set1_ps(c[0]);
@@ -71,13 +71,15 @@ __attribute__((target("avx512f"))) static inline __m512 exp2_16_poly(__m512 t, c
     return exp2_16_nf(n, _mm512_sub_ps(t, n), c, deg);
 }
 
-/* the same with AVX-512DQ's reduce (f = t - round(t) in one instruction, n = t - f, both exact: the same bits), for
- * callers built for CPUs with bf16 instructions, which all have it: vrndscaleps is two uops on port 0, where the
- * exponentials of a softmax are bound (the bf16 attention 4.5% faster, the gate/up product with its SiLU 4.5%,
- * bench/NOTES.md session 29) */
+/* the same with AVX-512DQ's reduce, for callers built for CPUs with bf16 instructions, which all have it: f = t -
+ * floor(t) in [0, 1) in one instruction (exact), and t itself goes to scalef, which floors its exponent operand: two
+ * instructions where rounding, subtracting and scaling took four (vrndscaleps is two uops on port 0, where the
+ * exponentials of a softmax are bound: the bf16 attention 4.5% faster, the gate/up product with its SiLU 4.5%,
+ * bench/NOTES.md session 29; the subtraction's turn, 3%, session 30). The coefficients are for [0, 1): p(f) =
+ * sqrt(2) q(f - 1/2) of a polynomial q for [-1/2, 1/2] has q's relative error. */
 __attribute__((target("avx512f,avx512dq"))) static inline __m512 exp2_16_poly_dq(__m512 t, const float *c, int deg) {
-    const __m512 f = _mm512_reduce_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    return exp2_16_nf(_mm512_sub_ps(t, f), f, c, deg);
+    const __m512 f = _mm512_reduce_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    return exp2_16_nf(t, f, c, deg);
 }
 
 /* 2^t by the Taylor polynomial of degree 6 (relative error ~1e-7, as exp16's): nine operations where exp16 takes
@@ -87,8 +89,12 @@ static const float EXP2_DEG6[7] = {1.5403530393e-4f, 1.3333558146e-3f, 9.6181291
 
 __attribute__((target("avx512f"))) static inline __m512 exp2_16(__m512 t) { return exp2_16_poly(t, EXP2_DEG6, 6); }
 
+/* EXP2_DEG6 moved to [0, 1) (relative error ~1.2e-7) */
+static const float EXP2_DEG6_01[7] = {2.17838816e-4f, 1.23213343e-3f, 9.70485950e-3f, 5.54600136e-2f,
+                                      2.40239884e-1f, 6.93144933e-1f, 1.00000016f};
+
 __attribute__((target("avx512f,avx512dq"))) static inline __m512 exp2_16_dq(__m512 t) {
-    return exp2_16_poly_dq(t, EXP2_DEG6, 6);
+    return exp2_16_poly_dq(t, EXP2_DEG6_01, 6);
 }
 
 /* 2^t where bf16's precision is what counts (the bf16 attention's probabilities, rounded to bf16 next; the LM head's
@@ -96,7 +102,7 @@ __attribute__((target("avx512f,avx512dq"))) static inline __m512 exp2_16_dq(__m5
  * step of 2^-8: it moves ~0.1% of the roundings by one step), two FMAs fewer than exp2_16 (attention ~4% faster in
  * a harness, bench/NOTES.md, session 27; the head 3.8%, session 29). Its callers all run on CPUs with bf16: DQ. */
 __attribute__((target("avx512f,avx512dq"))) static inline __m512 exp2_16_bf16(__m512 t) {
-    static const float c[5] = {9.5701012e-3f, 5.5917859e-2f, 2.4024744e-1f, 6.9312179e-1f, 9.9999928e-1f};
+    static const float c[5] = {1.35341669e-2f, 5.20114608e-2f, 2.41442746e-1f, 6.93003810e-1f, 1.00000263f};
     return exp2_16_poly_dq(t, c, 4);
 }
 
