@@ -140,38 +140,44 @@ AMXBF16 static inline void epilogue(const float *C, int r0, int r1, uint16_t *ou
 /* A block of 32 x 32 sums: pair p of column tiles, rows m .. m + rows - 1 (of a chunk, or of the whole product) */
 typedef struct { int64_t p, m; int rows; } Block;
 
-/* The LM head's sums into each row's terms (opd_amx_head_terms_bf16 below) */
-typedef struct { float m[16], s[16], u[16]; } LaneSums;
+/* The LM head's sums into each row's terms (opd_amx_head_terms_bf16 below): 8 lanes of sums a row, one 64-byte line,
+ * relative to the row's max logit so far (m, kept beside them) */
+typedef struct { float s[8], u[8]; } LaneSums;
 
-AMXBF16 static inline void terms_update(const float *C, int r0, int r1, LaneSums *st, float scale2) {
+AMXBF16 static inline void terms_update(const float *C, int r0, int r1, LaneSums *st, float *m, float scale2) {
     const __m512 sc2 = _mm512_set1_ps(scale2);
+    const __m512i hi = _mm512_set1_epi32((int)0xFFFF0000u);
     for (int r = r0; r < r1; r++) {
-        const __m512 za = _mm512_mul_ps(round16(_mm512_loadu_ps(C + r * 32)), sc2);
-        const __m512 zb = _mm512_mul_ps(round16(_mm512_loadu_ps(C + r * 32 + 16)), sc2);
-        __m512 m = _mm512_loadu_ps(st[r].m), s = _mm512_loadu_ps(st[r].s), u = _mm512_loadu_ps(st[r].u);
-        const __m512 mnew = _mm512_max_ps(m, _mm512_max_ps(za, zb));
-        if (_mm512_cmp_ps_mask(mnew, m, _CMP_GT_OQ)) {
-            const __m512 d = _mm512_sub_ps(m, mnew), f = exp2_16_dq(d);  /* d <= 0; 0 where a lane's max stayed */
-            u = _mm512_mul_ps(f, _mm512_fmadd_ps(s, d, u));
-            s = _mm512_mul_ps(f, s);
-            m = mnew;
-            _mm512_storeu_ps(st[r].m, m);
+        /* the row's 32 logits rounded to bf16 (as the bf16 forward's are) in one conversion, back to fp32 as the low
+         * and the high halves of its dwords: two vectors of 16 in another order than the columns', which the sums
+         * do not mind */
+        const __m512i v = (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(C + r * 32 + 16), _mm512_loadu_ps(C + r * 32));
+        const __m512 ya = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)), yb = _mm512_castsi512_ps(_mm512_and_si512(v, hi));
+        const __m512 vmax = _mm512_max_ps(ya, yb);
+        __m256 s = _mm256_loadu_ps(st[r].s), u = _mm256_loadu_ps(st[r].u);
+        if (_mm512_cmp_ps_mask(vmax, _mm512_set1_ps(m[r]), _CMP_GT_OQ)) {  /* a new max: rare after the first blocks */
+            const float mnew = _mm512_reduce_max_ps(vmax), d = (m[r] - mnew) * scale2, f = exp2f(d);
+            u = _mm256_mul_ps(_mm256_set1_ps(f), _mm256_fmadd_ps(s, _mm256_set1_ps(d), u));
+            s = _mm256_mul_ps(_mm256_set1_ps(f), s);
+            m[r] = mnew;
         }
-        const __m512 da = _mm512_sub_ps(za, m), db = _mm512_sub_ps(zb, m);
+        const __m512 nm = _mm512_set1_ps(-m[r] * scale2);
+        const __m512 da = _mm512_fmadd_ps(ya, sc2, nm), db = _mm512_fmadd_ps(yb, sc2, nm);
         /* degree 4 (relative error 2.7e-6 a term, so ~3e-6 in the log-sum-exp and entropy; the logits' own bf16
          * rounding is 2^-8): two FMAs fewer a vector, the LM head 3.8% faster (bench/NOTES.md, session 29) */
         const __m512 ea = exp2_16_bf16(da), eb = exp2_16_bf16(db);
-        s = _mm512_add_ps(s, _mm512_add_ps(ea, eb));
-        u = _mm512_fmadd_ps(ea, da, _mm512_fmadd_ps(eb, db, u));
-        _mm512_storeu_ps(st[r].s, s);
-        _mm512_storeu_ps(st[r].u, u);
+        const __m512 es = _mm512_add_ps(ea, eb), eu = _mm512_fmadd_ps(ea, da, _mm512_mul_ps(eb, db));
+        s = _mm256_add_ps(s, _mm256_add_ps(_mm512_castps512_ps256(es), _mm512_extractf32x8_ps(es, 1)));
+        u = _mm256_add_ps(u, _mm256_add_ps(_mm512_castps512_ps256(eu), _mm512_extractf32x8_ps(eu, 1)));
+        _mm256_storeu_ps(st[r].s, s);
+        _mm256_storeu_ps(st[r].u, u);
     }
 }
 
 /* a block's sums into its rows' lane sums, and the logit of each row's target where it is among the block's columns */
-AMXBF16 static inline void terms_block(const float *C, Block b, int r0, int r1, LaneSums *st, float *target_z,
+AMXBF16 static inline void terms_block(const float *C, Block b, int r0, int r1, LaneSums *st, float *m, float *target_z,
                                        const int64_t *targets, float scale2) {
-    terms_update(C, r0, r1, st + b.m, scale2);
+    terms_update(C, r0, r1, st + b.m, m + b.m, scale2);
     for (int r = r0; r < r1; r++) {
         const int64_t j = targets[b.m + r] - b.p * 32;
         if (j >= 0 && j < 32) {
@@ -190,7 +196,7 @@ typedef struct {
     Block b;
     int done;                                  /* rows of the epilogue done so far */
     uint16_t *out; int64_t ldo; int mode; const Epilogue *e;   /* a product's epilogue, or */
-    LaneSums *st; float *target_z; const int64_t *targets; float scale2;  /* the LM head's terms (st != NULL) */
+    LaneSums *st; float *row_max, *target_z; const int64_t *targets; float scale2;  /* the LM head's terms (st != NULL) */
     uint16_t *stage; int64_t stage_row0, stage_rows;  /* SILU_MUL streamed: a chunk's rows x 16, from row0 */
     float *ss; int64_t ss_row0;                /* ADD_BF16 with row_scale_out: a chunk's rows x 16 lanes, from row0 */
     int64_t row_base;                          /* the product's row number of block row 0 (RoPE's positions, scales) */
@@ -199,7 +205,7 @@ typedef struct {
 AMXBF16 static inline void pending_run(Pending *pd, int upto) {
     if (upto > pd->b.rows) upto = pd->b.rows;
     if (upto <= pd->done) return;
-    if (pd->st) terms_block(pd->C, pd->b, pd->done, upto, pd->st, pd->target_z, pd->targets, pd->scale2);
+    if (pd->st) terms_block(pd->C, pd->b, pd->done, upto, pd->st, pd->row_max, pd->target_z, pd->targets, pd->scale2);
     else epilogue(pd->C, pd->done, upto, pd->out + pd->b.m * 16 * pd->ldo, pd->ldo, pd->b.p, pd->row_base + pd->b.m * 16,
                   pd->mode, pd->e,
                   pd->stage ? pd->stage + ((pd->b.m * 16 - pd->stage_row0) % pd->stage_rows) * 16 : NULL,
@@ -487,7 +493,7 @@ int64_t opd_amx_head_chunk_rows(int64_t K) {
 }
 
 int64_t opd_amx_head_scratch_bytes(int64_t K) {
-    return (opd_amx_head_chunk_rows(K) + 32) * (int64_t)(sizeof(LaneSums) + 4);
+    return (opd_amx_head_chunk_rows(K) + 32) * (int64_t)(sizeof(LaneSums) + 8);
 }
 
 /* logprob[r] of targets[r] and entropy[r] (nats, at temperature 1 / inv_temp) of rows h [M, K] under the packed head
@@ -509,7 +515,7 @@ AMXBF16 int opd_amx_head_terms_bf16(const uint16_t *h, int64_t M, int64_t K, con
 #else
         LaneSums *st = (LaneSums *)scratch;
 #endif
-        float *target_z = (float *)(st + chunk_rows + 32);
+        float *target_z = (float *)(st + chunk_rows + 32), *row_max = target_z + chunk_rows + 32;
         if (r0 < r1) {
             tile_config_16x64();
             float C[2][32 * 32] __attribute__((aligned(64)));
@@ -518,10 +524,10 @@ AMXBF16 int opd_amx_head_terms_bf16(const uint16_t *h, int64_t M, int64_t K, con
             for (int64_t c0 = r0; c0 < r1; c0 += per) {
                 const int64_t c1 = c0 + per < r1 ? c0 + per : r1, n = c1 - c0;
                 for (int64_t r = 0; r < n; r++) {
-                    for (int l = 0; l < 16; l++) st[r].m[l] = -1e30f, st[r].s[l] = 0.0f, st[r].u[l] = 0.0f;
-                    target_z[r] = 0.0f;
+                    for (int l = 0; l < 8; l++) st[r].s[l] = 0.0f, st[r].u[l] = 0.0f;
+                    row_max[r] = -1e30f, target_z[r] = 0.0f;
                 }
-                Pending pd = {.b = {0, 0, 0}, .st = st, .target_z = target_z, .targets = targets + c0, .scale2 = scale2};
+                Pending pd = {.b = {0, 0, 0}, .st = st, .row_max = row_max, .target_z = target_z, .targets = targets + c0, .scale2 = scale2};
                 int64_t i = 0;
                 for (int64_t p = 0; p < pairs; p++) {
                     const uint16_t *B0 = Wp + (2 * p) * kbs * 512, *B1 = B0 + kbs * 512;
@@ -535,17 +541,11 @@ AMXBF16 int opd_amx_head_terms_bf16(const uint16_t *h, int64_t M, int64_t K, con
                     }
                 }
                 pending_run(&pd, pd.b.rows);
-                for (int64_t r = 0; r < n; r++) {  /* merge the lanes */
-                    float mx = -1e30f;
-                    for (int l = 0; l < 16; l++) mx = st[r].m[l] > mx ? st[r].m[l] : mx;
+                for (int64_t r = 0; r < n; r++) {  /* merge the lanes (all relative to the row's max) */
                     double s = 0.0, u = 0.0;
-                    for (int l = 0; l < 16; l++) {
-                        const double f = exp2((double)st[r].m[l] - mx), d = (double)st[r].m[l] - mx;
-                        s += f * st[r].s[l];
-                        u += f * (st[r].u[l] + st[r].s[l] * d);
-                    }
+                    for (int l = 0; l < 8; l++) s += st[r].s[l], u += st[r].u[l];
                     const double log2s = log2(s);
-                    logprob[c0 + r] = (float)((target_z[r] - mx - log2s) * ln2);
+                    logprob[c0 + r] = (float)((target_z[r] - (double)row_max[r] * scale2 - log2s) * ln2);
                     entropy[c0 + r] = (float)((log2s - u / s) * ln2);
                 }
             }
