@@ -475,21 +475,26 @@ def test_bf16_causal_attention_on_the_tile_unit_is_as_close_as_torchs(B, L, H, K
     assert err <= 1.1 * torch_err, (float(err), float(torch_err))
 
 
-def test_bf16_attention_with_scores_far_above_key_0s_is_exact():
-    # the tile unit's softmax shifts each row by its score of key 0, not by its max: a row whose max lies more than
-    # ~69 / scale above key 0's score would overflow, and the rows' block is redone with their max. Here every row
-    # from 40 on has a key (40) whose score lies ~128 above the others: without the redo those rows come out inf/NaN
-    if not cpu_kernels.attention_amx():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_with_scores_far_above_key_0s_is_exact(dtype):
+    # both kernels' softmaxes shift each row by its score of key 0, not by its max: a row whose max lies more than
+    # ~69 / scale above key 0's score would overflow, and the rows are redone with their max (bf16: the block's 32
+    # rows; fp32: the online softmax's 4). Here every row from 40 on has a key (40) whose score lies ~128 above the
+    # others: without the redo those rows come out inf/NaN
+    if dtype == torch.bfloat16 and not cpu_kernels.attention_amx():
         pytest.skip("the bf16 attention needs a CPU with AMX (amx_bf16), Linux's grant of its state, a C compiler")
+    if dtype == torch.float32 and cpu_kernels._attention_library() is None:
+        pytest.skip("csrc/attention.c needs x86 AVX-512F + a C compiler")
     B, L, H, KV, D = 1, 100, 2, 1, cpu_kernels.ATTENTION_HEAD_DIM
-    qkv = torch.randn(B, L, H + 2 * KV, D, generator=torch.Generator().manual_seed(5)).bfloat16()
+    qkv = torch.randn(B, L, H + 2 * KV, D, generator=torch.Generator().manual_seed(5)).to(dtype)
     qkv[:, :, :H] = 4.0  # every query the same: q . k = 256 sum(k)
     qkv[:, 40, H] = 4.0  # key 40: q . k = 1024, x 0.125 = 128 where the others' scores are within ~+-10
     with torch.no_grad():
         got = cpu_kernels.causal_attention(qkv, H, KV, D**-0.5)
     exact = exact_attention(qkv, H, KV, D**-0.5)
-    assert torch.isfinite(got).all()
-    torch.testing.assert_close(got.double(), exact, rtol=2**-7, atol=2**-8 * float(qkv.abs().max()))
+    assert got is not None and torch.isfinite(got).all()
+    tol = 2**-7 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(got.double(), exact, rtol=tol, atol=tol / 2 * float(qkv.abs().max()))
     # rows 40 on attend to key 40 alone
     torch.testing.assert_close(got[0, 40:, 0].double(), qkv[0, 40, H + KV].double().expand(L - 40, D), rtol=0, atol=0)
 
