@@ -168,6 +168,22 @@ def test_completion_hidden_fast_and_hf_paths_equal_the_masked_forward(student, t
     assert all(p.grad is not None for p in student.parameters())
 
 
+def test_the_fp32_forwards_mlp_in_chunks_of_rows_equals_the_masked_forward(student, tokenizer, prompts, monkeypatch):
+    from opd import llama
+
+    batch = _ragged_batch(tokenizer, prompts, [5, 1, 7, 3, 7, 2, 6, 4][: len(prompts)])
+    monkeypatch.setattr(llama, "MLP_CHUNK_ROWS", 24)  # the rows in several chunks and a short last one
+    calls = []
+    real = llama.silu_mul
+    monkeypatch.setattr(llama, "silu_mul", lambda g: calls.append(g.shape[0]) or real(g))
+    with torch.no_grad():
+        want = _hf_completion_hidden(student, *batch)
+        fast = completion_hidden(student, *batch)
+    layers = student.config.num_hidden_layers
+    assert len(calls) > layers and max(calls) == 24 and sum(calls) % layers == 0 and sum(calls) // layers % 24
+    torch.testing.assert_close(fast, want, rtol=0, atol=2e-5)
+
+
 def test_completion_hidden_falls_back_to_the_masked_forward_for_a_mask_with_holes(student, tokenizer, prompts):
     p_ids, p_mask, comp, cmask = _ragged_batch(tokenizer, prompts[:3], [4, 2, 6])
     cmask[2, 1] = 0

@@ -436,6 +436,22 @@ def _product(x: torch.Tensor, w) -> torch.Tensor:
     return matmul.linear(x, w)
 
 
+# An fp32 MLP of more rows than this runs in chunks of it: gate/up's output is 12.6 MB a chunk where it was 25 MB
+# at 8 x 256 and 50 MB at 8 x 512, written and read back through memory (the fp32 teacher's forward 5-7% faster at
+# both; chunks of 2,048 rows were as fast at 8 x 512, of 512 slower; oneDNN's bf16 path was 15% slower in chunks,
+# so it keeps whole products; bench/NOTES.md, session 30)
+MLP_CHUNK_ROWS = 1024
+
+
+def _mlp(h: torch.Tensor, w: LayerWeights) -> torch.Tensor:
+    """silu(h W_gate) * (h W_up) W_down; in fp32 MLP_CHUNK_ROWS rows at a time"""
+    rows = h.reshape(-1, h.shape[-1])
+    if h.dtype != torch.float32 or rows.shape[0] <= MLP_CHUNK_ROWS:
+        return _product(silu_mul(_product(h, w.gate_up)), w.down)
+    return torch.cat([_product(silu_mul(_product(rows[r : r + MLP_CHUNK_ROWS], w.gate_up)), w.down)
+                      for r in range(0, rows.shape[0], MLP_CHUNK_ROWS)]).view(*h.shape[:-1], -1)
+
+
 @torch.no_grad()
 def causal_hidden(model, ids: torch.Tensor) -> torch.Tensor:
     """Hidden states [B, L, hidden] after the last decoder layer (before the final norm) of rows that start at
@@ -469,7 +485,7 @@ def causal_hidden(model, ids: torch.Tensor) -> torch.Tensor:
             att = F.scaled_dot_product_attention(qk[:, :H], qk[:, H:], qkv[:, :, H + KV :].transpose(1, 2),
                                                  is_causal=True, scale=D**-0.5, **gqa).transpose(1, 2)
         h = add_rms_norm_(x, _product(att.reshape(B, L, H * D), w.o), w.post_norm, eps)
-        h = _product(silu_mul(_product(h, w.gate_up)), w.down)
+        h = _mlp(h, w)
         h = add_rms_norm_(x, h, layers[i + 1].input_norm, eps) if i + 1 < len(layers) else x.add_(h)
     return x
 
