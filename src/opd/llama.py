@@ -437,9 +437,9 @@ def _product(x: torch.Tensor, w) -> torch.Tensor:
 
 
 # An fp32 MLP of more rows than this runs in chunks of it: gate/up's output is 12.6 MB a chunk where it was 25 MB
-# at 8 x 256 and 50 MB at 8 x 512, written and read back through memory (the fp32 teacher's forward 5-7% faster at
-# both; chunks of 2,048 rows were as fast at 8 x 512, of 512 slower; oneDNN's bf16 path was 15% slower in chunks,
-# so it keeps whole products; bench/NOTES.md, session 30)
+# at 8 x 256 and 50 MB at 8 x 512, written and read back through memory (the fp32 teacher's forward 5-8% faster at
+# 8 x 256, 8 x 512 and 16 x 256; chunks of 2,048 rows were as fast at 8 x 512, of 512 slower; oneDNN's bf16 path was
+# 15% slower in chunks, so it keeps whole products; bench/NOTES.md, session 30)
 MLP_CHUNK_ROWS = 1024
 
 
