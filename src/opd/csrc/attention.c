@@ -76,6 +76,15 @@ T512 static inline __attribute__((always_inline)) void pv_block(const float P[QR
     }
 }
 
+/* the rows' outputs o[r] / l[r] (rows past L: none) */
+T512 static inline __attribute__((always_inline)) void write_rows(__m512 o[QR][4], const float l[QR], float *out_rows[QR],
+                                                                  int64_t q0, int64_t L) {
+    for (int r = 0; r < QR && q0 + r < L; r++) {
+        const __m512 inv = _mm512_set1_ps(1.0f / l[r]);
+        for (int g = 0; g < 4; g++) _mm512_storeu_ps(out_rows[r] + 16 * g, _mm512_mul_ps(o[r][g], inv));
+    }
+}
+
 /* Rows q0 .. q0 + QR - 1 (their queries q) of one head, online softmax: each block of keys rescales the rows' sums
  * and outputs to the block's max. Writes the rows' outputs (rows past L: none). */
 T512 static void rows_online(const float *q[QR], const float *ktb, const float *vb, float *out_rows[QR], int64_t q0,
@@ -123,10 +132,7 @@ T512 static void rows_online(const float *q[QR], const float *ktb, const float *
         }
         pv_block(P, vb + k0 * NH * D, NH, nk, o);
     }
-    for (int r = 0; r < QR && q0 + r < L; r++) {
-        const __m512 inv = _mm512_set1_ps(1.0f / l[r]);
-        for (int g = 0; g < 4; g++) _mm512_storeu_ps(out_rows[r] + 16 * g, _mm512_mul_ps(o[r][g], inv));
-    }
+    write_rows(o, l, out_rows, q0, L);
 }
 
 /* The same rows with each row's score of key 0 as its shift instead of a running max (softmax_streamed in the
@@ -166,10 +172,7 @@ T512 static int rows_shifted(const float *q[QR], const float *ktb, const float *
         l[r] = _mm512_reduce_add_ps(sum[r]);
         if (q0 + r < L && !(l[r] < 0x1p100f)) return 0;
     }
-    for (int r = 0; r < QR && q0 + r < L; r++) {
-        const __m512 inv = _mm512_set1_ps(1.0f / l[r]);
-        for (int g = 0; g < 4; g++) _mm512_storeu_ps(out_rows[r] + 16 * g, _mm512_mul_ps(o[r][g], inv));
-    }
+    write_rows(o, l, out_rows, q0, L);
     return 1;
 }
 
@@ -415,13 +418,9 @@ AMXBF16 static void softmax_exact(const uint16_t *kp, float *S, uint16_t *P, int
     for (int64_t r = 0; r < QB; r++) {
         const float *s = S + (r >> 4) * 16 * Lp + (r & 15) * 16;  /* keys k .. k + 15 at s + 16 k */
         uint16_t *p = P + (r >> 4) * 16 * Lp + (r & 15) * 32;      /* keys k .. k + 31 at p + 16 k */
-        const int64_t valid = r < rows ? q0 + r + 1 : 0;          /* keys this row sees */
-        if (!valid) {
-            for (int64_t k = 0; k < kb32 * 32; k += 32) _mm512_store_si512(p + 16 * k, _mm512_setzero_si512());
-            inv[r] = 0.0f;
-            continue;
-        }
-        inv[r] = 1.0f / row_exp(s, p, valid, kb32, vk, -k2 * row_max(s, valid));
+        const int64_t valid = r < rows ? q0 + r + 1 : 0;          /* keys this row sees (none: P's row zeros) */
+        const float total = row_exp(s, p, valid, kb32, vk, valid ? -k2 * row_max(s, valid) : 0.0f);
+        inv[r] = valid ? 1.0f / total : 0.0f;
     }
 }
 
@@ -452,9 +451,9 @@ AMXBF16 static void attention_rows_amx(const uint16_t *qkv, uint16_t *out, const
         _tile_loadd(3, Q + 16 * D + 32, D * 2);
     }
     const int64_t kb32 = (keys + 31) / 32;
+    const float k2 = scale * 1.44269504088896341f;  /* the exponentials in base 2 */
     float inv[QB];
-    if (!softmax_streamed(kp, S, P, Lp, rows, kb32, scale * 1.44269504088896341f, inv))
-        softmax_exact(kp, S, P, Lp, q0, rows, keys, scale * 1.44269504088896341f, inv);
+    if (!softmax_streamed(kp, S, P, Lp, rows, kb32, k2, inv)) softmax_exact(kp, S, P, Lp, q0, rows, keys, k2, inv);
     /* O = P V as two products of 32 rows by 32 columns (the 2 x 2 blocking of gemm_amx.c: each loaded tile in two
      * products) */
     for (int64_t c = 0; c < 2; c++) {

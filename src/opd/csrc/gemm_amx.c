@@ -482,8 +482,8 @@ BF16_TARGET void opd_row_inv_rms_bf16(const uint16_t *x, int64_t M, int64_t n, i
  * the LM head's sums (rounded to bf16, as the bf16 forward's logits are) go straight into each row's online
  * log-sum-exp and entropy sums at temperature T, and the target token's logit is picked on the way:
  *   logprob = z_t - lse,  entropy = lse - sum p z,  with z = logits / T.
- * In base 2 (z2 = z log2 e, e = 2^(z2 - m)): each row keeps 16 lanes of (max m, s = sum e, u = sum e (z2 - m)),
- * rescaled when a lane's max moves (rare after the first blocks), and the lanes are merged at the end. Rows go in
+ * In base 2 (z2 = z log2 e, e = 2^(z2 - m)): each row keeps its max logit so far m and 8 lanes of (s = sum e,
+ * u = sum e (z2 - m)), rescaled when m moves (rare after the first blocks), and the lanes are summed at the end. Rows go in
  * chunks that stay in L2, each chunk over every pair of the head's column tiles (the head's weight streams from L3
  * once per chunk). */
 /* The most rows of a chunk: up to 1.25 MB of h (L2: 2 MB a core). A thread's rows go in chunks of equal size
